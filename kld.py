@@ -683,7 +683,7 @@ class _GGUFReader:
 
 
 def read_gguf(path: Path):
-    """(metadata dict, {name: float32 torch tensor in numpy (row-major) shape}) of a GGUF file."""
+    """(metadata, {name: float32 tensor}) of a GGUF file; shapes outermost first, as torch has them."""
     try:
         data = np.memmap(path, dtype=np.uint8, mode="r")
     except FileNotFoundError:
@@ -721,11 +721,12 @@ def read_gguf(path: Path):
         begin, end = start + offset, start + offset + n // block * block_bytes
         if end > len(data):
             raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {end}, the file has {len(data)}")
-        tensors[name] = torch.from_numpy(dequantize(np.asarray(data[begin:end]), type_id).reshape(shape))
+        raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the memory map is read-only
+        tensors[name] = dequantize(raw, type_id).reshape(shape)
     return meta, tensors
 
 
-def dequantize(raw: np.ndarray, type_id: int) -> np.ndarray:
+def dequantize(raw: torch.Tensor, type_id: int) -> torch.Tensor:
     """Flat float32 values from the raw bytes (uint8) of one ggml tensor.
 
     Block formats (32 values per block, scales as float16):
@@ -734,23 +735,20 @@ def dequantize(raw: np.ndarray, type_id: int) -> np.ndarray:
       Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
     In a 4-bit block, byte i holds value i in its low nibble and value i + 16 in its high one.
     """
-    name = GGML_TYPES[type_id][0]
+    name, _, block_bytes = GGML_TYPES[type_id]
     if name == "F32":
-        return raw.view(np.float32).copy()
-    if name == "F16":
-        return raw.view(np.float16).astype(np.float32)
-    if name == "BF16":  # the top 16 bits of a float32
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    _, block, block_bytes = GGML_TYPES[type_id]
-    blocks = raw.reshape(-1, block_bytes)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
+        return raw.view(torch.float32)
+    if name in ("F16", "BF16"):
+        return raw.view(torch.float16 if name == "F16" else torch.bfloat16).float()
+    blocks = raw.view(-1, block_bytes)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
     if name == "Q8_0":
-        return (d * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+        return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
     packed = blocks[:, 2:] if name == "Q4_0" else blocks[:, 4:]
-    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
     if name == "Q4_0":
         return (d * (q - 8)).reshape(-1)
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
     return (d * q + m).reshape(-1)
 
 
@@ -855,6 +853,25 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
         )
     return tokenizer
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return chars
+
+
+def missing_bytes(tokenizer: Tokenizer) -> set[int]:
+    """Bytes that a byte-level BPE vocabulary has no token for. Text containing them cannot
+    round-trip: BPE without a fallback drops them. (SmolLM2 lacks 21, among them the UTF-8
+    lead bytes 0xF1 and 0xF2 of planes 4 to 11, where almost nothing is assigned.)"""
+    return {b for b, ch in byte_level_alphabet().items() if tokenizer.token_to_id(ch) is None}
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""Benchmarks that print figures (never timed tests).
+
+    python run_bench.py speed [--model smollm2] [--new-tokens 64] [--batch-sizes 1 8] [--device auto] [--dtype float32]
+
+speed: model load time; greedy decoding tokens/s at each batch size; and, when
+`transformers` (+ gguf, accelerate) is installed by hand, the same figures for
+transformers' own loading and `generate` in the same process (a ratio), plus the largest
+logit difference between the two loaders on a few prompts. transformers is a reference
+here, never a dependency of kld.
+
+The comparison matrix of initialisers x objectives arrives with the evaluation issue.
+"""
+
+import argparse
+import importlib.util
+import platform
+import time
+
+import torch
+
+import kld
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Write a function is_palindrome(s) that ignores case and spaces.",
+    "Explain what a Python generator is, with an example.",
+    "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"",
+    "Write a class Stack with push, pop and peek.",
+    "How do I read a CSV file with the csv module?",
+    "Write a function that counts the words in a string.",
+    "Write a binary search over a sorted list that returns the index or -1.",
+]
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def kld_tokens_per_s(model, tokenizer, prompts, new_tokens):
+    """Greedy tokens/s, every row forced to the full budget (no stop tokens)."""
+    kld.generate(model, tokenizer, prompts[:1], max_new_tokens=4)  # warm-up
+    outs, seconds = timed(lambda: kld.generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                               batch_size=len(prompts)))
+    return sum(len(o.token_ids) for o in outs) / seconds
+
+
+def hf_tokens_per_s(hf_model, tokenizer, prompts, new_tokens, pad_id):
+    """The same prompt ids through transformers' generate (left padding, greedy)."""
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    width = max(map(len, ids))
+    device = hf_model.device
+    input_ids = torch.tensor([[pad_id] * (width - len(i)) + i for i in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
+    hf_model.generate(input_ids[:1], attention_mask=mask[:1], **dict(kwargs, max_new_tokens=4, min_new_tokens=4))
+    out, seconds = timed(lambda: hf_model.generate(input_ids, attention_mask=mask, **kwargs))
+    return (out.shape[1] - width) * len(prompts) / seconds
+
+
+def speed(args):
+    torch.manual_seed(0)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    path = kld.resolve_model_path(args.model)
+    device, dtype = kld.resolve_device(args.device), kld.resolve_dtype(args.dtype)
+    (model, tokenizer), load_s = timed(lambda: kld.load_model(path, device=device, dtype=dtype))
+    print(f"device: {device}, {args.dtype}")
+    print(f"kld load: {load_s:.2f} s  ({path.name})")
+    prompts = [kld.format_chat(p) for p in PROMPTS]
+    ours = {b: kld_tokens_per_s(model, tokenizer, prompts[:b], args.new_tokens) for b in args.batch_sizes}
+    reference = importlib.util.find_spec("transformers") and path.suffix == ".gguf"
+    if not reference:
+        for b, tps in ours.items():
+            print(f"batch {b}: kld {tps:.1f} tok/s (transformers not installed: no reference)")
+        return
+    from transformers import AutoModelForCausalLM
+
+    hf_model, hf_load_s = timed(lambda: AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=dtype).to(device).eval())
+    print(f"transformers load: {hf_load_s:.2f} s")
+    with torch.no_grad():
+        worst = 0.0
+        for p in prompts:
+            ids = torch.tensor([tokenizer.encode(p).ids], device=device)
+            worst = max(worst, (model(ids) - hf_model(ids).logits).abs().max().item())
+    print(f"largest logit difference kld vs transformers over {len(prompts)} prompts: {worst:.2e}")
+    pad_id = tokenizer.token_to_id("<|im_end|>") or 0
+    for b, tps in ours.items():
+        ref = hf_tokens_per_s(hf_model, tokenizer, prompts[:b], args.new_tokens, pad_id)
+        print(f"batch {b}: kld {tps:.1f} tok/s, transformers {ref:.1f} tok/s, ratio {tps / ref:.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("speed", help="load time and generation tokens/s (against transformers when installed)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    {"speed": speed}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
