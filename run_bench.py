@@ -59,13 +59,35 @@ def hf_tokens_per_s(hf_model, tokenizer, prompts, new_tokens, pad_id):
     return (out.shape[1] - width) * len(prompts) / seconds
 
 
+# SmolLM2-135M's shape, for timing where its file is not installed (decoding speed does
+# not depend on the weights' values); the tokenizer is then the tiny fixture's.
+SMOLLM2_135M = kld.ModelConfig(arch="llama", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
+                               d_ff=1536, head_dim=64, max_positions=8192, norm_eps=1e-5, rope_theta=100000.0)
+
+
+def random_smollm2(device, dtype):
+    from tokenizers import Tokenizer
+
+    model = kld.GPT(SMOLLM2_135M).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, Tokenizer.from_file("fixtures/tokenizer.json")
+
+
 def speed(args):
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    path = kld.resolve_model_path(args.model)
+    if torch.cuda.is_available():
+        print(f"gpu: {torch.cuda.get_device_name()}")
     device, dtype = kld.resolve_device(args.device), kld.resolve_dtype(args.dtype)
-    (model, tokenizer), load_s = timed(lambda: kld.load_model(path, device=device, dtype=dtype))
     print(f"device: {device}, {args.dtype}")
+    if args.random_weights:
+        (model, tokenizer), load_s = timed(lambda: random_smollm2(device, dtype))
+        print("model: SmolLM2-135M's shape with random weights (no load time, no reference)")
+        prompts = [kld.format_chat(p) for p in PROMPTS] * 8
+        for b in args.batch_sizes:
+            print(f"batch {b}: kld {kld_tokens_per_s(model, tokenizer, prompts[:b], args.new_tokens):.1f} tok/s")
+        return
+    path = kld.resolve_model_path(args.model)
+    (model, tokenizer), load_s = timed(lambda: kld.load_model(path, device=device, dtype=dtype))
     print(f"kld load: {load_s:.2f} s  ({path.name})")
     prompts = [kld.format_chat(p) for p in PROMPTS]
     ours = {b: kld_tokens_per_s(model, tokenizer, prompts[:b], args.new_tokens) for b in args.batch_sizes}
@@ -100,6 +122,7 @@ def main():
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights (speed only)")
     args = parser.parse_args()
     {"speed": speed}[args.command](args)
 

@@ -30,9 +30,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU p
 SETTINGS = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module", params=HF_ARCHS)
+@pytest.fixture(scope="module", params=[(a, d) for d in DEVICES for a in HF_ARCHS], ids="-".join)
 def tiny(request):
-    return kld.load_model(FIXTURES / request.param)
+    arch, device = request.param
+    return kld.load_model(FIXTURES / arch, device=device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,6 +140,24 @@ def test_gguf_f32_equals_the_hf_checkpoint_it_was_written_from():
         assert torch.equal(a, b), name
 
 
+def test_sharded_safetensors_load_like_one_file(tmp_path):
+    from safetensors.torch import save_file
+
+    d = copy_fixture("llama", tmp_path)
+    state = load_file(d / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, d / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (d / "model.safetensors").unlink()
+    model, _ = kld.load_model(d)
+    expected = load_file(FIXTURES / "llama" / "expected.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"]), expected["logits"], atol=1e-4, rtol=0)
+
+
 @st.composite
 def padded_batches(draw):
     lengths = draw(st.lists(st.integers(1, 12), min_size=1, max_size=4))
@@ -160,25 +179,28 @@ def test_kv_cache_decoding_matches_full_forward(tiny, batch):
     valid = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, r in enumerate(rows):
         ids[b, T - len(r):], valid[b, T - len(r):] = torch.tensor(r), True
+    device = model.embed.weight.device
+    ids, valid = ids.to(device), valid.to(device)
     with torch.no_grad():
-        cache = kld.KVCache(model.cfg, len(rows), T, "cpu", torch.float32)
+        cache = kld.KVCache(model.cfg, len(rows), T, device, torch.float32)
         pieces = [model(ids[:, :prefill], valid[:, :prefill], cache)]
         for start in range(prefill, T, chunk):
             pieces.append(model(ids[:, start:start + chunk], valid[:, start:start + chunk], cache))
         cached = torch.cat(pieces, dim=1)
         full = model(ids, valid)
         for b, r in enumerate(rows):
-            alone = model(torch.tensor([r]))[0]
+            alone = model(torch.tensor([r], device=device))[0]
             torch.testing.assert_close(full[b, T - len(r):], alone, atol=1e-5, rtol=0)
             torch.testing.assert_close(cached[b, T - len(r):], alone, atol=1e-5, rtol=0)
 
 
 def test_attention_mask_takes_fused_paths_when_exact():
-    ones = torch.ones(2, 3, dtype=torch.bool)
-    assert kld.attention_mask(ones[:, :0], ones) == (None, True)
-    assert kld.attention_mask(ones, ones[:, :1]) == (None, False)
-    mask, causal = kld.attention_mask(ones[:, :2], torch.tensor([[True, True], [False, True]]))
-    assert not causal and mask.shape == (2, 1, 2, 4)
+    assert kld.attention_mask(None, 0, 3, "cpu") == (None, True)
+    assert kld.attention_mask(None, 5, 1, "cpu") == (None, False)
+    mask, causal = kld.attention_mask(None, 2, 2, "cpu")  # a chunk after a cached prefix
+    assert not causal and mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+    mask, causal = kld.attention_mask(torch.tensor([[False, True, True]]), 0, 3, "cpu")
+    assert not causal and mask[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
 
 
 # ----------------------------------------------------------------------------------------
