@@ -13,11 +13,14 @@ This file reads top to bottom:
   2. model           one decoder-only transformer: GPT-2 and the Llama family (SmolLM, Qwen2)
   3. loaders         Hugging Face directories (safetensors) and GGUF files (llama), with
                      their tokenizers; the embedded default SmolLM2-135M-Instruct
-  4. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
-  5. CLI             main()
+  4. extension       tau' = K BPE merges appended to the teacher's tokenizer, learned on
+                     a domain corpus (default: the Python standard library on this machine)
+  5. alignment, lift token spans of two tokenizations; the teacher's distribution lifted
+                     to V' without losing mass (path mode), and the KL to it
+  6. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
+  7. CLI             main()
 
-Not yet here (open issues): tokenizer extension, alignment and lift, initialisers,
-training, code-generation evaluation.
+Not yet here (open issues): initialisers, training, code-generation evaluation.
 
 Deliberately left out: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE scaling
 (Llama 3.1 style), sliding-window attention, mixture-of-experts. Each is refused with an
@@ -30,8 +33,11 @@ References: GPT-2 (Radford et al. 2019), Llama (Touvron et al. 2023), RoFormer/R
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import difflib
+import hashlib
+import heapq
 import importlib.util
 import inspect
 import json
@@ -39,6 +45,7 @@ import math
 import os
 import struct
 import sys
+import sysconfig
 import tempfile
 import time
 import typing
@@ -862,6 +869,16 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     return tokenizer
 
 
+# ----------------------------------------------------------------------------------------
+# 4. Tokenizer extension: K merges appended to the teacher's BPE (METHOD.md section 1)
+# ----------------------------------------------------------------------------------------
+#
+# tau'(x) = merge(tau(x)): the student tokenizer is the teacher's, followed by K more BPE
+# merges over teacher token ids, learned on a domain corpus and applied in the order they
+# were learned. Every student token therefore covers a run of teacher tokens, its
+# expansion exp(v); new token ids follow the model's vocabulary (vocab_size + i).
+
+
 def byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
@@ -881,8 +898,470 @@ def missing_bytes(tokenizer: Tokenizer) -> set[int]:
     return {b for b, ch in byte_level_alphabet().items() if tokenizer.token_to_id(ch) is None}
 
 
+def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
+    """The bytes each id < vocab_size stands for: byte-level spelling undone, added tokens
+    (specials such as <|im_end|>) as their UTF-8 text, ids without a token as b""."""
+    to_byte = {ch: b for b, ch in byte_level_alphabet().items()}
+    added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+    out = []
+    for i in range(vocab_size):
+        token = tokenizer.id_to_token(i)
+        if i in added:
+            out.append(added[i].encode())
+        elif token is None:
+            out.append(b"")
+        elif all(ch in to_byte for ch in token):
+            out.append(bytes(to_byte[ch] for ch in token))
+        else:
+            raise KldError(f"token {i} ({token!r}) is not spelled in the byte-level alphabet; kld extends byte-level BPE only")
+    return out
+
+
+def merge_pair(seq: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace every non-overlapping occurrence of `pair`, left to right:
+    merge_pair([1, 2, 2, 2], (2, 2), 9) == [1, 9, 2]."""
+    a, b = pair
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
+    """Apply merges to one sequence as BPE does: the present pair of lowest rank first.
+    `ranks` maps a pair to the id it makes; ids grow with rank, so the lowest id wins."""
+    while len(seq) > 1:
+        pair = min(zip(seq, seq[1:]), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        seq = merge_pair(seq, pair, ranks[pair])
+    return seq
+
+
+def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: int, min_count: int = 2):
+    """Continue BPE: `n_merges` merges, most frequent adjacent pair first, over `segments`
+    (token-id sequences -> how often each occurs; no merge crosses from one to another).
+
+    Pair counts are computed once and then updated where a merge applies: only the
+    segments holding the merged pair are recounted, and a heap with lazy deletion gives
+    the next most frequent pair. Ties go to the smallest pair, so the result is
+    deterministic. Stops early when no pair occurs `min_count` times.
+    """
+    seqs, freqs = [list(s) for s in segments], list(segments.values())
+    counts: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], set[int]] = {}
+    for i, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            counts[pair] = counts.get(pair, 0) + freqs[i]
+            where.setdefault(pair, set()).add(i)
+    heap = [(-c, pair) for pair, c in counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[int, int]] = []
+    while len(merges) < n_merges and heap:
+        neg_count, pair = heapq.heappop(heap)
+        if counts.get(pair) != -neg_count:
+            continue  # stale entry: the pair's count changed since it was pushed
+        if -neg_count < min_count:
+            break
+        new_id = first_id + len(merges)
+        merges.append(pair)
+        touched = set()
+        for i in where.pop(pair):
+            old, f = seqs[i], freqs[i]
+            for p in zip(old, old[1:]):
+                counts[p] -= f
+                where.get(p, set()).discard(i)
+                touched.add(p)
+            seqs[i] = new = merge_pair(old, pair, new_id)
+            for p in zip(new, new[1:]):
+                counts[p] = counts.get(p, 0) + f
+                where.setdefault(p, set()).add(i)
+                touched.add(p)
+        for p in touched:
+            if counts[p] > 0:
+                heapq.heappush(heap, (-counts[p], p))
+            else:
+                del counts[p]
+    return merges
+
+
+class ExtendedTokenizer:
+    """The student tokenizer tau': a base `tokenizers.Tokenizer` plus appended merges.
+
+    Merge i, a pair of token ids (base or earlier merges), makes token base_vocab_size + i.
+    Derived here once: exp(v) for every new token, and its parent in the vocabulary trie
+    (the token whose expansion is the longest proper prefix of exp(v)).
+    """
+
+    def __init__(self, base: Tokenizer, merges: list[tuple[int, int]], base_vocab_size: int):
+        self.base, self.base_vocab_size = base, base_vocab_size
+        self.merges = [tuple(m) for m in merges]
+        self.ranks = {pair: base_vocab_size + i for i, pair in enumerate(self.merges)}  # pair -> new id
+        if len(self.ranks) != len(self.merges):
+            raise KldError("the extension lists the same merge twice")
+        self.expansions: list[tuple[int, ...]] = []  # exp(base_vocab_size + i)
+        for i, (a, b) in enumerate(self.merges):
+            if not (0 <= a < base_vocab_size + i and 0 <= b < base_vocab_size + i):
+                raise KldError(f"merge {i} ({a}, {b}) uses an id that does not exist before it")
+            self.expansions.append(self.expand([a]) + self.expand([b]))
+        by_expansion = {e: base_vocab_size + i for i, e in enumerate(self.expansions)}
+        if len(by_expansion) != len(self.expansions):
+            raise KldError("two new tokens share one expansion; longest match would be ambiguous")
+        self.parents = []  # vocabulary-trie parent of each new token
+        for e in self.expansions:
+            k = len(e) - 1
+            while k > 1 and e[:k] not in by_expansion:
+                k -= 1
+            self.parents.append(by_expansion[e[:k]] if k > 1 else e[0])
+        # For the lift: new tokens grouped by exp(w)[:-1], and every prefix of those keys.
+        self.children_by_prefix: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for i, e in enumerate(self.expansions):
+            self.children_by_prefix.setdefault(e[:-1], []).append((base_vocab_size + i, e[-1]))
+        self.path_prefixes = {key[:k] for key in self.children_by_prefix for k in range(1, len(key) + 1)}
+        # An id can end the left side of a merge / start its right side only if its base
+        # token is in these sets; between other neighbours no merge can ever apply.
+        self._left_ends = {self.expand([a])[-1] for a, _ in self.merges}
+        self._right_starts = {self.expand([b])[0] for _, b in self.merges}
+        self._memo: dict[tuple[int, ...], list[int]] = {}
+        self._base_bytes: list[bytes] | None = None  # filled on first use
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + len(self.merges)
+
+    def expand(self, ids) -> tuple[int, ...]:
+        """Student ids -> teacher ids: exp(v) for each, concatenated."""
+        out = []
+        for i in ids:
+            out.extend(self.expansions[i - self.base_vocab_size] if i >= self.base_vocab_size else (i,))
+        return tuple(out)
+
+    def merge(self, base_ids: list[int]) -> list[int]:
+        """Apply the merges to teacher ids, lowest rank first, as BPE does (tau' = merge o tau).
+
+        The sequence is cut where no merge can apply and each piece is merged once per
+        distinct piece (memoised: code repeats its lines), so encoding costs little more
+        than the teacher's own tokenizer.
+        """
+        out, start = [], 0
+        for i in range(1, len(base_ids) + 1):
+            if i == len(base_ids) or base_ids[i - 1] not in self._left_ends or base_ids[i] not in self._right_starts:
+                piece = tuple(base_ids[start:i])
+                if len(piece) == 1:
+                    out.append(piece[0])
+                else:
+                    if piece not in self._memo:
+                        if len(self._memo) > 1_000_000:
+                            self._memo.clear()
+                        self._memo[piece] = bpe_merge(list(piece), self.ranks)
+                    out.extend(self._memo[piece])
+                start = i
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        return self.merge(self.base.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.merge(e.ids) for e in self.base.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.base.decode(list(self.expand(ids)), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._base_bytes is None:
+            self._base_bytes = token_bytes(self.base, self.base_vocab_size)
+        return b"".join(self._base_bytes[t] for t in self.expand([token_id]))
+
+    def token_string(self, token_id: int) -> str:
+        """Readable text of one token (partial UTF-8 shows as U+FFFD)."""
+        return self.base.decode(list(self.expand([token_id])), skip_special_tokens=False)
+
+
+def line_segments(ids_per_text: list[list[int]], tok: ExtendedTokenizer) -> dict[tuple[int, ...], int]:
+    """Cut token sequences into the segments merges are learned within: a segment ends
+    after every token that holds a newline, and special tokens stand alone. So a merge
+    may cross word boundaries but stays inside a line (METHOD.md section 1): a learned
+    token holds a newline only in its last teacher token. Returns segment -> count."""
+    special = set(tok.base.get_added_tokens_decoder())
+    ends_line = {i for i in range(tok.vocab_size) if b"\n" in tok.token_bytes(i)}
+    segments: collections.Counter = collections.Counter()
+    for ids in ids_per_text:
+        start = 0
+        for i, t in enumerate(ids):
+            if t in special:
+                segments[tuple(ids[start:i])] += 1
+                start = i + 1
+            elif t in ends_line:
+                segments[tuple(ids[start : i + 1])] += 1
+                start = i + 1
+        segments[tuple(ids[start:])] += 1
+    segments.pop((), None)
+    return segments
+
+
+def chain_merges(tokenizer: Tokenizer, strings: list[str], merges: list[tuple[int, int]], base_vocab_size: int):
+    """`merges` plus what makes each user string one token: BPE the string with the merges
+    so far, then merge its first two tokens, again and again. Each new merge outranks all
+    before it, so encoding the string alone gives that one token."""
+    merges = list(merges)
+    ranks = {pair: base_vocab_size + i for i, pair in enumerate(merges)}
+    special = set(tokenizer.get_added_tokens_decoder())
+    for s in strings:
+        ids = tokenizer.encode(s, add_special_tokens=False).ids
+        if not ids:
+            raise KldError(f"new token {s!r} encodes to nothing")
+        if special & set(ids):
+            raise KldError(f"new token {s!r} holds a special token; special tokens never merge")
+        ids = bpe_merge(ids, ranks)
+        while len(ids) > 1:
+            pair, new_id = (ids[0], ids[1]), base_vocab_size + len(merges)
+            merges.append(pair)
+            ranks[pair] = new_id
+            ids = merge_pair(ids, pair, new_id)
+    return merges
+
+
+def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_vocab_size: int,
+                    new_tokens: list[str] = ()) -> ExtendedTokenizer:
+    """tau' for a corpus: the user's strings as merge chains, then `n_merges` learned merges."""
+    merges = chain_merges(tokenizer, list(new_tokens), [], base_vocab_size)
+    if n_merges > 0:
+        ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)
+        encoded = ext.encode_batch(texts)  # the corpus as the student (so far) tokenizes it
+        merges += learn_merges(line_segments(encoded, ext), n_merges, base_vocab_size + len(merges))
+    return ExtendedTokenizer(tokenizer, merges, base_vocab_size)
+
+
+def vocab_fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 of the base vocabulary, so that an extension is never applied to another one."""
+    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
+def save_extension(tok: ExtendedTokenizer, path: str | Path):
+    """Write the extension as one JSON file to ship beside the model (atomically)."""
+    data = {
+        "format": "kld-extension/1",
+        "base_vocab_size": tok.base_vocab_size,
+        "base_vocab_sha256": vocab_fingerprint(tok.base),
+        "merges": [list(m) for m in tok.merges],
+        "tokens": [tok.token_string(tok.base_vocab_size + i) for i in range(len(tok.merges))],  # for reading only
+    }
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
+    """The student tokenizer from a saved extension and the base tokenizer it was made for."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KldError(f"extension file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise KldError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != "kld-extension/1":
+        raise KldError(f"{path}: not a kld extension file (format kld-extension/1)")
+    if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
+        raise KldError(f"{path}: made for another base vocabulary than this model's tokenizer")
+    return ExtendedTokenizer(tokenizer, [tuple(m) for m in data["merges"]], data["base_vocab_size"])
+
+
+# --- the domain corpus ---
+
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def corpus_files(source: str) -> list[Path]:
+    """The files of a corpus, sorted: "stdlib" (the Python standard library's own .py
+    files on this machine, without its test suites and installed packages), a directory
+    (every .py file below it), or one text file."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory nor a file")
+    files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    if not files:
+        raise KldError(f"corpus {source!r} holds no .py files")
+    return files
+
+
+def is_heldout(name: str, heldout_fraction: float) -> bool:
+    """A fixed split by file name: the same files are held out on every machine and run."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8 < heldout_fraction
+
+
+def load_corpus(source: str, heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """(train texts, held-out texts), one text per file. A corpus of one file is split by
+    lines instead: its last `heldout_fraction` of lines are held out."""
+    files = corpus_files(source)
+    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}
+    if len(files) == 1:
+        lines = texts[files[0]].splitlines(keepends=True)
+        cut = len(lines) - int(len(lines) * heldout_fraction)
+        train, heldout = ["".join(lines[:cut])], ["".join(lines[cut:])]
+    else:
+        root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
+        split = {p: is_heldout(p.relative_to(root).as_posix(), heldout_fraction) for p in files}
+        train = [texts[p] for p in files if not split[p]]
+        heldout = [texts[p] for p in files if split[p]]
+    train, heldout = [t for t in train if t.strip()], [t for t in heldout if t.strip()]
+    if not train:
+        raise KldError(f"corpus {source!r} has no training text (empty files?)")
+    return train, heldout
+
+
 # ----------------------------------------------------------------------------------------
-# 4. Generation: batched, KV-cached, greedy or top-p
+# 5. Alignment and the lift (METHOD.md sections 2 and 3)
+# ----------------------------------------------------------------------------------------
+
+
+def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, int, int]]:
+    """Spans of two tokenizations of one text, from their tokens' end offsets.
+
+    Each tokenization tiles the text: token i covers [ends[i-1], ends[i]), in any unit
+    (bytes are exact; characters are too unless a token splits a character). The common
+    boundaries cut the text into spans; span (i0, i1, j0, j1) holds tokens a[i0:i1] and
+    b[j0:j1], which spell the same substring. Two pointers, linear time:
+    align_spans([1, 3, 4], [2, 3, 4]) == [(0, 2, 0, 2), (2, 3, 2, 3)].
+    """
+    if (ends_a[-1:] or [0]) != (ends_b[-1:] or [0]):
+        raise ValueError(f"the tokenizations cover different lengths ({ends_a[-1:]} vs {ends_b[-1:]})")
+    spans, i, j = [], 0, 0
+    while i < len(ends_a):
+        i0, j0 = i, j
+        end_a, end_b = ends_a[i], ends_b[j]
+        i, j = i + 1, j + 1
+        while end_a != end_b:
+            if end_a < end_b:
+                end_a, i = ends_a[i], i + 1
+            else:
+                end_b, j = ends_b[j], j + 1
+        spans.append((i0, i, j0, j))
+    return spans
+
+
+def coarsening_span_starts(student_ids: list[int], tok: ExtendedTokenizer) -> list[int]:
+    """The fast path when tau' coarsens tau: student token j covers teacher tokens
+    [starts[j], starts[j] + |exp(s_j)|); no offsets needed. ([n_base + 0 -> 2 tokens, 7]: [0, 2])"""
+    starts, at = [], 0
+    for s in student_ids:
+        starts.append(at)
+        at += len(tok.expansions[s - tok.base_vocab_size]) if s >= tok.base_vocab_size else 1
+    return starts
+
+
+@dataclass
+class LiftedTargets:
+    """The teacher's next-token distribution lifted to V' at m student positions.
+
+    Dense over V, sparse over N: p'(v) = exp(base_logp[j, v]) for base tokens and
+    exp(new_logp[j, c]) for the new token new_ids[j, c]; every other new token has p' = 0.
+    Padding entries of new_ids hold a valid id with new_logp = -inf.
+    """
+
+    base_logp: torch.Tensor  # (m, |V|) log p' over the base vocabulary
+    new_ids: torch.Tensor  # (m, c) long: new tokens with a target at each position
+    new_logp: torch.Tensor  # (m, c) their log p'
+    span_logp: torch.Tensor  # (m,) float64: log P(span) = sum of the teacher's log-probs over the span
+
+
+def lift_path(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int], tok: ExtendedTokenizer) -> LiftedTargets:
+    """Path-mode lift (METHOD.md section 3) from one teacher pass.
+
+    logp (n, |V|): row i is the teacher's log-distribution of teacher token i given the
+    tokens before it (the log_softmax of the logits one position earlier). Student token j
+    covers teacher tokens [span_starts[j], span_starts[j+1]) (the last one runs to n).
+
+    At each span start a, U holds every length-1 sequence and every sequence that follows
+    the realised teacher tokens t_a, t_a+1, ... and then takes any token: its probability
+    P(u) is the chain-rule product along u, read off the one pass. A new token w is a
+    candidate when exp(w) is in U, i.e. exp(w) leaves the realised path only at its last
+    token. Under longest match,
+        p'(v) = P(exp(v)) - sum of P(exp(w)) over candidates w whose trie parent is v,
+    for base tokens and candidates alike; other new tokens get p' = 0 (their mass stays on
+    their parent). The sum telescopes to 1 and each p' >= 0, up to rounding (clamped).
+    P is exact on U, so p'(v) is exact for every v whose children in V' all lie in U.
+    """
+    n, m = len(teacher_ids), len(span_starts)
+    ids = torch.as_tensor(teacher_ids, device=logp.device)
+    realised = logp.gather(1, ids[:, None])[:, 0].double()  # (n,) log p(t_i | t_<i)
+    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # cum[i] = sum of realised[:i]
+    bounds = torch.as_tensor(list(span_starts) + [n], device=logp.device)
+    span_logp = cum[bounds[1:]] - cum[bounds[:-1]]
+
+    # Walk the realised path from each span start and collect the candidates.
+    children, prefixes = tok.children_by_prefix, tok.path_prefixes
+    cand_pos, cand_ids, cand_row, cand_last, cand_depth = [], [], [], [], []
+    for j, a in enumerate(span_starts):
+        prefix, k = (teacher_ids[a],), 1
+        while prefix in prefixes and a + k < n:
+            for w, last in children.get(prefix, ()):
+                cand_pos.append(j), cand_ids.append(w), cand_row.append(a + k), cand_last.append(last)
+                cand_depth.append(k)
+            prefix, k = prefix + (teacher_ids[a + k],), k + 1
+    starts = bounds[:-1]
+    base_logp = logp[starts].clone()  # (m, |V|)
+    width = max(collections.Counter(cand_pos).values(), default=0)
+    new_ids = torch.full((m, max(width, 1)), tok.base_vocab_size, dtype=torch.long, device=logp.device)
+    new_logp = torch.full((m, max(width, 1)), -math.inf, dtype=logp.dtype, device=logp.device)
+    if not cand_ids:
+        return LiftedTargets(base_logp, new_ids, new_logp, span_logp)
+
+    # P(exp(w)) = P(t_a .. t_a+k-1) * p(last | path), in float64.
+    pos = torch.as_tensor(cand_pos, device=logp.device)
+    row, last = torch.as_tensor(cand_row, device=logp.device), torch.as_tensor(cand_last, device=logp.device)
+    path_logp = cum[row] - cum[starts[pos]] + logp[row, last].double()
+    prob = path_logp.exp()
+    # Each candidate's column in its row, and where to find it by (position, id).
+    col, index, per_row = [], {}, collections.Counter()
+    for c, (j, w) in enumerate(zip(cand_pos, cand_ids)):
+        col.append(per_row[j])
+        per_row[j] += 1
+        index[(j, w)] = c
+    # Subtract each candidate's P from its trie parent: a base token (dense) or a candidate.
+    base_sub: dict[tuple[int, int], float] = {}
+    cand_sub = [0.0] * len(cand_ids)
+    for c, (j, w) in enumerate(zip(cand_pos, cand_ids)):
+        parent = tok.parents[w - tok.base_vocab_size]
+        if parent < tok.base_vocab_size:
+            base_sub[(j, parent)] = base_sub.get((j, parent), 0.0) + prob[c].item()
+        else:
+            cand_sub[index[(j, parent)]] += prob[c].item()
+    if base_sub:
+        bj = torch.as_tensor([k[0] for k in base_sub], device=logp.device)
+        bv = torch.as_tensor([k[1] for k in base_sub], device=logp.device)
+        left = (base_logp[bj, bv].double().exp() - torch.tensor(list(base_sub.values()), dtype=torch.float64,
+                                                                 device=logp.device)).clamp(min=0)
+        base_logp[bj, bv] = left.log().to(logp.dtype)
+    left = (prob - torch.tensor(cand_sub, dtype=torch.float64, device=logp.device)).clamp(min=0)
+    colt = torch.as_tensor(col, device=logp.device)
+    new_ids[pos, colt] = torch.as_tensor(cand_ids, device=logp.device)
+    new_logp[pos, colt] = left.log().to(logp.dtype)
+    return LiftedTargets(base_logp, new_ids, new_logp, span_logp)
+
+
+def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor, tok: ExtendedTokenizer) -> torch.Tensor:
+    """KL(p'_j || q_j) at each position j (m,), q_j = softmax of the student's logits (m, |V'|).
+
+    Sums p' (log p' - log q) over the dense base part and the sparse new part; terms with
+    p' = 0 are 0. Exactly 0 when nothing was lifted and the student is the teacher.
+    """
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    V = tok.base_vocab_size
+    dense = targets.base_logp.float()
+    dense_terms = torch.where(dense > -math.inf, dense.exp() * (dense - logq[:, :V]), 0.0).sum(-1)
+    sparse = targets.new_logp.float()
+    sparse_terms = torch.where(sparse > -math.inf, sparse.exp() * (sparse - logq.gather(1, targets.new_ids)), 0.0)
+    return dense_terms + sparse_terms.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Generation: batched, KV-cached, greedy or top-p
 # ----------------------------------------------------------------------------------------
 
 
@@ -998,7 +1477,7 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
 
 
 # ----------------------------------------------------------------------------------------
-# 5. CLI
+# 7. CLI
 # ----------------------------------------------------------------------------------------
 
 
