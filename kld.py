@@ -1261,7 +1261,7 @@ class LiftedTargets:
 
     Dense over V, sparse over N: p'(v) = exp(base_logp[j, v]) for base tokens and
     exp(new_logp[j, c]) for the new token new_ids[j, c]; every other new token has p' = 0.
-    Padding entries of new_ids hold a valid id with new_logp = -inf.
+    Padding entries of new_ids hold id 0 with new_logp = -inf.
     """
 
     base_logp: torch.Tensor  # (m, |V|) log p' over the base vocabulary
@@ -1305,9 +1305,9 @@ def lift_path(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int]
                 cand_depth.append(k)
             prefix, k = prefix + (teacher_ids[a + k],), k + 1
     starts = bounds[:-1]
-    base_logp = logp[starts].clone()  # (m, |V|)
+    base_logp = logp[starts]  # (m, |V|), a copy (advanced indexing)
     width = max(collections.Counter(cand_pos).values(), default=0)
-    new_ids = torch.full((m, max(width, 1)), tok.base_vocab_size, dtype=torch.long, device=logp.device)
+    new_ids = torch.zeros((m, max(width, 1)), dtype=torch.long, device=logp.device)
     new_logp = torch.full((m, max(width, 1)), -math.inf, dtype=logp.dtype, device=logp.device)
     if not cand_ids:
         return LiftedTargets(base_logp, new_ids, new_logp, span_logp)
@@ -1323,25 +1323,22 @@ def lift_path(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int]
         col.append(per_row[j])
         per_row[j] += 1
         index[(j, w)] = c
-    # Subtract each candidate's P from its trie parent: a base token (dense) or a candidate.
-    base_sub: dict[tuple[int, int], float] = {}
-    cand_sub = [0.0] * len(cand_ids)
-    for c, (j, w) in enumerate(zip(cand_pos, cand_ids)):
-        parent = tok.parents[w - tok.base_vocab_size]
-        if parent < tok.base_vocab_size:
-            base_sub[(j, parent)] = base_sub.get((j, parent), 0.0) + prob[c].item()
-        else:
-            cand_sub[index[(j, parent)]] += prob[c].item()
-    if base_sub:
-        bj = torch.as_tensor([k[0] for k in base_sub], device=logp.device)
-        bv = torch.as_tensor([k[1] for k in base_sub], device=logp.device)
-        left = (base_logp[bj, bv].double().exp() - torch.tensor(list(base_sub.values()), dtype=torch.float64,
-                                                                 device=logp.device)).clamp(min=0)
-        base_logp[bj, bv] = left.log().to(logp.dtype)
-    left = (prob - torch.tensor(cand_sub, dtype=torch.float64, device=logp.device)).clamp(min=0)
+    parents = [tok.parents[w - tok.base_vocab_size] for w in cand_ids]
+    parent = torch.as_tensor(parents, device=logp.device)
+    # Subtract each candidate's P from its trie parent. Base parents: summed per
+    # (position, parent) and taken off the dense row.
+    V, is_base = tok.base_vocab_size, parent < tok.base_vocab_size
+    keys, inverse = torch.unique(pos[is_base] * V + parent[is_base], return_inverse=True)
+    taken = torch.zeros(len(keys), dtype=torch.float64, device=logp.device).index_add_(0, inverse, prob[is_base])
+    rows, cols = keys // V, keys % V
+    base_logp[rows, cols] = (base_logp[rows, cols].double().exp() - taken).clamp(min=0).log().to(logp.dtype)
+    # Parents that are new tokens are candidates at the same position (U is prefix-closed).
+    parent_slot = torch.as_tensor([index[(j, p)] for j, p in zip(cand_pos, parents) if p >= V],
+                                  dtype=torch.long, device=logp.device)
+    taken = torch.zeros_like(prob).index_add_(0, parent_slot, prob[~is_base])
     colt = torch.as_tensor(col, device=logp.device)
     new_ids[pos, colt] = torch.as_tensor(cand_ids, device=logp.device)
-    new_logp[pos, colt] = left.log().to(logp.dtype)
+    new_logp[pos, colt] = (prob - taken).clamp(min=0).log().to(logp.dtype)
     return LiftedTargets(base_logp, new_ids, new_logp, span_logp)
 
 

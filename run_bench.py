@@ -1,6 +1,7 @@
 """Benchmarks that print figures (never timed tests).
 
     python run_bench.py speed [--model smollm2] [--new-tokens 64] [--batch-sizes 1 8] [--device auto] [--dtype float32]
+    python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -8,12 +9,18 @@ transformers' own loading and `generate` in the same process (a ratio), plus the
 logit difference between the two loaders on a few prompts. transformers is a reference
 here, never a dependency of kld.
 
+extension: the tokens that K appended merges save on the held-out files of the corpus,
+the time to learn them, the time to encode the corpus against the base tokenizer alone,
+and the time of one path-mode lift.
+
 The comparison matrix of initialisers x objectives arrives with the evaluation issue.
 """
 
 import argparse
 import importlib.util
+import math
 import platform
+import statistics
 import time
 
 import torch
@@ -113,6 +120,44 @@ def speed(args):
         print(f"batch {b}: kld {tps:.1f} tok/s, transformers {ref:.1f} tok/s, ratio {tps / ref:.2f}x")
 
 
+def extension(args):
+    """Tokens saved on the held-out corpus at each K, and what learning and encoding cost."""
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    model, tokenizer = kld.load_model(args.model)
+    V = model.cfg.vocab_size
+    train, heldout = kld.load_corpus(args.corpus)
+    print(f"corpus {args.corpus}: {len(train)} train files ({sum(map(len, train)) / 1e6:.1f} M chars), "
+          f"{len(heldout)} held out ({sum(map(len, heldout)) / 1e6:.1f} M chars)")
+    K = max(args.merges)
+    ext, learn_s = timed(lambda: kld.build_extension(tokenizer, train, K, V))
+    print(f"learn {K} merges: {learn_s:.1f} s (base encoding of the corpus included)")
+    base_ids, base_s = timed(lambda: [e.ids for e in tokenizer.encode_batch(train, add_special_tokens=False)])
+    fresh = kld.ExtendedTokenizer(tokenizer, ext.merges, V)  # empty memo: the cost a new run pays
+    student_ids, student_s = timed(lambda: fresh.encode_batch(train))
+    print(f"encode the train corpus: base {base_s:.2f} s, extended {student_s:.2f} s "
+          f"(ratio {student_s / base_s:.2f}; {sum(map(len, base_ids))} -> {sum(map(len, student_ids))} tokens)")
+    held_base = [e.ids for e in tokenizer.encode_batch(heldout, add_special_tokens=False)]
+    n_base = sum(map(len, held_base))
+    for k in sorted(args.merges):
+        sub = kld.ExtendedTokenizer(tokenizer, ext.merges[:k], V)
+        n = sum(len(sub.merge(ids)) for ids in held_base)
+        print(f"K = {k:5d}: held-out tokens {n_base} -> {n}, saved {100 * (1 - n / n_base):.1f}%")
+    print("first merges:", [ext.token_string(V + i) for i in range(12)])
+    window = next(ids for ids in student_ids if len(ids) >= 512)[:512]
+    teacher = list(ext.expand(window))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([teacher]))[0].float(), -1)
+    first = len(ext.expand(window[:1]))  # the first student token is context only
+    lift_args = (logp[first - 1 : -1], teacher[first:], kld.coarsening_span_starts(window[1:], ext), ext)
+    targets = kld.lift_path(*lift_args)  # warm-up
+    lift_s = statistics.median(timed(lambda: kld.lift_path(*lift_args))[1] for _ in range(7))
+    softmax_s = statistics.median(timed(lambda: torch.log_softmax(lift_args[0], -1))[1] for _ in range(7))
+    n_candidates = int((targets.new_logp > -math.inf).sum())
+    print(f"path-mode lift of one window ({len(window)} student / {len(teacher)} teacher tokens, "
+          f"{n_candidates} new-token targets): {lift_s * 1000:.1f} ms, median of 7 "
+          f"(one log_softmax of the window's teacher logits: {softmax_s * 1000:.1f} ms)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,8 +168,12 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights (speed only)")
+    p = sub.add_parser("extension", help="tokens saved on held-out code; time to learn merges and to encode")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--corpus", default="stdlib")
+    p.add_argument("--merges", type=int, nargs="+", default=[64, 256, 1024])
     args = parser.parse_args()
-    {"speed": speed}[args.command](args)
+    {"speed": speed, "extension": extension}[args.command](args)
 
 
 if __name__ == "__main__":

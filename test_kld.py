@@ -6,7 +6,10 @@ hypothesis. Tests marked `real_model` load the embedded SmolLM2-135M-Instruct; t
 skipped only when it is not installed and CI is unset (CI installs it).
 """
 
+import collections
+import itertools
 import json
+import math
 import os
 import shutil
 import struct
@@ -453,3 +456,301 @@ def test_smollm2_config_and_greedy_answer(smollm2):
                             stop_ids=kld.stop_token_ids(cfg, tokenizer, chat=True))
     # transformers' own GGUF loading + generate gives the same 24 tokens (checked by hand)
     assert answer.text == "```python\ndef add_two_numbers(num1, num2):\n    return num1 + num2\n"
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer extension (METHOD.md section 1)
+# ----------------------------------------------------------------------------------------
+
+CODE = (Path(kld.__file__).parent / "fixtures" / "make_fixtures.py").read_text()  # a small Python corpus
+
+
+@pytest.fixture(scope="module")
+def fixture_tokenizer():
+    return Tokenizer.from_file(str(FIXTURES / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def extended(fixture_tokenizer):
+    return kld.build_extension(fixture_tokenizer, [CODE] * 3, n_merges=60, base_vocab_size=320,
+                               new_tokens=["return self", "    def __init__(self"])
+
+
+@SETTINGS
+@given(text=st.text(max_size=80))
+@example(text="    def __init__(self, x):\n        return self.x  # ☃ 😀")
+def test_extension_round_trips_and_coarsens(extended, text):
+    ids = extended.encode(text)
+    assert extended.decode(ids) == text
+    assert list(extended.expand(ids)) == extended.base.encode(text, add_special_tokens=False).ids
+    assert len(ids) <= len(extended.base.encode(text, add_special_tokens=False).ids)
+
+
+@SETTINGS
+@given(text=st.text(max_size=80))
+def test_extension_with_no_merges_is_the_identity(fixture_tokenizer, text):
+    identity = kld.build_extension(fixture_tokenizer, [CODE], n_merges=0, base_vocab_size=320)
+    assert identity.vocab_size == 320
+    assert identity.encode(text) == fixture_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_learning_is_deterministic_and_saves_tokens(fixture_tokenizer, extended):
+    again = kld.build_extension(fixture_tokenizer, [CODE] * 3, n_merges=60, base_vocab_size=320,
+                                new_tokens=["return self", "    def __init__(self"])
+    assert again.merges == extended.merges and len(extended.merges) > 60
+    base = len(fixture_tokenizer.encode(CODE).ids)
+    assert len(extended.encode(CODE)) < 0.8 * base  # 60 merges learned on this very text
+
+
+def test_user_strings_become_one_token(extended):
+    for s in ["return self", "    def __init__(self"]:
+        [token] = extended.encode(s)
+        assert token >= 320 and extended.token_string(token) == s
+
+
+def test_learned_merges_stay_inside_a_line_and_never_touch_specials(fixture_tokenizer):
+    text = "x = 1<|im_end|>\ny = 2<|im_end|>\n" * 50 + "a:\n    b\n" * 50
+    ext = kld.build_extension(fixture_tokenizer, [text], n_merges=40, base_vocab_size=320)
+    special = set(fixture_tokenizer.get_added_tokens_decoder())
+    for i, e in enumerate(ext.expansions):
+        assert not special & set(e), ext.token_string(320 + i)
+        assert all(b"\n" not in ext.token_bytes(t) for t in e[:-1]), ext.token_string(320 + i)
+    assert ext.encode("<|im_end|>") == [fixture_tokenizer.token_to_id("<|im_end|>")]
+
+
+def test_learn_merges_counts_like_a_rescan():
+    """The incremental counts pick the same merges as recounting the corpus each time."""
+    segments = {(1, 2, 3, 1, 2): 3, (2, 3, 2, 3, 2): 2, (1, 1, 1, 1): 1, (3, 1, 2): 4}
+
+    def rescan(segments, n, first_id):
+        seqs, merges = {tuple(s): f for s, f in segments.items()}, []
+        for _ in range(n):
+            counts = collections.Counter()
+            for s, f in seqs.items():
+                for p in zip(s, s[1:]):
+                    counts[p] += f
+            if not counts or max(counts.values()) < 2:
+                break
+            best = min(counts, key=lambda p: (-counts[p], p))
+            merges.append(best)
+            new = collections.Counter()
+            for s, f in seqs.items():
+                new[tuple(kld.merge_pair(list(s), best, first_id + len(merges) - 1))] += f
+            seqs = new
+        return merges
+
+    assert kld.learn_merges(segments, 10, 100) == rescan(segments, 10, 100)
+
+
+def test_extension_save_and_load(tmp_path, extended, fixture_tokenizer):
+    path = tmp_path / "extension.json"
+    kld.save_extension(extended, path)
+    loaded = kld.load_extension(path, fixture_tokenizer)
+    assert loaded.merges == extended.merges and loaded.encode(CODE) == extended.encode(CODE)
+    other = kld.load_model(FIXTURES / "gguf" / "tiny-F32.gguf")[1]  # same tokens, but smollm's digit split
+    data = json.loads(path.read_text())
+    data["base_vocab_sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    with pytest.raises(kld.KldError, match="made for another base vocabulary"):
+        kld.load_extension(path, fixture_tokenizer)
+    with pytest.raises(kld.KldError, match="extension file not found"):
+        kld.load_extension(tmp_path / "none.json", other)
+    path.write_text("[1, 2]")
+    with pytest.raises(kld.KldError, match="not a kld extension file"):
+        kld.load_extension(path, fixture_tokenizer)
+
+
+def test_corpus_split_is_fixed_and_disjoint(tmp_path):
+    for i in range(40):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text("skipped = True\n")
+    train, heldout = kld.load_corpus(str(tmp_path), heldout_fraction=0.25)
+    assert len(train) + len(heldout) == 40 and 3 <= len(heldout) <= 20
+    assert (train, heldout) == kld.load_corpus(str(tmp_path), heldout_fraction=0.25)
+    with pytest.raises(kld.KldError, match="corpus not found"):
+        kld.load_corpus(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(kld.KldError, match="holds no .py files"):
+        kld.load_corpus(str(tmp_path / "empty"))
+
+
+def test_stdlib_corpus_is_the_default_and_has_python():
+    train, heldout = kld.load_corpus("stdlib")
+    assert len(train) > 100 and len(heldout) > 10
+    assert any("def " in t for t in heldout)
+
+
+# ----------------------------------------------------------------------------------------
+# Alignment (METHOD.md section 2)
+# ----------------------------------------------------------------------------------------
+
+
+def offsets(pieces: list[bytes]) -> list[int]:
+    return list(itertools.accumulate(len(p) for p in pieces))
+
+
+@SETTINGS
+@given(text=st.text(min_size=1, max_size=60))
+def test_alignment_of_unrelated_tokenizations(fixture_tokenizer, text):
+    """Byte-level BPE against one token per character: spans partition the text and each
+    span's tokens spell the same bytes on both sides."""
+    ids = fixture_tokenizer.encode(text, add_special_tokens=False).ids
+    table = kld.token_bytes(fixture_tokenizer, 320)
+    bpe = [table[i] for i in ids]
+    chars = [c.encode() for c in text]
+    spans = kld.align_spans(offsets(bpe), offsets(chars))
+    assert [s[0] for s in spans] == [0] + [s[1] for s in spans[:-1]] and spans[-1][1] == len(bpe)
+    assert [s[2] for s in spans] == [0] + [s[3] for s in spans[:-1]] and spans[-1][3] == len(chars)
+    for i0, i1, j0, j1 in spans:
+        assert b"".join(bpe[i0:i1]) == b"".join(chars[j0:j1]) and i1 > i0 and j1 > j0
+
+
+@SETTINGS
+@given(data=st.data(), n=st.integers(1, 40))
+def test_alignment_cuts_exactly_at_common_boundaries(data, n):
+    cuts_a = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=n))) + [n] if n > 1 else [n]
+    cuts_b = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=n))) + [n] if n > 1 else [n]
+    spans = kld.align_spans(cuts_a, cuts_b)
+    span_ends = [cuts_a[i1 - 1] for _, i1, _, _ in spans]
+    assert span_ends == sorted(set(cuts_a) & set(cuts_b))
+
+
+@SETTINGS
+@given(text=st.text(max_size=80))
+def test_coarsening_fast_path_agrees_with_offsets(extended, text):
+    student = extended.encode(text)
+    teacher = list(extended.expand(student))
+    starts = kld.coarsening_span_starts(student, extended)
+    spans = kld.align_spans(offsets([extended.token_bytes(t) for t in teacher]),
+                            offsets([extended.token_bytes(s) for s in student]))
+    # with appended merges every span holds exactly one student token
+    assert [(i0, j1 - j0) for i0, _, j0, j1 in spans] == [(a, 1) for a in starts]
+
+
+# ----------------------------------------------------------------------------------------
+# The lift (METHOD.md section 3)
+# ----------------------------------------------------------------------------------------
+
+ABC = "abcdefghij"  # a tiny base vocabulary: one token per letter, ids 0..9
+
+
+@pytest.fixture(scope="module")
+def letters():
+    from tokenizers import models
+
+    return Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(ABC)}, merges=[]))
+
+
+@st.composite
+def lift_cases(draw, dtype=torch.float32):
+    """Arbitrary merges over ids 0..9, a teacher sequence and teacher distributions."""
+    V, merges, expansions = len(ABC), [], set()
+    for _ in range(draw(st.integers(0, 12))):
+        a, b = draw(st.integers(0, V + len(merges) - 1)), draw(st.integers(0, V + len(merges) - 1))
+        exp_of = lambda i: (i,) if i < V else merges_exp[i - V]  # noqa: E731
+        merges_exp = [None] * len(merges)
+        for k, (x, y) in enumerate(merges):
+            merges_exp[k] = exp_of(x) + exp_of(y)
+        e = exp_of(a) + exp_of(b)
+        if (a, b) not in merges and e not in expansions:
+            merges.append((a, b))
+            expansions.add(e)
+    n = draw(st.integers(1, 14))
+    teacher = draw(st.lists(st.integers(0, V - 1), min_size=n, max_size=n))
+    if draw(st.booleans()) and merges:  # make merged tokens likely to be realised
+        e = max(expansions, key=len)
+        teacher = (list(e) * n)[:n]
+    scale = draw(st.sampled_from([0.1, 1.0, 5.0]))
+    seed = draw(st.integers(0, 2**16))
+    logits = torch.randn(n, V, generator=torch.Generator().manual_seed(seed), dtype=dtype) * scale * 3
+    return merges, teacher, logits
+
+
+def lifted(letters, merges, teacher, logits):
+    logp = torch.log_softmax(logits, -1)  # row i: the teacher's log-distribution of token i
+    tok = kld.ExtendedTokenizer(letters, merges, len(ABC))
+    student = tok.merge(teacher)
+    starts = kld.coarsening_span_starts(student, tok)
+    return tok, student, starts, kld.lift_path(logp, teacher, starts, tok)
+
+
+def brute_force_lift(tok, teacher, logp, a):
+    """p' at span start a straight from METHOD.md: enumerate V', keep tokens whose expansion
+    is in U (follows the path but for its last token), subtract the nearest descendants."""
+    n, V = len(teacher), tok.base_vocab_size
+    exps = {v: tok.expand([v]) for v in range(tok.vocab_size)}
+
+    def in_u(e):
+        return a + len(e) - 1 < n and list(e[:-1]) == teacher[a : a + len(e) - 1]
+
+    def P(e):
+        return math.exp(sum(logp[a + k, t].item() for k, t in enumerate(e)))
+
+    known = [v for v in exps if in_u(exps[v])]
+    def nearest_parent(w):
+        prefixes = [v for v in exps if len(exps[v]) < len(exps[w]) and exps[w][: len(exps[v])] == exps[v]]
+        return max(prefixes, key=lambda v: len(exps[v]))
+    return {v: P(exps[v]) - sum(P(exps[w]) for w in known if len(exps[w]) > 1 and nearest_parent(w) == v)
+            for v in known}
+
+
+@SETTINGS
+@given(case=lift_cases())
+def test_lift_is_a_distribution_float32(letters, case):
+    tok, _, _, t = lifted(letters, *case)
+    p = torch.cat([t.base_logp.exp(), t.new_logp.exp()], dim=1)
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(1), torch.ones(len(p)), atol=1e-5, rtol=0)
+
+
+@SETTINGS
+@given(case=lift_cases(dtype=torch.float64))
+def test_lift_is_a_distribution_float64_and_matches_the_definition(letters, case):
+    merges, teacher, logits = case
+    logp = torch.log_softmax(logits, -1)
+    tok, student, starts, t = lifted(letters, merges, teacher, logits)
+    p = torch.cat([t.base_logp.exp(), t.new_logp.exp()], dim=1)
+    assert (p >= 0).all()
+    assert (p.sum(1) - 1).abs().max() < 1e-12
+    for j, a in enumerate(starts):
+        expected = brute_force_lift(tok, teacher, logp, a)
+        got = {v: t.base_logp[j, v].exp().item() for v in range(tok.base_vocab_size)}
+        got.update({int(w): lp.exp().item() for w, lp in zip(t.new_ids[j], t.new_logp[j]) if lp > -math.inf})
+        assert set(expected) <= set(got) | {v for v in expected if abs(expected[v]) < 1e-15}
+        for v in got:
+            assert abs(got[v] - expected.get(v, 0.0)) < 1e-12, (v, got[v], expected.get(v))
+
+
+@SETTINGS
+@given(case=lift_cases(dtype=torch.float64))
+def test_span_log_probabilities_regroup_the_teacher_log_likelihood(letters, case):
+    merges, teacher, logits = case
+    _, _, _, t = lifted(letters, merges, teacher, logits)
+    total = torch.log_softmax(logits, -1).gather(1, torch.tensor(teacher)[:, None]).sum()
+    assert abs(t.span_logp.sum().item() - total.item()) < 1e-9
+
+
+@SETTINGS
+@given(case=lift_cases())
+def test_lift_without_new_tokens_is_the_teacher_and_kl_is_zero(letters, case):
+    _, teacher, logits = case
+    tok, student, starts, t = lifted(letters, [], teacher, logits)
+    assert student == teacher and starts == list(range(len(teacher)))
+    assert torch.equal(t.base_logp, torch.log_softmax(logits, -1))
+    assert (t.new_logp == -math.inf).all()
+    kl = kld.kl_to_lifted(t, logits, tok)  # an unchanged student: the teacher's own logits
+    assert torch.equal(kl, torch.zeros_like(kl))
+
+
+def test_lift_is_exact_for_the_realised_token_on_a_worked_example(letters):
+    """V = {a, b, ...}, one merge ab. Teacher text "ab": at span start 0 the student emits ab
+    with P(a) P(b|a), and a alone with P(a) (1 - P(b|a))."""
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logp = torch.log_softmax(logits, -1)
+    tok, student, starts, t = lifted(letters, [(0, 1)], [0, 1], logits)
+    assert student == [10] and starts == [0]
+    pa, pb = logp[0, 0].exp(), logp[1, 1].exp()
+    assert torch.isclose(t.new_logp[0, 0].exp(), pa * pb) and t.new_ids[0, 0] == 10
+    assert torch.isclose(t.base_logp[0, 0].exp(), pa * (1 - pb))
+    assert torch.isclose(t.span_logp[0], logp[0, 0] + logp[1, 1])
