@@ -147,18 +147,22 @@ def parse_overrides(args: list[str]) -> dict:
     return values
 
 
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON object from a file, or a KldError that says what is wrong with the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KldError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise KldError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise KldError(f"{what} {path} must hold a JSON object")
+    return data
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """The config of a run: dataclass defaults < JSON file < command-line overrides."""
-    values = {}
-    if path is not None:
-        try:
-            values = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise KldError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise KldError(f"config file {path} is not valid JSON: {e}") from None
-        if not isinstance(values, dict):
-            raise KldError(f"config file {path} must hold a JSON object")
+    values = {} if path is None else read_json_object(path, "config file")
     cfg = make_config(values, source=path or "config")
     cli = parse_overrides(list(overrides))
     make_config(cli, source="command line")  # same checks, with the right source in messages
@@ -1157,13 +1161,8 @@ def save_extension(tok: ExtendedTokenizer, path: str | Path):
 
 def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
     """The student tokenizer from a saved extension and the base tokenizer it was made for."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KldError(f"extension file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise KldError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != "kld-extension/1":
+    data = read_json_object(path, "extension file")
+    if data.get("format") != "kld-extension/1":
         raise KldError(f"{path}: not a kld extension file (format kld-extension/1)")
     if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
         raise KldError(f"{path}: made for another base vocabulary than this model's tokenizer")

@@ -555,7 +555,7 @@ def test_extension_save_and_load(tmp_path, extended, fixture_tokenizer):
         kld.load_extension(path, fixture_tokenizer)
     with pytest.raises(kld.KldError, match="extension file not found"):
         kld.load_extension(tmp_path / "none.json", other)
-    path.write_text("[1, 2]")
+    path.write_text('{"merges": []}')
     with pytest.raises(kld.KldError, match="not a kld extension file"):
         kld.load_extension(path, fixture_tokenizer)
 
