@@ -17,10 +17,13 @@ This file reads top to bottom:
                      a domain corpus (default: the Python standard library on this machine)
   5. alignment, lift token spans of two tokenizations; the teacher's distribution lifted
                      to V' without losing mass (path mode), and the KL to it
-  6. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
-  7. CLI             main()
+  6. initialisers    random, mean of all rows (Hewitt), mean of sub-token rows (FVT)
+  7. training        KL to the lifted teacher or CE, AdamW on the new rows only; held-out
+                     bits per character; atomic checkpoints that resume
+  8. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
+  9. CLI             main(): extend, initialise, train, evaluate
 
-Not yet here (open issues): initialisers, training, code-generation evaluation.
+Not yet here (open issue): the code-generation benchmark.
 
 Deliberately left out: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE scaling
 (Llama 3.1 style), sliding-window attention, mixture-of-experts. Each is refused with an
@@ -34,15 +37,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import heapq
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
+import resource
 import struct
 import sys
 import sysconfig
@@ -77,7 +83,30 @@ class Config:
     dtype: str = "float32"  # weights in memory: float32 | bfloat16 | float16
     seed: int = 0  # seeds every random choice of a run
     out_dir: str = "runs/default"  # outputs land here, beside the resolved config.json
-    # generation
+    # domain corpus and the extension (METHOD.md section 1)
+    corpus: str = "stdlib"  # "stdlib" (this machine's Python standard library), a directory of .py files, or a text file
+    heldout_fraction: float = 0.1  # share of the corpus's files held out for evaluation (a fixed split by file name)
+    n_merges: int = 256  # K: merges learned and appended to the teacher's tokenizer
+    new_tokens: list[str] = field(default_factory=list)  # strings to add as tokens (merge chains), before the K merges
+    # initialisation of the new rows (METHOD.md section 5)
+    init: str = "fvt"  # "random", "mean" (Hewitt 2021) or "fvt" (mean of sub-token rows): the new input rows
+    init_output: typing.Optional[str] = None  # the same choice for the new output rows; null = as `init`
+    # training (METHOD.md section 4): only the new rows learn
+    objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
+    steps: int = 100  # optimizer steps
+    batch_size: int = 4  # windows per step
+    seq_len: int = 128  # student tokens per window (plus one of context)
+    lr: float = 2e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW weight decay on the new rows
+    warmup_steps: int = 10  # linear warmup, then cosine decay
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # clip the new rows' gradient norm
+    log_every: int = 10  # a progress line every this many steps
+    eval_every: int = 50  # held-out KL and bits per character every this many steps (0: at the end only)
+    eval_chars: int = 20000  # held-out characters evaluated (the start of the held-out files)
+    eval_window: int = 256  # teacher tokens per evaluation chunk
+    resume: bool = True  # continue from out_dir/checkpoint.pt when it is there
+    # generation: the CLI ends by answering `prompt` with the student
     prompt: str = "Write a Python function that returns the n-th Fibonacci number."  # answered by the CLI
     chat: typing.Optional[bool] = None  # wrap prompts in the chat template; null = when the tokenizer has one
     system_prompt: str = ""  # the chat template's system turn; empty = no system turn
@@ -85,7 +114,7 @@ class Config:
     temperature: float = 0.0  # 0 = greedy decoding
     top_p: float = 1.0  # nucleus sampling mass (used when temperature > 0)
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these strings
-    batch_size: int = 8  # prompts decoded together
+    gen_batch_size: int = 8  # prompts decoded together
 
 
 def _check_type(name: str, value, annotation):
@@ -239,6 +268,11 @@ class ModelConfig:
             raise KldError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 -> float32 for sums and softmaxes; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in float32 as Llama does."""
 
@@ -248,7 +282,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(upcast(x), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -394,12 +428,30 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.new_in = self.new_out = None  # rows of new tokens: see add_new_tokens
 
     def output_weight(self) -> torch.Tensor:
         """The unembedding matrix (vocab_size, d_model): the input embedding when tied."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, ids, valid=None, cache: KVCache | None = None, last_only: bool = False):
+    def add_new_tokens(self, new_in: torch.Tensor, new_out: torch.Tensor):
+        """Give ids vocab_size .. vocab_size + N - 1 their own input and output rows (N, d_model),
+        trainable; the base weights are untouched. Input and output rows are separate even
+        when the base model ties its embeddings (METHOD.md, Setting)."""
+        self.new_in = nn.Parameter(new_in.to(self.embed.weight))
+        self.new_out = nn.Parameter(new_out.to(self.embed.weight))
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input vectors (B, T, C): base rows for base ids, new rows for new ids."""
+        V = self.cfg.vocab_size
+        x = self.embed(ids.clamp(max=V - 1))
+        if self.new_in is None:
+            return x
+        is_new = (ids >= V)[..., None]
+        return torch.where(is_new, F.embedding((ids - V).clamp(min=0), self.new_in), x)
+
+    def forward(self, ids, valid=None, cache: KVCache | None = None, last_only: bool = False,
+                base_only: bool = False):
         """Logits for ids (B, T).
 
         valid (B, T): False marks padding (left padding for batched prompts), None: no
@@ -407,6 +459,8 @@ class GPT(nn.Module):
         the unpadded one.
         cache: continue from the cached prefix and append this chunk to it.
         last_only: logits of the last column only, (B, 1, V): all a decoder needs.
+        base_only: logits over the base vocabulary only (the teacher's view), even when
+        new tokens have rows.
         """
         B, T = ids.shape
         n_past = cache.length if cache is not None else 0
@@ -421,7 +475,7 @@ class GPT(nn.Module):
             positions = positions.clamp(min=0)  # padding before a row's first token
         mask, is_causal = attention_mask(key_valid, n_past, T, ids.device)
 
-        x = self.embed(ids)  # (B, T, C)
+        x = self.embed_ids(ids)  # (B, T, C)
         rope = None
         if self.pos_embed is not None:
             if n_past + T > self.cfg.max_positions:  # positions <= slots: checked without a GPU sync
@@ -435,7 +489,11 @@ class GPT(nn.Module):
             cache.advance(T, valid)
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.norm(x), self.output_weight())
+        x = self.norm(x)
+        logits = F.linear(x, self.output_weight())  # (B, T, V)
+        if self.new_out is not None and not base_only:
+            logits = torch.cat([logits, F.linear(x, self.new_out)], dim=-1)  # (B, T, V + N)
+        return logits
 
 
 # ----------------------------------------------------------------------------------------
@@ -1076,6 +1134,9 @@ class ExtendedTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.base.decode(list(self.expand(ids)), skip_special_tokens=skip_special_tokens)
 
+    def token_to_id(self, token: str) -> int | None:
+        return self.base.token_to_id(token)
+
     def token_bytes(self, token_id: int) -> bytes:
         if self._base_bytes is None:
             self._base_bytes = token_bytes(self.base, self.base_vocab_size)
@@ -1347,17 +1408,301 @@ def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor, tok: Exte
     Sums p' (log p' - log q) over the dense base part and the sparse new part; terms with
     p' = 0 are 0. Exactly 0 when nothing was lifted and the student is the teacher.
     """
-    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    logq = torch.log_softmax(upcast(student_logits), dim=-1)
     V = tok.base_vocab_size
-    dense = targets.base_logp.float()
+    dense = upcast(targets.base_logp)
     dense_terms = torch.where(dense > -math.inf, dense.exp() * (dense - logq[:, :V]), 0.0).sum(-1)
-    sparse = targets.new_logp.float()
+    sparse = upcast(targets.new_logp)
     sparse_terms = torch.where(sparse > -math.inf, sparse.exp() * (sparse - logq.gather(1, targets.new_ids)), 0.0)
     return dense_terms + sparse_terms.sum(-1)
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Generation: batched, KV-cached, greedy or top-p
+# 6. Initialisers for the new rows (METHOD.md section 5)
+# ----------------------------------------------------------------------------------------
+#
+# Each takes the base rows W (V, d) of one matrix (input or output embedding) and the
+# expansions of the N new tokens, and returns their rows (N, d). The student's input rows
+# come from the input matrix and its output rows from the output matrix, each with the
+# rule named in the config.
+
+
+def init_random(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """w ~ N(mean, std^2) per dimension, matched to the base rows. As output rows they give
+    each new token a logit of typical size at random: the model's outputs shift at once."""
+    mean, std = upcast(rows).mean(0), upcast(rows).std(0)
+    noise = torch.randn(len(expansions), rows.shape[1], generator=generator, dtype=mean.dtype)
+    return (mean + std * noise).to(rows.dtype)
+
+
+def init_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """w = mean of all base rows (Hewitt 2021). As output rows: exp(h.w) <= mean_v exp(h.w_v)
+    by Jensen, so the N new tokens take at most N/(V+N) of the mass and, on base-tokenized
+    text, KL(before || after) = log(1 + sum_new exp(h.w)/Z) <= log(1 + N/V)."""
+    return upcast(rows).mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
+
+
+def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """w = mean of the rows of exp(v), the token's teacher pieces (FVT, Gee et al. 2022).
+    As input rows: a blend of what the pieces mean. As output rows: the new token's logit
+    is the mean of its pieces' logits, so it is likely wherever its first piece is, and
+    can take much of that mass before any training."""
+    return torch.stack([upcast(rows[list(e)]).mean(0) for e in expansions]).to(rows.dtype)
+
+
+INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt}
+
+
+def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
+    """Give the model rows for tok's new tokens: input rows by `init_in`, output rows by `init_out`."""
+    for name in (init_in, init_out):
+        if name not in INITIALISERS:
+            raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INITIALISERS)}")
+    if tok.base_vocab_size != model.cfg.vocab_size:
+        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        new_in = INITIALISERS[init_in](model.embed.weight.cpu(), tok.expansions, generator)
+        new_out = INITIALISERS[init_out](model.output_weight().cpu(), tok.expansions, generator)
+    model.add_new_tokens(new_in, new_out)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Training: only the new rows learn (METHOD.md section 4)
+# ----------------------------------------------------------------------------------------
+
+
+def separator_id(cfg: ModelConfig) -> int:
+    """The token that stands before every window and between documents: the model's end of text."""
+    return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
+
+
+def token_stream(tok: ExtendedTokenizer, texts: list[str], sep: int) -> list[int]:
+    """The corpus as one stream of student ids, documents separated by `sep`."""
+    stream = []
+    for ids in tok.encode_batch(texts):
+        stream += [sep] + ids
+    return stream
+
+
+def training_windows(stream: list[int], seq_len: int, seed: int):
+    """Endless shuffled windows of seq_len + 1 student ids (the first is context only):
+    non-overlapping, in an order fixed by the seed, reshuffled after each pass."""
+    n = (len(stream) - 1) // seq_len
+    if n < 1:
+        raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for i in torch.randperm(n, generator=generator).tolist():
+            yield stream[i * seq_len : i * seq_len + seq_len + 1]
+
+
+def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: int) -> list[list[int]]:
+    """Held-out text as chunks of at most `window` teacher ids, cut after newline tokens
+    where possible (so a chunk ends where no learned merge crosses), up to max_chars."""
+    newline = {i for i, b in enumerate(token_bytes(tokenizer, tokenizer.get_vocab_size())) if b.endswith(b"\n")}
+    chunks, chars = [], 0
+    for ids in (e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)):
+        while ids and chars < max_chars:
+            cut = min(window, len(ids))
+            if cut < len(ids):
+                cut = next((i + 1 for i in range(cut - 1, 0, -1) if ids[i] in newline), cut)
+            chunks.append(ids[:cut])
+            chars += len(tokenizer.decode(ids[:cut]))
+            ids = ids[cut:]
+    if not chunks:
+        raise KldError("no held-out text to evaluate on")
+    return chunks
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; on the CPU, float32 as it is."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False) -> list[torch.Tensor]:
+    """One batched pass over sequences of any lengths (right-padded); for each, the logits
+    (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1."""
+    device = model.embed.weight.device
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):  # positions count real tokens only, so padding changes nothing
+        ids[b, : len(s)], valid[b, : len(s)] = torch.tensor(s), True
+    padded = any(len(s) < width for s in seqs)
+    with autocast(device):
+        logits = model(ids.to(device), valid.to(device) if padded else None, base_only=base_only)
+    return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]
+
+
+def teacher_logprobs(model: GPT, teacher_seqs: list[list[int]]) -> list[torch.Tensor]:
+    """The teacher (base weights, base vocabulary, no gradient): log p_T(t_i | t_<i) for i >= 1."""
+    with torch.no_grad():
+        return [torch.log_softmax(x, dim=-1) for x in sequence_logits(model, teacher_seqs, base_only=True)]
+
+
+def lifted_kl(tok: ExtendedTokenizer, windows: list[list[int]], student_logits: list[torch.Tensor],
+              teacher_logp: list[torch.Tensor]) -> torch.Tensor:
+    """KL(p'_j || q_j) at every predicted position of every window, concatenated.
+
+    Window w holds student ids whose first is context only; teacher_logp holds the
+    teacher's rows for exp(w), and student_logits the student's for w.
+    """
+    losses = []
+    for w, q, logp in zip(windows, student_logits, teacher_logp):
+        first = len(tok.expand(w[:1]))  # teacher tokens of the context token
+        targets = lift_path(logp[first - 1 :], list(tok.expand(w[1:])), coarsening_span_starts(w[1:], tok), tok)
+        losses.append(kl_to_lifted(targets, q, tok))
+    return torch.cat(losses)
+
+
+def window_losses(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str) -> torch.Tensor:
+    """Per-position training losses of student windows (the first id of each is context):
+    KL to the lifted teacher ("kl") or cross-entropy of the next student token ("ce")."""
+    if objective not in ("kl", "ce"):
+        raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
+    logits = sequence_logits(model, windows)
+    if objective == "ce":
+        targets = torch.tensor([i for w in windows for i in w[1:]], device=logits[0].device)
+        return F.cross_entropy(torch.cat(logits), targets, reduction="none")
+    return lifted_kl(tok, windows, logits, teacher_logprobs(model, [list(tok.expand(w)) for w in windows]))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
+             student: bool = True) -> dict:
+    """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
+
+    bits_per_char = -log2 P(x) / len(x) over the model's own tokens (the teacher's when
+    student=False), tokens_per_char, and for the student the mean KL to the lifted teacher.
+    """
+    nats = chars = tokens = kl = positions = 0.0
+    for i in range(0, len(chunks), batch_size):
+        batch = chunks[i : i + batch_size]
+        chars += sum(len(tok.base.decode(c)) for c in batch)
+        seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]
+        tokens += sum(len(s) - 1 for s in seqs)
+        logits = sequence_logits(model, seqs, base_only=not student)
+        for s, x in zip(seqs, logits):
+            nats -= torch.log_softmax(x, -1).gather(1, torch.tensor(s[1:], device=x.device)[:, None]).sum().item()
+        if student:
+            per_position = lifted_kl(tok, seqs, logits, teacher_logprobs(model, [list(tok.expand(s)) for s in seqs]))
+            kl += per_position.sum().item()
+            positions += len(per_position)
+    out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
+    if student:
+        out["kl"] = kl / positions
+    return out
+
+
+def learning_rate(step: int, cfg: Config) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# Config fields that change what training computes: a checkpoint resumes only under the same.
+RESUME_KEYS = ("model", "dtype", "seed", "corpus", "heldout_fraction", "n_merges", "new_tokens", "init",
+               "init_output", "objective", "batch_size", "seq_len", "lr", "weight_decay", "warmup_steps",
+               "min_lr_ratio", "grad_clip", "steps")
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int, cfg: Config):
+    """New rows, optimizer state, step and config in one file, written atomically."""
+    buffer = io.BytesIO()
+    torch.save({"step": step, "new_in": model.new_in.detach().cpu(), "new_out": model.new_out.detach().cpu(),
+                "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def read_checkpoint(path: Path, cfg: Config) -> dict:
+    """A checkpoint's contents, after checking that it was made under the same config."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        raise KldError(f"{path}: unreadable checkpoint ({e}); delete it to start afresh") from None
+    changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
+    if changed:
+        raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
+    return state
+
+
+def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config) -> int:
+    """Restore rows and optimizer from `path`; return the step to continue from."""
+    state = read_checkpoint(path, cfg)
+    with torch.no_grad():
+        model.new_in.copy_(state["new_in"])
+        model.new_out.copy_(state["new_out"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
+          checkpoint: Path) -> dict:
+    """AdamW on the new rows only, from the checkpoint when there is one. Prints a progress
+    line every log_every steps; every eval_every steps and at the end, measures the held-out
+    chunks (when given) and writes the checkpoint. Returns tokens/s and the measures."""
+    device, sep = model.embed.weight.device, separator_id(model.cfg)
+    params = [model.new_in, model.new_out]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = load_checkpoint(checkpoint, model, optimizer, cfg) if cfg.resume and checkpoint.exists() else 0
+    if step:
+        print(f"resuming from {checkpoint} at step {step}")
+    windows = training_windows(stream, cfg.seq_len, cfg.seed)
+    for _ in range(step * cfg.batch_size):  # the same windows as an uninterrupted run
+        next(windows)
+    history, tokens, seconds = [], 0, 0.0  # seconds: training steps only, evaluations excluded
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        batch = [next(windows) for _ in range(cfg.batch_size)]
+        loss = window_losses(model, tok, batch, cfg.objective).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        tokens += cfg.batch_size * cfg.seq_len
+        seconds += time.perf_counter() - t0
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len
+            print(f"step {step:5d}/{cfg.steps} | {cfg.objective} loss {loss.item():.4f} | lr {learning_rate(step - 1, cfg):.2e} "
+                  f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
+        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            if chunks:
+                measures = evaluate(model, tok, chunks, sep, cfg.batch_size)
+                history.append({"step": step, **measures})
+                print(f"  held-out @ {step}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
+                      f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
+            save_checkpoint(checkpoint, model, optimizer, step, cfg)
+    return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
+
+
+def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
+    """(model, student tokenizer) from a finished run: base model + extension + new rows."""
+    out_dir = Path(out_dir)
+    cfg = load_config(str(out_dir / "config.json"))
+    model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
+    tok = load_extension(out_dir / "extension.json", tokenizer)
+    rows = read_safetensors(out_dir / "new_rows.safetensors")
+    if rows["new_in"].shape != (len(tok.merges), model.cfg.d_model):
+        raise KldError(f"{out_dir}/new_rows.safetensors does not fit the extension ({rows['new_in'].shape})")
+    model.add_new_tokens(rows["new_in"], rows["new_out"])
+    model.requires_grad_(False)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Generation: batched, KV-cached, greedy or top-p
 # ----------------------------------------------------------------------------------------
 
 
@@ -1401,7 +1746,7 @@ class Completion:
 
 
 @torch.inference_mode()
-def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
+def generate(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop: list[str] = (), stop_ids: set[int] = (), seed: int = 0,
              batch_size: int = 8) -> list[Completion]:
     """Complete each prompt (already formatted) with at most `max_new_tokens` tokens.
@@ -1414,7 +1759,8 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_to
         return []
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    encoded = [tokenizer.encode(p).ids for p in prompts]
+    encoded = [tokenizer.encode(p) for p in prompts]  # a tokenizers.Tokenizer gives Encodings, tau' lists
+    encoded = [e.ids if hasattr(e, "ids") else e for e in encoded]
     if any(not ids for ids in encoded):
         raise KldError("a prompt encodes to no tokens; give it some text")
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
@@ -1473,30 +1819,60 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
 
 
 # ----------------------------------------------------------------------------------------
-# 7. CLI
+# 9. CLI
 # ----------------------------------------------------------------------------------------
 
 
 def run(cfg: Config) -> dict:
-    """Load the model and answer `cfg.prompt`; write config.json and answer.json to out_dir."""
-    out_dir = Path(cfg.out_dir)
-    write_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    """The method end to end: extend the teacher's tokenizer on the domain corpus, initialise
+    the new rows, train them, measure teacher and student on held-out code, and answer
+    `cfg.prompt` with the student. Writes config.json, extension.json, new_rows.safetensors
+    and results.json to out_dir (checkpoint.pt while training)."""
+    out = Path(cfg.out_dir)
+    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
-    load_s = time.perf_counter() - t0
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {device}, {cfg.dtype}")
+    train_texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
+    checkpoint, extension_file = out / "checkpoint.pt", out / "extension.json"
+    if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
+        tok = load_extension(extension_file, tokenizer)
+    else:
+        t0 = time.perf_counter()
+        tok = build_extension(tokenizer, train_texts, cfg.n_merges, model.cfg.vocab_size, cfg.new_tokens)
+        save_extension(tok, extension_file)
+        print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, e.g. "
+              f"{[tok.token_string(tok.base_vocab_size + i) for i in range(min(8, len(tok.merges)))]}")
+    init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
+    sep = separator_id(model.cfg)
+    chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
+    teacher = evaluate(model, tok, chunks, sep, cfg.batch_size, student=False)
+    initial = evaluate(model, tok, chunks, sep, cfg.batch_size)
+    print(f"held-out teacher: bits/char {teacher['bits_per_char']:.4f}, tokens/char {teacher['tokens_per_char']:.4f}")
+    print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
+          f"tokens/char {initial['tokens_per_char']:.4f}")
+    training = train(model, tok, cfg, token_stream(tok, train_texts, sep), chunks, checkpoint)
+    final = training["history"][-1] if training["history"] else evaluate(model, tok, chunks, sep, cfg.batch_size)
+    from safetensors.torch import save
+
+    write_atomic(out / "new_rows.safetensors", save({"new_in": model.new_in.detach().cpu().contiguous(),
+                                                     "new_out": model.new_out.detach().cpu().contiguous()}))
     chat = has_chat_template(tokenizer) if cfg.chat is None else cfg.chat
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
-    t0 = time.perf_counter()
-    [answer] = generate(model, tokenizer, [prompt], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    [answer] = generate(model, tok, [prompt], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_p=cfg.top_p, stop=cfg.stop, stop_ids=stop_token_ids(model.cfg, tokenizer, chat),
                         seed=cfg.seed)
-    gen_s = time.perf_counter() - t0
-    result = {"prompt": cfg.prompt, "answer": answer.text, "finish_reason": answer.finish_reason,
-              "new_tokens": len(answer.token_ids), "load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
-              "device": str(device)}
-    write_atomic(out_dir / "answer.json", json.dumps(result, indent=2) + "\n")
-    return result
+    new_share = sum(t >= tok.base_vocab_size for t in answer.token_ids) / max(1, len(answer.token_ids))
+    results = {
+        "teacher": teacher, "student_init": initial, "student": final, "history": training["history"],
+        "n_new_tokens": len(tok.merges), "train_tokens_per_s": training["train_tokens_per_s"],
+        "peak_memory_mb": peak_memory_mb(device), "seconds": time.perf_counter() - started, "device": str(device),
+        "answer": answer.text, "answer_new_token_share": new_share,
+    }
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1516,9 +1892,14 @@ def main(argv: list[str] | None = None) -> int:
     except KldError as e:
         print(f"kld: error: {e}", file=sys.stderr)
         return 2
-    print(result["answer"])
-    print(f"[{result['new_tokens']} tokens in {result['generate_s']:.1f}s, model loaded in {result['load_s']:.1f}s; "
-          f"written to {cfg.out_dir}]", file=sys.stderr)
+    teacher, student = result["teacher"], result["student"]
+    print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}")
+    print(f"{'teacher':24s}{teacher['bits_per_char']:10.4f}{teacher['tokens_per_char']:13.4f}")
+    for name, m in [(f"student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
+        print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}")
+    print(f"\n{result['answer']}\n[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
+          f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory {result['peak_memory_mb']:.0f} MB; "
+          f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")
     return 0
 
 
