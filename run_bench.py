@@ -2,6 +2,7 @@
 
     python run_bench.py speed [--model smollm2] [--new-tokens 64] [--batch-sizes 1 8] [--device auto] [--dtype float32]
     python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
+    python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -12,6 +13,9 @@ here, never a dependency of kld.
 extension: the tokens that K appended merges save on the held-out files of the corpus,
 the time to learn them, the time to encode the corpus against the base tokenizer alone,
 and the time of one path-mode lift.
+
+train-speed: student tokens/s and peak memory of one training step (student forward,
+teacher forward and lift for kl, backward, AdamW) at each batch size.
 
 The comparison matrix of initialisers x objectives arrives with the evaluation issue.
 """
@@ -158,6 +162,43 @@ def extension(args):
           f"(one log_softmax of the window's teacher logits: {softmax_s * 1000:.1f} ms)")
 
 
+def train_speed(args):
+    """Training tokens/s and peak memory of the new rows' training step (forward, lift, backward, AdamW)."""
+    device = kld.resolve_device(args.device)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if device.type == "cuda":
+        print(f"gpu: {torch.cuda.get_device_name()}")
+    if args.random_weights:
+        model, tokenizer = random_smollm2(device, torch.float32)
+        print("model: SmolLM2-135M's shape with random weights, the tiny fixture tokenizer")
+    else:
+        model, tokenizer = kld.load_model(args.model, device=device)
+    train, _ = kld.load_corpus(args.corpus)
+    tok = kld.build_extension(tokenizer, train, args.n_merges, model.cfg.vocab_size)
+    kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
+    stream = kld.token_stream(tok, train, kld.separator_id(model.cfg))
+    optimizer = torch.optim.AdamW([model.new_in, model.new_out], lr=1e-3)
+    for objective in args.objectives:
+        for batch_size in args.batch_sizes:
+            windows = kld.training_windows(stream, args.seq_len, seed=0)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+            def step():
+                loss = kld.window_losses(model, tok, [next(windows) for _ in range(batch_size)], objective).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            step()  # warm-up
+            _, seconds = timed(lambda: [step() for _ in range(args.steps)])
+            tokens = args.steps * batch_size * args.seq_len
+            print(f"{objective}: batch {batch_size} x {args.seq_len}: {tokens / seconds:.0f} student tok/s, "
+                  f"peak memory {kld.peak_memory_mb(device):.0f} MB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,8 +213,18 @@ def main():
     p.add_argument("--model", default="smollm2")
     p.add_argument("--corpus", default="stdlib")
     p.add_argument("--merges", type=int, nargs="+", default=[64, 256, 1024])
+    p = sub.add_parser("train-speed", help="training tokens/s and peak memory")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights")
+    p.add_argument("--corpus", default="stdlib")
+    p.add_argument("--n-merges", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[4])
+    p.add_argument("--objectives", nargs="+", default=["kl", "ce"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="auto")
     args = parser.parse_args()
-    {"speed": speed, "extension": extension}[args.command](args)
+    {"speed": speed, "extension": extension, "train-speed": train_speed}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -767,8 +767,8 @@ def test_lift_is_exact_for_the_realised_token_on_a_worked_example(letters):
 # ----------------------------------------------------------------------------------------
 
 
-def tiny_student(arch="llama", init="fvt", init_output=None, n_merges=24, dtype=torch.float32, seed=0):
-    model, tokenizer = kld.load_model(FIXTURES / arch, dtype=dtype)
+def tiny_student(arch="llama", init="fvt", init_output=None, n_merges=24, dtype=torch.float32, seed=0, device="cpu"):
+    model, tokenizer = kld.load_model(FIXTURES / arch, dtype=dtype, device=device)
     tok = kld.build_extension(tokenizer, [CODE], n_merges, model.cfg.vocab_size)
     kld.init_new_rows(model, tok, init, init_output or init, seed)
     return model, tok
@@ -778,10 +778,11 @@ def train_cfg(**overrides):
     return kld.make_config({**TINY_RUN, "steps": 8, "eval_every": 0, **overrides})
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", HF_ARCHS)
 @pytest.mark.parametrize("objective", ["kl", "ce"])
-def test_training_changes_only_the_new_rows(tmp_path, arch, objective, capsys):
-    model, tok = tiny_student(arch)
+def test_training_changes_only_the_new_rows(tmp_path, arch, objective, device, capsys):
+    model, tok = tiny_student(arch, device=device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
     kld.train(model, tok, train_cfg(objective=objective), stream, [], tmp_path / "ck.pt")
