@@ -1354,18 +1354,17 @@ def lift_path(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int]
     bounds = torch.as_tensor(list(span_starts) + [n], device=logp.device)
     span_logp = cum[bounds[1:]] - cum[bounds[:-1]]
 
-    # Walk the realised path from each span start and collect the candidates.
-    children, prefixes = tok.children_by_prefix, tok.path_prefixes
-    cand_pos, cand_ids, cand_row, cand_last, cand_depth = [], [], [], [], []
+    # Walk the realised path from each span start a: after k realised tokens, every new
+    # token w with exp(w) = (t_a .. t_a+k-1, last) is a candidate, read at teacher row a + k.
+    candidates = []  # (student position j, new id w, teacher row a + k, last base token)
     for j, a in enumerate(span_starts):
         prefix, k = (teacher_ids[a],), 1
-        while prefix in prefixes and a + k < n:
-            for w, last in children.get(prefix, ()):
-                cand_pos.append(j), cand_ids.append(w), cand_row.append(a + k), cand_last.append(last)
-                cand_depth.append(k)
+        while prefix in tok.path_prefixes and a + k < n:
+            candidates += [(j, w, a + k, last) for w, last in tok.children_by_prefix.get(prefix, ())]
             prefix, k = prefix + (teacher_ids[a + k],), k + 1
     starts = bounds[:-1]
     base_logp = logp[starts]  # (m, |V|), a copy (advanced indexing)
+    cand_pos, cand_ids, cand_row, cand_last = zip(*candidates) if candidates else ((),) * 4
     width = max(collections.Counter(cand_pos).values(), default=0)
     new_ids = torch.zeros((m, max(width, 1)), dtype=torch.long, device=logp.device)
     new_logp = torch.full((m, max(width, 1)), -math.inf, dtype=logp.dtype, device=logp.device)
@@ -1500,7 +1499,7 @@ def training_windows(stream: list[int], seq_len: int, seed: int):
 def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: int) -> list[list[int]]:
     """Held-out text as chunks of at most `window` teacher ids, cut after newline tokens
     where possible (so a chunk ends where no learned merge crosses), up to max_chars."""
-    newline = {i for i, b in enumerate(token_bytes(tokenizer, tokenizer.get_vocab_size())) if b.endswith(b"\n")}
+    newline = {i for i, b in enumerate(token_bytes(tokenizer, tokenizer.get_vocab_size())) if b"\n" in b}
     chunks, chars = [], 0
     for ids in (e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)):
         while ids and chars < max_chars:
@@ -1834,7 +1833,7 @@ def run(cfg: Config) -> dict:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     started = time.perf_counter()
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {device}, {cfg.dtype}")
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
     train_texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     checkpoint, extension_file = out / "checkpoint.pt", out / "extension.json"
     if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
