@@ -847,12 +847,12 @@ def test_fvt_and_random_initialisers_do_what_they_say():
 
 
 def test_each_objective_lowers_its_held_out_loss(tmp_path, capsys):
-    """Fixed seed, tiny random Llama, mean init: 40 steps cut the held-out KL by 25% (seen:
-    36%), and the CE student's held-out bits per character by 1% (seen: 2.2%; the frozen
-    random network leaves the new rows little to explain)."""
-    for objective, measure, margin in [("kl", "kl", 0.25), ("ce", "bits_per_char", 0.01)]:
+    """Fixed seed, tiny random Llama, mean init: 40 steps cut the held-out KL by 15% (seen:
+    24 to 26% over seeds 0-2), and the CE student's held-out bits per character by 1% (seen:
+    2.3%; the frozen random network leaves the new rows little to explain)."""
+    for objective, measure, margin, lr in [("kl", "kl", 0.15, 3e-3), ("ce", "bits_per_char", 0.01, 3e-2)]:
         model, tok = tiny_student("llama", init="mean")
-        cfg = train_cfg(objective=objective, steps=40, lr=3e-2 if objective == "ce" else 1e-2, seq_len=24, batch_size=4)
+        cfg = train_cfg(objective=objective, steps=40, lr=lr, seq_len=24, batch_size=4)
         train_texts, heldout = kld.load_corpus(cfg.corpus, 0.3)
         chunks = kld.eval_chunks(tok.base, heldout, 3000, 48)
         sep = kld.separator_id(model.cfg)
