@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -106,6 +107,10 @@ class Config:
     eval_chars: int = 20000  # held-out characters evaluated (the start of the held-out files)
     eval_window: int = 256  # teacher tokens per evaluation chunk
     resume: bool = True  # continue from out_dir/checkpoint.pt when it is there
+    # optional second stage: fine-tune more of the model on the domain text, the same objective
+    finetune_layers: int = 0  # also train the last n transformer blocks (-1: all of them); 0: no second stage
+    finetune_steps: int = 0  # steps of the second stage
+    finetune_lr: float = 1e-4  # its peak learning rate (warmup and decay as above)
     # generation: the CLI ends by answering `prompt` with the student
     prompt: str = "Write a Python function that returns the n-th Fibonacci number."  # answered by the CLI
     chat: typing.Optional[bool] = None  # wrap prompts in the chat template; null = when the tokenizer has one
@@ -1555,21 +1560,23 @@ def lifted_kl(tok: ExtendedTokenizer, windows: list[list[int]], student_logits: 
     return torch.cat(losses)
 
 
-def window_losses(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str) -> torch.Tensor:
+def window_losses(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
+                  teacher: GPT | None = None) -> torch.Tensor:
     """Per-position training losses of student windows (the first id of each is context):
-    KL to the lifted teacher ("kl") or cross-entropy of the next student token ("ce")."""
+    KL to the lifted teacher ("kl") or cross-entropy of the next student token ("ce").
+    The teacher is the student's own base weights unless a frozen `teacher` is given."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
     logits = sequence_logits(model, windows)
     if objective == "ce":
         targets = torch.tensor([i for w in windows for i in w[1:]], device=logits[0].device)
         return F.cross_entropy(torch.cat(logits), targets, reduction="none")
-    return lifted_kl(tok, windows, logits, teacher_logprobs(model, [list(tok.expand(w)) for w in windows]))
+    return lifted_kl(tok, windows, logits, teacher_logprobs(teacher or model, [list(tok.expand(w)) for w in windows]))
 
 
 @torch.no_grad()
 def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
-             student: bool = True) -> dict:
+             student: bool = True, teacher: GPT | None = None) -> dict:
     """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
 
     bits_per_char = -log2 P(x) / len(x) over the model's own tokens (the teacher's when
@@ -1585,7 +1592,8 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
         for s, x in zip(seqs, logits):
             nats -= torch.log_softmax(x, -1).gather(1, torch.tensor(s[1:], device=x.device)[:, None]).sum().item()
         if student:
-            per_position = lifted_kl(tok, seqs, logits, teacher_logprobs(model, [list(tok.expand(s)) for s in seqs]))
+            teacher_logp = teacher_logprobs(teacher or model, [list(tok.expand(s)) for s in seqs])
+            per_position = lifted_kl(tok, seqs, logits, teacher_logp)
             kl += per_position.sum().item()
             positions += len(per_position)
     out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
@@ -1605,14 +1613,20 @@ def learning_rate(step: int, cfg: Config) -> float:
 # Config fields that change what training computes: a checkpoint resumes only under the same.
 RESUME_KEYS = ("model", "dtype", "seed", "corpus", "heldout_fraction", "n_merges", "new_tokens", "init",
                "init_output", "objective", "batch_size", "seq_len", "lr", "weight_decay", "warmup_steps",
-               "min_lr_ratio", "grad_clip", "steps")
+               "min_lr_ratio", "grad_clip", "steps", "finetune_layers")
+
+
+def trained_parameters(model: GPT) -> dict[str, torch.Tensor]:
+    """What training changes: the new rows, and in the second stage the blocks it trains."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int, cfg: Config):
-    """New rows, optimizer state, step and config in one file, written atomically."""
+    """Trained parameters, optimizer state, step and config in one file, written atomically."""
     buffer = io.BytesIO()
-    torch.save({"step": step, "new_in": model.new_in.detach().cpu(), "new_out": model.new_out.detach().cpu(),
-                "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}, buffer)
+    params = {name: p.detach().cpu() for name, p in trained_parameters(model).items()}
+    torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
+                "config": dataclasses.asdict(cfg)}, buffer)
     write_atomic(path, buffer.getvalue())
 
 
@@ -1631,9 +1645,12 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
 def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config) -> int:
     """Restore rows and optimizer from `path`; return the step to continue from."""
     state = read_checkpoint(path, cfg)
+    params = trained_parameters(model)
+    if set(state["params"]) != set(params):
+        raise KldError(f"{path} holds {sorted(state['params'])[:4]}..., not the parameters this stage trains")
     with torch.no_grad():
-        model.new_in.copy_(state["new_in"])
-        model.new_out.copy_(state["new_out"])
+        for name, value in state["params"].items():
+            params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     return state["step"]
 
@@ -1645,12 +1662,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-          checkpoint: Path) -> dict:
-    """AdamW on the new rows only, from the checkpoint when there is one. Prints a progress
+          checkpoint: Path, teacher: GPT | None = None) -> dict:
+    """AdamW on the parameters that require a gradient (the new rows; in the second stage
+    also the blocks it trains), from the checkpoint when there is one. Prints a progress
     line every log_every steps; every eval_every steps and at the end, measures the held-out
     chunks (when given) and writes the checkpoint. Returns tokens/s and the measures."""
-    device, sep = model.embed.weight.device, separator_id(model.cfg)
-    params = [model.new_in, model.new_out]
+    sep = separator_id(model.cfg)
+    params = list(trained_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = load_checkpoint(checkpoint, model, optimizer, cfg) if cfg.resume and checkpoint.exists() else 0
     if step:
@@ -1664,7 +1682,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         batch = [next(windows) for _ in range(cfg.batch_size)]
-        loss = window_losses(model, tok, batch, cfg.objective).mean()
+        loss = window_losses(model, tok, batch, cfg.objective, teacher).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -1678,12 +1696,27 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if chunks:
-                measures = evaluate(model, tok, chunks, sep, cfg.batch_size)
+                measures = evaluate(model, tok, chunks, sep, cfg.batch_size, teacher=teacher)
                 history.append({"step": step, **measures})
                 print(f"  held-out @ {step}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
                       f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
             save_checkpoint(checkpoint, model, optimizer, step, cfg)
     return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
+
+
+def unfreeze_last_blocks(model: GPT, n_layers: int) -> GPT:
+    """For the optional second stage: make the last n blocks (-1: all) trainable, and return
+    the teacher it needs now that the student's weights will move: the same model, sharing
+    every module that stays frozen, with its own frozen copy of those blocks (METHOD.md: the
+    teacher never changes). Only the trained blocks are held twice."""
+    k = len(model.blocks) if n_layers < 0 else min(n_layers, len(model.blocks))
+    teacher = copy.copy(model)
+    teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}  # its own module table
+    teacher.blocks = nn.ModuleList([*model.blocks[: len(model.blocks) - k],
+                                    *copy.deepcopy(model.blocks[len(model.blocks) - k :])])
+    for block in model.blocks[len(model.blocks) - k :]:
+        block.requires_grad_(True)
+    return teacher
 
 
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
@@ -1696,6 +1729,14 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     if rows["new_in"].shape != (len(tok.merges), model.cfg.d_model):
         raise KldError(f"{out_dir}/new_rows.safetensors does not fit the extension ({rows['new_in'].shape})")
     model.add_new_tokens(rows["new_in"], rows["new_out"])
+    blocks = out_dir / "finetuned_blocks.safetensors"
+    if blocks.exists():  # written by the second stage
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in read_safetensors(blocks).items():
+                if name not in params or params[name].shape != value.shape:
+                    raise KldError(f"{blocks}: tensor {name!r} does not fit the model")
+                params[name].copy_(value)
     model.requires_grad_(False)
     return model, tok
 
@@ -1852,10 +1893,22 @@ def run(cfg: Config) -> dict:
     print(f"held-out teacher: bits/char {teacher['bits_per_char']:.4f}, tokens/char {teacher['tokens_per_char']:.4f}")
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
           f"tokens/char {initial['tokens_per_char']:.4f}")
-    training = train(model, tok, cfg, token_stream(tok, train_texts, sep), chunks, checkpoint)
+    stream = token_stream(tok, train_texts, sep)
+    training = train(model, tok, cfg, stream, chunks, checkpoint)
     final = training["history"][-1] if training["history"] else evaluate(model, tok, chunks, sep, cfg.batch_size)
     from safetensors.torch import save
 
+    if cfg.finetune_layers and cfg.finetune_steps:
+        print(f"second stage: the new rows and {'all' if cfg.finetune_layers < 0 else cfg.finetune_layers} "
+              f"blocks, {cfg.finetune_steps} steps")
+        teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
+        stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+        finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model)
+        final = finetuning["history"][-1] if finetuning["history"] else final
+        blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
+        write_atomic(out / "finetuned_blocks.safetensors", save(blocks))
+        model.requires_grad_(False)
+        training["history"] += [{**h, "step": cfg.steps + h["step"]} for h in finetuning["history"]]
     write_atomic(out / "new_rows.safetensors", save({"new_in": model.new_in.detach().cpu().contiguous(),
                                                      "new_out": model.new_out.detach().cpu().contiguous()}))
     chat = has_chat_template(tokenizer) if cfg.chat is None else cfg.chat

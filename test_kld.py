@@ -927,3 +927,32 @@ def test_learning_rate_warms_up_then_decays():
     lrs = [kld.learning_rate(s, cfg) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert abs(kld.learning_rate(100, cfg) - 0.1) < 1e-12
+
+
+def test_second_stage_trains_blocks_but_never_the_teacher(tmp_path, capsys):
+    model, tok = tiny_student("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher = kld.unfreeze_last_blocks(model, 1)
+    ids = torch.tensor([tok.base.encode(CODE[:200]).ids])
+    with torch.no_grad():
+        teacher_logits = teacher(ids, base_only=True)
+    stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
+    kld.train(model, tok, train_cfg(steps=4, lr=1e-2), stream, [], tmp_path / "ck.pt", teacher=teacher)
+    with torch.no_grad():
+        assert torch.equal(teacher(ids, base_only=True), teacher_logits)  # the teacher never changes
+    after = model.state_dict()
+    assert not torch.equal(before["blocks.1.mlp.up.weight"], after["blocks.1.mlp.up.weight"])
+    for name in ["blocks.0.mlp.up.weight", "embed.weight", "lm_head.weight", "norm.weight"]:
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_pipeline_with_a_second_stage_loads_back(tmp_path):
+    out = tmp_path / "run"
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "finetune_layers": 1, "finetune_steps": 3,
+                             "finetune_lr": 1e-2}))
+    results = json.loads((out / "results.json").read_text())
+    assert [h["step"] for h in results["history"]] == [3, 6, 9]
+    model, tok = kld.load_student(out)
+    blocks = load_file(out / "finetuned_blocks.safetensors")
+    assert set(blocks) and all(k.startswith("blocks.1.") for k in blocks)
+    assert torch.equal(model.state_dict()["blocks.1.mlp.up.weight"], blocks["blocks.1.mlp.up.weight"])
