@@ -1947,7 +1947,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher, student = result["teacher"], result["student"]
     print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}")
     print(f"{'teacher':24s}{teacher['bits_per_char']:10.4f}{teacher['tokens_per_char']:13.4f}")
-    for name, m in [(f"student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
+    for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
         print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}")
     print(f"\n{result['answer']}\n[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
           f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory {result['peak_memory_mb']:.0f} MB; "

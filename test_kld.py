@@ -684,7 +684,7 @@ def lifted(letters, merges, teacher, logits):
 def brute_force_lift(tok, teacher, logp, a):
     """p' at span start a straight from METHOD.md: enumerate V', keep tokens whose expansion
     is in U (follows the path but for its last token), subtract the nearest descendants."""
-    n, V = len(teacher), tok.base_vocab_size
+    n = len(teacher)
     exps = {v: tok.expand([v]) for v in range(tok.vocab_size)}
 
     def in_u(e):
