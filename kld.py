@@ -37,20 +37,25 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
 import difflib
+import gzip
 import hashlib
 import heapq
 import importlib.util
 import inspect
 import io
+import itertools
 import json
 import math
 import os
 import resource
+import signal
 import struct
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -1859,7 +1864,402 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
 
 
 # ----------------------------------------------------------------------------------------
-# 9. CLI
+# 9. Code-generation evaluation: tasks, prompting, contained execution, pass@k
+# ----------------------------------------------------------------------------------------
+
+TASK_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A HumanEval-format task: `prompt` is a function's signature and docstring, `test`
+    defines check(candidate), which asserts on the function named `entry_point`."""
+    task_id: str
+    prompt: str
+    entry_point: str
+    canonical_solution: str
+    test: str
+
+
+def read_tasks(path: str | Path) -> list[Task]:
+    """Tasks from a HumanEval-format .jsonl or .jsonl.gz file, or from every such file in a
+    directory (sorted by name). Task ids must be unique."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+        if not files:
+            raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise KldError(f"task file not found: {path}")
+    tasks, seen = [], set()
+    for file in files:
+        try:
+            with (gzip.open if file.name.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise KldError(f"cannot read task file {file}: {e}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise KldError(f"{file}:{number} is not valid JSON: {e}") from None
+            missing = [k for k in TASK_FIELDS if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+            if missing:
+                raise KldError(f"{file}:{number}: a task needs the text fields {list(TASK_FIELDS)}; "
+                               f"missing or not text: {missing}")
+            if record["task_id"] in seen:
+                raise KldError(f"{file}:{number}: task_id {record['task_id']!r} appears twice")
+            seen.add(record["task_id"])
+            tasks.append(Task(**{k: record[k] for k in TASK_FIELDS}))
+    if not tasks:
+        raise KldError(f"no tasks in {path}")
+    return tasks
+
+
+# A base model continues the function body; these end it (the HumanEval convention).
+BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+# An instruct model answers in a chat turn that we start with a code fence; the next fence ends it.
+CHAT_STOPS = ["```"]
+
+
+def task_prompt(task: Task, chat: bool, system: str = "") -> str:
+    """What the model is given. Base: the prompt itself, to be continued. Chat: a request in
+    the chat template, and the answer opened with a ```python fence so that the code comes
+    first and the closing fence ends it."""
+    if not chat:
+        return task.prompt
+    request = ("Complete the following Python function. Answer with the complete function "
+               f"in a single code block.\n\n```python\n{task.prompt.strip()}\n```")
+    return format_chat(request, system) + "```python\n"
+
+
+def candidate_source(task: Task, completion: str, chat: bool) -> str:
+    """The program text that defines the candidate function.
+
+    Base: prompt + completion. Chat: the answer's code after the prompt; the prompt's
+    function (a docstring is a valid body) keeps its imports and helpers in scope, and a
+    `def entry_point` in the answer redefines it. An answer without that def is taken as
+    the body, indented when it is not already."""
+    if not chat:
+        return task.prompt + completion
+    code = completion.strip("\n")
+    if not any(line.startswith(f"def {task.entry_point}(") for line in code.splitlines()):
+        if code and not code[0].isspace():
+            code = "\n".join("    " + line if line else line for line in code.splitlines())
+        return task.prompt.rstrip() + "\n" + code + "\n"
+    return task.prompt.rstrip() + "\n\n\n" + code + "\n"
+
+
+def test_program(task: Task, source: str) -> str:
+    """The program run in the sandbox: the candidate, the task's tests, the call that runs them."""
+    return f"{source}\n\n{task.test}\n\ncheck({task.entry_point})\n"
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Bounds on one program run (sandbox_run)."""
+    timeout_s: float = 10.0  # wall clock; then the process group (and the sandbox uid) is killed
+    cpu_s: int = 10  # RLIMIT_CPU: CPU seconds (SIGXCPU, reported as a timeout)
+    memory_mb: int = 1024  # RLIMIT_AS: address space
+    output_kb: int = 1024  # RLIMIT_FSIZE: bytes written to any file, stdout and stderr included
+    processes: int = 16  # RLIMIT_NPROC: processes the program may have at once (see sandbox_run)
+
+
+@dataclass
+class RunResult:
+    status: str  # "passed", "failed" or "timeout"
+    detail: str  # why not passed: the last line of the output, or what killed it
+    seconds: float
+
+
+# Runs in the child interpreter before the program: read the nonce that proves completion,
+# leave stdin at /dev/null, bound resources, run the program with asserts compiled in,
+# and write the nonce to the report pipe only if the program (and its tests) returned.
+SANDBOX_DRIVER = r"""
+import os, resource, sys, traceback
+program, report_fd, cpu, memory, output, processes = sys.argv[1], *map(int, sys.argv[2:])
+nonce = os.read(0, 64)
+null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at cpu seconds, SIGKILL a second later
+for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, output),
+                     (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_CORE, 0)]:
+    resource.setrlimit(limit, (value, value))
+with open(program, encoding="utf-8") as f:
+    source = f.read()
+del f, limit, value, null
+try:
+    exec(compile(source, program, "exec", optimize=0), {"__name__": "__main__"})
+    sys.stdout.flush(); sys.stderr.flush()
+except BaseException:
+    traceback.print_exc(); sys.stderr.flush()
+    os._exit(1)
+os.write(report_fd, nonce)
+os._exit(0)
+"""
+
+SANDBOX_UID_BASE = 61000  # sandbox_uids() takes unused uids from here up when the evaluator is root
+
+
+def sandbox_uids(n: int, base: int = SANDBOX_UID_BASE) -> list[int]:
+    """n user ids that no account holds and no process (zombies included) runs as: one per
+    program, so that RLIMIT_NPROC and kill(-1) act on that program's processes alone."""
+    import pwd
+
+    taken = {p.pw_uid for p in pwd.getpwall()} | {s.st_uid for s in _process_stats()}
+    return list(itertools.islice((u for u in itertools.count(base) if u not in taken), n))
+
+
+def _process_stats() -> list[os.stat_result]:
+    stats = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                stats.append(os.stat(f"/proc/{name}"))
+    return stats
+
+
+def sandbox_python(uid: int | None) -> str:
+    """An interpreter that `uid` can run: this one, or else a system python3 (this one may
+    live where other users cannot reach, e.g. under /root)."""
+    if uid is None:
+        return sys.executable
+    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+    for python in dict.fromkeys(candidates):
+        with contextlib.suppress(OSError):
+            probe = subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
+                                   extra_groups=[], cwd="/", env={}, capture_output=True, timeout=30)
+            if probe.returncode == 0:
+                return python
+    raise KldError(f"no Python interpreter that the sandbox user {uid} may run (tried {candidates}); "
+                   "make one reachable by other users")
+
+
+def _kill_uid(uid: int):
+    """SIGKILL every process of `uid`: kill(-1) from a process running as that uid."""
+    subprocess.run(["/bin/sh", "-c", "kill -s KILL -1"],
+                   user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env={}, check=False)
+
+
+def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
+                python: str = sys.executable) -> RunResult:
+    """Run `program` (Python source) and report whether it ran to its end.
+
+    Passed means: the program, compiled with asserts kept, returned without raising, and
+    the interpreter exited 0 after it. The child is a fresh `python -I` (no user site, no
+    PYTHON* variables) in its own session and process group, in a new temporary directory
+    that is also its HOME, with a cleaned environment, stdin at /dev/null, and the limits
+    above; at the wall-clock timeout the whole group is killed.
+
+    uid (given when the evaluator is root, see sandbox_uids): the child runs as that user
+    (with `python`, an interpreter it can reach: sandbox_python),
+    with no groups, so it cannot write or delete files outside world-writable places,
+    cannot signal the evaluator, and RLIMIT_NPROC bounds its processes; afterwards every
+    process of that uid is killed, also those that left the group. Without uid the child
+    runs as the evaluator's user: RLIMIT_NPROC then counts all that user's processes (it
+    is set to those running now + limits.processes), and files the user may write, the
+    evaluator's own process included, are not protected.
+
+    Not covered, either way: the network, reading files the user may read, and code
+    written to defeat this harness (it runs in the same interpreter as the driver). Run
+    untrusted code in a container or VM as well.
+    """
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True) as workdir, \
+            tempfile.TemporaryFile() as output:
+        path = Path(workdir, "program.py")
+        path.write_text(program, encoding="utf-8")
+        processes = limits.processes
+        if uid is None:
+            me = os.getuid()
+            processes += sum(s.st_uid == me for s in _process_stats())
+        else:
+            os.chown(workdir, uid, uid)
+            os.chown(path, uid, uid)
+        nonce = os.urandom(16).hex().encode()
+        nonce_r, nonce_w = os.pipe()
+        report_r, report_w = os.pipe()
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+        args = [python, "-I", "-c", SANDBOX_DRIVER, str(path), str(report_w), str(limits.cpu_s),
+                str(limits.memory_mb << 20), str(limits.output_kb << 10), str(processes)]
+        user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
+        try:
+            child = subprocess.Popen(args, stdin=nonce_r, stdout=output, stderr=subprocess.STDOUT, cwd=workdir,
+                                     env=env, pass_fds=(report_w,), start_new_session=True, **user)
+        finally:
+            os.close(nonce_r)
+            os.close(report_w)
+        try:
+            os.write(nonce_w, nonce)
+            os.close(nonce_w)
+            timed_out = False
+            try:
+                child.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)  # what the program started, too
+            child.wait()
+            if uid is not None:
+                _kill_uid(uid)
+            os.set_blocking(report_r, False)
+            report = b""
+            with contextlib.suppress(BlockingIOError):
+                report = os.read(report_r, 64)
+        finally:
+            os.close(report_r)
+        seconds = time.perf_counter() - started
+        if report == nonce and child.returncode == 0 and not timed_out:
+            return RunResult("passed", "", seconds)
+        code = child.returncode
+        if timed_out or code == -signal.SIGXCPU:
+            return RunResult("timeout", f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
+        if code is not None and code < 0:
+            return RunResult("failed", f"killed by {signal.Signals(-code).name}", seconds)
+        size = output.seek(0, os.SEEK_END)
+        if size >= limits.output_kb << 10:
+            return RunResult("failed", f"over {limits.output_kb} KB of output", seconds)
+        output.seek(max(0, size - 4096))
+        lines = [line for line in output.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        detail = lines[-1][:300] if lines else f"exit status {code} before its tests ran to their end"
+        return RunResult("failed", detail, seconds)
+
+
+def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(), workers: int = 0) -> list[RunResult]:
+    """sandbox_run for each program, `workers` at a time (0: one per CPU), results in the
+    order given. As root, each program runs under a uid of its own."""
+    if not programs:
+        return []
+    uids = sandbox_uids(len(programs)) if os.geteuid() == 0 else [None] * len(programs)
+    python = sandbox_python(uids[0])
+    with concurrent.futures.ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(programs))) as pool:
+        return list(pool.map(lambda program, uid: sandbox_run(program, limits, uid, python), programs, uids))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), the chance that k samples drawn from the n without
+    replacement hold a passing one; the product form avoids huge binomials."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval for the mean of per-task values, resampling tasks."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_comparison(a: dict[str, float], b: dict[str, float], confidence: float = 0.95, seed: int = 0) -> dict:
+    """Run b against run a on the same tasks (task_id -> per-task score, e.g. pass@1): the
+    mean of the differences b - a with its bootstrap interval, the tasks where b scores
+    higher and lower, and the two-sided sign-test p-value over those tasks."""
+    if set(a) != set(b):
+        raise KldError(f"paired comparison needs the same tasks; {len(set(a) ^ set(b))} differ")
+    diffs = np.array([b[t] - a[t] for t in sorted(a)])
+    better, worse = int((diffs > 0).sum()), int((diffs < 0).sum())
+    n, m = better + worse, min(better, worse)
+    p_value = min(1.0, 2 * sum(math.comb(n, i) for i in range(m + 1)) / 2**n) if n else 1.0
+    return {"difference": float(diffs.mean()), "interval": bootstrap_interval(diffs, confidence, seed=seed),
+            "better": better, "worse": worse, "p_value": p_value}
+
+
+def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks: list[Task], *, chat: bool,
+                     n_samples: int = 1, ks: list[int] = (1,), max_new_tokens: int = 256, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, batch_size: int = 8, system_prompt: str = "",
+                     limits: SandboxLimits = SandboxLimits(), workers: int = 0) -> dict:
+    """Generate n_samples programs per task (with the student's new tokens when `tokenizer`
+    is an ExtendedTokenizer), run each against the task's tests in the sandbox, and score:
+
+    pass@k (unbiased, mean over tasks) with a bootstrap interval; tokens per character of
+    the generated text; the share of new tokens among the generated tokens; generated
+    characters per second. "tasks" holds per-task n, c and pass@k, "samples" each program.
+    """
+    if n_samples < 1 or (n_samples > 1 and temperature == 0):
+        raise KldError("n_samples must be 1 for greedy decoding, or temperature > 0 for more samples")
+    ks = sorted({k for k in ks if k <= n_samples}) or [1]
+    base_vocab = getattr(tokenizer, "base_vocab_size", None)
+    prompts = [task_prompt(t, chat, system_prompt) for t in tasks for _ in range(n_samples)]
+    stop_ids = stop_token_ids(model.cfg, tokenizer.base if base_vocab else tokenizer, chat)
+    t0 = time.perf_counter()
+    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, stop=CHAT_STOPS if chat else BASE_STOPS, stop_ids=stop_ids, seed=seed,
+                           batch_size=batch_size)
+    generation_s = time.perf_counter() - t0
+    owners = [t for t in tasks for _ in range(n_samples)]
+    sources = [candidate_source(t, c.text, chat) for t, c in zip(owners, completions)]
+    results = sandbox_run_all([test_program(t, s) for t, s in zip(owners, sources)], limits, workers)
+    samples, per_task = [], {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
+    n_chars = n_tokens = n_new = 0
+    for task, completion, source, result in zip(owners, completions, sources, results):
+        chars = len(tokenizer.decode(completion.token_ids))  # with the stop string: as the tokens emitted
+        n_chars, n_tokens = n_chars + chars, n_tokens + len(completion.token_ids)
+        n_new += sum(t >= base_vocab for t in completion.token_ids) if base_vocab else 0
+        per_task[task.task_id]["c"] += result.status == "passed"
+        samples.append({"task_id": task.task_id, "completion": completion.text, "program": source,
+                        "status": result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
+    for scores in per_task.values():
+        scores.update({f"pass@{k}": pass_at_k(scores["n"], scores["c"], k) for k in ks})
+    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": temperature}
+    for k in ks:
+        values = [s[f"pass@{k}"] for s in per_task.values()]
+        summary[f"pass@{k}"] = float(np.mean(values))
+        summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=seed)
+    summary.update({"tokens_per_char": n_tokens / max(1, n_chars), "new_token_share": n_new / max(1, n_tokens),
+                    "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
+                    "timeouts": sum(r.status == "timeout" for r in results)})
+    return {"summary": summary, "tasks": per_task, "samples": samples}
+
+
+@torch.no_grad()
+def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
+    """Where the learned rows sit among the base rows, for input rows (E) and output rows (U).
+
+    Per new token t: its k nearest base tokens by cosine; ||row_t|| and its percentile
+    among the base rows' norms; cosine and L2 distance to the mean of the rows of exp(t),
+    its sub-tokens (the FVT initialisation). The summary averages these over N, and counts
+    the tokens whose nearest base token is one of their own sub-tokens.
+    """
+    if model.new_in is None:
+        raise KldError("the model has no new rows to analyse")
+    tokens, summary = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))], {}
+    for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
+        base, new = upcast(base).cpu(), upcast(new).cpu()
+        base_norms = base.norm(dim=1)
+        sorted_norms = base_norms.sort().values
+        cosine = F.normalize(new, dim=1) @ F.normalize(base, dim=1).T  # (N, V)
+        nearest = cosine.topk(k, dim=1)
+        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])
+        to_mean_cos = F.cosine_similarity(new, sub_mean, dim=1)
+        to_mean_l2 = (new - sub_mean).norm(dim=1)
+        norms = new.norm(dim=1)
+        percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)
+        own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]
+        for i, row in enumerate(tokens):
+            row[side] = {"nearest": [(tok.token_string(int(j)), round(float(c), 4))
+                                     for j, c in zip(nearest.indices[i], nearest.values[i])],
+                         "norm": float(norms[i]), "norm_percentile": float(percentile[i]),
+                         "cosine_to_sub_mean": float(to_mean_cos[i]), "l2_to_sub_mean": float(to_mean_l2[i]),
+                         "nearest_is_own_sub_token": own[i]}
+        summary[side] = {"new_norm_mean": float(norms.mean()), "base_norm_mean": float(base_norms.mean()),
+                         "base_norm_std": float(base_norms.std()), "norm_percentile_median": float(percentile.median()),
+                         "cosine_to_sub_mean": float(to_mean_cos.mean()), "l2_to_sub_mean": float(to_mean_l2.mean()),
+                         "nearest_is_own_sub_token": sum(own) / len(own)}
+    return {"summary": summary, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------
+# 10. CLI
 # ----------------------------------------------------------------------------------------
 
 
