@@ -1920,8 +1920,9 @@ def read_tasks(path: str | Path) -> list[Task]:
     return tasks
 
 
-# A base model continues the function body; these end it (the HumanEval convention).
-BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+# A base model continues the function body; these end it (the HumanEval convention, plus
+# the code fence that an instruct model writes after the body).
+BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
 # An instruct model answers in a chat turn that we start with a code fence; the next fence ends it.
 CHAT_STOPS = ["```"]
 

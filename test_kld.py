@@ -7,11 +7,14 @@ skipped only when it is not installed and CI is unset (CI installs it).
 """
 
 import collections
+import contextlib
+import dataclasses
 import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -956,3 +959,264 @@ def test_pipeline_with_a_second_stage_loads_back(tmp_path):
     blocks = load_file(out / "finetuned_blocks.safetensors")
     assert set(blocks) and all(k.startswith("blocks.1.") for k in blocks)
     assert torch.equal(model.state_dict()["blocks.1.mlp.up.weight"], blocks["blocks.1.mlp.up.weight"])
+
+
+# ----------------------------------------------------------------------------------------
+# Code-generation evaluation: tasks, contained execution, scores
+# ----------------------------------------------------------------------------------------
+
+BENCH = Path(__file__).parent / "bench_tasks"
+LIMITS = kld.SandboxLimits(timeout_s=5, cpu_s=5, memory_mb=512, output_kb=256, processes=8)
+AS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not AS_ROOT, reason="as root, programs run under a uid of their own; "
+                                "as another user they can touch what that user can (the docstring of sandbox_run)")
+
+
+def sandbox(program: str, limits: kld.SandboxLimits = LIMITS) -> kld.RunResult:
+    """One program as sandbox_run_all runs it: as root, under a fresh uid."""
+    [result] = kld.sandbox_run_all([program], limits)
+    return result
+
+
+def test_every_canonical_solution_passes_and_a_wrong_one_fails():
+    tasks = kld.read_tasks(BENCH)
+    assert len(tasks) >= 150 and len({t.entry_point for t in tasks}) == len(tasks)
+    right = [kld.test_program(t, t.prompt + t.canonical_solution) for t in tasks]
+    wrong = [kld.test_program(t, t.prompt + "    return None\n") for t in tasks]
+    results = kld.sandbox_run_all(right + wrong, LIMITS)
+    failed = [(t.task_id, r.detail) for t, r in zip(tasks, results) if r.status != "passed"]
+    assert not failed
+    vacuous = [t.task_id for t, r in zip(tasks, results[len(tasks):]) if r.status == "passed"]
+    assert not vacuous  # every task's tests reject a function that returns None
+
+
+def test_task_file_is_built_from_its_readable_source():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(BENCH))
+    expected = build.to_jsonl(build.parse_tasks((BENCH / "kld150.txt").read_text()))
+    assert (BENCH / "kld150.jsonl").read_text() == expected  # run bench_tasks/build.py after editing kld150.txt
+
+
+def test_read_tasks_reads_gzip_and_directories_and_names_bad_input(tmp_path):
+    import gzip
+
+    records = [json.loads(line) for line in (BENCH / "kld150.jsonl").read_text().splitlines()[:3]]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert [t.task_id for t in kld.read_tasks(tmp_path / "a.jsonl.gz")] == [r["task_id"] for r in records]
+    assert len(kld.read_tasks(tmp_path)) == 3
+    cases = {
+        "missing.jsonl": (None, "task file not found"),
+        "bad.jsonl": ("{not json", "bad.jsonl:1 is not valid JSON"),
+        "fields.jsonl": (json.dumps({**records[0], "test": 3}), r"missing or not text: \['test'\]"),
+        "twice.jsonl": (json.dumps(records[0]) + "\n" + json.dumps(records[0]), "twice.jsonl:2: task_id .* appears twice"),
+        "empty.jsonl": ("\n", "no tasks in"),
+    }
+    for name, (text, message) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(kld.KldError, match=message):
+            kld.read_tasks(tmp_path / name)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(kld.KldError, match="no .jsonl or .jsonl.gz task files"):
+        kld.read_tasks(tmp_path / "sub")
+
+
+def test_a_chat_answer_becomes_a_program_whether_it_holds_the_def_or_only_the_body():
+    [task] = [t for t in kld.read_tasks(BENCH) if t.entry_point == "add"]
+    prompt = kld.task_prompt(task, chat=True)
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n```python\n")
+    answers = ["def add(a, b):\n    return a + b\n", "return a + b", "    return a + b\n", "def add(a, b):\n    return a - b\n"]
+    sources = [kld.candidate_source(task, a, chat=True) for a in answers]
+    sources.append(kld.candidate_source(task, "    return a + b\n", chat=False))
+    results = kld.sandbox_run_all([kld.test_program(task, s) for s in sources], LIMITS)
+    assert [r.status for r in results] == ["passed", "passed", "passed", "failed", "passed"]
+
+
+# One test per hostile program: each is reported as failed or timed out within its limit,
+# and the evaluator (this process) goes on.
+
+def test_an_infinite_loop_times_out():
+    result = sandbox("while True:\n    pass\n", dataclasses.replace(LIMITS, timeout_s=2, cpu_s=60))
+    assert result.status == "timeout" and result.seconds < 2 + 3
+
+
+def test_a_cpu_bound_program_hits_the_cpu_limit():
+    result = sandbox("while True:\n    pass\n", dataclasses.replace(LIMITS, timeout_s=60, cpu_s=1))
+    assert result.status == "timeout" and result.seconds < 1 + 1 + 3
+
+
+def test_a_huge_allocation_fails():
+    result = sandbox("blob = bytearray(64 << 30)\n")
+    assert (result.status, result.detail) == ("failed", "MemoryError")
+
+
+def test_printing_gigabytes_is_cut_off():
+    result = sandbox("import sys\nfor _ in range(1 << 20):\n    sys.stdout.write('x' * (1 << 12))\n")
+    assert result.status == "failed" and "output" in result.detail and result.seconds < LIMITS.timeout_s
+
+
+def test_reading_stdin_gets_end_of_file():
+    assert "EOFError" in sandbox("input()\n").detail
+    assert sandbox("import sys\nassert sys.stdin.read() == ''\nassert False\n").status == "failed"
+
+
+@pytest.mark.parametrize("exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit"])
+def test_exiting_before_the_asserts_is_a_failure(exit_call):
+    assert sandbox(f"{exit_call}\nassert False\n").status == "failed"
+
+
+def test_asserts_cannot_be_stripped(monkeypatch):
+    monkeypatch.setenv("PYTHONOPTIMIZE", "2")  # the child's environment is cleaned, and -I ignores PYTHON*
+    assert sandbox("assert False\n").status == "failed"
+    reexec = "import os, sys\nos.execv(sys.executable, [sys.executable, '-O', '-c', 'assert False'])\n"
+    assert sandbox(reexec).status == "failed"  # exits 0 without asserting, but not through the driver
+
+
+def test_a_fork_bomb_is_bounded_and_cleaned_up():
+    # A loop of forks, not an exponential one: if the bound failed, the test fails on the
+    # count below instead of taking the machine down. Each child sleeps, to be killed.
+    program = ("import os, time\npids = []\nfor _ in range(200):\n    try:\n        pid = os.fork()\n"
+               "    except OSError:\n        continue\n    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+               "    pids.append(pid)\nraise RuntimeError(' '.join(map(str, pids)))\n")
+    result = sandbox(program)
+    assert result.status == "failed" and result.detail.startswith("RuntimeError")
+    pids = [int(p) for p in result.detail.split(":", 1)[1].split()]
+    assert len(pids) < LIMITS.processes
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            alive += [pid] if state != "Z" else []  # a zombie has exited; its parent (init) reaps it
+    assert not alive
+
+
+@needs_root
+def test_writing_outside_the_temporary_directory_is_refused(tmp_path):
+    target = tmp_path / "written.txt"
+    result = sandbox(f"open({str(target)!r}, 'w').write('x')\n")
+    assert result.status == "failed" and "PermissionError" in result.detail and not target.exists()
+
+
+@needs_root
+def test_deleting_files_is_refused(tmp_path):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    tmp_path.chmod(0o777)  # even in a directory anyone may write, the sticky bit aside, a file of root's
+    victim.chmod(0o644)
+    result = sandbox(f"import os, shutil\nos.remove({str(victim)!r})\n")
+    assert result.status == "failed" and victim.read_text() == "precious"
+
+
+@needs_root
+def test_signalling_the_parent_is_refused():
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
+    try:
+        result = sandbox("import os, signal\nos.kill(os.getppid(), signal.SIGUSR1)\n"
+                         "os.killpg(os.getpgid(os.getppid()), signal.SIGUSR1)\n")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert result.status == "failed" and "PermissionError" in result.detail and not received
+
+
+def test_results_do_not_depend_on_the_order_programs_run_in():
+    programs = [
+        "open('left.txt', 'w').write('x')\n",  # in the working directory ...
+        "import os\nassert not os.path.exists('left.txt')\n",  # ... which the next program does not see
+        "import os\nopen(os.path.join(os.environ['HOME'], 'h'), 'w').write('x')\n",
+        "import os\nassert not os.path.exists(os.path.join(os.environ['HOME'], 'h'))\n",
+        "assert 1 + 1 == 3\n",
+        "import random\nassert random.random() < 2\n",
+    ]
+    expected = ["passed", "passed", "passed", "passed", "failed", "passed"]
+    for order in [range(6), reversed(range(6)), [3, 0, 5, 1, 4, 2]]:
+        order = list(order)
+        results = kld.sandbox_run_all([programs[i] for i in order], LIMITS, workers=2)
+        assert [r.status for r in results] == [expected[i] for i in order]
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.integers(1, 80).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
+def test_pass_at_k_is_the_closed_form(nck):
+    from fractions import Fraction
+
+    n, c, k = nck
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert kld.pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    for n, c, k in [(3, 4, 1), (3, 1, 4), (3, 1, 0), (3, -1, 1)]:
+        with pytest.raises(ValueError):
+            kld.pass_at_k(n, c, k)
+
+
+def test_bootstrap_interval_and_paired_comparison():
+    values = [1.0] * 30 + [0.0] * 70
+    low, high = kld.bootstrap_interval(values)
+    assert low < 0.3 < high and high - low < 0.25
+    assert kld.bootstrap_interval([0.5] * 10) == (0.5, 0.5)
+    a = {f"t{i}": 0.0 for i in range(20)}
+    b = {**a, **{f"t{i}": 1.0 for i in range(10)}}
+    same = kld.paired_comparison(a, a)
+    assert (same["difference"], same["better"], same["worse"], same["p_value"]) == (0.0, 0, 0, 1.0)
+    better = kld.paired_comparison(a, b)
+    assert (better["difference"], better["better"], better["worse"]) == (0.5, 10, 0)
+    assert better["p_value"] == pytest.approx(2 / 2**10) and better["interval"][0] > 0
+    with pytest.raises(kld.KldError, match="same tasks"):
+        kld.paired_comparison(a, {"t0": 1.0})
+
+
+def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
+    """The tiny model writes no working code; feed the pipeline known answers instead, and
+    check the scores it computes from them."""
+    tasks = kld.read_tasks(BENCH)[:6]
+    model, tok = tiny_student("llama")
+    wrong = "    return None  # " + " ".join(CODE.split()[:40]) + "\n"  # corpus text: new tokens in it
+    answers = [t.canonical_solution if i % 2 == 0 else wrong for i, t in enumerate(tasks)]
+    seen_prompts = []
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        seen_prompts.extend(prompts)
+        return [kld.Completion(a, tokenizer.encode(a), "stop") for a in answers]
+
+    monkeypatch.setattr(kld, "generate", fake_generate)
+    result = kld.evaluate_codegen(model, tok, tasks, chat=False, limits=LIMITS)
+    summary = result["summary"]
+    assert seen_prompts == [t.prompt for t in tasks]
+    assert summary["pass@1"] == 0.5 and [s["status"] for s in result["samples"]] == ["passed", "failed"] * 3
+    ids = [i for a in answers for i in tok.encode(a)]
+    assert summary["tokens_per_char"] == pytest.approx(len(ids) / sum(map(len, answers)))
+    n_new = sum(i >= tok.base_vocab_size for i in ids)
+    assert n_new > 0 and summary["new_token_share"] == pytest.approx(n_new / len(ids))
+
+
+def test_evaluate_codegen_runs_the_model_end_to_end():
+    tasks = kld.read_tasks(BENCH)[:3]
+    model, tok = tiny_student("llama")
+    result = kld.evaluate_codegen(model, tok, tasks, chat=False, n_samples=2, ks=[1, 2, 5], temperature=1.0,
+                                  max_new_tokens=6, limits=LIMITS)
+    summary = result["summary"]
+    assert set(result["tasks"]) == {t.task_id for t in tasks} and len(result["samples"]) == 6
+    assert "pass@2" in summary and "pass@5" not in summary and summary["chars_per_s"] > 0
+    with pytest.raises(kld.KldError, match="temperature > 0"):
+        kld.evaluate_codegen(model, tok, tasks, chat=False, n_samples=2)
+
+
+def test_embedding_analysis_of_fvt_rows_finds_them_at_their_sub_token_mean():
+    model, tok = tiny_student("llama", init="fvt")
+    report = kld.embedding_analysis(model, tok, k=3)
+    assert len(report["tokens"]) == len(tok.merges)
+    for side in ("in", "out"):
+        summary = report["summary"][side]
+        assert summary["cosine_to_sub_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert summary["l2_to_sub_mean"] == pytest.approx(0.0, abs=1e-5)
+        assert 0 <= summary["norm_percentile_median"] <= 1
+    first = report["tokens"][0]["in"]
+    assert len(first["nearest"]) == 3 and first["nearest"][0][1] >= first["nearest"][-1][1]
+    random_model, random_tok = tiny_student("llama", init="random")
+    assert kld.embedding_analysis(random_model, random_tok)["summary"]["in"]["cosine_to_sub_mean"] < 0.9
