@@ -21,9 +21,9 @@ This file reads top to bottom:
   7. training        KL to the lifted teacher or CE, AdamW on the new rows only; held-out
                      bits per character; atomic checkpoints that resume
   8. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
-  9. CLI             main(): extend, initialise, train, evaluate
-
-Not yet here (open issue): the code-generation benchmark.
+  9. code evaluation HumanEval-format tasks, prompting, programs run in a contained child
+                     process, pass@k with bootstrap intervals; where the new rows sit
+ 10. CLI             main(): extend, initialise, train, evaluate
 
 Deliberately left out: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE scaling
 (Llama 3.1 style), sliding-window attention, mixture-of-experts. Each is refused with an
@@ -125,6 +125,12 @@ class Config:
     top_p: float = 1.0  # nucleus sampling mass (used when temperature > 0)
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these strings
     gen_batch_size: int = 8  # prompts decoded together
+    # code-generation evaluation (section 9): the student's programs run against each task's tests
+    tasks: str = ""  # a HumanEval-format .jsonl / .jsonl.gz file or a directory of them (bench_tasks); "" = none
+    n_samples: int = 1  # programs per task (more than one needs temperature > 0)
+    pass_k: list[int] = field(default_factory=lambda: [1])  # the k of the pass@k reported (k <= n_samples)
+    exec_timeout: float = 10.0  # wall-clock seconds per program (also its CPU-second limit)
+    exec_workers: int = 0  # programs run at once; 0 = one per CPU
 
 
 def _check_type(name: str, value, annotation):
@@ -2175,6 +2181,19 @@ def paired_comparison(a: dict[str, float], b: dict[str, float], confidence: floa
             "better": better, "worse": worse, "p_value": p_value}
 
 
+# Config fields that change what evaluate_codegen computes (beyond the model and the tasks).
+CODEGEN_KEYS = ("tasks", "n_samples", "pass_k", "max_new_tokens", "temperature", "top_p", "seed", "chat",
+                "system_prompt", "exec_timeout")
+
+
+def codegen_options(cfg: Config, chat: bool) -> dict:
+    """The keyword arguments of evaluate_codegen that a Config sets."""
+    return {"chat": chat, "n_samples": cfg.n_samples, "ks": cfg.pass_k, "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "batch_size": cfg.gen_batch_size,
+            "system_prompt": cfg.system_prompt, "workers": cfg.exec_workers,
+            "limits": SandboxLimits(timeout_s=cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout)))}
+
+
 def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks: list[Task], *, chat: bool,
                      n_samples: int = 1, ks: list[int] = (1,), max_new_tokens: int = 256, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, batch_size: int = 8, system_prompt: str = "",
@@ -2277,6 +2296,7 @@ def run(cfg: Config) -> dict:
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
     train_texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
+    tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     checkpoint, extension_file = out / "checkpoint.pt", out / "extension.json"
     if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
         tok = load_extension(extension_file, tokenizer)
@@ -2324,6 +2344,12 @@ def run(cfg: Config) -> dict:
         "peak_memory_mb": peak_memory_mb(device), "seconds": time.perf_counter() - started, "device": str(device),
         "answer": answer.text, "answer_new_token_share": new_share,
     }
+    if tasks:
+        print(f"code generation: {len(tasks)} tasks x {cfg.n_samples} samples from {cfg.tasks}")
+        codegen = evaluate_codegen(model, tok, tasks, **codegen_options(cfg, chat))
+        codegen["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
+        write_atomic(out / "codegen.json", json.dumps(codegen, indent=1) + "\n")
+        results["codegen"] = codegen["summary"]
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
@@ -2350,6 +2376,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'teacher':24s}{teacher['bits_per_char']:10.4f}{teacher['tokens_per_char']:13.4f}")
     for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
         print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}")
+    if "codegen" in result:
+        codegen = result["codegen"]
+        low, high = codegen["pass@1_interval"]
+        print(f"{'student code generation':24s}pass@1 {codegen['pass@1']:.3f} [{low:.3f}, {high:.3f}] on "
+              f"{codegen['n_tasks']} tasks; tokens/char {codegen['tokens_per_char']:.4f}, "
+              f"new tokens {codegen['new_token_share']:.1%}")
     print(f"\n{result['answer']}\n[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
           f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory {result['peak_memory_mb']:.0f} MB; "
           f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")

@@ -3,6 +3,7 @@
     python run_bench.py speed [--model smollm2] [--new-tokens 64] [--batch-sizes 1 8] [--device auto] [--dtype float32]
     python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
+    python run_bench.py matrix [--config configs/bench_cpu.json]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -17,15 +18,25 @@ and the time of one path-mode lift.
 train-speed: student tokens/s and peak memory of one training step (student forward,
 teacher forward and lift for kl, backward, AdamW) at each batch size.
 
-The comparison matrix of initialisers x objectives arrives with the evaluation issue.
+matrix: one bench config (configs/bench_cpu.json, configs/bench_gpu.json) runs every
+initialiser x objective (training a cell unless it was trained earlier under the same
+training config), evaluates each student and the teacher on the code-generation tasks, and
+writes bench.json, bench.csv, report.md (table, intervals, paired comparisons, where the
+new rows sit) and, with matplotlib installed, embeddings.png.
 """
 
 import argparse
+import csv
 import importlib.util
+import io
+import json
 import math
+import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -199,6 +210,216 @@ def train_speed(args):
                   f"peak memory {kld.peak_memory_mb(device):.0f} MB")
 
 
+# ----------------------------------------------------------------------------------------
+# The comparison matrix: initialisers x objectives, and the teacher as the reference row
+# ----------------------------------------------------------------------------------------
+
+BENCH_KEYS = {"config": "kld config file every cell starts from", "overrides": "kld config fields set on top of it",
+              "inits": "initialisers of the new rows", "objectives": "training objectives",
+              "out_dir": "where cells, bench.json, bench.csv and report.md go"}
+
+
+def read_bench_config(path):
+    spec = kld.read_json_object(path, "bench config")
+    unknown = set(spec) - set(BENCH_KEYS)
+    if unknown:
+        raise kld.KldError(f"unknown bench config keys {sorted(unknown)}; known: {BENCH_KEYS}")
+    values = {**(kld.read_json_object(spec["config"], "kld config") if spec.get("config") else {}),
+              **spec.get("overrides", {})}
+    base = kld.make_config(values, source=path)
+    if not base.tasks:
+        raise kld.KldError(f"{path}: set overrides.tasks to a task file or directory (e.g. bench_tasks)")
+    for init in spec.get("inits", ["random", "mean", "fvt"]):
+        if init not in kld.INITIALISERS:
+            raise kld.KldError(f"{path}: unknown initialiser {init!r}")
+    return spec, values
+
+
+def is_trained(cell: Path, cfg) -> bool:
+    """A cell trained earlier under the same training config is kept, not trained again."""
+    if not (cell / "results.json").exists() or not (cell / "new_rows.safetensors").exists():
+        return False
+    previous = json.loads((cell / "config.json").read_text())
+    return all(previous.get(key) == getattr(cfg, key) for key in kld.RESUME_KEYS + ("eval_chars", "eval_window"))
+
+
+def cached_codegen(path: Path, cfg):
+    """codegen.json of an earlier evaluation under the same settings, else None."""
+    if not path.exists():
+        return None
+    codegen = json.loads(path.read_text())
+    settings = json.loads(json.dumps({key: getattr(cfg, key) for key in kld.CODEGEN_KEYS}))
+    return codegen if codegen.get("settings") == settings else None
+
+
+def evaluate_row(model, tokenizer, tasks, cfg, path: Path):
+    codegen = cached_codegen(path, cfg)
+    if codegen is None:
+        chat = kld.has_chat_template(getattr(tokenizer, "base", tokenizer)) if cfg.chat is None else cfg.chat
+        codegen = kld.evaluate_codegen(model, tokenizer, tasks, **kld.codegen_options(cfg, chat))
+        codegen["settings"] = {key: getattr(cfg, key) for key in kld.CODEGEN_KEYS}
+        kld.write_atomic(path, json.dumps(codegen, indent=1) + "\n")
+    return codegen
+
+
+def run_matrix(spec, values):
+    """Train (or reuse) each cell, evaluate every student and the teacher on the tasks; one
+    dict with everything the report shows."""
+    started = time.perf_counter()
+    out = Path(spec.get("out_dir", "runs/bench"))
+    base = kld.make_config({**values, "out_dir": str(out / "teacher")})
+    tasks = kld.read_tasks(base.tasks)
+    device, dtype = kld.resolve_device(base.device), kld.resolve_dtype(base.dtype)
+    rows = {}
+    for init in spec.get("inits", ["random", "mean", "fvt"]):
+        for objective in spec.get("objectives", ["kl", "ce"]):
+            name = f"{init}-{objective}"
+            cfg = kld.make_config({**values, "init": init, "objective": objective, "out_dir": str(out / name)})
+            print(f"\n=== {name}")
+            if is_trained(Path(cfg.out_dir), cfg):
+                print(f"trained earlier: {cfg.out_dir}")
+            else:
+                kld.run(kld.make_config({**values, "init": init, "objective": objective, "out_dir": cfg.out_dir,
+                                         "tasks": ""}))
+            results = json.loads((Path(cfg.out_dir) / "results.json").read_text())
+            model, tok = kld.load_student(cfg.out_dir, device=device, dtype=dtype)
+            codegen = evaluate_row(model, tok, tasks, cfg, Path(cfg.out_dir) / "codegen.json")
+            embeddings = kld.embedding_analysis(model, tok)
+            kld.write_atomic(Path(cfg.out_dir) / "embeddings.json", json.dumps(embeddings, indent=1) + "\n")
+            rows[name] = {"held_out": results["student"], "train_s": results["seconds"], "codegen": codegen,
+                          "embeddings": embeddings["summary"], "teacher_held_out": results["teacher"]}
+            print(f"{name}: pass@1 {codegen['summary']['pass@1']:.3f}, bits/char "
+                  f"{results['student']['bits_per_char']:.4f}")
+    print("\n=== teacher")
+    model, tokenizer = kld.load_model(base.model, device=device, dtype=dtype)
+    codegen = evaluate_row(model, tokenizer, tasks, base, out / "teacher" / "codegen.json")
+    held_out = next(iter(rows.values()))["teacher_held_out"] if rows else {}
+    rows = {"teacher": {"held_out": held_out, "train_s": 0.0, "codegen": codegen}, **rows}
+    return {"machine": machine(), "device": str(device), "tasks": base.tasks, "n_tasks": len(tasks),
+            "config": values, "rows": rows, "wall_s": time.perf_counter() - started}
+
+
+def machine() -> str:
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
+
+
+def comparisons(rows) -> list[dict]:
+    """Paired comparisons on pass@1: each student against the teacher, and kl against ce for each initialiser."""
+    def per_task(name):
+        return {t: s["pass@1"] for t, s in rows[name]["codegen"]["tasks"].items()}
+
+    pairs = [("teacher", name) for name in rows if name != "teacher"]
+    pairs += [(f"{init}-ce", f"{init}-kl") for init in dict.fromkeys(n.rsplit("-", 1)[0] for n in rows if "-" in n)
+              if f"{init}-ce" in rows and f"{init}-kl" in rows]
+    return [{"a": a, "b": b, **kld.paired_comparison(per_task(a), per_task(b))} for a, b in pairs]
+
+
+TABLE_COLUMNS = ["row", "pass@1", "interval_low", "interval_high", "bits_per_char", "tokens_per_char_heldout",
+                 "tokens_per_char_generated", "new_token_share", "generated_chars_per_s", "train_s", "codegen_s"]
+
+
+def table_rows(bench) -> list[dict]:
+    out = []
+    for name, row in bench["rows"].items():
+        summary = row["codegen"]["summary"]
+        out.append({"row": name, "pass@1": summary["pass@1"], "interval_low": summary["pass@1_interval"][0],
+                    "interval_high": summary["pass@1_interval"][1],
+                    "bits_per_char": row["held_out"].get("bits_per_char"),
+                    "tokens_per_char_heldout": row["held_out"].get("tokens_per_char"),
+                    "tokens_per_char_generated": summary["tokens_per_char"], "new_token_share": summary["new_token_share"],
+                    "generated_chars_per_s": summary["chars_per_s"], "train_s": row["train_s"],
+                    "codegen_s": summary["generation_s"]})
+    return out
+
+
+def markdown_report(bench, table, compared, plot_name) -> str:
+    lines = [f"# kld bench: {len(bench['rows']) - 1} students and the teacher", "",
+             f"{bench['n_tasks']} tasks from `{bench['tasks']}`; machine: {bench['machine']}; device {bench['device']}; "
+             f"wall time {bench['wall_s'] / 60:.1f} min.", "",
+             "| row | pass@1 [95% CI] | bits/char | tokens/char held-out | tokens/char generated | new-token share "
+             "| generated chars/s | train s |", "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        bpc = f"{r['bits_per_char']:.4f}" if r["bits_per_char"] is not None else "-"
+        tpc = f"{r['tokens_per_char_heldout']:.4f}" if r["tokens_per_char_heldout"] is not None else "-"
+        lines.append(f"| {r['row']} | {r['pass@1']:.3f} [{r['interval_low']:.3f}, {r['interval_high']:.3f}] | {bpc} | "
+                     f"{tpc} | {r['tokens_per_char_generated']:.4f} | {r['new_token_share']:.1%} | "
+                     f"{r['generated_chars_per_s']:.0f} | {r['train_s']:.0f} |")
+    lines += ["", "Paired comparisons on per-task pass@1 (b - a; sign test over the tasks where they differ):", "",
+              "| a | b | b - a [95% CI] | b better | b worse | p |", "|---|---|---|---|---|---|"]
+    for c in compared:
+        lo, hi = c["interval"]
+        lines.append(f"| {c['a']} | {c['b']} | {c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {c['better']} | "
+                     f"{c['worse']} | {c['p_value']:.3f} |")
+    lines += ["", "Where the new rows sit (input rows / output rows): mean norm against the base rows' mean, "
+              "median norm percentile among base rows, mean cosine to the mean of the sub-token rows, "
+              "share whose nearest base token is one of its own sub-tokens:", "",
+              "| row | norm new / base | norm percentile | cosine to sub-token mean | nearest is own sub-token |",
+              "|---|---|---|---|---|"]
+    for name, row in bench["rows"].items():
+        if "embeddings" in row:
+            e_in, e_out = row["embeddings"]["in"], row["embeddings"]["out"]
+            lines.append(f"| {name} | {e_in['new_norm_mean']:.3f} / {e_in['base_norm_mean']:.3f}, "
+                         f"{e_out['new_norm_mean']:.3f} / {e_out['base_norm_mean']:.3f} | "
+                         f"{e_in['norm_percentile_median']:.2f}, {e_out['norm_percentile_median']:.2f} | "
+                         f"{e_in['cosine_to_sub_mean']:.3f}, {e_out['cosine_to_sub_mean']:.3f} | "
+                         f"{e_in['nearest_is_own_sub_token']:.0%}, {e_out['nearest_is_own_sub_token']:.0%} |")
+    if plot_name:
+        lines += ["", f"![new input rows among the base rows]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_embeddings(out: Path, rows, values) -> str | None:
+    """The new input rows of each student on the first two principal axes of the base input
+    rows; None when matplotlib (optional) is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plot")
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    students = [name for name in rows if name != "teacher"]
+    model, _ = kld.load_model(kld.make_config(values).model)
+    base = model.embed.weight.detach().float()
+    mean = base.mean(0)
+    axes_2d = torch.linalg.svd(base - mean, full_matrices=False).Vh[:2].T  # (d, 2)
+    sample = (base - mean)[torch.randperm(len(base), generator=torch.Generator().manual_seed(0))[:4000]] @ axes_2d
+    cols = math.ceil(len(students) / 2)
+    fig, grid = plt.subplots(2, cols, figsize=(4 * cols, 8), squeeze=False, sharex=True, sharey=True)
+    for ax, name in zip(grid.T.flat, students):
+        new_in = kld.read_safetensors(out / name / "new_rows.safetensors")["new_in"].float()
+        points = (new_in - mean) @ axes_2d
+        ax.scatter(sample[:, 0], sample[:, 1], s=2, c="0.8", label="base rows")
+        ax.scatter(points[:, 0], points[:, 1], s=6, c="tab:blue", label="new rows")
+        ax.set_title(name)
+    grid.flat[0].legend(loc="upper right", fontsize=8)
+    fig.suptitle("new input rows on the base rows' first two principal axes")
+    fig.tight_layout()
+    path = out / "embeddings.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def bench_matrix(args):
+    spec, values = read_bench_config(args.config)
+    bench = run_matrix(spec, values)
+    out = Path(spec.get("out_dir", "runs/bench"))
+    table, compared = table_rows(bench), comparisons(bench["rows"])
+    plot_name = plot_embeddings(out, bench["rows"], values)
+    kld.write_atomic(out / "bench.json", json.dumps({**bench, "table": table, "comparisons": compared}, indent=1) + "\n")
+    csv_text = io.StringIO()
+    writer = csv.DictWriter(csv_text, TABLE_COLUMNS)
+    writer.writeheader()
+    writer.writerows(table)
+    kld.write_atomic(out / "bench.csv", csv_text.getvalue())
+    report = markdown_report(bench, table, compared, plot_name)
+    kld.write_atomic(out / "report.md", report)
+    print("\n" + report + f"\nwritten to {out}/: bench.json, bench.csv, report.md" + (f", {plot_name}" if plot_name else ""))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +434,8 @@ def main():
     p.add_argument("--model", default="smollm2")
     p.add_argument("--corpus", default="stdlib")
     p.add_argument("--merges", type=int, nargs="+", default=[64, 256, 1024])
+    p = sub.add_parser("matrix", help="initialisers x objectives + the teacher: pass@1, bits/char, tokens/char")
+    p.add_argument("--config", default="configs/bench_cpu.json", help="bench config (JSON)")
     p = sub.add_parser("train-speed", help="training tokens/s and peak memory")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights")
@@ -224,7 +447,11 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="auto")
     args = parser.parse_args()
-    {"speed": speed, "extension": extension, "train-speed": train_speed}[args.command](args)
+    try:
+        {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix}[args.command](args)
+    except kld.KldError as e:
+        print(f"run_bench: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
