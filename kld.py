@@ -2013,7 +2013,8 @@ SANDBOX_UID_BASE = 61000  # sandbox_uids() takes unused uids from here up when t
 
 def sandbox_uids(n: int, base: int = SANDBOX_UID_BASE) -> list[int]:
     """n user ids that no account holds and no process (zombies included) runs as: one per
-    program, so that RLIMIT_NPROC and kill(-1) act on that program's processes alone."""
+    program, so that RLIMIT_NPROC and kill(-1) act on that program's processes alone.
+    Nothing reserves them: two evaluators running at once as root need different bases."""
     import pwd
 
     taken = {p.pw_uid for p in pwd.getpwall()} | {s.st_uid for s in _process_stats()}
@@ -2063,10 +2064,10 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
     above; at the wall-clock timeout the whole group is killed.
 
     uid (given when the evaluator is root, see sandbox_uids): the child runs as that user
-    (with `python`, an interpreter it can reach: sandbox_python),
-    with no groups, so it cannot write or delete files outside world-writable places,
-    cannot signal the evaluator, and RLIMIT_NPROC bounds its processes; afterwards every
-    process of that uid is killed, also those that left the group. Without uid the child
+    with no groups (and with `python`, an interpreter it can reach: sandbox_python), so it
+    cannot write or delete files outside world-writable places, cannot signal the
+    evaluator, and RLIMIT_NPROC bounds its processes; afterwards every process of that
+    uid is killed, also those that left the group. Without uid the child
     runs as the evaluator's user: RLIMIT_NPROC then counts all that user's processes (it
     is set to those running now + limits.processes), and files the user may write, the
     evaluator's own process included, are not protected.
@@ -2088,21 +2089,21 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
             os.chown(workdir, uid, uid)
             os.chown(path, uid, uid)
         nonce = os.urandom(16).hex().encode()
-        nonce_r, nonce_w = os.pipe()
+        nonce_r, nonce_w = os.pipe()  # the child's stdin, holding the nonce and then end-of-file
+        os.write(nonce_w, nonce)
+        os.close(nonce_w)
         report_r, report_w = os.pipe()
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         args = [python, "-I", "-c", SANDBOX_DRIVER, str(path), str(report_w), str(limits.cpu_s),
                 str(limits.memory_mb << 20), str(limits.output_kb << 10), str(processes)]
         user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
         try:
-            child = subprocess.Popen(args, stdin=nonce_r, stdout=output, stderr=subprocess.STDOUT, cwd=workdir,
-                                     env=env, pass_fds=(report_w,), start_new_session=True, **user)
-        finally:
-            os.close(nonce_r)
-            os.close(report_w)
-        try:
-            os.write(nonce_w, nonce)
-            os.close(nonce_w)
+            try:
+                child = subprocess.Popen(args, stdin=nonce_r, stdout=output, stderr=subprocess.STDOUT, cwd=workdir,
+                                         env=env, pass_fds=(report_w,), start_new_session=True, **user)
+            finally:
+                os.close(nonce_r)  # the child holds its own copies of its ends
+                os.close(report_w)
             timed_out = False
             try:
                 child.wait(timeout=limits.timeout_s)

@@ -6,6 +6,7 @@ hypothesis. Tests marked `real_model` load the embedded SmolLM2-135M-Instruct; t
 skipped only when it is not installed and CI is unset (CI installs it).
 """
 
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -1220,3 +1221,44 @@ def test_embedding_analysis_of_fvt_rows_finds_them_at_their_sub_token_mean():
     assert len(first["nearest"]) == 3 and first["nearest"][0][1] >= first["nearest"][-1][1]
     random_model, random_tok = tiny_student("llama", init="random")
     assert kld.embedding_analysis(random_model, random_tok)["summary"]["in"]["cosine_to_sub_mean"] < 0.9
+
+
+def test_pipeline_evaluates_code_generation_when_tasks_are_given(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
+    out = tmp_path / "run"
+    code = kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--out_dir", str(out),
+                     "--tasks", str(tasks), "--steps", "2", "--exec_timeout", "5"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    codegen = json.loads((out / "codegen.json").read_text())
+    assert results["codegen"] == codegen["summary"] and codegen["summary"]["n_tasks"] == 3
+    assert codegen["settings"]["tasks"] == str(tasks)
+    assert kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--tasks", str(tmp_path / "nope")]) == 2
+
+
+def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
+    import run_bench
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:4]))
+    config = tmp_path / "bench.json"
+    config.write_text(json.dumps({"config": str(FIXTURES.parent / "configs" / "tiny.json"),
+                                  "overrides": {"tasks": str(tasks), "steps": 2, "eval_every": 0, "exec_timeout": 5},
+                                  "inits": ["fvt"], "objectives": ["kl", "ce"], "out_dir": str(tmp_path / "bench")}))
+    args = argparse.Namespace(config=str(config))
+    run_bench.bench_matrix(args)
+    out = tmp_path / "bench"
+    bench = json.loads((out / "bench.json").read_text())
+    assert list(bench["rows"]) == ["teacher", "fvt-kl", "fvt-ce"]
+    assert [c["a"] + " " + c["b"] for c in bench["comparisons"]] == ["teacher fvt-kl", "teacher fvt-ce", "fvt-ce fvt-kl"]
+    csv_rows = (out / "bench.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("row,pass@1,interval_low") and len(csv_rows) == 4
+    assert "| fvt-kl |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    run_bench.bench_matrix(args)  # a second run trains and evaluates nothing again
+    assert capsys.readouterr().out.count("trained earlier") == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"overrides": {"tasks": str(tasks)}, "initialisers": ["fvt"]}))
+    with pytest.raises(kld.KldError, match="unknown bench config keys"):
+        run_bench.read_bench_config(str(bad))
