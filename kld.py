@@ -2287,8 +2287,9 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
 def run(cfg: Config) -> dict:
     """The method end to end: extend the teacher's tokenizer on the domain corpus, initialise
     the new rows, train them, measure teacher and student on held-out code, and answer
-    `cfg.prompt` with the student. Writes config.json, extension.json, new_rows.safetensors
-    and results.json to out_dir (checkpoint.pt while training)."""
+    `cfg.prompt` with the student. Writes config.json, extension.json, new_rows.safetensors,
+    embeddings.json (embedding_analysis) and results.json to out_dir (checkpoint.pt while
+    training), and codegen.json when `cfg.tasks` names code-generation tasks."""
     out = Path(cfg.out_dir)
     write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     torch.manual_seed(cfg.seed)
@@ -2333,6 +2334,7 @@ def run(cfg: Config) -> dict:
         training["history"] += [{**h, "step": cfg.steps + h["step"]} for h in finetuning["history"]]
     write_atomic(out / "new_rows.safetensors", save({"new_in": model.new_in.detach().cpu().contiguous(),
                                                      "new_out": model.new_out.detach().cpu().contiguous()}))
+    write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
     chat = has_chat_template(tokenizer) if cfg.chat is None else cfg.chat
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     [answer] = generate(model, tok, [prompt], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
