@@ -1234,6 +1234,8 @@ def test_pipeline_evaluates_code_generation_when_tasks_are_given(tmp_path):
     codegen = json.loads((out / "codegen.json").read_text())
     assert results["codegen"] == codegen["summary"] and codegen["summary"]["n_tasks"] == 3
     assert codegen["settings"]["tasks"] == str(tasks)
+    embeddings = json.loads((out / "embeddings.json").read_text())
+    assert len(embeddings["tokens"]) == results["n_new_tokens"] and set(embeddings["summary"]) == {"in", "out"}
     assert kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--tasks", str(tmp_path / "nope")]) == 2
 
 
