@@ -2187,12 +2187,22 @@ CODEGEN_KEYS = ("tasks", "n_samples", "pass_k", "max_new_tokens", "temperature",
                 "system_prompt", "exec_timeout")
 
 
-def codegen_options(cfg: Config, chat: bool) -> dict:
-    """The keyword arguments of evaluate_codegen that a Config sets."""
-    return {"chat": chat, "n_samples": cfg.n_samples, "ks": cfg.pass_k, "max_new_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "batch_size": cfg.gen_batch_size,
-            "system_prompt": cfg.system_prompt, "workers": cfg.exec_workers,
-            "limits": SandboxLimits(timeout_s=cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout)))}
+def uses_chat(cfg: Config, tokenizer: Tokenizer) -> bool:
+    """Prompt in the chat template: as `cfg.chat` says, or when the tokenizer has one."""
+    return has_chat_template(tokenizer) if cfg.chat is None else cfg.chat
+
+
+def evaluate_codegen_as_configured(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks: list[Task],
+                                   cfg: Config) -> dict:
+    """evaluate_codegen with the settings of `cfg`, recorded in the result under "settings"."""
+    chat = uses_chat(cfg, getattr(tokenizer, "base", tokenizer))
+    result = evaluate_codegen(
+        model, tokenizer, tasks, chat=chat, n_samples=cfg.n_samples, ks=cfg.pass_k, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size,
+        system_prompt=cfg.system_prompt, workers=cfg.exec_workers,
+        limits=SandboxLimits(timeout_s=cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout))))
+    result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
+    return result
 
 
 def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks: list[Task], *, chat: bool,
@@ -2284,6 +2294,23 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
+def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
+                 out: Path) -> list[dict]:
+    """Train the new rows and the last `cfg.finetune_layers` blocks on, against a teacher
+    that keeps its own frozen copy of those blocks; write finetuned_blocks.safetensors."""
+    from safetensors.torch import save
+
+    print(f"second stage: the new rows and {'all' if cfg.finetune_layers < 0 else cfg.finetune_layers} "
+          f"blocks, {cfg.finetune_steps} steps")
+    teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
+    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+    finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model)
+    blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
+    write_atomic(out / "finetuned_blocks.safetensors", save(blocks))
+    model.requires_grad_(False)
+    return finetuning["history"]
+
+
 def run(cfg: Config) -> dict:
     """The method end to end: extend the teacher's tokenizer on the domain corpus, initialise
     the new rows, train them, measure teacher and student on held-out code, and answer
@@ -2322,20 +2349,13 @@ def run(cfg: Config) -> dict:
     from safetensors.torch import save
 
     if cfg.finetune_layers and cfg.finetune_steps:
-        print(f"second stage: the new rows and {'all' if cfg.finetune_layers < 0 else cfg.finetune_layers} "
-              f"blocks, {cfg.finetune_steps} steps")
-        teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
-        stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
-        finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model)
-        final = finetuning["history"][-1] if finetuning["history"] else final
-        blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
-        write_atomic(out / "finetuned_blocks.safetensors", save(blocks))
-        model.requires_grad_(False)
-        training["history"] += [{**h, "step": cfg.steps + h["step"]} for h in finetuning["history"]]
+        history = second_stage(model, tok, cfg, stream, chunks, out)
+        final = history[-1] if history else final
+        training["history"] += [{**h, "step": cfg.steps + h["step"]} for h in history]
     write_atomic(out / "new_rows.safetensors", save({"new_in": model.new_in.detach().cpu().contiguous(),
                                                      "new_out": model.new_out.detach().cpu().contiguous()}))
     write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
-    chat = has_chat_template(tokenizer) if cfg.chat is None else cfg.chat
+    chat = uses_chat(cfg, tokenizer)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     [answer] = generate(model, tok, [prompt], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_p=cfg.top_p, stop=cfg.stop, stop_ids=stop_token_ids(model.cfg, tokenizer, chat),
@@ -2349,8 +2369,7 @@ def run(cfg: Config) -> dict:
     }
     if tasks:
         print(f"code generation: {len(tasks)} tasks x {cfg.n_samples} samples from {cfg.tasks}")
-        codegen = evaluate_codegen(model, tok, tasks, **codegen_options(cfg, chat))
-        codegen["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
+        codegen = evaluate_codegen_as_configured(model, tok, tasks, cfg)
         write_atomic(out / "codegen.json", json.dumps(codegen, indent=1) + "\n")
         results["codegen"] = codegen["summary"]
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -255,9 +255,7 @@ def cached_codegen(path: Path, cfg):
 def evaluate_row(model, tokenizer, tasks, cfg, path: Path):
     codegen = cached_codegen(path, cfg)
     if codegen is None:
-        chat = kld.has_chat_template(getattr(tokenizer, "base", tokenizer)) if cfg.chat is None else cfg.chat
-        codegen = kld.evaluate_codegen(model, tokenizer, tasks, **kld.codegen_options(cfg, chat))
-        codegen["settings"] = {key: getattr(cfg, key) for key in kld.CODEGEN_KEYS}
+        codegen = kld.evaluate_codegen_as_configured(model, tokenizer, tasks, cfg)
         kld.write_atomic(path, json.dumps(codegen, indent=1) + "\n")
     return codegen
 
