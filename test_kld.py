@@ -10,6 +10,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -992,11 +993,9 @@ def test_every_canonical_solution_passes_and_a_wrong_one_fails():
 
 
 def test_task_file_is_built_from_its_readable_source():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(BENCH))
+    spec = importlib.util.spec_from_file_location("build_tasks", BENCH / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
     expected = build.to_jsonl(build.parse_tasks((BENCH / "kld150.txt").read_text()))
     assert (BENCH / "kld150.jsonl").read_text() == expected  # run bench_tasks/build.py after editing kld150.txt
 
