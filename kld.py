@@ -1961,7 +1961,7 @@ def candidate_source(task: Task, completion: str, chat: bool) -> str:
     return task.prompt.rstrip() + "\n\n\n" + code + "\n"
 
 
-def test_program(task: Task, source: str) -> str:
+def program_with_tests(task: Task, source: str) -> str:
     """The program run in the sandbox: the candidate, the task's tests, the call that runs them."""
     return f"{source}\n\n{task.test}\n\ncheck({task.entry_point})\n"
 
@@ -2229,7 +2229,7 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
     generation_s = time.perf_counter() - t0
     owners = [t for t in tasks for _ in range(n_samples)]
     sources = [candidate_source(t, c.text, chat) for t, c in zip(owners, completions)]
-    results = sandbox_run_all([test_program(t, s) for t, s in zip(owners, sources)], limits, workers)
+    results = sandbox_run_all([program_with_tests(t, s) for t, s in zip(owners, sources)], limits, workers)
     samples, per_task = [], {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     n_chars = n_tokens = n_new = 0
     for task, completion, source, result in zip(owners, completions, sources, results):

@@ -983,8 +983,8 @@ def sandbox(program: str, limits: kld.SandboxLimits = LIMITS) -> kld.RunResult:
 def test_every_canonical_solution_passes_and_a_wrong_one_fails():
     tasks = kld.read_tasks(BENCH)
     assert len(tasks) >= 150 and len({t.entry_point for t in tasks}) == len(tasks)
-    right = [kld.test_program(t, t.prompt + t.canonical_solution) for t in tasks]
-    wrong = [kld.test_program(t, t.prompt + "    return None\n") for t in tasks]
+    right = [kld.program_with_tests(t, t.prompt + t.canonical_solution) for t in tasks]
+    wrong = [kld.program_with_tests(t, t.prompt + "    return None\n") for t in tasks]
     results = kld.sandbox_run_all(right + wrong, LIMITS)
     failed = [(t.task_id, r.detail) for t, r in zip(tasks, results) if r.status != "passed"]
     assert not failed
@@ -1032,7 +1032,7 @@ def test_a_chat_answer_becomes_a_program_whether_it_holds_the_def_or_only_the_bo
     answers = ["def add(a, b):\n    return a + b\n", "return a + b", "    return a + b\n", "def add(a, b):\n    return a - b\n"]
     sources = [kld.candidate_source(task, a, chat=True) for a in answers]
     sources.append(kld.candidate_source(task, "    return a + b\n", chat=False))
-    results = kld.sandbox_run_all([kld.test_program(task, s) for s in sources], LIMITS)
+    results = kld.sandbox_run_all([kld.program_with_tests(task, s) for s in sources], LIMITS)
     assert [r.status for r in results] == ["passed", "passed", "passed", "failed", "passed"]
 
 
