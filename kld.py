@@ -2216,6 +2216,8 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
     the generated text; the share of new tokens among the generated tokens; generated
     characters per second. "tasks" holds per-task n, c and pass@k, "samples" each program.
     """
+    if not tasks:
+        raise KldError("no tasks to evaluate")
     if n_samples < 1 or (n_samples > 1 and temperature == 0):
         raise KldError("n_samples must be 1 for greedy decoding, or temperature > 0 for more samples")
     ks = sorted({k for k in ks if k <= n_samples}) or [1]
@@ -2226,7 +2228,7 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
     completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, stop=CHAT_STOPS if chat else BASE_STOPS, stop_ids=stop_ids, seed=seed,
                            batch_size=batch_size)
-    generation_s = time.perf_counter() - t0
+    generation_s = max(time.perf_counter() - t0, 1e-9)
     owners = [t for t in tasks for _ in range(n_samples)]
     sources = [candidate_source(t, c.text, chat) for t, c in zip(owners, completions)]
     results = sandbox_run_all([program_with_tests(t, s) for t, s in zip(owners, sources)], limits, workers)
