@@ -383,13 +383,13 @@ def plot_embeddings(out: Path, rows, values) -> str | None:
     base = model.embed.weight.detach().float()
     mean = base.mean(0)
     axes_2d = torch.linalg.svd(base - mean, full_matrices=False).Vh[:2].T  # (d, 2)
-    sample = (base - mean)[torch.randperm(len(base), generator=torch.Generator().manual_seed(0))[:4000]] @ axes_2d
+    base_points = (base - mean) @ axes_2d
     cols = math.ceil(len(students) / 2)
     fig, grid = plt.subplots(2, cols, figsize=(4 * cols, 8), squeeze=False, sharex=True, sharey=True)
     for ax, name in zip(grid.T.flat, students):
         new_in = kld.read_safetensors(out / name / "new_rows.safetensors")["new_in"].float()
         points = (new_in - mean) @ axes_2d
-        ax.scatter(sample[:, 0], sample[:, 1], s=2, c="0.8", label="base rows")
+        ax.scatter(base_points[:, 0], base_points[:, 1], s=1, c="0.8", rasterized=True, label="base rows")
         ax.scatter(points[:, 0], points[:, 1], s=6, c="tab:blue", label="new rows")
         ax.set_title(name)
     grid.flat[0].legend(loc="upper right", fontsize=8)
