@@ -1556,19 +1556,22 @@ def teacher_logprobs(model: GPT, teacher_seqs: list[list[int]]) -> list[torch.Te
         return [torch.log_softmax(x, dim=-1) for x in sequence_logits(model, teacher_seqs, base_only=True)]
 
 
+def lifted_targets(tok: ExtendedTokenizer, windows: list[list[int]], teacher_logp: list[torch.Tensor]) -> list[LiftedTargets]:
+    """p' at every predicted position of each window. Window w holds student ids whose
+    first is context only; teacher_logp holds the teacher's rows for exp(w)."""
+    targets = []
+    for w, logp in zip(windows, teacher_logp):
+        first = len(tok.expand(w[:1]))  # teacher tokens of the context token
+        targets.append(lift_path(logp[first - 1 :], list(tok.expand(w[1:])), coarsening_span_starts(w[1:], tok), tok))
+    return targets
+
+
 def lifted_kl(tok: ExtendedTokenizer, windows: list[list[int]], student_logits: list[torch.Tensor],
               teacher_logp: list[torch.Tensor]) -> torch.Tensor:
-    """KL(p'_j || q_j) at every predicted position of every window, concatenated.
-
-    Window w holds student ids whose first is context only; teacher_logp holds the
-    teacher's rows for exp(w), and student_logits the student's for w.
-    """
-    losses = []
-    for w, q, logp in zip(windows, student_logits, teacher_logp):
-        first = len(tok.expand(w[:1]))  # teacher tokens of the context token
-        targets = lift_path(logp[first - 1 :], list(tok.expand(w[1:])), coarsening_span_starts(w[1:], tok), tok)
-        losses.append(kl_to_lifted(targets, q, tok))
-    return torch.cat(losses)
+    """KL(p'_j || q_j) at every predicted position of every window, concatenated
+    (student_logits: the student's rows for each window)."""
+    targets = lifted_targets(tok, windows, teacher_logp)
+    return torch.cat([kl_to_lifted(t, q, tok) for t, q in zip(targets, student_logits)])
 
 
 def window_losses(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
@@ -1591,9 +1594,13 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
 
     bits_per_char = -log2 P(x) / len(x) over the model's own tokens (the teacher's when
-    student=False), tokens_per_char, and for the student the mean KL to the lifted teacher.
+    student=False), tokens_per_char, and for the student: the mean KL to the lifted
+    teacher; new_token_share, the share of its tokens that are new; and at the positions
+    whose next token is new, the mean mass on new tokens of q (new_token_mass) and of p'
+    (target_new_token_mass): whether the student expects its new tokens where they occur.
     """
     nats = chars = tokens = kl = positions = 0.0
+    new_positions = new_mass = target_new_mass = 0.0
     for i in range(0, len(chunks), batch_size):
         batch = chunks[i : i + batch_size]
         chars += sum(len(tok.base.decode(c)) for c in batch)
@@ -1602,14 +1609,23 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
         logits = sequence_logits(model, seqs, base_only=not student)
         for s, x in zip(seqs, logits):
             nats -= torch.log_softmax(x, -1).gather(1, torch.tensor(s[1:], device=x.device)[:, None]).sum().item()
-        if student:
-            teacher_logp = teacher_logprobs(teacher or model, [list(tok.expand(s)) for s in seqs])
-            per_position = lifted_kl(tok, seqs, logits, teacher_logp)
+        if not student:
+            continue
+        teacher_logp = teacher_logprobs(teacher or model, [list(tok.expand(s)) for s in seqs])
+        for s, x, target in zip(seqs, logits, lifted_targets(tok, seqs, teacher_logp)):
+            per_position = kl_to_lifted(target, x, tok)
             kl += per_position.sum().item()
             positions += len(per_position)
+            next_is_new = torch.tensor(s[1:], device=x.device) >= tok.base_vocab_size
+            new_positions += next_is_new.sum().item()
+            new_mass += torch.softmax(x, -1)[next_is_new, tok.base_vocab_size :].sum().item()
+            target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
     out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
     if student:
         out["kl"] = kl / positions
+        out["new_token_share"] = new_positions / tokens
+        out["new_token_mass"] = new_mass / new_positions if new_positions else None
+        out["target_new_token_mass"] = target_new_mass / new_positions if new_positions else None
     return out
 
 

@@ -4,6 +4,7 @@
     python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
     python run_bench.py matrix [--config configs/bench_cpu.json]
+    python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -23,6 +24,11 @@ initialiser x objective (training a cell unless it was trained earlier under the
 training config), evaluates each student and the teacher on the code-generation tasks, and
 writes bench.json, bench.csv, report.md (table, intervals, paired comparisons, where the
 new rows sit) and, with matplotlib installed, embeddings.png.
+
+heldout: each finished run's student on its own held-out text: bits per character, KL to
+the lifted teacher, the share of new tokens in the text, and at the positions whose next
+token is new, the mass the student and the lifted teacher put on new tokens (does the
+student expect its new tokens where they occur?).
 """
 
 import argparse
@@ -418,6 +424,20 @@ def bench_matrix(args):
     print("\n" + report + f"\nwritten to {out}/: bench.json, bench.csv, report.md" + (f", {plot_name}" if plot_name else ""))
 
 
+def heldout(args):
+    device = kld.resolve_device(args.device)
+    print("| run | bits/char | KL | new-token share | student mass on new | lifted teacher's mass on new |")
+    print("|---|---|---|---|---|---|")
+    for run in args.runs:
+        cfg = kld.load_config(str(Path(run) / "config.json"))
+        model, tok = kld.load_student(run, device=device)
+        _, texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
+        chunks = kld.eval_chunks(tok.base, texts, cfg.eval_chars, cfg.eval_window)
+        m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size)
+        print(f"| {run} | {m['bits_per_char']:.4f} | {m['kl']:.4f} | {m['new_token_share']:.1%} | "
+              f"{m['new_token_mass']:.3f} | {m['target_new_token_mass']:.3f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -434,6 +454,9 @@ def main():
     p.add_argument("--merges", type=int, nargs="+", default=[64, 256, 1024])
     p = sub.add_parser("matrix", help="initialisers x objectives + the teacher: pass@1, bits/char, tokens/char")
     p.add_argument("--config", default="configs/bench_cpu.json", help="bench config (JSON)")
+    p = sub.add_parser("heldout", help="finished students on their held-out text: do they expect their new tokens?")
+    p.add_argument("runs", nargs="+", help="out_dir of a finished kld run")
+    p.add_argument("--device", default="auto")
     p = sub.add_parser("train-speed", help="training tokens/s and peak memory")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights")
@@ -446,7 +469,8 @@ def main():
     p.add_argument("--device", default="auto")
     args = parser.parse_args()
     try:
-        {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix}[args.command](args)
+        {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix,
+         "heldout": heldout}[args.command](args)
     except kld.KldError as e:
         print(f"run_bench: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -867,6 +867,24 @@ def test_each_objective_lowers_its_held_out_loss(tmp_path, capsys):
         assert after < (1 - margin) * before, (objective, before, after)
 
 
+def test_evaluate_measures_where_the_student_expects_its_new_tokens():
+    """new_token_share counts the new tokens of the held-out text exactly; with mean output
+    rows, Jensen bounds the student's mass on the N new tokens by N / (V + N) everywhere
+    (init_mean); the lifted teacher's mass on them is a probability too."""
+    model, tok = tiny_student("llama", init="fvt", init_output="mean")
+    _, heldout = kld.load_corpus(TINY_RUN["corpus"], 0.3)
+    chunks = kld.eval_chunks(tok.base, heldout, 3000, 48)
+    sep = kld.separator_id(model.cfg)
+    out = kld.evaluate(model, tok, chunks, sep, 8)
+    student_ids = [tok.merge(c) for c in chunks]
+    n_new = sum(i >= tok.base_vocab_size for ids in student_ids for i in ids)
+    assert n_new > 0
+    assert out["new_token_share"] == pytest.approx(n_new / sum(map(len, student_ids)))
+    assert 0 < out["new_token_mass"] <= len(tok.merges) / tok.vocab_size
+    assert 0 < out["target_new_token_mass"] <= 1
+    assert kld.evaluate(model, tok, chunks, sep, 1) == pytest.approx(out)
+
+
 def test_interrupted_training_resumes_to_the_same_rows(tmp_path, monkeypatch, capsys):
     cfg = train_cfg(steps=6, eval_every=2)
 
@@ -1259,6 +1277,9 @@ def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
     capsys.readouterr()
     run_bench.bench_matrix(args)  # a second run trains and evaluates nothing again
     assert capsys.readouterr().out.count("trained earlier") == 2
+    run_bench.heldout(argparse.Namespace(runs=[str(out / "fvt-kl")], device="cpu"))  # re-evaluates the saved student
+    row = capsys.readouterr().out.splitlines()[-1].split(" | ")
+    assert row[1] == f"{bench['rows']['fvt-kl']['held_out']['bits_per_char']:.4f}"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"overrides": {"tasks": str(tasks)}, "initialisers": ["fvt"]}))
     with pytest.raises(kld.KldError, match="unknown bench config keys"):
