@@ -2412,10 +2412,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kld: error: {e}", file=sys.stderr)
         return 2
     teacher, student = result["teacher"], result["student"]
-    print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}")
-    print(f"{'teacher':24s}{teacher['bits_per_char']:10.4f}{teacher['tokens_per_char']:13.4f}")
+    def mass(x):
+        return f"{x:13.3f}" if x is not None else f"{'-':>13s}"
+
+    # "mass on new": at the positions whose next token is new, the mass on new tokens of
+    # each student and of the lifted teacher (p'), which the students are trained toward.
+    print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}{'mass on new':>13s}")
+    print(f"{'teacher':24s}{teacher['bits_per_char']:10.4f}{teacher['tokens_per_char']:13.4f}{'':9s}"
+          f"{mass(student['target_new_token_mass'])}")
     for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
-        print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}")
+        print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}{mass(m['new_token_mass'])}")
     if "codegen" in result:
         codegen = result["codegen"]
         low, high = codegen["pass@1_interval"]
