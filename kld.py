@@ -2221,6 +2221,13 @@ def evaluate_codegen_as_configured(model: GPT, tokenizer: Tokenizer | ExtendedTo
     return result
 
 
+def check_sampling(n_samples: int, temperature: float):
+    """Greedy decoding gives one program per task; more need temperature > 0."""
+    if n_samples < 1 or (n_samples > 1 and temperature == 0):
+        raise KldError(f"n_samples {n_samples} with temperature {temperature}: n_samples must be 1 for greedy "
+                       "decoding, or temperature > 0 for more samples")
+
+
 def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks: list[Task], *, chat: bool,
                      n_samples: int = 1, ks: list[int] = (1,), max_new_tokens: int = 256, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, batch_size: int = 8, system_prompt: str = "",
@@ -2234,8 +2241,7 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
     """
     if not tasks:
         raise KldError("no tasks to evaluate")
-    if n_samples < 1 or (n_samples > 1 and temperature == 0):
-        raise KldError("n_samples must be 1 for greedy decoding, or temperature > 0 for more samples")
+    check_sampling(n_samples, temperature)
     ks = sorted({k for k in ks if k <= n_samples}) or [1]
     base_vocab = getattr(tokenizer, "base_vocab_size", None)
     prompts = [task_prompt(t, chat, system_prompt) for t in tasks for _ in range(n_samples)]
@@ -2344,6 +2350,8 @@ def run(cfg: Config) -> dict:
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
     train_texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
+    if tasks:
+        check_sampling(cfg.n_samples, cfg.temperature)  # before hours of training, not after
     checkpoint, extension_file = out / "checkpoint.pt", out / "extension.json"
     if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
         tok = load_extension(extension_file, tokenizer)

@@ -1254,6 +1254,22 @@ def test_pipeline_evaluates_code_generation_when_tasks_are_given(tmp_path):
     embeddings = json.loads((out / "embeddings.json").read_text())
     assert len(embeddings["tokens"]) == results["n_new_tokens"] and set(embeddings["summary"]) == {"in", "out"}
     assert kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--tasks", str(tmp_path / "nope")]) == 2
+    greedy = tmp_path / "greedy"  # several greedy samples are refused before training, not after
+    assert kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--out_dir", str(greedy),
+                     "--tasks", str(tasks), "--n_samples", "3"]) == 2
+    assert not (greedy / "checkpoint.pt").exists() and not (greedy / "new_rows.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (FIXTURES.parent / "configs").glob("*.json")))
+def test_every_shipped_config_is_valid(name, monkeypatch):
+    import run_bench
+
+    monkeypatch.chdir(FIXTURES.parent)  # the configs name files relative to the repository
+    path = f"configs/{name}"
+    if name.startswith("bench_"):
+        run_bench.read_bench_config(path)
+    else:
+        kld.load_config(path)
 
 
 def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
