@@ -1607,18 +1607,22 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
         seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]
         tokens += sum(len(s) - 1 for s in seqs)
         logits = sequence_logits(model, seqs, base_only=not student)
-        for s, x in zip(seqs, logits):
-            nats -= torch.log_softmax(x, -1).gather(1, torch.tensor(s[1:], device=x.device)[:, None]).sum().item()
-        if not student:
-            continue
-        teacher_logp = teacher_logprobs(teacher or model, [list(tok.expand(s)) for s in seqs])
-        for s, x, target in zip(seqs, logits, lifted_targets(tok, seqs, teacher_logp)):
+        targets = [None] * len(seqs)
+        if student:
+            teacher_logp = teacher_logprobs(teacher or model, [list(tok.expand(s)) for s in seqs])
+            targets = lifted_targets(tok, seqs, teacher_logp)
+        for s, x, target in zip(seqs, logits, targets):
+            next_ids = torch.tensor(s[1:], device=x.device)
+            logq = torch.log_softmax(x, -1)
+            nats -= logq.gather(1, next_ids[:, None]).sum().item()
+            if target is None:
+                continue
             per_position = kl_to_lifted(target, x, tok)
             kl += per_position.sum().item()
             positions += len(per_position)
-            next_is_new = torch.tensor(s[1:], device=x.device) >= tok.base_vocab_size
+            next_is_new = next_ids >= tok.base_vocab_size
             new_positions += next_is_new.sum().item()
-            new_mass += torch.softmax(x, -1)[next_is_new, tok.base_vocab_size :].sum().item()
+            new_mass += logq[next_is_new, tok.base_vocab_size :].exp().sum().item()
             target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
     out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
     if student:
@@ -2420,6 +2424,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kld: error: {e}", file=sys.stderr)
         return 2
     teacher, student = result["teacher"], result["student"]
+
     def mass(x):
         return f"{x:13.3f}" if x is not None else f"{'-':>13s}"
 

@@ -434,8 +434,8 @@ def heldout(args):
         _, texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
         chunks = kld.eval_chunks(tok.base, texts, cfg.eval_chars, cfg.eval_window)
         m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size)
-        print(f"| {run} | {m['bits_per_char']:.4f} | {m['kl']:.4f} | {m['new_token_share']:.1%} | "
-              f"{m['new_token_mass']:.3f} | {m['target_new_token_mass']:.3f} |")
+        masses = [f"{x:.3f}" if x is not None else "-" for x in (m["new_token_mass"], m["target_new_token_mass"])]
+        print(f"| {run} | {m['bits_per_char']:.4f} | {m['kl']:.4f} | {m['new_token_share']:.1%} | {' | '.join(masses)} |")
 
 
 def main():
