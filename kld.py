@@ -99,6 +99,9 @@ class Config:
     init_output: typing.Optional[str] = None  # the same choice for the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
     objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
+    lift: str = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (exact for likely tokens)
+    lift_min_prob: float = 0.01  # trie mode: evaluate a trie node off the realised text when its P reaches this
+    lift_condition: bool = True  # condition each target on the student's previous token (what tau' would have merged)
     steps: int = 100  # optimizer steps
     batch_size: int = 4  # windows per step
     seq_len: int = 128  # student tokens per window (plus one of context)
@@ -355,6 +358,15 @@ class KVCache:
         self.padded |= valid is not None
         self.length += n_new
 
+    def reserve(self, max_len: int):
+        """Make room for `max_len` slots in all, keeping what is filled (the lift's tree grows)."""
+        extra = max_len - self.valid.shape[1]
+        if extra <= 0:
+            return
+        self.k = [F.pad(k, (0, 0, 0, extra)) for k in self.k]  # (B, Hkv, max_len, hd)
+        self.v = [F.pad(v, (0, 0, 0, extra)) for v in self.v]
+        self.valid = F.pad(self.valid, (0, extra))
+
     def keep_rows(self, rows: torch.Tensor):
         """Drop the batch rows not in `rows` (finished sequences stop costing compute)."""
         self.k = [k[rows] for k in self.k]
@@ -467,7 +479,7 @@ class GPT(nn.Module):
         return torch.where(is_new, F.embedding((ids - V).clamp(min=0), self.new_in), x)
 
     def forward(self, ids, valid=None, cache: KVCache | None = None, last_only: bool = False,
-                base_only: bool = False):
+                base_only: bool = False, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """Logits for ids (B, T).
 
         valid (B, T): False marks padding (left padding for batched prompts), None: no
@@ -477,10 +489,14 @@ class GPT(nn.Module):
         last_only: logits of the last column only, (B, 1, V): all a decoder needs.
         base_only: logits over the base vocabulary only (the teacher's view), even when
         new tokens have rows.
+        positions (B, T) and mask (B, 1, T, past + T), given together: any attention
+        pattern, e.g. a tree of branches over a cached prefix (the lift's trie mode).
         """
         B, T = ids.shape
         n_past = cache.length if cache is not None else 0
-        if valid is None and (cache is None or not cache.padded):
+        if mask is not None:
+            is_causal = False
+        elif valid is None and (cache is None or not cache.padded):
             key_valid = None
             positions = torch.arange(n_past, n_past + T, device=ids.device).expand(B, T)
         else:
@@ -489,13 +505,15 @@ class GPT(nn.Module):
             key_valid = torch.cat([past_valid, new_valid], dim=1)  # (B, n_past + T)
             positions = past_valid.sum(1, keepdim=True) + new_valid.cumsum(1) - 1  # (B, T)
             positions = positions.clamp(min=0)  # padding before a row's first token
-        mask, is_causal = attention_mask(key_valid, n_past, T, ids.device)
+        if mask is None:
+            mask, is_causal = attention_mask(key_valid, n_past, T, ids.device)
 
         x = self.embed_ids(ids)  # (B, T, C)
         rope = None
         if self.pos_embed is not None:
-            if n_past + T > self.cfg.max_positions:  # positions <= slots: checked without a GPU sync
-                raise KldError(f"{n_past + T} positions asked of a model with {self.cfg.max_positions}")
+            last = int(positions.max()) + 1 if mask is not None else n_past + T  # else positions <= slots: no GPU sync
+            if last > self.cfg.max_positions:
+                raise KldError(f"{last} positions asked of a model with {self.cfg.max_positions}")
             x = x + self.pos_embed(positions)
         else:
             rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
@@ -1346,75 +1364,238 @@ class LiftedTargets:
     span_logp: torch.Tensor  # (m,) float64: log P(span) = sum of the teacher's log-probs over the span
 
 
-def lift_path(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int], tok: ExtendedTokenizer) -> LiftedTargets:
-    """Path-mode lift (METHOD.md section 3) from one teacher pass.
+# The lift in three steps, at each student position j whose span starts at teacher token a:
+#   1. which sequences: walk the trie of new-token expansions from the base tokens that
+#      start one, wherever the teacher has a row (its next-token distribution) at the node;
+#   2. their path probabilities P(u), the chain rule along the walk;
+#   3. p'(v) = P(exp v) - sum of P(exp w) over the trie children w of v that were walked.
+# A *node* is a context the teacher can be asked about, written (b, xs): the window's
+# realised teacher tokens t_<b, then tokens xs that leave the realised text (xs[0] != t_b).
+# Nodes (b, ()) are rows of the one teacher pass over the window (path mode reads only
+# these); nodes with xs are branches, which trie mode evaluates with tree attention
+# (`teacher_targets`). Both modes run the same three steps; they differ in the rows given.
+#
+# Conditioning on the student's past: after the student emitted v, tau' would have emitted
+# a longer token w (a trie child of v) had the text gone on with exp(w)[|exp v|:]. So at
+# the next position those suffixes, the *extensions* of v, cannot come: step 1 walks them
+# too, step 3 gives them and what extends them p' = 0 and renormalises by Z = 1 - P(them).
 
-    logp (n, |V|): row i is the teacher's log-distribution of teacher token i given the
-    tokens before it (the log_softmax of the logits one position earlier). Student token j
-    covers teacher tokens [span_starts[j], span_starts[j+1]) (the last one runs to n).
+Node = tuple[int, tuple[int, ...]]
 
-    At each span start a, U holds every length-1 sequence and every sequence that follows
-    the realised teacher tokens t_a, t_a+1, ... and then takes any token: its probability
-    P(u) is the chain-rule product along u, read off the one pass. A new token w is a
-    candidate when exp(w) is in U, i.e. exp(w) leaves the realised path only at its last
-    token. Under longest match,
-        p'(v) = P(exp(v)) - sum of P(exp(w)) over candidates w whose trie parent is v,
-    for base tokens and candidates alike; other new tokens get p' = 0 (their mass stays on
-    their parent). The sum telescopes to 1 and each p' >= 0, up to rounding (clamped).
-    P is exact on U, so p'(v) is exact for every v whose children in V' all lie in U.
+
+@dataclass
+class LiftTrie:
+    """The lift's lookup tables for one extension, built once by `lift_trie`. Sequences are
+    tuples of base ids; a sequence's *children* are the tokens that can follow it in the trie."""
+
+    children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> the x with u + (x,) in the trie
+    new_token: dict[tuple[int, ...], int]  # exp(w) -> w, for every new token w
+    roots: torch.Tensor  # (R,) long: the base tokens that start an expansion
+    extensions: dict[int, frozenset[tuple[int, ...]]]  # v -> {exp(w)[|exp v|:] for every trie child w of v}
+    extension_children: dict[int, dict[tuple[int, ...], tuple[int, ...]]]  # `children` of each v's extensions
+    alphabet: torch.Tensor  # (A,) long: every base id in an expansion; the lift reads only these columns
+    column: dict[int, int]  # base id -> its column in `alphabet`
+
+
+def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """For every proper prefix u of the sequences, the tokens that follow it:
+    prefix_children([(1, 2), (1, 2, 3), (1, 4)]) == {(1,): (2, 4), (1, 2): (3,)}."""
+    children: dict[tuple[int, ...], dict[int, None]] = {}
+    for s in seqs:
+        for k in range(1, len(s)):
+            children.setdefault(s[:k], {})[s[k]] = None  # a dict keeps the order and drops repeats
+    return {u: tuple(xs) for u, xs in children.items()}
+
+
+def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
+    """The lookup tables of the lift for tau' (tok): the trie of expansions and the extensions of each token."""
+    V = tok.base_vocab_size
+    extensions: dict[int, set[tuple[int, ...]]] = {}
+    for i, e in enumerate(tok.expansions):
+        v = tok.parents[i]  # the token whose expansion is the longest proper prefix of e
+        extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
+    alphabet = sorted({t for e in tok.expansions for t in e})
+    return LiftTrie(
+        children=prefix_children(tok.expansions),
+        new_token={e: V + i for i, e in enumerate(tok.expansions)},
+        roots=torch.tensor(sorted({e[0] for e in tok.expansions}), dtype=torch.long),
+        extensions={v: frozenset(fs) for v, fs in extensions.items()},
+        extension_children={v: prefix_children(fs) for v, fs in extensions.items()},
+        alphabet=torch.tensor(alphabet, dtype=torch.long),
+        column={t: c for c, t in enumerate(alphabet)},
+    )
+
+
+def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.ndarray, branches: dict,
+              trie: LiftTrie, extensions: frozenset, extension_children: dict, min_logp: float):
+    """Steps 1 and 2 of the lift at span start a: which sequences, and their log P.
+
+    From each root, follow the trie (and the extensions of the previous student token)
+    while the teacher has a row at the node: realised[b] (the window's pass, at the
+    alphabet's columns) on the realised path, branches[(b, xs)] off it. Returns log P of
+    every new-token expansion and extension reached, and the nodes without a row whose P
+    is at least exp(min_logp): the branches worth evaluating next.
+    """
+    n = len(teacher_ids)
+    log_p: dict[tuple[int, ...], float] = {}
+    wanted: set[Node] = set()
+
+    def visit(seq: tuple[int, ...], lp: float, node: Node):
+        b, xs = node
+        row = branches.get(node) if xs else (realised[b] if b < len(realised) else None)
+        if row is None:  # the teacher has not been asked here (yet)
+            if lp >= min_logp:
+                wanted.add(node)
+            return
+        for x in trie.children.get(seq, ()) + extension_children.get(seq, ()):
+            child = seq + (x,)
+            if child in log_p:
+                continue  # reached already: through the trie and as an extension
+            log_p[child] = lp + row[trie.column[x]]  # chain rule: P(u x) = P(u) p(x | u)
+            on_path = not xs and b < n and teacher_ids[b] == x
+            if child in trie.children or child in extension_children:
+                visit(child, log_p[child], (b + 1, ()) if on_path else (b, xs + (x,)))
+
+    for r in roots:
+        seq = (r,)
+        log_p[seq] = realised[a][trie.column[r]]
+        if seq in trie.children or seq in extension_children:
+            visit(seq, log_p[seq], (a + 1, ()) if r == teacher_ids[a] else (a, seq))
+    found = {s: lp for s, lp in log_p.items() if s in trie.new_token or s in extensions}
+    return found, wanted
+
+
+def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset, base_p) -> tuple[dict, float]:
+    """Step 3 of the lift: p'(v) = P(exp v) - sum of P(exp w) over w in D(v), the walked
+    sequences whose nearest walked prefix is exp(v) (a base token when none is walked).
+    Extensions (the suffixes that tau' would have merged into the previous token) and all
+    that extends them get p' = 0; the rest is renormalised by Z = 1 - P(extensions).
+
+    P: probabilities of the walked sequences; base_p(x): P of base token x. Returns p' of
+    every walked sequence and of every base token one hangs from, and Z. Example, base
+    tokens a, b, c, new tokens ab and abc, P(a) = 0.5, P(ab) = 0.3, P(abc) = 0.1:
+    p'(a) = 0.2, p'(ab) = 0.2, p'(abc) = 0.1, and every other base token keeps its P;
+    after a previous token whose extension is (c,), P(c) = 0.2: p'(c) = 0 and Z = 0.8.
+    """
+    mass = dict(P)
+    parent = {}
+    for s in sorted(P, key=len):
+        k = len(s) - 1
+        while k > 1 and s[:k] not in P:
+            k -= 1
+        if k >= 1:  # a sequence of one token is a base token, the top of the trie
+            parent[s] = s[:k]
+            if s[:k] not in mass:
+                mass[s[:k]] = base_p(s[0])
+    for s, up in parent.items():
+        mass[up] -= P[s]  # each sequence's mass leaves its nearest walked prefix
+    dropped = set()
+    for s in sorted(P, key=len):  # parents before children
+        if s in extensions or parent.get(s) in dropped:
+            dropped.add(s)
+    Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)
+    return {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}, Z
+
+
+def lift(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
+         prev_token: int | None = None, branches: dict | None = None, min_prob: float = math.inf,
+         condition: bool = True) -> tuple[LiftedTargets, set[Node]]:
+    """p' over V' at every student position of one window (METHOD.md section 3).
+
+    logp (n or n + 1, |V|): row b is the teacher's log p(. | t_<b) over the window's n
+    teacher tokens (a row n, after the window, lets the walk reach past its end). Student
+    token j covers teacher tokens [span_starts[j], span_starts[j + 1]); prev_token is the
+    student token before the window (None: no conditioning at the first position).
+    branches: rows of the teacher at branch nodes, (A,) at trie.alphabet's columns.
+    min_prob: a node off the realised path whose P reaches it is asked for (path mode: inf).
+
+    Returns the targets from the rows given, and the branch nodes to evaluate before
+    calling again (empty when done). With every node evaluated, p' is exact for every
+    token of V' under longest match; with none (path mode) it is exact for every token
+    whose expansion leaves the realised text at its last token at the latest, and a new
+    token that leaves it earlier has p' = 0, its mass on its first base token.
     """
     n, m = len(teacher_ids), len(span_starts)
+    branches = branches or {}
     ids = torch.as_tensor(teacher_ids, device=logp.device)
-    realised = logp.gather(1, ids[:, None])[:, 0].double()  # (n,) log p(t_i | t_<i)
-    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # cum[i] = sum of realised[:i]
+    realised_logp = logp[:n].gather(1, ids[:, None])[:, 0].double()  # (n,) log p(t_b | t_<b)
+    cum = torch.cat([realised_logp.new_zeros(1), realised_logp.cumsum(0)])  # (n + 1,) cum[b] = sum over t_<b
     bounds = torch.as_tensor(list(span_starts) + [n], device=logp.device)
-    span_logp = cum[bounds[1:]] - cum[bounds[:-1]]
-
-    # Walk the realised path from each span start a: after k realised tokens, every new
-    # token w with exp(w) = (t_a .. t_a+k-1, last) is a candidate, read at teacher row a + k.
-    candidates = []  # (student position j, new id w, teacher row a + k, last base token)
-    for j, a in enumerate(span_starts):
-        prefix, k = (teacher_ids[a],), 1
-        while prefix in tok.path_prefixes and a + k < n:
-            candidates += [(j, w, a + k, last) for w, last in tok.children_by_prefix.get(prefix, ())]
-            prefix, k = prefix + (teacher_ids[a + k],), k + 1
+    span_logp = cum[bounds[1:]] - cum[bounds[:-1]]  # (m,)
     starts = bounds[:-1]
-    base_logp = logp[starts]  # (m, |V|), a copy (advanced indexing)
-    cand_pos, cand_ids, cand_row, cand_last = zip(*candidates) if candidates else ((),) * 4
-    width = max(collections.Counter(cand_pos).values(), default=0)
-    new_ids = torch.zeros((m, max(width, 1)), dtype=torch.long, device=logp.device)
-    new_logp = torch.full((m, max(width, 1)), -math.inf, dtype=logp.dtype, device=logp.device)
-    if not cand_ids:
-        return LiftedTargets(base_logp, new_ids, new_logp, span_logp)
+    base_logp = logp[starts]  # (m, |V|): the teacher's row at each span start, a copy
+    realised = logp[:, trie.alphabet.to(logp.device)].double().cpu().numpy()  # (rows, A): what the walk reads
+    min_logp = math.log(min_prob) if 0 < min_prob < math.inf else (-math.inf if min_prob <= 0 else math.inf)
+    likely_roots: list[list[int]] = [[] for _ in range(m)]  # trie mode: off-path roots with P >= min_prob
+    if min_logp < math.inf and len(trie.roots):
+        roots = trie.roots.to(logp.device)
+        for j, r in (base_logp[:, roots] >= min_logp).nonzero().tolist():
+            likely_roots[j].append(int(trie.roots[r]))
+    # The student token before each position, whose extensions cannot come next.
+    previous = [prev_token] + [trie.new_token.get(tuple(teacher_ids[s:e]), teacher_ids[s])
+                               for s, e in zip(span_starts[:-1], span_starts[1:])]
 
-    # P(exp(w)) = P(t_a .. t_a+k-1) * p(last | path), in float64.
-    pos = torch.as_tensor(cand_pos, device=logp.device)
-    row, last = torch.as_tensor(cand_row, device=logp.device), torch.as_tensor(cand_last, device=logp.device)
-    path_logp = cum[row] - cum[starts[pos]] + logp[row, last].double()
-    prob = path_logp.exp()
-    # Each candidate's column in its row, and where to find it by (position, id).
-    col, index, per_row = [], {}, collections.Counter()
-    for c, (j, w) in enumerate(zip(cand_pos, cand_ids)):
-        col.append(per_row[j])
-        per_row[j] += 1
-        index[(j, w)] = c
-    parents = [tok.parents[w - tok.base_vocab_size] for w in cand_ids]
-    parent = torch.as_tensor(parents, device=logp.device)
-    # Subtract each candidate's P from its trie parent. Base parents: summed per
-    # (position, parent) and taken off the dense row.
-    V, is_base = tok.base_vocab_size, parent < tok.base_vocab_size
-    keys, inverse = torch.unique(pos[is_base] * V + parent[is_base], return_inverse=True)
-    taken = torch.zeros(len(keys), dtype=torch.float64, device=logp.device).index_add_(0, inverse, prob[is_base])
-    rows, cols = keys // V, keys % V
-    base_logp[rows, cols] = (base_logp[rows, cols].double().exp() - taken).clamp(min=0).log().to(logp.dtype)
-    # Parents that are new tokens are candidates at the same position (U is prefix-closed).
-    parent_slot = torch.as_tensor([index[(j, p)] for j, p in zip(cand_pos, parents) if p >= V],
-                                  dtype=torch.long, device=logp.device)
-    taken = torch.zeros_like(prob).index_add_(0, parent_slot, prob[~is_base])
-    colt = torch.as_tensor(col, device=logp.device)
-    new_ids[pos, colt] = torch.as_tensor(cand_ids, device=logp.device)
-    new_logp[pos, colt] = (prob - taken).clamp(min=0).log().to(logp.dtype)
-    return LiftedTargets(base_logp, new_ids, new_logp, span_logp)
+    base_entries, new_entries, log_z = [], [], [0.0] * m  # (j, id, log p') and log Z per position
+    wanted: set[Node] = set()
+    for j, a in enumerate(span_starts):
+        extensions = trie.extensions.get(previous[j], frozenset()) if condition else frozenset()
+        extension_children = trie.extension_children.get(previous[j], {}) if condition else {}
+        roots = [r for r in dict.fromkeys([teacher_ids[a], *likely_roots[j], *(f[0] for f in extensions)])
+                 if r in trie.column]
+        # steps 1 and 2: the sequences reached from span start a, with log P
+        log_p, more = walk_trie(a, roots, teacher_ids, realised, branches, trie, extensions, extension_children,
+                                min_logp)
+        wanted |= more
+        # step 3: subtract each from its trie parent, drop the extensions, renormalise
+        probs, Z = emission_probabilities({s: math.exp(lp) for s, lp in log_p.items()}, extensions,
+                                          lambda x: math.exp(realised[a][trie.column[x]]))
+        log_z[j] = math.log(Z)
+        for s, p in probs.items():
+            lp = math.log(p) if p > 0 else -math.inf
+            if len(s) == 1:
+                base_entries.append((j, s[0], lp))
+            elif s in trie.new_token and s not in extensions:
+                new_entries.append((j, trie.new_token[s], lp))
+
+    # Write the entries: whole rows renormalised first, then the base tokens the walk changed.
+    shifted = [j for j in range(m) if log_z[j] != 0.0]
+    if shifted:
+        z = torch.tensor([log_z[j] for j in shifted], dtype=torch.float64, device=logp.device)
+        base_logp[shifted] = (base_logp[shifted].double() - z[:, None]).to(logp.dtype)
+    if base_entries:
+        pos, tok_ids, values = zip(*base_entries)
+        base_logp[list(pos), list(tok_ids)] = torch.tensor(values, dtype=torch.float64).to(logp)
+    width = max(collections.Counter(j for j, _, _ in new_entries).values(), default=1)
+    new_ids = torch.zeros((m, width), dtype=torch.long, device=logp.device)
+    new_logp = torch.full((m, width), -math.inf, dtype=logp.dtype, device=logp.device)
+    if new_entries:
+        pos, tok_ids, values = zip(*new_entries)
+        used = collections.Counter()  # columns filled so far per position
+        cols = []
+        for j in pos:
+            cols.append(used[j])
+            used[j] += 1
+        new_ids[list(pos), cols] = torch.tensor(tok_ids, device=logp.device)
+        new_logp[list(pos), cols] = torch.tensor(values, dtype=torch.float64).to(logp)
+    return LiftedTargets(base_logp, new_ids, new_logp, span_logp), wanted
+
+
+@dataclass(frozen=True)
+class Lift:
+    """How the teacher is lifted (Config: lift, lift_min_prob, lift_condition), with the extension's trie."""
+
+    trie: LiftTrie
+    mode: str  # "path": the realised rows only; "trie": also branches whose P reaches min_prob
+    min_prob: float
+    condition: bool  # condition each position on the student token before it
+
+
+def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool) -> Lift:
+    if mode not in ("path", "trie"):
+        raise KldError(f"lift {mode!r} is not 'path' or 'trie'")
+    if not min_prob >= 0:
+        raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
+    return Lift(lift_trie(tok), mode, min_prob, condition)
 
 
 def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor, tok: ExtendedTokenizer) -> torch.Tensor:
@@ -1550,56 +1731,143 @@ def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False) 
     return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]
 
 
-def teacher_logprobs(model: GPT, teacher_seqs: list[list[int]]) -> list[torch.Tensor]:
-    """The teacher (base weights, base vocabulary, no gradient): log p_T(t_i | t_<i) for i >= 1."""
-    with torch.no_grad():
-        return [torch.log_softmax(x, dim=-1) for x in sequence_logits(model, teacher_seqs, base_only=True)]
+def cached_pass(model: GPT, seqs: list[list[int]]) -> tuple[torch.Tensor, KVCache]:
+    """The base model's logits (B, width, |V|) over right-padded sequences, and the KV cache
+    it filled: slot i of row r holds token i of seqs[r] (for `branch_logits` to extend)."""
+    device = model.embed.weight.device
+    B, width = len(seqs), max(map(len, seqs))
+    ids = torch.zeros(B, width, dtype=torch.long)
+    valid = torch.zeros(B, width, dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        valid[r, : len(s)] = True
+    padded = any(len(s) < width for s in seqs)
+    cache = KVCache(model.cfg, B, width, device, model.embed.weight.dtype)
+    with autocast(device):
+        logits = model(ids.to(device), valid.to(device) if padded else None, cache, base_only=True)
+    return logits, cache
 
 
-def lifted_targets(tok: ExtendedTokenizer, windows: list[list[int]], teacher_logp: list[torch.Tensor]) -> list[LiftedTargets]:
-    """p' at every predicted position of each window. Window w holds student ids whose
-    first is context only; teacher_logp holds the teacher's rows for exp(w)."""
-    targets = []
-    for w, logp in zip(windows, teacher_logp):
-        first = len(tok.expand(w[:1]))  # teacher tokens of the context token
-        targets.append(lift_path(logp[first - 1 :], list(tok.expand(w[1:])), coarsening_span_starts(w[1:], tok), tok))
-    return targets
+def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_slots: list[int],
+                  slots: list[dict]) -> torch.Tensor:
+    """Tree attention: the logits (B, T, |V|) after each branch node, in one pass over a cache.
+
+    Row r of the cache holds a realised sequence from slot 0, whose tokens t_<b sit in
+    slots [0, prefix_slots[r] + b) (prefix_slots: tokens before the window, e.g. its
+    context token). Node (b, xs) of row r is the token xs[-1] at position
+    prefix_slots[r] + b + |xs| - 1 that attends to those slots, to its ancestors
+    (b, xs[:k]), whose slots are in slots[r] (evaluated in an earlier call), and to itself:
+    the logits are those of one full pass over t_<b xs. Records the new nodes' slots.
+    """
+    device = model.embed.weight.device
+    B, S0, T = len(nodes), cache.length, max(map(len, nodes))
+    cache.reserve(S0 + T)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    mask = torch.zeros(B, 1, T, S0 + T, dtype=torch.bool)  # (B, 1, queries, keys)
+    for r, row_nodes in enumerate(nodes):
+        for t, (b, xs) in enumerate(row_nodes):
+            ids[r, t] = xs[-1]
+            positions[r, t] = prefix_slots[r] + b + len(xs) - 1  # as if t_<b xs were the whole text
+            valid[r, t] = True
+            mask[r, 0, t, : prefix_slots[r] + b] = True  # the realised prefix t_<b
+            for k in range(1, len(xs)):
+                mask[r, 0, t, slots[r][(b, xs[:k])]] = True  # its ancestors in the tree
+            slots[r][(b, xs)] = S0 + t
+    mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True  # itself (padding too: no empty softmax row)
+    with autocast(device):
+        return model(ids.to(device), valid.to(device), cache, base_only=True, positions=positions.to(device),
+                     mask=mask.to(device))
 
 
-def lifted_kl(tok: ExtendedTokenizer, windows: list[list[int]], student_logits: list[torch.Tensor],
-              teacher_logp: list[torch.Tensor]) -> torch.Tensor:
-    """KL(p'_j || q_j) at every predicted position of every window, concatenated
-    (student_logits: the student's rows for each window)."""
-    targets = lifted_targets(tok, windows, teacher_logp)
-    return torch.cat([kl_to_lifted(t, q, tok) for t, q in zip(targets, student_logits)])
+@torch.no_grad()
+def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int]], lift_cfg: Lift) -> tuple[list[LiftedTargets], int]:
+    """p' at every predicted position of student windows (the first id of each is context
+    only), and the number of branch tokens the teacher evaluated for them.
+
+    One teacher pass over the windows' expansions (base weights, base vocabulary) fills a
+    KV cache and gives the realised rows; path mode lifts from those alone. Trie mode then
+    asks `lift` which branch nodes it wants, evaluates them all in one pass over the
+    cache, and asks again, until it wants no more (one round per level of the trie). A
+    branch node (b, xs) is the token xs[-1] appended after the cache, at position
+    context + b + |xs| - 1, that attends to the realised prefix t_<b, to the slots of
+    its ancestors (b, xs[:k]) and to itself: tree attention, no copy of the prefix.
+    """
+    device = teacher.embed.weight.device
+    seqs = [list(tok.expand(w)) for w in windows]  # teacher ids: context token, then the window
+    context = [len(tok.expand(w[:1])) for w in windows]  # teacher tokens of the context token
+    B = len(seqs)
+    logits, cache = cached_pass(teacher, seqs)  # (B, width, |V|)
+    # Rows context-1 .. len-1: log p(t_b | t_<b) for the window's tokens b = 0 .. n-1, and after it (b = n).
+    logps = [torch.log_softmax(upcast(logits[r, c - 1 : len(s)]), dim=-1) for r, (c, s) in enumerate(zip(context, seqs))]
+    del logits
+    teacher_ids = [s[c:] for c, s in zip(context, seqs)]
+    span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
+    min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
+    branches: list[dict] = [{} for _ in windows]  # per window: node -> the teacher's row there (A,)
+    slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
+    n_branch_tokens = 0
+    while True:
+        lifted = [lift(logps[r], teacher_ids[r], span_starts[r], lift_cfg.trie, prev_token=windows[r][0],
+                       branches=branches[r], min_prob=min_prob, condition=lift_cfg.condition) for r in range(B)]
+        todo = []
+        for r, (_, wanted) in enumerate(lifted):
+            fits = [(b, xs) for b, xs in sorted(wanted) if context[r] + b + len(xs) <= teacher.cfg.max_positions]
+            todo.append([node for node in fits if node not in branches[r]])
+        if not any(todo):
+            return [targets for targets, _ in lifted], n_branch_tokens
+        logits = branch_logits(teacher, cache, todo, context, slots)  # (B, T, |V|)
+        rows = torch.log_softmax(upcast(logits), dim=-1)[..., lift_cfg.trie.alphabet.to(device)]  # (B, T, A)
+        rows = rows.double().cpu().numpy()
+        for r, nodes in enumerate(todo):
+            for t, node in enumerate(nodes):
+                branches[r][node] = rows[r, t]
+        n_branch_tokens += sum(map(len, todo))
+
+
+def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor, base_vocab_size: int) -> torch.Tensor:
+    """log p'_j(s_j) of the tokens that came (m,): what a student trained on p' pays at best."""
+    base = targets.base_logp.gather(1, next_ids.clamp(max=base_vocab_size - 1)[:, None])[:, 0]
+    new = torch.where(targets.new_ids == next_ids[:, None], targets.new_logp, -math.inf).max(dim=1).values
+    return upcast(torch.where(next_ids < base_vocab_size, base, new))
 
 
 def window_losses(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
-                  teacher: GPT | None = None) -> torch.Tensor:
+                  lift_cfg: Lift | None = None, teacher: GPT | None = None) -> torch.Tensor:
     """Per-position training losses of student windows (the first id of each is context):
-    KL to the lifted teacher ("kl") or cross-entropy of the next student token ("ce").
-    The teacher is the student's own base weights unless a frozen `teacher` is given."""
+    KL to the lifted teacher ("kl", lifted as `lift_cfg` says) or cross-entropy of the next
+    student token ("ce"). The teacher is the student's own base weights unless a frozen
+    `teacher` is given."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
+    if objective == "kl" and lift_cfg is None:
+        raise KldError("the kl objective needs lift settings (make_lift)")
     logits = sequence_logits(model, windows)
     if objective == "ce":
         targets = torch.tensor([i for w in windows for i in w[1:]], device=logits[0].device)
         return F.cross_entropy(torch.cat(logits), targets, reduction="none")
-    return lifted_kl(tok, windows, logits, teacher_logprobs(teacher or model, [list(tok.expand(w)) for w in windows]))
+    targets, _ = teacher_targets(teacher or model, tok, windows, lift_cfg)
+    return torch.cat([kl_to_lifted(t, q, tok) for t, q in zip(targets, logits)])
 
 
 @torch.no_grad()
 def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
-             student: bool = True, teacher: GPT | None = None) -> dict:
+             lift_cfg: Lift | None = None, teacher: GPT | None = None) -> dict:
     """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
 
-    bits_per_char = -log2 P(x) / len(x) over the model's own tokens (the teacher's when
-    student=False), tokens_per_char, and for the student: the mean KL to the lifted
-    teacher; new_token_share, the share of its tokens that are new; and at the positions
-    whose next token is new, the mean mass on new tokens of q (new_token_mass) and of p'
-    (target_new_token_mass): whether the student expects its new tokens where they occur.
+    Without lift_cfg, the teacher on its own tokens: bits_per_char = -log2 P(x) / len(x)
+    and tokens_per_char. With it, the student on tau'(x): the same two; kl, the mean KL to
+    the lifted teacher; target_bits_per_char, -sum_j log2 p'_j(s_j) / len(x), the floor of
+    any student trained on p' (p'_j(s_j) = 0 where tau' broke longest match: those
+    positions are left out of it and counted in target_zero_share); new_token_share, the
+    share of the student's tokens that are new; at the positions whose next token is new,
+    the mean mass on new tokens of q (new_token_mass) and of p' (target_new_token_mass):
+    whether the student expects its new tokens where they occur; and branch_tokens_per_token,
+    the teacher tokens trie mode evaluated per student token besides the realised ones.
     """
-    nats = chars = tokens = kl = positions = 0.0
+    student = lift_cfg is not None
+    nats = chars = tokens = kl = target_nats = target_zero = branch_tokens = 0.0
     new_positions = new_mass = target_new_mass = 0.0
     for i in range(0, len(chunks), batch_size):
         batch = chunks[i : i + batch_size]
@@ -1609,27 +1877,31 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
         logits = sequence_logits(model, seqs, base_only=not student)
         targets = [None] * len(seqs)
         if student:
-            teacher_logp = teacher_logprobs(teacher or model, [list(tok.expand(s)) for s in seqs])
-            targets = lifted_targets(tok, seqs, teacher_logp)
+            targets, n_branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
+            branch_tokens += n_branch
         for s, x, target in zip(seqs, logits, targets):
             next_ids = torch.tensor(s[1:], device=x.device)
             logq = torch.log_softmax(x, -1)
             nats -= logq.gather(1, next_ids[:, None]).sum().item()
             if target is None:
                 continue
-            per_position = kl_to_lifted(target, x, tok)
-            kl += per_position.sum().item()
-            positions += len(per_position)
+            kl += kl_to_lifted(target, x, tok).sum().item()
+            floor = target_logprobs(target, next_ids, tok.base_vocab_size)
+            target_nats -= floor[floor > -math.inf].sum().item()
+            target_zero += (floor == -math.inf).sum().item()
             next_is_new = next_ids >= tok.base_vocab_size
             new_positions += next_is_new.sum().item()
             new_mass += logq[next_is_new, tok.base_vocab_size :].exp().sum().item()
             target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
     out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
     if student:
-        out["kl"] = kl / positions
+        out["kl"] = kl / tokens
+        out["target_bits_per_char"] = target_nats / math.log(2) / chars
+        out["target_zero_share"] = target_zero / tokens
         out["new_token_share"] = new_positions / tokens
         out["new_token_mass"] = new_mass / new_positions if new_positions else None
         out["target_new_token_mass"] = target_new_mass / new_positions if new_positions else None
+        out["branch_tokens_per_token"] = branch_tokens / tokens
     return out
 
 
@@ -1643,7 +1915,7 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 # Config fields that change what training computes: a checkpoint resumes only under the same.
 RESUME_KEYS = ("model", "dtype", "seed", "corpus", "heldout_fraction", "n_merges", "new_tokens", "init",
-               "init_output", "objective", "batch_size", "seq_len", "lr", "weight_decay", "warmup_steps",
+               "init_output", "objective", "lift", "lift_min_prob", "lift_condition", "batch_size", "seq_len", "lr", "weight_decay", "warmup_steps",
                "min_lr_ratio", "grad_clip", "steps", "finetune_layers")
 
 
@@ -1699,6 +1971,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     line every log_every steps; every eval_every steps and at the end, measures the held-out
     chunks (when given) and writes the checkpoint. Returns tokens/s and the measures."""
     sep = separator_id(model.cfg)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
     params = list(trained_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = load_checkpoint(checkpoint, model, optimizer, cfg) if cfg.resume and checkpoint.exists() else 0
@@ -1713,7 +1986,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         batch = [next(windows) for _ in range(cfg.batch_size)]
-        loss = window_losses(model, tok, batch, cfg.objective, teacher).mean()
+        loss = window_losses(model, tok, batch, cfg.objective, lift_cfg, teacher).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -1727,7 +2000,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if chunks:
-                measures = evaluate(model, tok, chunks, sep, cfg.batch_size, teacher=teacher)
+                measures = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, teacher=teacher)
                 history.append({"step": step, **measures})
                 print(f"  held-out @ {step}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
                       f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
@@ -2368,14 +2641,15 @@ def run(cfg: Config) -> dict:
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
-    teacher = evaluate(model, tok, chunks, sep, cfg.batch_size, student=False)
-    initial = evaluate(model, tok, chunks, sep, cfg.batch_size)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
+    teacher = evaluate(model, tok, chunks, sep, cfg.batch_size)
+    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
     print(f"held-out teacher: bits/char {teacher['bits_per_char']:.4f}, tokens/char {teacher['tokens_per_char']:.4f}")
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
           f"tokens/char {initial['tokens_per_char']:.4f}")
     stream = token_stream(tok, train_texts, sep)
     training = train(model, tok, cfg, stream, chunks, checkpoint)
-    final = training["history"][-1] if training["history"] else evaluate(model, tok, chunks, sep, cfg.batch_size)
+    final = training["history"][-1] if training["history"] else evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
     from safetensors.torch import save
 
     if cfg.finetune_layers and cfg.finetune_steps:

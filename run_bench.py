@@ -14,7 +14,7 @@ here, never a dependency of kld.
 
 extension: the tokens that K appended merges save on the held-out files of the corpus,
 the time to learn them, the time to encode the corpus against the base tokenizer alone,
-and the time of one path-mode lift.
+and the time of one path-mode lift (without the teacher's pass).
 
 train-speed: student tokens/s and peak memory of one training step (student forward,
 teacher forward and lift for kl, backward, AdamW) at each batch size.
@@ -169,9 +169,9 @@ def extension(args):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([teacher]))[0].float(), -1)
     first = len(ext.expand(window[:1]))  # the first student token is context only
-    lift_args = (logp[first - 1 : -1], teacher[first:], kld.coarsening_span_starts(window[1:], ext), ext)
-    targets = kld.lift_path(*lift_args)  # warm-up
-    lift_s = statistics.median(timed(lambda: kld.lift_path(*lift_args))[1] for _ in range(7))
+    lift_args = (logp[first - 1 : -1], teacher[first:], kld.coarsening_span_starts(window[1:], ext), kld.lift_trie(ext))
+    targets, _ = kld.lift(*lift_args, prev_token=window[0])  # warm-up
+    lift_s = statistics.median(timed(lambda: kld.lift(*lift_args, prev_token=window[0]))[1] for _ in range(7))
     softmax_s = statistics.median(timed(lambda: torch.log_softmax(lift_args[0], -1))[1] for _ in range(7))
     n_candidates = int((targets.new_logp > -math.inf).sum())
     print(f"path-mode lift of one window ({len(window)} student / {len(teacher)} teacher tokens, "
@@ -195,6 +195,7 @@ def train_speed(args):
     kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
     stream = kld.token_stream(tok, train, kld.separator_id(model.cfg))
     optimizer = torch.optim.AdamW([model.new_in, model.new_out], lr=1e-3)
+    lift_cfg = kld.make_lift(tok, args.lift, args.lift_min_prob, True)
     for objective in args.objectives:
         for batch_size in args.batch_sizes:
             windows = kld.training_windows(stream, args.seq_len, seed=0)
@@ -202,7 +203,8 @@ def train_speed(args):
                 torch.cuda.reset_peak_memory_stats()
 
             def step():
-                loss = kld.window_losses(model, tok, [next(windows) for _ in range(batch_size)], objective).mean()
+                batch = [next(windows) for _ in range(batch_size)]
+                loss = kld.window_losses(model, tok, batch, objective, lift_cfg).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -426,16 +428,104 @@ def bench_matrix(args):
 
 def heldout(args):
     device = kld.resolve_device(args.device)
-    print("| run | bits/char | KL | new-token share | student mass on new | lifted teacher's mass on new |")
-    print("|---|---|---|---|---|---|")
+    print("| run | lift | bits/char | targets' bits/char | KL | new-token share | student mass on new "
+          "| lifted teacher's mass on new |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         cfg = kld.load_config(str(Path(run) / "config.json"))
         model, tok = kld.load_student(run, device=device)
         _, texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
         chunks = kld.eval_chunks(tok.base, texts, cfg.eval_chars, cfg.eval_window)
-        m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size)
+        lift_cfg = kld.make_lift(tok, args.lift or cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
+        m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size, lift_cfg)
         masses = [f"{x:.3f}" if x is not None else "-" for x in (m["new_token_mass"], m["target_new_token_mass"])]
-        print(f"| {run} | {m['bits_per_char']:.4f} | {m['kl']:.4f} | {m['new_token_share']:.1%} | {' | '.join(masses)} |")
+        print(f"| {run} | {lift_cfg.mode} | {m['bits_per_char']:.4f} | {m['target_bits_per_char']:.4f} | {m['kl']:.4f} "
+              f"| {m['new_token_share']:.1%} | {' | '.join(masses)} |")
+
+
+def dense_lifted(t: kld.LiftedTargets, vocab_size: int) -> torch.Tensor:
+    """p' as a dense (m, |V'|) matrix."""
+    p = torch.zeros(len(t.base_logp), vocab_size, dtype=torch.float64)
+    p[:, : t.base_logp.shape[1]] = t.base_logp.double().exp()
+    return p.scatter_add_(1, t.new_ids, t.new_logp.double().exp())
+
+
+def longest_match_misses(tok: kld.ExtendedTokenizer, trie: kld.LiftTrie, chunks) -> tuple[int, int]:
+    """(positions where the token tau' emits is not the longest vocabulary token the rest of
+    the text starts with, positions): the assumption under both lift modes, measured."""
+    misses = positions = 0
+    for chunk in chunks:
+        student = tok.merge(chunk)
+        at = 0
+        for s in student:
+            longest, k = 1, 1  # a base token always matches
+            while k < len(chunk) - at and (tuple(chunk[at : at + k]) in trie.children):
+                k += 1
+                if tuple(chunk[at : at + k]) in trie.new_token:
+                    longest = k
+            emitted = len(tok.expand([s]))
+            misses += emitted != longest
+            positions += 1
+            at += emitted
+    return misses, positions
+
+
+def lift_bench(args):
+    """Path against trie mode on held-out code: the lifted targets, what they cost, how they differ."""
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    cfg = kld.make_config({"n_merges": args.merges, "eval_chars": args.chars})
+    model, tokenizer = kld.load_model(args.model)
+    train, heldout_texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
+    tok = kld.build_extension(tokenizer, train, cfg.n_merges, model.cfg.vocab_size)
+    sep = kld.separator_id(model.cfg)
+    chunks = kld.eval_chunks(tokenizer, heldout_texts, cfg.eval_chars, cfg.eval_window)
+    chars = sum(len(tokenizer.decode(c)) for c in chunks)
+    windows = [[sep] + tok.merge(c) for c in chunks]
+    n_student = sum(len(w) - 1 for w in windows)
+    teacher = kld.evaluate(model, tok, chunks, sep, args.batch_size)
+    print(f"{len(chunks)} held-out chunks, {chars} characters, {n_student} student tokens, K = {cfg.n_merges}; "
+          f"teacher bits/char {teacher['bits_per_char']:.4f}")
+    trie = kld.lift_trie(tok)
+    misses, positions = longest_match_misses(tok, trie, chunks)
+    print(f"tau' token is not the longest match of the remaining text at {misses} of {positions} positions "
+          f"({misses / positions:.2%})")
+    settings = [("path", math.inf)] + [("trie", p) for p in args.min_probs]
+    print("\n| lift | condition | min_prob | target bits/char | p'(s_j) = 0 | mass on new, all | mass on new, next new "
+          "| TV to trie@" + f"{min(args.min_probs):g}" + " | branch tokens / token | ms / window |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    V = tok.base_vocab_size
+    for condition in (False, True):
+        dense_runs = {}
+        rows = {}
+        for mode, min_prob in settings:
+            lift_cfg = kld.make_lift(tok, mode, min_prob if mode == "trie" else 0.0, condition)
+            nats = zero = branch = seconds = mass_all = mass_new = n_new = 0.0
+            dense = []
+            for i in range(0, len(windows), args.batch_size):
+                batch = windows[i : i + args.batch_size]
+                (targets, n_branch), s = timed(lambda: kld.teacher_targets(model, tok, batch, lift_cfg))
+                seconds += s
+                branch += n_branch
+                for w, t in zip(batch, targets):
+                    next_ids = torch.tensor(w[1:])
+                    floor = kld.target_logprobs(t, next_ids, V)
+                    nats -= floor[floor > -math.inf].sum().item()
+                    zero += (floor == -math.inf).sum().item()
+                    p_new = t.new_logp.double().exp().sum(1)  # (m,) mass on new tokens
+                    is_new = next_ids >= V
+                    mass_all += p_new.sum().item()
+                    mass_new += p_new[is_new].sum().item()
+                    n_new += is_new.sum().item()
+                    dense.append(dense_lifted(t, tok.vocab_size))
+            dense_runs[(mode, min_prob)] = torch.cat(dense)
+            rows[(mode, min_prob)] = (nats / math.log(2) / chars, zero / n_student, mass_all / n_student,
+                                      mass_new / n_new, branch / n_student, 1000 * seconds / len(windows))
+        reference = dense_runs[("trie", min(args.min_probs))]
+        for (mode, min_prob), (bits, zero, m_all, m_new, branch, ms) in rows.items():
+            tv = 0.5 * (dense_runs[(mode, min_prob)] - reference).abs().sum(1).mean().item()
+            shown = "-" if mode == "path" else f"{min_prob:g}"
+            print(f"| {mode} | {'yes' if condition else 'no'} | {shown} | {bits:.4f} | {zero:.2%} | {m_all:.3f} | "
+                  f"{m_new:.3f} | {tv:.4f} | {branch:.2f} | {ms:.0f} |")
 
 
 def main():
@@ -456,7 +546,14 @@ def main():
     p.add_argument("--config", default="configs/bench_cpu.json", help="bench config (JSON)")
     p = sub.add_parser("heldout", help="finished students on their held-out text: do they expect their new tokens?")
     p.add_argument("runs", nargs="+", help="out_dir of a finished kld run")
+    p.add_argument("--lift", choices=["path", "trie"], help="measure against these targets (default: the run's own)")
     p.add_argument("--device", default="auto")
+    p = sub.add_parser("lift", help="path against trie mode on held-out code: targets, cost, longest match")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--merges", type=int, default=256)
+    p.add_argument("--chars", type=int, default=20000, help="held-out characters")
+    p.add_argument("--min-probs", type=float, nargs="+", default=[0.1, 0.01, 0.001])
+    p.add_argument("--batch-size", type=int, default=4)
     p = sub.add_parser("train-speed", help="training tokens/s and peak memory")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights")
@@ -465,12 +562,14 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4])
     p.add_argument("--objectives", nargs="+", default=["kl", "ce"])
+    p.add_argument("--lift", choices=["path", "trie"], default="trie")
+    p.add_argument("--lift-min-prob", type=float, default=kld.Config.lift_min_prob)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="auto")
     args = parser.parse_args()
     try:
         {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix,
-         "heldout": heldout}[args.command](args)
+         "heldout": heldout, "lift": lift_bench}[args.command](args)
     except kld.KldError as e:
         print(f"run_bench: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -683,7 +683,9 @@ def lifted(letters, merges, teacher, logits):
     tok = kld.ExtendedTokenizer(letters, merges, len(ABC))
     student = tok.merge(teacher)
     starts = kld.coarsening_span_starts(student, tok)
-    return tok, student, starts, kld.lift_path(logp, teacher, starts, tok)
+    targets, wanted = kld.lift(logp, teacher, starts, kld.lift_trie(tok), condition=False)
+    assert not wanted  # path mode asks for no branch
+    return tok, student, starts, targets
 
 
 def brute_force_lift(tok, teacher, logp, a):
@@ -767,6 +769,216 @@ def test_lift_is_exact_for_the_realised_token_on_a_worked_example(letters):
     assert torch.isclose(t.span_logp[0], logp[0, 0] + logp[1, 1])
 
 
+# --- trie mode and conditioning on the student's past ---
+
+
+def fake_teacher(vocab_size: int, scale: float, seed: int):
+    """A teacher that is any function of the context: log p(. | context), random but fixed
+    per context, so that every node of a trie has a distribution of its own."""
+    memo = {}
+
+    def cond_logp(context) -> torch.Tensor:
+        key = tuple(context)
+        if key not in memo:
+            generator = torch.Generator().manual_seed(hash((seed,) + key) % 2**62)
+            memo[key] = torch.log_softmax(torch.randn(vocab_size, generator=generator, dtype=torch.float64) * scale, -1)
+        return memo[key]
+
+    return cond_logp
+
+
+def brute_force_emission(tok, prefix, prev, cond_logp, condition=True):
+    """p' over V' at one position straight from METHOD.md, every P by the chain rule from
+    its own calls of the teacher: tau' emits v when the text starts with exp(v) but not
+    with exp(w) for a trie child w of v; conditioned on the previous token `prev`, not
+    with one of prev's extensions f either, renormalised by 1 - sum P(f)."""
+    V = tok.base_vocab_size
+
+    def P(seq):
+        return math.exp(sum(cond_logp(prefix + list(seq[:k]))[seq[k]].item() for k in range(len(seq))))
+
+    exps = {v: tok.expand([v]) for v in range(tok.vocab_size)}
+    children = collections.defaultdict(list)
+    for i, parent in enumerate(tok.parents):
+        children[parent].append(V + i)
+    extensions = [exps[w][len(exps[prev]) :] for w in children[prev]] if condition and prev is not None else []
+    Z = 1 - sum(P(f) for f in extensions)
+    out = {}
+    for v, e in exps.items():
+        if any(e[: len(f)] == f for f in extensions):
+            out[v] = 0.0  # the text cannot start with e: tau' would have merged it into prev
+            continue
+        longer = {exps[w] for w in children[v]} | {f for f in extensions if len(f) > len(e) and f[: len(e)] == e}
+        minimal = [s for s in longer if not any(len(o) < len(s) and s[: len(o)] == o for o in longer)]
+        out[v] = (P(e) - sum(P(s) for s in minimal)) / Z  # disjoint events: a prefix-free set
+    return out
+
+
+def lifted_p(t, j):
+    """p' at position j of LiftedTargets as {token: probability} over V'."""
+    got = {v: p for v, p in enumerate(t.base_logp[j].exp().tolist())}
+    got.update({int(w): lp.exp().item() for w, lp in zip(t.new_ids[j], t.new_logp[j]) if lp > -math.inf})
+    return got
+
+
+def lift_to_completion(tok, teacher, prev, cond_logp, min_prob, condition):
+    """Trie mode driven as teacher_targets drives it, the branch rows from cond_logp."""
+    trie = kld.lift_trie(tok)
+    context = list(tok.expand([prev]))
+    logp = torch.stack([cond_logp(context + teacher[:b]) for b in range(len(teacher) + 1)])  # (n + 1, V)
+    starts = kld.coarsening_span_starts(tok.merge(teacher), tok)
+    branches, rounds = {}, 0
+    while True:
+        targets, wanted = kld.lift(logp, teacher, starts, trie, prev_token=prev, branches=branches,
+                                   min_prob=min_prob, condition=condition)
+        if not wanted:
+            return targets, starts, len(branches), rounds
+        for b, xs in wanted:
+            branches[(b, xs)] = cond_logp(context + teacher[:b] + list(xs))[trie.alphabet].numpy()
+        rounds += 1
+
+
+@SETTINGS
+@given(case=lift_cases(dtype=torch.float64), prev=st.integers(0, 30), condition=st.booleans())
+def test_trie_mode_without_pruning_is_the_definition(letters, case, prev, condition):
+    """Every trie node evaluated (min_prob 0): p' is METHOD.md's definition for every token
+    of V' at every position, conditioned or not; p' >= 0 and sums to 1."""
+    merges, teacher, logits = case
+    tok = kld.ExtendedTokenizer(letters, merges, len(ABC))
+    prev = prev % tok.vocab_size
+    cond_logp = fake_teacher(len(ABC), scale=float(logits.std()) + 0.1, seed=int(logits.sum().abs() * 1000))
+    t, starts, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, min_prob=0.0, condition=condition)
+    p = torch.cat([t.base_logp.exp(), t.new_logp.exp()], dim=1)
+    assert (p >= 0).all() and (p.sum(1) - 1).abs().max() < 1e-12
+    student = tok.merge(teacher)
+    context = list(tok.expand([prev]))
+    for j, a in enumerate(starts):
+        before = student[j - 1] if j else prev
+        expected = brute_force_emission(tok, context + teacher[:a], before, cond_logp, condition)
+        got = lifted_p(t, j)
+        for v in range(tok.vocab_size):
+            assert abs(got.get(v, 0.0) - expected[v]) < 1e-12, (j, v, got.get(v), expected[v])
+
+
+@SETTINGS
+@given(case=lift_cases(dtype=torch.float64), prev=st.integers(0, 30), min_prob=st.sampled_from([0.0, 0.05, 0.3]))
+def test_trie_mode_is_a_distribution_that_knows_more_than_path_mode(letters, case, prev, min_prob):
+    """At any threshold p' is a distribution, and trie mode only refines path mode: a new
+    token path mode gives a target has at most that target in trie mode, which may know
+    more of its trie children (their mass leaves it), and never less than 0."""
+    merges, teacher, logits = case
+    tok = kld.ExtendedTokenizer(letters, merges, len(ABC))
+    prev = prev % tok.vocab_size
+    cond_logp = fake_teacher(len(ABC), scale=3.0, seed=len(merges))
+    trie_t, starts, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, min_prob, condition=True)
+    p = torch.cat([trie_t.base_logp.exp(), trie_t.new_logp.exp()], dim=1)
+    assert (p >= 0).all() and (p.sum(1) - 1).abs().max() < 1e-12
+    path_t, _, n_branches, rounds = lift_to_completion(tok, teacher, prev, cond_logp, math.inf, condition=True)
+    assert n_branches == 0 and rounds == 0
+    unconditioned, _, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, 0.0, condition=False)
+    path_unconditioned, _, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, math.inf, condition=False)
+    for j in range(len(starts)):
+        exact, path = lifted_p(unconditioned, j), lifted_p(path_unconditioned, j)
+        for w, p_path in path.items():
+            if w >= tok.base_vocab_size:
+                assert 0 <= exact[w] <= p_path + 1e-12
+
+
+def test_conditioning_on_a_worked_example(letters):
+    """V = {a, b, c, ...}, merges ab and abc. After the student emitted ab, c cannot come
+    (tau' would have emitted abc): p'(c) = 0 and the rest is renormalised by 1 - P(c)."""
+    tok = kld.ExtendedTokenizer(letters, [(0, 1), (10, 2)], len(ABC))  # ab = 10, abc = 11
+    cond_logp = fake_teacher(len(ABC), scale=1.0, seed=0)
+    teacher = [0, 1, 3]  # "abd": the student emits ab, d
+    assert tok.merge(teacher) == [10, 3]
+    t, _, _, _ = lift_to_completion(tok, teacher, 4, cond_logp, min_prob=math.inf, condition=True)
+    row = cond_logp([4, 0, 1])  # the teacher after the context e and "ab"
+    assert t.base_logp[1, 2] == -math.inf
+    torch.testing.assert_close(t.base_logp[1, 3], row[3] - torch.log1p(-row[2].exp()), rtol=0, atol=1e-12)
+    # at the first position, abc left the text only at its last token: path mode knows it
+    p_abc = math.exp(cond_logp([4])[0] + cond_logp([4, 0])[1] + cond_logp([4, 0, 1])[2])
+    assert abs(lifted_p(t, 0)[11] - p_abc) < 1e-12
+
+
+def test_emission_probabilities_worked_example():
+    """The example in emission_probabilities' docstring: a, b, c; ab, abc."""
+    a, b, c = 0, 1, 2
+    P = {(a, b): 0.3, (a, b, c): 0.1}
+    probs, Z = kld.emission_probabilities(P, frozenset(), lambda x: {a: 0.5}[x])
+    assert Z == 1.0 and probs == pytest.approx({(a,): 0.2, (a, b): 0.2, (a, b, c): 0.1})
+    probs, Z = kld.emission_probabilities({**P, (c,): 0.2}, frozenset({(c,)}), lambda x: {a: 0.5}[x])
+    assert Z == pytest.approx(0.8) and probs[(c,)] == 0.0 and probs[(a,)] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_tree_attention_equals_full_passes(arch):
+    """Branch nodes appended after a cached, right-padded batch give the logits of one full
+    pass over prefix + branch, at every depth of the tree."""
+    model, _ = kld.load_model(FIXTURES / arch)
+    seqs = [[5, 17, 3, 99, 42, 7, 8], [11, 2, 8]]  # rows of different lengths: padding
+    context = [1, 2]  # tokens before each window: t_<b sits in slots [0, context + b)
+    _, cache = kld.cached_pass(model, seqs)
+    slots = [{}, {}]
+    rounds = [
+        [[(2, (50,)), (6, (60,)), (0, (70,))], [(1, (80,)), (0, (90,))]],
+        [[(2, (50, 51)), (6, (60, 61))], [(1, (80, 81))]],
+        [[(2, (50, 51, 52))], []],
+    ]
+    for nodes in rounds:
+        with torch.no_grad():
+            logits = kld.branch_logits(model, cache, nodes, context, slots)
+        for r, row_nodes in enumerate(nodes):
+            for t, (b, xs) in enumerate(row_nodes):
+                with torch.no_grad():
+                    full = model(torch.tensor([seqs[r][: context[r] + b] + list(xs)]), base_only=True)[0, -1]
+                torch.testing.assert_close(logits[r, t], full, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_extension():
+    model, tokenizer = kld.load_model(FIXTURES / "llama", dtype=torch.float64)
+    tok = kld.build_extension(tokenizer, [CODE], 24, model.cfg.vocab_size)
+    windows = [w[:12] for w in [[0] + tok.encode(CODE[i : i + 200]) for i in (0, 900, 2400)]]
+    return model, tok, windows
+
+
+@pytest.mark.parametrize("condition", [False, True])
+def test_teacher_targets_in_trie_mode_equal_one_forward_pass_per_node(tiny_extension, condition):
+    """The whole of trie mode on a model (min_prob 0: no pruning): tree attention, rounds,
+    the lift; against METHOD.md's definition with a separate forward pass for every node."""
+    model, tok, windows = tiny_extension
+    lift_cfg = kld.make_lift(tok, "trie", 0.0, condition)
+    targets, n_branch = kld.teacher_targets(model, tok, windows, lift_cfg)
+    assert n_branch > 0
+
+    def cond_logp(context):
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([context]), base_only=True)[0, -1], -1)
+
+    memo = {}
+    cached = lambda context: memo.setdefault(tuple(context), cond_logp(context))  # noqa: E731
+    for w, t in zip(windows, targets):
+        teacher = list(tok.expand(w))
+        starts = kld.coarsening_span_starts(w[1:], tok)
+        context = len(tok.expand(w[:1]))
+        for j in (0, 1, len(starts) - 1):
+            expected = brute_force_emission(tok, teacher[: context + starts[j]], w[j], cached, condition)
+            got = lifted_p(t, j)
+            for v in range(tok.vocab_size):
+                assert abs(got.get(v, 0.0) - expected[v]) < 1e-9, (j, v)
+
+
+def test_trie_mode_that_admits_no_branch_is_path_mode_bit_for_bit(tiny_extension):
+    model, tok, windows = tiny_extension
+    for condition in (False, True):
+        path, n_path = kld.teacher_targets(model, tok, windows, kld.make_lift(tok, "path", 0.0, condition))
+        trie, n_trie = kld.teacher_targets(model, tok, windows, kld.make_lift(tok, "trie", 1.5, condition))
+        assert n_path == n_trie == 0
+        for a, b in zip(path, trie):
+            for field in dataclasses.fields(a):
+                assert torch.equal(getattr(a, field.name), getattr(b, field.name))
+
+
 # ----------------------------------------------------------------------------------------
 # Initialisers and training (METHOD.md sections 4 and 5)
 # ----------------------------------------------------------------------------------------
@@ -807,7 +1019,7 @@ def test_kl_gradient_matches_finite_differences():
     assert any(i >= tok.base_vocab_size for w in windows for i in w), "no new token in the windows"
 
     def loss():
-        return kld.window_losses(model, tok, windows, "kl").mean()
+        return kld.window_losses(model, tok, windows, "kl", kld.make_lift(tok, "trie", 0.0, True)).mean()
 
     loss().backward()
     used = sorted({i - tok.base_vocab_size for w in windows for i in w if i >= tok.base_vocab_size})
@@ -861,9 +1073,10 @@ def test_each_objective_lowers_its_held_out_loss(tmp_path, capsys):
         train_texts, heldout = kld.load_corpus(cfg.corpus, 0.3)
         chunks = kld.eval_chunks(tok.base, heldout, 3000, 48)
         sep = kld.separator_id(model.cfg)
-        before = kld.evaluate(model, tok, chunks, sep, 8)[measure]
+        lift_cfg = kld.make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
+        before = kld.evaluate(model, tok, chunks, sep, 8, lift_cfg)[measure]
         kld.train(model, tok, cfg, kld.token_stream(tok, train_texts, sep), chunks, tmp_path / f"{objective}.pt")
-        after = kld.evaluate(model, tok, chunks, sep, 8)[measure]
+        after = kld.evaluate(model, tok, chunks, sep, 8, lift_cfg)[measure]
         assert after < (1 - margin) * before, (objective, before, after)
 
 
@@ -875,14 +1088,15 @@ def test_evaluate_measures_where_the_student_expects_its_new_tokens():
     _, heldout = kld.load_corpus(TINY_RUN["corpus"], 0.3)
     chunks = kld.eval_chunks(tok.base, heldout, 3000, 48)
     sep = kld.separator_id(model.cfg)
-    out = kld.evaluate(model, tok, chunks, sep, 8)
+    lift_cfg = kld.make_lift(tok, "trie", 0.01, True)
+    out = kld.evaluate(model, tok, chunks, sep, 8, lift_cfg)
     student_ids = [tok.merge(c) for c in chunks]
     n_new = sum(i >= tok.base_vocab_size for ids in student_ids for i in ids)
     assert n_new > 0
     assert out["new_token_share"] == pytest.approx(n_new / sum(map(len, student_ids)))
     assert 0 < out["new_token_mass"] <= len(tok.merges) / tok.vocab_size
     assert 0 < out["target_new_token_mass"] <= 1
-    assert kld.evaluate(model, tok, chunks, sep, 1) == pytest.approx(out)
+    assert kld.evaluate(model, tok, chunks, sep, 1, lift_cfg) == pytest.approx(out)
 
 
 def test_interrupted_training_resumes_to_the_same_rows(tmp_path, monkeypatch, capsys):
@@ -1293,9 +1507,9 @@ def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
     capsys.readouterr()
     run_bench.bench_matrix(args)  # a second run trains and evaluates nothing again
     assert capsys.readouterr().out.count("trained earlier") == 2
-    run_bench.heldout(argparse.Namespace(runs=[str(out / "fvt-kl")], device="cpu"))  # re-evaluates the saved student
+    run_bench.heldout(argparse.Namespace(runs=[str(out / "fvt-kl")], device="cpu", lift=None))  # re-evaluates the saved student
     row = capsys.readouterr().out.splitlines()[-1].split(" | ")
-    assert row[1] == f"{bench['rows']['fvt-kl']['held_out']['bits_per_char']:.4f}"
+    assert row[2] == f"{bench['rows']['fvt-kl']['held_out']['bits_per_char']:.4f}"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"overrides": {"tasks": str(tasks)}, "initialisers": ["fvt"]}))
     with pytest.raises(kld.KldError, match="unknown bench config keys"):
