@@ -100,8 +100,11 @@ class Config:
     # training (METHOD.md section 4): only the new rows learn
     objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
     lift: str = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (exact for likely tokens)
-    lift_min_prob: float = 0.01  # trie mode: evaluate a trie node off the realised text when its P reaches this
+    lift_min_prob: float = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
     lift_condition: bool = True  # condition each target on the student's previous token (what tau' would have merged)
+    fit_windows: int = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
+    fit_iterations: int = 300  # L-BFGS iterations of that refit
+    fit_l2: float = 1e-3  # its ridge toward the rows it starts from
     steps: int = 100  # optimizer steps
     batch_size: int = 4  # windows per step
     seq_len: int = 128  # student tokens per window (plus one of context)
@@ -479,7 +482,8 @@ class GPT(nn.Module):
         return torch.where(is_new, F.embedding((ids - V).clamp(min=0), self.new_in), x)
 
     def forward(self, ids, valid=None, cache: KVCache | None = None, last_only: bool = False,
-                base_only: bool = False, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                base_only: bool = False, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                hidden: bool = False):
         """Logits for ids (B, T).
 
         valid (B, T): False marks padding (left padding for batched prompts), None: no
@@ -491,6 +495,7 @@ class GPT(nn.Module):
         new tokens have rows.
         positions (B, T) and mask (B, 1, T, past + T), given together: any attention
         pattern, e.g. a tree of branches over a cached prefix (the lift's trie mode).
+        hidden: the final hidden states h (B, T, C), after the last norm, instead of logits.
         """
         B, T = ids.shape
         n_past = cache.length if cache is not None else 0
@@ -524,6 +529,8 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
+        if hidden:
+            return x
         logits = F.linear(x, self.output_weight())  # (B, T, V)
         if self.new_out is not None and not base_only:
             logits = torch.cat([logits, F.linear(x, self.new_out)], dim=-1)  # (B, T, V + N)
@@ -1716,9 +1723,10 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False) -> list[torch.Tensor]:
+def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False, hidden: bool = False) -> list[torch.Tensor]:
     """One batched pass over sequences of any lengths (right-padded); for each, the logits
-    (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1."""
+    (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1
+    (hidden: the final hidden states there instead)."""
     device = model.embed.weight.device
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -1727,7 +1735,7 @@ def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False) 
         ids[b, : len(s)], valid[b, : len(s)] = torch.tensor(s), True
     padded = any(len(s) < width for s in seqs)
     with autocast(device):
-        logits = model(ids.to(device), valid.to(device) if padded else None, base_only=base_only)
+        logits = model(ids.to(device), valid.to(device) if padded else None, base_only=base_only, hidden=hidden)
     return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]
 
 
@@ -1851,6 +1859,73 @@ def window_losses(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], 
     return torch.cat([kl_to_lifted(t, q, tok) for t, q in zip(targets, logits)])
 
 
+# --- the output rows alone: a convex problem that forward passes feed (METHOD.md section 4) ---
+#
+# With the hidden states h_j fixed, the loss in the new output rows U (N, d) is convex and
+# needs per position only h_j, the base log-partition B_j = log sum_{v in V} exp(z_v), and
+# the targets on the new tokens: KL: log(e^B_j + sum_w e^(u_w.h_j)) - sum_w p'_j(w) u_w.h_j
+# (+ a constant); CE: the same with the one-hot target of the realised token. So forward
+# passes alone collect many positions, and a full-batch quasi-Newton method solves for U.
+
+
+@dataclass
+class OutputRowData:
+    """What the loss of the new output rows needs at P positions, the hidden states fixed."""
+
+    h: torch.Tensor  # (P, d) the student's final hidden states h_j
+    base_lse: torch.Tensor  # (P,) B_j = log sum_{v in V} exp(z_v)
+    target_ids: torch.Tensor  # (P, c) long: new tokens, numbered 0 .. N-1, with a target at j (padding: 0)
+    target_p: torch.Tensor  # (P, c) their target probability (padding: 0)
+
+
+@torch.no_grad()
+def output_row_data(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
+                    lift_cfg: Lift | None = None, teacher: GPT | None = None) -> OutputRowData:
+    """One forward pass of the student (and for "kl", the lifted teacher) over student windows
+    (the first id of each is context): h, B and the targets on new tokens at every position."""
+    V = tok.base_vocab_size
+    h = torch.cat(sequence_logits(model, windows, hidden=True))  # (P, d)
+    base_lse = torch.logsumexp(F.linear(h, upcast(model.output_weight())), dim=-1)  # (P,)
+    if objective == "ce":
+        realised = torch.tensor([i for w in windows for i in w[1:]], device=h.device)[:, None]  # (P, 1)
+        return OutputRowData(h, base_lse, (realised - V).clamp(min=0), (realised >= V).to(h.dtype))
+    targets, _ = teacher_targets(teacher or model, tok, windows, lift_cfg)
+    width = max(t.new_ids.shape[1] for t in targets)
+    ids = torch.cat([F.pad(t.new_ids, (0, width - t.new_ids.shape[1])) for t in targets])  # (P, c)
+    p = torch.cat([F.pad(upcast(t.new_logp).exp(), (0, width - t.new_ids.shape[1])) for t in targets])
+    return OutputRowData(h, base_lse, (ids - V).clamp(min=0), p)
+
+
+def output_row_loss(new_out: torch.Tensor, data: OutputRowData) -> torch.Tensor:
+    """mean_j [ log(e^B_j + sum_w e^(u_w.h_j)) - sum_w t_j(w) u_w.h_j ] + a constant: the
+    terms of the objective that depend on the new output rows new_out (N, d), convex in
+    them. Written with the logits relative to B_j (the constant is mean_j B_j (1 - sum t_j)),
+    so that its value is of the size of the KL and float32 resolves its changes."""
+    z = data.h.to(new_out.dtype) @ new_out.T - data.base_lse.to(new_out.dtype)[:, None]  # (P, N) z_jw - B_j
+    log_partition = torch.logsumexp(F.pad(z, (1, 0)), dim=1)  # (P,) log(1 + sum_w e^(z_jw - B_j))
+    linear = (data.target_p.to(z.dtype) * z.gather(1, data.target_ids)).sum(1)  # (P,) sum_w t_j(w) (z_jw - B_j)
+    return (log_partition - linear).mean()
+
+
+def fit_output_rows(new_out: torch.Tensor, data: OutputRowData, iterations: int, l2: float = 0.0) -> torch.Tensor:
+    """The new output rows that minimise output_row_loss on `data` + l2/2 ||U - U0||^2, from
+    U0 = new_out (N, d): full-batch L-BFGS with a strong-Wolfe line search (the problem is
+    smooth and convex). The ridge toward the start keeps rows of rare tokens near it."""
+    start = new_out.detach().double()
+    rows = start.clone().requires_grad_(True)  # float64: the line search compares losses
+    optimizer = torch.optim.LBFGS([rows], lr=1.0, max_iter=iterations, history_size=20,
+                                  tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = output_row_loss(rows, data) + 0.5 * l2 * (rows - start).pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return rows.detach().to(new_out.dtype)
+
+
 @torch.no_grad()
 def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
              lift_cfg: Lift | None = None, teacher: GPT | None = None) -> dict:
@@ -1915,8 +1990,9 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 # Config fields that change what training computes: a checkpoint resumes only under the same.
 RESUME_KEYS = ("model", "dtype", "seed", "corpus", "heldout_fraction", "n_merges", "new_tokens", "init",
-               "init_output", "objective", "lift", "lift_min_prob", "lift_condition", "batch_size", "seq_len", "lr", "weight_decay", "warmup_steps",
-               "min_lr_ratio", "grad_clip", "steps", "finetune_layers")
+               "init_output", "objective", "lift", "lift_min_prob", "lift_condition", "batch_size",
+               "seq_len", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "steps",
+               "fit_windows", "fit_iterations", "fit_l2", "finetune_layers")
 
 
 def trained_parameters(model: GPT) -> dict[str, torch.Tensor]:
@@ -1998,14 +2074,47 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
             left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len
             print(f"step {step:5d}/{cfg.steps} | {cfg.objective} loss {loss.item():.4f} | lr {learning_rate(step - 1, cfg):.2e} "
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
+        if step == cfg.steps and cfg.fit_windows:  # last, the output rows alone, to convergence
+            if chunks:
+                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, f"{step}, before the fit"))
+                history[-1]["before_fit"] = True
+            t0 = time.perf_counter()
+            fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg, teacher)
+            fit_seconds = time.perf_counter() - t0
+            print(f"output rows fitted on {fit['positions']} positions: loss {fit['loss_before']:.4f} -> "
+                  f"{fit['loss_after']:.4f} in {fit_seconds:.0f}s", flush=True)
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if chunks:
-                measures = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, teacher=teacher)
-                history.append({"step": step, **measures})
-                print(f"  held-out @ {step}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
-                      f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
+                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, str(step)))
             save_checkpoint(checkpoint, model, optimizer, step, cfg)
     return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
+
+
+def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
+             teacher: GPT | None, when: str) -> dict:
+    """evaluate() with a progress line; the measures with the step they were taken at."""
+    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher=teacher)
+    print(f"  held-out @ {when}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
+          f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
+    return {"step": int(when.split(",")[0]), **measures}
+
+
+def refit_output_rows(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], cfg: Config, lift_cfg: Lift,
+                      teacher: GPT | None = None) -> dict:
+    """Collect OutputRowData on `windows` (forward passes only) and replace the model's new
+    output rows by the fit, the same procedure for either objective."""
+    parts = [output_row_data(model, tok, windows[i : i + cfg.batch_size], cfg.objective, lift_cfg, teacher)
+             for i in range(0, len(windows), cfg.batch_size)]
+    width = max(p.target_ids.shape[1] for p in parts)
+    data = OutputRowData(torch.cat([p.h for p in parts]), torch.cat([p.base_lse for p in parts]),
+                         torch.cat([F.pad(p.target_ids, (0, width - p.target_ids.shape[1])) for p in parts]),
+                         torch.cat([F.pad(p.target_p, (0, width - p.target_p.shape[1])) for p in parts]))
+    fitted = fit_output_rows(model.new_out, data, cfg.fit_iterations, cfg.fit_l2)
+    with torch.no_grad():
+        before = output_row_loss(model.new_out.double(), data).item()
+        after = output_row_loss(fitted.double(), data).item()
+        model.new_out.copy_(fitted)
+    return {"positions": len(data.h), "loss_before": before, "loss_after": after}
 
 
 def unfreeze_last_blocks(model: GPT, n_layers: int) -> GPT:
@@ -2135,6 +2244,10 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
     tokens: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     active = list(range(B))  # batch row -> index into `tokens`
+    # A stop string can only have been completed by the newest tokens: every token holds at
+    # least one byte, so decoding the last len(bytes) + 1 tokens finds any that ends now
+    # (decoding the whole answer at every step costs time that grows with its length).
+    tail = max((len(s.encode()) for s in stop), default=0) + 1
     for step in range(max_new_tokens):
         next_ids = sample_next(logits, temperature, top_p, generator)
         keep = []
@@ -2143,7 +2256,7 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
                 reasons[row] = "eos"
                 continue
             tokens[row].append(tok)
-            if stop and any(s in tokenizer.decode(tokens[row]) for s in stop):
+            if stop and any(s in tokenizer.decode(tokens[row][-tail:]) for s in stop):
                 reasons[row] = "stop"
                 continue
             keep.append(j)
@@ -2513,7 +2626,8 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
     is an ExtendedTokenizer), run each against the task's tests in the sandbox, and score:
 
     pass@k (unbiased, mean over tasks) with a bootstrap interval; tokens per character of
-    the generated text; the share of new tokens among the generated tokens; generated
+    the generated text; the share of new tokens among the generated tokens, the share tau'
+    gives when it re-encodes the same text, and their ratio (adoption); generated
     characters per second. "tasks" holds per-task n, c and pass@k, "samples" each program.
     """
     if not tasks:
@@ -2532,11 +2646,16 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
     sources = [candidate_source(t, c.text, chat) for t, c in zip(owners, completions)]
     results = sandbox_run_all([program_with_tests(t, s) for t, s in zip(owners, sources)], limits, workers)
     samples, per_task = [], {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
-    n_chars = n_tokens = n_new = 0
+    n_chars = n_tokens = n_new = n_reencoded = n_reencoded_new = 0
     for task, completion, source, result in zip(owners, completions, sources, results):
-        chars = len(tokenizer.decode(completion.token_ids))  # with the stop string: as the tokens emitted
-        n_chars, n_tokens = n_chars + chars, n_tokens + len(completion.token_ids)
-        n_new += sum(t >= base_vocab for t in completion.token_ids) if base_vocab else 0
+        text = tokenizer.decode(completion.token_ids)  # with the stop string: as the tokens emitted
+        n_chars += len(text)
+        n_tokens += len(completion.token_ids)
+        if base_vocab:
+            n_new += sum(t >= base_vocab for t in completion.token_ids)
+            reencoded = tokenizer.encode(text)  # tau' on the same text: the new tokens it would use
+            n_reencoded += len(reencoded)
+            n_reencoded_new += sum(t >= base_vocab for t in reencoded)
         per_task[task.task_id]["c"] += result.status == "passed"
         samples.append({"task_id": task.task_id, "completion": completion.text, "program": source,
                         "status": result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
@@ -2547,7 +2666,12 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
         values = [s[f"pass@{k}"] for s in per_task.values()]
         summary[f"pass@{k}"] = float(np.mean(values))
         summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=seed)
+    # adoption: the student's share of new tokens over the share tau' gives the same text (1: it
+    # writes its text as tau' would; 0: it spells everything with base tokens)
+    reencoded_share = n_reencoded_new / max(1, n_reencoded)
     summary.update({"tokens_per_char": n_tokens / max(1, n_chars), "new_token_share": n_new / max(1, n_tokens),
+                    "reencoded_new_token_share": reencoded_share,
+                    "adoption": n_new / max(1, n_tokens) / reencoded_share if reencoded_share else None,
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
                     "timeouts": sum(r.status == "timeout" for r in results)})
     return {"summary": summary, "tasks": per_task, "samples": samples}

@@ -1126,6 +1126,71 @@ def test_interrupted_training_resumes_to_the_same_rows(tmp_path, monkeypatch, ca
     assert torch.equal(whole.new_in, resumed.new_in) and torch.equal(whole.new_out, resumed.new_out)
 
 
+@pytest.mark.parametrize("objective", ["kl", "ce"])
+def test_output_row_loss_is_the_objective_up_to_a_constant(objective):
+    """With the hidden states fixed, output_row_loss moves exactly as the mean KL (or CE) of
+    the full model does when the new output rows change (METHOD.md section 4)."""
+    model, tok = tiny_student("llama", dtype=torch.float64)
+    stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
+    gen = kld.training_windows(stream, 16, seed=0)
+    windows = [next(gen) for _ in range(3)]
+    lift_cfg = kld.make_lift(tok, "trie", 0.0, True)
+    data = kld.output_row_data(model, tok, windows, objective, lift_cfg)
+    rows = [model.new_out.detach().clone(), model.new_out.detach() + 0.3 * torch.randn_like(model.new_out)]
+    full, fitted = [], []
+    for u in rows:
+        with torch.no_grad():
+            model.new_out.copy_(u)
+            full.append(kld.window_losses(model, tok, windows, objective, lift_cfg).mean().item())
+        fitted.append(kld.output_row_loss(u, data).item())
+    assert abs(full[0] - full[1]) > 1e-3  # the rows matter
+    assert abs((full[0] - full[1]) - (fitted[0] - fitted[1])) < 1e-9
+
+
+def test_fit_output_rows_converges_and_its_ridge_holds_it():
+    model, tok = tiny_student("llama", dtype=torch.float64)
+    stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
+    gen = kld.training_windows(stream, 16, seed=0)
+    data = kld.output_row_data(model, tok, [next(gen) for _ in range(6)], "kl", kld.make_lift(tok, "trie", 0.01, True))
+    start = model.new_out.detach()
+    fitted = kld.fit_output_rows(start, data, 500, l2=1e-2)
+    rows = fitted.clone().requires_grad_(True)
+    loss = kld.output_row_loss(rows, data) + 0.5 * 1e-2 * (rows - start).pow(2).sum()
+    loss.backward()
+    assert rows.grad.norm() < 1e-5  # a stationary point of a convex function: the minimum
+    assert kld.output_row_loss(fitted, data) < kld.output_row_loss(start, data)
+    held = kld.fit_output_rows(start, data, 500, l2=1e4)
+    assert (held - start).norm() < 1e-3 * (fitted - start).norm()
+
+
+def test_training_with_an_output_fit_resumes_and_reports_both_states(tmp_path, monkeypatch, capsys):
+    cfg = train_cfg(steps=4, eval_every=2, fit_windows=4, fit_iterations=20)
+
+    def run(out):
+        model, tok = tiny_student("gpt2")
+        stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
+        chunks = kld.eval_chunks(tok.base, [CODE[:500]], 500, 48)
+        history = kld.train(model, tok, cfg, stream, chunks, out / "ck.pt")["history"]
+        return model, history
+
+    whole, history = run(tmp_path / "a")
+    assert [(h["step"], h.get("before_fit", False)) for h in history] == [(2, False), (4, True), (4, False)]
+    assert f"output rows fitted on {4 * cfg.seq_len} positions" in capsys.readouterr().out
+    save = kld.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, cfg):
+        if step == 4:
+            raise KeyboardInterrupt  # after the steps, before the fit's checkpoint
+        save(path, model, optimizer, step, cfg)
+
+    monkeypatch.setattr(kld, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(kld, "save_checkpoint", save)
+    resumed, _ = run(tmp_path / "b")
+    assert torch.equal(whole.new_out, resumed.new_out) and torch.equal(whole.new_in, resumed.new_in)
+
+
 def test_checkpoint_errors(tmp_path):
     model, tok = tiny_student("llama")
     optimizer = torch.optim.AdamW([model.new_in, model.new_out])
