@@ -16,9 +16,12 @@ This file reads top to bottom:
   4. extension       tau' = K BPE merges appended to the teacher's tokenizer, learned on
                      a domain corpus (default: the Python standard library on this machine)
   5. alignment, lift token spans of two tokenizations; the teacher's distribution lifted
-                     to V' without losing mass (path mode), and the KL to it
+                     to V' without losing mass (path mode: one teacher pass; trie mode:
+                     exact for every likely token, by tree attention), conditioned on the
+                     student's previous token, and the KL to it
   6. initialisers    random, mean of all rows (Hewitt), mean of sub-token rows (FVT)
-  7. training        KL to the lifted teacher or CE, AdamW on the new rows only; held-out
+  7. training        KL to the lifted teacher or CE, AdamW on the new rows only, then the
+                     output rows alone refit to convergence (a convex problem); held-out
                      bits per character; atomic checkpoints that resume
   8. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
   9. code evaluation HumanEval-format tasks, prompting, programs run in a contained child
@@ -99,7 +102,7 @@ class Config:
     init_output: typing.Optional[str] = None  # the same choice for the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
     objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
-    lift: str = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (exact for likely tokens)
+    lift: str = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
     lift_min_prob: float = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
     lift_condition: bool = True  # condition each target on the student's previous token (what tau' would have merged)
     fit_windows: int = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
@@ -1395,7 +1398,7 @@ class LiftTrie:
     """The lift's lookup tables for one extension, built once by `lift_trie`. Sequences are
     tuples of base ids; a sequence's *children* are the tokens that can follow it in the trie."""
 
-    children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> the x with u + (x,) in the trie
+    children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> x with u + (x,) in the trie
     new_token: dict[tuple[int, ...], int]  # exp(w) -> w, for every new token w
     roots: torch.Tensor  # (R,) long: the base tokens that start an expansion
     extensions: dict[int, frozenset[tuple[int, ...]]]  # v -> {exp(w)[|exp v|:] for every trie child w of v}
@@ -1427,7 +1430,7 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
         new_token={e: V + i for i, e in enumerate(tok.expansions)},
         roots=torch.tensor(sorted({e[0] for e in tok.expansions}), dtype=torch.long),
         extensions={v: frozenset(fs) for v, fs in extensions.items()},
-        extension_children={v: prefix_children(fs) for v, fs in extensions.items()},
+        extension_children={v: prefix_children(sorted(fs)) for v, fs in extensions.items()},
         alphabet=torch.tensor(alphabet, dtype=torch.long),
         column={t: c for c, t in enumerate(alphabet)},
     )
@@ -1597,11 +1600,16 @@ class Lift:
     condition: bool  # condition each position on the student token before it
 
 
-def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool) -> Lift:
+def check_lift(mode: str, min_prob: float):
+    """Refuse lift settings that name no lift (before a run spends time on them)."""
     if mode not in ("path", "trie"):
         raise KldError(f"lift {mode!r} is not 'path' or 'trie'")
     if not min_prob >= 0:
         raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
+
+
+def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool) -> Lift:
+    check_lift(mode, min_prob)
     return Lift(lift_trie(tok), mode, min_prob, condition)
 
 
@@ -1723,7 +1731,8 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False, hidden: bool = False) -> list[torch.Tensor]:
+def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
+                    hidden: bool = False) -> list[torch.Tensor]:
     """One batched pass over sequences of any lengths (right-padded); for each, the logits
     (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1
     (hidden: the final hidden states there instead)."""
@@ -1790,7 +1799,8 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
 
 
 @torch.no_grad()
-def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int]], lift_cfg: Lift) -> tuple[list[LiftedTargets], int]:
+def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int]],
+                    lift_cfg: Lift) -> tuple[list[LiftedTargets], int]:
     """p' at every predicted position of student windows (the first id of each is context
     only), and the number of branch tokens the teacher evaluated for them.
 
@@ -1808,7 +1818,8 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
     B = len(seqs)
     logits, cache = cached_pass(teacher, seqs)  # (B, width, |V|)
     # Rows context-1 .. len-1: log p(t_b | t_<b) for the window's tokens b = 0 .. n-1, and after it (b = n).
-    logps = [torch.log_softmax(upcast(logits[r, c - 1 : len(s)]), dim=-1) for r, (c, s) in enumerate(zip(context, seqs))]
+    logps = [torch.log_softmax(upcast(logits[r, c - 1 : len(s)]), dim=-1)  # (n + 1, |V|)
+             for r, (c, s) in enumerate(zip(context, seqs))]
     del logits
     teacher_ids = [s[c:] for c, s in zip(context, seqs)]
     span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
@@ -2743,6 +2754,7 @@ def run(cfg: Config) -> dict:
     embeddings.json (embedding_analysis) and results.json to out_dir (checkpoint.pt while
     training), and codegen.json when `cfg.tasks` names code-generation tasks."""
     out = Path(cfg.out_dir)
+    check_lift(cfg.lift, cfg.lift_min_prob)
     write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
@@ -2833,6 +2845,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{mass(student['target_new_token_mass'])}")
     for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
         print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}{mass(m['new_token_mass'])}")
+    print(f"{f'targets ({cfg.lift})':24s}{student['target_bits_per_char']:10.4f}   (their own bits/char: the floor "
+          f"of a student trained on them)")
     if "codegen" in result:
         codegen = result["codegen"]
         low, high = codegen["pass@1_interval"]

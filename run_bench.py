@@ -4,7 +4,8 @@
     python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
     python run_bench.py matrix [--config configs/bench_cpu.json]
-    python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto]
+    python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto] [--lift path|trie]
+    python run_bench.py lift [--min-probs 0.1 0.03 0.01 0.001] [--chars 20000]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -28,7 +29,12 @@ new rows sit) and, with matplotlib installed, embeddings.png.
 heldout: each finished run's student on its own held-out text: bits per character, KL to
 the lifted teacher, the share of new tokens in the text, and at the positions whose next
 token is new, the mass the student and the lifted teacher put on new tokens (does the
-student expect its new tokens where they occur?).
+student expect its new tokens where they occur?), and the targets' own bits per character.
+
+lift: path against trie mode (at each threshold), each with and without conditioning on
+the student's previous token, on held-out code: the targets' own bits per character, the
+mass they put on new tokens, their total variation to the most exact trie mode, the extra
+teacher tokens and time they cost; and how often tau' is not the longest match.
 """
 
 import argparse
@@ -322,11 +328,14 @@ def comparisons(rows) -> list[dict]:
 
 
 TABLE_COLUMNS = ["row", "pass@1", "interval_low", "interval_high", "bits_per_char", "tokens_per_char_heldout",
-                 "tokens_per_char_generated", "new_token_share", "generated_chars_per_s", "train_s", "codegen_s"]
+                 "tokens_per_char_generated", "new_token_share", "adoption", "tokens_per_char_vs_teacher",
+                 "generated_chars_per_s", "chars_per_s_vs_teacher", "train_s", "codegen_s"]
 
 
 def table_rows(bench) -> list[dict]:
+    """One row per model; the generation figures also as ratios to the teacher's in the same run."""
     out = []
+    teacher = bench["rows"]["teacher"]["codegen"]["summary"]
     for name, row in bench["rows"].items():
         summary = row["codegen"]["summary"]
         out.append({"row": name, "pass@1": summary["pass@1"], "interval_low": summary["pass@1_interval"][0],
@@ -334,8 +343,11 @@ def table_rows(bench) -> list[dict]:
                     "bits_per_char": row["held_out"].get("bits_per_char"),
                     "tokens_per_char_heldout": row["held_out"].get("tokens_per_char"),
                     "tokens_per_char_generated": summary["tokens_per_char"], "new_token_share": summary["new_token_share"],
-                    "generated_chars_per_s": summary["chars_per_s"], "train_s": row["train_s"],
-                    "codegen_s": summary["generation_s"]})
+                    "adoption": summary.get("adoption"),
+                    "tokens_per_char_vs_teacher": summary["tokens_per_char"] / teacher["tokens_per_char"],
+                    "generated_chars_per_s": summary["chars_per_s"],
+                    "chars_per_s_vs_teacher": summary["chars_per_s"] / teacher["chars_per_s"],
+                    "train_s": row["train_s"], "codegen_s": summary["generation_s"]})
     return out
 
 
@@ -343,14 +355,19 @@ def markdown_report(bench, table, compared, plot_name) -> str:
     lines = [f"# kld bench: {len(bench['rows']) - 1} students and the teacher", "",
              f"{bench['n_tasks']} tasks from `{bench['tasks']}`; machine: {bench['machine']}; device {bench['device']}; "
              f"wall time {bench['wall_s'] / 60:.1f} min.", "",
-             "| row | pass@1 [95% CI] | bits/char | tokens/char held-out | tokens/char generated | new-token share "
-             "| generated chars/s | train s |", "|---|---|---|---|---|---|---|---|"]
+             "| row | pass@1 [95% CI] | bits/char | tokens/char held-out | tokens/char generated (x teacher) "
+             "| new-token share | adoption | generated chars/s (x teacher) | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         bpc = f"{r['bits_per_char']:.4f}" if r["bits_per_char"] is not None else "-"
         tpc = f"{r['tokens_per_char_heldout']:.4f}" if r["tokens_per_char_heldout"] is not None else "-"
+        adoption = f"{r['adoption']:.2f}" if r["adoption"] is not None else "-"
         lines.append(f"| {r['row']} | {r['pass@1']:.3f} [{r['interval_low']:.3f}, {r['interval_high']:.3f}] | {bpc} | "
-                     f"{tpc} | {r['tokens_per_char_generated']:.4f} | {r['new_token_share']:.1%} | "
-                     f"{r['generated_chars_per_s']:.0f} | {r['train_s']:.0f} |")
+                     f"{tpc} | {r['tokens_per_char_generated']:.4f} ({r['tokens_per_char_vs_teacher']:.2f}) | "
+                     f"{r['new_token_share']:.1%} | {adoption} | {r['generated_chars_per_s']:.0f} "
+                     f"({r['chars_per_s_vs_teacher']:.2f}) | {r['train_s']:.0f} |")
+    lines += ["", "adoption: the share of new tokens among a student's generated tokens over the share tau' gives "
+              "when it re-encodes the same text; (x teacher): the ratio to the teacher's figure in this run."]
     lines += ["", "Paired comparisons on per-task pass@1 (b - a; sign test over the tasks where they differ):", "",
               "| a | b | b - a [95% CI] | b better | b worse | p |", "|---|---|---|---|---|---|"]
     for c in compared:

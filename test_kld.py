@@ -1218,6 +1218,12 @@ def test_bad_training_config_values():
     model, tok = tiny_student("llama")
     with pytest.raises(kld.KldError, match="objective 'mse' is not 'kl' or 'ce'"):
         kld.window_losses(model, tok, [[1, 2, 3]], "mse")
+    with pytest.raises(kld.KldError, match="the kl objective needs lift settings"):
+        kld.window_losses(model, tok, [[1, 2, 3]], "kl")
+    with pytest.raises(kld.KldError, match="lift 'exact' is not 'path' or 'trie'"):
+        kld.make_lift(tok, "exact", 0.03, True)
+    with pytest.raises(kld.KldError, match="lift_min_prob nan is not a probability"):
+        kld.make_lift(tok, "trie", math.nan, True)
     with pytest.raises(kld.KldError, match="unknown initialiser 'zeros'"):
         kld.init_new_rows(model, tok, "zeros", "mean", 0)
     with pytest.raises(kld.KldError, match="fewer than one window"):
