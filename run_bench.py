@@ -1,6 +1,7 @@
 """Benchmarks that print figures (never timed tests).
 
     python run_bench.py speed [--model smollm2] [--new-tokens 64] [--batch-sizes 1 8] [--device auto] [--dtype float32]
+                              [--student-merges 256]
     python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
     python run_bench.py matrix [--config configs/bench_cpu.json]
@@ -72,12 +73,28 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def kld_tokens_per_s(model, tokenizer, prompts, new_tokens):
-    """Greedy tokens/s, every row forced to the full budget (no stop tokens)."""
+def kld_tokens_per_s(model, tokenizer, prompts, new_tokens, stop=()):
+    """Greedy tokens/s, every row forced to the full budget (no stop tokens; stop strings
+    that never occur still cost their check at every step)."""
     kld.generate(model, tokenizer, prompts[:1], max_new_tokens=4)  # warm-up
     outs, seconds = timed(lambda: kld.generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
-                                               batch_size=len(prompts)))
+                                               batch_size=len(prompts), stop=list(stop)))
     return sum(len(o.token_ids) for o in outs) / seconds
+
+
+def student_speed(model, tokenizer, prompts, args):
+    """The cost of a generated token, teacher against an FVT student of `args.student_merges`
+    merges, at the same batch sizes, every row at the full budget, with a stop string that
+    never occurs (so its check runs at every step, as in code generation)."""
+    never = ["<never in the output>"]
+    teacher = {b: kld_tokens_per_s(model, tokenizer, prompts[:b], args.new_tokens, never) for b in args.batch_sizes}
+    train, _ = kld.load_corpus("stdlib")
+    tok = kld.build_extension(tokenizer, train, args.student_merges, model.cfg.vocab_size)
+    kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
+    for b in args.batch_sizes:
+        student = kld_tokens_per_s(model, tok, prompts[:b], args.new_tokens, never)
+        print(f"batch {b}: teacher {teacher[b]:.1f} tok/s, student ({args.student_merges} new tokens) "
+              f"{student:.1f} tok/s; the student's cost per token is {teacher[b] / student:.3f}x the teacher's")
 
 
 def hf_tokens_per_s(hf_model, tokenizer, prompts, new_tokens, pad_id):
@@ -124,6 +141,8 @@ def speed(args):
     (model, tokenizer), load_s = timed(lambda: kld.load_model(path, device=device, dtype=dtype))
     print(f"kld load: {load_s:.2f} s  ({path.name})")
     prompts = [kld.format_chat(p) for p in PROMPTS]
+    if args.student_merges:
+        return student_speed(model, tokenizer, prompts, args)
     ours = {b: kld_tokens_per_s(model, tokenizer, prompts[:b], args.new_tokens) for b in args.batch_sizes}
     reference = importlib.util.find_spec("transformers") and path.suffix == ".gguf"
     if not reference:
@@ -555,6 +574,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights (speed only)")
+    p.add_argument("--student-merges", type=int, default=0,
+                   help="instead: the teacher against an FVT student with this many new tokens, cost per token")
     p = sub.add_parser("extension", help="tokens saved on held-out code; time to learn merges and to encode")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--corpus", default="stdlib")
