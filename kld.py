@@ -2056,8 +2056,9 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     """AdamW on the parameters that require a gradient (the new rows; in the second stage
     also the blocks it trains), from the checkpoint when there is one. Prints a progress
     line every log_every steps; every eval_every steps and at the end, measures the held-out
-    chunks (when given) and writes the checkpoint. Returns tokens/s and the measures."""
-    sep = separator_id(model.cfg)
+    chunks (when given) and writes the checkpoint. With cfg.fit_windows, the last step is
+    followed by a refit of the output rows alone (refit_output_rows), measured before and
+    after. Returns tokens/s and the measures."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
     params = list(trained_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
