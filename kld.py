@@ -1453,8 +1453,8 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.nda
     def visit(seq: tuple[int, ...], lp: float, node: Node):
         b, xs = node
         row = branches.get(node) if xs else (realised[b] if b < len(realised) else None)
-        if row is None:  # the teacher has not been asked here (yet)
-            if lp >= min_logp:
+        if row is None:  # past the rows given, or a branch the teacher has not been asked about (yet)
+            if xs and lp >= min_logp:
                 wanted.add(node)
             return
         for x in trie.children.get(seq, ()) + extension_children.get(seq, ()):
