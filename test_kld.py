@@ -811,7 +811,7 @@ def brute_force_emission(tok, prefix, prev, cond_logp, condition=True):
         longer = {exps[w] for w in children[v]} | {f for f in extensions if len(f) > len(e) and f[: len(e)] == e}
         minimal = [s for s in longer if not any(len(o) < len(s) and s[: len(o)] == o for o in longer)]
         out[v] = (P(e) - sum(P(s) for s in minimal)) / Z  # disjoint events: a prefix-free set
-    return out
+    return out, Z
 
 
 def lifted_p(t, j):
@@ -849,15 +849,17 @@ def test_trie_mode_without_pruning_is_the_definition(letters, case, prev, condit
     cond_logp = fake_teacher(len(ABC), scale=float(logits.std()) + 0.1, seed=int(logits.sum().abs() * 1000))
     t, starts, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, min_prob=0.0, condition=condition)
     p = torch.cat([t.base_logp.exp(), t.new_logp.exp()], dim=1)
-    assert (p >= 0).all() and (p.sum(1) - 1).abs().max() < 1e-12
+    assert (p >= 0).all()
     student = tok.merge(teacher)
     context = list(tok.expand([prev]))
     for j, a in enumerate(starts):
         before = student[j - 1] if j else prev
-        expected = brute_force_emission(tok, context + teacher[:a], before, cond_logp, condition)
+        expected, Z = brute_force_emission(tok, context + teacher[:a], before, cond_logp, condition)
+        tolerance = 1e-12 / Z  # renormalising by Z scales rounding errors by 1 / Z
+        assert abs(p[j].sum() - 1) < tolerance
         got = lifted_p(t, j)
         for v in range(tok.vocab_size):
-            assert abs(got.get(v, 0.0) - expected[v]) < 1e-12, (j, v, got.get(v), expected[v])
+            assert abs(got.get(v, 0.0) - expected[v]) < tolerance, (j, v, got.get(v), expected[v])
 
 
 @SETTINGS
@@ -872,7 +874,7 @@ def test_trie_mode_is_a_distribution_that_knows_more_than_path_mode(letters, cas
     cond_logp = fake_teacher(len(ABC), scale=3.0, seed=len(merges))
     trie_t, starts, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, min_prob, condition=True)
     p = torch.cat([trie_t.base_logp.exp(), trie_t.new_logp.exp()], dim=1)
-    assert (p >= 0).all() and (p.sum(1) - 1).abs().max() < 1e-12
+    assert (p >= 0).all() and (p.sum(1) - 1).abs().max() < 1e-9  # sharp teachers renormalise by small Z
     path_t, _, n_branches, rounds = lift_to_completion(tok, teacher, prev, cond_logp, math.inf, condition=True)
     assert n_branches == 0 and rounds == 0
     unconditioned, _, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, 0.0, condition=False)
@@ -962,10 +964,10 @@ def test_teacher_targets_in_trie_mode_equal_one_forward_pass_per_node(tiny_exten
         starts = kld.coarsening_span_starts(w[1:], tok)
         context = len(tok.expand(w[:1]))
         for j in (0, 1, len(starts) - 1):
-            expected = brute_force_emission(tok, teacher[: context + starts[j]], w[j], cached, condition)
+            expected, Z = brute_force_emission(tok, teacher[: context + starts[j]], w[j], cached, condition)
             got = lifted_p(t, j)
             for v in range(tok.vocab_size):
-                assert abs(got.get(v, 0.0) - expected[v]) < 1e-9, (j, v)
+                assert abs(got.get(v, 0.0) - expected[v]) < 1e-9 / Z, (j, v)
 
 
 def test_trie_mode_that_admits_no_branch_is_path_mode_bit_for_bit(tiny_extension):
