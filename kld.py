@@ -97,6 +97,7 @@ class Config:
     heldout_fraction: float = 0.1  # share of the corpus's files held out for evaluation (a fixed split by file name)
     n_merges: int = 256  # K: merges learned and appended to the teacher's tokenizer
     new_tokens: list[str] = field(default_factory=list)  # strings to add as tokens (merge chains), before the K merges
+    newline_merges: bool = True  # learned merges may join a token to the newline (and indentation) ending its line
     # initialisation of the new rows (METHOD.md section 5)
     init: str = "fvt"  # "random", "mean" (Hewitt 2021) or "fvt" (mean of sub-token rows): the new input rows
     init_output: typing.Optional[str] = None  # the same choice for the new output rows; null = as `init`
@@ -1191,18 +1192,22 @@ class ExtendedTokenizer:
         return self.base.decode(list(self.expand([token_id])), skip_special_tokens=False)
 
 
-def line_segments(ids_per_text: list[list[int]], tok: ExtendedTokenizer) -> dict[tuple[int, ...], int]:
+def line_segments(ids_per_text: list[list[int]], tok: ExtendedTokenizer,
+                  newline_merges: bool = True) -> dict[tuple[int, ...], int]:
     """Cut token sequences into the segments merges are learned within: a segment ends
     after every token that holds a newline, and special tokens stand alone. So a merge
     may cross word boundaries but stays inside a line (METHOD.md section 1): a learned
-    token holds a newline only in its last teacher token. Returns segment -> count."""
+    token holds a newline only in its last teacher token. newline_merges=False: tokens
+    that hold a newline stand alone too, so no learned token holds one (a token such as
+    ':\n    ' would have to predict the next line's indentation before the colon is
+    written). Returns segment -> count."""
     special = set(tok.base.get_added_tokens_decoder())
     ends_line = {i for i in range(tok.vocab_size) if b"\n" in tok.token_bytes(i)}
     segments: collections.Counter = collections.Counter()
     for ids in ids_per_text:
         start = 0
         for i, t in enumerate(ids):
-            if t in special:
+            if t in special or (t in ends_line and not newline_merges):
                 segments[tuple(ids[start:i])] += 1
                 start = i + 1
             elif t in ends_line:
@@ -1236,13 +1241,15 @@ def chain_merges(tokenizer: Tokenizer, strings: list[str], merges: list[tuple[in
 
 
 def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_vocab_size: int,
-                    new_tokens: list[str] = ()) -> ExtendedTokenizer:
-    """tau' for a corpus: the user's strings as merge chains, then `n_merges` learned merges."""
+                    new_tokens: list[str] = (), newline_merges: bool = True) -> ExtendedTokenizer:
+    """tau' for a corpus: the user's strings as merge chains, then `n_merges` learned merges
+    (newline_merges: whether they may join a token to the newline that ends its line)."""
     merges = chain_merges(tokenizer, list(new_tokens), [], base_vocab_size)
     if n_merges > 0:
         ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)
         encoded = ext.encode_batch(texts)  # the corpus as the student (so far) tokenizes it
-        merges += learn_merges(line_segments(encoded, ext), n_merges, base_vocab_size + len(merges))
+        segments = line_segments(encoded, ext, newline_merges)
+        merges += learn_merges(segments, n_merges, base_vocab_size + len(merges))
     return ExtendedTokenizer(tokenizer, merges, base_vocab_size)
 
 
@@ -2000,8 +2007,8 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 
 # Config fields that change what training computes: a checkpoint resumes only under the same.
-RESUME_KEYS = ("model", "dtype", "seed", "corpus", "heldout_fraction", "n_merges", "new_tokens", "init",
-               "init_output", "objective", "lift", "lift_min_prob", "lift_condition", "batch_size",
+RESUME_KEYS = ("model", "dtype", "seed", "corpus", "heldout_fraction", "n_merges", "new_tokens", "newline_merges",
+               "init", "init_output", "objective", "lift", "lift_min_prob", "lift_condition", "batch_size",
                "seq_len", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "steps",
                "fit_windows", "fit_iterations", "fit_l2", "finetune_layers")
 
@@ -2771,7 +2778,8 @@ def run(cfg: Config) -> dict:
         tok = load_extension(extension_file, tokenizer)
     else:
         t0 = time.perf_counter()
-        tok = build_extension(tokenizer, train_texts, cfg.n_merges, model.cfg.vocab_size, cfg.new_tokens)
+        tok = build_extension(tokenizer, train_texts, cfg.n_merges, model.cfg.vocab_size, cfg.new_tokens,
+                              cfg.newline_merges)
         save_extension(tok, extension_file)
         print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, e.g. "
               f"{[tok.token_string(tok.base_vocab_size + i) for i in range(min(8, len(tok.merges)))]}")

@@ -527,6 +527,9 @@ def test_learned_merges_stay_inside_a_line_and_never_touch_specials(fixture_toke
         assert not special & set(e), ext.token_string(320 + i)
         assert all(b"\n" not in ext.token_bytes(t) for t in e[:-1]), ext.token_string(320 + i)
     assert ext.encode("<|im_end|>") == [fixture_tokenizer.token_to_id("<|im_end|>")]
+    assert any(b"\n" in ext.token_bytes(320 + i) for i in range(len(ext.merges)))  # 'a:\n' and the like
+    apart = kld.build_extension(fixture_tokenizer, [text], n_merges=40, base_vocab_size=320, newline_merges=False)
+    assert apart.merges and not any(b"\n" in apart.token_bytes(320 + i) for i in range(len(apart.merges)))
 
 
 def test_learn_merges_counts_like_a_rescan():
