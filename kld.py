@@ -20,8 +20,8 @@ This file reads top to bottom:
                      exact for every likely token, by tree attention), conditioned on the
                      student's previous token, and the KL to it
   6. initialisers    random, mean of all rows (Hewitt), mean of sub-token rows (FVT)
-  7. training        KL to the lifted teacher or CE, AdamW on the new rows only, then the
-                     output rows alone refit to convergence (a convex problem); held-out
+  7. training        KL to the lifted teacher or CE, AdamW on the new rows only, optionally
+                     then the output rows alone refit to convergence (convex); held-out
                      bits per character; atomic checkpoints that resume
   8. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
   9. code evaluation HumanEval-format tasks, prompting, programs run in a contained child
@@ -1542,7 +1542,7 @@ def lift(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int], tri
     starts = bounds[:-1]
     base_logp = logp[starts]  # (m, |V|): the teacher's row at each span start, a copy
     realised = logp[:, trie.alphabet.to(logp.device)].double().cpu().numpy()  # (rows, A): what the walk reads
-    min_logp = math.log(min_prob) if 0 < min_prob < math.inf else (-math.inf if min_prob <= 0 else math.inf)
+    min_logp = math.log(min_prob) if min_prob > 0 else -math.inf  # log(inf) = inf: path mode wants nothing
     likely_roots: list[list[int]] = [[] for _ in range(m)]  # trie mode: off-path roots with P >= min_prob
     if min_logp < math.inf and len(trie.roots):
         roots = trie.roots.to(logp.device)
@@ -1738,37 +1738,38 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ids (B, width) of sequences of any lengths, right-padded, and valid (B, width), False
+    on padding (None when no row is padded). Positions count real tokens only, so padding
+    changes no row's logits."""
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        valid[b, : len(s)] = True
+    padded = any(len(s) < width for s in seqs)
+    return ids.to(device), valid.to(device) if padded else None
+
+
 def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
                     hidden: bool = False) -> list[torch.Tensor]:
     """One batched pass over sequences of any lengths (right-padded); for each, the logits
     (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1
     (hidden: the final hidden states there instead)."""
-    device = model.embed.weight.device
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for b, s in enumerate(seqs):  # positions count real tokens only, so padding changes nothing
-        ids[b, : len(s)], valid[b, : len(s)] = torch.tensor(s), True
-    padded = any(len(s) < width for s in seqs)
-    with autocast(device):
-        logits = model(ids.to(device), valid.to(device) if padded else None, base_only=base_only, hidden=hidden)
+    ids, valid = right_padded(seqs, model.embed.weight.device)
+    with autocast(ids.device):
+        logits = model(ids, valid, base_only=base_only, hidden=hidden)
     return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]
 
 
 def cached_pass(model: GPT, seqs: list[list[int]]) -> tuple[torch.Tensor, KVCache]:
     """The base model's logits (B, width, |V|) over right-padded sequences, and the KV cache
     it filled: slot i of row r holds token i of seqs[r] (for `branch_logits` to extend)."""
-    device = model.embed.weight.device
-    B, width = len(seqs), max(map(len, seqs))
-    ids = torch.zeros(B, width, dtype=torch.long)
-    valid = torch.zeros(B, width, dtype=torch.bool)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s)
-        valid[r, : len(s)] = True
-    padded = any(len(s) < width for s in seqs)
-    cache = KVCache(model.cfg, B, width, device, model.embed.weight.dtype)
-    with autocast(device):
-        logits = model(ids.to(device), valid.to(device) if padded else None, cache, base_only=True)
+    ids, valid = right_padded(seqs, model.embed.weight.device)
+    cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)
+    with autocast(ids.device):
+        logits = model(ids, valid, cache, base_only=True)
     return logits, cache
 
 
@@ -1833,16 +1834,19 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
     min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
     branches: list[dict] = [{} for _ in windows]  # per window: node -> the teacher's row there (A,)
     slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
+    targets: list[LiftedTargets | None] = [None] * B
+    active = list(range(B))  # the windows given new rows since their last lift
     n_branch_tokens = 0
-    while True:
-        lifted = [lift(logps[r], teacher_ids[r], span_starts[r], lift_cfg.trie, prev_token=windows[r][0],
-                       branches=branches[r], min_prob=min_prob, condition=lift_cfg.condition) for r in range(B)]
-        todo = []
-        for r, (_, wanted) in enumerate(lifted):
-            fits = [(b, xs) for b, xs in sorted(wanted) if context[r] + b + len(xs) <= teacher.cfg.max_positions]
-            todo.append([node for node in fits if node not in branches[r]])
-        if not any(todo):
-            return [targets for targets, _ in lifted], n_branch_tokens
+    while active:
+        todo: list[list[Node]] = [[] for _ in windows]  # per window: the nodes to evaluate this round
+        for r in active:
+            targets[r], wanted = lift(logps[r], teacher_ids[r], span_starts[r], lift_cfg.trie,
+                                      prev_token=windows[r][0], branches=branches[r], min_prob=min_prob,
+                                      condition=lift_cfg.condition)
+            todo[r] = [(b, xs) for b, xs in sorted(wanted) if context[r] + b + len(xs) <= teacher.cfg.max_positions]
+        active = [r for r in active if todo[r]]
+        if not active:
+            break
         logits = branch_logits(teacher, cache, todo, context, slots)  # (B, T, |V|)
         rows = torch.log_softmax(upcast(logits), dim=-1)[..., lift_cfg.trie.alphabet.to(device)]  # (B, T, A)
         rows = rows.double().cpu().numpy()
@@ -1850,6 +1854,7 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
             for t, node in enumerate(nodes):
                 branches[r][node] = rows[r, t]
         n_branch_tokens += sum(map(len, todo))
+    return targets, n_branch_tokens
 
 
 def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor, base_vocab_size: int) -> torch.Tensor:
@@ -1898,20 +1903,29 @@ class OutputRowData:
 
 @torch.no_grad()
 def output_row_data(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
-                    lift_cfg: Lift | None = None, teacher: GPT | None = None) -> OutputRowData:
-    """One forward pass of the student (and for "kl", the lifted teacher) over student windows
-    (the first id of each is context): h, B and the targets on new tokens at every position."""
+                    lift_cfg: Lift | None = None, teacher: GPT | None = None, batch_size: int = 8) -> OutputRowData:
+    """Forward passes of the student (and for "kl", the lifted teacher) over student windows
+    (the first id of each is context), batch_size at a time: h, B and the targets on new
+    tokens at every position."""
     V = tok.base_vocab_size
-    h = torch.cat(sequence_logits(model, windows, hidden=True))  # (P, d)
-    base_lse = torch.logsumexp(F.linear(h, upcast(model.output_weight())), dim=-1)  # (P,)
-    if objective == "ce":
-        realised = torch.tensor([i for w in windows for i in w[1:]], device=h.device)[:, None]  # (P, 1)
-        return OutputRowData(h, base_lse, (realised - V).clamp(min=0), (realised >= V).to(h.dtype))
-    targets, _ = teacher_targets(teacher or model, tok, windows, lift_cfg)
-    width = max(t.new_ids.shape[1] for t in targets)
-    ids = torch.cat([F.pad(t.new_ids, (0, width - t.new_ids.shape[1])) for t in targets])  # (P, c)
-    p = torch.cat([F.pad(upcast(t.new_logp).exp(), (0, width - t.new_ids.shape[1])) for t in targets])
-    return OutputRowData(h, base_lse, (ids - V).clamp(min=0), p)
+    h, base_lse, ids, p = [], [], [], []  # per window: (m, d), (m,), (m, c), (m, c)
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        for x in sequence_logits(model, batch, hidden=True):
+            h.append(x)
+            base_lse.append(torch.logsumexp(F.linear(x, upcast(model.output_weight())), dim=-1))
+        if objective == "ce":
+            for w in batch:
+                realised = torch.tensor(w[1:], device=h[-1].device)[:, None]  # (m, 1): the one-hot target
+                ids.append((realised - V).clamp(min=0))
+                p.append((realised >= V).to(h[-1].dtype))
+        else:
+            targets, _ = teacher_targets(teacher or model, tok, batch, lift_cfg)
+            ids += [(t.new_ids - V).clamp(min=0) for t in targets]  # padding id 0 has p = 0
+            p += [upcast(t.new_logp).exp() for t in targets]
+    width = max(x.shape[1] for x in ids)
+    return OutputRowData(torch.cat(h), torch.cat(base_lse), torch.cat([F.pad(x, (0, width - x.shape[1])) for x in ids]),
+                         torch.cat([F.pad(x, (0, width - x.shape[1])) for x in p]))
 
 
 def output_row_loss(new_out: torch.Tensor, data: OutputRowData) -> torch.Tensor:
@@ -2095,7 +2109,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
         if step == cfg.steps and cfg.fit_windows:  # last, the output rows alone, to convergence
             if chunks:
-                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, f"{step}, before the fit"))
+                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, ", before the fit"))
                 history[-1]["before_fit"] = True
             t0 = time.perf_counter()
             fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg, teacher)
@@ -2104,30 +2118,25 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
                   f"{fit['loss_after']:.4f} in {fit_seconds:.0f}s", flush=True)
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if chunks:
-                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, str(step)))
+                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step))
             save_checkpoint(checkpoint, model, optimizer, step, cfg)
     return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
 
 
 def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
-             teacher: GPT | None, when: str) -> dict:
+             teacher: GPT | None, step: int, note: str = "") -> dict:
     """evaluate() with a progress line; the measures with the step they were taken at."""
     measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher=teacher)
-    print(f"  held-out @ {when}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
+    print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
           f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
-    return {"step": int(when.split(",")[0]), **measures}
+    return {"step": step, **measures}
 
 
 def refit_output_rows(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], cfg: Config, lift_cfg: Lift,
                       teacher: GPT | None = None) -> dict:
     """Collect OutputRowData on `windows` (forward passes only) and replace the model's new
     output rows by the fit, the same procedure for either objective."""
-    parts = [output_row_data(model, tok, windows[i : i + cfg.batch_size], cfg.objective, lift_cfg, teacher)
-             for i in range(0, len(windows), cfg.batch_size)]
-    width = max(p.target_ids.shape[1] for p in parts)
-    data = OutputRowData(torch.cat([p.h for p in parts]), torch.cat([p.base_lse for p in parts]),
-                         torch.cat([F.pad(p.target_ids, (0, width - p.target_ids.shape[1])) for p in parts]),
-                         torch.cat([F.pad(p.target_p, (0, width - p.target_p.shape[1])) for p in parts]))
+    data = output_row_data(model, tok, windows, cfg.objective, lift_cfg, teacher, cfg.batch_size)
     fitted = fit_output_rows(model.new_out, data, cfg.fit_iterations, cfg.fit_l2)
     with torch.no_grad():
         before = output_row_loss(model.new_out.double(), data).item()
@@ -2794,7 +2803,10 @@ def run(cfg: Config) -> dict:
           f"tokens/char {initial['tokens_per_char']:.4f}")
     stream = token_stream(tok, train_texts, sep)
     training = train(model, tok, cfg, stream, chunks, checkpoint)
-    final = training["history"][-1] if training["history"] else evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
+    if training["history"]:
+        final = training["history"][-1]
+    else:  # a finished run resumed: nothing trained, nothing measured
+        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
     from safetensors.torch import save
 
     if cfg.finetune_layers and cfg.finetune_steps:
