@@ -56,6 +56,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -66,8 +67,11 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,68 +88,108 @@ class KldError(Exception):
 # ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config field takes: low <= x <= high (strict where open), and finite."""
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def admits(self, x) -> bool:
+        above = x > self.low if self.open_low else x >= self.low
+        below = x < self.high if self.open_high else x <= self.high
+        return math.isfinite(x) and above and below
+
+    def __str__(self) -> str:
+        low = f"{'(' if self.open_low else '['}{self.low:g}"
+        high = f"{self.high:g}{')' if self.open_high else ']'}"
+        return f"a finite number in {low}, {high}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """The values a string config field takes."""
+    choices: tuple[str, ...]
+
+    def admits(self, x) -> bool:
+        return x in self.choices
+
+    def __str__(self) -> str:
+        return f"one of {list(self.choices)}"
+
+
+INIT_NAMES = OneOf(("random", "mean", "fvt"))  # the initialisers of section 6
+
+
 @dataclass
 class Config:
     # what to load
     model: str = "smollm2"  # an embedded model name (EMBEDDED_MODELS), a Hugging Face directory, or a .gguf file
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "float32"  # weights in memory: float32 | bfloat16 | float16
+    dtype: Annotated[str, OneOf(("float32", "bfloat16", "float16"))] = "float32"  # weights in memory: float32 | bfloat16 | float16
     seed: int = 0  # seeds every random choice of a run
     out_dir: str = "runs/default"  # outputs land here, beside the resolved config.json
     # domain corpus and the extension (METHOD.md section 1)
     corpus: str = "stdlib"  # "stdlib" (this machine's Python standard library), a directory of .py files, or a text file
-    heldout_fraction: float = 0.1  # share of the corpus's files held out for evaluation (a fixed split by file name)
-    n_merges: int = 256  # K: merges learned and appended to the teacher's tokenizer
+    heldout_fraction: Annotated[float, Range(0, 1, open_high=True)] = 0.1  # share of the corpus's files held out for evaluation (a fixed split by file name)
+    n_merges: Annotated[int, Range(0)] = 256  # K: merges learned and appended to the teacher's tokenizer
     new_tokens: list[str] = field(default_factory=list)  # strings to add as tokens (merge chains), before the K merges
     newline_merges: bool = True  # learned merges may join a token to the newline (and indentation) ending its line
     # initialisation of the new rows (METHOD.md section 5)
-    init: str = "fvt"  # "random", "mean" (Hewitt 2021) or "fvt" (mean of sub-token rows): the new input rows
-    init_output: typing.Optional[str] = None  # the same choice for the new output rows; null = as `init`
+    init: Annotated[str, INIT_NAMES] = "fvt"  # "random", "mean" (Hewitt 2021) or "fvt" (mean of sub-token rows): the new input rows
+    init_output: typing.Optional[Annotated[str, INIT_NAMES]] = None  # the same choice for the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
-    objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
-    lift: str = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
-    lift_min_prob: float = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
+    objective: Annotated[str, OneOf(("kl", "ce"))] = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
+    lift: Annotated[str, OneOf(("path", "trie"))] = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
+    lift_min_prob: Annotated[float, Range(0)] = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
     lift_condition: bool = True  # condition each target on the student's previous token (what tau' would have merged)
-    fit_windows: int = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
-    fit_iterations: int = 300  # L-BFGS iterations of that refit
-    fit_l2: float = 1e-3  # its ridge toward the rows it starts from
-    steps: int = 100  # optimizer steps
-    batch_size: int = 4  # windows per step
-    seq_len: int = 128  # student tokens per window (plus one of context)
-    lr: float = 2e-3  # peak learning rate of AdamW
-    weight_decay: float = 0.0  # AdamW weight decay on the new rows
-    warmup_steps: int = 10  # linear warmup, then cosine decay
-    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # clip the new rows' gradient norm
-    log_every: int = 10  # a progress line every this many steps
-    eval_every: int = 50  # held-out KL and bits per character every this many steps (0: at the end only)
-    eval_chars: int = 20000  # held-out characters evaluated (the start of the held-out files)
-    eval_window: int = 256  # teacher tokens per evaluation chunk
+    fit_windows: Annotated[int, Range(0)] = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
+    fit_iterations: Annotated[int, Range(1)] = 300  # L-BFGS iterations of that refit
+    fit_l2: Annotated[float, Range(0)] = 1e-3  # its ridge toward the rows it starts from
+    steps: Annotated[int, Range(0)] = 100  # optimizer steps
+    batch_size: Annotated[int, Range(1)] = 4  # windows per step
+    seq_len: Annotated[int, Range(1)] = 128  # student tokens per window (plus one of context)
+    lr: Annotated[float, Range(0, open_low=True)] = 6e-3  # peak learning rate of AdamW
+    weight_decay: Annotated[float, Range(0)] = 0.0  # AdamW weight decay on the new rows
+    warmup_steps: Annotated[int, Range(0)] = 10  # linear warmup, then cosine decay
+    min_lr_ratio: Annotated[float, Range(0, 1)] = 0.1  # the decay ends at lr * min_lr_ratio
+    grad_clip: Annotated[float, Range(0, open_low=True)] = 1.0  # clip the new rows' gradient norm
+    log_every: Annotated[int, Range(1)] = 10  # a progress line every this many steps
+    eval_every: Annotated[int, Range(0)] = 50  # held-out KL and bits per character every this many steps (0: at the end only)
+    eval_chars: Annotated[int, Range(1)] = 20000  # held-out characters evaluated (the start of the held-out files)
+    eval_window: Annotated[int, Range(1)] = 256  # teacher tokens per evaluation chunk
     resume: bool = True  # continue from out_dir/checkpoint.pt when it is there
     # optional second stage: fine-tune more of the model on the domain text, the same objective
-    finetune_layers: int = 0  # also train the last n transformer blocks (-1: all of them); 0: no second stage
-    finetune_steps: int = 0  # steps of the second stage
-    finetune_lr: float = 1e-4  # its peak learning rate (warmup and decay as above)
+    finetune_layers: Annotated[int, Range(-1)] = 0  # also train the last n transformer blocks (-1: all of them); 0: no second stage
+    finetune_steps: Annotated[int, Range(0)] = 0  # steps of the second stage
+    finetune_lr: Annotated[float, Range(0, open_low=True)] = 1e-4  # its peak learning rate (warmup and decay as above)
     # generation: the CLI ends by answering `prompt` with the student
     prompt: str = "Write a Python function that returns the n-th Fibonacci number."  # answered by the CLI
     chat: typing.Optional[bool] = None  # wrap prompts in the chat template; null = when the tokenizer has one
     system_prompt: str = ""  # the chat template's system turn; empty = no system turn
-    max_new_tokens: int = 128  # token budget of each answer
-    temperature: float = 0.0  # 0 = greedy decoding
-    top_p: float = 1.0  # nucleus sampling mass (used when temperature > 0)
+    max_new_tokens: Annotated[int, Range(1)] = 128  # token budget of each answer
+    temperature: Annotated[float, Range(0)] = 0.0  # 0 = greedy decoding
+    top_p: Annotated[float, Range(0, 1, open_low=True)] = 1.0  # nucleus sampling mass (used when temperature > 0)
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these strings
-    gen_batch_size: int = 8  # prompts decoded together
+    gen_batch_size: Annotated[int, Range(1)] = 8  # prompts decoded together
     # code-generation evaluation (section 9): the student's programs run against each task's tests
     tasks: str = ""  # a HumanEval-format .jsonl / .jsonl.gz file or a directory of them (bench_tasks); "" = none
-    n_samples: int = 1  # programs per task (more than one needs temperature > 0)
-    pass_k: list[int] = field(default_factory=lambda: [1])  # the k of the pass@k reported (k <= n_samples)
-    exec_timeout: float = 10.0  # wall-clock seconds per program (also its CPU-second limit)
-    exec_workers: int = 0  # programs run at once; 0 = one per CPU
+    n_samples: Annotated[int, Range(1)] = 1  # programs per task (more than one needs temperature > 0)
+    pass_k: list[Annotated[int, Range(1)]] = field(default_factory=lambda: [1])  # the k of the pass@k reported (k <= n_samples)
+    exec_timeout: Annotated[float, Range(0, open_low=True)] = 10.0  # wall-clock seconds per program (also its CPU-second limit)
+    exec_workers: Annotated[int, Range(0)] = 0  # programs run at once; 0 = one per CPU
 
 
 def _check_type(name: str, value, annotation):
-    """Raise KldError unless `value` (parsed JSON) fits the field's type annotation."""
+    """Raise KldError unless `value` (parsed JSON) fits the field's type annotation (and its Range)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # Annotated[int, Range(1)]: the type, then the range
+        _check_type(name, value, args[0])
+        for bound in args[1:]:
+            if not bound.admits(value):
+                raise KldError(f"config key {name!r} must be {bound}, got {value!r}")
+        return
     if origin is typing.Union:  # Optional[X]
         if value is None and type(None) in args:
             return
@@ -156,6 +200,8 @@ def _check_type(name: str, value, annotation):
                 _check_type(name, item, args[0])
             return
     elif annotation is float and type(value) in (int, float):
+        if not math.isfinite(value):
+            raise KldError(f"config key {name!r} must be a finite number, got {value!r}")
         return
     elif type(value) is annotation:  # exact: True is not an int here, 1 is not a bool
         return
@@ -164,8 +210,8 @@ def _check_type(name: str, value, annotation):
 
 
 def make_config(values: dict, source: str = "config") -> Config:
-    """Config from a dict of field values; unknown keys and wrongly typed values are errors."""
-    hints = typing.get_type_hints(Config)
+    """Config from a dict of field values; unknown keys, wrong types and values out of range are errors."""
+    hints = typing.get_type_hints(Config, include_extras=True)
     for key, value in values.items():
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
@@ -480,7 +526,7 @@ class GPT(nn.Module):
         """Input vectors (B, T, C): base rows for base ids, new rows for new ids."""
         V = self.cfg.vocab_size
         x = self.embed(ids.clamp(max=V - 1))
-        if self.new_in is None:
+        if self.new_in is None or len(self.new_in) == 0:
             return x
         is_new = (ids >= V)[..., None]
         return torch.where(is_new, F.embedding((ids - V).clamp(min=0), self.new_in), x)
@@ -668,10 +714,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
 
 
 def read_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
     try:
-        return load_file(str(path))
+        return safetensors.torch.load_file(str(path))
     except FileNotFoundError:
         raise KldError(f"weights file not found: {path}") from None
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
@@ -683,17 +727,23 @@ def read_hf_dir(path: Path):
     config_file = path / "config.json"
     if not config_file.is_file():
         raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
-    cfg = model_config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    cfg = model_config_from_hf(read_json_object(config_file, "model config"), str(config_file))
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise KldError(f"{index}: no weight_map object")
+        shards = sorted(set(map(str, weight_map.values())))
         hf_state = {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
     else:
         hf_state = read_safetensors(path / "model.safetensors")
     tokenizer_file = path / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise KldError(f"{path}: no tokenizer.json")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # tokenizers raises a bare Exception for broken JSON and unknown fields
+        raise KldError(f"{tokenizer_file}: not a tokenizer file the tokenizers library can read ({e})") from None
     convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
     return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
 
@@ -829,7 +879,7 @@ def read_gguf(path: Path):
         infos.append((name, dims[::-1], r.scalar("<I"), r.scalar("<Q")))  # shape outermost first
     alignment = meta.get("general.alignment", 32)
     start = -(-r.pos // alignment) * alignment
-    tensors = {}
+    tensors, extents = {}, []
     for name, shape, type_id, offset in infos:
         if type_id not in GGML_TYPES:
             kind = GGML_UNSUPPORTED.get(type_id, f"unknown type id {type_id}")
@@ -842,8 +892,15 @@ def read_gguf(path: Path):
         begin, end = start + offset, start + offset + n // block * block_bytes
         if end > len(data):
             raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {end}, the file has {len(data)}")
+        extents.append((begin, end, name))
         raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the memory map is read-only
         tensors[name] = dequantize(raw, type_id).reshape(shape)
+    extents.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(extents, extents[1:]):  # sorted by start: neighbours suffice
+        if begin_b < end_a:
+            raise KldError(f"{path}: tensors {a!r} and {b!r} overlap in the data section; corrupt file")
+    if len(tensors) < len(infos):
+        raise KldError(f"{path}: a tensor name occurs twice; corrupt file")
     return meta, tensors
 
 
@@ -957,7 +1014,12 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
         raise KldError(f"{source}: tokenizer model {kind!r} is not supported; kld rebuilds byte-level BPE ('gpt2')")
     if pre not in GGUF_PRE_TOKENIZERS:
         raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: {sorted(GGUF_PRE_TOKENIZERS)})")
-    tokens, merges = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.merges", [])
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges", [])
+    if not isinstance(tokens, list) or not tokens:
+        raise KldError(f"{source}: GGUF metadata lacks the vocabulary (tokenizer.ggml.tokens)")
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
+            raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its {len(tokens)} tokens")
     bpe = models.BPE(
         vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
         ignore_merges=pre == "llama-bpe",  # Llama 3 looks whole words up first
@@ -1276,9 +1338,19 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
     data = read_json_object(path, "extension file")
     if data.get("format") != "kld-extension/1":
         raise KldError(f"{path}: not a kld extension file (format kld-extension/1)")
+    if "base_vocab_sha256" not in data or "merges" not in data or "base_vocab_size" not in data:
+        raise KldError(f"{path}: a kld extension file needs base_vocab_sha256, base_vocab_size and merges")
     if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
         raise KldError(f"{path}: made for another base vocabulary than this model's tokenizer")
-    return ExtendedTokenizer(tokenizer, [tuple(m) for m in data["merges"]], data["base_vocab_size"])
+    n_base, merges = data["base_vocab_size"], data["merges"]
+    if type(n_base) is not int or n_base < 1:
+        raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
+    if not isinstance(merges, list):
+        raise KldError(f"{path}: merges must be a list of [id, id] pairs")
+    for i, m in enumerate(merges):  # merge i makes id n_base + i from two ids made before it
+        if not (isinstance(m, list) and len(m) == 2 and all(type(x) is int and 0 <= x < n_base + i for x in m)):
+            raise KldError(f"{path}: merge {i} is {m!r}; each merge is two ids below {n_base + i}")
+    return ExtendedTokenizer(tokenizer, [tuple(m) for m in merges], n_base)
 
 
 # --- the domain corpus ---
@@ -1678,6 +1750,10 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
             raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INITIALISERS)}")
     if tok.base_vocab_size != model.cfg.vocab_size:
         raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
+    if not tok.expansions:  # K = 0: rows of no tokens, the student is the teacher
+        empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
+        model.add_new_tokens(empty, empty.clone())
+        return
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         new_in = INITIALISERS[init_in](model.embed.weight.cpu(), tok.expansions, generator)
@@ -1718,6 +1794,8 @@ def training_windows(stream: list[int], seq_len: int, seed: int):
 def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: int) -> list[list[int]]:
     """Held-out text as chunks of at most `window` teacher ids, cut after newline tokens
     where possible (so a chunk ends where no learned merge crosses), up to max_chars."""
+    if window < 1:
+        raise KldError(f"an evaluation window holds at least one token, got {window}")
     newline = {i for i, b in enumerate(token_bytes(tokenizer, tokenizer.get_vocab_size())) if b"\n" in b}
     chunks, chars = [], 0
     for ids in (e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)):
@@ -2045,8 +2123,11 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
     """A checkpoint's contents, after checking that it was made under the same config."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        raise KldError(f"{path}: unreadable checkpoint ({e}); delete it to start afresh") from None
+    except Exception as e:  # torch raises many kinds for a damaged file, with messages of many lines
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
+        raise KldError(f"{path}: not a kld checkpoint; delete it to start afresh")
     changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
     if changed:
         raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
@@ -2082,6 +2163,8 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     after. Returns tokens/s and the measures."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
     params = list(trained_parameters(model).values())
+    if sum(p.numel() for p in params) == 0:  # K = 0: the student is the teacher, nothing to learn
+        return {"train_tokens_per_s": 0.0, "history": []}
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = load_checkpoint(checkpoint, model, optimizer, cfg) if cfg.resume and checkpoint.exists() else 0
     if step:
@@ -2160,15 +2243,37 @@ def unfreeze_last_blocks(model: GPT, n_layers: int) -> GPT:
     return teacher
 
 
+def base_model_probe(model: GPT) -> torch.Tensor:
+    """A few base weights (4 embedding rows, 4 columns each) that tell base models apart:
+    stored beside the new rows, so that they are never loaded onto another model."""
+    rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
+    return model.embed.weight[rows, :4].detach().float().cpu()
+
+
+def save_new_rows(model: GPT) -> bytes:
+    """new_rows.safetensors: the new input and output rows, and the base model's probe."""
+    rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
+    return safetensors.torch.save(rows, metadata={"base_model_probe": json.dumps(base_model_probe(model).tolist())})
+
+
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     """(model, student tokenizer) from a finished run: base model + extension + new rows."""
     out_dir = Path(out_dir)
     cfg = load_config(str(out_dir / "config.json"))
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
     tok = load_extension(out_dir / "extension.json", tokenizer)
-    rows = read_safetensors(out_dir / "new_rows.safetensors")
-    if rows["new_in"].shape != (len(tok.merges), model.cfg.d_model):
-        raise KldError(f"{out_dir}/new_rows.safetensors does not fit the extension ({rows['new_in'].shape})")
+    if tok.base_vocab_size != model.cfg.vocab_size:
+        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; {cfg.model} has {model.cfg.vocab_size}")
+    rows_file = out_dir / "new_rows.safetensors"
+    rows = read_safetensors(rows_file)
+    shape = (len(tok.merges), model.cfg.d_model)
+    if set(rows) != {"new_in", "new_out"} or any(rows[k].shape != shape for k in rows):
+        raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} (the extension and {cfg.model})")
+    with safetensors.safe_open(str(rows_file), "pt") as f:
+        saved_probe = (f.metadata() or {}).get("base_model_probe")
+    if saved_probe is not None and not torch.allclose(torch.tensor(json.loads(saved_probe)), base_model_probe(model),
+                                                      rtol=0.05, atol=0.01):
+        raise KldError(f"{rows_file} was trained on another base model than {cfg.model}")
     model.add_new_tokens(rows["new_in"], rows["new_out"])
     blocks = out_dir / "finetuned_blocks.safetensors"
     if blocks.exists():  # written by the second stage
@@ -2236,6 +2341,9 @@ def generate(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, prompts: list
     KV cache per batch; a finished row leaves the batch. Greedy results do not depend on
     the batching; sampled ones are reproducible for the same call and seed.
     """
+    if not (temperature >= 0 and 0 < top_p <= 1 and max_new_tokens >= 1 and batch_size >= 1):
+        raise KldError(f"generate needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and batch_size >= 1; "
+                       f"got {temperature}, {top_p}, {max_new_tokens}, {batch_size}")
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -2402,10 +2510,10 @@ def program_with_tests(task: Task, source: str) -> str:
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Bounds on one program run (sandbox_run)."""
+    """Bounds on one program run (sandbox_run, run_tests)."""
     timeout_s: float = 10.0  # wall clock; then the process group (and the sandbox uid) is killed
     cpu_s: int = 10  # RLIMIT_CPU: CPU seconds (SIGXCPU, reported as a timeout)
-    memory_mb: int = 1024  # RLIMIT_AS: address space
+    memory_mb: int = 1024  # RLIMIT_AS per process; under a sandbox uid also all its processes and files in RAM
     output_kb: int = 1024  # RLIMIT_FSIZE: bytes written to any file, stdout and stderr included
     processes: int = 16  # RLIMIT_NPROC: processes the program may have at once (see sandbox_run)
 
@@ -2417,21 +2525,28 @@ class RunResult:
     seconds: float
 
 
-# Runs in the child interpreter before the program: read the nonce that proves completion,
-# leave stdin at /dev/null, bound resources, run the program with asserts compiled in,
-# and write the nonce to the report pipe only if the program (and its tests) returned.
-SANDBOX_DRIVER = r"""
-import os, resource, sys, traceback
-program, report_fd, cpu, memory, output, processes = sys.argv[1], *map(int, sys.argv[2:])
-nonce = os.read(0, 64)
-null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
+# Runs in the child interpreter first: bound its resources.
+SANDBOX_LIMITS = r"""
+import os, resource, sys
+cpu, memory, output, processes = map(int, sys.argv[1:5])
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at cpu seconds, SIGKILL a second later
 for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, output),
                      (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_CORE, 0)]:
     resource.setrlimit(limit, (value, value))
+del limit, value
+"""
+
+# sandbox_run's program: read the nonce that proves completion from stdin and leave stdin
+# at /dev/null, run the program with asserts compiled in, and write the nonce to the
+# report pipe only if it returned.
+SANDBOX_DRIVER = r"""
+import traceback
+program, report_fd = sys.argv[5], int(sys.argv[6])
+nonce = os.read(0, 64)
+null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
+del null
 with open(program, encoding="utf-8") as f:
     source = f.read()
-del f, limit, value, null
 try:
     exec(compile(source, program, "exec", optimize=0), {"__name__": "__main__"})
     sys.stdout.flush(); sys.stderr.flush()
@@ -2442,7 +2557,128 @@ os.write(report_fd, nonce)
 os._exit(0)
 """
 
+# run_tests, the candidate's side: define the function, then answer calls. A message is
+# 8 bytes of length and a marshal of plain values; nothing else crosses.
+CANDIDATE_SERVER = r"""
+import marshal, traceback
+program, entry, calls_fd, answers_fd = sys.argv[5], sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
+
+def send(message):
+    data = marshal.dumps(message)
+    os.write(answers_fd, len(data).to_bytes(8, "little") + data)
+
+def read_exact(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(calls_fd, n - len(data))
+        if not chunk:
+            os._exit(0)  # the tests are done
+        data += chunk
+    return data
+
+with open(program, encoding="utf-8") as f:
+    source = f.read()
+namespace = {"__name__": "__main__"}
+try:
+    exec(compile(source, program, "exec", optimize=0), namespace)
+    function = namespace[entry]
+except BaseException as e:
+    traceback.print_exc(); sys.stderr.flush()
+    send(("broken", f"{type(e).__name__}: {e}"[:300]))
+    os._exit(1)
+send(("ready",))
+while True:
+    args, kwargs = marshal.loads(read_exact(int.from_bytes(read_exact(8), "little")))
+    try:
+        message = ("return", function(*args, **kwargs))
+    except BaseException as e:
+        message = ("raise", type(e).__name__, str(e)[:1000])
+    sys.stdout.flush(); sys.stderr.flush()
+    try:
+        send(message)
+    except ValueError:  # marshal takes plain values only
+        send(("unplain", type(message[1]).__name__))
+"""
+
+# run_tests, the verdict's side (trusted: the task's own code): the task's prompt (its
+# helpers), the tests, and `check` called with a stand-in that forwards each call to the
+# candidate's process and admits only plain values back.
+VERDICT_DRIVER = r"""
+import builtins, marshal, os, sys
+prompt_file, test_file, entry = sys.argv[1:4]
+calls_fd, answers_fd, report_fd = map(int, sys.argv[4:7])
+PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+def plain(x, depth=0):
+    if depth > 200:
+        return False
+    if type(x) in PLAIN:
+        return True
+    if type(x) in (list, tuple, set, frozenset):
+        return all(plain(v, depth + 1) for v in x)
+    if type(x) is dict:
+        return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
+    return False
+
+def read_exact(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(answers_fd, min(n - len(data), 1 << 20))
+        if not chunk:
+            raise RuntimeError("the candidate's process ended before it answered")
+        data += chunk
+    return data
+
+def receive():
+    n = int.from_bytes(read_exact(8), "little")
+    if n > 64 << 20:
+        raise RuntimeError("the candidate's answer is over 64 MB")
+    message = marshal.loads(read_exact(n))
+    if type(message) is not tuple or not message or not plain(message):
+        raise RuntimeError("the candidate's process sent something other than plain values")
+    return message
+
+class CandidateError(Exception):
+    pass
+
+def candidate(*args, **kwargs):
+    if not plain((args, kwargs)):
+        raise TypeError("the tests call the candidate with a value that is not plain")
+    data = marshal.dumps((args, kwargs))
+    os.write(calls_fd, len(data).to_bytes(8, "little") + data)
+    kind, *rest = receive()
+    if kind == "return" and len(rest) == 1:
+        return rest[0]
+    if kind == "raise" and len(rest) == 2 and all(type(r) is str for r in rest):
+        cls = getattr(builtins, rest[0], None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                error = cls(rest[1])
+            except Exception:
+                error = CandidateError(f"{rest[0]}: {rest[1]}")
+            raise error
+        raise CandidateError(f"{rest[0]}: {rest[1]}")
+    if kind == "unplain":
+        raise TypeError(f"the candidate returned a value that is not plain ({rest[0] if rest else '?'})")
+    raise RuntimeError("the candidate's process sent a malformed message")
+
+namespace = {"__name__": "__main__"}
+with open(prompt_file, encoding="utf-8") as f:
+    exec(compile(f.read(), "prompt", "exec"), namespace)
+first = receive()
+if first[0] != "ready":
+    sys.exit(f"the candidate's program fails before the tests: {first[1] if len(first) > 1 else '?'}")
+namespace[entry] = candidate
+with open(test_file, encoding="utf-8") as f:
+    exec(compile(f.read(), "test", "exec", optimize=0), namespace)
+namespace["check"](candidate)
+sys.stdout.flush(); sys.stderr.flush()
+os.write(report_fd, b"passed")
+os._exit(0)
+"""
+
 SANDBOX_UID_BASE = 61000  # sandbox_uids() takes unused uids from here up when the evaluator is root
+WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where a sandbox uid can leave files behind
 
 
 def sandbox_uids(n: int, base: int = SANDBOX_UID_BASE) -> list[int]:
@@ -2464,6 +2700,64 @@ def _process_stats() -> list[os.stat_result]:
     return stats
 
 
+def _uid_processes(uid: int) -> dict[int, int]:
+    """{pid: resident bytes} of the live processes of `uid` (zombies have exited: left out)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                found[int(name)] = int(fields[21]) * resource.getpagesize()  # field 24 of stat: rss in pages
+    return found
+
+
+def _uid_files(uid: int) -> list[Path]:
+    """The files and directories `uid` owns in the world-writable places (at any depth
+    below world-writable directories, the only ones a user with no groups can write in)."""
+    found, todo = [], [Path(p) for p in WORLD_WRITABLE if os.path.isdir(p)]
+    while todo:
+        with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    info = entry.stat(follow_symlinks=False)
+                    if info.st_uid == uid:
+                        found.append(Path(entry.path))
+                    elif entry.is_dir(follow_symlinks=False) and info.st_mode & 0o002:
+                        todo.append(Path(entry.path))
+    return found
+
+
+def _remove_uid_leftovers(uid: int):
+    """Delete what `uid` left in the world-writable places and its System V IPC objects."""
+    for path in _uid_files(uid):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    for kind, flag in (("shm", "-m"), ("sem", "-s"), ("msg", "-q")):
+        with contextlib.suppress(OSError):
+            header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+            names = header.split()
+            for row in map(str.split, rows):
+                if int(row[names.index("uid")]) == uid:
+                    subprocess.run(["ipcrm", flag, row[1]], capture_output=True, check=False)
+
+
+def _uid_memory(uid: int) -> int:
+    """Bytes `uid` holds in RAM: its processes' resident memory and its files in /dev/shm."""
+    held = sum(_uid_processes(uid).values())
+    for path in _uid_files(uid):
+        with contextlib.suppress(OSError):
+            if str(path).startswith("/dev/shm/") and path.is_file() and not path.is_symlink():
+                held += path.stat().st_blocks * 512
+    return held
+
+
 def sandbox_python(uid: int | None) -> str:
     """An interpreter that `uid` can run: this one, or else a system python3 (this one may
     live where other users cannot reach, e.g. under /root)."""
@@ -2480,15 +2774,102 @@ def sandbox_python(uid: int | None) -> str:
                    "make one reachable by other users")
 
 
-def _kill_uid(uid: int):
-    """SIGKILL every process of `uid`: kill(-1) from a process running as that uid."""
-    subprocess.run(["/bin/sh", "-c", "kill -s KILL -1"],
-                   user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env={}, check=False)
+def _kill_uid(uid: int, python: str):
+    """SIGKILL every process of `uid` until none is left: kill(-1) from a process running as
+    that uid (it signals all of them but itself), no shell in between."""
+    for _ in range(100):
+        if not _uid_processes(uid):
+            return
+        subprocess.run([python, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
+                       user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, cwd="/", env={}, check=False)
+        time.sleep(0.01)
+    raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: {sorted(_uid_processes(uid))[:8]}")
+
+
+def _sandbox_user(uid: int | None, python: str | None) -> tuple[int | None, str]:
+    """The defaults: as root, a fresh sandbox uid (never root itself) and an interpreter it can run."""
+    if uid is None and os.geteuid() == 0:
+        [uid] = sandbox_uids(1)
+    return uid, python or sandbox_python(uid)
+
+
+def _contained(args: list[str], workdir: str, output, uid: int | None, limits: SandboxLimits, stdin,
+               pass_fds: tuple[int, ...]) -> subprocess.Popen:
+    """Start `python -I -c SANDBOX_LIMITS+driver` args in workdir (also its HOME and TMPDIR),
+    with a cleaned environment, in a session of its own, as `uid` when given."""
+    processes = limits.processes
+    if uid is None:
+        processes += sum(s.st_uid == os.getuid() for s in _process_stats())
+    else:
+        os.chown(workdir, uid, uid)
+        for name in os.listdir(workdir):
+            os.chown(Path(workdir, name), uid, uid)
+    bounds = [str(limits.cpu_s), str(limits.memory_mb << 20), str(limits.output_kb << 10), str(processes)]
+    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+    user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
+    return subprocess.Popen([args[0], "-I", "-c", args[1], *bounds, *args[2:]], stdin=stdin, stdout=output,
+                            stderr=subprocess.STDOUT, cwd=workdir, env=env, pass_fds=pass_fds,
+                            start_new_session=True, **user)
+
+
+def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None, started: float) -> str:
+    """Wait for `process`: "" when it ended, "timeout" at the wall-clock limit, "memory"
+    when a sandbox uid holds more than limits.memory_mb in all (checked every 50 ms)."""
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=0.05)
+            return ""
+        if time.perf_counter() - started > limits.timeout_s:
+            return "timeout"
+        if uid is not None and _uid_memory(uid) > limits.memory_mb << 20:
+            return "memory"
+
+
+def _end_contained(processes: list[subprocess.Popen], uid: int | None, python: str):
+    """Kill what is left: each process group, then every process of the uid (also those
+    that left the group), then remove the uid's files and IPC objects."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    if uid is not None:
+        _kill_uid(uid, python)
+        _remove_uid_leftovers(uid)
+
+
+def _last_line(output, limit_kb: int) -> str:
+    """The last non-blank line of a program's output file ("" if none)."""
+    size = output.seek(0, os.SEEK_END)
+    if size >= limit_kb << 10:
+        return f"over {limit_kb} KB of output"
+    output.seek(max(0, size - 4096))
+    lines = [line for line in output.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _unencodable(text: str) -> str | None:
+    """Why `text` cannot be written as UTF-8 (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})"
+    return None
+
+
+def _failure(code: int | None, ended: str, limits: SandboxLimits, detail: str, seconds: float) -> RunResult:
+    """The result of a run that did not pass, from how its (candidate's) process ended."""
+    if ended == "timeout" or code == -signal.SIGXCPU:
+        return RunResult("timeout", f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
+    if ended == "memory":
+        return RunResult("failed", f"over {limits.memory_mb} MB of memory in all its processes", seconds)
+    if code is not None and code < 0 and not detail:
+        return RunResult("failed", f"killed by {signal.Signals(-code).name}", seconds)
+    return RunResult("failed", detail or f"exit status {code} before its tests ran to their end", seconds)
 
 
 def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
-                python: str = sys.executable) -> RunResult:
+                python: str | None = None) -> RunResult:
     """Run `program` (Python source) and report whether it ran to its end.
 
     Passed means: the program, compiled with asserts kept, returned without raising, and
@@ -2497,57 +2878,44 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
     that is also its HOME, with a cleaned environment, stdin at /dev/null, and the limits
     above; at the wall-clock timeout the whole group is killed.
 
-    uid (given when the evaluator is root, see sandbox_uids): the child runs as that user
-    with no groups (and with `python`, an interpreter it can reach: sandbox_python), so it
-    cannot write or delete files outside world-writable places, cannot signal the
-    evaluator, and RLIMIT_NPROC bounds its processes; afterwards every process of that
-    uid is killed, also those that left the group. Without uid the child
-    runs as the evaluator's user: RLIMIT_NPROC then counts all that user's processes (it
-    is set to those running now + limits.processes), and files the user may write, the
-    evaluator's own process included, are not protected.
+    As root (the default picks one; see sandbox_uids) the child runs as a user id of its
+    own with no groups, so it cannot write or delete files outside world-writable places,
+    cannot signal the evaluator, RLIMIT_NPROC bounds its processes, and all its processes
+    and its files in /dev/shm together stay within limits.memory_mb. Afterwards every
+    process of that uid is killed (also those that left the group), and what it left in
+    /tmp, /var/tmp and /dev/shm and its System V IPC objects are removed. As another
+    user the child runs as that user: RLIMIT_NPROC then counts all that user's processes
+    (it is set to those running now + limits.processes), the memory bound is per process,
+    and files the user may write, the evaluator's own process included, are not protected.
 
     Not covered, either way: the network, reading files the user may read, and code
-    written to defeat this harness (it runs in the same interpreter as the driver). Run
+    written to defeat this harness: the program runs in the same interpreter as the
+    driver that reports its end (run_tests keeps the verdict out of its reach). Run
     untrusted code in a container or VM as well.
     """
     started = time.perf_counter()
+    reason = _unencodable(program)
+    if reason:
+        return RunResult("failed", reason, 0.0)
+    uid, python = _sandbox_user(uid, python)
     with tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True) as workdir, \
             tempfile.TemporaryFile() as output:
         path = Path(workdir, "program.py")
         path.write_text(program, encoding="utf-8")
-        processes = limits.processes
-        if uid is None:
-            me = os.getuid()
-            processes += sum(s.st_uid == me for s in _process_stats())
-        else:
-            os.chown(workdir, uid, uid)
-            os.chown(path, uid, uid)
         nonce = os.urandom(16).hex().encode()
         nonce_r, nonce_w = os.pipe()  # the child's stdin, holding the nonce and then end-of-file
         os.write(nonce_w, nonce)
         os.close(nonce_w)
         report_r, report_w = os.pipe()
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        args = [python, "-I", "-c", SANDBOX_DRIVER, str(path), str(report_w), str(limits.cpu_s),
-                str(limits.memory_mb << 20), str(limits.output_kb << 10), str(processes)]
-        user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
         try:
             try:
-                child = subprocess.Popen(args, stdin=nonce_r, stdout=output, stderr=subprocess.STDOUT, cwd=workdir,
-                                         env=env, pass_fds=(report_w,), start_new_session=True, **user)
+                child = _contained([python, SANDBOX_LIMITS + SANDBOX_DRIVER, str(path), str(report_w)], workdir,
+                                   output, uid, limits, nonce_r, (report_w,))
             finally:
                 os.close(nonce_r)  # the child holds its own copies of its ends
                 os.close(report_w)
-            timed_out = False
-            try:
-                child.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signal.SIGKILL)  # what the program started, too
-            child.wait()
-            if uid is not None:
-                _kill_uid(uid)
+            ended = _wait_bounded(child, limits, uid, started)
+            _end_contained([child], uid, python)
             os.set_blocking(report_r, False)
             report = b""
             with contextlib.suppress(BlockingIOError):
@@ -2555,31 +2923,101 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
         finally:
             os.close(report_r)
         seconds = time.perf_counter() - started
-        if report == nonce and child.returncode == 0 and not timed_out:
+        if report == nonce and child.returncode == 0 and not ended:
             return RunResult("passed", "", seconds)
-        code = child.returncode
-        if timed_out or code == -signal.SIGXCPU:
-            return RunResult("timeout", f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
-        if code is not None and code < 0:
-            return RunResult("failed", f"killed by {signal.Signals(-code).name}", seconds)
-        size = output.seek(0, os.SEEK_END)
-        if size >= limits.output_kb << 10:
-            return RunResult("failed", f"over {limits.output_kb} KB of output", seconds)
-        output.seek(max(0, size - 4096))
-        lines = [line for line in output.read().decode("utf-8", "replace").splitlines() if line.strip()]
-        detail = lines[-1][:300] if lines else f"exit status {code} before its tests ran to their end"
-        return RunResult("failed", detail, seconds)
+        return _failure(child.returncode, ended, limits, _last_line(output, limits.output_kb), seconds)
+
+
+def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
+              python: str | None = None) -> RunResult:
+    """Run the task's tests against the candidate `source` (which defines task.entry_point)
+    with the candidate's code and the verdict in two processes.
+
+    The candidate's process (contained as in sandbox_run) runs `source` and then answers
+    calls of the entry point. The verdict's process runs the task's prompt (for its
+    helpers) and tests, with every call of the candidate forwarded to the other process;
+    only plain values cross (marshal of None, bool, int, float, complex, str, bytes and
+    lists, tuples, sets and dicts of them; exceptions by type name and message), and the
+    verdict checks their exact types. So the candidate's code never runs where the verdict
+    is made: it cannot read a proof of completion, hook the tests, or answer with an object
+    whose __eq__ lies. Passed means the tests' `check` returned.
+
+    Differences from running prompt + completion + tests as one program (HumanEval's
+    harness), on honest programs: arguments are copies (a candidate that changes its
+    arguments in place is not seen doing so), the tests see the prompt's helpers rather
+    than the candidate's redefinitions of them, and a function that returns a value of
+    another type (a generator, an object) fails.
+    """
+    started = time.perf_counter()
+    reason = _unencodable(source)
+    if reason:
+        return RunResult("failed", reason, 0.0)
+    uid, python = _sandbox_user(uid, python)
+    with tempfile.TemporaryDirectory(prefix="kld-candidate-", ignore_cleanup_errors=True) as workdir, \
+            tempfile.TemporaryDirectory(prefix="kld-verdict-") as verdict_dir, \
+            tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as verdict_output:
+        Path(workdir, "program.py").write_text(source, encoding="utf-8")
+        Path(verdict_dir, "prompt.py").write_text(task.prompt, encoding="utf-8")
+        Path(verdict_dir, "test.py").write_text(task.test, encoding="utf-8")
+        calls_r, calls_w = os.pipe()  # verdict -> candidate
+        answers_r, answers_w = os.pipe()  # candidate -> verdict
+        report_r, report_w = os.pipe()  # verdict -> this process
+        children = []
+        try:
+            try:
+                candidate = _contained([python, SANDBOX_LIMITS + CANDIDATE_SERVER, str(Path(workdir, "program.py")),
+                                        task.entry_point, str(calls_r), str(answers_w)], workdir, output, uid,
+                                       limits, subprocess.DEVNULL, (calls_r, answers_w))
+                children.append(candidate)
+                verdict = subprocess.Popen(
+                    [sys.executable, "-I", "-c", VERDICT_DRIVER, str(Path(verdict_dir, "prompt.py")),
+                     str(Path(verdict_dir, "test.py")), task.entry_point, str(calls_w), str(answers_r), str(report_w)],
+                    stdin=subprocess.DEVNULL, stdout=verdict_output, stderr=subprocess.STDOUT, cwd=verdict_dir,
+                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, pass_fds=(calls_w, answers_r, report_w),
+                    start_new_session=True)
+                children.append(verdict)
+            finally:
+                for fd in (calls_r, calls_w, answers_r, answers_w, report_w):
+                    os.close(fd)  # each child holds its own ends: a side that ends closes its pipes
+            ended = _wait_bounded(verdict, limits, uid, started)
+        finally:
+            _end_contained(children, uid, python)
+            os.set_blocking(report_r, False)
+            report = b""
+            with contextlib.suppress(BlockingIOError):
+                report = os.read(report_r, 64)
+            os.close(report_r)
+        seconds = time.perf_counter() - started
+        if report == b"passed" and verdict.returncode == 0 and not ended:
+            return RunResult("passed", "", seconds)
+        detail = _last_line(verdict_output, limits.output_kb)
+        if "the candidate's process ended" in detail or not detail:
+            detail = _last_line(output, limits.output_kb) or detail
+        code = candidate.returncode if candidate.returncode == -signal.SIGXCPU else None  # else: our SIGKILL
+        return _failure(code, ended, limits, detail, seconds)
+
+
+def _run_all(function, jobs: list[tuple], limits: SandboxLimits, workers: int) -> list[RunResult]:
+    """function(*job, limits, uid, python) for each job, `workers` at a time (0: one per
+    CPU), in the order given; as root, each under a uid of its own."""
+    if not jobs:
+        return []
+    uids = sandbox_uids(len(jobs)) if os.geteuid() == 0 else [None] * len(jobs)
+    python = sandbox_python(uids[0])
+    with concurrent.futures.ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(jobs))) as pool:
+        return list(pool.map(lambda job, uid: function(*job, limits, uid, python), jobs, uids))
 
 
 def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(), workers: int = 0) -> list[RunResult]:
     """sandbox_run for each program, `workers` at a time (0: one per CPU), results in the
     order given. As root, each program runs under a uid of its own."""
-    if not programs:
-        return []
-    uids = sandbox_uids(len(programs)) if os.geteuid() == 0 else [None] * len(programs)
-    python = sandbox_python(uids[0])
-    with concurrent.futures.ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(programs))) as pool:
-        return list(pool.map(lambda program, uid: sandbox_run(program, limits, uid, python), programs, uids))
+    return _run_all(sandbox_run, [(p,) for p in programs], limits, workers)
+
+
+def run_tests_all(jobs: list[tuple[Task, str]], limits: SandboxLimits = SandboxLimits(),
+                  workers: int = 0) -> list[RunResult]:
+    """run_tests for each (task, candidate source), as sandbox_run_all runs programs."""
+    return _run_all(run_tests, jobs, limits, workers)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -2672,7 +3110,7 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
     generation_s = max(time.perf_counter() - t0, 1e-9)
     owners = [t for t in tasks for _ in range(n_samples)]
     sources = [candidate_source(t, c.text, chat) for t, c in zip(owners, completions)]
-    results = sandbox_run_all([program_with_tests(t, s) for t, s in zip(owners, sources)], limits, workers)
+    results = run_tests_all(list(zip(owners, sources)), limits, workers)
     samples, per_task = [], {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     n_chars = n_tokens = n_new = n_reencoded = n_reencoded_new = 0
     for task, completion, source, result in zip(owners, completions, sources, results):
@@ -2716,6 +3154,8 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
     """
     if model.new_in is None:
         raise KldError("the model has no new rows to analyse")
+    if not tok.merges:
+        return {"summary": {}, "tokens": []}
     tokens, summary = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))], {}
     for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
         base, new = upcast(base).cpu(), upcast(new).cpu()
@@ -2751,17 +3191,33 @@ def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
                  out: Path) -> list[dict]:
     """Train the new rows and the last `cfg.finetune_layers` blocks on, against a teacher
     that keeps its own frozen copy of those blocks; write finetuned_blocks.safetensors."""
-    from safetensors.torch import save
-
     print(f"second stage: the new rows and {'all' if cfg.finetune_layers < 0 else cfg.finetune_layers} "
           f"blocks, {cfg.finetune_steps} steps")
     teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
     stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
     finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model)
     blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
-    write_atomic(out / "finetuned_blocks.safetensors", save(blocks))
+    write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
     model.requires_grad_(False)
     return finetuning["history"]
+
+
+def check_out_dir(out: Path, cfg: Config):
+    """Refuse an out_dir that cannot take this run's files, or that holds a finished run
+    (results.json) made with other settings: its files would be mixed with this run's."""
+    if out.exists() and not out.is_dir():
+        raise KldError(f"out_dir {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise KldError(f"out_dir {out} cannot be written: {e.strerror or e}") from None
+    if (out / "results.json").exists() and (out / "config.json").exists():
+        finished = read_json_object(out / "config.json", "config of the finished run in out_dir")
+        changed = [k for k in RESUME_KEYS if finished.get(k) != getattr(cfg, k)]
+        if changed:
+            raise KldError(f"out_dir {out} holds a finished run made with other {', '.join(changed)}; "
+                           f"give this run another out_dir, or delete that run")
 
 
 def run(cfg: Config) -> dict:
@@ -2772,7 +3228,7 @@ def run(cfg: Config) -> dict:
     training), and codegen.json when `cfg.tasks` names code-generation tasks."""
     out = Path(cfg.out_dir)
     check_lift(cfg.lift, cfg.lift_min_prob)
-    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    check_out_dir(out, cfg)
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     started = time.perf_counter()
@@ -2782,6 +3238,7 @@ def run(cfg: Config) -> dict:
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     if tasks:
         check_sampling(cfg.n_samples, cfg.temperature)  # before hours of training, not after
+    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
     checkpoint, extension_file = out / "checkpoint.pt", out / "extension.json"
     if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
         tok = load_extension(extension_file, tokenizer)
@@ -2807,14 +3264,11 @@ def run(cfg: Config) -> dict:
         final = training["history"][-1]
     else:  # a finished run resumed: nothing trained, nothing measured
         final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
-    from safetensors.torch import save
-
     if cfg.finetune_layers and cfg.finetune_steps:
         history = second_stage(model, tok, cfg, stream, chunks, out)
         final = history[-1] if history else final
         training["history"] += [{**h, "step": cfg.steps + h["step"]} for h in history]
-    write_atomic(out / "new_rows.safetensors", save({"new_in": model.new_in.detach().cpu().contiguous(),
-                                                     "new_out": model.new_out.detach().cpu().contiguous()}))
+    write_atomic(out / "new_rows.safetensors", save_new_rows(model))
     write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
     chat = uses_chat(cfg, tokenizer)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt

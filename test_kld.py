@@ -20,6 +20,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,30 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(kld.KldError, match="not valid JSON"):
         kld.load_config(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("steps", -5, r"'steps' must be a finite number in \[0, inf\]"), ("n_merges", -1, "'n_merges' must be"),
+    ("lr", math.nan, "'lr' must be a finite number"), ("lr", math.inf, "'lr' must be a finite number"),
+    ("lr", 0, r"'lr' must be a finite number in \(0, inf\]"), ("seq_len", 0, "'seq_len' must be"),
+    ("batch_size", 0, "'batch_size' must be"), ("eval_window", 0, "'eval_window' must be"),
+    ("heldout_fraction", 1.5, r"'heldout_fraction' must be a finite number in \[0, 1\)"),
+    ("temperature", -1, "'temperature' must be"), ("top_p", 0, "'top_p' must be"), ("pass_k", [0], "'pass_k' must be"),
+    ("objective", "mse", r"'objective' must be one of \['kl', 'ce'\]"), ("init_output", "zeros", "'init_output' must be one of"),
+    ("dtype", "float8", "'dtype' must be one of"),
+])
+def test_config_values_out_of_range_are_one_line_errors(key, value, message):
+    with pytest.raises(kld.KldError, match=message) as error:
+        kld.make_config({key: value})
+    assert "\n" not in str(error.value)
+
+
+def test_cli_rejects_values_out_of_range_before_writing_anything(tmp_path, capsys):
+    out = tmp_path / "run"
+    for args in (["--lr", "NaN"], ["--lr", "Infinity"], ["--eval_window", "0"], ["--temperature", "-1"]):
+        assert kld.main(["--out_dir", str(out), *args]) == 2
+        assert "kld: error: config key" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_write_atomic_keeps_old_content_on_failure(tmp_path):
@@ -410,6 +435,52 @@ def test_unknown_gguf_pre_tokenizer(tmp_path):
     path = patched_gguf(tmp_path, b"tokenizer.ggml.pre", 12, b"smolxx")
     with pytest.raises(kld.KldError, match="pre-tokenizer 'smolxx' is not known"):
         kld.load_model(path)
+
+
+def test_broken_json_in_a_model_directory(tmp_path):
+    for name, message in [("config.json", "config.json is not valid JSON"),
+                          ("tokenizer.json", "not a tokenizer file the tokenizers library can read")]:
+        d = copy_fixture("llama", tmp_path / name)
+        (d / name).write_text("{broken")
+        with pytest.raises(kld.KldError, match=message):
+            kld.load_model(d)
+
+
+def test_gguf_without_a_vocabulary_or_with_an_eos_out_of_range(tmp_path):
+    data = (FIXTURES / "gguf" / "tiny-Q4_1.gguf").read_bytes()
+    assert data.count(b"tokenizer.ggml.tokens") == 1
+    path = tmp_path / "no-vocabulary.gguf"
+    path.write_bytes(data.replace(b"tokenizer.ggml.tokens", b"tokenizer.ggml.tokenz"))  # the key renamed
+    with pytest.raises(kld.KldError, match="lacks the vocabulary"):
+        kld.load_model(path)
+    path = patched_gguf(tmp_path, b"tokenizer.ggml.eos_token_id", 4, struct.pack("<I", 10**6))  # type (u32), value
+    with pytest.raises(kld.KldError, match="eos_token_id 1000000 is not an id"):
+        kld.load_model(path)
+
+
+def test_gguf_with_overlapping_tensors(tmp_path):
+    data = (FIXTURES / "gguf" / "tiny-Q4_1.gguf").read_bytes()
+    # a tensor info: name, n_dims (u32), dims (u64 each), type (u32), offset (u64) into the
+    # data section; give output_norm.weight offset 0, where the first tensor lies
+    at = data.index(b"output_norm.weight") + len(b"output_norm.weight")
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    assert struct.unpack_from("<Q", data, at + 4 + 8 * n_dims + 4)[0] != 0
+    path = patched_gguf(tmp_path, b"output_norm.weight", 4 + 8 * n_dims + 4, struct.pack("<Q", 0))
+    with pytest.raises(kld.KldError, match="overlap"):
+        kld.load_model(path)
+
+
+def test_extension_files_that_are_not_right(tmp_path, extended, fixture_tokenizer):
+    kld.save_extension(extended, tmp_path / "ext.json")
+    data = json.loads((tmp_path / "ext.json").read_text())
+    cases = [({k: v for k, v in data.items() if k != "base_vocab_sha256"}, "needs base_vocab_sha256"),
+             ({**data, "merges": [[1, 2, 3]] + data["merges"][1:]}, "merge 0 is"),
+             ({**data, "merges": [[1, data["base_vocab_size"] + 5]]}, "merge 0 is"),
+             ({**data, "base_vocab_size": "many"}, "base_vocab_size must be a positive integer")]
+    for bad, message in cases:
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(kld.KldError, match=message):
+            kld.load_extension(tmp_path / "bad.json", fixture_tokenizer)
 
 
 def test_not_a_model_file(tmp_path):
@@ -1207,6 +1278,56 @@ def test_checkpoint_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(kld.KldError, match="unreadable checkpoint"):
         kld.load_checkpoint(path, model, optimizer, train_cfg())
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(kld.KldError, match="unreadable checkpoint") as error:
+        kld.load_checkpoint(path, model, optimizer, train_cfg())
+    assert "\n" not in str(error.value)
+
+
+def test_a_failed_run_never_touches_a_finished_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 2, "eval_every": 0}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    attempts = [{"model": str(FIXTURES / "gpt2")},  # other settings: refused, whatever else is right
+                {"tasks": str(tmp_path / "missing.jsonl")}]  # the same settings, a bad input: found before writing
+    for change in attempts:
+        with pytest.raises(kld.KldError, match="holds a finished run made with other model|task file not found"):
+            kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 2, "eval_every": 0, **change}))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    kld.load_student(out)
+
+
+def test_load_student_refuses_rows_that_do_not_fit_their_model(tmp_path):
+    out = tmp_path / "run"
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 2, "eval_every": 0}))
+    config = json.loads((out / "config.json").read_text())
+    other = copy_fixture("llama", tmp_path)  # the same architecture and tokenizer, other weights
+    state = load_file(other / "model.safetensors")
+    state = {k: v + 0.5 if "embed" in k else v for k, v in state.items()}
+    from safetensors.torch import save_file
+
+    save_file(state, other / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({**config, "model": str(other)}))
+    with pytest.raises(kld.KldError, match="trained on another base model"):
+        kld.load_student(out)
+    (out / "config.json").write_text(json.dumps({**config, "model": str(FIXTURES / "qwen2")}))
+    with pytest.raises(kld.KldError, match="another base vocabulary|extends|does not hold|another base model"):
+        kld.load_student(out)
+
+
+def test_no_merges_is_the_identity_end_to_end(tmp_path):
+    results = kld.run(kld.make_config({**TINY_RUN, "out_dir": str(tmp_path / "run"), "n_merges": 0}))
+    assert results["n_new_tokens"] == 0
+    assert results["student"]["bits_per_char"] == pytest.approx(results["teacher"]["bits_per_char"], rel=1e-5)
+    assert results["student"]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_out_dir_that_cannot_hold_a_run(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out, message in [(tmp_path / "file", "exists and is not a directory"),
+                         (tmp_path / "file" / "sub", "cannot be written")]:
+        with pytest.raises(kld.KldError, match=message):
+            kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out)}))
 
 
 def test_finished_run_loads_back_as_the_student(tmp_path):
@@ -1288,16 +1409,64 @@ def sandbox(program: str, limits: kld.SandboxLimits = LIMITS) -> kld.RunResult:
     return result
 
 
-def test_every_canonical_solution_passes_and_a_wrong_one_fails():
+def test_every_canonical_solution_passes_and_a_wrong_one_fails_as_in_one_program():
     tasks = kld.read_tasks(BENCH)
     assert len(tasks) >= 150 and len({t.entry_point for t in tasks}) == len(tasks)
-    right = [kld.program_with_tests(t, t.prompt + t.canonical_solution) for t in tasks]
-    wrong = [kld.program_with_tests(t, t.prompt + "    return None\n") for t in tasks]
-    results = kld.sandbox_run_all(right + wrong, LIMITS)
+    right = [(t, t.prompt + t.canonical_solution) for t in tasks]
+    wrong = [(t, t.prompt + "    return None\n") for t in tasks]
+    results = kld.run_tests_all(right + wrong, LIMITS)
     failed = [(t.task_id, r.detail) for t, r in zip(tasks, results) if r.status != "passed"]
     assert not failed
     vacuous = [t.task_id for t, r in zip(tasks, results[len(tasks):]) if r.status == "passed"]
     assert not vacuous  # every task's tests reject a function that returns None
+    # HumanEval's harness: candidate and tests as one program; the same verdicts on honest programs
+    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in right + wrong], LIMITS)
+    assert [r.status for r in reference] == [r.status for r in results]
+
+
+FORGERIES = {
+    # sends the proof of completion that a harness keeps in the program's own interpreter
+    "nonce": "import __main__, os\nif hasattr(__main__, 'report_fd'):\n"
+             "    os.write(__main__.report_fd, __main__.nonce)\nelse:\n    for fd in range(3, 64):\n"
+             "        try:\n            os.write(fd, b'passed')\n        except OSError:\n            pass\nos._exit(0)\n",
+    # hooks the program so that the tests' `check` does nothing
+    "settrace": "import sys\ndef _noop(candidate):\n    return None\ndef _hook(frame, event, arg):\n"
+                "    if frame.f_globals.get('check') not in (None, _noop):\n        frame.f_globals['check'] = _noop\n"
+                "    return _hook\nsys.settrace(_hook)\nsys._getframe().f_trace = _hook\n",
+    # answers with an object equal to anything
+    "__eq__": "class _Liar:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
+              "        return False\ndef {entry}(*args, **kwargs):\n    return _Liar()\n",
+}
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_wrong_program_cannot_forge_a_pass(forgery):
+    tasks = kld.read_tasks(BENCH)[:16]
+    jobs = [(t, t.prompt + "    return None\n\n" + FORGERIES[forgery].format(entry=t.entry_point)) for t in tasks]
+    results = kld.run_tests_all(jobs, LIMITS)
+    assert [r.status for r in results] == ["failed"] * len(tasks)
+    # in one program with its tests (HumanEval's harness) the same forgeries pass
+    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], LIMITS)
+    assert sum(r.status == "passed" for r in reference) > len(tasks) // 2
+
+
+def test_the_candidate_answers_with_plain_values_and_exceptions_by_type():
+    task = kld.Task(task_id="t/0", prompt="def f(x):\n    \"\"\"doc\"\"\"\n", entry_point="f",
+                    canonical_solution="    return x\n", test="def check(candidate):\n    assert candidate([1, (2, 3)], ) == [1, (2, 3)]\n"
+                    "    assert candidate({'a': {1.5, None}}) == {'a': {1.5, None}}\n"
+                    "    try:\n        candidate(ValueError)\n    except TypeError:\n        pass\n"
+                    "    else:\n        assert False\n")
+    bodies = {"    return x\n": "passed",
+              "    if x == 0:\n        raise ValueError('zero')\n    return x\n": "passed",
+              "    return iter(x)\n": "failed",
+              "    raise KeyError('k')\n": "failed"}
+    results = kld.run_tests_all([(task, task.prompt + b) for b in bodies], LIMITS)
+    assert [r.status for r in results] == list(bodies.values())
+    assert "not plain" in results[2].detail and "KeyError" in results[3].detail
+    raising = dataclasses.replace(task, test="def check(candidate):\n    try:\n        candidate(0)\n"
+                                  "    except ValueError as e:\n        assert str(e) == 'zero'\n    else:\n        assert False\n")
+    [result] = kld.run_tests_all([(raising, raising.prompt + list(bodies)[1])], LIMITS)
+    assert result.status == "passed"
 
 
 def test_task_file_is_built_from_its_readable_source():
@@ -1429,6 +1598,60 @@ def test_signalling_the_parent_is_refused():
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert result.status == "failed" and "PermissionError" in result.detail and not received
+
+
+@needs_root
+def test_sandbox_run_with_its_defaults_never_runs_as_root():
+    result = kld.sandbox_run("import os\nos.kill(os.getppid(), 0)\n", LIMITS)  # 0: only asks whether it may
+    assert result.status == "failed" and "PermissionError" in result.detail
+    assert "PermissionError" in kld.sandbox_run("open('/etc/shadow').read()\n", LIMITS).detail
+
+
+@needs_root
+def test_a_setsid_grandchild_is_killed_and_leaves_no_file():
+    # fork, setsid, fork: the grandchild has left the group and the session; it waits a
+    # second, then writes a file where it may (the world-writable /tmp).
+    marker = Path("/tmp") / f"kld-test-grandchild-{os.getpid()}"
+    program = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               f"        time.sleep(1)\n        open({str(marker)!r}, 'w').write('alive')\n        time.sleep(60)\n"
+               "    os._exit(0)\ntime.sleep(0.3)\n")
+    result = sandbox(program)
+    assert result.status == "passed"
+    time.sleep(1.5)
+    assert not marker.exists()
+
+
+@needs_root
+def test_a_program_leaves_no_files_and_no_shared_memory_behind():
+    program = ("import ctypes, os\nnames = []\nfor top in ('/tmp', '/var/tmp', '/dev/shm'):\n"
+               "    if os.path.isdir(top):\n        name = os.path.join(top, f'kld-leftover-{os.getpid()}')\n"
+               "        open(name, 'w').write('x')\n        names.append(name)\n"
+               "libc = ctypes.CDLL(None, use_errno=True)\n"
+               "shmid = libc.shmget(0, 4096, 0o1000 | 0o600)\n"  # IPC_PRIVATE, IPC_CREAT
+               "assert shmid >= 0\nraise RuntimeError(' '.join([str(shmid)] + names))\n")
+    result = sandbox(program)
+    assert result.status == "failed" and result.detail.startswith("RuntimeError")
+    shmid, *names = result.detail.split(":", 1)[1].split()
+    assert names and not any(os.path.exists(n) for n in names)
+    segments = [line.split()[1] for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+    assert shmid not in segments
+
+
+@needs_root
+def test_memory_is_bounded_over_all_the_processes_of_a_program():
+    # four processes of 160 MB each: each under the per-process limit (512 MB), together over it
+    program = ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        break\n"
+               "block = b'x' * (160 << 20)\ntime.sleep(3)\n")
+    result = sandbox(program)
+    assert result.status == "failed" and "memory in all its processes" in result.detail and result.seconds < 3
+
+
+def test_a_program_that_cannot_be_encoded_fails_alone():
+    results = kld.sandbox_run_all(["x = '\ud800'\n", "pass\n"], LIMITS)
+    assert [r.status for r in results] == ["failed", "passed"] and "UTF-8" in results[0].detail
+    [task] = [t for t in kld.read_tasks(BENCH) if t.entry_point == "add"]
+    [result] = kld.run_tests_all([(task, task.prompt + "    return '\ud800'\n")], LIMITS)
+    assert result.status == "failed" and "UTF-8" in result.detail
 
 
 def test_results_do_not_depend_on_the_order_programs_run_in():
