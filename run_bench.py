@@ -7,6 +7,7 @@
     python run_bench.py matrix [--config configs/bench_cpu.json]
     python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto] [--lift path|trie]
     python run_bench.py lift [--min-probs 0.1 0.03 0.01 0.001] [--chars 20000]
+    python run_bench.py evaluator [--tasks bench_tasks] [--workers 0] [--repeats 3]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -36,6 +37,11 @@ lift: path against trie mode (at each threshold), each with and without conditio
 the student's previous token, on held-out code: the targets' own bits per character, the
 mass they put on new tokens, their total variation to the most exact trie mode, the extra
 teacher tokens and time they cost; and how often tau' is not the longest match.
+
+evaluator: the cost per program of judging the tasks' canonical solutions: as one program
+with its tests (HumanEval's harness, `sandbox_run_all`) and as two processes that only
+plain values cross (`run_tests_all`, what `evaluate_codegen` uses): wall seconds per
+program with `workers` running at once, the best of `repeats` rounds.
 """
 
 import argparse
@@ -564,6 +570,27 @@ def lift_bench(args):
                   f"{m_new:.3f} | {tv:.4f} | {branch:.2f} | {ms:.0f} |")
 
 
+def evaluator(args):
+    tasks = kld.read_tasks(args.tasks)
+    jobs = [(t, t.prompt + t.canonical_solution) for t in tasks]
+    limits = kld.SandboxLimits()
+    harnesses = {
+        "one program (sandbox_run_all)": lambda: kld.sandbox_run_all(
+            [kld.program_with_tests(t, s) for t, s in jobs], limits, args.workers),
+        "two processes (run_tests_all)": lambda: kld.run_tests_all(jobs, limits, args.workers),
+    }
+    print(f"{len(jobs)} canonical solutions from {args.tasks}; {os.cpu_count()} CPUs, workers {args.workers or 'one per CPU'}, "
+          f"{'as root: a uid per program' if os.geteuid() == 0 else 'as this user'}")
+    for name, judge in harnesses.items():
+        rounds = []
+        for _ in range(args.repeats):
+            results, seconds = timed(judge)
+            rounds.append(seconds)
+        passed = sum(r.status == "passed" for r in results)
+        print(f"{name:32s} {min(rounds) / len(jobs) * 1000:6.1f} ms per program (wall, best of {args.repeats}); "
+              f"{passed}/{len(jobs)} passed")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -604,10 +631,14 @@ def main():
     p.add_argument("--lift-min-prob", type=float, default=kld.Config.lift_min_prob)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p = sub.add_parser("evaluator", help="cost per program of judging code: one program against two processes")
+    p.add_argument("--tasks", default="bench_tasks")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     try:
         {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix,
-         "heldout": heldout, "lift": lift_bench}[args.command](args)
+         "heldout": heldout, "lift": lift_bench, "evaluator": evaluator}[args.command](args)
     except kld.KldError as e:
         print(f"run_bench: error: {e}", file=sys.stderr)
         sys.exit(2)
