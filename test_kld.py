@@ -1087,6 +1087,18 @@ def test_training_changes_only_the_new_rows(tmp_path, arch, objective, device, c
             assert torch.equal(value, after[name]), f"base parameter {name} changed"
 
 
+def test_the_output_rows_learn_at_their_own_rate(tmp_path):
+    moved = {}
+    for lr_out in (None, 1e-9):
+        model, tok = tiny_student("llama")
+        start = model.new_out.detach().clone(), model.new_in.detach().clone()
+        stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
+        kld.train(model, tok, train_cfg(lr_out=lr_out), stream, [], tmp_path / f"ck{lr_out}.pt")
+        moved[lr_out] = ((model.new_out - start[0]).abs().max().item(), (model.new_in - start[1]).abs().max().item())
+    assert moved[None][0] > 1e-4 and moved[1e-9][0] < 1e-6  # output rows: lr, then almost nothing
+    assert moved[1e-9][1] > 1e-4  # the input rows learn either way
+
+
 def test_kl_gradient_matches_finite_differences():
     model, tok = tiny_student("qwen2", dtype=torch.float64)
     stream = kld.token_stream(tok, [CODE], 2)
@@ -1145,7 +1157,7 @@ def test_each_objective_lowers_its_held_out_loss(tmp_path, capsys):
     2.3%; the frozen random network leaves the new rows little to explain)."""
     for objective, measure, margin, lr in [("kl", "kl", 0.15, 3e-3), ("ce", "bits_per_char", 0.01, 3e-2)]:
         model, tok = tiny_student("llama", init="mean")
-        cfg = train_cfg(objective=objective, steps=40, lr=lr, seq_len=24, batch_size=4)
+        cfg = train_cfg(objective=objective, steps=40, lr=lr, lr_out=None, seq_len=24, batch_size=4)
         train_texts, heldout = kld.load_corpus(cfg.corpus, 0.3)
         chunks = kld.eval_chunks(tok.base, heldout, 3000, 48)
         sep = kld.separator_id(model.cfg)
