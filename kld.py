@@ -1170,14 +1170,15 @@ class ExtendedTokenizer:
 
     def __init__(self, base: Tokenizer, merges: list[tuple[int, int]], base_vocab_size: int):
         self.base, self.base_vocab_size = base, base_vocab_size
+        for i, m in enumerate(merges):  # merge i makes id base_vocab_size + i from two ids made before it
+            if not (len(m) == 2 and all(type(x) is int and 0 <= x < base_vocab_size + i for x in m)):
+                raise KldError(f"merge {i} is {list(m)!r}; each merge is two ids below {base_vocab_size + i}")
         self.merges = [tuple(m) for m in merges]
         self.ranks = {pair: base_vocab_size + i for i, pair in enumerate(self.merges)}  # pair -> new id
         if len(self.ranks) != len(self.merges):
             raise KldError("the extension lists the same merge twice")
         self.expansions: list[tuple[int, ...]] = []  # exp(base_vocab_size + i)
-        for i, (a, b) in enumerate(self.merges):
-            if not (0 <= a < base_vocab_size + i and 0 <= b < base_vocab_size + i):
-                raise KldError(f"merge {i} ({a}, {b}) uses an id that does not exist before it")
+        for a, b in self.merges:
             self.expansions.append(self.expand([a]) + self.expand([b]))
         by_expansion = {e: base_vocab_size + i for i, e in enumerate(self.expansions)}
         if len(by_expansion) != len(self.expansions):
@@ -1346,12 +1347,12 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
     n_base, merges = data["base_vocab_size"], data["merges"]
     if type(n_base) is not int or n_base < 1:
         raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
-    if not isinstance(merges, list):
+    if not (isinstance(merges, list) and all(isinstance(m, list) for m in merges)):
         raise KldError(f"{path}: merges must be a list of [id, id] pairs")
-    for i, m in enumerate(merges):  # merge i makes id n_base + i from two ids made before it
-        if not (isinstance(m, list) and len(m) == 2 and all(type(x) is int and 0 <= x < n_base + i for x in m)):
-            raise KldError(f"{path}: merge {i} is {m!r}; each merge is two ids below {n_base + i}")
-    return ExtendedTokenizer(tokenizer, [tuple(m) for m in merges], n_base)
+    try:
+        return ExtendedTokenizer(tokenizer, [tuple(m) for m in merges], n_base)
+    except KldError as e:
+        raise KldError(f"{path}: {e}") from None
 
 
 # --- the domain corpus ---
@@ -2722,10 +2723,10 @@ def _uid_processes(uid: int) -> dict[int, int]:
     return found
 
 
-def _uid_files(uid: int) -> list[Path]:
-    """The files and directories `uid` owns in the world-writable places (at any depth
-    below world-writable directories, the only ones a user with no groups can write in)."""
-    found, todo = [], [Path(p) for p in WORLD_WRITABLE if os.path.isdir(p)]
+def _uid_files(uid: int, tops: tuple[str, ...] = WORLD_WRITABLE) -> list[Path]:
+    """The files and directories `uid` owns below `tops` (at any depth below world-writable
+    directories, the only ones a user with no groups can write in)."""
+    found, todo = [], [Path(p) for p in tops if os.path.isdir(p)]
     while todo:
         with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
             for entry in entries:
@@ -2758,9 +2759,9 @@ def _remove_uid_leftovers(uid: int):
 def _uid_memory(uid: int) -> int:
     """Bytes `uid` holds in RAM: its processes' resident memory and its files in /dev/shm."""
     held = sum(_uid_processes(uid).values())
-    for path in _uid_files(uid):
+    for path in _uid_files(uid, ("/dev/shm",)):  # polled every 50 ms: only the RAM-backed place
         with contextlib.suppress(OSError):
-            if str(path).startswith("/dev/shm/") and path.is_file() and not path.is_symlink():
+            if path.is_file() and not path.is_symlink():
                 held += path.stat().st_blocks * 512
     return held
 
@@ -2801,10 +2802,11 @@ def _sandbox_user(uid: int | None, python: str | None) -> tuple[int | None, str]
     return uid, python or sandbox_python(uid)
 
 
-def _contained(args: list[str], workdir: str, output, uid: int | None, limits: SandboxLimits, stdin,
-               pass_fds: tuple[int, ...]) -> subprocess.Popen:
-    """Start `python -I -c SANDBOX_LIMITS+driver` args in workdir (also its HOME and TMPDIR),
-    with a cleaned environment, in a session of its own, as `uid` when given."""
+def _contained(python: str, driver: str, args: list[str], workdir: str, output, uid: int | None,
+               limits: SandboxLimits, stdin, pass_fds: tuple[int, ...]) -> subprocess.Popen:
+    """Start `python -I -c SANDBOX_LIMITS + driver` with argv limits + args in workdir (also
+    its HOME and TMPDIR), output to `output`, with a cleaned environment, in a session of
+    its own, as `uid` when given."""
     processes = limits.processes
     if uid is None:
         processes += sum(s.st_uid == os.getuid() for s in _process_stats())
@@ -2815,8 +2817,8 @@ def _contained(args: list[str], workdir: str, output, uid: int | None, limits: S
     bounds = [str(limits.cpu_s), str(limits.memory_mb << 20), str(limits.output_kb << 10), str(processes)]
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
-    return subprocess.Popen([args[0], "-I", "-c", args[1], *bounds, *args[2:]], stdin=stdin, stdout=output,
-                            stderr=subprocess.STDOUT, cwd=workdir, env=env, pass_fds=pass_fds,
+    return subprocess.Popen([python, "-I", "-c", SANDBOX_LIMITS + driver, *bounds, *args], stdin=stdin,
+                            stdout=output, stderr=subprocess.STDOUT, cwd=workdir, env=env, pass_fds=pass_fds,
                             start_new_session=True, **user)
 
 
@@ -2855,13 +2857,23 @@ def _last_line(output, limit_kb: int) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def _unencodable(text: str) -> str | None:
-    """Why `text` cannot be written as UTF-8 (a lone surrogate), or None."""
+def _unencodable(text: str) -> RunResult | None:
+    """The failure of a program text that cannot be written as UTF-8 (a lone surrogate), or None."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        return f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})"
+        return RunResult("failed", f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})", 0.0)
     return None
+
+
+def _read_report(fd: int) -> bytes:
+    """What a finished child wrote to the report pipe (nothing if it wrote nothing); closes it."""
+    os.set_blocking(fd, False)
+    report = b""
+    with contextlib.suppress(BlockingIOError):
+        report = os.read(fd, 64)
+    os.close(fd)
+    return report
 
 
 def _failure(code: int | None, ended: str, limits: SandboxLimits, detail: str, seconds: float) -> RunResult:
@@ -2901,9 +2913,8 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
     untrusted code in a container or VM as well.
     """
     started = time.perf_counter()
-    reason = _unencodable(program)
-    if reason:
-        return RunResult("failed", reason, 0.0)
+    if failure := _unencodable(program):
+        return failure
     uid, python = _sandbox_user(uid, python)
     with tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True) as workdir, \
             tempfile.TemporaryFile() as output:
@@ -2914,21 +2925,19 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
         os.write(nonce_w, nonce)
         os.close(nonce_w)
         report_r, report_w = os.pipe()
+        children = []
         try:
             try:
-                child = _contained([python, SANDBOX_LIMITS + SANDBOX_DRIVER, str(path), str(report_w)], workdir,
-                                   output, uid, limits, nonce_r, (report_w,))
+                child = _contained(python, SANDBOX_DRIVER, [str(path), str(report_w)], workdir, output, uid, limits,
+                                   nonce_r, (report_w,))
+                children.append(child)
             finally:
                 os.close(nonce_r)  # the child holds its own copies of its ends
                 os.close(report_w)
             ended = _wait_bounded(child, limits, uid, started)
-            _end_contained([child], uid, python)
-            os.set_blocking(report_r, False)
-            report = b""
-            with contextlib.suppress(BlockingIOError):
-                report = os.read(report_r, 64)
         finally:
-            os.close(report_r)
+            _end_contained(children, uid, python)
+            report = _read_report(report_r)
         seconds = time.perf_counter() - started
         if report == nonce and child.returncode == 0 and not ended:
             return RunResult("passed", "", seconds)
@@ -2956,9 +2965,8 @@ def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), 
     another type (a generator, an object) fails.
     """
     started = time.perf_counter()
-    reason = _unencodable(source)
-    if reason:
-        return RunResult("failed", reason, 0.0)
+    if failure := _unencodable(source):
+        return failure
     uid, python = _sandbox_user(uid, python)
     with tempfile.TemporaryDirectory(prefix="kld-candidate-", ignore_cleanup_errors=True) as workdir, \
             tempfile.TemporaryDirectory(prefix="kld-verdict-") as verdict_dir, \
@@ -2972,9 +2980,9 @@ def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), 
         children = []
         try:
             try:
-                candidate = _contained([python, SANDBOX_LIMITS + CANDIDATE_SERVER, str(Path(workdir, "program.py")),
-                                        task.entry_point, str(calls_r), str(answers_w)], workdir, output, uid,
-                                       limits, subprocess.DEVNULL, (calls_r, answers_w))
+                candidate = _contained(python, CANDIDATE_SERVER, [str(Path(workdir, "program.py")), task.entry_point,
+                                                                  str(calls_r), str(answers_w)],
+                                       workdir, output, uid, limits, subprocess.DEVNULL, (calls_r, answers_w))
                 children.append(candidate)
                 verdict = subprocess.Popen(
                     [sys.executable, "-I", "-c", VERDICT_DRIVER, str(Path(verdict_dir, "prompt.py")),
@@ -2989,11 +2997,7 @@ def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), 
             ended = _wait_bounded(verdict, limits, uid, started)
         finally:
             _end_contained(children, uid, python)
-            os.set_blocking(report_r, False)
-            report = b""
-            with contextlib.suppress(BlockingIOError):
-                report = os.read(report_r, 64)
-            os.close(report_r)
+            report = _read_report(report_r)
         seconds = time.perf_counter() - started
         if report == b"passed" and verdict.returncode == 0 and not ended:
             return RunResult("passed", "", seconds)
