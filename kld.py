@@ -181,6 +181,16 @@ class Config:
     exec_timeout: Annotated[float, Range(0, open_low=True)] = 10.0  # wall-clock seconds per program (also its CPU-second limit)
     exec_workers: Annotated[int, Range(0)] = 0  # programs run at once; 0 = one per CPU
 
+    def __post_init__(self):  # Config(...), make_config and dataclasses.replace all pass here
+        _check_config(self)
+
+
+def _check_config(cfg: Config):
+    """Every field of `cfg` against its type and range, however the Config was made."""
+    hints = typing.get_type_hints(Config, include_extras=True)
+    for f in dataclasses.fields(cfg):
+        _check_type(f.name, getattr(cfg, f.name), hints[f.name])
+
 
 def _check_type(name: str, value, annotation):
     """Raise KldError unless `value` (parsed JSON) fits the field's type annotation (and its Range)."""
@@ -212,14 +222,13 @@ def _check_type(name: str, value, annotation):
 
 def make_config(values: dict, source: str = "config") -> Config:
     """Config from a dict of field values; unknown keys, wrong types and values out of range are errors."""
-    hints = typing.get_type_hints(Config, include_extras=True)
+    hints = typing.get_type_hints(Config)
     for key, value in values.items():
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise KldError(f"unknown config key {key!r} in {source}{hint}; `python kld.py --help` lists them")
-        _check_type(key, value, hints[key])
-    return Config(**values)
+    return Config(**values)  # Config checks types and ranges itself
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -3238,7 +3247,6 @@ def run(cfg: Config) -> dict:
     embeddings.json (embedding_analysis) and results.json to out_dir (checkpoint.pt while
     training), and codegen.json when `cfg.tasks` names code-generation tasks."""
     out = Path(cfg.out_dir)
-    check_lift(cfg.lift, cfg.lift_min_prob)
     check_out_dir(out, cfg)
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)

@@ -98,6 +98,14 @@ def test_config_values_out_of_range_are_one_line_errors(key, value, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_config_is_checked_however_it_is_made():
+    with pytest.raises(kld.KldError, match="'steps' must be"):
+        kld.Config(steps=-1)
+    with pytest.raises(kld.KldError, match="'lr' must be a finite number"):
+        kld.dataclasses.replace(kld.Config(), lr=math.nan)
+    assert kld.INIT_NAMES.choices == tuple(kld.INITIALISERS)  # the config's names are section 6's
+
+
 def test_cli_rejects_values_out_of_range_before_writing_anything(tmp_path, capsys):
     out = tmp_path / "run"
     for args in (["--lr", "NaN"], ["--lr", "Infinity"], ["--eval_window", "0"], ["--temperature", "-1"]):
