@@ -120,6 +120,7 @@ class OneOf:
 
 
 INIT_NAMES = OneOf(("random", "mean", "fvt"))  # the initialisers of section 6
+DIVERGENCES = OneOf(("forward_kl", "reverse_kl", "jsd", "span_kl"))  # what `divergence` (section 5) computes
 
 
 @dataclass
@@ -144,6 +145,10 @@ class Config:
     lift: Annotated[str, OneOf(("path", "trie"))] = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
     lift_min_prob: Annotated[float, Range(0)] = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
     lift_condition: bool = True  # condition each target on the student's previous token (what tau' would have merged)
+    divergence: Annotated[str, DIVERGENCES] = "forward_kl"  # what the kl objective minimises (section 5, `divergence`)
+    divergence_beta: Annotated[float, Range(0, 1)] = 0.5  # jsd's mixing weight: 0 = forward_kl, 1 = reverse_kl
+    divergence_temperature: Annotated[float, Range(0, open_low=True)] = 1.0  # temper teacher and student by this first
+    loss_chunk: Annotated[int, Range(0)] = 1024  # positions whose logits over V' exist at once in the loss; 0 = all of a batch
     fit_windows: Annotated[int, Range(0)] = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
     fit_iterations: Annotated[int, Range(1)] = 300  # L-BFGS iterations of that refit
     fit_l2: Annotated[float, Range(0)] = 1e-3  # its ridge toward the rows it starts from
@@ -353,6 +358,11 @@ class ModelConfig:
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """float16 / bfloat16 -> float32 for sums and softmaxes; float32 and float64 stay as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; on the CPU, float32 as it is."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class RMSNorm(nn.Module):
@@ -1449,19 +1459,124 @@ def coarsening_span_starts(student_ids: list[int], tok: ExtendedTokenizer) -> li
     return starts
 
 
+def head_logits(states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Logits (r, V) of final hidden states (r, d) under an unembedding head (V, d), at least float32."""
+    with autocast(states.device):
+        return upcast(F.linear(states, head))
+
+
+def head_logsumexp(states: torch.Tensor, head: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log sum_v exp(z_v) of each row's logits z = states @ head^T (r,), `chunk` rows at a
+    time, so that the logits of all rows never exist at once."""
+    out = [torch.logsumexp(head_logits(states[i : i + chunk], head), dim=-1) for i in range(0, len(states), chunk)]
+    return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
+
+
+@dataclass
+class TeacherRows:
+    """The teacher's next-token log-distributions over V at r positions, kept as what makes
+    them: row i is log p(v) = states[i] . head[v] - lse[i]. A model gives its final hidden
+    states and unembedding (r x d numbers, not r x |V|); a test may give the log-probabilities
+    themselves (head None, lse 0)."""
+
+    states: torch.Tensor  # (r, d) hidden states, or (r, |V|) log-probabilities when head is None
+    head: torch.Tensor | None  # (|V|, d) the unembedding, or None
+    lse: torch.Tensor  # (r,) log-partition of each row (0 when the rows are log-probabilities)
+
+    @staticmethod
+    def of_logp(logp: torch.Tensor) -> "TeacherRows":
+        return TeacherRows(logp, None, logp.new_zeros(len(logp)))
+
+    @staticmethod
+    def of_states(states: torch.Tensor, head: torch.Tensor, chunk: int = 1024) -> "TeacherRows":
+        return TeacherRows(states, head, head_logsumexp(states, head, chunk))
+
+    def logp(self, rows=slice(None), columns: torch.Tensor | None = None) -> torch.Tensor:
+        """log p at the given rows, over all of V or at `columns` only: (rows, |V| or |columns|)."""
+        states = self.states[rows]
+        if self.head is None:
+            logits = states if columns is None else states[:, columns]
+        else:
+            logits = head_logits(states, self.head if columns is None else self.head[columns])
+        return logits - upcast(self.lse[rows])[:, None]
+
+    def logp_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[i]) at row i, for the first len(tokens) rows: (len(tokens),)."""
+        i = torch.arange(len(tokens), device=tokens.device)
+        if self.head is None:
+            logits = self.states[i, tokens]
+        else:
+            logits = (upcast(self.states[i]) * upcast(self.head[tokens])).sum(-1)  # one dot product per row
+        return upcast(logits) - upcast(self.lse[i])
+
+    def select(self, rows) -> "TeacherRows":
+        return TeacherRows(self.states[rows], self.head, self.lse[rows])
+
+
 @dataclass
 class LiftedTargets:
     """The teacher's next-token distribution lifted to V' at m student positions.
 
-    Dense over V, sparse over N: p'(v) = exp(base_logp[j, v]) for base tokens and
-    exp(new_logp[j, c]) for the new token new_ids[j, c]; every other new token has p' = 0.
-    Padding entries of new_ids hold id 0 with new_logp = -inf.
+    Dense over V, sparse over N. A base token v has log p'(v) = teacher.logp()[j, v] -
+    log_z[j] (the teacher's row at the span start, renormalised by Z_j), except the base
+    tokens the walk rewrote: log p'(fix_ids[k]) = fix_logp[k] at position fix_pos[k].
+    The new token new_ids[j, c] has log p' = new_logp[j, c]; every other new token has
+    p' = 0. Padding entries of new_ids hold id 0 with new_logp = -inf. The dense rows
+    exist only when asked for (`base_logp`), a chunk of positions at a time.
     """
 
-    base_logp: torch.Tensor  # (m, |V|) log p' over the base vocabulary
+    teacher: TeacherRows  # (m rows) the teacher at each span start
+    log_z: torch.Tensor  # (m,) float64: log Z, the conditioning's renormaliser (0: none)
+    fix_pos: torch.Tensor  # (k,) long: positions of the base entries the walk rewrote
+    fix_ids: torch.Tensor  # (k,) long: their base tokens
+    fix_logp: torch.Tensor  # (k,) float64: their log p'
     new_ids: torch.Tensor  # (m, c) long: new tokens with a target at each position
     new_logp: torch.Tensor  # (m, c) their log p'
     span_logp: torch.Tensor  # (m,) float64: log P(span) = sum of the teacher's log-probs over the span
+    n_new: int  # N, the number of new tokens
+
+    def base_logp(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """log p' over V at positions start .. stop - 1: (stop - start, |V|)."""
+        stop = len(self.log_z) if stop is None else stop
+        rows = self.teacher.logp(slice(start, stop))
+        rows = rows - self.log_z[start:stop, None].to(rows.dtype)  # renormalise by Z
+        here = (self.fix_pos >= start) & (self.fix_pos < stop)
+        rows[self.fix_pos[here] - start, self.fix_ids[here]] = self.fix_logp[here].to(rows.dtype)
+        return rows
+
+    def logp(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """log p' over all of V' = V + N at positions start .. stop - 1 (-inf where p' = 0)."""
+        base = self.base_logp(start, stop)  # (r, |V|)
+        new = base.new_full((len(base), self.n_new), -math.inf)  # (r, N)
+        V = base.shape[1]
+        ids = self.new_ids[start:stop]
+        values = upcast(self.new_logp[start:stop]).to(base.dtype)
+        rows = torch.arange(len(base), device=base.device)[:, None].expand_as(ids)
+        real = values > -math.inf  # padding entries stay out
+        new[rows[real], ids[real] - V] = values[real]
+        return torch.cat([base, new], dim=1)
+
+
+def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
+    """The targets of several windows as one, positions one after the other."""
+    offsets = [0]
+    for t in targets:
+        offsets.append(offsets[-1] + len(t.log_z))
+    width = max(t.new_ids.shape[1] for t in targets)
+    pad = [width - t.new_ids.shape[1] for t in targets]
+    teacher = TeacherRows(torch.cat([t.teacher.states for t in targets]), targets[0].teacher.head,
+                          torch.cat([t.teacher.lse for t in targets]))
+    return LiftedTargets(
+        teacher=teacher,
+        log_z=torch.cat([t.log_z for t in targets]),
+        fix_pos=torch.cat([t.fix_pos + o for t, o in zip(targets, offsets)]),
+        fix_ids=torch.cat([t.fix_ids for t in targets]),
+        fix_logp=torch.cat([t.fix_logp for t in targets]),
+        new_ids=torch.cat([F.pad(t.new_ids, (0, k)) for t, k in zip(targets, pad)]),
+        new_logp=torch.cat([F.pad(t.new_logp, (0, k), value=-math.inf) for t, k in zip(targets, pad)]),
+        span_logp=torch.cat([t.span_logp for t in targets]),
+        n_new=targets[0].n_new,
+    )
 
 
 # The lift in three steps, at each student position j whose span starts at teacher token a:
@@ -1597,12 +1712,12 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
     return {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}, Z
 
 
-def lift(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
+def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
          prev_token: int | None = None, branches: dict | None = None, min_prob: float = math.inf,
          condition: bool = True) -> tuple[LiftedTargets, set[Node]]:
     """p' over V' at every student position of one window (METHOD.md section 3).
 
-    logp (n or n + 1, |V|): row b is the teacher's log p(. | t_<b) over the window's n
+    rows (n or n + 1 rows): row b is the teacher's log p(. | t_<b) over the window's n
     teacher tokens (a row n, after the window, lets the walk reach past its end). Student
     token j covers teacher tokens [span_starts[j], span_starts[j + 1]); prev_token is the
     student token before the window (None: no conditioning at the first position).
@@ -1616,21 +1731,23 @@ def lift(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int], tri
     token that leaves it earlier has p' = 0, its mass on its first base token.
     """
     n, m = len(teacher_ids), len(span_starts)
+    device = rows.states.device
     branches = branches or {}
-    ids = torch.as_tensor(teacher_ids, device=logp.device)
-    realised_logp = logp[:n].gather(1, ids[:, None])[:, 0].double()  # (n,) log p(t_b | t_<b)
+    ids = torch.as_tensor(teacher_ids, device=device)
+    alphabet = trie.alphabet.to(device)
+    realised = rows.logp(columns=alphabet).double()  # (rows, A): the columns the walk reads
+    realised_logp = rows.logp_of(ids).double()  # (n,) log p(t_b | t_<b)
     cum = torch.cat([realised_logp.new_zeros(1), realised_logp.cumsum(0)])  # (n + 1,) cum[b] = sum over t_<b
-    bounds = torch.as_tensor(list(span_starts) + [n], device=logp.device)
+    bounds = torch.as_tensor(list(span_starts) + [n], device=device)
     span_logp = cum[bounds[1:]] - cum[bounds[:-1]]  # (m,)
     starts = bounds[:-1]
-    base_logp = logp[starts]  # (m, |V|): the teacher's row at each span start, a copy
-    realised = logp[:, trie.alphabet.to(logp.device)].double().cpu().numpy()  # (rows, A): what the walk reads
     min_logp = math.log(min_prob) if min_prob > 0 else -math.inf  # log(inf) = inf: path mode wants nothing
     likely_roots: list[list[int]] = [[] for _ in range(m)]  # trie mode: off-path roots with P >= min_prob
     if min_logp < math.inf and len(trie.roots):
-        roots = trie.roots.to(logp.device)
-        for j, r in (base_logp[:, roots] >= min_logp).nonzero().tolist():
+        root_columns = torch.tensor([trie.column[int(r)] for r in trie.roots], device=device)
+        for j, r in (realised[starts][:, root_columns] >= min_logp).nonzero().tolist():
             likely_roots[j].append(int(trie.roots[r]))
+    realised = realised.cpu().numpy()  # the walk reads it entry by entry
     # The student token before each position, whose extensions cannot come next.
     previous = [prev_token] + [trie.new_token.get(tuple(teacher_ids[s:e]), teacher_ids[s])
                                for s, e in zip(span_starts[:-1], span_starts[1:])]
@@ -1657,17 +1774,11 @@ def lift(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int], tri
             elif s in trie.new_token and s not in extensions:
                 new_entries.append((j, trie.new_token[s], lp))
 
-    # Write the entries: whole rows renormalised first, then the base tokens the walk changed.
-    shifted = [j for j in range(m) if log_z[j] != 0.0]
-    if shifted:
-        z = torch.tensor([log_z[j] for j in shifted], dtype=torch.float64, device=logp.device)
-        base_logp[shifted] = (base_logp[shifted].double() - z[:, None]).to(logp.dtype)
-    if base_entries:
-        pos, tok_ids, values = zip(*base_entries)
-        base_logp[list(pos), list(tok_ids)] = torch.tensor(values, dtype=torch.float64).to(logp)
+    # The base tokens the walk rewrote, and the new tokens with a target, as tensors.
+    fix_pos, fix_ids, fix_logp = (list(x) for x in zip(*base_entries)) if base_entries else ([], [], [])
     width = max(collections.Counter(j for j, _, _ in new_entries).values(), default=1)
-    new_ids = torch.zeros((m, width), dtype=torch.long, device=logp.device)
-    new_logp = torch.full((m, width), -math.inf, dtype=logp.dtype, device=logp.device)
+    new_ids = torch.zeros((m, width), dtype=torch.long, device=device)
+    new_logp = torch.full((m, width), -math.inf, dtype=upcast(rows.states).dtype, device=device)
     if new_entries:
         pos, tok_ids, values = zip(*new_entries)
         used = collections.Counter()  # columns filled so far per position
@@ -1675,9 +1786,20 @@ def lift(logp: torch.Tensor, teacher_ids: list[int], span_starts: list[int], tri
         for j in pos:
             cols.append(used[j])
             used[j] += 1
-        new_ids[list(pos), cols] = torch.tensor(tok_ids, device=logp.device)
-        new_logp[list(pos), cols] = torch.tensor(values, dtype=torch.float64).to(logp)
-    return LiftedTargets(base_logp, new_ids, new_logp, span_logp), wanted
+        new_ids[list(pos), cols] = torch.tensor(tok_ids, device=device)
+        new_logp[list(pos), cols] = torch.tensor(values, dtype=torch.float64, device=device).to(new_logp.dtype)
+    targets = LiftedTargets(
+        teacher=rows.select(starts),
+        log_z=torch.tensor(log_z, dtype=torch.float64, device=device),
+        fix_pos=torch.tensor(fix_pos, dtype=torch.long, device=device),
+        fix_ids=torch.tensor(fix_ids, dtype=torch.long, device=device),
+        fix_logp=torch.tensor(fix_logp, dtype=torch.float64, device=device),
+        new_ids=new_ids,
+        new_logp=new_logp,
+        span_logp=span_logp,
+        n_new=len(trie.new_token),
+    )
+    return targets, wanted
 
 
 @dataclass(frozen=True)
@@ -1703,19 +1825,76 @@ def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: boo
     return Lift(lift_trie(tok), mode, min_prob, condition)
 
 
-def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor, tok: ExtendedTokenizer) -> torch.Tensor:
-    """KL(p'_j || q_j) at each position j (m,), q_j = softmax of the student's logits (m, |V'|).
+# --- divergences between the lifted teacher p' and the student q (METHOD.md section 4) ---
 
-    Sums p' (log p' - log q) over the dense base part and the sparse new part; terms with
-    p' = 0 are 0. Exactly 0 when nothing was lifted and the student is the teacher.
+@dataclass(frozen=True)
+class Divergence:
+    """Which D(p'_j || q_j) the kl objective minimises (Config: divergence, divergence_beta,
+    divergence_temperature); see `divergence`."""
+
+    kind: str = "forward_kl"  # one of DIVERGENCES.choices
+    beta: float = 0.5  # jsd's mixing weight: 0 is forward_kl, 1 is reverse_kl
+    temperature: float = 1.0  # both distributions tempered by it first
+    floor: float = 1e-6  # reverse_kl reads p' = 0 as this (else the divergence is infinite)
+
+
+def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row (r,) from log a and log b (r, n): sum_v a (log a - log b); terms with a = 0 are 0."""
+    return torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_b), 0.0).sum(-1)
+
+
+def binary_kl(log_P: torch.Tensor, log_Q: torch.Tensor) -> torch.Tensor:
+    """KL((P, 1 - P) || (Q, 1 - Q)) per entry, from log P and log Q: the span KL of METHOD.md
+    section 4, where a span's probability is all that the two sides share."""
+    log_not_P = torch.log(-torch.expm1(log_P))  # log(1 - P), accurate for P near 0 and near 1
+    log_not_Q = torch.log(-torch.expm1(log_Q))
+    two = torch.stack([log_P, log_not_P], dim=-1)  # (r, 2): the two outcomes, span or not
+    return kl_terms(two, torch.stack([log_Q, log_not_Q], dim=-1))
+
+
+def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Divergence(),
+               next_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """D(p'_j || q_j) at each of r positions (r,), from the lifted targets log p' (r, |V'|),
+    -inf where p' = 0) and the student's logits (r, |V'|).
+
+    With temperature T both are tempered first: p'_T = p'^(1/T) renormalised, q_T =
+    softmax(logits / T). Then, with m = beta p' + (1 - beta) q:
+      forward_kl  KL(p' || q) = sum_v p'(v) (log p'(v) - log q(v)), the default
+      reverse_kl  KL(q || p'), with p' = 0 read as `floor` (tokens tau' cannot emit there)
+      jsd         beta KL(p' || m) + (1 - beta) KL(q || m); beta = 0 and 1 are forward_kl
+                  and reverse_kl (as TRL's GKD defines them)
+      span_kl     binary_kl of the realised token s_j = next_ids[j]: P = p'(s_j), Q = q(s_j).
+                  With appended merges a span is one student token; a span of several
+                  (a general alignment) would give P and Q of the whole span.
+    Each is 0 where q = p', and grows as they part.
     """
-    logq = torch.log_softmax(upcast(student_logits), dim=-1)
-    V = tok.base_vocab_size
-    dense = upcast(targets.base_logp)
-    dense_terms = torch.where(dense > -math.inf, dense.exp() * (dense - logq[:, :V]), 0.0).sum(-1)
-    sparse = upcast(targets.new_logp)
-    sparse_terms = torch.where(sparse > -math.inf, sparse.exp() * (sparse - logq.gather(1, targets.new_ids)), 0.0)
-    return dense_terms + sparse_terms.sum(-1)
+    log_p = upcast(log_p)
+    if spec.temperature != 1.0:
+        log_p = torch.log_softmax(log_p / spec.temperature, dim=-1)
+    log_q = torch.log_softmax(upcast(logits) / spec.temperature, dim=-1)
+    kind = spec.kind
+    if kind == "jsd" and spec.beta in (0.0, 1.0):
+        kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
+    if kind == "forward_kl":
+        return kl_terms(log_p, log_q)
+    if kind == "reverse_kl":
+        floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))
+        return kl_terms(log_q, floored)
+    if kind == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(spec.beta), log_q + math.log(1 - spec.beta))  # (r, |V'|) log m
+        return spec.beta * kl_terms(log_p, log_m) + (1 - spec.beta) * kl_terms(log_q, log_m)
+    if kind == "span_kl":
+        if next_ids is None:
+            raise KldError("span_kl needs the realised tokens (next_ids)")
+        return binary_kl(log_p.gather(1, next_ids[:, None])[:, 0], log_q.gather(1, next_ids[:, None])[:, 0])
+    raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES.choices}")
+
+
+def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p'_j || q_j) at each position j (m,), q_j = softmax of the student's logits (m, |V'|):
+    the measure reported for every divergence trained. 0 when nothing was lifted and the
+    student is the teacher."""
+    return divergence(targets.logp(), student_logits)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1822,11 +2001,6 @@ def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: 
     return chunks
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; on the CPU, float32 as it is."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids (B, width) of sequences of any lengths, right-padded, and valid (B, width), False
     on padding (None when no row is padded). Positions count real tokens only, so padding
@@ -1852,19 +2026,21 @@ def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
     return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]
 
 
-def cached_pass(model: GPT, seqs: list[list[int]]) -> tuple[torch.Tensor, KVCache]:
-    """The base model's logits (B, width, |V|) over right-padded sequences, and the KV cache
-    it filled: slot i of row r holds token i of seqs[r] (for `branch_logits` to extend)."""
+def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
+    """The base model's logits (B, width, |V|) over right-padded sequences (hidden: its final
+    hidden states (B, width, d) instead), and the KV cache it filled: slot i of row r holds
+    token i of seqs[r] (for `branch_logits` to extend)."""
     ids, valid = right_padded(seqs, model.embed.weight.device)
     cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)
     with autocast(ids.device):
-        logits = model(ids, valid, cache, base_only=True)
-    return logits, cache
+        out = model(ids, valid, cache, base_only=True, hidden=hidden)
+    return out, cache
 
 
 def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_slots: list[int],
-                  slots: list[dict]) -> torch.Tensor:
-    """Tree attention: the logits (B, T, |V|) after each branch node, in one pass over a cache.
+                  slots: list[dict], hidden: bool = False) -> torch.Tensor:
+    """Tree attention: the logits (B, T, |V|) after each branch node (hidden: the final
+    hidden states (B, T, d)), in one pass over a cache.
 
     Row r of the cache holds a realised sequence from slot 0, whose tokens t_<b sit in
     slots [0, prefix_slots[r] + b) (prefix_slots: tokens before the window, e.g. its
@@ -1892,7 +2068,7 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
     mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True  # itself (padding too: no empty softmax row)
     with autocast(device):
         return model(ids.to(device), valid.to(device), cache, base_only=True, positions=positions.to(device),
-                     mask=mask.to(device))
+                     mask=mask.to(device), hidden=hidden)
 
 
 @torch.no_grad()
@@ -1910,17 +2086,17 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
     its ancestors (b, xs[:k]) and to itself: tree attention, no copy of the prefix.
     """
     device = teacher.embed.weight.device
+    head = teacher.output_weight()  # (|V|, d): the teacher's rows are kept as hidden states, see TeacherRows
     seqs = [list(tok.expand(w)) for w in windows]  # teacher ids: context token, then the window
     context = [len(tok.expand(w[:1])) for w in windows]  # teacher tokens of the context token
     B = len(seqs)
-    logits, cache = cached_pass(teacher, seqs)  # (B, width, |V|)
-    # Rows context-1 .. len-1: log p(t_b | t_<b) for the window's tokens b = 0 .. n-1, and after it (b = n).
-    logps = [torch.log_softmax(upcast(logits[r, c - 1 : len(s)]), dim=-1)  # (n + 1, |V|)
-             for r, (c, s) in enumerate(zip(context, seqs))]
-    del logits
+    states, cache = cached_pass(teacher, seqs, hidden=True)  # (B, width, d)
+    # Rows context-1 .. len-1: log p(. | t_<b) for the window's tokens b = 0 .. n-1, and after it (b = n).
+    rows = [TeacherRows.of_states(states[r, c - 1 : len(s)], head) for r, (c, s) in enumerate(zip(context, seqs))]
     teacher_ids = [s[c:] for c, s in zip(context, seqs)]
     span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
     min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
+    alphabet = lift_cfg.trie.alphabet.to(device)
     branches: list[dict] = [{} for _ in windows]  # per window: node -> the teacher's row there (A,)
     slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
     targets: list[LiftedTargets | None] = [None] * B
@@ -1929,46 +2105,101 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
     while active:
         todo: list[list[Node]] = [[] for _ in windows]  # per window: the nodes to evaluate this round
         for r in active:
-            targets[r], wanted = lift(logps[r], teacher_ids[r], span_starts[r], lift_cfg.trie,
+            targets[r], wanted = lift(rows[r], teacher_ids[r], span_starts[r], lift_cfg.trie,
                                       prev_token=windows[r][0], branches=branches[r], min_prob=min_prob,
                                       condition=lift_cfg.condition)
             todo[r] = [(b, xs) for b, xs in sorted(wanted) if context[r] + b + len(xs) <= teacher.cfg.max_positions]
         active = [r for r in active if todo[r]]
         if not active:
             break
-        logits = branch_logits(teacher, cache, todo, context, slots)  # (B, T, |V|)
-        rows = torch.log_softmax(upcast(logits), dim=-1)[..., lift_cfg.trie.alphabet.to(device)]  # (B, T, A)
-        rows = rows.double().cpu().numpy()
+        branch_states = branch_logits(teacher, cache, todo, context, slots, hidden=True)  # (B, T, d)
+        T = branch_states.shape[1]
+        branch_rows = TeacherRows.of_states(branch_states.flatten(0, 1), head).logp(columns=alphabet)  # (B T, A)
+        branch_rows = branch_rows.view(B, T, -1).double().cpu().numpy()
         for r, nodes in enumerate(todo):
             for t, node in enumerate(nodes):
-                branches[r][node] = rows[r, t]
+                branches[r][node] = branch_rows[r, t]
         n_branch_tokens += sum(map(len, todo))
     return targets, n_branch_tokens
 
 
-def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor, base_vocab_size: int) -> torch.Tensor:
+def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor) -> torch.Tensor:
     """log p'_j(s_j) of the tokens that came (m,): what a student trained on p' pays at best."""
-    base = targets.base_logp.gather(1, next_ids.clamp(max=base_vocab_size - 1)[:, None])[:, 0]
-    new = torch.where(targets.new_ids == next_ids[:, None], targets.new_logp, -math.inf).max(dim=1).values
-    return upcast(torch.where(next_ids < base_vocab_size, base, new))
+    return targets.logp().gather(1, next_ids[:, None])[:, 0]
 
 
-def window_losses(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
-                  lift_cfg: Lift | None = None, teacher: GPT | None = None) -> torch.Tensor:
-    """Per-position training losses of student windows (the first id of each is context):
-    KL to the lifted teacher ("kl", lifted as `lift_cfg` says) or cross-entropy of the next
-    student token ("ce"). The teacher is the student's own base weights unless a frozen
-    `teacher` is given."""
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """See `chunked_head_loss`. The forward computes each chunk's gradient at once (for h and
+    the new output rows) and keeps only those; the backward scales them."""
+
+    @staticmethod
+    def forward(ctx, h, new_out, base_out, position_loss, chunk):
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        grad_h = torch.zeros_like(h)  # (P, d)
+        grad_new = torch.zeros_like(new_out)  # (N, d)
+        for start in range(0, len(h), chunk):
+            stop = min(start + chunk, len(h))
+            with torch.enable_grad():
+                h_chunk = h[start:stop].detach().requires_grad_()
+                new_rows = new_out.detach().requires_grad_()
+                logits = torch.cat([head_logits(h_chunk, base_out), head_logits(h_chunk, new_rows)], dim=-1)  # (c, |V'|)
+                loss = position_loss(logits, start, stop).sum()
+                d_h, d_new = torch.autograd.grad(loss, [h_chunk, new_rows])
+            grad_h[start:stop] = d_h
+            grad_new += d_new
+            total += loss.detach()
+        ctx.save_for_backward(grad_h / len(h), grad_new / len(h))
+        return (total / len(h)).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_new = ctx.saved_tensors
+        return grad_loss * grad_h, grad_loss * grad_new, None, None, None
+
+
+def chunked_head_loss(h: torch.Tensor, new_out: torch.Tensor, base_out: torch.Tensor, position_loss,
+                      chunk: int) -> torch.Tensor:
+    """mean_j loss_j(z_j) over P positions, z_j = h_j [base_out; new_out]^T the logits over V'
+    (the idea of Cut Cross-Entropy and of fused linear cross-entropy kernels, in plain PyTorch).
+
+    h (P, d): final hidden states; new_out (N, d): the new output rows; base_out (|V|, d):
+    the frozen unembedding; position_loss(logits (c, |V'|), start, stop) -> (c,) losses of
+    positions start .. stop-1. The output projection, the loss and their gradient run
+    `chunk` positions at a time, so the logits, log-probabilities and gradients over V'
+    of more than `chunk` positions never exist at once: the peak is (chunk, |V'|) where a
+    dense loss holds (P, |V'|) several times. Differentiable in h and new_out.
+    """
+    if base_out.requires_grad:
+        raise KldError("chunked_head_loss trains the new output rows only; the base unembedding must be frozen")
+    return _ChunkedHeadLoss.apply(h, new_out, base_out, position_loss, max(1, chunk))
+
+
+def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
+                  lift_cfg: Lift | None = None, teacher: GPT | None = None, spec: Divergence = Divergence(),
+                  chunk: int = 0) -> torch.Tensor:
+    """The mean training loss over the predicted positions of student windows (the first id
+    of each is context): the divergence `spec` to the lifted teacher ("kl", lifted as
+    `lift_cfg` says) or the cross-entropy of the next student token ("ce"). The teacher is
+    the student's own base weights unless a frozen `teacher` is given. The output
+    projection and the loss run `chunk` positions at a time (0: all at once)."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
     if objective == "kl" and lift_cfg is None:
         raise KldError("the kl objective needs lift settings (make_lift)")
-    logits = sequence_logits(model, windows)
+    ids, valid = right_padded(windows, model.embed.weight.device)
+    with autocast(ids.device):
+        states = model(ids, valid, hidden=True)  # (B, width, d)
+    h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])  # (P, d): the rows that predict ids 1 ..
+    next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)  # (P,)
     if objective == "ce":
-        targets = torch.tensor([i for w in windows for i in w[1:]], device=logits[0].device)
-        return F.cross_entropy(torch.cat(logits), targets, reduction="none")
-    targets, _ = teacher_targets(teacher or model, tok, windows, lift_cfg)
-    return torch.cat([kl_to_lifted(t, q, tok) for t, q in zip(targets, logits)])
+        def position_loss(logits, start, stop):
+            return F.cross_entropy(logits, next_ids[start:stop], reduction="none")
+    else:
+        targets = cat_targets(teacher_targets(teacher or model, tok, windows, lift_cfg)[0])
+
+        def position_loss(logits, start, stop):
+            return divergence(targets.logp(start, stop), logits, spec, next_ids[start:stop])
+    return chunked_head_loss(h, model.new_out, model.output_weight().detach(), position_loss, chunk or len(h))
 
 
 # --- the output rows alone: a convex problem that forward passes feed (METHOD.md section 4) ---
@@ -2081,8 +2312,8 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
             nats -= logq.gather(1, next_ids[:, None]).sum().item()
             if target is None:
                 continue
-            kl += kl_to_lifted(target, x, tok).sum().item()
-            floor = target_logprobs(target, next_ids, tok.base_vocab_size)
+            kl += kl_to_lifted(target, x).sum().item()
+            floor = target_logprobs(target, next_ids)
             target_nats -= floor[floor > -math.inf].sum().item()
             target_zero += (floor == -math.inf).sum().item()
             next_is_new = next_ids >= tok.base_vocab_size
@@ -2111,7 +2342,8 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 # Config fields that change what training computes: a checkpoint resumes only under the same.
 RESUME_KEYS = ("model", "dtype", "seed", "corpus", "heldout_fraction", "n_merges", "new_tokens", "newline_merges",
-               "init", "init_output", "objective", "lift", "lift_min_prob", "lift_condition", "batch_size",
+               "init", "init_output", "objective", "lift", "lift_min_prob", "lift_condition", "divergence",
+               "divergence_beta", "divergence_temperature", "batch_size",
                "seq_len", "lr", "lr_out", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "steps",
                "fit_windows", "fit_iterations", "fit_l2", "finetune_layers")
 
@@ -2173,6 +2405,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     followed by a refit of the output rows alone (refit_output_rows), measured before and
     after. Returns tokens/s and the measures."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
+    spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     named = trained_parameters(model)
     params = list(named.values())
     if sum(p.numel() for p in params) == 0:  # K = 0: the student is the teacher, nothing to learn
@@ -2195,7 +2428,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg) * group["lr_scale"]
         batch = [next(windows) for _ in range(cfg.batch_size)]
-        loss = window_losses(model, tok, batch, cfg.objective, lift_cfg, teacher).mean()
+        loss = training_loss(model, tok, batch, cfg.objective, lift_cfg, teacher, spec, cfg.loss_chunk)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -46,6 +46,7 @@ program with `workers` running at once, the best of `repeats` rounds.
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -200,10 +201,11 @@ def extension(args):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([teacher]))[0].float(), -1)
     first = len(ext.expand(window[:1]))  # the first student token is context only
-    lift_args = (logp[first - 1 : -1], teacher[first:], kld.coarsening_span_starts(window[1:], ext), kld.lift_trie(ext))
+    rows = kld.TeacherRows.of_logp(logp[first - 1 : -1])
+    lift_args = (rows, teacher[first:], kld.coarsening_span_starts(window[1:], ext), kld.lift_trie(ext))
     targets, _ = kld.lift(*lift_args, prev_token=window[0])  # warm-up
     lift_s = statistics.median(timed(lambda: kld.lift(*lift_args, prev_token=window[0]))[1] for _ in range(7))
-    softmax_s = statistics.median(timed(lambda: torch.log_softmax(lift_args[0], -1))[1] for _ in range(7))
+    softmax_s = statistics.median(timed(lambda: torch.log_softmax(logp[first - 1 : -1], -1))[1] for _ in range(7))
     n_candidates = int((targets.new_logp > -math.inf).sum())
     print(f"path-mode lift of one window ({len(window)} student / {len(teacher)} teacher tokens, "
           f"{n_candidates} new-token targets): {lift_s * 1000:.1f} ms, median of 7 "
@@ -235,7 +237,7 @@ def train_speed(args):
 
             def step():
                 batch = [next(windows) for _ in range(batch_size)]
-                loss = kld.window_losses(model, tok, batch, objective, lift_cfg).mean()
+                loss = kld.training_loss(model, tok, batch, objective, lift_cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -255,6 +257,8 @@ def train_speed(args):
 
 BENCH_KEYS = {"config": "kld config file every cell starts from", "overrides": "kld config fields set on top of it",
               "inits": "initialisers of the new rows", "objectives": "training objectives",
+              "divergences": "what the kl cells minimise: names (forward_kl, reverse_kl, jsd, span_kl) or "
+                             "{\"name\": ..., kld config fields} (default [\"forward_kl\"], the cell named kl)",
               "out_dir": "where cells, bench.json, bench.csv and report.md go"}
 
 
@@ -271,7 +275,34 @@ def read_bench_config(path):
     for init in spec.get("inits", ["random", "mean", "fvt"]):
         if init not in kld.INITIALISERS:
             raise kld.KldError(f"{path}: unknown initialiser {init!r}")
+    for name, fields in kl_cells(spec):
+        kld.make_config({**values, **fields}, source=f"{path}: divergence {name}")
     return spec, values
+
+
+def kl_cells(spec) -> list[tuple[str, dict]]:
+    """(cell name, config fields) of each kl cell: one per entry of spec["divergences"];
+    forward_kl, the default, is the cell named "kl"."""
+    cells = []
+    for entry in spec.get("divergences", ["forward_kl"]):
+        if isinstance(entry, str):
+            cells.append(("kl" if entry == "forward_kl" else entry, {"objective": "kl", "divergence": entry}))
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            cells.append((entry["name"], {"objective": "kl", **{k: v for k, v in entry.items() if k != "name"}}))
+        else:
+            raise kld.KldError(f"a divergence of the bench is a name or a dict with a name, not {entry!r}")
+    return cells
+
+
+def matrix_cells(spec) -> list[tuple[str, dict]]:
+    """(cell name, config fields) of every student of the matrix: initialisers x objectives,
+    the kl objective once per divergence."""
+    cells = []
+    for init in spec.get("inits", ["random", "mean", "fvt"]):
+        for objective in spec.get("objectives", ["kl", "ce"]):
+            variants = kl_cells(spec) if objective == "kl" else [(objective, {"objective": objective})]
+            cells += [(f"{init}-{name}", {"init": init, **fields}) for name, fields in variants]
+    return cells
 
 
 def is_trained(cell: Path, cfg) -> bool:
@@ -308,25 +339,22 @@ def run_matrix(spec, values):
     tasks = kld.read_tasks(base.tasks)
     device, dtype = kld.resolve_device(base.device), kld.resolve_dtype(base.dtype)
     rows = {}
-    for init in spec.get("inits", ["random", "mean", "fvt"]):
-        for objective in spec.get("objectives", ["kl", "ce"]):
-            name = f"{init}-{objective}"
-            cfg = kld.make_config({**values, "init": init, "objective": objective, "out_dir": str(out / name)})
-            print(f"\n=== {name}")
-            if is_trained(Path(cfg.out_dir), cfg):
-                print(f"trained earlier: {cfg.out_dir}")
-            else:
-                kld.run(kld.make_config({**values, "init": init, "objective": objective, "out_dir": cfg.out_dir,
-                                         "tasks": ""}))
-            results = json.loads((Path(cfg.out_dir) / "results.json").read_text())
-            model, tok = kld.load_student(cfg.out_dir, device=device, dtype=dtype)
-            codegen = evaluate_row(model, tok, tasks, cfg, Path(cfg.out_dir) / "codegen.json")
-            embeddings = kld.embedding_analysis(model, tok)
-            kld.write_atomic(Path(cfg.out_dir) / "embeddings.json", json.dumps(embeddings, indent=1) + "\n")
-            rows[name] = {"held_out": results["student"], "train_s": results["seconds"], "codegen": codegen,
-                          "embeddings": embeddings["summary"], "teacher_held_out": results["teacher"]}
-            print(f"{name}: pass@1 {codegen['summary']['pass@1']:.3f}, bits/char "
-                  f"{results['student']['bits_per_char']:.4f}")
+    for name, fields in matrix_cells(spec):
+        cfg = kld.make_config({**values, **fields, "out_dir": str(out / name)})
+        print(f"\n=== {name}")
+        if is_trained(Path(cfg.out_dir), cfg):
+            print(f"trained earlier: {cfg.out_dir}")
+        else:
+            kld.run(dataclasses.replace(cfg, tasks=""))
+        results = json.loads((Path(cfg.out_dir) / "results.json").read_text())
+        model, tok = kld.load_student(cfg.out_dir, device=device, dtype=dtype)
+        codegen = evaluate_row(model, tok, tasks, cfg, Path(cfg.out_dir) / "codegen.json")
+        embeddings = kld.embedding_analysis(model, tok)
+        kld.write_atomic(Path(cfg.out_dir) / "embeddings.json", json.dumps(embeddings, indent=1) + "\n")
+        rows[name] = {"held_out": results["student"], "train_s": results["seconds"], "codegen": codegen,
+                      "embeddings": embeddings["summary"], "teacher_held_out": results["teacher"]}
+        print(f"{name}: pass@1 {codegen['summary']['pass@1']:.3f}, bits/char "
+              f"{results['student']['bits_per_char']:.4f}")
     print("\n=== teacher")
     model, tokenizer = kld.load_model(base.model, device=device, dtype=dtype)
     codegen = evaluate_row(model, tokenizer, tasks, base, out / "teacher" / "codegen.json")
@@ -485,11 +513,9 @@ def heldout(args):
               f"| {m['new_token_share']:.1%} | {' | '.join(masses)} |")
 
 
-def dense_lifted(t: kld.LiftedTargets, vocab_size: int) -> torch.Tensor:
+def dense_lifted(t: kld.LiftedTargets) -> torch.Tensor:
     """p' as a dense (m, |V'|) matrix."""
-    p = torch.zeros(len(t.base_logp), vocab_size, dtype=torch.float64)
-    p[:, : t.base_logp.shape[1]] = t.base_logp.double().exp()
-    return p.scatter_add_(1, t.new_ids, t.new_logp.double().exp())
+    return t.logp().double().exp()
 
 
 def longest_match_misses(tok: kld.ExtendedTokenizer, trie: kld.LiftTrie, chunks) -> tuple[int, int]:
@@ -550,7 +576,7 @@ def lift_bench(args):
                 branch += n_branch
                 for w, t in zip(batch, targets):
                     next_ids = torch.tensor(w[1:])
-                    floor = kld.target_logprobs(t, next_ids, V)
+                    floor = kld.target_logprobs(t, next_ids)
                     nats -= floor[floor > -math.inf].sum().item()
                     zero += (floor == -math.inf).sum().item()
                     p_new = t.new_logp.double().exp().sum(1)  # (m,) mass on new tokens
@@ -558,7 +584,7 @@ def lift_bench(args):
                     mass_all += p_new.sum().item()
                     mass_new += p_new[is_new].sum().item()
                     n_new += is_new.sum().item()
-                    dense.append(dense_lifted(t, tok.vocab_size))
+                    dense.append(dense_lifted(t))
             dense_runs[(mode, min_prob)] = torch.cat(dense)
             rows[(mode, min_prob)] = (nats / math.log(2) / chars, zero / n_student, mass_all / n_student,
                                       mass_new / n_new, branch / n_student, 1000 * seconds / len(windows))

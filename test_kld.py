@@ -765,7 +765,7 @@ def lifted(letters, merges, teacher, logits):
     tok = kld.ExtendedTokenizer(letters, merges, len(ABC))
     student = tok.merge(teacher)
     starts = kld.coarsening_span_starts(student, tok)
-    targets, wanted = kld.lift(logp, teacher, starts, kld.lift_trie(tok), condition=False)
+    targets, wanted = kld.lift(kld.TeacherRows.of_logp(logp), teacher, starts, kld.lift_trie(tok), condition=False)
     assert not wanted  # path mode asks for no branch
     return tok, student, starts, targets
 
@@ -794,7 +794,7 @@ def brute_force_lift(tok, teacher, logp, a):
 @given(case=lift_cases())
 def test_lift_is_a_distribution_float32(letters, case):
     tok, _, _, t = lifted(letters, *case)
-    p = torch.cat([t.base_logp.exp(), t.new_logp.exp()], dim=1)
+    p = torch.cat([t.base_logp().exp(), t.new_logp.exp()], dim=1)
     assert (p >= 0).all()
     torch.testing.assert_close(p.sum(1), torch.ones(len(p)), atol=1e-5, rtol=0)
 
@@ -805,12 +805,12 @@ def test_lift_is_a_distribution_float64_and_matches_the_definition(letters, case
     merges, teacher, logits = case
     logp = torch.log_softmax(logits, -1)
     tok, student, starts, t = lifted(letters, merges, teacher, logits)
-    p = torch.cat([t.base_logp.exp(), t.new_logp.exp()], dim=1)
+    p = torch.cat([t.base_logp().exp(), t.new_logp.exp()], dim=1)
     assert (p >= 0).all()
     assert (p.sum(1) - 1).abs().max() < 1e-12
     for j, a in enumerate(starts):
         expected = brute_force_lift(tok, teacher, logp, a)
-        got = {v: t.base_logp[j, v].exp().item() for v in range(tok.base_vocab_size)}
+        got = {v: t.base_logp()[j, v].exp().item() for v in range(tok.base_vocab_size)}
         got.update({int(w): lp.exp().item() for w, lp in zip(t.new_ids[j], t.new_logp[j]) if lp > -math.inf})
         assert set(expected) <= set(got) | {v for v in expected if abs(expected[v]) < 1e-15}
         for v in got:
@@ -832,9 +832,9 @@ def test_lift_without_new_tokens_is_the_teacher_and_kl_is_zero(letters, case):
     _, teacher, logits = case
     tok, student, starts, t = lifted(letters, [], teacher, logits)
     assert student == teacher and starts == list(range(len(teacher)))
-    assert torch.equal(t.base_logp, torch.log_softmax(logits, -1))
+    assert torch.equal(t.base_logp(), torch.log_softmax(logits, -1))
     assert (t.new_logp == -math.inf).all()
-    kl = kld.kl_to_lifted(t, logits, tok)  # an unchanged student: the teacher's own logits
+    kl = kld.kl_to_lifted(t, logits)  # an unchanged student: the teacher's own logits
     assert torch.equal(kl, torch.zeros_like(kl))
 
 
@@ -847,7 +847,7 @@ def test_lift_is_exact_for_the_realised_token_on_a_worked_example(letters):
     assert student == [10] and starts == [0]
     pa, pb = logp[0, 0].exp(), logp[1, 1].exp()
     assert torch.isclose(t.new_logp[0, 0].exp(), pa * pb) and t.new_ids[0, 0] == 10
-    assert torch.isclose(t.base_logp[0, 0].exp(), pa * (1 - pb))
+    assert torch.isclose(t.base_logp()[0, 0].exp(), pa * (1 - pb))
     assert torch.isclose(t.span_logp[0], logp[0, 0] + logp[1, 1])
 
 
@@ -898,7 +898,7 @@ def brute_force_emission(tok, prefix, prev, cond_logp, condition=True):
 
 def lifted_p(t, j):
     """p' at position j of LiftedTargets as {token: probability} over V'."""
-    got = {v: p for v, p in enumerate(t.base_logp[j].exp().tolist())}
+    got = {v: p for v, p in enumerate(t.base_logp()[j].exp().tolist())}
     got.update({int(w): lp.exp().item() for w, lp in zip(t.new_ids[j], t.new_logp[j]) if lp > -math.inf})
     return got
 
@@ -911,7 +911,7 @@ def lift_to_completion(tok, teacher, prev, cond_logp, min_prob, condition):
     starts = kld.coarsening_span_starts(tok.merge(teacher), tok)
     branches, rounds = {}, 0
     while True:
-        targets, wanted = kld.lift(logp, teacher, starts, trie, prev_token=prev, branches=branches,
+        targets, wanted = kld.lift(kld.TeacherRows.of_logp(logp), teacher, starts, trie, prev_token=prev, branches=branches,
                                    min_prob=min_prob, condition=condition)
         if not wanted:
             return targets, starts, len(branches), rounds
@@ -930,7 +930,7 @@ def test_trie_mode_without_pruning_is_the_definition(letters, case, prev, condit
     prev = prev % tok.vocab_size
     cond_logp = fake_teacher(len(ABC), scale=float(logits.std()) + 0.1, seed=int(logits.sum().abs() * 1000))
     t, starts, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, min_prob=0.0, condition=condition)
-    p = torch.cat([t.base_logp.exp(), t.new_logp.exp()], dim=1)
+    p = torch.cat([t.base_logp().exp(), t.new_logp.exp()], dim=1)
     assert (p >= 0).all()
     student = tok.merge(teacher)
     context = list(tok.expand([prev]))
@@ -955,7 +955,7 @@ def test_trie_mode_is_a_distribution_that_knows_more_than_path_mode(letters, cas
     prev = prev % tok.vocab_size
     cond_logp = fake_teacher(len(ABC), scale=3.0, seed=len(merges))
     trie_t, starts, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, min_prob, condition=True)
-    p = torch.cat([trie_t.base_logp.exp(), trie_t.new_logp.exp()], dim=1)
+    p = torch.cat([trie_t.base_logp().exp(), trie_t.new_logp.exp()], dim=1)
     assert (p >= 0).all() and (p.sum(1) - 1).abs().max() < 1e-9  # sharp teachers renormalise by small Z
     path_t, _, n_branches, rounds = lift_to_completion(tok, teacher, prev, cond_logp, math.inf, condition=True)
     assert n_branches == 0 and rounds == 0
@@ -977,8 +977,8 @@ def test_conditioning_on_a_worked_example(letters):
     assert tok.merge(teacher) == [10, 3]
     t, _, _, _ = lift_to_completion(tok, teacher, 4, cond_logp, min_prob=math.inf, condition=True)
     row = cond_logp([4, 0, 1])  # the teacher after the context e and "ab"
-    assert t.base_logp[1, 2] == -math.inf
-    torch.testing.assert_close(t.base_logp[1, 3], row[3] - torch.log1p(-row[2].exp()), rtol=0, atol=1e-12)
+    assert t.base_logp()[1, 2] == -math.inf
+    torch.testing.assert_close(t.base_logp()[1, 3], row[3] - torch.log1p(-row[2].exp()), rtol=0, atol=1e-12)
     # at the first position, abc left the text only at its last token: path mode knows it
     p_abc = math.exp(cond_logp([4])[0] + cond_logp([4, 0])[1] + cond_logp([4, 0, 1])[2])
     assert abs(lifted_p(t, 0)[11] - p_abc) < 1e-12
@@ -1059,8 +1059,15 @@ def test_trie_mode_that_admits_no_branch_is_path_mode_bit_for_bit(tiny_extension
         trie, n_trie = kld.teacher_targets(model, tok, windows, kld.make_lift(tok, "trie", 1.5, condition))
         assert n_path == n_trie == 0
         for a, b in zip(path, trie):
+            assert torch.equal(a.logp(), b.logp())
             for field in dataclasses.fields(a):
-                assert torch.equal(getattr(a, field.name), getattr(b, field.name))
+                x, y = getattr(a, field.name), getattr(b, field.name)
+                if isinstance(x, kld.TeacherRows):
+                    assert torch.equal(x.states, y.states) and torch.equal(x.lse, y.lse)
+                elif isinstance(x, torch.Tensor):
+                    assert torch.equal(x, y)
+                else:
+                    assert x == y
 
 
 # ----------------------------------------------------------------------------------------
@@ -1115,7 +1122,7 @@ def test_kl_gradient_matches_finite_differences():
     assert any(i >= tok.base_vocab_size for w in windows for i in w), "no new token in the windows"
 
     def loss():
-        return kld.window_losses(model, tok, windows, "kl", kld.make_lift(tok, "trie", 0.0, True)).mean()
+        return kld.training_loss(model, tok, windows, "kl", kld.make_lift(tok, "trie", 0.0, True))
 
     loss().backward()
     used = sorted({i - tok.base_vocab_size for w in windows for i in w if i >= tok.base_vocab_size})
@@ -1133,6 +1140,149 @@ def test_kl_gradient_matches_finite_differences():
         numeric = (up - down) / (2 * eps)
         assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (name, row, col, analytic, numeric)
         assert abs(analytic) > 1e-9, "a zero gradient checks nothing"
+
+
+def test_the_matrix_has_a_kl_cell_per_divergence():
+    import run_bench
+
+    spec = {"inits": ["mean", "fvt"], "objectives": ["kl", "ce"],
+            "divergences": ["forward_kl", "reverse_kl", {"name": "jsd0.9", "divergence": "jsd", "divergence_beta": 0.9}]}
+    cells = dict(run_bench.matrix_cells(spec))
+    assert list(cells) == ["mean-kl", "mean-reverse_kl", "mean-jsd0.9", "mean-ce", "fvt-kl", "fvt-reverse_kl",
+                           "fvt-jsd0.9", "fvt-ce"]
+    assert cells["fvt-jsd0.9"] == {"init": "fvt", "objective": "kl", "divergence": "jsd", "divergence_beta": 0.9}
+    assert cells["mean-ce"] == {"init": "mean", "objective": "ce"}
+    with pytest.raises(kld.KldError, match="a name or a dict with a name"):
+        run_bench.kl_cells({"divergences": [{"divergence": "jsd"}]})
+
+# --- the divergences and the chunked loss ---
+
+SPECS = [kld.Divergence("forward_kl"), kld.Divergence("reverse_kl"), kld.Divergence("jsd", beta=0.3),
+         kld.Divergence("span_kl"), kld.Divergence("forward_kl", temperature=2.0), kld.Divergence("jsd", 0.7, 0.5)]
+
+
+def direct_divergence(p, q, next_id, spec):
+    """D(p || q) at one position from its definition, over plain Python floats."""
+    if spec.temperature != 1.0:
+        p = [x ** (1 / spec.temperature) for x in p]
+        p = [x / sum(p) for x in p]
+        q = [x ** (1 / spec.temperature) for x in q]
+        q = [x / sum(q) for x in q]
+
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+    if spec.kind == "forward_kl":
+        return kl(p, q)
+    if spec.kind == "reverse_kl":
+        return kl(q, [x if x > 0 else spec.floor for x in p])
+    if spec.kind == "jsd":
+        m = [spec.beta * x + (1 - spec.beta) * y for x, y in zip(p, q)]
+        return spec.beta * kl(p, m) + (1 - spec.beta) * kl(q, m)
+    P, Q = p[next_id], q[next_id]
+    return kl([P, 1 - P], [Q, 1 - Q])
+
+
+@SETTINGS
+@given(data=st.data(), spec=st.sampled_from(SPECS))
+def test_each_divergence_is_its_direct_formula(data, spec):
+    r, n = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 9))
+    seed = data.draw(st.integers(0, 2**31))
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(r, n, dtype=torch.float64, generator=generator) * 2
+    log_p = torch.log_softmax(torch.randn(r, n, dtype=torch.float64, generator=generator) * 2, -1)
+    zeros = torch.rand(r, n, generator=generator) < 0.3  # p' = 0 where tau' cannot emit a token
+    zeros[:, 0] = False
+    log_p = torch.log_softmax(log_p.masked_fill(zeros, -math.inf), -1)
+    next_ids = torch.randint(0, n, (r,), generator=generator)
+    got = kld.divergence(log_p, logits, spec, next_ids)
+    q = torch.softmax(logits, -1)
+    for j in range(r):
+        expected = direct_divergence(log_p[j].exp().tolist(), q[j].tolist(), int(next_ids[j]), spec)
+        assert abs(got[j].item() - expected) < 1e-9 * max(1.0, abs(expected)), (spec, j, got[j].item(), expected)
+        assert got[j].item() >= -1e-12
+
+
+def test_jsd_at_beta_0_and_1_is_forward_and_reverse_kl():
+    generator = torch.Generator().manual_seed(0)
+    log_p = torch.log_softmax(torch.randn(5, 7, dtype=torch.float64, generator=generator), -1)
+    logits = torch.randn(5, 7, dtype=torch.float64, generator=generator)
+    for beta, kind in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        jsd = kld.divergence(log_p, logits, kld.Divergence("jsd", beta))
+        assert torch.equal(jsd, kld.divergence(log_p, logits, kld.Divergence(kind)))
+    halfway = kld.divergence(log_p, logits, kld.Divergence("jsd", 0.5))
+    assert (halfway > 0).all() and (halfway <= math.log(2)).all()  # the Jensen-Shannon divergence is at most ln 2
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-b{s.beta}-T{s.temperature}")
+def test_each_divergence_is_zero_when_the_student_is_the_teacher(spec):
+    """No new tokens (K = 0): the student is the teacher, and every divergence is 0."""
+    model, tok = tiny_student("llama", n_merges=0, dtype=torch.float64)
+    assert len(tok.merges) == 0
+    windows = [[2] + tok.base.encode(CODE[:200]).ids[:20]]
+    loss = kld.training_loss(model, tok, windows, "kl", kld.make_lift(tok, "trie", 0.0, True), spec=spec)
+    assert abs(loss.item()) < 1e-12
+
+
+@pytest.mark.parametrize("objective,spec", [("ce", kld.Divergence())] + [("kl", s) for s in SPECS],
+                         ids=lambda x: x if isinstance(x, str) else f"{x.kind}-b{x.beta}-T{x.temperature}")
+def test_the_chunked_loss_and_its_gradient_equal_the_dense_ones(objective, spec):
+    """training_loss over chunks of 3 positions against the dense formula on the whole
+    logits (float64): the loss and the gradients of both new-row matrices within 1e-10."""
+    model, tok = tiny_student("qwen2", dtype=torch.float64)
+    gen = kld.training_windows(kld.token_stream(tok, [CODE], 2), 10, seed=0)
+    windows = [next(gen) for _ in range(3)]
+    lift_cfg = kld.make_lift(tok, "trie", 0.0, True)
+
+    def dense():
+        logits = torch.cat(kld.sequence_logits(model, windows))  # (P, |V'|), all at once
+        next_ids = torch.tensor([i for w in windows for i in w[1:]])
+        if objective == "ce":
+            return torch.nn.functional.cross_entropy(logits, next_ids)
+        targets = kld.cat_targets(kld.teacher_targets(model, tok, windows, lift_cfg)[0])
+        return kld.divergence(targets.logp(), logits, spec, next_ids).mean()
+
+    results = []
+    for loss_fn in (dense, lambda: kld.training_loss(model, tok, windows, objective, lift_cfg, spec=spec, chunk=3)):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        results.append((loss.item(), model.new_in.grad.clone(), model.new_out.grad.clone()))
+    (dense_loss, dense_in, dense_out), (chunked_loss, chunked_in, chunked_out) = results
+    assert abs(dense_loss - chunked_loss) < 1e-10 and dense_loss > 1e-5
+    torch.testing.assert_close(chunked_in, dense_in, rtol=0, atol=1e-10)
+    torch.testing.assert_close(chunked_out, dense_out, rtol=0, atol=1e-10)
+    assert dense_out.abs().max() > 1e-6
+
+
+def test_chunked_loss_gradient_matches_finite_differences_for_one_new_row():
+    model, tok = tiny_student("llama", dtype=torch.float64)
+    gen = kld.training_windows(kld.token_stream(tok, [CODE], 2), 12, seed=1)
+    windows = [next(gen) for _ in range(2)]
+    lift_cfg = kld.make_lift(tok, "trie", 0.0, True)
+    spec = kld.Divergence("jsd", 0.5)
+
+    def loss():
+        return kld.training_loss(model, tok, windows, "kl", lift_cfg, spec=spec, chunk=5)
+
+    model.zero_grad()
+    loss().backward()
+    row = next(i for w in windows for i in w if i >= tok.base_vocab_size) - tok.base_vocab_size
+    for name in ("new_in", "new_out"):
+        param = getattr(model, name)
+        analytic = param.grad[row].clone()
+        numeric = torch.zeros_like(analytic)
+        eps = 1e-6
+        for col in range(len(analytic)):
+            with torch.no_grad():
+                param[row, col] += eps
+                up = loss().item()
+                param[row, col] -= 2 * eps
+                down = loss().item()
+                param[row, col] += eps
+            numeric[col] = (up - down) / (2 * eps)
+        torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
+        assert analytic.abs().max() > 1e-6, "a zero gradient checks nothing"
 
 
 @SETTINGS
@@ -1237,7 +1387,7 @@ def test_output_row_loss_is_the_objective_up_to_a_constant(objective):
     for u in rows:
         with torch.no_grad():
             model.new_out.copy_(u)
-            full.append(kld.window_losses(model, tok, windows, objective, lift_cfg).mean().item())
+            full.append(kld.training_loss(model, tok, windows, objective, lift_cfg).item())
         fitted.append(kld.output_row_loss(u, data).item())
     assert abs(full[0] - full[1]) > 1e-3  # the rows matter
     assert abs((full[0] - full[1]) - (fitted[0] - fitted[1])) < 1e-9
@@ -1363,9 +1513,9 @@ def test_finished_run_loads_back_as_the_student(tmp_path):
 def test_bad_training_config_values():
     model, tok = tiny_student("llama")
     with pytest.raises(kld.KldError, match="objective 'mse' is not 'kl' or 'ce'"):
-        kld.window_losses(model, tok, [[1, 2, 3]], "mse")
+        kld.training_loss(model, tok, [[1, 2, 3]], "mse")
     with pytest.raises(kld.KldError, match="the kl objective needs lift settings"):
-        kld.window_losses(model, tok, [[1, 2, 3]], "kl")
+        kld.training_loss(model, tok, [[1, 2, 3]], "kl")
     with pytest.raises(kld.KldError, match="lift 'exact' is not 'path' or 'trie'"):
         kld.make_lift(tok, "exact", 0.03, True)
     with pytest.raises(kld.KldError, match="lift_min_prob nan is not a probability"):
