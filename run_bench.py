@@ -123,10 +123,21 @@ SMOLLM2_135M = kld.ModelConfig(arch="llama", vocab_size=49152, n_layer=30, n_hea
                                d_ff=1536, head_dim=64, max_positions=8192, norm_eps=1e-5, rope_theta=100000.0)
 
 
-def random_smollm2(device, dtype):
+# Qwen2-0.5B's shape: a 152k vocabulary, the case a memory-light loss is for.
+QWEN2_05B = kld.ModelConfig(arch="llama", vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896,
+                            d_ff=4864, head_dim=64, max_positions=32768, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True)
+RANDOM_SHAPES = {"smollm2": SMOLLM2_135M, "qwen2": QWEN2_05B}
+
+
+def random_model(device, dtype, shape: str = "smollm2", layers: int = 0):
+    """A model of a known shape (the first `layers` blocks when given) with random weights,
+    and the tiny fixture tokenizer: for speed and memory, not for quality."""
     from tokenizers import Tokenizer
 
-    model = kld.GPT(SMOLLM2_135M).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    cfg = RANDOM_SHAPES[shape]
+    if layers:
+        cfg = dataclasses.replace(cfg, n_layer=layers)
+    model = kld.GPT(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, Tokenizer.from_file("fixtures/tokenizer.json")
 
 
@@ -138,7 +149,7 @@ def speed(args):
     device, dtype = kld.resolve_device(args.device), kld.resolve_dtype(args.dtype)
     print(f"device: {device}, {args.dtype}")
     if args.random_weights:
-        (model, tokenizer), load_s = timed(lambda: random_smollm2(device, dtype))
+        (model, tokenizer), load_s = timed(lambda: random_model(device, dtype))
         print("model: SmolLM2-135M's shape with random weights (no load time, no reference)")
         prompts = [kld.format_chat(p) for p in PROMPTS] * 8
         for b in args.batch_sizes:
@@ -219,8 +230,9 @@ def train_speed(args):
     if device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name()}")
     if args.random_weights:
-        model, tokenizer = random_smollm2(device, torch.float32)
-        print("model: SmolLM2-135M's shape with random weights, the tiny fixture tokenizer")
+        model, tokenizer = random_model(device, torch.float32, args.shape, args.layers)
+        print(f"model: {args.shape}'s shape ({model.cfg.n_layer} layers, vocabulary {model.cfg.vocab_size}) "
+              "with random weights, the tiny fixture tokenizer")
     else:
         model, tokenizer = kld.load_model(args.model, device=device)
     train, _ = kld.load_corpus(args.corpus)
@@ -237,7 +249,7 @@ def train_speed(args):
 
             def step():
                 batch = [next(windows) for _ in range(batch_size)]
-                loss = kld.training_loss(model, tok, batch, objective, lift_cfg)
+                loss = kld.training_loss(model, tok, batch, objective, lift_cfg, chunk=args.loss_chunk)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -245,10 +257,15 @@ def train_speed(args):
                     torch.cuda.synchronize()
 
             step()  # warm-up
+            if not args.steps:  # one step: its peak memory only
+                print(f"{objective}: batch {batch_size} x {args.seq_len}, loss_chunk {args.loss_chunk}: "
+                      f"peak memory {kld.peak_memory_mb(device):.0f} MB")
+                continue
             _, seconds = timed(lambda: [step() for _ in range(args.steps)])
             tokens = args.steps * batch_size * args.seq_len
-            print(f"{objective}: batch {batch_size} x {args.seq_len}: {tokens / seconds:.0f} student tok/s, "
-                  f"peak memory {kld.peak_memory_mb(device):.0f} MB")
+            print(f"{objective}: batch {batch_size} x {args.seq_len}, loss_chunk {args.loss_chunk}: "
+                  f"{tokens / seconds:.0f} student tok/s, peak memory {kld.peak_memory_mb(device):.0f} MB "
+                  f"(the process's peak on the CPU: run one setting per process)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -647,7 +664,10 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p = sub.add_parser("train-speed", help="training tokens/s and peak memory")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights")
+    p.add_argument("--random-weights", action="store_true", help="random weights of --shape")
+    p.add_argument("--shape", choices=sorted(RANDOM_SHAPES), default="smollm2", help="with --random-weights")
+    p.add_argument("--layers", type=int, default=0, help="with --random-weights: keep only this many blocks")
+    p.add_argument("--loss-chunk", type=int, default=kld.Config.loss_chunk, help="0: the loss over all positions at once")
     p.add_argument("--corpus", default="stdlib")
     p.add_argument("--n-merges", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128)
@@ -655,7 +675,7 @@ def main():
     p.add_argument("--objectives", nargs="+", default=["kl", "ce"])
     p.add_argument("--lift", choices=["path", "trie"], default="trie")
     p.add_argument("--lift-min-prob", type=float, default=kld.Config.lift_min_prob)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed steps after a warm-up one (0: its peak memory only)")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("evaluator", help="cost per program of judging code: one program against two processes")
     p.add_argument("--tasks", default="bench_tasks")
