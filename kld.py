@@ -1802,6 +1802,334 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     return targets, wanted
 
 
+# --- the same lift for a whole batch, as tensor operations on the model's device ---
+#
+# `lift` above walks the trie one position at a time in Python: the reference. `lift_batch`
+# runs the same three steps for every position of a batch of windows at once, one trie
+# level per iteration. Its state is a list of *entries*, one per (position, sequence)
+# reached, each a row of parallel tensors: the position j, the trie node of the sequence,
+# log P, the teacher context its children are read at, and what step 3 needs. The trie
+# lives in `LiftTables`: nodes numbered level by level, so each node's children are a
+# contiguous range, and sets of pairs kept as sorted integer keys, looked up by
+# torch.searchsorted.
+
+
+@dataclass
+class LiftTables:
+    """The lift's trie as tensors (built once per extension by `lift_tables`).
+
+    Nodes are every sequence the walk can reach: each prefix of a new token's expansion
+    (walkable after any token) and of each extension of a token v (walkable after v only).
+    A branch context (b, xs) is named by the *suffix node* of xs: suffixes are every
+    tail u[k:] of a node u, numbered in a trie of their own.
+    """
+
+    token: torch.Tensor  # (U,) long: the last base id of each node
+    first: torch.Tensor  # (U,) long: its first base id
+    depth: torch.Tensor  # (U,) long: its length
+    child_start: torch.Tensor  # (U,) long: node u's children are child_start[u] .. + child_count[u] - 1
+    child_count: torch.Tensor  # (U,) long
+    roots: torch.Tensor  # (R,) long: the nodes of length 1
+    new_id: torch.Tensor  # (U,) long: the new token whose expansion the node is, or -1
+    in_trie: torch.Tensor  # (U,) bool: a prefix of an expansion
+    walk_keys: torch.Tensor  # (k,) long, sorted: v * U + u for u a prefix of an extension of v
+    extension_keys: torch.Tensor  # (k,) long, sorted: v * U + u for u an extension of v
+    alphabet: torch.Tensor  # (A,) long: the base ids the walk reads (LiftTrie.alphabet)
+    column: torch.Tensor  # (|V|,) long: a base id's column in `alphabet`, or -1
+    n_new: int  # N, the number of new tokens
+    suffix_keys: torch.Tensor  # (k,) long, sorted: (s + 1) * |V| + x for suffix s (-1: empty) and its child s + (x,)
+    suffix_child: torch.Tensor  # (k,) long: that child's suffix node
+    suffixes: list[tuple[int, ...]]  # suffix node -> xs, to name branch nodes for the teacher
+
+
+def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
+    """LiftTables of an extension: the trie of `lift_trie`, renumbered for tensors."""
+    V = tok.base_vocab_size
+    walk_after: dict[tuple[int, ...], set[int]] = {}  # sequence -> the tokens v after which it is walkable
+    in_trie = {e[:k] for e in tok.expansions for k in range(1, len(e) + 1)}
+    for v, extensions in trie.extensions.items():
+        for f in extensions:
+            for k in range(1, len(f) + 1):
+                walk_after.setdefault(f[:k], set()).add(v)
+    # Number the nodes level by level, each level sorted: the children of a node are then contiguous.
+    nodes = sorted(in_trie | set(walk_after), key=lambda s: (len(s), s))
+    index = {s: i for i, s in enumerate(nodes)}
+    U = len(nodes)
+    child_start = [0] * U
+    child_count = [0] * U
+    for i, s in enumerate(nodes):
+        if len(s) > 1:
+            p = index[s[:-1]]
+            if child_count[p] == 0:
+                child_start[p] = i
+            child_count[p] += 1
+    walk_keys = sorted(v * U + index[s] for s, vs in walk_after.items() for v in vs)
+    extension_keys = sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)
+    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))}, key=lambda s: (len(s), s))
+    suffix_index = {s: i for i, s in enumerate(suffixes)}
+    suffix_pairs = sorted(((suffix_index[s[:-1]] if len(s) > 1 else -1) + 1) * V + s[-1] for s in suffixes)
+    by_key = {((suffix_index[s[:-1]] if len(s) > 1 else -1) + 1) * V + s[-1]: suffix_index[s] for s in suffixes}
+    column = torch.full((V,), -1, dtype=torch.long)
+    column[trie.alphabet] = torch.arange(len(trie.alphabet))
+
+    def longs(xs):
+        return torch.tensor(list(xs), dtype=torch.long)
+
+    return LiftTables(
+        token=longs(s[-1] for s in nodes),
+        first=longs(s[0] for s in nodes),
+        depth=longs(len(s) for s in nodes),
+        child_start=longs(child_start),
+        child_count=longs(child_count),
+        roots=longs(i for i, s in enumerate(nodes) if len(s) == 1),
+        new_id=longs(trie.new_token.get(s, -1) for s in nodes),
+        in_trie=torch.tensor([s in in_trie for s in nodes], dtype=torch.bool),
+        walk_keys=longs(walk_keys),
+        extension_keys=longs(extension_keys),
+        alphabet=trie.alphabet.clone(),
+        column=column,
+        n_new=len(tok.expansions),
+        suffix_keys=longs(suffix_pairs),
+        suffix_child=longs(by_key[k] for k in suffix_pairs),
+        suffixes=suffixes,
+    )
+
+
+def tables_to(tables: LiftTables, device) -> LiftTables:
+    """The same tables with every tensor on `device`."""
+    moved = {f.name: getattr(tables, f.name) for f in dataclasses.fields(tables)}
+    return LiftTables(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+
+def sorted_lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(found, index) of each query in sorted keys: found (q,) bool, index (q,) where it is."""
+    if len(keys) == 0:
+        return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
+    index = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
+    return keys[index] == query, index
+
+
+def expand_children(tables: LiftTables, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (entry, child) pair of the given nodes (E,): entry index (C,) and child node (C,)."""
+    counts = tables.child_count[nodes]  # (E,)
+    entry = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), counts)  # (C,)
+    first_of_entry = torch.cumsum(counts, 0) - counts  # (E,) where each entry's children start in the output
+    rank = torch.arange(len(entry), device=nodes.device) - first_of_entry[entry]  # (C,) 0 .. count - 1
+    return entry, tables.child_start[nodes][entry] + rank
+
+
+@dataclass
+class BranchRows:
+    """Teacher rows at branch contexts, for `lift_batch`: sorted keys (window, b, suffix
+    node) packed in one integer (`branch_key`), and the rows at the alphabet's columns."""
+
+    keys: torch.Tensor  # (k,) long, sorted
+    rows: torch.Tensor  # (k, A) float64 log p
+
+
+def branch_key(window, b, suffix, width: int, n_suffixes: int):
+    """One integer per branch context (window, b, suffix node), of ints or long tensors; width > every b."""
+    return (window * width + b) * n_suffixes + suffix
+
+
+def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: list[list[int]],
+               span_starts: list[list[int]], tables: LiftTables, branches: BranchRows | None = None,
+               min_prob: float = math.inf, condition: bool = True) -> tuple[list[LiftedTargets], torch.Tensor]:
+    """`lift` for a batch of windows at once, in tensor operations on the rows' device.
+
+    windows: student ids (the first is context only, the token before position 0);
+    rows[r] (n_r + 1 rows), teacher_ids[r] and span_starts[r] as `lift` takes them. The
+    branch rows given are looked up by context. Returns the targets of each window and
+    the branch contexts wanted next (k, 3) long: (window, b, suffix node). Equal to
+    `lift` window by window, up to the order of float64 additions.
+    """
+    device = rows[0].states.device
+    V = len(tables.column)
+    U = len(tables.token)
+    S = len(tables.suffixes)
+    min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
+    # The batch, flat. Rows of window r sit at row_offset[r] .. + n_r; a pad id -1 stands
+    # at the last one (after the window), so that "t_b == x" fails there as past the end.
+    lengths = [len(t) for t in teacher_ids]
+    width = max(lengths) + 1  # a bound on b, for branch keys
+    row_offset = torch.tensor([0] + list(itertools.accumulate(n + 1 for n in lengths))[:-1], device=device)
+    alphabet_logp = torch.cat([r.logp(columns=tables.alphabet) for r in rows]).double()  # (rows, A)
+    flat_ids = torch.tensor([i for t in teacher_ids for i in [*t, -1]], device=device)  # (rows,)
+    realised = torch.cat([torch.cat([r.logp_of(torch.tensor(t, device=device)).double(), r.lse.new_zeros(1).double()])
+                          for r, t in zip(rows, teacher_ids)])  # (rows,) log p(t_b | t_<b), 0 at the pads
+    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # cum[i] = sum of realised[:i]
+    window_of = torch.tensor([r for r, s in enumerate(span_starts) for _ in s], device=device)  # (m,)
+    start = torch.tensor([a for s in span_starts for a in s], device=device)  # (m,) span start a
+    end = torch.tensor([e for s, n in zip(span_starts, lengths) for e in [*s[1:], n]], device=device)  # (m,)
+    row_of = row_offset[window_of] + start  # (m,) the teacher's row at each span start
+    span_logp = cum[row_offset[window_of] + end] - cum[row_of]  # (m,) log P(span)
+    m = len(start)
+    if condition:  # the student token before each position; its extensions cannot come next
+        previous = torch.tensor([v for w in windows for v in w[:-1]], device=device)
+    else:
+        previous = torch.full((m,), -1, device=device)
+    if branches is None:
+        branches = BranchRows(torch.zeros(0, dtype=torch.long, device=device), alphabet_logp.new_zeros(0, alphabet_logp.shape[1]))
+    table = torch.cat([alphabet_logp, branches.rows.to(alphabet_logp)])  # (rows + k, A): realised rows, then branches
+
+    def walkable(pos, node):  # walkable after previous[pos]: a prefix of an expansion or of its extensions
+        return tables.in_trie[node] | sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
+
+    def is_extension(pos, node):
+        return sorted_lookup(tables.extension_keys, previous[pos] * U + node)[0]
+
+    # Level 1: every (position, root) pair on the realised path, likely enough, or an
+    # extension's start (steps 1 and 2 of `lift` begin at these).
+    R = len(tables.roots)
+    pos = torch.arange(m, device=device).repeat_interleave(R)  # (m R,)
+    node = tables.roots.repeat(m)
+    x = tables.token[node]
+    log_p = alphabet_logp[row_of[pos], tables.column[x]]
+    on_path = flat_ids[row_of[pos]] == x
+    extension_start = sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
+    keep = walkable(pos, node) & (on_path | (log_p >= min_logp) | extension_start)
+    pos, node, x, log_p, on_path = pos[keep], node[keep], x[keep], log_p[keep], on_path[keep]
+    entry = {
+        "pos": pos,
+        "node": node,
+        "log_p": log_p,
+        "b": start[pos] + on_path.long(),  # the context's realised part t_<b
+        "suffix": torch.where(on_path, -1, _suffix_child(tables, torch.full_like(x, -1), x, V)),  # -1: on the path
+        "anchor": torch.full_like(pos, -1),  # the nearest found ancestor entry; -1: the base token
+        "extension": is_extension(pos, node),  # an extension of the previous token
+        "found": is_extension(pos, node) | (tables.new_id[node] >= 0),  # a token or an extension: step 3 gives it p'
+        "blocked": is_extension(pos, node),  # it or a found ancestor is an extension: p' = 0
+    }
+    levels = []
+    wanted = []
+    offset = 0  # entries of the earlier levels
+    while len(entry["pos"]):
+        levels.append(entry)
+        E = len(entry["pos"])
+        # The row each entry's children are read at: realised on the path, else a branch (or none yet).
+        window = window_of[entry["pos"]]
+        on_path = entry["suffix"] < 0
+        found_branch, branch_index = sorted_lookup(branches.keys, branch_key(window, entry["b"], entry["suffix"], width, S))
+        has_row = on_path | found_branch
+        row = torch.where(on_path, row_offset[window] + entry["b"], len(alphabet_logp) + branch_index)
+        parent, child = expand_children(tables, entry["node"])  # (C,), (C,)
+        ok = walkable(entry["pos"][parent], child)
+        parent, child = parent[ok], child[ok]
+        has_child = torch.zeros(E, dtype=torch.bool, device=device)
+        has_child[parent] = True
+        # Nodes off the path with children, no row and P >= min_prob: evaluate them next round.
+        ask = has_child & ~has_row & ~on_path & (entry["log_p"] >= min_logp)
+        wanted.append(torch.stack([window[ask], entry["b"][ask], entry["suffix"][ask]], dim=1))
+        # Step 2: the chain rule into the children of entries that have a row.
+        go = has_row[parent]
+        parent, child = parent[go], child[go]
+        pos = entry["pos"][parent]
+        x = tables.token[child]
+        parent_row = row[parent]
+        child_on_path = on_path[parent] & (flat_ids[parent_row.clamp(max=len(flat_ids) - 1)] == x)  # on-path rows are realised
+        extension = is_extension(pos, child)
+        entry = {
+            "pos": pos,
+            "node": child,
+            "log_p": entry["log_p"][parent] + table[parent_row, tables.column[x]],
+            "b": entry["b"][parent] + child_on_path.long(),
+            "suffix": torch.where(child_on_path, -1, _suffix_child(tables, entry["suffix"][parent], x, V)),
+            "anchor": torch.where(entry["found"][parent], offset + parent, entry["anchor"][parent]),
+            "extension": extension,
+            "found": extension | (tables.new_id[child] >= 0),
+            "blocked": entry["blocked"][parent] | extension,
+        }
+        offset += E
+    walked = {k: torch.cat([level[k] for level in levels]) for k in levels[0]} if levels else None
+    wanted = torch.cat(wanted).unique(dim=0) if wanted else torch.zeros(0, 3, dtype=torch.long, device=device)
+    targets = _emission_batch(walked, rows, start, row_of, alphabet_logp, span_logp, tables, [len(s) for s in span_starts])
+    return targets, wanted
+
+
+def _suffix_child(tables: LiftTables, suffix: torch.Tensor, x: torch.Tensor, V: int) -> torch.Tensor:
+    """The suffix node of xs + (x,) for suffix nodes xs (-1: empty) and tokens x."""
+    _, index = sorted_lookup(tables.suffix_keys, (suffix + 1) * V + x)
+    return tables.suffix_child[index]
+
+
+def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.Tensor, row_of: torch.Tensor,
+                    alphabet_logp: torch.Tensor, span_logp: torch.Tensor, tables: LiftTables,
+                    counts: list[int]) -> list[LiftedTargets]:
+    """Step 3 of the lift for every walked entry at once (see `emission_probabilities`),
+    and the targets split into windows of counts[r] positions."""
+    device = start.device
+    m = len(start)
+    V = len(tables.column)
+    log_z = torch.zeros(m, dtype=torch.float64, device=device)
+    fix_pos = torch.zeros(0, dtype=torch.long, device=device)
+    fix_ids = torch.zeros(0, dtype=torch.long, device=device)
+    fix_logp = torch.zeros(0, dtype=torch.float64, device=device)
+    new_pos = torch.zeros(0, dtype=torch.long, device=device)
+    new_ids = torch.zeros(0, dtype=torch.long, device=device)
+    new_logp = torch.zeros(0, dtype=torch.float64, device=device)
+    if walked is not None:
+        P = walked["log_p"].exp()  # (E,) P of every walked sequence
+        f = walked["found"].nonzero()[:, 0]  # (F,) the found entries: new tokens and extensions
+        pos = walked["pos"][f]
+        node = walked["node"][f]
+        anchor = walked["anchor"][f]
+        # mass = P minus the P of the found sequences whose nearest found prefix it is ...
+        mass = P.clone()
+        up = anchor >= 0
+        mass.index_add_(0, anchor[up], -P[f][up])
+        # ... and a base token's mass is its P minus theirs where no found prefix is between
+        to_base = f[~up & (tables.depth[node] > 1)]
+        keys, inverse = (walked["pos"][to_base] * V + tables.first[walked["node"][to_base]]).unique(return_inverse=True)
+        base_pos = keys // V
+        base_tok = keys % V
+        base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp()
+        base_mass = base_mass.index_add(0, inverse, -P[to_base])
+        # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
+        extension = walked["extension"]
+        Z = torch.ones(m, dtype=torch.float64, device=device).index_add_(0, walked["pos"][extension], -P[extension])
+        Z = Z.clamp(min=1e-300)
+        log_z = Z.log()
+        p_found = torch.where(walked["blocked"][f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
+        root = tables.depth[node] == 1  # found sequences of one token: base tokens (extensions)
+        fix_pos = torch.cat([pos[root], base_pos])
+        fix_ids = torch.cat([tables.token[node][root], base_tok])
+        fix_logp = torch.cat([p_found[root], base_mass.clamp(min=0.0) / Z[base_pos]]).log()
+        is_new = (tables.new_id[node] >= 0) & ~extension[f]
+        new_pos = pos[is_new]
+        new_ids = tables.new_id[node][is_new]
+        new_logp = p_found[is_new].log()
+    # The new tokens' targets as (m, width) tables: the c-th target of position j in column c.
+    order = torch.argsort(new_pos, stable=True)
+    new_pos = new_pos[order]
+    per_position = torch.bincount(new_pos, minlength=m)  # (m,)
+    width = max(int(per_position.max()) if m else 1, 1)
+    column = torch.arange(len(new_pos), device=device) - (torch.cumsum(per_position, 0) - per_position)[new_pos]
+    dtype = upcast(rows[0].states).dtype
+    id_table = torch.zeros((m, width), dtype=torch.long, device=device)
+    logp_table = torch.full((m, width), -math.inf, dtype=dtype, device=device)
+    id_table[new_pos, column] = new_ids[order]
+    logp_table[new_pos, column] = new_logp[order].to(dtype)
+    # One LiftedTargets per window.
+    out = []
+    first = 0
+    for r, count in enumerate(counts):
+        stop = first + count
+        here = (fix_pos >= first) & (fix_pos < stop)
+        out.append(LiftedTargets(
+            teacher=rows[r].select(start[first:stop]),
+            log_z=log_z[first:stop],
+            fix_pos=fix_pos[here] - first,
+            fix_ids=fix_ids[here],
+            fix_logp=fix_logp[here],
+            new_ids=id_table[first:stop],
+            new_logp=logp_table[first:stop],
+            span_logp=span_logp[first:stop],
+            n_new=tables.n_new,
+        ))
+        first = stop
+    return out
+
+
 @dataclass(frozen=True)
 class Lift:
     """How the teacher is lifted (Config: lift, lift_min_prob, lift_condition), with the extension's trie."""
@@ -1810,6 +2138,7 @@ class Lift:
     mode: str  # "path": the realised rows only; "trie": also branches whose P reaches min_prob
     min_prob: float
     condition: bool  # condition each position on the student token before it
+    tables: LiftTables  # the trie as tensors, for lift_batch
 
 
 def check_lift(mode: str, min_prob: float):
@@ -1820,9 +2149,11 @@ def check_lift(mode: str, min_prob: float):
         raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
 
 
-def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool) -> Lift:
+def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool, device="cpu") -> Lift:
+    """The lift settings with the extension's trie, its tensors on `device` (the teacher's)."""
     check_lift(mode, min_prob)
-    return Lift(lift_trie(tok), mode, min_prob, condition)
+    trie = lift_trie(tok)
+    return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), torch.device(device)))
 
 
 # --- divergences between the lifted teacher p' and the student q (METHOD.md section 4) ---
@@ -2079,13 +2410,14 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
 
     One teacher pass over the windows' expansions (base weights, base vocabulary) fills a
     KV cache and gives the realised rows; path mode lifts from those alone. Trie mode then
-    asks `lift` which branch nodes it wants, evaluates them all in one pass over the
+    asks `lift_batch` which branch nodes it wants, evaluates them all in one pass over the
     cache, and asks again, until it wants no more (one round per level of the trie). A
     branch node (b, xs) is the token xs[-1] appended after the cache, at position
     context + b + |xs| - 1, that attends to the realised prefix t_<b, to the slots of
     its ancestors (b, xs[:k]) and to itself: tree attention, no copy of the prefix.
     """
     device = teacher.embed.weight.device
+    tables = lift_cfg.tables if lift_cfg.tables.token.device == device else tables_to(lift_cfg.tables, device)
     head = teacher.output_weight()  # (|V|, d): the teacher's rows are kept as hidden states, see TeacherRows
     seqs = [list(tok.expand(w)) for w in windows]  # teacher ids: context token, then the window
     context = [len(tok.expand(w[:1])) for w in windows]  # teacher tokens of the context token
@@ -2096,31 +2428,34 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
     teacher_ids = [s[c:] for c, s in zip(context, seqs)]
     span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
     min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
-    alphabet = lift_cfg.trie.alphabet.to(device)
-    branches: list[dict] = [{} for _ in windows]  # per window: node -> the teacher's row there (A,)
+    width = max(map(len, teacher_ids)) + 1  # a bound on b, for branch keys
+    n_suffixes = len(tables.suffixes)
+    branches = BranchRows(torch.zeros(0, dtype=torch.long, device=device),
+                          torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
     slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
-    targets: list[LiftedTargets | None] = [None] * B
-    active = list(range(B))  # the windows given new rows since their last lift
     n_branch_tokens = 0
-    while active:
-        todo: list[list[Node]] = [[] for _ in windows]  # per window: the nodes to evaluate this round
-        for r in active:
-            targets[r], wanted = lift(rows[r], teacher_ids[r], span_starts[r], lift_cfg.trie,
-                                      prev_token=windows[r][0], branches=branches[r], min_prob=min_prob,
-                                      condition=lift_cfg.condition)
-            todo[r] = [(b, xs) for b, xs in sorted(wanted) if context[r] + b + len(xs) <= teacher.cfg.max_positions]
-        active = [r for r in active if todo[r]]
-        if not active:
-            break
+    while True:
+        targets, wanted = lift_batch(rows, windows, teacher_ids, span_starts, tables, branches, min_prob,
+                                     lift_cfg.condition)
+        # The wanted contexts as nodes (b, xs) of each window, within the model's positions.
+        todo: list[list[Node]] = [[] for _ in windows]
+        keys: list[list[int]] = [[] for _ in windows]
+        for r, b, s in wanted.tolist():
+            xs = tables.suffixes[s]
+            if context[r] + b + len(xs) <= teacher.cfg.max_positions:
+                todo[r].append((b, xs))
+                keys[r].append(branch_key(r, b, s, width, n_suffixes))
+        if not any(todo):
+            return targets, n_branch_tokens
         branch_states = branch_logits(teacher, cache, todo, context, slots, hidden=True)  # (B, T, d)
-        T = branch_states.shape[1]
-        branch_rows = TeacherRows.of_states(branch_states.flatten(0, 1), head).logp(columns=alphabet)  # (B T, A)
-        branch_rows = branch_rows.view(B, T, -1).double().cpu().numpy()
-        for r, nodes in enumerate(todo):
-            for t, node in enumerate(nodes):
-                branches[r][node] = branch_rows[r, t]
-        n_branch_tokens += sum(map(len, todo))
-    return targets, n_branch_tokens
+        r_index = torch.tensor([r for r, nodes in enumerate(todo) for _ in nodes], device=device)
+        t_index = torch.tensor([t for nodes in todo for t in range(len(nodes))], device=device)
+        new_rows = TeacherRows.of_states(branch_states[r_index, t_index], head).logp(columns=tables.alphabet)  # (k, A)
+        all_keys = torch.cat([branches.keys, torch.tensor([k for ks in keys for k in ks], device=device)])
+        all_rows = torch.cat([branches.rows, new_rows.double()])
+        order = all_keys.argsort()
+        branches = BranchRows(all_keys[order], all_rows[order])
+        n_branch_tokens += len(r_index)
 
 
 def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor) -> torch.Tensor:
@@ -2404,7 +2739,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     chunks (when given) and writes the checkpoint. With cfg.fit_windows, the last step is
     followed by a refit of the output rows alone (refit_output_rows), measured before and
     after. Returns tokens/s and the measures."""
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     named = trained_parameters(model)
     params = list(named.values())
@@ -3504,7 +3839,7 @@ def run(cfg: Config) -> dict:
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
     teacher = evaluate(model, tok, chunks, sep, cfg.batch_size)
     initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
     print(f"held-out teacher: bits/char {teacher['bits_per_char']:.4f}, tokens/char {teacher['tokens_per_char']:.4f}")

@@ -968,6 +968,50 @@ def test_trie_mode_is_a_distribution_that_knows_more_than_path_mode(letters, cas
                 assert 0 <= exact[w] <= p_path + 1e-12
 
 
+def batch_lift_to_completion(tok, cases, cond_logp, min_prob, condition):
+    """lift_batch driven as teacher_targets drives it, over windows (teacher ids, previous
+    token) at once, the branch rows from cond_logp."""
+    tables = kld.lift_tables(tok, kld.lift_trie(tok))
+    contexts = [list(tok.expand([prev])) for _, prev in cases]
+    rows = [kld.TeacherRows.of_logp(torch.stack([cond_logp(c + teacher[:b]) for b in range(len(teacher) + 1)]))
+            for c, (teacher, _) in zip(contexts, cases)]
+    windows = [[prev] + tok.merge(teacher) for teacher, prev in cases]
+    teacher_ids = [teacher for teacher, _ in cases]
+    starts = [kld.coarsening_span_starts(w[1:], tok) for w in windows]
+    keys, values = [], []
+    width = max(len(t) for t in teacher_ids) + 1
+    while True:
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        branches = kld.BranchRows(torch.tensor([keys[i] for i in order], dtype=torch.long),
+                                  torch.stack([values[i] for i in order]) if keys else torch.zeros(0, len(tables.alphabet), dtype=torch.float64))
+        targets, wanted = kld.lift_batch(rows, windows, teacher_ids, starts, tables, branches, min_prob, condition)
+        if not len(wanted):
+            return targets
+        for r, b, s in wanted.tolist():
+            xs = tables.suffixes[s]
+            keys.append(int(kld.branch_key(torch.tensor(r), torch.tensor(b), torch.tensor(s), width, len(tables.suffixes))))
+            values.append(cond_logp(contexts[r] + teacher_ids[r][:b] + list(xs))[tables.alphabet])
+
+
+@SETTINGS
+@given(case=lift_cases(dtype=torch.float64), more=st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=12), max_size=2),
+       prevs=st.lists(st.integers(0, 30), min_size=3, max_size=3), min_prob=st.sampled_from([0.0, 0.05, 0.3, math.inf]),
+       condition=st.booleans())
+def test_the_batched_lift_equals_the_reference_lift(letters, case, more, prevs, min_prob, condition):
+    """lift_batch over several windows at once equals `lift` window by window: the targets
+    over V' at every position (1e-12), the span log-probabilities, in path and trie mode."""
+    merges, teacher, logits = case
+    tok = kld.ExtendedTokenizer(letters, merges, len(ABC))
+    cases = [(t, p % tok.vocab_size) for t, p in zip([teacher, *more], prevs)]
+    cond_logp = fake_teacher(len(ABC), scale=2.0, seed=len(merges) + len(teacher))
+    batched = batch_lift_to_completion(tok, cases, cond_logp, min_prob, condition)
+    for (t, prev), got in zip(cases, batched):
+        expected, _, _, _ = lift_to_completion(tok, t, prev, cond_logp, min_prob, condition)
+        torch.testing.assert_close(got.logp().exp(), expected.logp().exp(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.span_logp, expected.span_logp, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.log_z, expected.log_z, rtol=0, atol=1e-12)
+
+
 def test_conditioning_on_a_worked_example(letters):
     """V = {a, b, c, ...}, merges ab and abc. After the student emitted ab, c cannot come
     (tau' would have emitted abc): p'(c) = 0 and the rest is renormalised by 1 - P(c)."""
