@@ -148,7 +148,7 @@ class Config:
     divergence: Annotated[str, DIVERGENCES] = "forward_kl"  # what the kl objective minimises (section 5, `divergence`)
     divergence_beta: Annotated[float, Range(0, 1)] = 0.5  # jsd's mixing weight: 0 = forward_kl, 1 = reverse_kl
     divergence_temperature: Annotated[float, Range(0, open_low=True)] = 1.0  # temper teacher and student by this first
-    loss_chunk: Annotated[int, Range(0)] = 1024  # positions whose logits over V' exist at once in the loss; 0 = all of a batch
+    loss_chunk: Annotated[int, Range(0)] = 128  # positions whose logits over V' exist at once in the loss (128: fastest on a 2-core CPU); 0 = all of a batch
     fit_windows: Annotated[int, Range(0)] = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
     fit_iterations: Annotated[int, Range(1)] = 300  # L-BFGS iterations of that refit
     fit_l2: Annotated[float, Range(0)] = 1e-3  # its ridge toward the rows it starts from
