@@ -1988,17 +1988,21 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     on_path = flat_ids[row_of[pos]] == x
     extension_start = sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
     keep = walkable(pos, node) & (on_path | (log_p >= min_logp) | extension_start)
-    pos, node, x, log_p, on_path = pos[keep], node[keep], x[keep], log_p[keep], on_path[keep]
+    pos = pos[keep]
+    node = node[keep]
+    x = x[keep]
+    on_path = on_path[keep]
+    extension = is_extension(pos, node)
     entry = {
         "pos": pos,
         "node": node,
-        "log_p": log_p,
+        "log_p": log_p[keep],
         "b": start[pos] + on_path.long(),  # the context's realised part t_<b
         "suffix": torch.where(on_path, -1, _suffix_child(tables, torch.full_like(x, -1), x, V)),  # -1: on the path
         "anchor": torch.full_like(pos, -1),  # the nearest found ancestor entry; -1: the base token
-        "extension": is_extension(pos, node),  # an extension of the previous token
-        "found": is_extension(pos, node) | (tables.new_id[node] >= 0),  # a token or an extension: step 3 gives it p'
-        "blocked": is_extension(pos, node),  # it or a found ancestor is an extension: p' = 0
+        "extension": extension,  # an extension of the previous token
+        "found": extension | (tables.new_id[node] >= 0),  # a token or an extension: step 3 gives it p'
+        "blocked": extension,  # it or a found ancestor is an extension: p' = 0
     }
     levels = []
     wanted = []
