@@ -1522,7 +1522,7 @@ class LiftedTargets:
     tokens the walk rewrote: log p'(fix_ids[k]) = fix_logp[k] at position fix_pos[k].
     The new token new_ids[j, c] has log p' = new_logp[j, c]; every other new token has
     p' = 0. Padding entries of new_ids hold id 0 with new_logp = -inf. The dense rows
-    exist only when asked for (`base_logp`), a chunk of positions at a time.
+    exist only when asked for (`logp`, `base_logp`), a range of positions at a time.
     """
 
     teacher: TeacherRows  # (m rows) the teacher at each span start
