@@ -686,6 +686,16 @@ class _Tensors:
             raise KldError(f"{self.source}: unexpected tensors {sorted(self.tensors)[:8]} for this architecture")
 
 
+def take_output_matrix(src: _Tensors, cfg: ModelConfig, name: str) -> dict:
+    """{"lm_head.weight": the unembedding} for an untied model, {} for a tied one (whose
+    file may still hold a saved copy of the tied matrix under `name`: it is consumed)."""
+    if not cfg.tie_embeddings:
+        return {"lm_head.weight": src.take(name)}
+    if name in src.tensors:
+        src.take(name)  # a saved copy of the input embedding
+    return {}
+
+
 # --- Hugging Face directories ---
 
 HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
@@ -778,10 +788,7 @@ def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
             src.tensors[name[len("transformer.") :]] = src.tensors.pop(name)
     state = {"embed.weight": src.take("wte.weight"), "pos_embed.weight": src.take("wpe.weight")}
     state["norm.weight"], state["norm.bias"] = src.take("ln_f.weight"), src.take("ln_f.bias")
-    if not cfg.tie_embeddings:
-        state["lm_head.weight"] = src.take("lm_head.weight")
-    elif "lm_head.weight" in src.tensors:
-        src.take("lm_head.weight")  # a saved copy of the tied matrix
+    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
     d = cfg.d_model
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"blocks.{i}."
@@ -804,10 +811,7 @@ def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
 def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
     """Llama / SmolLM / Qwen2 names -> kld names (nn.Linear layout on both sides)."""
     state = {"embed.weight": src.take("model.embed_tokens.weight"), "norm.weight": src.take("model.norm.weight")}
-    if not cfg.tie_embeddings:
-        state["lm_head.weight"] = src.take("lm_head.weight")
-    elif "lm_head.weight" in src.tensors:
-        src.take("lm_head.weight")
+    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
     linears = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
     for i in range(cfg.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
@@ -982,8 +986,7 @@ def read_gguf_model(path: Path):
         raise KldError(f"{path}: RoPE scaling is not supported")
     src = _Tensors(tensors, str(path))
     state = {"embed.weight": src.take("token_embd.weight"), "norm.weight": src.take("output_norm.weight")}
-    if not cfg.tie_embeddings:
-        state["lm_head.weight"] = src.take("output.weight")
+    state.update(take_output_matrix(src, cfg, "output.weight"))
     names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
              "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
     for i in range(cfg.n_layer):
