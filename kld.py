@@ -119,6 +119,16 @@ class OneOf:
         return f"one of {list(self.choices)}"
 
 
+@dataclass(frozen=True)
+class Affects:
+    """Marks a config field whose value changes what `what` computes: "training" (a
+    checkpoint made under another value is not resumed: RESUME_KEYS) or "codegen" (a
+    code-generation evaluation made under another value is not reused: CODEGEN_KEYS)."""
+    what: str
+
+
+TRAINING = Affects("training")
+CODEGEN = Affects("codegen")
 INIT_NAMES = OneOf(("random", "mean", "fvt"))  # the initialisers of section 6
 DIVERGENCES = OneOf(("forward_kl", "reverse_kl", "jsd", "span_kl"))  # what `divergence` (section 5) computes
 
@@ -126,68 +136,85 @@ DIVERGENCES = OneOf(("forward_kl", "reverse_kl", "jsd", "span_kl"))  # what `div
 @dataclass
 class Config:
     # what to load
-    model: str = "smollm2"  # an embedded model name (EMBEDDED_MODELS), a Hugging Face directory, or a .gguf file
+    model: Annotated[str, TRAINING] = "smollm2"  # an embedded model name (EMBEDDED_MODELS), a Hugging Face directory, or a .gguf file
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    dtype: Annotated[str, OneOf(("float32", "bfloat16", "float16"))] = "float32"  # weights in memory: float32 | bfloat16 | float16
-    seed: int = 0  # seeds every random choice of a run
+    dtype: Annotated[str, OneOf(("float32", "bfloat16", "float16")), TRAINING] = "float32"  # weights in memory: float32 | bfloat16 | float16
+    seed: Annotated[int, TRAINING, CODEGEN] = 0  # seeds every random choice of a run
     out_dir: str = "runs/default"  # outputs land here, beside the resolved config.json
     # domain corpus and the extension (METHOD.md section 1)
-    corpus: str = "stdlib"  # "stdlib" (this machine's Python standard library), a directory of .py files, or a text file
-    heldout_fraction: Annotated[float, Range(0, 1, open_high=True)] = 0.1  # share of the corpus's files held out for evaluation (a fixed split by file name)
-    n_merges: Annotated[int, Range(0)] = 256  # K: merges learned and appended to the teacher's tokenizer
-    new_tokens: list[str] = field(default_factory=list)  # strings to add as tokens (merge chains), before the K merges
-    newline_merges: bool = True  # learned merges may join a token to the newline (and indentation) ending its line
+    corpus: Annotated[str, TRAINING] = "stdlib"  # "stdlib" (this machine's Python standard library), a directory of .py files, or a text file
+    heldout_fraction: Annotated[float, Range(0, 1, open_high=True), TRAINING] = 0.1  # share of the corpus's files held out for evaluation (a fixed split by file name)
+    n_merges: Annotated[int, Range(0), TRAINING] = 256  # K: merges learned and appended to the teacher's tokenizer
+    new_tokens: Annotated[list[str], TRAINING] = field(default_factory=list)  # strings to add as tokens (merge chains), before the K merges
+    newline_merges: Annotated[bool, TRAINING] = True  # learned merges may join a token to the newline (and indentation) ending its line
     # initialisation of the new rows (METHOD.md section 5)
-    init: Annotated[str, INIT_NAMES] = "fvt"  # "random", "mean" (Hewitt 2021) or "fvt" (mean of sub-token rows): the new input rows
-    init_output: typing.Optional[Annotated[str, INIT_NAMES]] = None  # the same choice for the new output rows; null = as `init`
+    init: Annotated[str, INIT_NAMES, TRAINING] = "fvt"  # "random", "mean" (Hewitt 2021) or "fvt" (mean of sub-token rows): the new input rows
+    init_output: typing.Optional[Annotated[str, INIT_NAMES, TRAINING]] = None  # the same choice for the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
-    objective: Annotated[str, OneOf(("kl", "ce"))] = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
-    lift: Annotated[str, OneOf(("path", "trie"))] = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
-    lift_min_prob: Annotated[float, Range(0)] = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
-    lift_condition: bool = True  # condition each target on the student's previous token (what tau' would have merged)
-    divergence: Annotated[str, DIVERGENCES] = "forward_kl"  # what the kl objective minimises (section 5, `divergence`)
-    divergence_beta: Annotated[float, Range(0, 1)] = 0.5  # jsd's mixing weight: 0 = forward_kl, 1 = reverse_kl
-    divergence_temperature: Annotated[float, Range(0, open_low=True)] = 1.0  # temper teacher and student by this first
+    objective: Annotated[str, OneOf(("kl", "ce")), TRAINING] = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
+    lift: Annotated[str, OneOf(("path", "trie")), TRAINING] = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
+    lift_min_prob: Annotated[float, Range(0), TRAINING] = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
+    lift_condition: Annotated[bool, TRAINING] = True  # condition each target on the student's previous token (what tau' would have merged)
+    divergence: Annotated[str, DIVERGENCES, TRAINING] = "forward_kl"  # what the kl objective minimises (section 5, `divergence`)
+    divergence_beta: Annotated[float, Range(0, 1), TRAINING] = 0.5  # jsd's mixing weight: 0 = forward_kl, 1 = reverse_kl
+    divergence_temperature: Annotated[float, Range(0, open_low=True), TRAINING] = 1.0  # temper teacher and student by this first
     loss_chunk: Annotated[int, Range(0)] = 128  # positions whose logits over V' exist at once in the loss (128: fastest on a 2-core CPU); 0 = all of a batch
-    fit_windows: Annotated[int, Range(0)] = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
-    fit_iterations: Annotated[int, Range(1)] = 300  # L-BFGS iterations of that refit
-    fit_l2: Annotated[float, Range(0)] = 1e-3  # its ridge toward the rows it starts from
-    steps: Annotated[int, Range(0)] = 100  # optimizer steps
-    batch_size: Annotated[int, Range(1)] = 4  # windows per step
-    seq_len: Annotated[int, Range(1)] = 128  # student tokens per window (plus one of context)
-    lr: Annotated[float, Range(0, open_low=True)] = 6e-3  # peak learning rate of AdamW (of the input rows)
-    lr_out: typing.Optional[Annotated[float, Range(0, open_low=True)]] = 2e-3  # the new output rows' one; null = lr
-    weight_decay: Annotated[float, Range(0)] = 0.0  # AdamW weight decay on the new rows
-    warmup_steps: Annotated[int, Range(0)] = 10  # linear warmup, then cosine decay
-    min_lr_ratio: Annotated[float, Range(0, 1)] = 0.1  # the decay ends at lr * min_lr_ratio
-    grad_clip: Annotated[float, Range(0, open_low=True)] = 1.0  # clip the new rows' gradient norm
+    fit_windows: Annotated[int, Range(0), TRAINING] = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
+    fit_iterations: Annotated[int, Range(1), TRAINING] = 300  # L-BFGS iterations of that refit
+    fit_l2: Annotated[float, Range(0), TRAINING] = 1e-3  # its ridge toward the rows it starts from
+    steps: Annotated[int, Range(0), TRAINING] = 100  # optimizer steps
+    batch_size: Annotated[int, Range(1), TRAINING] = 4  # windows per step
+    seq_len: Annotated[int, Range(1), TRAINING] = 128  # student tokens per window (plus one of context)
+    lr: Annotated[float, Range(0, open_low=True), TRAINING] = 6e-3  # peak learning rate of AdamW (of the input rows)
+    lr_out: typing.Optional[Annotated[float, Range(0, open_low=True), TRAINING]] = 2e-3  # the new output rows' one; null = lr
+    weight_decay: Annotated[float, Range(0), TRAINING] = 0.0  # AdamW weight decay on the new rows
+    warmup_steps: Annotated[int, Range(0), TRAINING] = 10  # linear warmup, then cosine decay
+    min_lr_ratio: Annotated[float, Range(0, 1), TRAINING] = 0.1  # the decay ends at lr * min_lr_ratio
+    grad_clip: Annotated[float, Range(0, open_low=True), TRAINING] = 1.0  # clip the new rows' gradient norm
     log_every: Annotated[int, Range(1)] = 10  # a progress line every this many steps
     eval_every: Annotated[int, Range(0)] = 50  # held-out KL and bits per character every this many steps (0: at the end only)
     eval_chars: Annotated[int, Range(1)] = 20000  # held-out characters evaluated (the start of the held-out files)
     eval_window: Annotated[int, Range(1)] = 256  # teacher tokens per evaluation chunk
     resume: bool = True  # continue from out_dir/checkpoint.pt when it is there
     # optional second stage: fine-tune more of the model on the domain text, the same objective
-    finetune_layers: Annotated[int, Range(-1)] = 0  # also train the last n transformer blocks (-1: all of them); 0: no second stage
+    finetune_layers: Annotated[int, Range(-1), TRAINING] = 0  # also train the last n transformer blocks (-1: all of them); 0: no second stage
     finetune_steps: Annotated[int, Range(0)] = 0  # steps of the second stage
     finetune_lr: Annotated[float, Range(0, open_low=True)] = 1e-4  # its peak learning rate (warmup and decay as above)
     # generation: the CLI ends by answering `prompt` with the student
     prompt: str = "Write a Python function that returns the n-th Fibonacci number."  # answered by the CLI
-    chat: typing.Optional[bool] = None  # wrap prompts in the chat template; null = when the tokenizer has one
-    system_prompt: str = ""  # the chat template's system turn; empty = no system turn
-    max_new_tokens: Annotated[int, Range(1)] = 128  # token budget of each answer
-    temperature: Annotated[float, Range(0)] = 0.0  # 0 = greedy decoding
-    top_p: Annotated[float, Range(0, 1, open_low=True)] = 1.0  # nucleus sampling mass (used when temperature > 0)
+    chat: typing.Optional[Annotated[bool, CODEGEN]] = None  # wrap prompts in the chat template; null = when the tokenizer has one
+    system_prompt: Annotated[str, CODEGEN] = ""  # the chat template's system turn; empty = no system turn
+    max_new_tokens: Annotated[int, Range(1), CODEGEN] = 128  # token budget of each answer
+    temperature: Annotated[float, Range(0), CODEGEN] = 0.0  # 0 = greedy decoding
+    top_p: Annotated[float, Range(0, 1, open_low=True), CODEGEN] = 1.0  # nucleus sampling mass (used when temperature > 0)
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these strings
     gen_batch_size: Annotated[int, Range(1)] = 8  # prompts decoded together
     # code-generation evaluation (section 9): the student's programs run against each task's tests
-    tasks: str = ""  # a HumanEval-format .jsonl / .jsonl.gz file or a directory of them (bench_tasks); "" = none
-    n_samples: Annotated[int, Range(1)] = 1  # programs per task (more than one needs temperature > 0)
-    pass_k: list[Annotated[int, Range(1)]] = field(default_factory=lambda: [1])  # the k of the pass@k reported (k <= n_samples)
-    exec_timeout: Annotated[float, Range(0, open_low=True)] = 10.0  # wall-clock seconds per program (also its CPU-second limit)
+    tasks: Annotated[str, CODEGEN] = ""  # a HumanEval-format .jsonl / .jsonl.gz file or a directory of them (bench_tasks); "" = none
+    n_samples: Annotated[int, Range(1), CODEGEN] = 1  # programs per task (more than one needs temperature > 0)
+    pass_k: Annotated[list[Annotated[int, Range(1)]], CODEGEN] = field(default_factory=lambda: [1])  # the k of the pass@k reported (k <= n_samples)
+    exec_timeout: Annotated[float, Range(0, open_low=True), CODEGEN] = 10.0  # wall-clock seconds per program (also its CPU-second limit)
     exec_workers: Annotated[int, Range(0)] = 0  # programs run at once; 0 = one per CPU
 
     def __post_init__(self):  # Config(...), make_config and dataclasses.replace all pass here
         _check_config(self)
+
+
+def fields_affecting(what: Affects) -> tuple[str, ...]:
+    """The names of the Config fields marked `what`, in the order they are declared."""
+    hints = typing.get_type_hints(Config, include_extras=True)
+
+    def marks(annotation) -> list:
+        found = list(getattr(annotation, "__metadata__", ()))
+        for arg in typing.get_args(annotation):
+            found += marks(arg)
+        return found
+
+    return tuple(f.name for f in dataclasses.fields(Config) if what in marks(hints[f.name]))
+
+
+RESUME_KEYS = fields_affecting(TRAINING)  # a checkpoint resumes only under the same values of these
+CODEGEN_KEYS = fields_affecting(CODEGEN)  # evaluate_codegen's results depend on these (and the model, the tasks)
 
 
 def _check_config(cfg: Config):
@@ -203,7 +230,7 @@ def _check_type(name: str, value, annotation):
     if origin is typing.Annotated:  # Annotated[int, Range(1)]: the type, then the range
         _check_type(name, value, args[0])
         for bound in args[1:]:
-            if not bound.admits(value):
+            if isinstance(bound, (Range, OneOf)) and not bound.admits(value):
                 raise KldError(f"config key {name!r} must be {bound}, got {value!r}")
         return
     if origin is typing.Union:  # Optional[X]
@@ -2682,14 +2709,6 @@ def learning_rate(step: int, cfg: Config) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-# Config fields that change what training computes: a checkpoint resumes only under the same.
-RESUME_KEYS = ("model", "dtype", "seed", "corpus", "heldout_fraction", "n_merges", "new_tokens", "newline_merges",
-               "init", "init_output", "objective", "lift", "lift_min_prob", "lift_condition", "divergence",
-               "divergence_beta", "divergence_temperature", "batch_size",
-               "seq_len", "lr", "lr_out", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "steps",
-               "fit_windows", "fit_iterations", "fit_l2", "finetune_layers")
-
-
 def trained_parameters(model: GPT) -> dict[str, torch.Tensor]:
     """What training changes: the new rows, and in the second stage the blocks it trains."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -3647,11 +3666,6 @@ def paired_comparison(a: dict[str, float], b: dict[str, float], confidence: floa
     p_value = min(1.0, 2 * sum(math.comb(n, i) for i in range(m + 1)) / 2**n) if n else 1.0
     return {"difference": float(diffs.mean()), "interval": bootstrap_interval(diffs, confidence, seed=seed),
             "better": better, "worse": worse, "p_value": p_value}
-
-
-# Config fields that change what evaluate_codegen computes (beyond the model and the tasks).
-CODEGEN_KEYS = ("tasks", "n_samples", "pass_k", "max_new_tokens", "temperature", "top_p", "seed", "chat",
-                "system_prompt", "exec_timeout")
 
 
 def uses_chat(cfg: Config, tokenizer: Tokenizer) -> bool:
