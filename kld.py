@@ -2998,11 +2998,11 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
     for step in range(max_new_tokens):
         next_ids = sample_next(logits, temperature, top_p, generator)
         keep = []
-        for j, (row, tok) in enumerate(zip(active, next_ids.tolist())):
-            if tok in stop_ids:
+        for j, (row, token_id) in enumerate(zip(active, next_ids.tolist())):
+            if token_id in stop_ids:
                 reasons[row] = "eos"
                 continue
-            tokens[row].append(tok)
+            tokens[row].append(token_id)
             if stop and any(s in tokenizer.decode(tokens[row][-tail:]) for s in stop):
                 reasons[row] = "stop"
                 continue
@@ -3861,9 +3861,10 @@ def run(cfg: Config) -> dict:
     sep = separator_id(model.cfg)
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
-    teacher = evaluate(model, tok, chunks, sep, cfg.batch_size)
+    teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size)
     initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
-    print(f"held-out teacher: bits/char {teacher['bits_per_char']:.4f}, tokens/char {teacher['tokens_per_char']:.4f}")
+    print(f"held-out teacher: bits/char {teacher_measures['bits_per_char']:.4f}, "
+          f"tokens/char {teacher_measures['tokens_per_char']:.4f}")
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
           f"tokens/char {initial['tokens_per_char']:.4f}")
     stream = token_stream(tok, train_texts, sep)
@@ -3885,7 +3886,7 @@ def run(cfg: Config) -> dict:
                         seed=cfg.seed)
     new_share = sum(t >= tok.base_vocab_size for t in answer.token_ids) / max(1, len(answer.token_ids))
     results = {
-        "teacher": teacher, "student_init": initial, "student": final, "history": training["history"],
+        "teacher": teacher_measures, "student_init": initial, "student": final, "history": training["history"],
         "n_new_tokens": len(tok.merges), "train_tokens_per_s": training["train_tokens_per_s"],
         "peak_memory_mb": peak_memory_mb(device), "seconds": time.perf_counter() - started, "device": str(device),
         "answer": answer.text, "answer_new_token_share": new_share,
@@ -3916,7 +3917,8 @@ def main(argv: list[str] | None = None) -> int:
     except KldError as e:
         print(f"kld: error: {e}", file=sys.stderr)
         return 2
-    teacher, student = result["teacher"], result["student"]
+    teacher_measures = result["teacher"]
+    student = result["student"]
 
     def mass(x):
         return f"{x:13.3f}" if x is not None else f"{'-':>13s}"
@@ -3924,7 +3926,7 @@ def main(argv: list[str] | None = None) -> int:
     # "mass on new": at the positions whose next token is new, the mass on new tokens of
     # each student and of the lifted teacher (p'), which the students are trained toward.
     print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}{'mass on new':>13s}")
-    print(f"{'teacher':24s}{teacher['bits_per_char']:10.4f}{teacher['tokens_per_char']:13.4f}{'':9s}"
+    print(f"{'teacher':24s}{teacher_measures['bits_per_char']:10.4f}{teacher_measures['tokens_per_char']:13.4f}{'':9s}"
           f"{mass(student['target_new_token_mass'])}")
     for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
         print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}{mass(m['new_token_mass'])}")
