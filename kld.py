@@ -2898,6 +2898,60 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     return model, tok
 
 
+def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
+                 out: Path) -> list[dict]:
+    """Train the new rows and the last `cfg.finetune_layers` blocks on, against a teacher
+    that keeps its own frozen copy of those blocks; write finetuned_blocks.safetensors."""
+    print(f"second stage: the new rows and {'all' if cfg.finetune_layers < 0 else cfg.finetune_layers} "
+          f"blocks, {cfg.finetune_steps} steps")
+    teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
+    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+    finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model)
+    blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
+    write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
+    model.requires_grad_(False)
+    return finetuning["history"]
+
+
+def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
+    """Where the learned rows sit among the base rows, for input rows (E) and output rows (U).
+
+    Per new token t: its k nearest base tokens by cosine; ||row_t|| and its percentile
+    among the base rows' norms; cosine and L2 distance to the mean of the rows of exp(t),
+    its sub-tokens (the FVT initialisation). The summary averages these over N, and counts
+    the tokens whose nearest base token is one of their own sub-tokens.
+    """
+    if model.new_in is None:
+        raise KldError("the model has no new rows to analyse")
+    if not tok.merges:
+        return {"summary": {}, "tokens": []}
+    tokens, summary = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))], {}
+    for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
+        base = upcast(base).detach().cpu()  # (V, d)
+        new = upcast(new).detach().cpu()  # (N, d)
+        base_norms = base.norm(dim=1)
+        sorted_norms = base_norms.sort().values
+        cosine = F.normalize(new, dim=1) @ F.normalize(base, dim=1).T  # (N, V)
+        nearest = cosine.topk(k, dim=1)
+        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])
+        to_mean_cos = F.cosine_similarity(new, sub_mean, dim=1)
+        to_mean_l2 = (new - sub_mean).norm(dim=1)
+        norms = new.norm(dim=1)
+        percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)
+        own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]
+        for i, row in enumerate(tokens):
+            row[side] = {"nearest": [(tok.token_string(int(j)), round(float(c), 4))
+                                     for j, c in zip(nearest.indices[i], nearest.values[i])],
+                         "norm": float(norms[i]), "norm_percentile": float(percentile[i]),
+                         "cosine_to_sub_mean": float(to_mean_cos[i]), "l2_to_sub_mean": float(to_mean_l2[i]),
+                         "nearest_is_own_sub_token": own[i]}
+        summary[side] = {"new_norm_mean": float(norms.mean()), "base_norm_mean": float(base_norms.mean()),
+                         "base_norm_std": float(base_norms.std()), "norm_percentile_median": float(percentile.median()),
+                         "cosine_to_sub_mean": float(to_mean_cos.mean()), "l2_to_sub_mean": float(to_mean_l2.mean()),
+                         "nearest_is_own_sub_token": sum(own) / len(own)}
+    return {"summary": summary, "tokens": tokens}
+
+
 # ----------------------------------------------------------------------------------------
 # 8. Generation: batched, KV-cached, greedy or top-p
 # ----------------------------------------------------------------------------------------
@@ -3753,62 +3807,9 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
 
 
 @torch.no_grad()
-def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
-    """Where the learned rows sit among the base rows, for input rows (E) and output rows (U).
-
-    Per new token t: its k nearest base tokens by cosine; ||row_t|| and its percentile
-    among the base rows' norms; cosine and L2 distance to the mean of the rows of exp(t),
-    its sub-tokens (the FVT initialisation). The summary averages these over N, and counts
-    the tokens whose nearest base token is one of their own sub-tokens.
-    """
-    if model.new_in is None:
-        raise KldError("the model has no new rows to analyse")
-    if not tok.merges:
-        return {"summary": {}, "tokens": []}
-    tokens, summary = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))], {}
-    for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
-        base, new = upcast(base).cpu(), upcast(new).cpu()
-        base_norms = base.norm(dim=1)
-        sorted_norms = base_norms.sort().values
-        cosine = F.normalize(new, dim=1) @ F.normalize(base, dim=1).T  # (N, V)
-        nearest = cosine.topk(k, dim=1)
-        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])
-        to_mean_cos = F.cosine_similarity(new, sub_mean, dim=1)
-        to_mean_l2 = (new - sub_mean).norm(dim=1)
-        norms = new.norm(dim=1)
-        percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)
-        own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]
-        for i, row in enumerate(tokens):
-            row[side] = {"nearest": [(tok.token_string(int(j)), round(float(c), 4))
-                                     for j, c in zip(nearest.indices[i], nearest.values[i])],
-                         "norm": float(norms[i]), "norm_percentile": float(percentile[i]),
-                         "cosine_to_sub_mean": float(to_mean_cos[i]), "l2_to_sub_mean": float(to_mean_l2[i]),
-                         "nearest_is_own_sub_token": own[i]}
-        summary[side] = {"new_norm_mean": float(norms.mean()), "base_norm_mean": float(base_norms.mean()),
-                         "base_norm_std": float(base_norms.std()), "norm_percentile_median": float(percentile.median()),
-                         "cosine_to_sub_mean": float(to_mean_cos.mean()), "l2_to_sub_mean": float(to_mean_l2.mean()),
-                         "nearest_is_own_sub_token": sum(own) / len(own)}
-    return {"summary": summary, "tokens": tokens}
-
-
 # ----------------------------------------------------------------------------------------
 # 10. CLI
 # ----------------------------------------------------------------------------------------
-
-
-def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-                 out: Path) -> list[dict]:
-    """Train the new rows and the last `cfg.finetune_layers` blocks on, against a teacher
-    that keeps its own frozen copy of those blocks; write finetuned_blocks.safetensors."""
-    print(f"second stage: the new rows and {'all' if cfg.finetune_layers < 0 else cfg.finetune_layers} "
-          f"blocks, {cfg.finetune_steps} steps")
-    teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
-    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
-    finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model)
-    blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
-    write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
-    model.requires_grad_(False)
-    return finetuning["history"]
 
 
 def check_out_dir(out: Path, cfg: Config):
