@@ -1897,8 +1897,9 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     extension_keys = sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)
     suffixes = sorted({s[k:] for s in nodes for k in range(len(s))}, key=lambda s: (len(s), s))
     suffix_index = {s: i for i, s in enumerate(suffixes)}
-    suffix_pairs = sorted(((suffix_index[s[:-1]] if len(s) > 1 else -1) + 1) * V + s[-1] for s in suffixes)
-    by_key = {((suffix_index[s[:-1]] if len(s) > 1 else -1) + 1) * V + s[-1]: suffix_index[s] for s in suffixes}
+    # suffix s = xs + (x,) is the child of xs (-1 when xs is empty) by x: key (xs + 1) * |V| + x
+    child_by_key = {((suffix_index[s[:-1]] if len(s) > 1 else -1) + 1) * V + s[-1]: i for i, s in enumerate(suffixes)}
+    suffix_pairs = sorted(child_by_key)
     column = torch.full((V,), -1, dtype=torch.long)
     column[trie.alphabet] = torch.arange(len(trie.alphabet))
 
@@ -1920,7 +1921,7 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
         column=column,
         n_new=len(tok.expansions),
         suffix_keys=longs(suffix_pairs),
-        suffix_child=longs(by_key[k] for k in suffix_pairs),
+        suffix_child=longs(child_by_key[k] for k in suffix_pairs),
         suffixes=suffixes,
     )
 
@@ -2016,8 +2017,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     x = tables.token[node]
     log_p = alphabet_logp[row_of[pos], tables.column[x]]
     on_path = flat_ids[row_of[pos]] == x
-    extension_start = sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
-    keep = walkable(pos, node) & (on_path | (log_p >= min_logp) | extension_start)
+    extension_start = sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]  # walkable after previous only
+    keep = (tables.in_trie[node] | extension_start) & (on_path | (log_p >= min_logp) | extension_start)
     pos = pos[keep]
     node = node[keep]
     x = x[keep]

@@ -1158,6 +1158,17 @@ def test_the_output_rows_learn_at_their_own_rate(tmp_path):
     assert moved[1e-9][1] > 1e-4  # the input rows learn either way
 
 
+def central_difference(loss, param, row, col, eps=1e-6) -> float:
+    """d loss / d param[row, col] by a central difference, the parameter restored after."""
+    with torch.no_grad():
+        param[row, col] += eps
+        up = loss().item()
+        param[row, col] -= 2 * eps
+        down = loss().item()
+        param[row, col] += eps
+    return (up - down) / (2 * eps)
+
+
 def test_kl_gradient_matches_finite_differences():
     model, tok = tiny_student("qwen2", dtype=torch.float64)
     stream = kld.token_stream(tok, [CODE], 2)
@@ -1174,14 +1185,7 @@ def test_kl_gradient_matches_finite_differences():
     for name, row, col in checks:
         param = getattr(model, name)
         analytic = param.grad[row, col].item()
-        eps = 1e-6
-        with torch.no_grad():
-            param[row, col] += eps
-            up = loss().item()
-            param[row, col] -= 2 * eps
-            down = loss().item()
-            param[row, col] += eps
-        numeric = (up - down) / (2 * eps)
+        numeric = central_difference(loss, param, row, col)
         assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (name, row, col, analytic, numeric)
         assert abs(analytic) > 1e-9, "a zero gradient checks nothing"
 
@@ -1315,16 +1319,8 @@ def test_chunked_loss_gradient_matches_finite_differences_for_one_new_row():
     for name in ("new_in", "new_out"):
         param = getattr(model, name)
         analytic = param.grad[row].clone()
-        numeric = torch.zeros_like(analytic)
-        eps = 1e-6
-        for col in range(len(analytic)):
-            with torch.no_grad():
-                param[row, col] += eps
-                up = loss().item()
-                param[row, col] -= 2 * eps
-                down = loss().item()
-                param[row, col] += eps
-            numeric[col] = (up - down) / (2 * eps)
+        numeric = torch.tensor([central_difference(loss, param, row, col) for col in range(len(analytic))],
+                               dtype=analytic.dtype)
         torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
         assert analytic.abs().max() > 1e-6, "a zero gradient checks nothing"
 
