@@ -1283,8 +1283,10 @@ class ExtendedTokenizer:
                 start = i
         return out
 
-    def encode(self, text: str) -> list[int]:
-        return self.merge(self.base.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """tau'(text). add_special_tokens: also those the base tokenizer adds to a whole
+        input, such as a BOS that a GGUF asks for (prompts); training text has none."""
+        return self.merge(self.base.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.merge(e.ids) for e in self.base.encode_batch(texts, add_special_tokens=False)]
@@ -2964,15 +2966,15 @@ def format_chat(prompt: str, system: str = "") -> str:
     return f"{turns}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def has_chat_template(tokenizer: Tokenizer) -> bool:
-    return tokenizer.token_to_id("<|im_start|>") is not None and tokenizer.token_to_id("<|im_end|>") is not None
+def has_chat_template(tok: ExtendedTokenizer) -> bool:
+    return tok.token_to_id("<|im_start|>") is not None and tok.token_to_id("<|im_end|>") is not None
 
 
-def stop_token_ids(cfg: ModelConfig, tokenizer: Tokenizer, chat: bool) -> set[int]:
+def stop_token_ids(cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> set[int]:
     """The model's end-of-sequence ids, plus the end of a chat turn when chatting."""
     ids = set(cfg.eos_token_ids)
     if chat:
-        ids.add(tokenizer.token_to_id("<|im_end|>"))
+        ids.add(tok.token_to_id("<|im_end|>"))
     return ids
 
 
@@ -2997,44 +2999,76 @@ class Completion:
     finish_reason: str  # "eos" (a stop token), "stop" (a stop string) or "length" (the budget ran out)
 
 
-@torch.inference_mode()
-def generate(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop: list[str] = (), stop_ids: set[int] = (), seed: int = 0,
-             batch_size: int = 8) -> list[Completion]:
-    """Complete each prompt (already formatted) with at most `max_new_tokens` tokens.
+@dataclass(frozen=True)
+class Decoding:
+    """How `generate` decodes: greedy at temperature 0, else nucleus sampling from
+    softmax(logits / temperature) inside the smallest set of mass >= top_p."""
+    max_new_tokens: int = 128  # token budget of each answer
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0  # of the sampling generator; greedy decoding ignores it
+    batch_size: int = 8  # prompts decoded together
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    stop_ids: frozenset[int] = frozenset()  # or at the first of these tokens (not kept)
 
-    Prompts are sorted by length and decoded `batch_size` at a time, left-padded, with one
-    KV cache per batch; a finished row leaves the batch. Greedy results do not depend on
-    the batching; sampled ones are reproducible for the same call and seed.
+    def __post_init__(self):
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1):
+            raise KldError(f"decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and batch_size >= 1; "
+                           f"got {self.temperature}, {self.top_p}, {self.max_new_tokens}, {self.batch_size}")
+
+    def with_stops(self, stop, stop_ids) -> "Decoding":
+        """These settings with more stop strings and stop tokens."""
+        return dataclasses.replace(self, stop=self.stop + tuple(stop), stop_ids=self.stop_ids | frozenset(stop_ids))
+
+
+def decoding_of(cfg: Config) -> Decoding:
+    """A run's decoding settings (stops come from the prompt format, where it is known)."""
+    return Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                    batch_size=cfg.gen_batch_size)
+
+
+@torch.inference_mode()
+def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str], decoding: Decoding = Decoding()) -> list[Completion]:
+    """Complete each prompt (already formatted) as `decoding` says.
+
+    A prompt is encoded with the special tokens its tokenizer adds (a BOS that a GGUF asks
+    for); the teacher is an ExtendedTokenizer with no merges, so both encode alike.
+    Prompts are sorted by length and decoded `decoding.batch_size` at a time, left-padded,
+    with one KV cache per batch; a finished row leaves the batch. Greedy results do not
+    depend on the batching; sampled ones are reproducible for the same call and seed.
     """
-    if not (temperature >= 0 and 0 < top_p <= 1 and max_new_tokens >= 1 and batch_size >= 1):
-        raise KldError(f"generate needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and batch_size >= 1; "
-                       f"got {temperature}, {top_p}, {max_new_tokens}, {batch_size}")
+    if not isinstance(tok, ExtendedTokenizer):
+        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's tokenizer "
+                       "is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
     if not prompts:
         return []
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    encoded = [tokenizer.encode(p) for p in prompts]  # a tokenizers.Tokenizer gives Encodings, tau' lists
-    encoded = [e.ids if hasattr(e, "ids") else e for e in encoded]
+    generator = torch.Generator(device=device).manual_seed(decoding.seed)
+    encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
     if any(not ids for ids in encoded):
         raise KldError("a prompt encodes to no tokens; give it some text")
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
     results: list[Completion | None] = [None] * len(prompts)
     # Every decoding step has a new key length; cuDNN's attention builds a plan per shape
     # (1.5 ms of CPU each on an H100, torch 2.11), so leave it out while decoding.
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(backends):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            outs = _generate_batch(model, tokenizer, [encoded[i] for i in rows], max_new_tokens, temperature, top_p,
-                                   list(stop), set(stop_ids), generator)
+        for start in range(0, len(order), decoding.batch_size):
+            rows = order[start : start + decoding.batch_size]
+            outs = _generate_batch(model, tok, [encoded[i] for i in rows], decoding, generator)
             for i, out in zip(rows, outs):
                 results[i] = out
     return results
 
 
-def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, stop, stop_ids, generator):
-    device, B, T = next(model.parameters()).device, len(prompt_ids), max(map(len, prompt_ids))
+def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[int]], decoding: Decoding,
+                    generator: torch.Generator) -> list[Completion]:
+    """generate for one batch of encoded prompts."""
+    device = next(model.parameters()).device
+    B = len(prompt_ids)
+    T = max(map(len, prompt_ids))
+    max_new_tokens = decoding.max_new_tokens
+    stop = decoding.stop
     ids = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, T, dtype=torch.bool)
     for b, p in enumerate(prompt_ids):  # left padding: every row's last token is in the last column
@@ -3051,14 +3085,14 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
     # (decoding the whole answer at every step costs time that grows with its length).
     tail = max((len(s.encode()) for s in stop), default=0) + 1
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature, top_p, generator)
+        next_ids = sample_next(logits, decoding.temperature, decoding.top_p, generator)
         keep = []
         for j, (row, token_id) in enumerate(zip(active, next_ids.tolist())):
-            if token_id in stop_ids:
+            if token_id in decoding.stop_ids:
                 reasons[row] = "eos"
                 continue
             tokens[row].append(token_id)
-            if stop and any(s in tokenizer.decode(tokens[row][-tail:]) for s in stop):
+            if stop and any(s in tok.decode(tokens[row][-tail:]) for s in stop):
                 reasons[row] = "stop"
                 continue
             keep.append(j)
@@ -3071,7 +3105,7 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
         logits = model(next_ids[:, None], None, cache)[:, -1]
     completions = []
     for row in range(B):
-        text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+        text = tok.decode(tokens[row], skip_special_tokens=True)
         cut = min((text.find(s) for s in stop if s in text), default=len(text))
         completions.append(Completion(text[:cut], tokens[row], reasons[row]))
     return completions
@@ -3723,37 +3757,46 @@ def paired_comparison(a: dict[str, float], b: dict[str, float], confidence: floa
             "better": better, "worse": worse, "p_value": p_value}
 
 
-def uses_chat(cfg: Config, tokenizer: Tokenizer) -> bool:
+@dataclass(frozen=True)
+class CodegenSettings:
+    """How evaluate_codegen prompts, decodes, runs and scores."""
+    chat: bool = False  # prompt in the chat template (task_prompt)
+    system_prompt: str = ""  # the chat template's system turn; empty = none
+    n_samples: int = 1  # programs per task
+    ks: tuple[int, ...] = (1,)  # the k of the pass@k reported (those <= n_samples)
+    decoding: Decoding = Decoding()  # stops are added by the prompt format
+    limits: SandboxLimits = SandboxLimits()  # bounds on each program run
+    workers: int = 0  # programs run at once; 0 = one per CPU
+
+    def __post_init__(self):  # greedy decoding gives one program per task; more need temperature > 0
+        if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
+            raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: n_samples must "
+                           "be 1 for greedy decoding, or temperature > 0 for more samples")
+
+
+def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
     """Prompt in the chat template: as `cfg.chat` says, or when the tokenizer has one."""
-    return has_chat_template(tokenizer) if cfg.chat is None else cfg.chat
+    return has_chat_template(tok) if cfg.chat is None else cfg.chat
 
 
-def evaluate_codegen_as_configured(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks: list[Task],
-                                   cfg: Config) -> dict:
-    """evaluate_codegen with the settings of `cfg`, recorded in the result under "settings"."""
-    chat = uses_chat(cfg, getattr(tokenizer, "base", tokenizer))
-    result = evaluate_codegen(
-        model, tokenizer, tasks, chat=chat, n_samples=cfg.n_samples, ks=cfg.pass_k, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size,
-        system_prompt=cfg.system_prompt, workers=cfg.exec_workers,
-        limits=SandboxLimits(timeout_s=cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout))))
+def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
+    """A run's code-generation settings; a program gets exec_timeout seconds of wall clock and of CPU."""
+    limits = SandboxLimits(timeout_s=cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout)))
+    return CodegenSettings(chat=uses_chat(cfg, tok), system_prompt=cfg.system_prompt, n_samples=cfg.n_samples,
+                           ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), limits=limits, workers=cfg.exec_workers)
+
+
+def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config) -> dict:
+    """evaluate_codegen with the settings of `cfg`, whose fields it depends on recorded under "settings"."""
+    result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok))
     result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
     return result
 
 
-def check_sampling(n_samples: int, temperature: float):
-    """Greedy decoding gives one program per task; more need temperature > 0."""
-    if n_samples < 1 or (n_samples > 1 and temperature == 0):
-        raise KldError(f"n_samples {n_samples} with temperature {temperature}: n_samples must be 1 for greedy "
-                       "decoding, or temperature > 0 for more samples")
-
-
-def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks: list[Task], *, chat: bool,
-                     n_samples: int = 1, ks: list[int] = (1,), max_new_tokens: int = 256, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0, batch_size: int = 8, system_prompt: str = "",
-                     limits: SandboxLimits = SandboxLimits(), workers: int = 0) -> dict:
-    """Generate n_samples programs per task (with the student's new tokens when `tokenizer`
-    is an ExtendedTokenizer), run each against the task's tests in the sandbox, and score:
+def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
+                     settings: CodegenSettings = CodegenSettings()) -> dict:
+    """Generate settings.n_samples programs per task (with the new tokens of `tok`; the
+    teacher's has none), run each against the task's tests in the sandbox, and score:
 
     pass@k (unbiased, mean over tasks) with a bootstrap interval; tokens per character of
     the generated text; the share of new tokens among the generated tokens, the share tau'
@@ -3762,40 +3805,42 @@ def evaluate_codegen(model: GPT, tokenizer: Tokenizer | ExtendedTokenizer, tasks
     """
     if not tasks:
         raise KldError("no tasks to evaluate")
-    check_sampling(n_samples, temperature)
-    ks = sorted({k for k in ks if k <= n_samples}) or [1]
-    base_vocab = getattr(tokenizer, "base_vocab_size", None)
-    prompts = [task_prompt(t, chat, system_prompt) for t in tasks for _ in range(n_samples)]
-    stop_ids = stop_token_ids(model.cfg, tokenizer.base if base_vocab else tokenizer, chat)
+    chat = settings.chat
+    n_samples = settings.n_samples
+    ks = sorted({k for k in settings.ks if k <= n_samples}) or [1]
+    prompts = [task_prompt(t, chat, settings.system_prompt) for t in tasks for _ in range(n_samples)]
+    decoding = settings.decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS, stop_token_ids(model.cfg, tok, chat))
     t0 = time.perf_counter()
-    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, stop=CHAT_STOPS if chat else BASE_STOPS, stop_ids=stop_ids, seed=seed,
-                           batch_size=batch_size)
+    completions = generate(model, tok, prompts, decoding)
     generation_s = max(time.perf_counter() - t0, 1e-9)
-    owners = [t for t in tasks for _ in range(n_samples)]
+    owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
     sources = [candidate_source(t, c.text, chat) for t, c in zip(owners, completions)]
-    results = run_tests_all(list(zip(owners, sources)), limits, workers)
-    samples, per_task = [], {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
-    n_chars = n_tokens = n_new = n_reencoded = n_reencoded_new = 0
+    results = run_tests_all(list(zip(owners, sources)), settings.limits, settings.workers)
+    samples = []
+    per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
+    n_chars = 0
+    n_tokens = 0
+    n_new = 0
+    n_reencoded = 0
+    n_reencoded_new = 0
     for task, completion, source, result in zip(owners, completions, sources, results):
-        text = tokenizer.decode(completion.token_ids)  # with the stop string: as the tokens emitted
+        text = tok.decode(completion.token_ids)  # with the stop string: as the tokens emitted
         n_chars += len(text)
         n_tokens += len(completion.token_ids)
-        if base_vocab:
-            n_new += sum(t >= base_vocab for t in completion.token_ids)
-            reencoded = tokenizer.encode(text)  # tau' on the same text: the new tokens it would use
-            n_reencoded += len(reencoded)
-            n_reencoded_new += sum(t >= base_vocab for t in reencoded)
+        n_new += sum(t >= tok.base_vocab_size for t in completion.token_ids)
+        reencoded = tok.encode(text)  # tau' on the same text: the new tokens it would use
+        n_reencoded += len(reencoded)
+        n_reencoded_new += sum(t >= tok.base_vocab_size for t in reencoded)
         per_task[task.task_id]["c"] += result.status == "passed"
         samples.append({"task_id": task.task_id, "completion": completion.text, "program": source,
                         "status": result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
     for scores in per_task.values():
         scores.update({f"pass@{k}": pass_at_k(scores["n"], scores["c"], k) for k in ks})
-    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": temperature}
+    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": decoding.temperature}
     for k in ks:
         values = [s[f"pass@{k}"] for s in per_task.values()]
         summary[f"pass@{k}"] = float(np.mean(values))
-        summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=seed)
+        summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=decoding.seed)
     # adoption: the student's share of new tokens over the share tau' gives the same text (1: it
     # writes its text as tau' would; 0: it spells everything with base tokens)
     reencoded_share = n_reencoded_new / max(1, n_reencoded)
@@ -3846,8 +3891,8 @@ def run(cfg: Config) -> dict:
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
     train_texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
-    if tasks:
-        check_sampling(cfg.n_samples, cfg.temperature)  # before hours of training, not after
+    if tasks:  # settings that cannot work are refused before hours of training, not after
+        codegen_settings(cfg, ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size))
     write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
     checkpoint, extension_file = out / "checkpoint.pt", out / "extension.json"
     if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
@@ -3881,11 +3926,10 @@ def run(cfg: Config) -> dict:
         training["history"] += [{**h, "step": cfg.steps + h["step"]} for h in history]
     write_atomic(out / "new_rows.safetensors", save_new_rows(model))
     write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
-    chat = uses_chat(cfg, tokenizer)
+    chat = uses_chat(cfg, tok)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
-    [answer] = generate(model, tok, [prompt], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, stop=cfg.stop, stop_ids=stop_token_ids(model.cfg, tokenizer, chat),
-                        seed=cfg.seed)
+    decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
+    [answer] = generate(model, tok, [prompt], decoding)
     new_share = sum(t >= tok.base_vocab_size for t in answer.token_ids) / max(1, len(answer.token_ids))
     results = {
         "teacher": teacher_measures, "student_init": initial, "student": final, "history": training["history"],

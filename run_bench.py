@@ -80,12 +80,12 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def kld_tokens_per_s(model, tokenizer, prompts, new_tokens, stop=()):
+def kld_tokens_per_s(model, tok, prompts, new_tokens, stop=()):
     """Greedy tokens/s, every row forced to the full budget (no stop tokens; stop strings
     that never occur still cost their check at every step)."""
-    kld.generate(model, tokenizer, prompts[:1], max_new_tokens=4)  # warm-up
-    outs, seconds = timed(lambda: kld.generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
-                                               batch_size=len(prompts), stop=list(stop)))
+    kld.generate(model, tok, prompts[:1], kld.Decoding(max_new_tokens=4))  # warm-up
+    decoding = kld.Decoding(max_new_tokens=new_tokens, batch_size=len(prompts), stop=tuple(stop))
+    outs, seconds = timed(lambda: kld.generate(model, tok, prompts, decoding))
     return sum(len(o.token_ids) for o in outs) / seconds
 
 
@@ -94,7 +94,8 @@ def student_speed(model, tokenizer, prompts, args):
     merges, at the same batch sizes, every row at the full budget, with a stop string that
     never occurs (so its check runs at every step, as in code generation)."""
     never = ["<never in the output>"]
-    teacher = {b: kld_tokens_per_s(model, tokenizer, prompts[:b], args.new_tokens, never) for b in args.batch_sizes}
+    teacher_tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+    teacher = {b: kld_tokens_per_s(model, teacher_tok, prompts[:b], args.new_tokens, never) for b in args.batch_sizes}
     train, _ = kld.load_corpus("stdlib")
     tok = kld.build_extension(tokenizer, train, args.student_merges, model.cfg.vocab_size)
     kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
@@ -152,8 +153,9 @@ def speed(args):
         (model, tokenizer), load_s = timed(lambda: random_model(device, dtype))
         print("model: SmolLM2-135M's shape with random weights (no load time, no reference)")
         prompts = [kld.format_chat(p) for p in PROMPTS] * 8
+        teacher_tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
         for b in args.batch_sizes:
-            print(f"batch {b}: kld {kld_tokens_per_s(model, tokenizer, prompts[:b], args.new_tokens):.1f} tok/s")
+            print(f"batch {b}: kld {kld_tokens_per_s(model, teacher_tok, prompts[:b], args.new_tokens):.1f} tok/s")
         return
     path = kld.resolve_model_path(args.model)
     (model, tokenizer), load_s = timed(lambda: kld.load_model(path, device=device, dtype=dtype))
@@ -161,7 +163,8 @@ def speed(args):
     prompts = [kld.format_chat(p) for p in PROMPTS]
     if args.student_merges:
         return student_speed(model, tokenizer, prompts, args)
-    ours = {b: kld_tokens_per_s(model, tokenizer, prompts[:b], args.new_tokens) for b in args.batch_sizes}
+    teacher_tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+    ours = {b: kld_tokens_per_s(model, teacher_tok, prompts[:b], args.new_tokens) for b in args.batch_sizes}
     reference = importlib.util.find_spec("transformers") and path.suffix == ".gguf"
     if not reference:
         for b, tps in ours.items():
@@ -339,10 +342,10 @@ def cached_codegen(path: Path, cfg):
     return codegen if codegen.get("settings") == settings else None
 
 
-def evaluate_row(model, tokenizer, tasks, cfg, path: Path):
+def evaluate_row(model, tok, tasks, cfg, path: Path):
     codegen = cached_codegen(path, cfg)
     if codegen is None:
-        codegen = kld.evaluate_codegen_as_configured(model, tokenizer, tasks, cfg)
+        codegen = kld.evaluate_codegen_as_configured(model, tok, tasks, cfg)
         kld.write_atomic(path, json.dumps(codegen, indent=1) + "\n")
     return codegen
 
@@ -374,7 +377,8 @@ def run_matrix(spec, values):
               f"{results['student']['bits_per_char']:.4f}")
     print("\n=== teacher")
     model, tokenizer = kld.load_model(base.model, device=device, dtype=dtype)
-    codegen = evaluate_row(model, tokenizer, tasks, base, out / "teacher" / "codegen.json")
+    teacher_tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)  # tau: no merges
+    codegen = evaluate_row(model, teacher_tok, tasks, base, out / "teacher" / "codegen.json")
     held_out = next(iter(rows.values()))["teacher_held_out"] if rows else {}
     rows = {"teacher": {"held_out": held_out, "train_s": 0.0, "codegen": codegen}, **rows}
     return {"machine": machine(), "device": str(device), "tasks": base.tasks, "n_tasks": len(tasks),

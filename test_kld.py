@@ -45,6 +45,12 @@ def tiny(request):
     return kld.load_model(FIXTURES / arch, device=device)
 
 
+def teacher(loaded):
+    """(model, tau): a loaded model with its tokenizer as an ExtendedTokenizer of no merges."""
+    model, tokenizer = loaded
+    return model, kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+
+
 # ----------------------------------------------------------------------------------------
 # Config and CLI
 # ----------------------------------------------------------------------------------------
@@ -259,35 +265,36 @@ def test_attention_mask_takes_fused_paths_when_exact():
 @given(prompts=st.lists(st.text(st.characters(codec="ascii"), min_size=1, max_size=20), min_size=1, max_size=5),
        batch_size=st.integers(1, 5))
 def test_greedy_generation_does_not_depend_on_batching(tiny, prompts, batch_size):
-    model, tokenizer = tiny
-    together = kld.generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=batch_size)
+    model, tok = teacher(tiny)
+    together = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=6, batch_size=batch_size))
     for prompt, out in zip(prompts, together):
-        [alone] = kld.generate(model, tokenizer, [prompt], max_new_tokens=6)
+        [alone] = kld.generate(model, tok, [prompt], kld.Decoding(max_new_tokens=6))
         assert out.token_ids == alone.token_ids
         assert len(out.token_ids) <= 6
 
 
 def test_generation_budget_stop_tokens_and_stop_strings(tiny):
-    model, tokenizer = tiny
-    [free] = kld.generate(model, tokenizer, ["def f(x):"], max_new_tokens=8)
+    model, tok = teacher(tiny)
+    budget = kld.Decoding(max_new_tokens=8)
+    [free] = kld.generate(model, tok, ["def f(x):"], budget)
     assert len(free.token_ids) == 8 and free.finish_reason == "length"
     first = free.token_ids[0]
-    [eos] = kld.generate(model, tokenizer, ["def f(x):"], max_new_tokens=8, stop_ids={first})
+    [eos] = kld.generate(model, tok, ["def f(x):"], budget.with_stops([], {first}))
     assert eos.token_ids == [] and eos.finish_reason == "eos"
-    stop = tokenizer.decode(free.token_ids[2:4])
-    if stop and stop not in tokenizer.decode(free.token_ids[:2]):
-        [cut] = kld.generate(model, tokenizer, ["def f(x):"], max_new_tokens=8, stop=[stop])
+    stop = tok.decode(free.token_ids[2:4])
+    if stop and stop not in tok.decode(free.token_ids[:2]):
+        [cut] = kld.generate(model, tok, ["def f(x):"], budget.with_stops([stop], []))
         assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
 
 
 def test_seeded_sampling_is_reproducible_and_tiny_top_p_is_greedy(tiny):
-    model, tokenizer = tiny
+    model, tok = teacher(tiny)
     prompts = ["import os", "class A:"]
-    a = kld.generate(model, tokenizer, prompts, max_new_tokens=10, temperature=1.0, seed=1)
-    b = kld.generate(model, tokenizer, prompts, max_new_tokens=10, temperature=1.0, seed=1)
+    a = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10, temperature=1.0, seed=1))
+    b = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10, temperature=1.0, seed=1))
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
-    greedy = kld.generate(model, tokenizer, prompts, max_new_tokens=10)
-    nucleus = kld.generate(model, tokenizer, prompts, max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=2)
+    greedy = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10))
+    nucleus = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=2))
     assert [x.token_ids for x in greedy] == [x.token_ids for x in nucleus]
 
 
@@ -337,6 +344,42 @@ def test_smollm_pre_tokenizer_splits_digits_and_keeps_specials_whole():
     assert tok.encode("x12345").tokens[-5:] == list("12345")
     ids = tok.encode("<|im_start|>user").ids
     assert ids[0] == tok.token_to_id("<|im_start|>")
+
+
+def test_teacher_and_student_prompts_carry_the_bos_a_gguf_asks_for(monkeypatch):
+    """Where a GGUF sets add_bos_token, generate feeds the teacher (tau', no merges) and the
+    student the same prompt: BOS first, the student's ids expanding to the teacher's;
+    training text stays without it."""
+    model, _ = kld.load_model(FIXTURES / "gguf" / "tiny-F32.gguf")
+    meta, _ = kld.read_gguf(FIXTURES / "gguf" / "tiny-F32.gguf")
+    meta["tokenizer.ggml.add_bos_token"] = True
+    tokenizer = kld.tokenizer_from_gguf(meta, "tiny-F32.gguf with add_bos_token")
+    bos = meta["tokenizer.ggml.bos_token_id"]
+    V = model.cfg.vocab_size
+    teacher_tok = kld.ExtendedTokenizer(tokenizer, [], V)
+    student = kld.build_extension(tokenizer, [CODE] * 3, n_merges=60, base_vocab_size=V)
+    prompt = CODE[:200]  # text the merges were learned on
+    seen = []
+    forward = model.forward
+
+    def spy(ids, *args, **kwargs):  # the prompt ids generate hands the model
+        seen.append(ids[0].tolist())
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    for tok in (teacher_tok, student):
+        seen.clear()
+        kld.generate(model, tok, [prompt], kld.Decoding(max_new_tokens=1))
+        assert seen[0] == tok.encode(prompt, add_special_tokens=True)
+        assert seen[0][0] == bos and bos not in tok.encode(prompt)
+    assert student.expand(student.encode(prompt, add_special_tokens=True)) == tuple(teacher_tok.encode(prompt, True))
+    assert len(student.encode(prompt)) < len(teacher_tok.encode(prompt))  # the merges apply behind the BOS
+
+
+def test_generate_refuses_a_bare_tokenizer_with_a_clear_error(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(kld.KldError, match="ExtendedTokenizer"):
+        kld.generate(model, tokenizer, ["def f(x):"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -538,12 +581,12 @@ def test_byte_level_alphabet_matches_tokenizers():
 
 
 def test_smollm2_config_and_greedy_answer(smollm2):
-    model, tokenizer = smollm2
+    model, tok = teacher(smollm2)
     cfg = model.cfg
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_model, cfg.vocab_size) == (30, 9, 3, 576, 49152)
     prompt = kld.format_chat("Write a Python function that adds two numbers.")
-    [answer] = kld.generate(model, tokenizer, [prompt], max_new_tokens=24,
-                            stop_ids=kld.stop_token_ids(cfg, tokenizer, chat=True))
+    decoding = kld.Decoding(max_new_tokens=24, stop_ids=frozenset(kld.stop_token_ids(cfg, tok, chat=True)))
+    [answer] = kld.generate(model, tok, [prompt], decoding)
     # transformers' own GGUF loading + generate gives the same 24 tokens (checked by hand)
     assert answer.text == "```python\ndef add_two_numbers(num1, num2):\n    return num1 + num2\n"
 
@@ -1921,12 +1964,12 @@ def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
     answers = [t.canonical_solution if i % 2 == 0 else wrong for i, t in enumerate(tasks)]
     seen_prompts = []
 
-    def fake_generate(model, tokenizer, prompts, **kw):
+    def fake_generate(model, tok, prompts, decoding):
         seen_prompts.extend(prompts)
-        return [kld.Completion(a, tokenizer.encode(a), "stop") for a in answers]
+        return [kld.Completion(a, tok.encode(a), "stop") for a in answers]
 
     monkeypatch.setattr(kld, "generate", fake_generate)
-    result = kld.evaluate_codegen(model, tok, tasks, chat=False, limits=LIMITS)
+    result = kld.evaluate_codegen(model, tok, tasks, kld.CodegenSettings(limits=LIMITS))
     summary = result["summary"]
     assert seen_prompts == [t.prompt for t in tasks]
     assert summary["pass@1"] == 0.5 and [s["status"] for s in result["samples"]] == ["passed", "failed"] * 3
@@ -1939,13 +1982,14 @@ def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
 def test_evaluate_codegen_runs_the_model_end_to_end():
     tasks = kld.read_tasks(BENCH)[:3]
     model, tok = tiny_student("llama")
-    result = kld.evaluate_codegen(model, tok, tasks, chat=False, n_samples=2, ks=[1, 2, 5], temperature=1.0,
-                                  max_new_tokens=6, limits=LIMITS)
+    settings = kld.CodegenSettings(n_samples=2, ks=(1, 2, 5), limits=LIMITS,
+                                   decoding=kld.Decoding(max_new_tokens=6, temperature=1.0))
+    result = kld.evaluate_codegen(model, tok, tasks, settings)
     summary = result["summary"]
     assert set(result["tasks"]) == {t.task_id for t in tasks} and len(result["samples"]) == 6
     assert "pass@2" in summary and "pass@5" not in summary and summary["chars_per_s"] > 0
     with pytest.raises(kld.KldError, match="temperature > 0"):
-        kld.evaluate_codegen(model, tok, tasks, chat=False, n_samples=2)
+        kld.evaluate_codegen(model, tok, tasks, kld.CodegenSettings(n_samples=2))
 
 
 def test_embedding_analysis_of_fvt_rows_finds_them_at_their_sub_token_mean():
