@@ -660,27 +660,6 @@ def resolve_model_path(name: str) -> Path:
     return path
 
 
-def load_model(path: str | Path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model name.
-
-    Every tensor the architecture needs must be present with the right shape, and no
-    tensor may be left over. The model is in eval mode with every parameter frozen.
-    """
-    path = resolve_model_path(str(path))
-    if path.is_dir():
-        cfg, state, tokenizer = read_hf_dir(path)
-    elif path.suffix == ".gguf":
-        cfg, state, tokenizer = read_gguf_model(path)
-    else:
-        raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    with torch.device("meta"):  # no time spent initialising weights that are overwritten
-        model = GPT(cfg)
-    load_checked(model, state, str(path))
-    model = model.to(device=device, dtype=dtype).eval()
-    model.requires_grad_(False)
-    return model, tokenizer
-
-
 def load_checked(model: nn.Module, state: dict, source: str):
     """Load `state` into `model`, naming any missing, unexpected or wrongly shaped tensor."""
     expected = model.state_dict()
@@ -779,32 +758,6 @@ def read_safetensors(path: Path) -> dict:
         raise KldError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
 
-def read_hf_dir(path: Path):
-    """(ModelConfig, state dict in kld's names, tokenizer) from a Hugging Face directory."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
-    cfg = model_config_from_hf(read_json_object(config_file, "model config"), str(config_file))
-    index = path / "model.safetensors.index.json"
-    if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
-        weight_map = read_json_object(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise KldError(f"{index}: no weight_map object")
-        shards = sorted(set(map(str, weight_map.values())))
-        hf_state = {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
-    else:
-        hf_state = read_safetensors(path / "model.safetensors")
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise KldError(f"{path}: no tokenizer.json")
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    except Exception as e:  # tokenizers raises a bare Exception for broken JSON and unknown fields
-        raise KldError(f"{tokenizer_file}: not a tokenizer file the tokenizers library can read ({e})") from None
-    convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
-    return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
-
-
 def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
     """GPT-2 names -> kld names. HF's Conv1D stores weights (in, out): transpose them, and
     split the fused c_attn (d, 3d) into q, k, v."""
@@ -856,6 +809,32 @@ def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
     return state
 
 
+def read_hf_dir(path: Path):
+    """(ModelConfig, state dict in kld's names, tokenizer) from a Hugging Face directory."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
+    cfg = model_config_from_hf(read_json_object(config_file, "model config"), str(config_file))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
+        weight_map = read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise KldError(f"{index}: no weight_map object")
+        shards = sorted(set(map(str, weight_map.values())))
+        hf_state = {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
+    else:
+        hf_state = read_safetensors(path / "model.safetensors")
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise KldError(f"{path}: no tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # tokenizers raises a bare Exception for broken JSON and unknown fields
+        raise KldError(f"{tokenizer_file}: not a tokenizer file the tokenizers library can read ({e})") from None
+    convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
+    return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
+
+
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
 #
 # Layout: magic "GGUF", version (u32), tensor count (u64), metadata count (u64); the
@@ -902,6 +881,32 @@ class _GGUFReader:
             item_type, n = self.scalar("<I"), self.scalar("<Q")
             return [self.value(item_type) for _ in range(n)]
         raise KldError(f"{self.source}: unknown GGUF metadata type {vtype} at byte {self.pos}; corrupt file?")
+
+
+def dequantize(raw: torch.Tensor, type_id: int) -> torch.Tensor:
+    """Flat float32 values from the raw bytes (uint8) of one ggml tensor.
+
+    Block formats (32 values per block, scales as float16):
+      Q8_0: d, q[32] int8                  x = d * q
+      Q4_0: d, 16 bytes of 4-bit q         x = d * (q - 8)
+      Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
+    In a 4-bit block, byte i holds value i in its low nibble and value i + 16 in its high one.
+    """
+    name, _, block_bytes = GGML_TYPES[type_id]
+    if name == "F32":
+        return raw.view(torch.float32)
+    if name in ("F16", "BF16"):
+        return raw.view(torch.float16 if name == "F16" else torch.bfloat16).float()
+    blocks = raw.view(-1, block_bytes)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    if name == "Q8_0":
+        return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
+    packed = blocks[:, 2:] if name == "Q4_0" else blocks[:, 4:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
+    if name == "Q4_0":
+        return (d * (q - 8)).reshape(-1)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return (d * q + m).reshape(-1)
 
 
 def read_gguf(path: Path):
@@ -955,75 +960,12 @@ def read_gguf(path: Path):
     return meta, tensors
 
 
-def dequantize(raw: torch.Tensor, type_id: int) -> torch.Tensor:
-    """Flat float32 values from the raw bytes (uint8) of one ggml tensor.
-
-    Block formats (32 values per block, scales as float16):
-      Q8_0: d, q[32] int8                  x = d * q
-      Q4_0: d, 16 bytes of 4-bit q         x = d * (q - 8)
-      Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
-    In a 4-bit block, byte i holds value i in its low nibble and value i + 16 in its high one.
-    """
-    name, _, block_bytes = GGML_TYPES[type_id]
-    if name == "F32":
-        return raw.view(torch.float32)
-    if name in ("F16", "BF16"):
-        return raw.view(torch.float16 if name == "F16" else torch.bfloat16).float()
-    blocks = raw.view(-1, block_bytes)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
-    if name == "Q8_0":
-        return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
-    packed = blocks[:, 2:] if name == "Q4_0" else blocks[:, 4:]
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
-    if name == "Q4_0":
-        return (d * (q - 8)).reshape(-1)
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * q + m).reshape(-1)
-
-
 def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's reordering of Q/K rows: within each head, GGUF interleaves the two
     RoPE halves (rows 0, d/2, 1, d/2+1, ...) for ggml's pairwise rotation; HF's rotate-half
     wants them back as (0, 1, ..., d/2-1 | d/2, ...)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def read_gguf_model(path: Path):
-    """(ModelConfig, state dict in kld's names, tokenizer) from a GGUF file of the llama architecture."""
-    meta, tensors = read_gguf(path)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}; kld reads 'llama' (Llama, SmolLM, SmolLM2)")
-    try:
-        n_head = meta["llama.attention.head_count"]
-        d_model = meta["llama.embedding_length"]
-        cfg = ModelConfig(
-            arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=meta["llama.block_count"],
-            n_head=n_head, n_kv_head=meta.get("llama.attention.head_count_kv", n_head), d_model=d_model,
-            d_ff=meta["llama.feed_forward_length"], head_dim=meta.get("llama.rope.dimension_count", d_model // n_head),
-            max_positions=meta.get("llama.context_length", 2048),
-            norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
-            rope_theta=meta.get("llama.rope.freq_base", 10000.0), tie_embeddings="output.weight" not in tensors,
-            eos_token_ids=(meta["tokenizer.ggml.eos_token_id"],) if "tokenizer.ggml.eos_token_id" in meta else (),
-        )
-    except KeyError as e:
-        raise KldError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise KldError(f"{path}: RoPE scaling is not supported")
-    src = _Tensors(tensors, str(path))
-    state = {"embed.weight": src.take("token_embd.weight"), "norm.weight": src.take("output_norm.weight")}
-    state.update(take_output_matrix(src, cfg, "output.weight"))
-    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
-             "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
-    for i in range(cfg.n_layer):
-        for ours, theirs in names.items():
-            state[f"blocks.{i}.{ours}.weight"] = src.take(f"blk.{i}.{theirs}.weight")
-        q, k = f"blocks.{i}.attn.q.weight", f"blocks.{i}.attn.k.weight"
-        state[q] = unpermute_rope_rows(state[q], cfg.n_head)
-        state[k] = unpermute_rope_rows(state[k], cfg.n_kv_head)
-    src.check_used()
-    return cfg, state, tokenizer_from_gguf(meta, str(path))
 
 
 # Pre-tokenizers by the name in `tokenizer.ggml.pre` (llama.cpp's names). Each builds the
@@ -1086,6 +1028,64 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
         )
     return tokenizer
+
+
+def read_gguf_model(path: Path):
+    """(ModelConfig, state dict in kld's names, tokenizer) from a GGUF file of the llama architecture."""
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}; kld reads 'llama' (Llama, SmolLM, SmolLM2)")
+    try:
+        n_head = meta["llama.attention.head_count"]
+        d_model = meta["llama.embedding_length"]
+        cfg = ModelConfig(
+            arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=meta["llama.block_count"],
+            n_head=n_head, n_kv_head=meta.get("llama.attention.head_count_kv", n_head), d_model=d_model,
+            d_ff=meta["llama.feed_forward_length"], head_dim=meta.get("llama.rope.dimension_count", d_model // n_head),
+            max_positions=meta.get("llama.context_length", 2048),
+            norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+            rope_theta=meta.get("llama.rope.freq_base", 10000.0), tie_embeddings="output.weight" not in tensors,
+            eos_token_ids=(meta["tokenizer.ggml.eos_token_id"],) if "tokenizer.ggml.eos_token_id" in meta else (),
+        )
+    except KeyError as e:
+        raise KldError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise KldError(f"{path}: RoPE scaling is not supported")
+    src = _Tensors(tensors, str(path))
+    state = {"embed.weight": src.take("token_embd.weight"), "norm.weight": src.take("output_norm.weight")}
+    state.update(take_output_matrix(src, cfg, "output.weight"))
+    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
+             "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+    for i in range(cfg.n_layer):
+        for ours, theirs in names.items():
+            state[f"blocks.{i}.{ours}.weight"] = src.take(f"blk.{i}.{theirs}.weight")
+        q, k = f"blocks.{i}.attn.q.weight", f"blocks.{i}.attn.k.weight"
+        state[q] = unpermute_rope_rows(state[q], cfg.n_head)
+        state[k] = unpermute_rope_rows(state[k], cfg.n_kv_head)
+    src.check_used()
+    return cfg, state, tokenizer_from_gguf(meta, str(path))
+
+
+def load_model(path: str | Path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model name.
+
+    Every tensor the architecture needs must be present with the right shape, and no
+    tensor may be left over. The model is in eval mode with every parameter frozen.
+    """
+    path = resolve_model_path(str(path))
+    if path.is_dir():
+        cfg, state, tokenizer = read_hf_dir(path)
+    elif path.suffix == ".gguf":
+        cfg, state, tokenizer = read_gguf_model(path)
+    else:
+        raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    with torch.device("meta"):  # no time spent initialising weights that are overwritten
+        model = GPT(cfg)
+    load_checked(model, state, str(path))
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------
@@ -1238,11 +1238,6 @@ class ExtendedTokenizer:
             while k > 1 and e[:k] not in by_expansion:
                 k -= 1
             self.parents.append(by_expansion[e[:k]] if k > 1 else e[0])
-        # For the lift: new tokens grouped by exp(w)[:-1], and every prefix of those keys.
-        self.children_by_prefix: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        for i, e in enumerate(self.expansions):
-            self.children_by_prefix.setdefault(e[:-1], []).append((base_vocab_size + i, e[-1]))
-        self.path_prefixes = {key[:k] for key in self.children_by_prefix for k in range(1, len(key) + 1)}
         # An id can end the left side of a merge / start its right side only if its base
         # token is in these sets; between other neighbours no merge can ever apply.
         self._left_ends = {self.expand([a])[-1] for a, _ in self.merges}
