@@ -1100,13 +1100,16 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 
 def byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
+    # bytes that are printable Latin-1 stand for themselves
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    chars, extra = {}, 0
+    chars = {}
+    extra = 0
     for b in range(256):
         if b in printable:
             chars[b] = chr(b)
-        else:
-            chars[b], extra = chr(256 + extra), extra + 1
+        else:  # the others (controls, space, ...) take the characters from U+0100 on, in order
+            chars[b] = chr(256 + extra)
+            extra += 1
     return chars
 
 
@@ -1140,11 +1143,12 @@ def merge_pair(seq: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """Replace every non-overlapping occurrence of `pair`, left to right:
     merge_pair([1, 2, 2, 2], (2, 2), 9) == [1, 9, 2]."""
     a, b = pair
-    out, i = [], 0
+    out = []
+    i = 0
     while i < len(seq):
         if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
             out.append(new_id)
-            i += 2
+            i += 2  # the pair is consumed: occurrences never overlap.
         else:
             out.append(seq[i])
             i += 1
@@ -1155,9 +1159,9 @@ def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
     """Apply merges to one sequence as BPE does: the present pair of lowest rank first.
     `ranks` maps a pair to the id it makes; ids grow with rank, so the lowest id wins."""
     while len(seq) > 1:
-        pair = min(zip(seq, seq[1:]), key=lambda p: ranks.get(p, math.inf))
+        pair = min(zip(seq, seq[1:]), key=lambda p: ranks.get(p, math.inf))  # the adjacent pair merged first
         if pair not in ranks:
-            break
+            break  # no adjacent pair has a merge
         seq = merge_pair(seq, pair, ranks[pair])
     return seq
 
@@ -1171,14 +1175,15 @@ def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: 
     the next most frequent pair. Ties go to the smallest pair, so the result is
     deterministic. Stops early when no pair occurs `min_count` times.
     """
-    seqs, freqs = [list(s) for s in segments], list(segments.values())
-    counts: dict[tuple[int, int], int] = {}
-    where: dict[tuple[int, int], set[int]] = {}
+    seqs = [list(s) for s in segments]
+    freqs = list(segments.values())
+    counts: dict[tuple[int, int], int] = {}  # pair -> occurrences in the corpus (segment counts included)
+    where: dict[tuple[int, int], set[int]] = {}  # pair -> the segments holding it
     for i, seq in enumerate(seqs):
         for pair in zip(seq, seq[1:]):
             counts[pair] = counts.get(pair, 0) + freqs[i]
             where.setdefault(pair, set()).add(i)
-    heap = [(-c, pair) for pair, c in counts.items()]
+    heap = [(-c, pair) for pair, c in counts.items()]  # a min-heap of -count: the most frequent on top
     heapq.heapify(heap)
     merges: list[tuple[int, int]] = []
     while len(merges) < n_merges and heap:
@@ -1189,19 +1194,21 @@ def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: 
             break
         new_id = first_id + len(merges)
         merges.append(pair)
-        touched = set()
+        touched = set()  # pairs whose count changed
         for i in where.pop(pair):
-            old, f = seqs[i], freqs[i]
-            for p in zip(old, old[1:]):
+            old = seqs[i]
+            f = freqs[i]
+            for p in zip(old, old[1:]):  # take the segment's pairs out ...
                 counts[p] -= f
                 where.get(p, set()).discard(i)
                 touched.add(p)
-            seqs[i] = new = merge_pair(old, pair, new_id)
-            for p in zip(new, new[1:]):
+            new = merge_pair(old, pair, new_id)
+            seqs[i] = new
+            for p in zip(new, new[1:]):  # ... and put those of the merged segment back
                 counts[p] = counts.get(p, 0) + f
                 where.setdefault(p, set()).add(i)
                 touched.add(p)
-        for p in touched:
+        for p in touched:  # their new counts go on the heap; the old entries turn stale
             if counts[p] > 0:
                 heapq.heappush(heap, (-counts[p], p))
             else:
@@ -1218,7 +1225,8 @@ class ExtendedTokenizer:
     """
 
     def __init__(self, base: Tokenizer, merges: list[tuple[int, int]], base_vocab_size: int):
-        self.base, self.base_vocab_size = base, base_vocab_size
+        self.base = base
+        self.base_vocab_size = base_vocab_size
         for i, m in enumerate(merges):  # merge i makes id base_vocab_size + i from two ids made before it
             if not (len(m) == 2 and all(type(x) is int and 0 <= x < base_vocab_size + i for x in m)):
                 raise KldError(f"merge {i} is {list(m)!r}; each merge is two ids below {base_vocab_size + i}")
@@ -1234,15 +1242,15 @@ class ExtendedTokenizer:
             raise KldError("two new tokens share one expansion; longest match would be ambiguous")
         self.parents = []  # vocabulary-trie parent of each new token
         for e in self.expansions:
-            k = len(e) - 1
+            k = len(e) - 1  # the longest proper prefix first
             while k > 1 and e[:k] not in by_expansion:
                 k -= 1
-            self.parents.append(by_expansion[e[:k]] if k > 1 else e[0])
+            self.parents.append(by_expansion[e[:k]] if k > 1 else e[0])  # a new token, else e's first base token
         # An id can end the left side of a merge / start its right side only if its base
         # token is in these sets; between other neighbours no merge can ever apply.
         self._left_ends = {self.expand([a])[-1] for a, _ in self.merges}
         self._right_starts = {self.expand([b])[0] for _, b in self.merges}
-        self._memo: dict[tuple[int, ...], list[int]] = {}
+        self._memo: dict[tuple[int, ...], list[int]] = {}  # piece of base ids -> its merged ids
         self._base_bytes: list[bytes] | None = None  # filled on first use
 
     @property
@@ -1263,16 +1271,18 @@ class ExtendedTokenizer:
         distinct piece (memoised: code repeats its lines), so encoding costs little more
         than the teacher's own tokenizer.
         """
-        out, start = [], 0
+        out = []
+        start = 0  # where the current piece began
         for i in range(1, len(base_ids) + 1):
-            if i == len(base_ids) or base_ids[i - 1] not in self._left_ends or base_ids[i] not in self._right_starts:
-                piece = tuple(base_ids[start:i])
+            at_end = i == len(base_ids)
+            if at_end or base_ids[i - 1] not in self._left_ends or base_ids[i] not in self._right_starts:
+                piece = tuple(base_ids[start:i])  # no merge can join it to what follows
                 if len(piece) == 1:
                     out.append(piece[0])
                 else:
                     if piece not in self._memo:
                         if len(self._memo) > 1_000_000:
-                            self._memo.clear()
+                            self._memo.clear()  # bound the memory on a corpus without repeats
                         self._memo[piece] = bpe_merge(list(piece), self.ranks)
                     out.extend(self._memo[piece])
                 start = i
@@ -1315,16 +1325,16 @@ def line_segments(ids_per_text: list[list[int]], tok: ExtendedTokenizer,
     ends_line = {i for i in range(tok.vocab_size) if b"\n" in tok.token_bytes(i)}
     segments: collections.Counter = collections.Counter()
     for ids in ids_per_text:
-        start = 0
+        start = 0  # where the current segment began
         for i, t in enumerate(ids):
-            if t in special or (t in ends_line and not newline_merges):
+            if t in special or (t in ends_line and not newline_merges):  # t stands alone: end before it
                 segments[tuple(ids[start:i])] += 1
                 start = i + 1
-            elif t in ends_line:
+            elif t in ends_line:  # t ends the segment
                 segments[tuple(ids[start : i + 1])] += 1
                 start = i + 1
         segments[tuple(ids[start:])] += 1
-    segments.pop((), None)
+    segments.pop((), None)  # the empty segments between neighbours that stand alone
     return segments
 
 
@@ -1341,9 +1351,10 @@ def chain_merges(tokenizer: Tokenizer, strings: list[str], merges: list[tuple[in
             raise KldError(f"new token {s!r} encodes to nothing")
         if special & set(ids):
             raise KldError(f"new token {s!r} holds a special token; special tokens never merge")
-        ids = bpe_merge(ids, ranks)
+        ids = bpe_merge(ids, ranks)  # the string as the merges so far encode it
         while len(ids) > 1:
-            pair, new_id = (ids[0], ids[1]), base_vocab_size + len(merges)
+            pair = (ids[0], ids[1])
+            new_id = base_vocab_size + len(merges)
             merges.append(pair)
             ranks[pair] = new_id
             ids = merge_pair(ids, pair, new_id)
@@ -1390,7 +1401,8 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
         raise KldError(f"{path}: a kld extension file needs base_vocab_sha256, base_vocab_size and merges")
     if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
         raise KldError(f"{path}: made for another base vocabulary than this model's tokenizer")
-    n_base, merges = data["base_vocab_size"], data["merges"]
+    n_base = data["base_vocab_size"]
+    merges = data["merges"]
     if type(n_base) is not int or n_base < 1:
         raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
     if not (isinstance(merges, list) and all(isinstance(m, list) for m in merges)):
@@ -1434,13 +1446,15 @@ def load_corpus(source: str, heldout_fraction: float = 0.1) -> tuple[list[str], 
     if len(files) == 1:
         lines = texts[files[0]].splitlines(keepends=True)
         cut = len(lines) - int(len(lines) * heldout_fraction)
-        train, heldout = ["".join(lines[:cut])], ["".join(lines[cut:])]
+        train = ["".join(lines[:cut])]
+        heldout = ["".join(lines[cut:])]
     else:
         root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
         split = {p: is_heldout(p.relative_to(root).as_posix(), heldout_fraction) for p in files}
         train = [texts[p] for p in files if not split[p]]
         heldout = [texts[p] for p in files if split[p]]
-    train, heldout = [t for t in train if t.strip()], [t for t in heldout if t.strip()]
+    train = [t for t in train if t.strip()]  # files of whitespace teach nothing
+    heldout = [t for t in heldout if t.strip()]
     if not train:
         raise KldError(f"corpus {source!r} has no training text (empty files?)")
     return train, heldout
@@ -1462,16 +1476,23 @@ def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, in
     """
     if (ends_a[-1:] or [0]) != (ends_b[-1:] or [0]):
         raise ValueError(f"the tokenizations cover different lengths ({ends_a[-1:]} vs {ends_b[-1:]})")
-    spans, i, j = [], 0, 0
+    spans = []
+    i = 0  # the next token of a
+    j = 0  # the next token of b
     while i < len(ends_a):
-        i0, j0 = i, j
-        end_a, end_b = ends_a[i], ends_b[j]
-        i, j = i + 1, j + 1
-        while end_a != end_b:
+        i0 = i  # a span starts where both tokenizations start a token
+        j0 = j
+        end_a = ends_a[i]
+        end_b = ends_b[j]
+        i += 1
+        j += 1
+        while end_a != end_b:  # take the next token of the side that ends first, until both end together
             if end_a < end_b:
-                end_a, i = ends_a[i], i + 1
+                end_a = ends_a[i]
+                i += 1
             else:
-                end_b, j = ends_b[j], j + 1
+                end_b = ends_b[j]
+                j += 1
         spans.append((i0, i, j0, j))
     return spans
 
@@ -1479,10 +1500,11 @@ def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, in
 def coarsening_span_starts(student_ids: list[int], tok: ExtendedTokenizer) -> list[int]:
     """The fast path when tau' coarsens tau: student token j covers teacher tokens
     [starts[j], starts[j] + |exp(s_j)|); no offsets needed. ([n_base + 0 -> 2 tokens, 7]: [0, 2])"""
-    starts, at = [], 0
+    starts = []
+    at = 0  # teacher tokens covered so far
     for s in student_ids:
         starts.append(at)
-        at += len(tok.expansions[s - tok.base_vocab_size]) if s >= tok.base_vocab_size else 1
+        at += len(tok.expand([s]))  # |exp(s)|: 1 for a base token
     return starts
 
 
@@ -1495,7 +1517,10 @@ def head_logits(states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 def head_logsumexp(states: torch.Tensor, head: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """log sum_v exp(z_v) of each row's logits z = states @ head^T (r,), `chunk` rows at a
     time, so that the logits of all rows never exist at once."""
-    out = [torch.logsumexp(head_logits(states[i : i + chunk], head), dim=-1) for i in range(0, len(states), chunk)]
+    out = []
+    for i in range(0, len(states), chunk):
+        logits = head_logits(states[i : i + chunk], head)  # (chunk, V)
+        out.append(torch.logsumexp(logits, dim=-1))
     return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
 
 
@@ -1521,11 +1546,11 @@ class TeacherRows:
     def logp(self, rows=slice(None), columns: torch.Tensor | None = None) -> torch.Tensor:
         """log p at the given rows, over all of V or at `columns` only: (rows, |V| or |columns|)."""
         states = self.states[rows]
-        if self.head is None:
+        if self.head is None:  # the rows are log-probabilities already
             logits = states if columns is None else states[:, columns]
-        else:
+        else:  # only the head rows of the columns asked for: (rows, d) @ (d, |columns|)
             logits = head_logits(states, self.head if columns is None else self.head[columns])
-        return logits - upcast(self.lse[rows])[:, None]
+        return logits - upcast(self.lse[rows])[:, None]  # log softmax = z - log sum exp z
 
     def logp_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[i]) at row i, for the first len(tokens) rows: (len(tokens),)."""
@@ -1565,20 +1590,20 @@ class LiftedTargets:
     def base_logp(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """log p' over V at positions start .. stop - 1: (stop - start, |V|)."""
         stop = len(self.log_z) if stop is None else stop
-        rows = self.teacher.logp(slice(start, stop))
+        rows = self.teacher.logp(slice(start, stop))  # (r, |V|): the teacher at each span start
         rows = rows - self.log_z[start:stop, None].to(rows.dtype)  # renormalise by Z
-        here = (self.fix_pos >= start) & (self.fix_pos < stop)
+        here = (self.fix_pos >= start) & (self.fix_pos < stop)  # the rewritten entries in range
         rows[self.fix_pos[here] - start, self.fix_ids[here]] = self.fix_logp[here].to(rows.dtype)
         return rows
 
     def logp(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """log p' over all of V' = V + N at positions start .. stop - 1 (-inf where p' = 0)."""
         base = self.base_logp(start, stop)  # (r, |V|)
-        new = base.new_full((len(base), self.n_new), -math.inf)  # (r, N)
+        new = base.new_full((len(base), self.n_new), -math.inf)  # (r, N): p' = 0 unless a target says otherwise
         V = base.shape[1]
-        ids = self.new_ids[start:stop]
-        values = upcast(self.new_logp[start:stop]).to(base.dtype)
-        rows = torch.arange(len(base), device=base.device)[:, None].expand_as(ids)
+        ids = self.new_ids[start:stop]  # (r, c)
+        values = upcast(self.new_logp[start:stop]).to(base.dtype)  # (r, c)
+        rows = torch.arange(len(base), device=base.device)[:, None].expand_as(ids)  # (r, c): each entry's row
         real = values > -math.inf  # padding entries stay out
         new[rows[real], ids[real] - V] = values[real]
         return torch.cat([base, new], dim=1)
@@ -1586,13 +1611,14 @@ class LiftedTargets:
 
 def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
     """The targets of several windows as one, positions one after the other."""
-    offsets = [0]
+    offsets = [0]  # each window's first position in the whole
     for t in targets:
         offsets.append(offsets[-1] + len(t.log_z))
-    width = max(t.new_ids.shape[1] for t in targets)
-    pad = [width - t.new_ids.shape[1] for t in targets]
-    teacher = TeacherRows(torch.cat([t.teacher.states for t in targets]), targets[0].teacher.head,
-                          torch.cat([t.teacher.lse for t in targets]))
+    width = max(t.new_ids.shape[1] for t in targets)  # the most new targets at one position
+    pad = [width - t.new_ids.shape[1] for t in targets]  # padded with id 0 at log p' = -inf
+    states = torch.cat([t.teacher.states for t in targets])
+    lse = torch.cat([t.teacher.lse for t in targets])
+    teacher = TeacherRows(states, targets[0].teacher.head, lse)  # one head for all
     return LiftedTargets(
         teacher=teacher,
         log_z=torch.cat([t.log_z for t in targets]),
@@ -1652,11 +1678,11 @@ def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
 def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
     """The lookup tables of the lift for tau' (tok): the trie of expansions and the extensions of each token."""
     V = tok.base_vocab_size
-    extensions: dict[int, set[tuple[int, ...]]] = {}
+    extensions: dict[int, set[tuple[int, ...]]] = {}  # v -> the suffixes that would have merged into v
     for i, e in enumerate(tok.expansions):
         v = tok.parents[i]  # the token whose expansion is the longest proper prefix of e
-        extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
-    alphabet = sorted({t for e in tok.expansions for t in e})
+        extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])  # what tau' would have needed to emit e
+    alphabet = sorted({t for e in tok.expansions for t in e})  # extensions are tails of expansions: covered
     return LiftTrie(
         children=prefix_children(tok.expansions),
         new_token={e: V + i for i, e in enumerate(tok.expansions)},
@@ -1682,9 +1708,12 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.nda
     log_p: dict[tuple[int, ...], float] = {}
     wanted: set[Node] = set()
 
-    def visit(seq: tuple[int, ...], lp: float, node: Node):
+    def visit(seq: tuple[int, ...], lp: float, node: Node):  # depth first from seq, read at node
         b, xs = node
-        row = branches.get(node) if xs else (realised[b] if b < len(realised) else None)
+        if xs:  # off the realised text: a branch row, if evaluated
+            row = branches.get(node)
+        else:  # on it: the window's own row, if the window has one there
+            row = realised[b] if b < len(realised) else None
         if row is None:  # past the rows given, or a branch the teacher has not been asked about (yet)
             if xs and lp >= min_logp:
                 wanted.add(node)
@@ -1694,16 +1723,16 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.nda
             if child in log_p:
                 continue  # reached already: through the trie and as an extension
             log_p[child] = lp + row[trie.column[x]]  # chain rule: P(u x) = P(u) p(x | u)
-            on_path = not xs and b < n and teacher_ids[b] == x
-            if child in trie.children or child in extension_children:
+            on_path = not xs and b < n and teacher_ids[b] == x  # x is the realised token: stay on the text
+            if child in trie.children or child in extension_children:  # the walk goes deeper
                 visit(child, log_p[child], (b + 1, ()) if on_path else (b, xs + (x,)))
 
-    for r in roots:
+    for r in roots:  # every walk starts at the span start's row
         seq = (r,)
         log_p[seq] = realised[a][trie.column[r]]
         if seq in trie.children or seq in extension_children:
             visit(seq, log_p[seq], (a + 1, ()) if r == teacher_ids[a] else (a, seq))
-    found = {s: lp for s, lp in log_p.items() if s in trie.new_token or s in extensions}
+    found = {s: lp for s, lp in log_p.items() if s in trie.new_token or s in extensions}  # the tokens, not inner nodes
     return found, wanted
 
 
@@ -1719,24 +1748,25 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
     p'(a) = 0.2, p'(ab) = 0.2, p'(abc) = 0.1, and every other base token keeps its P;
     after a previous token whose extension is (c,), P(c) = 0.2: p'(c) = 0 and Z = 0.8.
     """
-    mass = dict(P)
-    parent = {}
+    mass = dict(P)  # each sequence starts with all its P; what longer tokens take leaves it below
+    parent = {}  # sequence -> its nearest walked proper prefix
     for s in sorted(P, key=len):
         k = len(s) - 1
         while k > 1 and s[:k] not in P:
             k -= 1
         if k >= 1:  # a sequence of one token is a base token, the top of the trie
             parent[s] = s[:k]
-            if s[:k] not in mass:
+            if s[:k] not in mass:  # a base token that was not walked: its P is the teacher's
                 mass[s[:k]] = base_p(s[0])
     for s, up in parent.items():
         mass[up] -= P[s]  # each sequence's mass leaves its nearest walked prefix
-    dropped = set()
+    dropped = set()  # the extensions and all that extends them
     for s in sorted(P, key=len):  # parents before children
         if s in extensions or parent.get(s) in dropped:
             dropped.add(s)
-    Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)
-    return {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}, Z
+    Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)  # the mass left after the extensions
+    probs = {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}  # max: float round-off
+    return probs, Z
 
 
 def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
@@ -1757,7 +1787,8 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     whose expansion leaves the realised text at its last token at the latest, and a new
     token that leaves it earlier has p' = 0, its mass on its first base token.
     """
-    n, m = len(teacher_ids), len(span_starts)
+    n = len(teacher_ids)  # teacher tokens in the window
+    m = len(span_starts)  # student positions
     device = rows.states.device
     branches = branches or {}
     ids = torch.as_tensor(teacher_ids, device=device)
@@ -1765,8 +1796,8 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     realised = rows.logp(columns=alphabet).double()  # (rows, A): the columns the walk reads
     realised_logp = rows.logp_of(ids).double()  # (n,) log p(t_b | t_<b)
     cum = torch.cat([realised_logp.new_zeros(1), realised_logp.cumsum(0)])  # (n + 1,) cum[b] = sum over t_<b
-    bounds = torch.as_tensor(list(span_starts) + [n], device=device)
-    span_logp = cum[bounds[1:]] - cum[bounds[:-1]]  # (m,)
+    bounds = torch.as_tensor(list(span_starts) + [n], device=device)  # (m + 1,) span j is bounds[j] .. bounds[j + 1]
+    span_logp = cum[bounds[1:]] - cum[bounds[:-1]]  # (m,) log P(span j), chain rule
     starts = bounds[:-1]
     min_logp = math.log(min_prob) if min_prob > 0 else -math.inf  # log(inf) = inf: path mode wants nothing
     likely_roots: list[list[int]] = [[] for _ in range(m)]  # trie mode: off-path roots with P >= min_prob
@@ -1779,13 +1810,16 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     previous = [prev_token] + [trie.new_token.get(tuple(teacher_ids[s:e]), teacher_ids[s])
                                for s, e in zip(span_starts[:-1], span_starts[1:])]
 
-    base_entries, new_entries, log_z = [], [], [0.0] * m  # (j, id, log p') and log Z per position
+    base_entries = []  # (j, base id, log p') where the walk rewrote the teacher's entry
+    new_entries = []  # (j, new id, log p')
+    log_z = [0.0] * m
     wanted: set[Node] = set()
     for j, a in enumerate(span_starts):
         extensions = trie.extensions.get(previous[j], frozenset()) if condition else frozenset()
         extension_children = trie.extension_children.get(previous[j], {}) if condition else {}
-        roots = [r for r in dict.fromkeys([teacher_ids[a], *likely_roots[j], *(f[0] for f in extensions)])
-                 if r in trie.column]
+        # walk from the realised token, the likely others, and where the extensions start
+        starts_of_walks = dict.fromkeys([teacher_ids[a], *likely_roots[j], *(f[0] for f in extensions)])
+        roots = [r for r in starts_of_walks if r in trie.column]
         # steps 1 and 2: the sequences reached from span start a, with log P
         log_p, more = walk_trie(a, roots, teacher_ids, realised, branches, trie, extensions, extension_children,
                                 min_logp)
@@ -1796,18 +1830,22 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
         log_z[j] = math.log(Z)
         for s, p in probs.items():
             lp = math.log(p) if p > 0 else -math.inf
-            if len(s) == 1:
+            if len(s) == 1:  # a base token
                 base_entries.append((j, s[0], lp))
-            elif s in trie.new_token and s not in extensions:
+            elif s in trie.new_token and s not in extensions:  # a new token (an extension has p' = 0)
                 new_entries.append((j, trie.new_token[s], lp))
 
     # The base tokens the walk rewrote, and the new tokens with a target, as tensors.
-    fix_pos, fix_ids, fix_logp = (list(x) for x in zip(*base_entries)) if base_entries else ([], [], [])
-    width = max(collections.Counter(j for j, _, _ in new_entries).values(), default=1)
-    new_ids = torch.zeros((m, width), dtype=torch.long, device=device)
-    new_logp = torch.full((m, width), -math.inf, dtype=upcast(rows.states).dtype, device=device)
+    fix_pos = [j for j, _, _ in base_entries]
+    fix_ids = [v for _, v, _ in base_entries]
+    fix_logp = [lp for _, _, lp in base_entries]
+    width = max(collections.Counter(j for j, _, _ in new_entries).values(), default=1)  # most at one position
+    new_ids = torch.zeros((m, width), dtype=torch.long, device=device)  # (m, width), padded with id 0 ...
+    new_logp = torch.full((m, width), -math.inf, dtype=upcast(rows.states).dtype, device=device)  # ... at p' = 0
     if new_entries:
-        pos, tok_ids, values = zip(*new_entries)
+        pos = [j for j, _, _ in new_entries]
+        tok_ids = [w for _, w, _ in new_entries]
+        values = [lp for _, _, lp in new_entries]
         used = collections.Counter()  # columns filled so far per position
         cols = []
         for j in pos:
@@ -1873,7 +1911,7 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     """LiftTables of an extension: the trie of `lift_trie`, renumbered for tensors."""
     V = tok.base_vocab_size
     walk_after: dict[tuple[int, ...], set[int]] = {}  # sequence -> the tokens v after which it is walkable
-    in_trie = {e[:k] for e in tok.expansions for k in range(1, len(e) + 1)}
+    in_trie = {e[:k] for e in tok.expansions for k in range(1, len(e) + 1)}  # walkable after any token
     for v, extensions in trie.extensions.items():
         for f in extensions:
             for k in range(1, len(f) + 1):
@@ -1886,18 +1924,21 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     child_count = [0] * U
     for i, s in enumerate(nodes):
         if len(s) > 1:
-            p = index[s[:-1]]
+            p = index[s[:-1]]  # its parent, numbered before it
             if child_count[p] == 0:
                 child_start[p] = i
             child_count[p] += 1
+    # A pair (v, node) is one integer v * U + node, so a set of pairs is a sorted tensor.
     walk_keys = sorted(v * U + index[s] for s, vs in walk_after.items() for v in vs)
     extension_keys = sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)
     suffixes = sorted({s[k:] for s in nodes for k in range(len(s))}, key=lambda s: (len(s), s))
     suffix_index = {s: i for i, s in enumerate(suffixes)}
-    # suffix s = xs + (x,) is the child of xs (-1 when xs is empty) by x: key (xs + 1) * |V| + x
-    child_by_key = {((suffix_index[s[:-1]] if len(s) > 1 else -1) + 1) * V + s[-1]: i for i, s in enumerate(suffixes)}
+    child_by_key = {}  # suffix xs + (x,) as the child of xs by x: key (xs + 1) * |V| + x, xs = -1 when empty
+    for i, s in enumerate(suffixes):
+        head = suffix_index[s[:-1]] if len(s) > 1 else -1
+        child_by_key[(head + 1) * V + s[-1]] = i
     suffix_pairs = sorted(child_by_key)
-    column = torch.full((V,), -1, dtype=torch.long)
+    column = torch.full((V,), -1, dtype=torch.long)  # (|V|,): -1 for ids the walk never reads
     column[trie.alphabet] = torch.arange(len(trie.alphabet))
 
     def longs(xs):
@@ -1933,7 +1974,7 @@ def sorted_lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor
     """(found, index) of each query in sorted keys: found (q,) bool, index (q,) where it is."""
     if len(keys) == 0:
         return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
-    index = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
+    index = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)  # where it would be inserted, inside keys
     return keys[index] == query, index
 
 
@@ -1980,24 +2021,30 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     # at the last one (after the window), so that "t_b == x" fails there as past the end.
     lengths = [len(t) for t in teacher_ids]
     width = max(lengths) + 1  # a bound on b, for branch keys
-    row_offset = torch.tensor([0] + list(itertools.accumulate(n + 1 for n in lengths))[:-1], device=device)
+    first_rows = [0, *itertools.accumulate(n + 1 for n in lengths)][:-1]  # window r's rows start here
+    row_offset = torch.tensor(first_rows, device=device)  # (windows,)
     alphabet_logp = torch.cat([r.logp(columns=tables.alphabet) for r in rows]).double()  # (rows, A)
     flat_ids = torch.tensor([i for t in teacher_ids for i in [*t, -1]], device=device)  # (rows,)
-    realised = torch.cat([torch.cat([r.logp_of(torch.tensor(t, device=device)).double(), r.lse.new_zeros(1).double()])
-                          for r, t in zip(rows, teacher_ids)])  # (rows,) log p(t_b | t_<b), 0 at the pads
-    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # cum[i] = sum of realised[:i]
+    realised = []  # log p(t_b | t_<b) of each window, 0 at its pad
+    for r, t in zip(rows, teacher_ids):
+        realised.append(r.logp_of(torch.tensor(t, device=device)).double())
+        realised.append(r.lse.new_zeros(1).double())
+    realised = torch.cat(realised)  # (rows,)
+    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # (rows + 1,) cum[i] = sum of realised[:i]
+    # Student positions, flat: position j of window r covers teacher tokens start .. end - 1.
     window_of = torch.tensor([r for r, s in enumerate(span_starts) for _ in s], device=device)  # (m,)
     start = torch.tensor([a for s in span_starts for a in s], device=device)  # (m,) span start a
-    end = torch.tensor([e for s, n in zip(span_starts, lengths) for e in [*s[1:], n]], device=device)  # (m,)
+    end = torch.tensor([e for s, n in zip(span_starts, lengths) for e in [*s[1:], n]], device=device)  # (m,) next start
     row_of = row_offset[window_of] + start  # (m,) the teacher's row at each span start
-    span_logp = cum[row_offset[window_of] + end] - cum[row_of]  # (m,) log P(span)
+    span_logp = cum[row_offset[window_of] + end] - cum[row_of]  # (m,) log P(span), chain rule
     m = len(start)
     if condition:  # the student token before each position; its extensions cannot come next
         previous = torch.tensor([v for w in windows for v in w[:-1]], device=device)
-    else:
+    else:  # -1: no token, no extensions
         previous = torch.full((m,), -1, device=device)
-    if branches is None:
-        branches = BranchRows(torch.zeros(0, dtype=torch.long, device=device), alphabet_logp.new_zeros(0, alphabet_logp.shape[1]))
+    if branches is None:  # none evaluated yet (or path mode)
+        no_keys = torch.zeros(0, dtype=torch.long, device=device)
+        branches = BranchRows(no_keys, alphabet_logp.new_zeros(0, alphabet_logp.shape[1]))
     table = torch.cat([alphabet_logp, branches.rows.to(alphabet_logp)])  # (rows + k, A): realised rows, then branches
 
     def walkable(pos, node):  # walkable after previous[pos]: a prefix of an expansion or of its extensions
@@ -2009,13 +2056,15 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     # Level 1: every (position, root) pair on the realised path, likely enough, or an
     # extension's start (steps 1 and 2 of `lift` begin at these).
     R = len(tables.roots)
-    pos = torch.arange(m, device=device).repeat_interleave(R)  # (m R,)
-    node = tables.roots.repeat(m)
+    pos = torch.arange(m, device=device).repeat_interleave(R)  # (m R,) each position R times ...
+    node = tables.roots.repeat(m)  # (m R,) ... with every root
     x = tables.token[node]
-    log_p = alphabet_logp[row_of[pos], tables.column[x]]
-    on_path = flat_ids[row_of[pos]] == x
+    log_p = alphabet_logp[row_of[pos], tables.column[x]]  # (m R,) log p(x | t_<a)
+    on_path = flat_ids[row_of[pos]] == x  # x is the realised token t_a
     extension_start = sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]  # walkable after previous only
-    keep = (tables.in_trie[node] | extension_start) & (on_path | (log_p >= min_logp) | extension_start)
+    walkable_here = tables.in_trie[node] | extension_start
+    worth_it = on_path | (log_p >= min_logp) | extension_start
+    keep = walkable_here & worth_it
     pos = pos[keep]
     node = node[keep]
     x = x[keep]
@@ -2039,14 +2088,16 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         levels.append(entry)
         E = len(entry["pos"])
         # The row each entry's children are read at: realised on the path, else a branch (or none yet).
-        window = window_of[entry["pos"]]
-        on_path = entry["suffix"] < 0
-        found_branch, branch_index = sorted_lookup(branches.keys, branch_key(window, entry["b"], entry["suffix"], width, S))
+        window = window_of[entry["pos"]]  # (E,)
+        on_path = entry["suffix"] < 0  # (E,)
+        context = branch_key(window, entry["b"], entry["suffix"], width, S)  # (E,) meaningful off the path
+        found_branch, branch_index = sorted_lookup(branches.keys, context)
         has_row = on_path | found_branch
-        row = torch.where(on_path, row_offset[window] + entry["b"], len(alphabet_logp) + branch_index)
-        parent, child = expand_children(tables, entry["node"])  # (C,), (C,)
-        ok = walkable(entry["pos"][parent], child)
-        parent, child = parent[ok], child[ok]
+        row = torch.where(on_path, row_offset[window] + entry["b"], len(alphabet_logp) + branch_index)  # into table
+        parent, child = expand_children(tables, entry["node"])  # (C,), (C,): every child of every entry
+        ok = walkable(entry["pos"][parent], child)  # an extension's nodes only after its token
+        parent = parent[ok]
+        child = child[ok]
         has_child = torch.zeros(E, dtype=torch.bool, device=device)
         has_child[parent] = True
         # Nodes off the path with children, no row and P >= min_prob: evaluate them next round.
@@ -2054,11 +2105,13 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         wanted.append(torch.stack([window[ask], entry["b"][ask], entry["suffix"][ask]], dim=1))
         # Step 2: the chain rule into the children of entries that have a row.
         go = has_row[parent]
-        parent, child = parent[go], child[go]
+        parent = parent[go]
+        child = child[go]
         pos = entry["pos"][parent]
         x = tables.token[child]
-        parent_row = row[parent]
-        child_on_path = on_path[parent] & (flat_ids[parent_row.clamp(max=len(flat_ids) - 1)] == x)  # on-path rows are realised
+        parent_row = row[parent]  # (C,) the row x is read at
+        realised_next = flat_ids[parent_row.clamp(max=len(flat_ids) - 1)]  # t_b at an on-path row (clamp: branch rows)
+        child_on_path = on_path[parent] & (realised_next == x)
         extension = is_extension(pos, child)
         entry = {
             "pos": pos,
@@ -2072,9 +2125,14 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
             "blocked": entry["blocked"][parent] | extension,
         }
         offset += E
+    # Every level's entries as one list (an entry's anchor indexes into it), then step 3.
     walked = {k: torch.cat([level[k] for level in levels]) for k in levels[0]} if levels else None
-    wanted = torch.cat(wanted).unique(dim=0) if wanted else torch.zeros(0, 3, dtype=torch.long, device=device)
-    targets = _emission_batch(walked, rows, start, row_of, alphabet_logp, span_logp, tables, [len(s) for s in span_starts])
+    if wanted:
+        wanted = torch.cat(wanted).unique(dim=0)  # (k, 3): several positions may want one context
+    else:
+        wanted = torch.zeros(0, 3, dtype=torch.long, device=device)
+    counts = [len(s) for s in span_starts]
+    targets = _emission_batch(walked, rows, start, row_of, alphabet_logp, span_logp, tables, counts)
     return targets, wanted
 
 
@@ -2110,15 +2168,17 @@ def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.T
         up = anchor >= 0
         mass.index_add_(0, anchor[up], -P[f][up])
         # ... and a base token's mass is its P minus theirs where no found prefix is between
-        to_base = f[~up & (tables.depth[node] > 1)]
-        keys, inverse = (walked["pos"][to_base] * V + tables.first[walked["node"][to_base]]).unique(return_inverse=True)
+        to_base = f[~up & (tables.depth[node] > 1)]  # found, with no found prefix: they hang from a base token
+        pairs = walked["pos"][to_base] * V + tables.first[walked["node"][to_base]]  # (position, base token) as one key
+        keys, inverse = pairs.unique(return_inverse=True)  # each base token once per position
         base_pos = keys // V
         base_tok = keys % V
-        base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp()
+        base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp()  # the teacher's P of it
         base_mass = base_mass.index_add(0, inverse, -P[to_base])
         # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
         extension = walked["extension"]
-        Z = torch.ones(m, dtype=torch.float64, device=device).index_add_(0, walked["pos"][extension], -P[extension])
+        Z = torch.ones(m, dtype=torch.float64, device=device)
+        Z = Z.index_add(0, walked["pos"][extension], -P[extension])
         Z = Z.clamp(min=1e-300)
         log_z = Z.log()
         p_found = torch.where(walked["blocked"][f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
@@ -2131,11 +2191,12 @@ def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.T
         new_ids = tables.new_id[node][is_new]
         new_logp = p_found[is_new].log()
     # The new tokens' targets as (m, width) tables: the c-th target of position j in column c.
-    order = torch.argsort(new_pos, stable=True)
+    order = torch.argsort(new_pos, stable=True)  # group the targets by position
     new_pos = new_pos[order]
     per_position = torch.bincount(new_pos, minlength=m)  # (m,)
     width = max(int(per_position.max()) if m else 1, 1)
-    column = torch.arange(len(new_pos), device=device) - (torch.cumsum(per_position, 0) - per_position)[new_pos]
+    first_of_position = torch.cumsum(per_position, 0) - per_position  # (m,) where each position's group starts
+    column = torch.arange(len(new_pos), device=device) - first_of_position[new_pos]  # rank inside the group
     dtype = upcast(rows[0].states).dtype
     id_table = torch.zeros((m, width), dtype=torch.long, device=device)
     logp_table = torch.full((m, width), -math.inf, dtype=dtype, device=device)
@@ -2145,7 +2206,7 @@ def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.T
     out = []
     first = 0
     for r, count in enumerate(counts):
-        stop = first + count
+        stop = first + count  # window r has positions first .. stop - 1
         here = (fix_pos >= first) & (fix_pos < stop)
         out.append(LiftedTargets(
             teacher=rows[r].select(start[first:stop]),
@@ -2185,7 +2246,8 @@ def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: boo
     """The lift settings with the extension's trie, its tensors on `device` (the teacher's)."""
     check_lift(mode, min_prob)
     trie = lift_trie(tok)
-    return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), torch.device(device)))
+    tables = tables_to(lift_tables(tok, trie), torch.device(device))
+    return Lift(trie, mode, min_prob, condition, tables)
 
 
 # --- divergences between the lifted teacher p' and the student q (METHOD.md section 4) ---
@@ -2231,17 +2293,17 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
                   (a general alignment) would give P and Q of the whole span.
     Each is 0 where q = p', and grows as they part.
     """
-    log_p = upcast(log_p)
+    log_p = upcast(log_p)  # (r, |V'|)
     if spec.temperature != 1.0:
-        log_p = torch.log_softmax(log_p / spec.temperature, dim=-1)
-    log_q = torch.log_softmax(upcast(logits) / spec.temperature, dim=-1)
+        log_p = torch.log_softmax(log_p / spec.temperature, dim=-1)  # p'^(1/T), renormalised
+    log_q = torch.log_softmax(upcast(logits) / spec.temperature, dim=-1)  # (r, |V'|)
     kind = spec.kind
-    if kind == "jsd" and spec.beta in (0.0, 1.0):
+    if kind == "jsd" and spec.beta in (0.0, 1.0):  # log m would take log 0 of one side
         kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
     if kind == "forward_kl":
         return kl_terms(log_p, log_q)
     if kind == "reverse_kl":
-        floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))
+        floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))  # not renormalised: a penalty
         return kl_terms(log_q, floored)
     if kind == "jsd":
         log_m = torch.logaddexp(log_p + math.log(spec.beta), log_q + math.log(1 - spec.beta))  # (r, |V'|) log m
@@ -2249,7 +2311,9 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
     if kind == "span_kl":
         if next_ids is None:
             raise KldError("span_kl needs the realised tokens (next_ids)")
-        return binary_kl(log_p.gather(1, next_ids[:, None])[:, 0], log_q.gather(1, next_ids[:, None])[:, 0])
+        log_P = log_p.gather(1, next_ids[:, None])[:, 0]  # (r,) log p'(s_j)
+        log_Q = log_q.gather(1, next_ids[:, None])[:, 0]  # (r,) log q(s_j)
+        return binary_kl(log_P, log_Q)
     raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES.choices}")
 
 
