@@ -761,7 +761,8 @@ def read_safetensors(path: Path) -> dict:
 def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
     """GPT-2 names -> kld names. HF's Conv1D stores weights (in, out): transpose them, and
     split the fused c_attn (d, 3d) into q, k, v."""
-    for name in list(src.tensors):  # GPT2LMHeadModel prefixes "transformer."; old files carry mask buffers
+    # GPT2LMHeadModel prefixes "transformer."; old files carry mask buffers
+    for name in list(src.tensors):
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             src.tensors.pop(name)
         elif name.startswith("transformer."):
@@ -952,7 +953,8 @@ def read_gguf(path: Path):
         raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the memory map is read-only
         tensors[name] = dequantize(raw, type_id).reshape(shape)
     extents.sort()
-    for (_, end_a, a), (begin_b, _, b) in zip(extents, extents[1:]):  # sorted by start: neighbours suffice
+    # sorted by start: neighbours suffice
+    for (_, end_a, a), (begin_b, _, b) in zip(extents, extents[1:]):
         if begin_b < end_a:
             raise KldError(f"{path}: tensors {a!r} and {b!r} overlap in the data section; corrupt file")
     if len(tensors) < len(infos):
@@ -1159,7 +1161,8 @@ def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
     """Apply merges to one sequence as BPE does: the present pair of lowest rank first.
     `ranks` maps a pair to the id it makes; ids grow with rank, so the lowest id wins."""
     while len(seq) > 1:
-        pair = min(zip(seq, seq[1:]), key=lambda p: ranks.get(p, math.inf))  # the adjacent pair merged first
+        # the adjacent pair merged first
+        pair = min(zip(seq, seq[1:]), key=lambda p: ranks.get(p, math.inf))
         if pair not in ranks:
             break  # no adjacent pair has a merge
         seq = merge_pair(seq, pair, ranks[pair])
@@ -1177,13 +1180,15 @@ def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: 
     """
     seqs = [list(s) for s in segments]
     freqs = list(segments.values())
-    counts: dict[tuple[int, int], int] = {}  # pair -> occurrences in the corpus (segment counts included)
+    # pair -> occurrences in the corpus (segment counts included)
+    counts: dict[tuple[int, int], int] = {}
     where: dict[tuple[int, int], set[int]] = {}  # pair -> the segments holding it
     for i, seq in enumerate(seqs):
         for pair in zip(seq, seq[1:]):
             counts[pair] = counts.get(pair, 0) + freqs[i]
             where.setdefault(pair, set()).add(i)
-    heap = [(-c, pair) for pair, c in counts.items()]  # a min-heap of -count: the most frequent on top
+    # a min-heap of -count: the most frequent on top
+    heap = [(-c, pair) for pair, c in counts.items()]
     heapq.heapify(heap)
     merges: list[tuple[int, int]] = []
     while len(merges) < n_merges and heap:
@@ -1227,7 +1232,8 @@ class ExtendedTokenizer:
     def __init__(self, base: Tokenizer, merges: list[tuple[int, int]], base_vocab_size: int):
         self.base = base
         self.base_vocab_size = base_vocab_size
-        for i, m in enumerate(merges):  # merge i makes id base_vocab_size + i from two ids made before it
+        # merge i makes id base_vocab_size + i from two ids made before it
+        for i, m in enumerate(merges):
             if not (len(m) == 2 and all(type(x) is int and 0 <= x < base_vocab_size + i for x in m)):
                 raise KldError(f"merge {i} is {list(m)!r}; each merge is two ids below {base_vocab_size + i}")
         self.merges = [tuple(m) for m in merges]
@@ -1245,7 +1251,8 @@ class ExtendedTokenizer:
             k = len(e) - 1  # the longest proper prefix first
             while k > 1 and e[:k] not in by_expansion:
                 k -= 1
-            self.parents.append(by_expansion[e[:k]] if k > 1 else e[0])  # a new token, else e's first base token
+            # a new token, else e's first base token
+            self.parents.append(by_expansion[e[:k]] if k > 1 else e[0])
         # An id can end the left side of a merge / start its right side only if its base
         # token is in these sets; between other neighbours no merge can ever apply.
         self._left_ends = {self.expand([a])[-1] for a, _ in self.merges}
@@ -1327,7 +1334,8 @@ def line_segments(ids_per_text: list[list[int]], tok: ExtendedTokenizer,
     for ids in ids_per_text:
         start = 0  # where the current segment began
         for i, t in enumerate(ids):
-            if t in special or (t in ends_line and not newline_merges):  # t stands alone: end before it
+            if t in special or (t in ends_line and not newline_merges):
+                # t stands alone: end before it
                 segments[tuple(ids[start:i])] += 1
                 start = i + 1
             elif t in ends_line:  # t ends the segment
@@ -1486,7 +1494,8 @@ def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, in
         end_b = ends_b[j]
         i += 1
         j += 1
-        while end_a != end_b:  # take the next token of the side that ends first, until both end together
+        # take the next token of the side that ends first, until both end together
+        while end_a != end_b:
             if end_a < end_b:
                 end_a = ends_a[i]
                 i += 1
@@ -1558,7 +1567,8 @@ class TeacherRows:
         if self.head is None:
             logits = self.states[i, tokens]
         else:
-            logits = (upcast(self.states[i]) * upcast(self.head[tokens])).sum(-1)  # one dot product per row
+            # one dot product per row
+            logits = (upcast(self.states[i]) * upcast(self.head[tokens])).sum(-1)
         return upcast(logits) - upcast(self.lse[i])
 
     def select(self, rows) -> "TeacherRows":
@@ -1678,11 +1688,14 @@ def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
 def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
     """The lookup tables of the lift for tau' (tok): the trie of expansions and the extensions of each token."""
     V = tok.base_vocab_size
-    extensions: dict[int, set[tuple[int, ...]]] = {}  # v -> the suffixes that would have merged into v
+    # v -> the suffixes that would have merged into v
+    extensions: dict[int, set[tuple[int, ...]]] = {}
     for i, e in enumerate(tok.expansions):
         v = tok.parents[i]  # the token whose expansion is the longest proper prefix of e
-        extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])  # what tau' would have needed to emit e
-    alphabet = sorted({t for e in tok.expansions for t in e})  # extensions are tails of expansions: covered
+        # what tau' would have needed to emit e
+        extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
+    # extensions are tails of expansions: covered
+    alphabet = sorted({t for e in tok.expansions for t in e})
     return LiftTrie(
         children=prefix_children(tok.expansions),
         new_token={e: V + i for i, e in enumerate(tok.expansions)},
@@ -1714,7 +1727,8 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.nda
             row = branches.get(node)
         else:  # on it: the window's own row, if the window has one there
             row = realised[b] if b < len(realised) else None
-        if row is None:  # past the rows given, or a branch the teacher has not been asked about (yet)
+        if row is None:
+            # past the rows given, or a branch the teacher has not been asked about (yet)
             if xs and lp >= min_logp:
                 wanted.add(node)
             return
@@ -1723,7 +1737,8 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.nda
             if child in log_p:
                 continue  # reached already: through the trie and as an extension
             log_p[child] = lp + row[trie.column[x]]  # chain rule: P(u x) = P(u) p(x | u)
-            on_path = not xs and b < n and teacher_ids[b] == x  # x is the realised token: stay on the text
+            # x is the realised token: stay on the text
+            on_path = not xs and b < n and teacher_ids[b] == x
             if child in trie.children or child in extension_children:  # the walk goes deeper
                 visit(child, log_p[child], (b + 1, ()) if on_path else (b, xs + (x,)))
 
@@ -1732,7 +1747,8 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.nda
         log_p[seq] = realised[a][trie.column[r]]
         if seq in trie.children or seq in extension_children:
             visit(seq, log_p[seq], (a + 1, ()) if r == teacher_ids[a] else (a, seq))
-    found = {s: lp for s, lp in log_p.items() if s in trie.new_token or s in extensions}  # the tokens, not inner nodes
+    # keep the tokens and extensions, not the inner nodes of the trie
+    found = {s: lp for s, lp in log_p.items() if s in trie.new_token or s in extensions}
     return found, wanted
 
 
@@ -1764,8 +1780,10 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
     for s in sorted(P, key=len):  # parents before children
         if s in extensions or parent.get(s) in dropped:
             dropped.add(s)
-    Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)  # the mass left after the extensions
-    probs = {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}  # max: float round-off
+    # the mass left after the extensions
+    Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)
+    # max(m, 0): float round-off can leave a mass a hair below 0
+    probs = {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}
     return probs, Z
 
 
@@ -1799,8 +1817,10 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     bounds = torch.as_tensor(list(span_starts) + [n], device=device)  # (m + 1,) span j is bounds[j] .. bounds[j + 1]
     span_logp = cum[bounds[1:]] - cum[bounds[:-1]]  # (m,) log P(span j), chain rule
     starts = bounds[:-1]
-    min_logp = math.log(min_prob) if min_prob > 0 else -math.inf  # log(inf) = inf: path mode wants nothing
-    likely_roots: list[list[int]] = [[] for _ in range(m)]  # trie mode: off-path roots with P >= min_prob
+    # log(inf) = inf: path mode wants nothing
+    min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
+    # trie mode: off-path roots with P >= min_prob
+    likely_roots: list[list[int]] = [[] for _ in range(m)]
     if min_logp < math.inf and len(trie.roots):
         root_columns = torch.tensor([trie.column[int(r)] for r in trie.roots], device=device)
         for j, r in (realised[starts][:, root_columns] >= min_logp).nonzero().tolist():
@@ -1832,14 +1852,16 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
             lp = math.log(p) if p > 0 else -math.inf
             if len(s) == 1:  # a base token
                 base_entries.append((j, s[0], lp))
-            elif s in trie.new_token and s not in extensions:  # a new token (an extension has p' = 0)
+            elif s in trie.new_token and s not in extensions:
+                # a new token (an extension has p' = 0)
                 new_entries.append((j, trie.new_token[s], lp))
 
     # The base tokens the walk rewrote, and the new tokens with a target, as tensors.
     fix_pos = [j for j, _, _ in base_entries]
     fix_ids = [v for _, v, _ in base_entries]
     fix_logp = [lp for _, _, lp in base_entries]
-    width = max(collections.Counter(j for j, _, _ in new_entries).values(), default=1)  # most at one position
+    # the most new targets at one position
+    width = max(collections.Counter(j for j, _, _ in new_entries).values(), default=1)
     new_ids = torch.zeros((m, width), dtype=torch.long, device=device)  # (m, width), padded with id 0 ...
     new_logp = torch.full((m, width), -math.inf, dtype=upcast(rows.states).dtype, device=device)  # ... at p' = 0
     if new_entries:
@@ -1910,8 +1932,10 @@ class LiftTables:
 def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     """LiftTables of an extension: the trie of `lift_trie`, renumbered for tensors."""
     V = tok.base_vocab_size
-    walk_after: dict[tuple[int, ...], set[int]] = {}  # sequence -> the tokens v after which it is walkable
-    in_trie = {e[:k] for e in tok.expansions for k in range(1, len(e) + 1)}  # walkable after any token
+    # sequence -> the tokens v after which it is walkable
+    walk_after: dict[tuple[int, ...], set[int]] = {}
+    # walkable after any token
+    in_trie = {e[:k] for e in tok.expansions for k in range(1, len(e) + 1)}
     for v, extensions in trie.extensions.items():
         for f in extensions:
             for k in range(1, len(f) + 1):
@@ -1933,7 +1957,8 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     extension_keys = sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)
     suffixes = sorted({s[k:] for s in nodes for k in range(len(s))}, key=lambda s: (len(s), s))
     suffix_index = {s: i for i, s in enumerate(suffixes)}
-    child_by_key = {}  # suffix xs + (x,) as the child of xs by x: key (xs + 1) * |V| + x, xs = -1 when empty
+    # suffix xs + (x,) as the child of xs by x: key (xs + 1) * |V| + x, xs = -1 when empty
+    child_by_key = {}
     for i, s in enumerate(suffixes):
         head = suffix_index[s[:-1]] if len(s) > 1 else -1
         child_by_key[(head + 1) * V + s[-1]] = i
@@ -1974,7 +1999,8 @@ def sorted_lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor
     """(found, index) of each query in sorted keys: found (q,) bool, index (q,) where it is."""
     if len(keys) == 0:
         return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
-    index = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)  # where it would be inserted, inside keys
+    # where it would be inserted, inside keys
+    index = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
     return keys[index] == query, index
 
 
@@ -2021,7 +2047,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     # at the last one (after the window), so that "t_b == x" fails there as past the end.
     lengths = [len(t) for t in teacher_ids]
     width = max(lengths) + 1  # a bound on b, for branch keys
-    first_rows = [0, *itertools.accumulate(n + 1 for n in lengths)][:-1]  # window r's rows start here
+    # window r's rows start here
+    first_rows = [0, *itertools.accumulate(n + 1 for n in lengths)][:-1]
     row_offset = torch.tensor(first_rows, device=device)  # (windows,)
     alphabet_logp = torch.cat([r.logp(columns=tables.alphabet) for r in rows]).double()  # (rows, A)
     flat_ids = torch.tensor([i for t in teacher_ids for i in [*t, -1]], device=device)  # (rows,)
@@ -2047,7 +2074,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         branches = BranchRows(no_keys, alphabet_logp.new_zeros(0, alphabet_logp.shape[1]))
     table = torch.cat([alphabet_logp, branches.rows.to(alphabet_logp)])  # (rows + k, A): realised rows, then branches
 
-    def walkable(pos, node):  # walkable after previous[pos]: a prefix of an expansion or of its extensions
+    # walkable after previous[pos]: a prefix of an expansion or of its extensions
+    def walkable(pos, node):
         return tables.in_trie[node] | sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
 
     def is_extension(pos, node):
@@ -2061,7 +2089,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     x = tables.token[node]
     log_p = alphabet_logp[row_of[pos], tables.column[x]]  # (m R,) log p(x | t_<a)
     on_path = flat_ids[row_of[pos]] == x  # x is the realised token t_a
-    extension_start = sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]  # walkable after previous only
+    # the start of an extension of the previous token: walkable after it only
+    extension_start = sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
     walkable_here = tables.in_trie[node] | extension_start
     worth_it = on_path | (log_p >= min_logp) | extension_start
     keep = walkable_here & worth_it
@@ -2078,7 +2107,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         "suffix": torch.where(on_path, -1, _suffix_child(tables, torch.full_like(x, -1), x, V)),  # -1: on the path
         "anchor": torch.full_like(pos, -1),  # the nearest found ancestor entry; -1: the base token
         "extension": extension,  # an extension of the previous token
-        "found": extension | (tables.new_id[node] >= 0),  # a token or an extension: step 3 gives it p'
+        # a token or an extension: step 3 gives it p'
+        "found": extension | (tables.new_id[node] >= 0),
         "blocked": extension,  # it or a found ancestor is an extension: p' = 0
     }
     levels = []
@@ -2110,7 +2140,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         pos = entry["pos"][parent]
         x = tables.token[child]
         parent_row = row[parent]  # (C,) the row x is read at
-        realised_next = flat_ids[parent_row.clamp(max=len(flat_ids) - 1)]  # t_b at an on-path row (clamp: branch rows)
+        # t_b at an on-path row (clamp: branch rows)
+        realised_next = flat_ids[parent_row.clamp(max=len(flat_ids) - 1)]
         child_on_path = on_path[parent] & (realised_next == x)
         extension = is_extension(pos, child)
         entry = {
@@ -2168,12 +2199,14 @@ def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.T
         up = anchor >= 0
         mass.index_add_(0, anchor[up], -P[f][up])
         # ... and a base token's mass is its P minus theirs where no found prefix is between
-        to_base = f[~up & (tables.depth[node] > 1)]  # found, with no found prefix: they hang from a base token
+        # found, with no found prefix: they hang from a base token
+        to_base = f[~up & (tables.depth[node] > 1)]
         pairs = walked["pos"][to_base] * V + tables.first[walked["node"][to_base]]  # (position, base token) as one key
         keys, inverse = pairs.unique(return_inverse=True)  # each base token once per position
         base_pos = keys // V
         base_tok = keys % V
-        base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp()  # the teacher's P of it
+        # the teacher's P of the base token
+        base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp()
         base_mass = base_mass.index_add(0, inverse, -P[to_base])
         # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
         extension = walked["extension"]
@@ -2196,7 +2229,8 @@ def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.T
     per_position = torch.bincount(new_pos, minlength=m)  # (m,)
     width = max(int(per_position.max()) if m else 1, 1)
     first_of_position = torch.cumsum(per_position, 0) - per_position  # (m,) where each position's group starts
-    column = torch.arange(len(new_pos), device=device) - first_of_position[new_pos]  # rank inside the group
+    # rank inside the group
+    column = torch.arange(len(new_pos), device=device) - first_of_position[new_pos]
     dtype = upcast(rows[0].states).dtype
     id_table = torch.zeros((m, width), dtype=torch.long, device=device)
     logp_table = torch.full((m, width), -math.inf, dtype=dtype, device=device)
@@ -2303,7 +2337,8 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
     if kind == "forward_kl":
         return kl_terms(log_p, log_q)
     if kind == "reverse_kl":
-        floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))  # not renormalised: a penalty
+        # not renormalised: a penalty
+        floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))
         return kl_terms(log_q, floored)
     if kind == "jsd":
         log_m = torch.logaddexp(log_p + math.log(spec.beta), log_q + math.log(1 - spec.beta))  # (r, |V'|) log m
@@ -2492,7 +2527,8 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
             for k in range(1, len(xs)):
                 mask[r, 0, t, slots[r][(b, xs[:k])]] = True  # its ancestors in the tree
             slots[r][(b, xs)] = S0 + t
-    mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True  # itself (padding too: no empty softmax row)
+    # each position attends to itself (padding too: no softmax row is empty)
+    mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True
     with autocast(device):
         return model(ids.to(device), valid.to(device), cache, base_only=True, positions=positions.to(device),
                      mask=mask.to(device), hidden=hidden)
@@ -2789,7 +2825,8 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
     """A checkpoint's contents, after checking that it was made under the same config."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file, with messages of many lines
+    except Exception as e:
+        # torch raises many kinds for a damaged file, with messages of many lines
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
@@ -3045,7 +3082,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
+        # the mass of the tokens before this one reaches top_p already
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -3470,7 +3508,8 @@ def _uid_processes(uid: int) -> dict[int, int]:
                 continue
             fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
             if fields[0] != "Z":
-                found[int(name)] = int(fields[21]) * resource.getpagesize()  # field 24 of stat: rss in pages
+                # field 24 of stat: rss in pages
+                found[int(name)] = int(fields[21]) * resource.getpagesize()
     return found
 
 
@@ -3827,7 +3866,8 @@ class CodegenSettings:
     limits: SandboxLimits = SandboxLimits()  # bounds on each program run
     workers: int = 0  # programs run at once; 0 = one per CPU
 
-    def __post_init__(self):  # greedy decoding gives one program per task; more need temperature > 0
+    # greedy decoding gives one program per task; more need temperature > 0
+    def __post_init__(self):
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
             raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: n_samples must "
                            "be 1 for greedy decoding, or temperature > 0 for more samples")
