@@ -1129,10 +1129,10 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
     added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
     out = []
     for i in range(vocab_size):
-        token = tokenizer.id_to_token(i)
+        token = tokenizer.id_to_token(i)  # its spelling in the vocabulary
         if i in added:
             out.append(added[i].encode())
-        elif token is None:
+        elif token is None:  # the model's vocabulary is padded past the tokenizer's
             out.append(b"")
         elif all(ch in to_byte for ch in token):
             out.append(bytes(to_byte[ch] for ch in token))
@@ -1196,7 +1196,7 @@ def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: 
         if counts.get(pair) != -neg_count:
             continue  # stale entry: the pair's count changed since it was pushed
         if -neg_count < min_count:
-            break
+            break  # the most frequent pair is too rare: so is every other
         new_id = first_id + len(merges)
         merges.append(pair)
         touched = set()  # pairs whose count changed
@@ -1236,12 +1236,12 @@ class ExtendedTokenizer:
         for i, m in enumerate(merges):
             if not (len(m) == 2 and all(type(x) is int and 0 <= x < base_vocab_size + i for x in m)):
                 raise KldError(f"merge {i} is {list(m)!r}; each merge is two ids below {base_vocab_size + i}")
-        self.merges = [tuple(m) for m in merges]
+        self.merges = [tuple(m) for m in merges]  # JSON gives lists; pairs are keys below
         self.ranks = {pair: base_vocab_size + i for i, pair in enumerate(self.merges)}  # pair -> new id
         if len(self.ranks) != len(self.merges):
             raise KldError("the extension lists the same merge twice")
         self.expansions: list[tuple[int, ...]] = []  # exp(base_vocab_size + i)
-        for a, b in self.merges:
+        for a, b in self.merges:  # in order: a merge's parts are expanded already
             self.expansions.append(self.expand([a]) + self.expand([b]))
         by_expansion = {e: base_vocab_size + i for i, e in enumerate(self.expansions)}
         if len(by_expansion) != len(self.expansions):
@@ -1268,7 +1268,7 @@ class ExtendedTokenizer:
         """Student ids -> teacher ids: exp(v) for each, concatenated."""
         out = []
         for i in ids:
-            out.extend(self.expansions[i - self.base_vocab_size] if i >= self.base_vocab_size else (i,))
+            out.extend(self.expansions[i - self.base_vocab_size] if i >= self.base_vocab_size else (i,))  # base: itself
         return tuple(out)
 
     def merge(self, base_ids: list[int]) -> list[int]:
@@ -1284,7 +1284,7 @@ class ExtendedTokenizer:
             at_end = i == len(base_ids)
             if at_end or base_ids[i - 1] not in self._left_ends or base_ids[i] not in self._right_starts:
                 piece = tuple(base_ids[start:i])  # no merge can join it to what follows
-                if len(piece) == 1:
+                if len(piece) == 1:  # most pieces: nothing to merge
                     out.append(piece[0])
                 else:
                     if piece not in self._memo:
@@ -1292,7 +1292,7 @@ class ExtendedTokenizer:
                             self._memo.clear()  # bound the memory on a corpus without repeats
                         self._memo[piece] = bpe_merge(list(piece), self.ranks)
                     out.extend(self._memo[piece])
-                start = i
+                start = i  # the next piece begins here
         return out
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -1310,7 +1310,8 @@ class ExtendedTokenizer:
         return self.base.token_to_id(token)
 
     def token_bytes(self, token_id: int) -> bytes:
-        if self._base_bytes is None:
+        """The bytes a token stands for: those of its expansion."""
+        if self._base_bytes is None:  # a pass over the whole vocabulary: only when asked
             self._base_bytes = token_bytes(self.base, self.base_vocab_size)
         return b"".join(self._base_bytes[t] for t in self.expand([token_id]))
 
@@ -1350,7 +1351,7 @@ def chain_merges(tokenizer: Tokenizer, strings: list[str], merges: list[tuple[in
     """`merges` plus what makes each user string one token: BPE the string with the merges
     so far, then merge its first two tokens, again and again. Each new merge outranks all
     before it, so encoding the string alone gives that one token."""
-    merges = list(merges)
+    merges = list(merges)  # a copy: the caller's list stays as it was
     ranks = {pair: base_vocab_size + i for i, pair in enumerate(merges)}
     special = set(tokenizer.get_added_tokens_decoder())
     for s in strings:
@@ -1364,8 +1365,8 @@ def chain_merges(tokenizer: Tokenizer, strings: list[str], merges: list[tuple[in
             pair = (ids[0], ids[1])
             new_id = base_vocab_size + len(merges)
             merges.append(pair)
-            ranks[pair] = new_id
-            ids = merge_pair(ids, pair, new_id)
+            ranks[pair] = new_id  # later strings are encoded with it
+            ids = merge_pair(ids, pair, new_id)  # one token fewer, until one is left
     return merges
 
 
@@ -1375,7 +1376,7 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
     (newline_merges: whether they may join a token to the newline that ends its line)."""
     merges = chain_merges(tokenizer, list(new_tokens), [], base_vocab_size)
     if n_merges > 0:
-        ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)
+        ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)  # the user's tokens apply before learning
         encoded = ext.encode_batch(texts)  # the corpus as the student (so far) tokenizes it
         segments = line_segments(encoded, ext, newline_merges)
         merges += learn_merges(segments, n_merges, base_vocab_size + len(merges))
@@ -1384,7 +1385,7 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
 
 def vocab_fingerprint(tokenizer: Tokenizer) -> str:
     """sha256 of the base vocabulary, so that an extension is never applied to another one."""
-    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])  # by id
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
@@ -1415,7 +1416,7 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
         raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
     if not (isinstance(merges, list) and all(isinstance(m, list) for m in merges)):
         raise KldError(f"{path}: merges must be a list of [id, id] pairs")
-    try:
+    try:  # ExtendedTokenizer checks the merges themselves
         return ExtendedTokenizer(tokenizer, [tuple(m) for m in merges], n_base)
     except KldError as e:
         raise KldError(f"{path}: {e}") from None
@@ -1435,6 +1436,7 @@ def corpus_files(source: str) -> list[Path]:
         return [root]
     if not root.is_dir():
         raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory nor a file")
+    # sorted: the same order, and so the same extension, on every machine
     files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
     if not files:
         raise KldError(f"corpus {source!r} holds no .py files")
@@ -1443,14 +1445,14 @@ def corpus_files(source: str) -> list[Path]:
 
 def is_heldout(name: str, heldout_fraction: float) -> bool:
     """A fixed split by file name: the same files are held out on every machine and run."""
-    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8 < heldout_fraction
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8 < heldout_fraction  # a uniform draw in [0, 1)
 
 
 def load_corpus(source: str, heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
     """(train texts, held-out texts), one text per file. A corpus of one file is split by
     lines instead: its last `heldout_fraction` of lines are held out."""
     files = corpus_files(source)
-    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}
+    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}  # a stray byte is not fatal
     if len(files) == 1:
         lines = texts[files[0]].splitlines(keepends=True)
         cut = len(lines) - int(len(lines) * heldout_fraction)
@@ -1458,6 +1460,7 @@ def load_corpus(source: str, heldout_fraction: float = 0.1) -> tuple[list[str], 
         heldout = ["".join(lines[cut:])]
     else:
         root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
+        # by the path inside the corpus, so the split does not depend on where it lies
         split = {p: is_heldout(p.relative_to(root).as_posix(), heldout_fraction) for p in files}
         train = [texts[p] for p in files if not split[p]]
         heldout = [texts[p] for p in files if split[p]]
@@ -2434,7 +2437,7 @@ def token_stream(tok: ExtendedTokenizer, texts: list[str], sep: int) -> list[int
 def training_windows(stream: list[int], seq_len: int, seed: int):
     """Endless shuffled windows of seq_len + 1 student ids (the first is context only):
     non-overlapping, in an order fixed by the seed, reshuffled after each pass."""
-    n = (len(stream) - 1) // seq_len
+    n = (len(stream) - 1) // seq_len  # windows in the stream; each shares its first id with the one before
     if n < 1:
         raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
     generator = torch.Generator().manual_seed(seed)
@@ -2449,11 +2452,12 @@ def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: 
     if window < 1:
         raise KldError(f"an evaluation window holds at least one token, got {window}")
     newline = {i for i, b in enumerate(token_bytes(tokenizer, tokenizer.get_vocab_size())) if b"\n" in b}
-    chunks, chars = [], 0
+    chunks = []
+    chars = 0  # characters taken so far
     for ids in (e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)):
         while ids and chars < max_chars:
             cut = min(window, len(ids))
-            if cut < len(ids):
+            if cut < len(ids):  # cut after the last newline token inside the window, if it has one
                 cut = next((i + 1 for i in range(cut - 1, 0, -1) if ids[i] in newline), cut)
             chunks.append(ids[:cut])
             chars += len(tokenizer.decode(ids[:cut]))
@@ -2473,7 +2477,7 @@ def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Ten
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
         valid[b, : len(s)] = True
-    padded = any(len(s) < width for s in seqs)
+    padded = any(len(s) < width for s in seqs)  # else no mask: the fused causal attention applies
     return ids.to(device), valid.to(device) if padded else None
 
 
@@ -2482,18 +2486,18 @@ def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
     """One batched pass over sequences of any lengths (right-padded); for each, the logits
     (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1
     (hidden: the final hidden states there instead)."""
-    ids, valid = right_padded(seqs, model.embed.weight.device)
+    ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
     with autocast(ids.device):
-        logits = model(ids, valid, base_only=base_only, hidden=hidden)
-    return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]
+        logits = model(ids, valid, base_only=base_only, hidden=hidden)  # (B, width, |V'| or d)
+    return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]  # padding and the last row dropped
 
 
 def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
     """The base model's logits (B, width, |V|) over right-padded sequences (hidden: its final
     hidden states (B, width, d) instead), and the KV cache it filled: slot i of row r holds
     token i of seqs[r] (for `branch_logits` to extend)."""
-    ids, valid = right_padded(seqs, model.embed.weight.device)
-    cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)
+    ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
+    cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)  # room for the sequences
     with autocast(ids.device):
         out = model(ids, valid, cache, base_only=True, hidden=hidden)
     return out, cache
@@ -2512,7 +2516,9 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
     the logits are those of one full pass over t_<b xs. Records the new nodes' slots.
     """
     device = model.embed.weight.device
-    B, S0, T = len(nodes), cache.length, max(map(len, nodes))
+    B = len(nodes)
+    S0 = cache.length  # slots filled before this call
+    T = max(map(len, nodes))  # the most nodes in one row: the query length
     cache.reserve(S0 + T)
     ids = torch.zeros(B, T, dtype=torch.long)
     positions = torch.zeros(B, T, dtype=torch.long)
@@ -2526,7 +2532,7 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
             mask[r, 0, t, : prefix_slots[r] + b] = True  # the realised prefix t_<b
             for k in range(1, len(xs)):
                 mask[r, 0, t, slots[r][(b, xs[:k])]] = True  # its ancestors in the tree
-            slots[r][(b, xs)] = S0 + t
+            slots[r][(b, xs)] = S0 + t  # where its keys and values land, for its descendants
     # each position attends to itself (padding too: no softmax row is empty)
     mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True
     with autocast(device):
@@ -2549,21 +2555,25 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
     its ancestors (b, xs[:k]) and to itself: tree attention, no copy of the prefix.
     """
     device = teacher.embed.weight.device
-    tables = lift_cfg.tables if lift_cfg.tables.token.device == device else tables_to(lift_cfg.tables, device)
-    head = teacher.output_weight()  # (|V|, d): the teacher's rows are kept as hidden states, see TeacherRows
+    tables = lift_cfg.tables
+    if tables.token.device != device:  # a Lift made for another device
+        tables = tables_to(tables, device)
+    # (|V|, d): the teacher's rows are kept as hidden states, see TeacherRows
+    head = teacher.output_weight()
     seqs = [list(tok.expand(w)) for w in windows]  # teacher ids: context token, then the window
     context = [len(tok.expand(w[:1])) for w in windows]  # teacher tokens of the context token
-    B = len(seqs)
     states, cache = cached_pass(teacher, seqs, hidden=True)  # (B, width, d)
     # Rows context-1 .. len-1: log p(. | t_<b) for the window's tokens b = 0 .. n-1, and after it (b = n).
-    rows = [TeacherRows.of_states(states[r, c - 1 : len(s)], head) for r, (c, s) in enumerate(zip(context, seqs))]
-    teacher_ids = [s[c:] for c, s in zip(context, seqs)]
+    rows = []
+    for r, (c, s) in enumerate(zip(context, seqs)):
+        rows.append(TeacherRows.of_states(states[r, c - 1 : len(s)], head))
+    teacher_ids = [s[c:] for c, s in zip(context, seqs)]  # the windows' own teacher tokens
     span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
-    min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
+    min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf  # path mode asks for no branch
     width = max(map(len, teacher_ids)) + 1  # a bound on b, for branch keys
     n_suffixes = len(tables.suffixes)
-    branches = BranchRows(torch.zeros(0, dtype=torch.long, device=device),
-                          torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
+    no_keys = torch.zeros(0, dtype=torch.long, device=device)
+    branches = BranchRows(no_keys, torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
     slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
     n_branch_tokens = 0
     while True:
@@ -2577,15 +2587,18 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
             if context[r] + b + len(xs) <= teacher.cfg.max_positions:
                 todo[r].append((b, xs))
                 keys[r].append(branch_key(r, b, s, width, n_suffixes))
-        if not any(todo):
+        if not any(todo):  # the lift wants nothing more: its targets are final
             return targets, n_branch_tokens
         branch_states = branch_logits(teacher, cache, todo, context, slots, hidden=True)  # (B, T, d)
-        r_index = torch.tensor([r for r, nodes in enumerate(todo) for _ in nodes], device=device)
-        t_index = torch.tensor([t for nodes in todo for t in range(len(nodes))], device=device)
-        new_rows = TeacherRows.of_states(branch_states[r_index, t_index], head).logp(columns=tables.alphabet)  # (k, A)
-        all_keys = torch.cat([branches.keys, torch.tensor([k for ks in keys for k in ks], device=device)])
-        all_rows = torch.cat([branches.rows, new_rows.double()])
-        order = all_keys.argsort()
+        # The new rows, one per node, at the alphabet's columns, joined to the earlier ones.
+        r_index = torch.tensor([r for r, nodes in enumerate(todo) for _ in nodes], device=device)  # (k,) window
+        t_index = torch.tensor([t for nodes in todo for t in range(len(nodes))], device=device)  # (k,) its column
+        new_rows = TeacherRows.of_states(branch_states[r_index, t_index], head)
+        new_logp = new_rows.logp(columns=tables.alphabet)  # (k, A)
+        new_keys = torch.tensor([k for ks in keys for k in ks], device=device)  # (k,)
+        all_keys = torch.cat([branches.keys, new_keys])
+        all_rows = torch.cat([branches.rows, new_logp.double()])
+        order = all_keys.argsort()  # BranchRows keeps its keys sorted, for searchsorted
         branches = BranchRows(all_keys[order], all_rows[order])
         n_branch_tokens += len(r_index)
 
@@ -2601,27 +2614,29 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, new_out, base_out, position_loss, chunk):
-        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        total = torch.zeros((), dtype=torch.float64, device=h.device)  # the sum of the losses
         grad_h = torch.zeros_like(h)  # (P, d)
         grad_new = torch.zeros_like(new_out)  # (N, d)
         for start in range(0, len(h), chunk):
             stop = min(start + chunk, len(h))
-            with torch.enable_grad():
-                h_chunk = h[start:stop].detach().requires_grad_()
-                new_rows = new_out.detach().requires_grad_()
-                logits = torch.cat([head_logits(h_chunk, base_out), head_logits(h_chunk, new_rows)], dim=-1)  # (c, |V'|)
+            with torch.enable_grad():  # a small graph of its own per chunk, freed after the grad
+                h_chunk = h[start:stop].detach().requires_grad_()  # (c, d)
+                new_rows = new_out.detach().requires_grad_()  # (N, d)
+                base_logits = head_logits(h_chunk, base_out)  # (c, |V|)
+                new_logits = head_logits(h_chunk, new_rows)  # (c, N)
+                logits = torch.cat([base_logits, new_logits], dim=-1)  # (c, |V'|)
                 loss = position_loss(logits, start, stop).sum()
                 d_h, d_new = torch.autograd.grad(loss, [h_chunk, new_rows])
-            grad_h[start:stop] = d_h
-            grad_new += d_new
+            grad_h[start:stop] = d_h  # each position's gradient comes from its own chunk
+            grad_new += d_new  # the new rows' gradient sums over every chunk
             total += loss.detach()
-        ctx.save_for_backward(grad_h / len(h), grad_new / len(h))
+        ctx.save_for_backward(grad_h / len(h), grad_new / len(h))  # of the mean, not the sum
         return (total / len(h)).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_new = ctx.saved_tensors
-        return grad_loss * grad_h, grad_loss * grad_new, None, None, None
+        return grad_loss * grad_h, grad_loss * grad_new, None, None, None  # chain rule: a scalar loss
 
 
 def chunked_head_loss(h: torch.Tensor, new_out: torch.Tensor, base_out: torch.Tensor, position_loss,
@@ -2655,18 +2670,21 @@ def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], 
         raise KldError("the kl objective needs lift settings (make_lift)")
     ids, valid = right_padded(windows, model.embed.weight.device)
     with autocast(ids.device):
-        states = model(ids, valid, hidden=True)  # (B, width, d)
-    h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])  # (P, d): the rows that predict ids 1 ..
+        states = model(ids, valid, hidden=True)  # (B, width, d): the student, through its new input rows
+    # The rows that predict ids 1 .. of each window, all windows in one list of P positions.
+    h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])  # (P, d)
     next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)  # (P,)
     if objective == "ce":
-        def position_loss(logits, start, stop):
+        def position_loss(logits, start, stop):  # -log q_j(s_j)
             return F.cross_entropy(logits, next_ids[start:stop], reduction="none")
     else:
-        targets = cat_targets(teacher_targets(teacher or model, tok, windows, lift_cfg)[0])
+        targets, _ = teacher_targets(teacher or model, tok, windows, lift_cfg)  # no gradient flows to the teacher
+        targets = cat_targets(targets)  # the windows' positions in one list, as h
 
-        def position_loss(logits, start, stop):
+        def position_loss(logits, start, stop):  # D(p'_j || q_j), p' made dense for this chunk only
             return divergence(targets.logp(start, stop), logits, spec, next_ids[start:stop])
-    return chunked_head_loss(h, model.new_out, model.output_weight().detach(), position_loss, chunk or len(h))
+    base_out = model.output_weight().detach()  # (|V|, d): frozen
+    return chunked_head_loss(h, model.new_out, base_out, position_loss, chunk or len(h))
 
 
 # --- the output rows alone: a convex problem that forward passes feed (METHOD.md section 4) ---
@@ -2695,12 +2713,16 @@ def output_row_data(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]]
     (the first id of each is context), batch_size at a time: h, B and the targets on new
     tokens at every position."""
     V = tok.base_vocab_size
-    h, base_lse, ids, p = [], [], [], []  # per window: (m, d), (m,), (m, c), (m, c)
+    h = []  # per window: (m, d)
+    base_lse = []  # (m,)
+    ids = []  # (m, c)
+    p = []  # (m, c)
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
         for x in sequence_logits(model, batch, hidden=True):
             h.append(x)
-            base_lse.append(torch.logsumexp(F.linear(x, upcast(model.output_weight())), dim=-1))
+            base_logits = F.linear(x, upcast(model.output_weight()))  # (m, |V|)
+            base_lse.append(torch.logsumexp(base_logits, dim=-1))
         if objective == "ce":
             for w in batch:
                 realised = torch.tensor(w[1:], device=h[-1].device)[:, None]  # (m, 1): the one-hot target
@@ -2710,9 +2732,10 @@ def output_row_data(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]]
             targets, _ = teacher_targets(teacher or model, tok, batch, lift_cfg)
             ids += [(t.new_ids - V).clamp(min=0) for t in targets]  # padding id 0 has p = 0
             p += [upcast(t.new_logp).exp() for t in targets]
-    width = max(x.shape[1] for x in ids)
-    return OutputRowData(torch.cat(h), torch.cat(base_lse), torch.cat([F.pad(x, (0, width - x.shape[1])) for x in ids]),
-                         torch.cat([F.pad(x, (0, width - x.shape[1])) for x in p]))
+    width = max(x.shape[1] for x in ids)  # pad every window's targets to the widest
+    target_ids = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in ids])  # (P, c)
+    target_p = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in p])  # (P, c)
+    return OutputRowData(torch.cat(h), torch.cat(base_lse), target_ids, target_p)
 
 
 def output_row_loss(new_out: torch.Tensor, data: OutputRowData) -> torch.Tensor:
@@ -2730,7 +2753,7 @@ def fit_output_rows(new_out: torch.Tensor, data: OutputRowData, iterations: int,
     """The new output rows that minimise output_row_loss on `data` + l2/2 ||U - U0||^2, from
     U0 = new_out (N, d): full-batch L-BFGS with a strong-Wolfe line search (the problem is
     smooth and convex). The ridge toward the start keeps rows of rare tokens near it."""
-    start = new_out.detach().double()
+    start = new_out.detach().double()  # U0
     rows = start.clone().requires_grad_(True)  # float64: the line search compares losses
     optimizer = torch.optim.LBFGS([rows], lr=1.0, max_iter=iterations, history_size=20,
                                   tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
@@ -2761,29 +2784,38 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     the teacher tokens trie mode evaluated per student token besides the realised ones.
     """
     student = lift_cfg is not None
-    nats = chars = tokens = kl = target_nats = target_zero = branch_tokens = 0.0
-    new_positions = new_mass = target_new_mass = 0.0
+    # Sums over every chunk, divided at the end.
+    nats = 0.0  # -log P of the text under the model
+    chars = 0
+    tokens = 0
+    kl = 0.0
+    target_nats = 0.0  # -log p' of the realised tokens, where p' > 0
+    target_zero = 0  # positions where p' gives the realised token nothing
+    branch_tokens = 0
+    new_positions = 0  # positions whose next token is new
+    new_mass = 0.0  # the student's mass on new tokens there
+    target_new_mass = 0.0  # p''s mass on new tokens there
     for i in range(0, len(chunks), batch_size):
         batch = chunks[i : i + batch_size]
         chars += sum(len(tok.base.decode(c)) for c in batch)
-        seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]
+        seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
         tokens += sum(len(s) - 1 for s in seqs)
-        logits = sequence_logits(model, seqs, base_only=not student)
+        logits = sequence_logits(model, seqs, base_only=not student)  # per chunk (m, |V| or |V'|)
         targets = [None] * len(seqs)
         if student:
             targets, n_branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
             branch_tokens += n_branch
         for s, x, target in zip(seqs, logits, targets):
-            next_ids = torch.tensor(s[1:], device=x.device)
-            logq = torch.log_softmax(x, -1)
+            next_ids = torch.tensor(s[1:], device=x.device)  # (m,)
+            logq = torch.log_softmax(x, -1)  # (m, |V'|)
             nats -= logq.gather(1, next_ids[:, None]).sum().item()
-            if target is None:
+            if target is None:  # the teacher: no lift
                 continue
             kl += kl_to_lifted(target, x).sum().item()
-            floor = target_logprobs(target, next_ids)
+            floor = target_logprobs(target, next_ids)  # (m,) log p'_j(s_j)
             target_nats -= floor[floor > -math.inf].sum().item()
             target_zero += (floor == -math.inf).sum().item()
-            next_is_new = next_ids >= tok.base_vocab_size
+            next_is_new = next_ids >= tok.base_vocab_size  # (m,)
             new_positions += next_is_new.sum().item()
             new_mass += logq[next_is_new, tok.base_vocab_size :].exp().sum().item()
             target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
@@ -2803,8 +2835,9 @@ def learning_rate(step: int, cfg: Config) -> float:
     """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)  # 0 .. 1 over the decay
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # 1 .. 0
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 def trained_parameters(model: GPT) -> dict[str, torch.Tensor]:
@@ -2876,13 +2909,16 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     out_scale = (cfg.lr_out or cfg.lr) / cfg.lr
     groups = [{"params": [p], "lr_scale": out_scale if name == "new_out" else 1.0} for name, p in named.items()]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = load_checkpoint(checkpoint, model, optimizer, cfg) if cfg.resume and checkpoint.exists() else 0
-    if step:
+    step = 0
+    if cfg.resume and checkpoint.exists():
+        step = load_checkpoint(checkpoint, model, optimizer, cfg)
         print(f"resuming from {checkpoint} at step {step}")
     windows = training_windows(stream, cfg.seq_len, cfg.seed)
     for _ in range(step * cfg.batch_size):  # the same windows as an uninterrupted run
         next(windows)
-    history, tokens, seconds = [], 0, 0.0  # seconds: training steps only, evaluations excluded
+    history = []
+    tokens = 0
+    seconds = 0.0  # training steps only, evaluations excluded
     while step < cfg.steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -2890,22 +2926,24 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         batch = [next(windows) for _ in range(cfg.batch_size)]
         loss = training_loss(model, tok, batch, cfg.objective, lift_cfg, teacher, spec, cfg.loss_chunk)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # reaches only the parameters that require a gradient
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         step += 1
         tokens += cfg.batch_size * cfg.seq_len
         seconds += time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.steps:
-            left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len
-            print(f"step {step:5d}/{cfg.steps} | {cfg.objective} loss {loss.item():.4f} | lr {learning_rate(step - 1, cfg):.2e} "
+            left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len  # at the speed so far
+            lr = learning_rate(step - 1, cfg)
+            print(f"step {step:5d}/{cfg.steps} | {cfg.objective} loss {loss.item():.4f} | lr {lr:.2e} "
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
         if step == cfg.steps and cfg.fit_windows:  # last, the output rows alone, to convergence
             if chunks:
                 history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, ", before the fit"))
                 history[-1]["before_fit"] = True
             t0 = time.perf_counter()
-            fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg, teacher)
+            fit_windows = [next(windows) for _ in range(cfg.fit_windows)]  # windows the steps have not seen
+            fit = refit_output_rows(model, tok, fit_windows, cfg, lift_cfg, teacher)
             fit_seconds = time.perf_counter() - t0
             print(f"output rows fitted on {fit['positions']} positions: loss {fit['loss_before']:.4f} -> "
                   f"{fit['loss_after']:.4f} in {fit_seconds:.0f}s", flush=True)
@@ -2930,7 +2968,7 @@ def refit_output_rows(model: GPT, tok: ExtendedTokenizer, windows: list[list[int
     """Collect OutputRowData on `windows` (forward passes only) and replace the model's new
     output rows by the fit, the same procedure for either objective."""
     data = output_row_data(model, tok, windows, cfg.objective, lift_cfg, teacher, cfg.batch_size)
-    fitted = fit_output_rows(model.new_out, data, cfg.fit_iterations, cfg.fit_l2)
+    fitted = fit_output_rows(model.new_out, data, cfg.fit_iterations, cfg.fit_l2)  # (N, d)
     with torch.no_grad():
         before = output_row_loss(model.new_out.double(), data).item()
         after = output_row_loss(fitted.double(), data).item()
@@ -2944,11 +2982,12 @@ def unfreeze_last_blocks(model: GPT, n_layers: int) -> GPT:
     every module that stays frozen, with its own frozen copy of those blocks (METHOD.md: the
     teacher never changes). Only the trained blocks are held twice."""
     k = len(model.blocks) if n_layers < 0 else min(n_layers, len(model.blocks))
-    teacher = copy.copy(model)
-    teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}  # its own module table
-    teacher.blocks = nn.ModuleList([*model.blocks[: len(model.blocks) - k],
-                                    *copy.deepcopy(model.blocks[len(model.blocks) - k :])])
-    for block in model.blocks[len(model.blocks) - k :]:
+    first_trained = len(model.blocks) - k
+    teacher = copy.copy(model)  # shares every module and tensor ...
+    teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}  # ... but has its own module table
+    frozen_copies = copy.deepcopy(model.blocks[first_trained:])
+    teacher.blocks = nn.ModuleList([*model.blocks[:first_trained], *frozen_copies])
+    for block in model.blocks[first_trained:]:
         block.requires_grad_(True)
     return teacher
 
@@ -2963,7 +3002,8 @@ def base_model_probe(model: GPT) -> torch.Tensor:
 def save_new_rows(model: GPT) -> bytes:
     """new_rows.safetensors: the new input and output rows, and the base model's probe."""
     rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
-    return safetensors.torch.save(rows, metadata={"base_model_probe": json.dumps(base_model_probe(model).tolist())})
+    probe = json.dumps(base_model_probe(model).tolist())
+    return safetensors.torch.save(rows, metadata={"base_model_probe": probe})
 
 
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
@@ -2981,6 +3021,7 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
         raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} (the extension and {cfg.model})")
     with safetensors.safe_open(str(rows_file), "pt") as f:
         saved_probe = (f.metadata() or {}).get("base_model_probe")
+    # loose tolerances: the same model loaded in bfloat16 or float16 gives a probe a little off
     if saved_probe is not None and not torch.allclose(torch.tensor(json.loads(saved_probe)), base_model_probe(model),
                                                       rtol=0.05, atol=0.01):
         raise KldError(f"{rows_file} was trained on another base model than {cfg.model}")
@@ -3006,7 +3047,8 @@ def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
     teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
     stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
     finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model)
-    blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
+    trained = trained_parameters(model)
+    blocks = {n: p.detach().cpu().contiguous() for n, p in trained.items() if n.startswith("blocks.")}  # not the rows
     write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
     model.requires_grad_(False)
     return finetuning["history"]
@@ -3024,19 +3066,20 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
         raise KldError("the model has no new rows to analyse")
     if not tok.merges:
         return {"summary": {}, "tokens": []}
-    tokens, summary = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))], {}
+    tokens = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))]
+    summary = {}
     for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
         base = upcast(base).detach().cpu()  # (V, d)
         new = upcast(new).detach().cpu()  # (N, d)
-        base_norms = base.norm(dim=1)
+        base_norms = base.norm(dim=1)  # (V,)
         sorted_norms = base_norms.sort().values
         cosine = F.normalize(new, dim=1) @ F.normalize(base, dim=1).T  # (N, V)
         nearest = cosine.topk(k, dim=1)
-        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])
-        to_mean_cos = F.cosine_similarity(new, sub_mean, dim=1)
-        to_mean_l2 = (new - sub_mean).norm(dim=1)
-        norms = new.norm(dim=1)
-        percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)
+        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])  # (N, d): where FVT starts a row
+        to_mean_cos = F.cosine_similarity(new, sub_mean, dim=1)  # (N,)
+        to_mean_l2 = (new - sub_mean).norm(dim=1)  # (N,)
+        norms = new.norm(dim=1)  # (N,)
+        percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)  # share of base rows shorter
         own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]
         for i, row in enumerate(tokens):
             row[side] = {"nearest": [(tok.token_string(int(j)), round(float(c), 4))
