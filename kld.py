@@ -1150,7 +1150,7 @@ def merge_pair(seq: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     while i < len(seq):
         if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
             out.append(new_id)
-            i += 2  # the pair is consumed: occurrences never overlap.
+            i += 2  # the pair is consumed: occurrences never overlap
         else:
             out.append(seq[i])
             i += 1
@@ -1180,8 +1180,7 @@ def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: 
     """
     seqs = [list(s) for s in segments]
     freqs = list(segments.values())
-    # pair -> occurrences in the corpus (segment counts included)
-    counts: dict[tuple[int, int], int] = {}
+    counts: dict[tuple[int, int], int] = {}  # pair -> occurrences in the corpus
     where: dict[tuple[int, int], set[int]] = {}  # pair -> the segments holding it
     for i, seq in enumerate(seqs):
         for pair in zip(seq, seq[1:]):
@@ -1268,7 +1267,10 @@ class ExtendedTokenizer:
         """Student ids -> teacher ids: exp(v) for each, concatenated."""
         out = []
         for i in ids:
-            out.extend(self.expansions[i - self.base_vocab_size] if i >= self.base_vocab_size else (i,))  # base: itself
+            if i >= self.base_vocab_size:
+                out.extend(self.expansions[i - self.base_vocab_size])
+            else:  # a base token expands to itself
+                out.append(i)
         return tuple(out)
 
     def merge(self, base_ids: list[int]) -> list[int]:
@@ -1445,7 +1447,8 @@ def corpus_files(source: str) -> list[Path]:
 
 def is_heldout(name: str, heldout_fraction: float) -> bool:
     """A fixed split by file name: the same files are held out on every machine and run."""
-    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8 < heldout_fraction  # a uniform draw in [0, 1)
+    draw = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8  # uniform in [0, 1), fixed by the name
+    return draw < heldout_fraction
 
 
 def load_corpus(source: str, heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
@@ -1695,9 +1698,9 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
     extensions: dict[int, set[tuple[int, ...]]] = {}
     for i, e in enumerate(tok.expansions):
         v = tok.parents[i]  # the token whose expansion is the longest proper prefix of e
-        # what tau' would have needed to emit e
+        # e = exp(v) + f: after v, a text going on with f would have made tau' emit e instead
         extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
-    # extensions are tails of expansions: covered
+    # every base id in an expansion (the extensions, tails of expansions, add none)
     alphabet = sorted({t for e in tok.expansions for t in e})
     return LiftTrie(
         children=prefix_children(tok.expansions),
@@ -2050,7 +2053,7 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     # at the last one (after the window), so that "t_b == x" fails there as past the end.
     lengths = [len(t) for t in teacher_ids]
     width = max(lengths) + 1  # a bound on b, for branch keys
-    # window r's rows start here
+    # the first row of each window (window r has n_r + 1 rows)
     first_rows = [0, *itertools.accumulate(n + 1 for n in lengths)][:-1]
     row_offset = torch.tensor(first_rows, device=device)  # (windows,)
     alphabet_logp = torch.cat([r.logp(columns=tables.alphabet) for r in rows]).double()  # (rows, A)
@@ -2143,7 +2146,7 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         pos = entry["pos"][parent]
         x = tables.token[child]
         parent_row = row[parent]  # (C,) the row x is read at
-        # t_b at an on-path row (clamp: branch rows)
+        # t_b where the row is on the path (branch rows index past flat_ids: clamped, unused)
         realised_next = flat_ids[parent_row.clamp(max=len(flat_ids) - 1)]
         child_on_path = on_path[parent] & (realised_next == x)
         extension = is_extension(pos, child)
@@ -2202,7 +2205,6 @@ def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.T
         up = anchor >= 0
         mass.index_add_(0, anchor[up], -P[f][up])
         # ... and a base token's mass is its P minus theirs where no found prefix is between
-        # found, with no found prefix: they hang from a base token
         to_base = f[~up & (tables.depth[node] > 1)]
         pairs = walked["pos"][to_base] * V + tables.first[walked["node"][to_base]]  # (position, base token) as one key
         keys, inverse = pairs.unique(return_inverse=True)  # each base token once per position
@@ -2340,7 +2342,7 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
     if kind == "forward_kl":
         return kl_terms(log_p, log_q)
     if kind == "reverse_kl":
-        # not renormalised: a penalty
+        # p' = 0 read as the floor, not renormalised: a fixed penalty where tau' cannot emit
         floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))
         return kl_terms(log_q, floored)
     if kind == "jsd":
@@ -2636,7 +2638,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_new = ctx.saved_tensors
-        return grad_loss * grad_h, grad_loss * grad_new, None, None, None  # chain rule: a scalar loss
+        return grad_loss * grad_h, grad_loss * grad_new, None, None, None  # dL/dh = dL/dloss * dloss/dh
 
 
 def chunked_head_loss(h: torch.Tensor, new_out: torch.Tensor, base_out: torch.Tensor, position_loss,
@@ -3155,6 +3157,8 @@ class Decoding:
         if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1):
             raise KldError(f"decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and batch_size >= 1; "
                            f"got {self.temperature}, {self.top_p}, {self.max_new_tokens}, {self.batch_size}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list or set given: frozen as the types say
+        object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
 
     def with_stops(self, stop, stop_ids) -> "Decoding":
         """These settings with more stop strings and stop tokens."""
@@ -3909,8 +3913,9 @@ class CodegenSettings:
     limits: SandboxLimits = SandboxLimits()  # bounds on each program run
     workers: int = 0  # programs run at once; 0 = one per CPU
 
-    # greedy decoding gives one program per task; more need temperature > 0
     def __post_init__(self):
+        object.__setattr__(self, "ks", tuple(self.ks))  # a list given: frozen as the type says
+        # greedy decoding gives one program per task; more need temperature > 0
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
             raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: n_samples must "
                            "be 1 for greedy decoding, or temperature > 0 for more samples")

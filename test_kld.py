@@ -298,6 +298,18 @@ def test_seeded_sampling_is_reproducible_and_tiny_top_p_is_greedy(tiny):
     assert [x.token_ids for x in greedy] == [x.token_ids for x in nucleus]
 
 
+@pytest.mark.parametrize("bad", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_new_tokens": 0},
+                                 {"batch_size": 0}])
+def test_decoding_settings_out_of_range_are_one_line_errors(bad):
+    with pytest.raises(kld.KldError, match="decoding needs"):
+        kld.Decoding(**bad)
+
+
+def test_decoding_with_stops_adds_to_the_stops_it_has():
+    decoding = kld.Decoding(stop=["\n\n"], stop_ids={2}).with_stops(["```"], [7])
+    assert decoding.stop == ("\n\n", "```") and decoding.stop_ids == {2, 7}
+
+
 @SETTINGS
 @given(logits=st.lists(st.floats(-5, 5), min_size=2, max_size=30), top_p=st.floats(0.05, 0.95), seed=st.integers(0, 99))
 def test_top_p_samples_only_inside_the_nucleus(logits, top_p, seed):
@@ -585,7 +597,7 @@ def test_smollm2_config_and_greedy_answer(smollm2):
     cfg = model.cfg
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_model, cfg.vocab_size) == (30, 9, 3, 576, 49152)
     prompt = kld.format_chat("Write a Python function that adds two numbers.")
-    decoding = kld.Decoding(max_new_tokens=24, stop_ids=frozenset(kld.stop_token_ids(cfg, tok, chat=True)))
+    decoding = kld.Decoding(max_new_tokens=24, stop_ids=kld.stop_token_ids(cfg, tok, chat=True))
     [answer] = kld.generate(model, tok, [prompt], decoding)
     # transformers' own GGUF loading + generate gives the same 24 tokens (checked by hand)
     assert answer.text == "```python\ndef add_two_numbers(num1, num2):\n    return num1 + num2\n"
