@@ -3023,10 +3023,11 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
         raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} (the extension and {cfg.model})")
     with safetensors.safe_open(str(rows_file), "pt") as f:
         saved_probe = (f.metadata() or {}).get("base_model_probe")
-    # loose tolerances: the same model loaded in bfloat16 or float16 gives a probe a little off
-    if saved_probe is not None and not torch.allclose(torch.tensor(json.loads(saved_probe)), base_model_probe(model),
-                                                      rtol=0.05, atol=0.01):
-        raise KldError(f"{rows_file} was trained on another base model than {cfg.model}")
+    if saved_probe is not None:
+        probe = torch.tensor(json.loads(saved_probe))
+        # loose tolerances: the same model loaded in bfloat16 or float16 gives a probe a little off
+        if not torch.allclose(probe, base_model_probe(model), rtol=0.05, atol=0.01):
+            raise KldError(f"{rows_file} was trained on another base model than {cfg.model}")
     model.add_new_tokens(rows["new_in"], rows["new_out"])
     blocks = out_dir / "finetuned_blocks.safetensors"
     if blocks.exists():  # written by the second stage
@@ -3082,17 +3083,26 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
         to_mean_l2 = (new - sub_mean).norm(dim=1)  # (N,)
         norms = new.norm(dim=1)  # (N,)
         percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)  # share of base rows shorter
-        own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]
+        own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]  # nearest is a sub-token
         for i, row in enumerate(tokens):
-            row[side] = {"nearest": [(tok.token_string(int(j)), round(float(c), 4))
-                                     for j, c in zip(nearest.indices[i], nearest.values[i])],
-                         "norm": float(norms[i]), "norm_percentile": float(percentile[i]),
-                         "cosine_to_sub_mean": float(to_mean_cos[i]), "l2_to_sub_mean": float(to_mean_l2[i]),
-                         "nearest_is_own_sub_token": own[i]}
-        summary[side] = {"new_norm_mean": float(norms.mean()), "base_norm_mean": float(base_norms.mean()),
-                         "base_norm_std": float(base_norms.std()), "norm_percentile_median": float(percentile.median()),
-                         "cosine_to_sub_mean": float(to_mean_cos.mean()), "l2_to_sub_mean": float(to_mean_l2.mean()),
-                         "nearest_is_own_sub_token": sum(own) / len(own)}
+            neighbours = zip(nearest.indices[i], nearest.values[i])
+            row[side] = {
+                "nearest": [(tok.token_string(int(j)), round(float(c), 4)) for j, c in neighbours],
+                "norm": float(norms[i]),
+                "norm_percentile": float(percentile[i]),
+                "cosine_to_sub_mean": float(to_mean_cos[i]),
+                "l2_to_sub_mean": float(to_mean_l2[i]),
+                "nearest_is_own_sub_token": own[i],
+            }
+        summary[side] = {
+            "new_norm_mean": float(norms.mean()),
+            "base_norm_mean": float(base_norms.mean()),
+            "base_norm_std": float(base_norms.std()),
+            "norm_percentile_median": float(percentile.median()),
+            "cosine_to_sub_mean": float(to_mean_cos.mean()),
+            "l2_to_sub_mean": float(to_mean_l2.mean()),
+            "nearest_is_own_sub_token": sum(own) / len(own),
+        }
     return {"summary": summary, "tokens": tokens}
 
 
