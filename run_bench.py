@@ -95,14 +95,16 @@ def student_speed(model, tokenizer, prompts, args):
     never occurs (so its check runs at every step, as in code generation)."""
     never = ["<never in the output>"]
     teacher_tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
-    teacher = {b: kld_tokens_per_s(model, teacher_tok, prompts[:b], args.new_tokens, never) for b in args.batch_sizes}
+    teacher_speed = {}  # batch size -> tokens/s
+    for b in args.batch_sizes:
+        teacher_speed[b] = kld_tokens_per_s(model, teacher_tok, prompts[:b], args.new_tokens, never)
     train, _ = kld.load_corpus("stdlib")
     tok = kld.build_extension(tokenizer, train, args.student_merges, model.cfg.vocab_size)
     kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
     for b in args.batch_sizes:
         student = kld_tokens_per_s(model, tok, prompts[:b], args.new_tokens, never)
-        print(f"batch {b}: teacher {teacher[b]:.1f} tok/s, student ({args.student_merges} new tokens) "
-              f"{student:.1f} tok/s; the student's cost per token is {teacher[b] / student:.3f}x the teacher's")
+        print(f"batch {b}: teacher {teacher_speed[b]:.1f} tok/s, student ({args.student_merges} new tokens) "
+              f"{student:.1f} tok/s; the student's cost per token is {teacher_speed[b] / student:.3f}x the teacher's")
 
 
 def hf_tokens_per_s(hf_model, tokenizer, prompts, new_tokens, pad_id):
@@ -211,17 +213,17 @@ def extension(args):
         print(f"K = {k:5d}: held-out tokens {n_base} -> {n}, saved {100 * (1 - n / n_base):.1f}%")
     print("first merges:", [ext.token_string(V + i) for i in range(12)])
     window = next(ids for ids in student_ids if len(ids) >= 512)[:512]
-    teacher = list(ext.expand(window))
+    teacher_ids = list(ext.expand(window))
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([teacher]))[0].float(), -1)
+        logp = torch.log_softmax(model(torch.tensor([teacher_ids]))[0].float(), -1)
     first = len(ext.expand(window[:1]))  # the first student token is context only
     rows = kld.TeacherRows.of_logp(logp[first - 1 : -1])
-    lift_args = (rows, teacher[first:], kld.coarsening_span_starts(window[1:], ext), kld.lift_trie(ext))
+    lift_args = (rows, teacher_ids[first:], kld.coarsening_span_starts(window[1:], ext), kld.lift_trie(ext))
     targets, _ = kld.lift(*lift_args, prev_token=window[0])  # warm-up
     lift_s = statistics.median(timed(lambda: kld.lift(*lift_args, prev_token=window[0]))[1] for _ in range(7))
     softmax_s = statistics.median(timed(lambda: torch.log_softmax(logp[first - 1 : -1], -1))[1] for _ in range(7))
     n_candidates = int((targets.new_logp > -math.inf).sum())
-    print(f"path-mode lift of one window ({len(window)} student / {len(teacher)} teacher tokens, "
+    print(f"path-mode lift of one window ({len(window)} student / {len(teacher_ids)} teacher tokens, "
           f"{n_candidates} new-token targets): {lift_s * 1000:.1f} ms, median of 7 "
           f"(one log_softmax of the window's teacher logits: {softmax_s * 1000:.1f} ms)")
 
@@ -409,7 +411,7 @@ TABLE_COLUMNS = ["row", "pass@1", "interval_low", "interval_high", "bits_per_cha
 def table_rows(bench) -> list[dict]:
     """One row per model; the generation figures also as ratios to the teacher's in the same run."""
     out = []
-    teacher = bench["rows"]["teacher"]["codegen"]["summary"]
+    teacher_summary = bench["rows"]["teacher"]["codegen"]["summary"]
     for name, row in bench["rows"].items():
         summary = row["codegen"]["summary"]
         out.append({"row": name, "pass@1": summary["pass@1"], "interval_low": summary["pass@1_interval"][0],
@@ -418,9 +420,9 @@ def table_rows(bench) -> list[dict]:
                     "tokens_per_char_heldout": row["held_out"].get("tokens_per_char"),
                     "tokens_per_char_generated": summary["tokens_per_char"], "new_token_share": summary["new_token_share"],
                     "adoption": summary.get("adoption"),
-                    "tokens_per_char_vs_teacher": summary["tokens_per_char"] / teacher["tokens_per_char"],
+                    "tokens_per_char_vs_teacher": summary["tokens_per_char"] / teacher_summary["tokens_per_char"],
                     "generated_chars_per_s": summary["chars_per_s"],
-                    "chars_per_s_vs_teacher": summary["chars_per_s"] / teacher["chars_per_s"],
+                    "chars_per_s_vs_teacher": summary["chars_per_s"] / teacher_summary["chars_per_s"],
                     "train_s": row["train_s"], "codegen_s": summary["generation_s"]})
     return out
 
@@ -571,9 +573,9 @@ def lift_bench(args):
     chars = sum(len(tokenizer.decode(c)) for c in chunks)
     windows = [[sep] + tok.merge(c) for c in chunks]
     n_student = sum(len(w) - 1 for w in windows)
-    teacher = kld.evaluate(model, tok, chunks, sep, args.batch_size)
+    teacher_measures = kld.evaluate(model, tok, chunks, sep, args.batch_size)
     print(f"{len(chunks)} held-out chunks, {chars} characters, {n_student} student tokens, K = {cfg.n_merges}; "
-          f"teacher bits/char {teacher['bits_per_char']:.4f}")
+          f"teacher bits/char {teacher_measures['bits_per_char']:.4f}")
     trie = kld.lift_trie(tok)
     misses, positions = longest_match_misses(tok, trie, chunks)
     print(f"tau' token is not the longest match of the remaining text at {misses} of {positions} positions "
