@@ -269,7 +269,9 @@ def parse_overrides(args: list[str]) -> dict:
     A value is read as JSON unless the field holds a plain string, so `--prompt 42` is the
     string "42" while `--stop '["\\n\\n"]'` is a list.
     """
-    hints, values, i = typing.get_type_hints(Config), {}, 0
+    hints = typing.get_type_hints(Config)
+    values = {}
+    i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
@@ -680,7 +682,8 @@ class _Tensors:
     """A name -> tensor mapping that converters empty one by one, so leftovers are visible."""
 
     def __init__(self, tensors: dict, source: str):
-        self.tensors, self.source = dict(tensors), source
+        self.tensors = dict(tensors)
+        self.source = source
 
     def take(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
@@ -855,7 +858,9 @@ class _GGUFReader:
     """Sequential little-endian reads over the bytes of a GGUF header."""
 
     def __init__(self, buf, source: str):
-        self.buf, self.pos, self.source = buf, 0, source
+        self.buf = buf
+        self.pos = 0  # the next byte to read
+        self.source = source
 
     def scalar(self, fmt: str):
         try:
@@ -936,7 +941,8 @@ def read_gguf(path: Path):
         infos.append((name, dims[::-1], r.scalar("<I"), r.scalar("<Q")))  # shape outermost first
     alignment = meta.get("general.alignment", 32)
     start = -(-r.pos // alignment) * alignment
-    tensors, extents = {}, []
+    tensors = {}
+    extents = []  # (begin, end, name) of each tensor's bytes
     for name, shape, type_id, offset in infos:
         if type_id not in GGML_TYPES:
             kind = GGML_UNSUPPORTED.get(type_id, f"unknown type id {type_id}")
@@ -3255,7 +3261,8 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
         if len(keep) < len(active):
             index = torch.tensor(keep, device=device)
             cache.keep_rows(index)
-            next_ids, active = next_ids[index], [active[j] for j in keep]
+            next_ids = next_ids[index]
+            active = [active[j] for j in keep]
         logits = model(next_ids[:, None], None, cache)[:, -1]
     completions = []
     for row in range(B):
@@ -3295,7 +3302,8 @@ def read_tasks(path: str | Path) -> list[Task]:
         files = [path]
     else:
         raise KldError(f"task file not found: {path}")
-    tasks, seen = [], set()
+    tasks = []
+    seen = set()  # task ids so far
     for file in files:
         try:
             with (gzip.open if file.name.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
@@ -3573,7 +3581,8 @@ def _uid_processes(uid: int) -> dict[int, int]:
 def _uid_files(uid: int, tops: tuple[str, ...] = WORLD_WRITABLE) -> list[Path]:
     """The files and directories `uid` owns below `tops` (at any depth below world-writable
     directories, the only ones a user with no groups can write in)."""
-    found, todo = [], [Path(p) for p in tops if os.path.isdir(p)]
+    found = []
+    todo = [Path(p) for p in tops if os.path.isdir(p)]
     while todo:
         with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
             for entry in entries:
@@ -3906,7 +3915,8 @@ def paired_comparison(a: dict[str, float], b: dict[str, float], confidence: floa
         raise KldError(f"paired comparison needs the same tasks; {len(set(a) ^ set(b))} differ")
     diffs = np.array([b[t] - a[t] for t in sorted(a)])
     better, worse = int((diffs > 0).sum()), int((diffs < 0).sum())
-    n, m = better + worse, min(better, worse)
+    n = better + worse  # the tasks that differ
+    m = min(better, worse)
     p_value = min(1.0, 2 * sum(math.comb(n, i) for i in range(m + 1)) / 2**n) if n else 1.0
     return {"difference": float(diffs.mean()), "interval": bootstrap_interval(diffs, confidence, seed=seed),
             "better": better, "worse": worse, "p_value": p_value}
@@ -4051,7 +4061,8 @@ def run(cfg: Config) -> dict:
     if tasks:  # settings that cannot work are refused before hours of training, not after
         codegen_settings(cfg, ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size))
     write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
-    checkpoint, extension_file = out / "checkpoint.pt", out / "extension.json"
+    checkpoint = out / "checkpoint.pt"
+    extension_file = out / "extension.json"
     if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
         tok = load_extension(extension_file, tokenizer)
     else:
