@@ -2086,11 +2086,12 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         branches = BranchRows(no_keys, alphabet_logp.new_zeros(0, alphabet_logp.shape[1]))
     table = torch.cat([alphabet_logp, branches.rows.to(alphabet_logp)])  # (rows + k, A): realised rows, then branches
 
-    # walkable after previous[pos]: a prefix of an expansion or of its extensions
     def walkable(pos, node):
+        """After previous[pos], node can be walked: a prefix of an expansion or of an extension."""
         return tables.in_trie[node] | sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
 
     def is_extension(pos, node):
+        """node is an extension of previous[pos]: p' = 0 for it and all below it."""
         return sorted_lookup(tables.extension_keys, previous[pos] * U + node)[0]
 
     # Level 1: every (position, root) pair on the realised path, likely enough, or an
@@ -2119,8 +2120,7 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         "suffix": torch.where(on_path, -1, _suffix_child(tables, torch.full_like(x, -1), x, V)),  # -1: on the path
         "anchor": torch.full_like(pos, -1),  # the nearest found ancestor entry; -1: the base token
         "extension": extension,  # an extension of the previous token
-        # a token or an extension: step 3 gives it p'
-        "found": extension | (tables.new_id[node] >= 0),
+        "found": extension | (tables.new_id[node] >= 0),  # a token or an extension: step 3 gives it p'
         "blocked": extension,  # it or a found ancestor is an extension: p' = 0
     }
     levels = []
