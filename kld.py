@@ -1586,6 +1586,11 @@ class TeacherRows:
     def select(self, rows) -> "TeacherRows":
         return TeacherRows(self.states[rows], self.head, self.lse[rows])
 
+    @property
+    def vocab_size(self) -> int:
+        """|V|, the teacher's vocabulary."""
+        return len(self.head) if self.head is not None else self.states.shape[1]
+
 
 @dataclass
 class LiftedTargets:
@@ -2612,8 +2617,17 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
 
 
 def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor) -> torch.Tensor:
-    """log p'_j(s_j) of the tokens that came (m,): what a student trained on p' pays at best."""
-    return targets.logp().gather(1, next_ids[:, None])[:, 0]
+    """log p'_j(s_j) of the tokens that came (m,): what a student trained on p' pays at best.
+    Read from the targets' parts, one entry per position: the dense rows over V' are not made."""
+    V = targets.teacher.vocab_size
+    is_new = next_ids >= V
+    base_ids = torch.where(is_new, 0, next_ids)  # (m,) a base id at every position, used where the token is base
+    out = targets.teacher.logp_of(base_ids).double() - targets.log_z  # (m,) the teacher's entry, renormalised by Z
+    rewritten = targets.fix_ids == base_ids[targets.fix_pos]  # the walk's entry for the token that came
+    out[targets.fix_pos[rewritten]] = targets.fix_logp[rewritten].double()
+    here = targets.new_ids == next_ids[:, None]  # (m, c): the new token's target, if it has one
+    new_logp = torch.where(here, upcast(targets.new_logp).double(), -math.inf).amax(1)  # (m,) -inf: p' = 0
+    return torch.where(is_new, new_logp, out)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

@@ -1065,6 +1065,10 @@ def test_the_batched_lift_equals_the_reference_lift(letters, case, more, prevs, 
         torch.testing.assert_close(got.logp().exp(), expected.logp().exp(), rtol=0, atol=1e-12)
         torch.testing.assert_close(got.span_logp, expected.span_logp, rtol=0, atol=1e-12)
         torch.testing.assert_close(got.log_z, expected.log_z, rtol=0, atol=1e-12)
+        for v in range(tok.vocab_size):  # the sparse read of one entry per position, for every token
+            next_ids = torch.full((len(got.log_z),), v)
+            dense = got.logp().gather(1, next_ids[:, None])[:, 0]
+            torch.testing.assert_close(kld.target_logprobs(got, next_ids).exp(), dense.exp(), rtol=0, atol=1e-12)
 
 
 def test_conditioning_on_a_worked_example(letters):
