@@ -701,55 +701,113 @@ def take_output_matrix(src: _Tensors, cfg: ModelConfig, name: str) -> dict:
     if not cfg.tie_embeddings:
         return {"lm_head.weight": src.take(name)}
     if name in src.tensors:
-        src.take(name)  # a saved copy of the input embedding
+        src.take(name)  # a saved copy of the input embedding (output_tying made sure of it)
     return {}
+
+
+def warn(message: str):
+    """One line on stderr for what a loader assumed or did that the user did not ask for."""
+    print(f"kld: warning: {message}", file=sys.stderr)
+
+
+def output_tying(cfg: ModelConfig, tensors: dict, embed_name: str, output_name: str, source: str) -> ModelConfig:
+    """`cfg` as it ties the output matrix to the input embedding, corrected by the file.
+
+    A config that ties them, over a checkpoint that holds an output matrix of its own with
+    other values, is untied and that matrix used (as transformers does, and said on
+    stderr): a tensor present in a checkpoint is never dropped silently. A saved copy of
+    the tied matrix (the same values) changes nothing.
+    """
+    output = tensors.get(output_name)
+    if not cfg.tie_embeddings or output is None or embed_name not in tensors:
+        return cfg
+    if output.shape == tensors[embed_name].shape and torch.equal(output, tensors[embed_name]):
+        return cfg
+    warn(f"{source}: the config ties the output matrix to the input embedding, but the checkpoint holds its own "
+         f"{output_name!r} with other values; it is used, untied (as transformers does)")
+    return dataclasses.replace(cfg, tie_embeddings=False)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
+    """Every id the tokenizer can produce must have an embedding row: a larger id would be
+    read as another token's row, and new tokens' ids (vocab_size + i) would collide with it.
+    More rows than tokens (padding, as published Qwen2 checkpoints have) is fine."""
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest >= vocab_size:
+        token = tokenizer.id_to_token(largest)
+        raise KldError(f"{source}: the tokenizer has {largest + 1} ids (up to {largest}, {token!r}) but the model has "
+                       f"only {vocab_size} embedding rows; tokenizer and weights do not belong together")
 
 
 # --- Hugging Face directories ---
 
 HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 
+# What transformers' config class of each architecture (GPT2Config, LlamaConfig,
+# Qwen2Config; transformers 5.23) takes for a key that config.json lacks. None: derived
+# from other keys (n_inner: 4 d; num_key_value_heads: num_attention_heads; head_dim:
+# hidden_size / num_attention_heads) or, for eos_token_id, no end-of-sequence id.
+HF_DEFAULTS = {
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
+             "tie_word_embeddings": True, "eos_token_id": 50256},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
+              "mlp_bias": False, "tie_word_embeddings": False, "eos_token_id": 2},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "use_sliding_window": False,
+              "tie_word_embeddings": False, "eos_token_id": None},
+}
+
+
+def eos_ids(value, source: str) -> tuple[int, ...]:
+    """A checkpoint's eos_token_id (an int, a list of ints or null) as a tuple of ids."""
+    ids = value if isinstance(value, list) else ([] if value is None else [value])
+    if not all(type(i) is int and i >= 0 for i in ids):
+        raise KldError(f"{source}: eos_token_id {value!r} is not an id or a list of ids")
+    return tuple(ids)
+
 
 def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2)."""
+    """ModelConfig from a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2); a key it
+    lacks takes the value transformers' config class gives it (HF_DEFAULTS)."""
     model_type = hf.get("model_type")
     if model_type not in HF_ARCHS:
         raise KldError(f"{source}: unsupported architecture {model_type!r}; kld supports {sorted(HF_ARCHS)}")
-    eos = hf.get("eos_token_id")
-    eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    try:
-        if model_type == "gpt2":
-            if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("scale_attn_by_inverse_layer_idx"):
-                raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
-            d = hf["n_embd"]
-            return ModelConfig(
-                arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                n_kv_head=hf["n_head"], d_model=d, d_ff=hf.get("n_inner") or 4 * d, head_dim=d // hf["n_head"],
-                max_positions=hf["n_positions"], norm_eps=hf["layer_norm_epsilon"], qkv_bias=True,
-                out_bias=True, mlp_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), eos_token_ids=eos,
-            )
-        rope = hf.get("rope_parameters") or {}  # transformers >= 5 moved rope_theta in here
-        scaling = hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        if rope_type != "default":
-            raise KldError(f"{source}: RoPE scaling {rope_type!r} is not supported")
-        if hf.get("use_sliding_window"):
-            raise KldError(f"{source}: sliding-window attention is not supported")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise KldError(f"{source}: activation {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
-        n_head = hf["num_attention_heads"]
+    hf = {**HF_DEFAULTS[model_type], **hf}
+    eos = eos_ids(hf["eos_token_id"], source)
+    if model_type == "gpt2":
+        if hf["activation_function"] != "gelu_new" or hf["scale_attn_by_inverse_layer_idx"]:
+            raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
+        d = hf["n_embd"]
         return ModelConfig(
-            arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=hf["hidden_size"],
-            d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-            max_positions=hf.get("max_position_embeddings", 2048), norm_eps=hf["rms_norm_eps"],
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
-            out_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-            tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"), eos_token_ids=eos,
+            arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+            n_kv_head=hf["n_head"], d_model=d, d_ff=hf["n_inner"] or 4 * d, head_dim=d // hf["n_head"],
+            max_positions=hf["n_positions"], norm_eps=hf["layer_norm_epsilon"], qkv_bias=True,
+            out_bias=True, mlp_bias=True, tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos,
         )
-    except KeyError as e:
-        raise KldError(f"{source}: config.json lacks the key {e.args[0]!r}") from None
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 moved rope_theta in here
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise KldError(f"{source}: RoPE scaling {rope_type!r} is not supported")
+    if hf.get("use_sliding_window"):
+        raise KldError(f"{source}: sliding-window attention is not supported")
+    if hf["hidden_act"] != "silu":
+        raise KldError(f"{source}: activation {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    n_head = hf["num_attention_heads"]
+    attention_bias = hf.get("attention_bias", False)  # Qwen2 has none: its q, k, v always have biases
+    return ModelConfig(
+        arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+        n_kv_head=hf["num_key_value_heads"] or n_head, d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"], head_dim=hf["head_dim"] or hf["hidden_size"] // n_head,
+        max_positions=hf["max_position_embeddings"], norm_eps=hf["rms_norm_eps"],
+        rope_theta=rope.get("rope_theta", hf["rope_theta"]),
+        qkv_bias=model_type == "qwen2" or attention_bias, out_bias=attention_bias, mlp_bias=hf.get("mlp_bias", False),
+        tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos,
+    )
 
 
 def read_safetensors(path: Path) -> dict:
@@ -814,11 +872,17 @@ def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
 
 
 def read_hf_dir(path: Path):
-    """(ModelConfig, state dict in kld's names, tokenizer) from a Hugging Face directory."""
+    """(ModelConfig, state dict in kld's names, tokenizer) from a Hugging Face directory.
+    Generation ends at every eos id of config.json and of generation_config.json."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
     cfg = model_config_from_hf(read_json_object(config_file, "model config"), str(config_file))
+    generation_file = path / "generation_config.json"
+    if generation_file.is_file():
+        generation = read_json_object(generation_file, "generation config")
+        eos = eos_ids(generation.get("eos_token_id"), str(generation_file))
+        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))  # union, in order
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
         weight_map = read_json_object(index, "shard index").get("weight_map")
@@ -835,8 +899,14 @@ def read_hf_dir(path: Path):
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:  # tokenizers raises a bare Exception for broken JSON and unknown fields
         raise KldError(f"{tokenizer_file}: not a tokenizer file the tokenizers library can read ({e})") from None
-    convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
-    return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
+    if cfg.arch == "gpt2":
+        embed_name = "transformer.wte.weight" if "transformer.wte.weight" in hf_state else "wte.weight"
+        cfg = output_tying(cfg, hf_state, embed_name, "lm_head.weight", str(path))
+        state = convert_hf_gpt2(_Tensors(hf_state, str(path)), cfg)
+    else:
+        cfg = output_tying(cfg, hf_state, "model.embed_tokens.weight", "lm_head.weight", str(path))
+        state = convert_hf_llama(_Tensors(hf_state, str(path)), cfg)
+    return cfg, state, tokenizer
 
 
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
@@ -1003,21 +1073,36 @@ GGUF_PRE_TOKENIZERS = {
 }
 
 
+def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
+    """meta[key], or `default` where the file lacks the key, said on stderr with what it means."""
+    if key in meta:
+        return meta[key]
+    warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption}")
+    return default
+
+
+# The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
+GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     """A `tokenizers.Tokenizer` rebuilt from GGUF metadata (byte-level BPE only).
 
     tokens -> vocab ids, merges -> BPE merges in rank order, token_type 3 (control) ->
     special tokens, 4 (user-defined) -> added tokens; BOS prepended when add_bos_token.
     """
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
+    kind = meta.get("tokenizer.ggml.model")
+    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's pre-tokenizer, as llama.cpp does; a vocabulary "
+                     "made with another split (Llama 3, Qwen2) then encodes text in other tokens than its own", source)
     if kind != "gpt2":
         raise KldError(f"{source}: tokenizer model {kind!r} is not supported; kld rebuilds byte-level BPE ('gpt2')")
     if pre not in GGUF_PRE_TOKENIZERS:
         raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: {sorted(GGUF_PRE_TOKENIZERS)})")
-    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges", [])
+    tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise KldError(f"{source}: GGUF metadata lacks the vocabulary (tokenizer.ggml.tokens)")
-    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "no merges: text encodes byte by byte", source)
+    for key in ("tokenizer.ggml.bos_token_id", *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
             raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its {len(tokens)} tokens")
     bpe = models.BPE(
@@ -1027,10 +1112,12 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    types = gguf_value(meta, "tokenizer.ggml.token_type", [1] * len(tokens),
+                       "every token is a normal one: no special tokens (chat markers encode as text)", source)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
-    if meta.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in meta:
+    add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS token before a prompt", source)
+    if add_bos and "tokenizer.ggml.bos_token_id" in meta:
         bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
@@ -1047,17 +1134,27 @@ def read_gguf_model(path: Path):
     try:
         n_head = meta["llama.attention.head_count"]
         d_model = meta["llama.embedding_length"]
-        cfg = ModelConfig(
-            arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=meta["llama.block_count"],
-            n_head=n_head, n_kv_head=meta.get("llama.attention.head_count_kv", n_head), d_model=d_model,
-            d_ff=meta["llama.feed_forward_length"], head_dim=meta.get("llama.rope.dimension_count", d_model // n_head),
-            max_positions=meta.get("llama.context_length", 2048),
-            norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
-            rope_theta=meta.get("llama.rope.freq_base", 10000.0), tie_embeddings="output.weight" not in tensors,
-            eos_token_ids=(meta["tokenizer.ggml.eos_token_id"],) if "tokenizer.ggml.eos_token_id" in meta else (),
-        )
+        n_layer = meta["llama.block_count"]
+        d_ff = meta["llama.feed_forward_length"]
+        norm_eps = meta["llama.attention.layer_norm_rms_epsilon"]
     except KeyError as e:
         raise KldError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+    if "token_embd.weight" not in tensors:
+        raise KldError(f"{path}: tensor 'token_embd.weight' is missing")
+    source = str(path)
+    cfg = ModelConfig(
+        arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=n_layer, n_head=n_head,
+        n_kv_head=gguf_value(meta, "llama.attention.head_count_kv", n_head,
+                             f"{n_head} key-value heads (no grouped-query attention)", source),
+        d_model=d_model, d_ff=d_ff,
+        head_dim=gguf_value(meta, "llama.rope.dimension_count", d_model // n_head,
+                            f"a head size of {d_model // n_head}", source),
+        max_positions=gguf_value(meta, "llama.context_length", 2048, "a context of 2048 tokens", source),
+        norm_eps=norm_eps,
+        rope_theta=gguf_value(meta, "llama.rope.freq_base", 10000.0, "a RoPE base of 10000", source),
+        tie_embeddings="output.weight" not in tensors,
+        eos_token_ids=tuple(dict.fromkeys(meta[key] for key in GGUF_EOS_KEYS if key in meta)),
+    )
     if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
         raise KldError(f"{path}: RoPE scaling is not supported")
     src = _Tensors(tensors, str(path))
@@ -1078,8 +1175,9 @@ def read_gguf_model(path: Path):
 def load_model(path: str | Path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model name.
 
-    Every tensor the architecture needs must be present with the right shape, and no
-    tensor may be left over. The model is in eval mode with every parameter frozen.
+    Every tensor the architecture needs must be present with the right shape, no tensor
+    may be left over, and every id the tokenizer gives must have a row. The model is in
+    eval mode with every parameter frozen.
     """
     path = resolve_model_path(str(path))
     if path.is_dir():
@@ -1088,6 +1186,7 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
         cfg, state, tokenizer = read_gguf_model(path)
     else:
         raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    check_tokenizer_fits(tokenizer, cfg.vocab_size, str(path))
     with torch.device("meta"):  # no time spent initialising weights that are overwritten
         model = GPT(cfg)
     load_checked(model, state, str(path))
@@ -1237,6 +1336,7 @@ class ExtendedTokenizer:
     def __init__(self, base: Tokenizer, merges: list[tuple[int, int]], base_vocab_size: int):
         self.base = base
         self.base_vocab_size = base_vocab_size
+        check_tokenizer_fits(base, base_vocab_size, "the base tokenizer")  # new ids never collide with its own
         # merge i makes id base_vocab_size + i from two ids made before it
         for i, m in enumerate(merges):
             if not (len(m) == 2 and all(type(x) is int and 0 <= x < base_vocab_size + i for x in m)):
@@ -2313,18 +2413,40 @@ class Divergence:
     floor: float = 1e-6  # reverse_kl reads p' = 0 as this (else the divergence is infinite)
 
 
+# Zeros (log = -inf) sit on either side of every divergence: a token tau' cannot emit has
+# p' = 0, a masked vocabulary gives q = 0. Where a term is 0 by definition, its inputs are
+# replaced before the arithmetic, not only its result after it: a torch.where keeps the
+# gradient of the branch it did not take, 0 * inf = NaN, and one NaN poisons every row.
+
+
 def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) per row (r,) from log a and log b (r, n): sum_v a (log a - log b); terms with a = 0 are 0."""
-    return torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_b), 0.0).sum(-1)
+    present = log_a > -math.inf  # (r, n) the terms that count
+    log_ratio = torch.where(present, log_a - log_b, 0.0)  # (r, n) log(a / b), 0 where a = 0 (no -inf - -inf)
+    return (log_a.exp() * log_ratio).sum(-1)  # a = 0 times 0 where absent: value and gradient 0
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x <= 0, accurate near 0 and near -inf; -inf at x = 0 with a zero gradient there."""
+    below = x < 0
+    safe = torch.where(below, x, -1.0)  # any x < 0: the branch not taken must stay finite
+    return torch.where(below, torch.log(-torch.expm1(safe)), -math.inf)
 
 
 def binary_kl(log_P: torch.Tensor, log_Q: torch.Tensor) -> torch.Tensor:
     """KL((P, 1 - P) || (Q, 1 - Q)) per entry, from log P and log Q: the span KL of METHOD.md
     section 4, where a span's probability is all that the two sides share."""
-    log_not_P = torch.log(-torch.expm1(log_P))  # log(1 - P), accurate for P near 0 and near 1
-    log_not_Q = torch.log(-torch.expm1(log_Q))
-    two = torch.stack([log_P, log_not_P], dim=-1)  # (r, 2): the two outcomes, span or not
-    return kl_terms(two, torch.stack([log_Q, log_not_Q], dim=-1))
+    two = torch.stack([log_P, log1mexp(log_P)], dim=-1)  # (r, 2): the two outcomes, span or not
+    return kl_terms(two, torch.stack([log_Q, log1mexp(log_Q)], dim=-1))
+
+
+def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m for m = beta p + (1 - beta) q, 0 < beta < 1; -inf where both are 0, with a
+    zero gradient there (logaddexp's own is exp(-inf - -inf) = NaN)."""
+    both_zero = (log_p == -math.inf) & (log_q == -math.inf)  # (r, n)
+    safe_p = torch.where(both_zero, 0.0, log_p + math.log(beta))  # finite stand-ins where m = 0
+    safe_q = torch.where(both_zero, 0.0, log_q + math.log(1 - beta))
+    return torch.where(both_zero, -math.inf, torch.logaddexp(safe_p, safe_q))
 
 
 def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Divergence(),
@@ -2357,7 +2479,7 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
         floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))
         return kl_terms(log_q, floored)
     if kind == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(spec.beta), log_q + math.log(1 - spec.beta))  # (r, |V'|) log m
+        log_m = log_mixture(log_p, log_q, spec.beta)  # (r, |V'|)
         return spec.beta * kl_terms(log_p, log_m) + (1 - spec.beta) * kl_terms(log_q, log_m)
     if kind == "span_kl":
         if next_ids is None:
@@ -3151,10 +3273,17 @@ def stop_token_ids(cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> set[
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
     """Next token ids (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling
-    from softmax(logits / temperature) restricted to the smallest set of mass >= top_p."""
+    from softmax(logits / temperature) restricted to the smallest set of mass >= top_p.
+
+    Any temperature > 0 works, however small: the logits are shifted so that the largest
+    is 0 and divided in float64, so (z - max z) / T is 0 for the top token and at worst
+    -inf (probability 0) for the others, never inf - inf = NaN. As T -> 0 this is argmax
+    (ties shared)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    z = logits.double()  # (B, V) float64: 1 / T overflows float32 for T below ~3e-39
+    z = z - z.amax(-1, keepdim=True)  # the top token at 0, the others below
+    probs = torch.softmax(z / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # the mass of the tokens before this one reaches top_p already
@@ -3412,6 +3541,10 @@ for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, outpu
 del limit, value
 """
 
+# A program runs as a module named "candidate", not "__main__", as in HumanEval's harness:
+# an answer's `if __name__ == "__main__":` demo (which may read input()) is not run.
+PROGRAM_GLOBALS = '{"__name__": "candidate"}'
+
 # sandbox_run's program: read the nonce that proves completion from stdin and leave stdin
 # at /dev/null, run the program with asserts compiled in, and write the nonce to the
 # report pipe only if it returned.
@@ -3424,7 +3557,7 @@ del null
 with open(program, encoding="utf-8") as f:
     source = f.read()
 try:
-    exec(compile(source, program, "exec", optimize=0), {"__name__": "__main__"})
+    exec(compile(source, program, "exec", optimize=0), """ + PROGRAM_GLOBALS + r""")
     sys.stdout.flush(); sys.stderr.flush()
 except BaseException:
     traceback.print_exc(); sys.stderr.flush()
@@ -3433,9 +3566,54 @@ os.write(report_fd, nonce)
 os._exit(0)
 """
 
+# Both sides of run_tests: what may cross between the candidate's process and the verdict's.
+PLAIN_VALUES = r"""
+PLAIN = (type(None), bool, int, float, complex, str, bytes)
+# each scalar type's exact copy of a value of a type derived from it, read through the
+# base type's own slots (bool cannot be subclassed)
+EXACT_COPIES = ((int, int.__int__), (float, float.__float__), (str, str.__str__),
+                (complex, lambda x: complex(complex.real.__get__(x), complex.imag.__get__(x))),
+                (bytes, lambda x: bytes.__getitem__(x, slice(None))))
+
+def plain(x, depth=0):
+    # x is made of plain values only, by exact type
+    if depth > 200:
+        return False
+    if type(x) in PLAIN:
+        return True
+    if type(x) in (list, tuple, set, frozenset):
+        return all(plain(v, depth + 1) for v in x)
+    if type(x) is dict:
+        return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
+    return False
+
+class Unplain(Exception):
+    pass
+
+def as_plain(x, depth=0):
+    # x as plain values: a value whose type derives from a plain type (a Counter, a
+    # namedtuple, an IntEnum, a numpy float64) becomes the plain value it extends, read
+    # through the base type's own methods, so nothing the subclass overrides runs or
+    # crosses (its __eq__ above all). type(x), unlike x.__class__, cannot lie.
+    kind = type(x)
+    if depth > 200:
+        raise Unplain(kind.__name__ + " nested over 200 deep")
+    if kind in PLAIN:
+        return x
+    if issubclass(kind, dict):
+        return {as_plain(k, depth + 1): as_plain(v, depth + 1) for k, v in dict.items(x)}
+    for base in (list, tuple, set, frozenset):
+        if issubclass(kind, base):
+            return base(as_plain(v, depth + 1) for v in base.__iter__(x))
+    for base, exact_copy in EXACT_COPIES:
+        if issubclass(kind, base):
+            return exact_copy(x)
+    raise Unplain(kind.__name__)
+"""
+
 # run_tests, the candidate's side: define the function, then answer calls. A message is
 # 8 bytes of length and a marshal of plain values; nothing else crosses.
-CANDIDATE_SERVER = r"""
+CANDIDATE_SERVER = PLAIN_VALUES + r"""
 import marshal, traceback
 program, entry, calls_fd, answers_fd = sys.argv[5], sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
 
@@ -3454,7 +3632,7 @@ def read_exact(n):
 
 with open(program, encoding="utf-8") as f:
     source = f.read()
-namespace = {"__name__": "__main__"}
+namespace = """ + PROGRAM_GLOBALS + r"""
 try:
     exec(compile(source, program, "exec", optimize=0), namespace)
     function = namespace[entry]
@@ -3466,9 +3644,16 @@ send(("ready",))
 while True:
     args, kwargs = marshal.loads(read_exact(int.from_bytes(read_exact(8), "little")))
     try:
-        message = ("return", function(*args, **kwargs))
+        value = function(*args, **kwargs)
     except BaseException as e:
         message = ("raise", type(e).__name__, str(e)[:1000])
+    else:
+        try:
+            message = ("return", as_plain(value))
+        except Unplain as e:
+            message = ("unplain", str(e))
+        except BaseException:  # a subclass whose base state cannot be read
+            message = ("unplain", type(value).__name__)
     sys.stdout.flush(); sys.stderr.flush()
     try:
         send(message)
@@ -3481,20 +3666,9 @@ while True:
 # candidate's process and admits only plain values back.
 VERDICT_DRIVER = r"""
 import builtins, marshal, os, sys
+""" + PLAIN_VALUES + r"""
 prompt_file, test_file, entry = sys.argv[1:4]
 calls_fd, answers_fd, report_fd = map(int, sys.argv[4:7])
-PLAIN = (type(None), bool, int, float, complex, str, bytes)
-
-def plain(x, depth=0):
-    if depth > 200:
-        return False
-    if type(x) in PLAIN:
-        return True
-    if type(x) in (list, tuple, set, frozenset):
-        return all(plain(v, depth + 1) for v in x)
-    if type(x) is dict:
-        return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
-    return False
 
 def read_exact(n):
     data = b""
@@ -3518,8 +3692,10 @@ class CandidateError(Exception):
     pass
 
 def candidate(*args, **kwargs):
-    if not plain((args, kwargs)):
-        raise TypeError("the tests call the candidate with a value that is not plain")
+    try:
+        args, kwargs = as_plain((args, kwargs))
+    except Unplain as e:
+        raise TypeError(f"the tests call the candidate with a value that is not plain ({e})") from None
     data = marshal.dumps((args, kwargs))
     os.write(calls_fd, len(data).to_bytes(8, "little") + data)
     kind, *rest = receive()
@@ -3538,7 +3714,7 @@ def candidate(*args, **kwargs):
         raise TypeError(f"the candidate returned a value that is not plain ({rest[0] if rest else '?'})")
     raise RuntimeError("the candidate's process sent a malformed message")
 
-namespace = {"__name__": "__main__"}
+namespace = {"__name__": "verdict"}  # not "__main__": the prompt's own guarded demo does not run
 with open(prompt_file, encoding="utf-8") as f:
     exec(compile(f.read(), "prompt", "exec"), namespace)
 first = receive()
@@ -4033,7 +4209,6 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     return {"summary": summary, "tasks": per_task, "samples": samples}
 
 
-@torch.no_grad()
 # ----------------------------------------------------------------------------------------
 # 10. CLI
 # ----------------------------------------------------------------------------------------
@@ -4108,23 +4283,28 @@ def run(cfg: Config) -> dict:
         training["history"] += [{**h, "step": cfg.steps + h["step"]} for h in history]
     write_atomic(out / "new_rows.safetensors", save_new_rows(model))
     write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
+    results = {
+        "teacher": teacher_measures, "student_init": initial, "student": final, "history": training["history"],
+        "n_new_tokens": len(tok.merges), "train_tokens_per_s": training["train_tokens_per_s"],
+        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "seconds": time.perf_counter() - started,
+    }
+    # what is measured is written at once: a failure in what follows loses none of it
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     chat = uses_chat(cfg, tok)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
     [answer] = generate(model, tok, [prompt], decoding)
-    new_share = sum(t >= tok.base_vocab_size for t in answer.token_ids) / max(1, len(answer.token_ids))
-    results = {
-        "teacher": teacher_measures, "student_init": initial, "student": final, "history": training["history"],
-        "n_new_tokens": len(tok.merges), "train_tokens_per_s": training["train_tokens_per_s"],
-        "peak_memory_mb": peak_memory_mb(device), "seconds": time.perf_counter() - started, "device": str(device),
-        "answer": answer.text, "answer_new_token_share": new_share,
-    }
+    n_new = sum(t >= tok.base_vocab_size for t in answer.token_ids)  # the answer's new tokens
+    results["answer"] = answer.text
+    results["answer_new_token_share"] = n_new / max(1, len(answer.token_ids))
+    results["seconds"] = time.perf_counter() - started
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     if tasks:
         print(f"code generation: {len(tasks)} tasks x {cfg.n_samples} samples from {cfg.tasks}")
         codegen = evaluate_codegen_as_configured(model, tok, tasks, cfg)
         write_atomic(out / "codegen.json", json.dumps(codegen, indent=1) + "\n")
         results["codegen"] = codegen["summary"]
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

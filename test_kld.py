@@ -211,6 +211,65 @@ def test_sharded_safetensors_load_like_one_file(tmp_path):
         torch.testing.assert_close(model(expected["input_ids"]), expected["logits"], atol=1e-4, rtol=0)
 
 
+def test_a_qwen2_config_without_tie_word_embeddings_is_untied_as_in_transformers():
+    """Qwen2Config unties by default: the checkpoint's own lm_head.weight is the output matrix
+    (kld tied it and dropped the tensor: logits off by up to 1.5)."""
+    model, _ = kld.load_model(FIXTURES / "qwen2-untied")
+    expected = load_file(FIXTURES / "qwen2-untied" / "expected.safetensors")
+    assert not model.cfg.tie_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"]), expected["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_a_key_that_config_json_lacks_takes_the_default_of_transformers(arch):
+    """A config.json of the model type alone reads as transformers' config class with every
+    field written out (fixtures/hf_defaults.json): ties, eos ids, norms, RoPE base alike."""
+    written_out = json.loads((FIXTURES / "hf_defaults.json").read_text())[arch]
+    assert kld.model_config_from_hf({"model_type": arch}, "bare") == kld.model_config_from_hf(written_out, "full")
+
+
+def test_a_tied_config_over_an_output_matrix_of_its_own_unties_and_says_so(tmp_path, capsys):
+    """transformers 5.23, given tie_word_embeddings true and an lm_head.weight with other values
+    than the input embedding, does not tie them (and warns); kld does the same, and says so."""
+    from safetensors.torch import save_file
+
+    d = copy_fixture("qwen2-untied", tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    model, _ = kld.load_model(d)
+    assert "'lm_head.weight' with other values; it is used, untied" in capsys.readouterr().err
+    expected = load_file(d / "expected.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"]), expected["logits"], atol=1e-4, rtol=0)
+    state = load_file(d / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # a saved copy of the tied matrix
+    save_file(state, d / "model.safetensors")
+    model, _ = kld.load_model(d)
+    assert model.cfg.tie_embeddings and capsys.readouterr().err == ""
+
+
+def test_a_model_with_padding_rows_keeps_working_and_new_ids_follow_its_rows(tmp_path):
+    """Published Qwen2 checkpoints have more embedding rows than their tokenizer has tokens."""
+    from safetensors.torch import save_file
+
+    d = copy_fixture("qwen2", tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "vocab_size": 336}))
+    state = load_file(d / "model.safetensors")
+    embed = state["model.embed_tokens.weight"]
+    state["model.embed_tokens.weight"] = torch.cat([embed, torch.randn(16, embed.shape[1])])  # 16 padding rows
+    save_file(state, d / "model.safetensors")
+    model, tokenizer = kld.load_model(d)
+    expected = load_file(FIXTURES / "qwen2" / "expected.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"])[..., :320], expected["logits"], atol=1e-4, rtol=0)
+    tok = kld.build_extension(tokenizer, [CODE], 8, model.cfg.vocab_size)
+    ids = tok.encode(CODE[:400])
+    assert any(i >= 336 for i in ids) and not any(320 <= i < 336 for i in ids)  # new ids after the padding
+    assert tok.decode(ids) == CODE[:400]
+
+
 @st.composite
 def padded_batches(draw):
     lengths = draw(st.lists(st.integers(1, 12), min_size=1, max_size=4))
@@ -308,6 +367,43 @@ def test_decoding_settings_out_of_range_are_one_line_errors(bad):
 def test_decoding_with_stops_adds_to_the_stops_it_has():
     decoding = kld.Decoding(stop=["\n\n"], stop_ids={2}).with_stops(["```"], [7])
     assert decoding.stop == ("\n\n", "```") and decoding.stop_ids == {2, 7}
+
+
+@pytest.mark.parametrize("where", ["generation_config.json", "config.json"])
+def test_generation_ends_at_every_eos_id_the_checkpoint_declares(tmp_path, where):
+    """eos_token_id [2, 124] in either file: transformers' generate stops at 124, the fourth
+    greedy token (fixtures/llama-eos.json); so does kld, not keeping the stop token."""
+    known = json.loads((FIXTURES / "llama-eos.json").read_text())
+    d = copy_fixture("llama", tmp_path)
+    path = d / where
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": known["eos_token_id"]}))
+    model, tokenizer = kld.load_model(d)
+    tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+    decoding = kld.Decoding(max_new_tokens=8).with_stops([], kld.stop_token_ids(model.cfg, tok, chat=False))
+    [out] = kld.generate(model, tok, [known["prompt"]], decoding)
+    assert out.token_ids == known["generated"][:-1] and out.finish_reason == "eos"
+
+
+def test_a_gguf_end_of_turn_id_ends_generation_too(tmp_path):
+    data = (FIXTURES / "gguf" / "tiny-Q4_1.gguf").read_bytes()
+    path = tmp_path / "eot.gguf"
+    path.write_bytes(data.replace(b"tokenizer.ggml.bos_token_id", b"tokenizer.ggml.eot_token_id"))  # its id, 0
+    model, _ = kld.load_model(path)
+    assert model.cfg.eos_token_ids == (2, 0)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-300, 5e-324])
+def test_a_temperature_below_float32_range_samples_the_top_token(tiny, temperature):
+    """1 / T overflows float32 below ~3e-39 (it raised "probability tensor contains inf, nan").
+    Sampling works at any T > 0 and tends to argmax."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for top_p in (1.0, 0.5):
+        sampled = kld.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(1))
+        assert torch.equal(sampled, logits.argmax(-1))
+    model, tok = teacher(tiny)
+    greedy = kld.generate(model, tok, ["def f(x):"], kld.Decoding(max_new_tokens=6))
+    cold = kld.generate(model, tok, ["def f(x):"], kld.Decoding(max_new_tokens=6, temperature=temperature))
+    assert [c.token_ids for c in cold] == [g.token_ids for g in greedy]
 
 
 @SETTINGS
@@ -468,6 +564,47 @@ def test_missing_tensor(tmp_path):
     save_file(state, d / "model.safetensors")
     with pytest.raises(kld.KldError, match="tensor 'model.layers.1.self_attn.k_proj.bias' is missing"):
         kld.load_model(d)
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_has_rows_is_refused(tmp_path, capsys):
+    """A special token at id 320 over 320 rows: kld read it as row 319, and its first new
+    token took id 320 too. Now: one line naming both sizes, exit 2."""
+    d = copy_fixture("llama", tmp_path)
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": 320, "content": "<tool>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+    assert tokenizer.token_to_id("<tool>") == 320
+    with pytest.raises(kld.KldError, match=r"the tokenizer has 321 ids \(up to 320, '<tool>'\) but the model has "
+                       r"only 320 embedding rows") as error:
+        kld.load_model(d)
+    assert "\n" not in str(error.value)
+    with pytest.raises(kld.KldError, match="321 ids"):  # no new token can be given an id the tokenizer gives
+        kld.ExtendedTokenizer(tokenizer, [(75, 72)], 320)
+    assert kld.main(["--model", str(d), "--corpus", str(FIXTURES / "make_fixtures.py"), "--out_dir",
+                     str(tmp_path / "run")]) == 2
+    assert "embedding rows" in capsys.readouterr().err and not (tmp_path / "run" / "results.json").exists()
+
+
+GGUF_ASSUMED = ["tokenizer.ggml.pre", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "llama.context_length",
+                "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.rope.dimension_count"]
+
+
+@pytest.mark.parametrize("key", GGUF_ASSUMED)
+def test_a_gguf_key_the_loader_assumes_a_value_for_is_named_on_stderr(tmp_path, capsys, key):
+    """A GGUF without tokenizer.ggml.pre was read with GPT-2's split without a word (a Llama 3
+    vocabulary then splits " zqxw" in 5 tokens where its own tokenizer gives 1)."""
+    data = (FIXTURES / "gguf" / "tiny-Q4_1.gguf").read_bytes()
+    assert data.count(key.encode()) == 1
+    path = tmp_path / "without.gguf"
+    path.write_bytes(data.replace(key.encode(), key[:-1].encode() + b"~"))  # the key renamed: absent
+    if key == "llama.attention.head_count_kv":  # 4 heads assumed where the tensors have 2: a shape error too
+        with pytest.raises(kld.KldError, match="has shape"):
+            kld.load_model(path)
+    else:
+        kld.load_model(path)
+    assert f"GGUF metadata lacks {key}; kld assumes" in capsys.readouterr().err
 
 
 def patched_gguf(tmp_path, after: bytes, skip: int, new: bytes) -> Path:
@@ -1310,6 +1447,49 @@ def test_each_divergence_is_its_direct_formula(data, spec):
         assert got[j].item() >= -1e-12
 
 
+@SETTINGS
+@given(data=st.data(), spec=st.sampled_from(SPECS))
+def test_every_divergence_and_the_chunked_loss_have_finite_gradients_where_either_side_holds_zeros(data, spec):
+    """p' = 0 (tokens tau' cannot emit) and q = 0 (a masked vocabulary: logits of -inf), on
+    the same tokens or on others. A torch.where whose untaken branch computes 0 * (-inf) had
+    made the gradient NaN at every position (reverse_kl, jsd)."""
+    r, n = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 9))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    p_zero = torch.rand(r, n, generator=generator) < data.draw(st.floats(0, 0.7))
+    q_zero = torch.rand(r, n, generator=generator) < data.draw(st.floats(0, 0.7))
+    p_zero[:, 0] = False  # each row keeps a token of each side
+    q_zero[torch.arange(r), torch.randint(0, n, (r,), generator=generator)] = False
+    log_p = torch.log_softmax(torch.randn(r, n, dtype=torch.float64, generator=generator).masked_fill(p_zero, -math.inf), -1)
+    mask = torch.zeros(r, n, dtype=torch.float64).masked_fill(q_zero, -math.inf)  # (r, n) 0 or -inf
+    next_ids = torch.randint(0, n, (r,), generator=generator)
+    logits = torch.randn(r, n, dtype=torch.float64, generator=generator).requires_grad_()
+    kld.divergence(log_p, logits + mask, spec, next_ids).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    # the chunked loss over the same targets: hidden states h and output rows [base; new], 2 positions a chunk
+    d = 3
+    h = torch.randn(r, d, dtype=torch.float64, generator=generator).requires_grad_()
+    base_out = torch.randn(n - 1, d, dtype=torch.float64, generator=generator)
+    new_out = torch.randn(1, d, dtype=torch.float64, generator=generator).requires_grad_()
+
+    def position_loss(chunk_logits, start, stop):
+        return kld.divergence(log_p[start:stop], chunk_logits + mask[start:stop], spec, next_ids[start:stop])
+
+    kld.chunked_head_loss(h, new_out, base_out, position_loss, chunk=2).backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(new_out.grad).all()
+
+
+def test_the_masked_vocabulary_of_the_report_has_finite_gradients():
+    """The input of the report: six tokens, p' = 0 on two, a student logit of -inf on one."""
+    log_p = torch.log(torch.tensor([[0.4, 0.0, 0.3, 0.2, 0.0, 0.1]], dtype=torch.float64))
+    for kind in kld.DIVERGENCES.choices:
+        logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 0.3, -0.2]], dtype=torch.float64, requires_grad=True)
+        masked = logits + torch.tensor([[0.0, 0.0, 0.0, 0.0, -math.inf, 0.0]], dtype=torch.float64)
+        value = kld.divergence(log_p, masked, kld.Divergence(kind), torch.tensor([2]))
+        value.sum().backward()
+        assert torch.isfinite(value).all() and torch.isfinite(logits.grad).all(), kind
+        assert logits.grad[0, 4] == 0  # a token the mask removes gets no gradient
+
+
 def test_jsd_at_beta_0_and_1_is_forward_and_reverse_kl():
     generator = torch.Generator().manual_seed(0)
     log_p = torch.log_softmax(torch.randn(5, 7, dtype=torch.float64, generator=generator), -1)
@@ -1374,7 +1554,8 @@ def test_chunked_loss_gradient_matches_finite_differences_for_one_new_row():
 
     model.zero_grad()
     loss().backward()
-    row = next(i for w in windows for i in w if i >= tok.base_vocab_size) - tok.base_vocab_size
+    # a new token read as input (a window's last token is only predicted): both its rows have a gradient
+    row = next(i for w in windows for i in w[:-1] if i >= tok.base_vocab_size) - tok.base_vocab_size
     for name in ("new_in", "new_out"):
         param = getattr(model, name)
         analytic = param.grad[row].clone()
@@ -1591,6 +1772,28 @@ def test_no_merges_is_the_identity_end_to_end(tmp_path):
     assert results["student"]["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_failure_after_training_keeps_the_held_out_figures(tmp_path, monkeypatch):
+    """Training finished and then the answer failed: results.json holds what was measured."""
+    out = tmp_path / "run"
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(kld, "generate", failing_generate)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 2, "eval_every": 0}))
+    results = json.loads((out / "results.json").read_text())
+    assert results["student"]["bits_per_char"] > 0 and results["teacher"]["bits_per_char"] > 0
+    assert "answer" not in results and (out / "new_rows.safetensors").exists()
+
+
+def test_a_run_at_a_temperature_below_float32_range_finishes(tmp_path):
+    out = tmp_path / "run"
+    assert kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--out_dir", str(out),
+                     "--temperature", "1e-39", "--steps", "2", "--eval_every", "0"]) == 0
+    assert "answer" in json.loads((out / "results.json").read_text())
+
+
 def test_out_dir_that_cannot_hold_a_run(tmp_path):
     (tmp_path / "file").write_text("x")
     for out, message in [(tmp_path / "file", "exists and is not a directory"),
@@ -1736,6 +1939,66 @@ def test_the_candidate_answers_with_plain_values_and_exceptions_by_type():
                                   "    except ValueError as e:\n        assert str(e) == 'zero'\n    else:\n        assert False\n")
     [result] = kld.run_tests_all([(raising, raising.prompt + list(bodies)[1])], LIMITS)
     assert result.status == "passed"
+
+
+# A body returning a value whose type extends a plain one, and the plain value the tests expect
+# (HumanEval's harness passes each: the subclass is equal to it).
+DERIVED_VALUES = {
+    "from collections import Counter\n    return Counter('aab')": "{'a': 2, 'b': 1}",
+    "from collections import OrderedDict\n    return OrderedDict(a=1)": "{'a': 1}",
+    "from collections import defaultdict\n    d = defaultdict(list)\n    d['x'].append(1)\n    return d": "{'x': [1]}",
+    "from collections import namedtuple\n    return [namedtuple('P', 'x y')(1, 2)]": "[(1, 2)]",
+    "import enum\n    class E(enum.IntEnum):\n        A = 3\n    return {E.A}": "{3}",
+    "class S(str):\n        pass\n    return {S('k'): (S('v'), 2.5)}": "{'k': ('v', 2.5)}",
+    "class F(float):\n        pass\n    return frozenset([F(0.5)])": "frozenset([0.5])",
+}
+# A subclass whose overrides would make a wrong value pass: it crosses as the value it holds.
+LYING_VALUES = {
+    "class L(list):\n        def __eq__(self, other):\n            return True\n    return L()": "[1]",
+    "class D(dict):\n        def __iter__(self):\n            return iter(['a'])\n"
+    "        def items(self):\n            return [('a', 1)]\n    return D()": "{'a': 1}",
+    "class S(str):\n        __hash__ = str.__hash__\n        def __eq__(self, other):\n            return True\n"
+    "    return S('no')": "'yes'",
+    "class I(int):\n        def __int__(self):\n            return 7\n    return I(3)": "7",
+    "class Fake:\n        __class__ = property(lambda self: dict)\n        def __eq__(self, other):\n"
+    "            return True\n    return Fake()": "{}",
+}
+
+
+def value_task(expected: str) -> kld.Task:
+    return kld.Task(task_id="t/v", prompt="def f():\n    \"\"\"A value.\"\"\"\n", entry_point="f", canonical_solution="",
+                    test=f"def check(candidate):\n    assert candidate() == {expected}\n")
+
+
+def test_values_whose_type_extends_a_plain_type_cross_as_the_plain_value():
+    """A Counter where the tests expect a dict was judged failed ("not plain (Counter)") where
+    HumanEval's harness passes it; a subclass's overrides must still never reach the verdict."""
+    tasks = {t.task_id: t for t in kld.read_tasks(BENCH)}
+    jobs = [(tasks[i], tasks[i].prompt + "    from collections import Counter\n    return Counter(" + arg + ")\n")
+            for i, arg in [("kld/63", "s"), ("kld/48", "text.lower().split()")]]
+    jobs += [(value_task(expected), value_task(expected).prompt + "    " + body + "\n")
+             for body, expected in {**DERIVED_VALUES, **LYING_VALUES}.items()]
+    results = kld.run_tests_all(jobs, LIMITS)
+    n_honest = 2 + len(DERIVED_VALUES)
+    assert [r.status for r in results] == ["passed"] * n_honest + ["failed"] * len(LYING_VALUES), results
+    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], LIMITS)  # HumanEval's way
+    assert [r.status for r in reference[:n_honest]] == ["passed"] * n_honest
+    assert sum(r.status == "passed" for r in reference[n_honest:]) >= 3  # where the lies work in one program
+
+
+def test_an_answer_s_script_guard_does_not_run():
+    """A chat answer that ends with `if __name__ == "__main__":` reading input(): HumanEval's
+    harness does not run the block (the program is not __main__); kld ran it (EOFError)."""
+    task = kld.Task(task_id="t/2", prompt="def twice(n: int) -> int:\n    \"\"\"Twice n.\"\"\"\n", entry_point="twice",
+                    canonical_solution="    return 2 * n\n", test="def check(candidate):\n    assert candidate(3) == 6\n")
+    answer = "def twice(n: int) -> int:\n    return 2 * n\n\n\nif __name__ == \"__main__\":\n    n = int(input())\n    print(twice(n))\n"
+    source = kld.candidate_source(task, answer, chat=True)
+    [result] = kld.run_tests_all([(task, source)], LIMITS)
+    assert result.status == "passed", result
+    assert kld.sandbox_run(kld.program_with_tests(task, source), LIMITS).status == "passed"
+    guarded_prompt = dataclasses.replace(task, prompt=task.prompt + "    return 0\n\nif __name__ == '__main__':\n    input()\n")
+    [result] = kld.run_tests_all([(guarded_prompt, source)], LIMITS)  # the verdict's side runs the prompt: not __main__ either
+    assert result.status == "passed", result
 
 
 def test_task_file_is_built_from_its_readable_source():
