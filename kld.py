@@ -129,7 +129,7 @@ class Affects:
 
 TRAINING = Affects("training")
 CODEGEN = Affects("codegen")
-INIT_NAMES = OneOf(("random", "mean", "fvt"))  # the initialisers of section 6
+INIT_NAMES = OneOf(("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm"))  # the initialisers of section 6
 DIVERGENCES = OneOf(("forward_kl", "reverse_kl", "jsd", "span_kl"))  # what `divergence` (section 5) computes
 
 
@@ -148,7 +148,7 @@ class Config:
     new_tokens: Annotated[list[str], TRAINING] = field(default_factory=list)  # strings to add as tokens (merge chains), before the K merges
     newline_merges: Annotated[bool, TRAINING] = True  # learned merges may join a token to the newline (and indentation) ending its line
     # initialisation of the new rows (METHOD.md section 5)
-    init: Annotated[str, INIT_NAMES, TRAINING] = "fvt"  # "random", "mean" (Hewitt 2021) or "fvt" (mean of sub-token rows): the new input rows
+    init: Annotated[str, INIT_NAMES, TRAINING] = "fvt"  # "random", "mean" (Hewitt 2021), "fvt" (mean of sub-token rows), "last_piece" / "first_piece" (AdaptiVocab's weighted means), "fvt_norm" (FVT at the base rows' norm): the new input rows
     init_output: typing.Optional[Annotated[str, INIT_NAMES, TRAINING]] = None  # the same choice for the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
     objective: Annotated[str, OneOf(("kl", "ce")), TRAINING] = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
@@ -157,14 +157,19 @@ class Config:
     lift_condition: Annotated[bool, TRAINING] = True  # condition each target on the student's previous token (what tau' would have merged)
     divergence: Annotated[str, DIVERGENCES, TRAINING] = "forward_kl"  # what the kl objective minimises (section 5, `divergence`)
     divergence_beta: Annotated[float, Range(0, 1), TRAINING] = 0.5  # jsd's mixing weight: 0 = forward_kl, 1 = reverse_kl
-    divergence_temperature: Annotated[float, Range(0, open_low=True), TRAINING] = 1.0  # temper teacher and student by this first
+    divergence_temperature: Annotated[float, Range(1e-6, 1e6), TRAINING] = 1.0  # temper teacher and student by this first
     loss_chunk: Annotated[int, Range(0)] = 128  # positions whose logits over V' exist at once in the loss (128: fastest on a 2-core CPU); 0 = all of a batch
     fit_windows: Annotated[int, Range(0), TRAINING] = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
     fit_iterations: Annotated[int, Range(1), TRAINING] = 300  # L-BFGS iterations of that refit
     fit_l2: Annotated[float, Range(0), TRAINING] = 1e-3  # its ridge toward the rows it starts from
-    steps: Annotated[int, Range(0), TRAINING] = 100  # optimizer steps
+    hidden_steps: Annotated[int, Range(0), TRAINING] = 0  # first, steps of hidden-state distillation of the input rows alone (0: none); then `steps` of `objective`
+    hidden_layer: Annotated[int, Range(0), TRAINING] = 0  # the hidden states matched there: after block hidden_layer; 0 = the last, after the final norm
+    hidden_lr: typing.Optional[Annotated[float, Range(0, open_low=True), TRAINING]] = None  # its peak learning rate; null = lr
+    steps: Annotated[int, Range(0), TRAINING] = 100  # optimizer steps of `objective`
     batch_size: Annotated[int, Range(1), TRAINING] = 4  # windows per step
     seq_len: Annotated[int, Range(1), TRAINING] = 128  # student tokens per window (plus one of context)
+    windows: Annotated[str, OneOf(("uniform", "new_tokens")), TRAINING] = "uniform"  # "uniform": the corpus in shuffled windows; "new_tokens": windows around occurrences of the new tokens, windows_per_token of each
+    windows_per_token: Annotated[int, Range(1), TRAINING] = 32  # with windows "new_tokens": the occurrences of each new token drawn (fewer where it occurs less)
     lr: Annotated[float, Range(0, open_low=True), TRAINING] = 6e-3  # peak learning rate of AdamW (of the input rows)
     lr_out: typing.Optional[Annotated[float, Range(0, open_low=True), TRAINING]] = 2e-3  # the new output rows' one; null = lr
     weight_decay: Annotated[float, Range(0), TRAINING] = 0.0  # AdamW weight decay on the new rows
@@ -176,6 +181,7 @@ class Config:
     eval_chars: Annotated[int, Range(1)] = 20000  # held-out characters evaluated (the start of the held-out files)
     eval_window: Annotated[int, Range(1)] = 256  # teacher tokens per evaluation chunk
     resume: bool = True  # continue from out_dir/checkpoint.pt when it is there
+    cpu_bf16: typing.Optional[Annotated[bool, TRAINING]] = False  # training steps on the CPU in bf16 autocast; null = where the CPU has bf16 instructions (held-out measures stay float32)
     # optional second stage: fine-tune more of the model on the domain text, the same objective
     finetune_layers: Annotated[int, Range(-1), TRAINING] = 0  # also train the last n transformer blocks (-1: all of them); 0: no second stage
     finetune_steps: Annotated[int, Range(0)] = 0  # steps of the second stage
@@ -390,8 +396,24 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; on the CPU, float32 as it is."""
+    """bf16 autocast on CUDA; on the CPU, float32 as it is (inside a cpu_autocast, bf16)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX), which make bf16
+    matrix products faster than float32 ones; without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume none
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_autocast(enabled: bool):
+    """bf16 autocast on the CPU: matrix products and attention in bfloat16, norms, softmaxes
+    and losses in float32 (upcast), parameters and optimizer state float32 as they are."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 class RMSNorm(nn.Module):
@@ -582,7 +604,7 @@ class GPT(nn.Module):
 
     def forward(self, ids, valid=None, cache: KVCache | None = None, last_only: bool = False,
                 base_only: bool = False, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                hidden: bool = False):
+                hidden: bool = False, n_blocks: int | None = None):
         """Logits for ids (B, T).
 
         valid (B, T): False marks padding (left padding for batched prompts), None: no
@@ -595,7 +617,12 @@ class GPT(nn.Module):
         positions (B, T) and mask (B, 1, T, past + T), given together: any attention
         pattern, e.g. a tree of branches over a cached prefix (the lift's trie mode).
         hidden: the final hidden states h (B, T, C), after the last norm, instead of logits.
+        n_blocks (with hidden, no cache): run the first n_blocks blocks only and return the
+        residual stream after them (B, T, C), Hugging Face's hidden_states[n_blocks]; the
+        last block's gives the final hidden states, after the norm, as hidden does.
         """
+        if n_blocks is not None and not (hidden and cache is None and 1 <= n_blocks <= self.cfg.n_layer):
+            raise KldError(f"n_blocks {n_blocks} needs hidden=True, no cache, and 1 <= n_blocks <= {self.cfg.n_layer}")
         B, T = ids.shape
         n_past = cache.length if cache is not None else 0
         if mask is not None:
@@ -621,8 +648,10 @@ class GPT(nn.Module):
             x = x + self.pos_embed(positions)
         else:
             rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        for layer, block in enumerate(self.blocks):
+        for layer, block in enumerate(self.blocks[:n_blocks]):  # [:None]: every block
             x = block(x, rope, mask, is_causal, cache, layer)
+        if n_blocks is not None and n_blocks < self.cfg.n_layer:
+            return x  # the residual stream after block n_blocks; the blocks after it are skipped
         if cache is not None:
             cache.advance(T, valid)
         if last_only:
@@ -711,12 +740,10 @@ def warn(message: str):
 
 
 def output_tying(cfg: ModelConfig, tensors: dict, embed_name: str, output_name: str, source: str) -> ModelConfig:
-    """`cfg` as it ties the output matrix to the input embedding, corrected by the file.
-
-    A config that ties them, over a checkpoint that holds an output matrix of its own with
-    other values, is untied and that matrix used (as transformers does, and said on
-    stderr): a tensor present in a checkpoint is never dropped silently. A saved copy of
-    the tied matrix (the same values) changes nothing.
+    """`cfg`, untied where it ties the output matrix to the input embedding but the
+    checkpoint holds an output matrix of its own with other values: that matrix is used
+    (as transformers does) and stderr says so, since a tensor present in a checkpoint is
+    never dropped silently. A saved copy of the tied matrix (the same values) changes nothing.
     """
     output = tensors.get(output_name)
     if not cfg.tie_embeddings or output is None or embed_name not in tensors:
@@ -735,8 +762,8 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
     largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if largest >= vocab_size:
         token = tokenizer.id_to_token(largest)
-        raise KldError(f"{source}: the tokenizer has {largest + 1} ids (up to {largest}, {token!r}) but the model has "
-                       f"only {vocab_size} embedding rows; tokenizer and weights do not belong together")
+        raise KldError(f"{source}: the tokenizer gives ids up to {largest} ({token!r}) but the model has only "
+                       f"{vocab_size} embedding rows (ids 0 to {vocab_size - 1}); tokenizer and weights do not belong together")
 
 
 # --- Hugging Face directories ---
@@ -750,6 +777,7 @@ HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 HF_DEFAULTS = {
     "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
+             "scale_attn_weights": True,
              "tie_word_embeddings": True, "eos_token_id": 50256},
     "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
@@ -779,7 +807,7 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     hf = {**HF_DEFAULTS[model_type], **hf}
     eos = eos_ids(hf["eos_token_id"], source)
     if model_type == "gpt2":
-        if hf["activation_function"] != "gelu_new" or hf["scale_attn_by_inverse_layer_idx"]:
+        if hf["activation_function"] != "gelu_new" or hf["scale_attn_by_inverse_layer_idx"] or not hf["scale_attn_weights"]:
             raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
         d = hf["n_embd"]
         return ModelConfig(
@@ -1117,6 +1145,8 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
     add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS token before a prompt", source)
+    if add_bos and "tokenizer.ggml.bos_token_id" not in meta:
+        warn(f"{source}: GGUF metadata asks for a BOS token but lacks tokenizer.ggml.bos_token_id; kld adds none")
     if add_bos and "tokenizer.ggml.bos_token_id" in meta:
         bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -1155,6 +1185,9 @@ def read_gguf_model(path: Path):
         tie_embeddings="output.weight" not in tensors,
         eos_token_ids=tuple(dict.fromkeys(meta[key] for key in GGUF_EOS_KEYS if key in meta)),
     )
+    if not cfg.eos_token_ids:
+        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes no end-of-sequence id: "
+             "generation ends at the token budget (or, chatting, at <|im_end|>)")
     if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
         raise KldError(f"{path}: RoPE scaling is not supported")
     src = _Tensors(tensors, str(path))
@@ -2433,11 +2466,25 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(below, torch.log(-torch.expm1(safe)), -math.inf)
 
 
-def binary_kl(log_P: torch.Tensor, log_Q: torch.Tensor) -> torch.Tensor:
+def binary_kl(log_P: torch.Tensor, log_Q: torch.Tensor, log_not_P: torch.Tensor | None = None,
+              log_not_Q: torch.Tensor | None = None) -> torch.Tensor:
     """KL((P, 1 - P) || (Q, 1 - Q)) per entry, from log P and log Q: the span KL of METHOD.md
-    section 4, where a span's probability is all that the two sides share."""
-    two = torch.stack([log_P, log1mexp(log_P)], dim=-1)  # (r, 2): the two outcomes, span or not
-    return kl_terms(two, torch.stack([log_Q, log1mexp(log_Q)], dim=-1))
+    section 4, where a span's probability is all that the two sides share. log(1 - P) and
+    log(1 - Q) are taken from the caller where it has them exactly (log_rest): 1 - Q
+    computed from Q is 0 once Q rounds to 1, and its gradient with it."""
+    log_not_P = log1mexp(log_P) if log_not_P is None else log_not_P
+    log_not_Q = log1mexp(log_Q) if log_not_Q is None else log_not_Q
+    two = torch.stack([log_P, log_not_P], dim=-1)  # (r, 2): the two outcomes, span or not
+    return kl_terms(two, torch.stack([log_Q, log_not_Q], dim=-1))
+
+
+def log_rest(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log(1 - p(ids_j)) per row (r,), exactly: the log of the summed probabilities of every
+    other token (r, n) -> (r,); -inf, with a zero gradient, where no other token has any."""
+    others = log_probs.scatter(1, ids[:, None], -math.inf)  # (r, n): the token itself left out
+    none = (others == -math.inf).all(-1)  # (r,) rows where it holds all the mass
+    safe = torch.where(none[:, None], 0.0, others)  # logsumexp of all -inf has a NaN gradient
+    return torch.where(none, -math.inf, torch.logsumexp(safe, -1))
 
 
 def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
@@ -2466,9 +2513,11 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
     Each is 0 where q = p', and grows as they part.
     """
     log_p = upcast(log_p)  # (r, |V'|)
-    if spec.temperature != 1.0:
-        log_p = torch.log_softmax(log_p / spec.temperature, dim=-1)  # p'^(1/T), renormalised
-    log_q = torch.log_softmax(upcast(logits) / spec.temperature, dim=-1)  # (r, |V'|)
+    logits = upcast(logits)  # (r, |V'|)
+    if spec.temperature != 1.0:  # shifted to a maximum of 0 first: (z - max z) / T never overflows to inf - inf
+        log_p = torch.log_softmax((log_p - log_p.amax(-1, keepdim=True)) / spec.temperature, dim=-1)  # p'^(1/T)
+        logits = (logits - logits.amax(-1, keepdim=True).detach()) / spec.temperature  # softmax does not see a shift
+    log_q = torch.log_softmax(logits, dim=-1)  # (r, |V'|)
     kind = spec.kind
     if kind == "jsd" and spec.beta in (0.0, 1.0):  # log m would take log 0 of one side
         kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
@@ -2486,7 +2535,7 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
             raise KldError("span_kl needs the realised tokens (next_ids)")
         log_P = log_p.gather(1, next_ids[:, None])[:, 0]  # (r,) log p'(s_j)
         log_Q = log_q.gather(1, next_ids[:, None])[:, 0]  # (r,) log q(s_j)
-        return binary_kl(log_P, log_Q)
+        return binary_kl(log_P, log_Q, log_rest(log_p, next_ids), log_rest(log_q, next_ids))
     raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES.choices}")
 
 
@@ -2530,7 +2579,41 @@ def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: t
     return torch.stack([upcast(rows[list(e)]).mean(0) for e in expansions]).to(rows.dtype)
 
 
-INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt}
+def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]], last_most: bool) -> torch.Tensor:
+    """w = sum_i a_i w_{x_i} / sum_i a_i over the pieces x_1 .. x_k of exp(v), a_i = 2^-(k-i)
+    (the last piece weighs most) or 2^-(i-1) (the first): AdaptiVocab's weighting. For
+    pieces (a, b): (w_a + 2 w_b) / 3 and (2 w_a + w_b) / 3."""
+    out = []
+    for e in expansions:
+        k = len(e)
+        powers = torch.arange(k - 1, -1, -1) if last_most else torch.arange(k)  # (k,) the exponents
+        weights = torch.pow(2.0, -powers.double())  # (k,)
+        out.append((weights[:, None] * rows[list(e)].double()).sum(0) / weights.sum())
+    return torch.stack(out).to(rows.dtype)
+
+
+def init_last_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """The pieces' rows weighted toward the last, 2^-(k-i) (AdaptiVocab's input rows): a
+    token is read where its text ends, as the teacher reads its last piece."""
+    return weighted_pieces(rows, expansions, last_most=True)
+
+
+def init_first_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """The pieces' rows weighted toward the first, 2^-(i-1) (AdaptiVocab's output rows): a
+    token is predicted where its text begins, as the teacher predicts its first piece."""
+    return weighted_pieces(rows, expansions, last_most=False)
+
+
+def init_fvt_norm(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """FVT's mean, rescaled to the mean norm of the base rows: a mean of k rows is shorter
+    than its pieces, and a short input row reads as a weak token."""
+    fvt = upcast(init_fvt(rows, expansions, generator))  # (N, d)
+    base_norm = upcast(rows).norm(dim=1).mean()
+    return (fvt * (base_norm / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12))).to(rows.dtype)
+
+
+INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt, "last_piece": init_last_piece,
+                "first_piece": init_first_piece, "fvt_norm": init_fvt_norm}
 
 
 def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
@@ -2579,6 +2662,32 @@ def training_windows(stream: list[int], seq_len: int, seed: int):
     while True:
         for i in torch.randperm(n, generator=generator).tolist():
             yield stream[i * seq_len : i * seq_len + seq_len + 1]
+
+
+def new_token_windows(stream: list[int], seq_len: int, first_new_id: int, per_token: int, seed: int):
+    """Endless shuffled windows of seq_len + 1 student ids chosen for the new tokens (ids >=
+    first_new_id): up to `per_token` occurrences of each, drawn uniformly among its
+    occurrences in the stream, each in a window that holds it at a random place in its
+    first half (after the context id), so that a rare token gets as many windows as a
+    common one, and many positions read it. Reshuffled after each pass."""
+    if len(stream) < seq_len + 1:
+        raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+    rng = np.random.default_rng(seed)
+    ids = np.asarray(stream)
+    at = np.flatnonzero(ids >= first_new_id)  # positions of new tokens in the stream
+    at = at[np.argsort(ids[at], kind="stable")]  # grouped by token, each group in stream order
+    first_of_each = np.unique(ids[at], return_index=True)[1]  # where each token's group begins
+    by_token = np.split(at, first_of_each[1:])
+    starts = []
+    for positions in by_token:  # one array of positions per new token that occurs
+        chosen = rng.choice(positions, size=min(per_token, len(positions)), replace=False)
+        offsets = rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))  # where in the window it sits
+        starts += np.clip(chosen - offsets, 0, len(stream) - seq_len - 1).tolist()
+    if not starts:
+        raise KldError("no new token occurs in the training corpus: there are no windows to choose for them")
+    while True:
+        for i in rng.permutation(len(starts)).tolist():
+            yield stream[starts[i] : starts[i] + seq_len + 1]
 
 
 def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: int) -> list[list[int]]:
@@ -2831,6 +2940,43 @@ def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], 
     return chunked_head_loss(h, model.new_out, base_out, position_loss, chunk or len(h))
 
 
+def teacher_ends(window: list[int], tok: ExtendedTokenizer) -> list[int]:
+    """e_j for each student position j of a window: the index, in the window's expansion, of
+    the last teacher token of span j, the teacher position that has read what student
+    position j has read. teacher_ends([a, new(b c), d]) == [0, 2, 3]."""
+    ends = []
+    at = -1  # the last teacher index covered so far
+    for s in window:
+        at += len(tok.expand([s]))  # |exp(s)|: 1 for a base token
+        ends.append(at)
+    return ends
+
+
+def hidden_state_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], layer: int,
+                      teacher: GPT | None = None) -> torch.Tensor:
+    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2 over every position j of student windows
+    (METHOD.md section 4, hidden-state distillation; Token Distillation, Dobler et al. 2025).
+
+    H'_l: the student on its own tokens, H_l: the teacher (the student's base weights, or
+    `teacher`) on the windows' expansions, both after `layer` blocks (the last: the final
+    hidden states, after the norm). Student position j has read the same text as teacher
+    position e_j (teacher_ends). The gradient reaches only the new input rows, through every
+    position at or after a new token; the blocks after `layer` are not run, so an early
+    layer costs about layer / n_layer of a full pass.
+    """
+    device = model.embed.weight.device
+    ids, valid = right_padded(windows, device)  # (B, width)
+    with autocast(device):
+        student = model(ids, valid, hidden=True, n_blocks=layer)  # (B, width, d) H'_l
+    seqs = [list(tok.expand(w)) for w in windows]  # the same text in teacher tokens
+    teacher_ids, teacher_valid = right_padded(seqs, device)  # (B, teacher width)
+    with torch.no_grad(), autocast(device):
+        reference = (teacher or model)(teacher_ids, teacher_valid, hidden=True, n_blocks=layer)  # (B, tw, d) H_l
+    h_student = torch.cat([student[b, : len(w)] for b, w in enumerate(windows)])  # (P, d) every position
+    h_teacher = torch.cat([reference[b, teacher_ends(w, tok)] for b, w in enumerate(windows)])  # (P, d) at e_j
+    return F.mse_loss(upcast(h_student), upcast(h_teacher))
+
+
 # --- the output rows alone: a convex problem that forward passes feed (METHOD.md section 4) ---
 #
 # With the hidden states h_j fixed, the loss in the new output rows U (N, d) is convex and
@@ -3034,15 +3180,19 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-          checkpoint: Path, teacher: GPT | None = None) -> dict:
+          checkpoint: Path, teacher: GPT | None = None, objective: str | None = None) -> dict:
     """AdamW on the parameters that require a gradient (the new rows; in the second stage
-    also the blocks it trains), from the checkpoint when there is one. Prints a progress
+    also the blocks it trains), from the checkpoint when there is one, on `objective`
+    (default cfg.objective; "hidden": hidden_state_loss at cfg.hidden_layer, which moves
+    the input rows only). Prints a progress
     line every log_every steps; every eval_every steps and at the end, measures the held-out
     chunks (when given) and writes the checkpoint. With cfg.fit_windows, the last step is
     followed by a refit of the output rows alone (refit_output_rows), measured before and
     after. Returns tokens/s and the measures."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
+    objective = objective or cfg.objective
+    hidden_layer = cfg.hidden_layer or model.cfg.n_layer  # 0: the last
     named = trained_parameters(model)
     params = list(named.values())
     if sum(p.numel() for p in params) == 0:  # K = 0: the student is the teacher, nothing to learn
@@ -3057,7 +3207,12 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     if cfg.resume and checkpoint.exists():
         step = load_checkpoint(checkpoint, model, optimizer, cfg)
         print(f"resuming from {checkpoint} at step {step}")
-    windows = training_windows(stream, cfg.seq_len, cfg.seed)
+    device = model.embed.weight.device
+    bf16 = device.type == "cpu" and (cpu_has_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16)
+    if cfg.windows == "new_tokens":
+        windows = new_token_windows(stream, cfg.seq_len, tok.base_vocab_size, cfg.windows_per_token, cfg.seed)
+    else:
+        windows = training_windows(stream, cfg.seq_len, cfg.seed)
     for _ in range(step * cfg.batch_size):  # the same windows as an uninterrupted run
         next(windows)
     history = []
@@ -3068,7 +3223,11 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg) * group["lr_scale"]
         batch = [next(windows) for _ in range(cfg.batch_size)]
-        loss = training_loss(model, tok, batch, cfg.objective, lift_cfg, teacher, spec, cfg.loss_chunk)
+        with cpu_autocast(bf16):  # the forward passes; the backward runs in the dtypes they recorded
+            if objective == "hidden":
+                loss = hidden_state_loss(model, tok, batch, hidden_layer, teacher)
+            else:
+                loss = training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # reaches only the parameters that require a gradient
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -3079,7 +3238,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         if step % cfg.log_every == 0 or step == cfg.steps:
             left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len  # at the speed so far
             lr = learning_rate(step - 1, cfg)
-            print(f"step {step:5d}/{cfg.steps} | {cfg.objective} loss {loss.item():.4f} | lr {lr:.2e} "
+            print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss.item():.4f} | lr {lr:.2e} "
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
         if step == cfg.steps and cfg.fit_windows:  # last, the output rows alone, to convergence
             if chunks:
@@ -3183,6 +3342,19 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     return model, tok
 
 
+def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
+                 out: Path) -> list[dict]:
+    """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
+    cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
+    moves the input rows first, by a signal that reaches them directly). Its windows come
+    from another seed than the steps that follow."""
+    layer = cfg.hidden_layer or model.cfg.n_layer
+    print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
+          f"{cfg.hidden_steps} steps")
+    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, fit_windows=0, seed=cfg.seed + 1)
+    return train(model, tok, stage, stream, chunks, out / "checkpoint-hidden.pt", objective="hidden")["history"]
+
+
 def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
                  out: Path) -> list[dict]:
     """Train the new rows and the last `cfg.finetune_layers` blocks on, against a teacher
@@ -3276,14 +3448,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     from softmax(logits / temperature) restricted to the smallest set of mass >= top_p.
 
     Any temperature > 0 works, however small: the logits are shifted so that the largest
-    is 0 and divided in float64, so (z - max z) / T is 0 for the top token and at worst
-    -inf (probability 0) for the others, never inf - inf = NaN. As T -> 0 this is argmax
-    (ties shared)."""
+    is 0, and T below float32's smallest normal number is read as that number, so
+    (z - max z) / T is 0 for the top token and at worst -inf (probability 0) for the
+    others, never inf - inf = NaN. As T -> 0 this is argmax (ties shared)."""
     if temperature == 0:
         return logits.argmax(-1)
-    z = logits.double()  # (B, V) float64: 1 / T overflows float32 for T below ~3e-39
+    z = logits.float()  # (B, V)
     z = z - z.amax(-1, keepdim=True)  # the top token at 0, the others below
-    probs = torch.softmax(z / temperature, dim=-1)
+    probs = torch.softmax(z / max(temperature, torch.finfo(torch.float32).tiny), dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # the mass of the tokens before this one reaches top_p already
@@ -3377,7 +3549,8 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
     for b, p in enumerate(prompt_ids):  # left padding: every row's last token is in the last column
         ids[b, T - len(p) :] = torch.tensor(p)
         valid[b, T - len(p) :] = True
-    cache = KVCache(model.cfg, B, T + max_new_tokens, device, next(model.parameters()).dtype)
+    # room for 256 new tokens, doubled when full: memory grows with what is generated, not with the budget
+    cache = KVCache(model.cfg, B, T + min(max_new_tokens, 256), device, next(model.parameters()).dtype)
     padded = min(map(len, prompt_ids)) < T
     logits = model(ids.to(device), valid.to(device) if padded else None, cache, last_only=True)[:, -1]
     tokens: list[list[int]] = [[] for _ in range(B)]
@@ -3406,6 +3579,8 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
             cache.keep_rows(index)
             next_ids = next_ids[index]
             active = [active[j] for j in keep]
+        if cache.length == cache.valid.shape[1]:
+            cache.reserve(2 * cache.length)
         logits = model(next_ids[:, None], None, cache)[:, -1]
     completions = []
     for row in range(B):
@@ -3541,14 +3716,23 @@ for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, outpu
 del limit, value
 """
 
-# A program runs as a module named "candidate", not "__main__", as in HumanEval's harness:
-# an answer's `if __name__ == "__main__":` demo (which may read input()) is not run.
-PROGRAM_GLOBALS = '{"__name__": "candidate"}'
+# A program runs as a module of its own, not "__main__", as in HumanEval's harness: an
+# answer's `if __name__ == "__main__":` demo (which may read input()) is not run. The module
+# is registered in sys.modules, as an imported one is: dataclasses and typing look their
+# class's module up there.
+PROGRAM_MODULE = r"""
+import types
+
+def module_namespace(name):
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    return module.__dict__
+"""
 
 # sandbox_run's program: read the nonce that proves completion from stdin and leave stdin
 # at /dev/null, run the program with asserts compiled in, and write the nonce to the
 # report pipe only if it returned.
-SANDBOX_DRIVER = r"""
+SANDBOX_DRIVER = PROGRAM_MODULE + r"""
 import traceback
 program, report_fd = sys.argv[5], int(sys.argv[6])
 nonce = os.read(0, 64)
@@ -3557,7 +3741,7 @@ del null
 with open(program, encoding="utf-8") as f:
     source = f.read()
 try:
-    exec(compile(source, program, "exec", optimize=0), """ + PROGRAM_GLOBALS + r""")
+    exec(compile(source, program, "exec", optimize=0), module_namespace("candidate"))
     sys.stdout.flush(); sys.stderr.flush()
 except BaseException:
     traceback.print_exc(); sys.stderr.flush()
@@ -3596,13 +3780,22 @@ def as_plain(x, depth=0):
     # through the base type's own methods, so nothing the subclass overrides runs or
     # crosses (its __eq__ above all). type(x), unlike x.__class__, cannot lie.
     kind = type(x)
-    if depth > 200:
-        raise Unplain(kind.__name__ + " nested over 200 deep")
+    if depth > 190:  # below plain()'s 200: the message that carries x adds a level or two
+        raise Unplain(kind.__name__ + " nested over 190 deep (a value that holds itself?)")
     if kind in PLAIN:
         return x
-    if issubclass(kind, dict):
-        return {as_plain(k, depth + 1): as_plain(v, depth + 1) for k, v in dict.items(x)}
-    for base in (list, tuple, set, frozenset):
+    if issubclass(kind, (dict, set, frozenset)):
+        if issubclass(kind, dict):
+            copy = {as_plain(k, depth + 1): as_plain(v, depth + 1) for k, v in dict.items(x)}
+            size = dict.__len__(x)
+        else:
+            base = set if issubclass(kind, set) else frozenset
+            copy = base(as_plain(v, depth + 1) for v in base.__iter__(x))
+            size = base.__len__(x)
+        if len(copy) != size:  # members a lying __hash__ / __eq__ kept apart merge as plain values
+            raise Unplain(kind.__name__ + " whose members are equal as plain values")
+        return copy
+    for base in (list, tuple):
         if issubclass(kind, base):
             return base(as_plain(v, depth + 1) for v in base.__iter__(x))
     for base, exact_copy in EXACT_COPIES:
@@ -3613,7 +3806,7 @@ def as_plain(x, depth=0):
 
 # run_tests, the candidate's side: define the function, then answer calls. A message is
 # 8 bytes of length and a marshal of plain values; nothing else crosses.
-CANDIDATE_SERVER = PLAIN_VALUES + r"""
+CANDIDATE_SERVER = PROGRAM_MODULE + PLAIN_VALUES + r"""
 import marshal, traceback
 program, entry, calls_fd, answers_fd = sys.argv[5], sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
 
@@ -3632,7 +3825,7 @@ def read_exact(n):
 
 with open(program, encoding="utf-8") as f:
     source = f.read()
-namespace = """ + PROGRAM_GLOBALS + r"""
+namespace = module_namespace("candidate")
 try:
     exec(compile(source, program, "exec", optimize=0), namespace)
     function = namespace[entry]
@@ -3666,7 +3859,7 @@ while True:
 # candidate's process and admits only plain values back.
 VERDICT_DRIVER = r"""
 import builtins, marshal, os, sys
-""" + PLAIN_VALUES + r"""
+""" + PROGRAM_MODULE + PLAIN_VALUES + r"""
 prompt_file, test_file, entry = sys.argv[1:4]
 calls_fd, answers_fd, report_fd = map(int, sys.argv[4:7])
 
@@ -3714,7 +3907,7 @@ def candidate(*args, **kwargs):
         raise TypeError(f"the candidate returned a value that is not plain ({rest[0] if rest else '?'})")
     raise RuntimeError("the candidate's process sent a malformed message")
 
-namespace = {"__name__": "verdict"}  # not "__main__": the prompt's own guarded demo does not run
+namespace = module_namespace("verdict")  # not "__main__": the prompt's own guarded demo does not run
 with open(prompt_file, encoding="utf-8") as f:
     exec(compile(f.read(), "prompt", "exec"), namespace)
 first = receive()
@@ -4158,7 +4351,10 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     pass@k (unbiased, mean over tasks) with a bootstrap interval; tokens per character of
     the generated text; the share of new tokens among the generated tokens, the share tau'
     gives when it re-encodes the same text, and their ratio (adoption); generated
-    characters per second. "tasks" holds per-task n, c and pass@k, "samples" each program.
+    characters per second. The saving on the model's own text, which what it writes
+    cannot fool: realised_saving = 1 - tokens spent / tokens tau spends on the same text,
+    possible_saving = 1 - tokens tau' spends on it / tokens tau spends, and their ratio
+    saving_realised. "tasks" holds per-task n, c and pass@k, "samples" each program.
     """
     if not tasks:
         raise KldError("no tasks to evaluate")
@@ -4180,12 +4376,15 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     n_new = 0
     n_reencoded = 0
     n_reencoded_new = 0
+    n_base = 0  # tokens tau spends on the same texts
     for task, completion, source, result in zip(owners, completions, sources, results):
         text = tok.decode(completion.token_ids)  # with the stop string: as the tokens emitted
         n_chars += len(text)
         n_tokens += len(completion.token_ids)
         n_new += sum(t >= tok.base_vocab_size for t in completion.token_ids)
-        reencoded = tok.encode(text)  # tau' on the same text: the new tokens it would use
+        base_ids = tok.base.encode(text, add_special_tokens=False).ids  # tau on the same text
+        n_base += len(base_ids)
+        reencoded = tok.merge(base_ids)  # tau' on the same text: the new tokens it would use
         n_reencoded += len(reencoded)
         n_reencoded_new += sum(t >= tok.base_vocab_size for t in reencoded)
         per_task[task.task_id]["c"] += result.status == "passed"
@@ -4201,9 +4400,13 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     # adoption: the student's share of new tokens over the share tau' gives the same text (1: it
     # writes its text as tau' would; 0: it spells everything with base tokens)
     reencoded_share = n_reencoded_new / max(1, n_reencoded)
+    realised_saving = 1 - n_tokens / max(1, n_base)  # below 0 where the model spells its text longer than tau
+    possible_saving = 1 - n_reencoded / max(1, n_base)
     summary.update({"tokens_per_char": n_tokens / max(1, n_chars), "new_token_share": n_new / max(1, n_tokens),
                     "reencoded_new_token_share": reencoded_share,
                     "adoption": n_new / max(1, n_tokens) / reencoded_share if reencoded_share else None,
+                    "realised_saving": realised_saving, "possible_saving": possible_saving,
+                    "saving_realised": realised_saving / possible_saving if possible_saving > 0 else None,
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
                     "timeouts": sum(r.status == "timeout" for r in results)})
     return {"summary": summary, "tasks": per_task, "samples": samples}
@@ -4235,7 +4438,7 @@ def check_out_dir(out: Path, cfg: Config):
 def run(cfg: Config) -> dict:
     """The method end to end: extend the teacher's tokenizer on the domain corpus, initialise
     the new rows, train them, measure teacher and student on held-out code, and answer
-    `cfg.prompt` with the student. Writes config.json, extension.json, new_rows.safetensors,
+    `cfg.prompt` with the teacher and the student. Writes config.json, extension.json, new_rows.safetensors,
     embeddings.json (embedding_analysis) and results.json to out_dir (checkpoint.pt while
     training), and codegen.json when `cfg.tasks` names code-generation tasks."""
     out = Path(cfg.out_dir)
@@ -4249,6 +4452,9 @@ def run(cfg: Config) -> dict:
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     if tasks:  # settings that cannot work are refused before hours of training, not after
         codegen_settings(cfg, ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size))
+    if cfg.max_new_tokens >= model.cfg.max_positions:
+        raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {model.cfg.max_positions} "
+                       "positions with a prompt before it")
     write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
     checkpoint = out / "checkpoint.pt"
     extension_file = out / "extension.json"
@@ -4261,6 +4467,11 @@ def run(cfg: Config) -> dict:
         save_extension(tok, extension_file)
         print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, e.g. "
               f"{[tok.token_string(tok.base_vocab_size + i) for i in range(min(8, len(tok.merges)))]}")
+    chat = uses_chat(cfg, tok)
+    prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
+    decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
+    teacher_tok = ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+    [teacher_answer] = generate(model, teacher_tok, [prompt], decoding)  # before the model has new rows
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
@@ -4272,7 +4483,9 @@ def run(cfg: Config) -> dict:
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
           f"tokens/char {initial['tokens_per_char']:.4f}")
     stream = token_stream(tok, train_texts, sep)
+    hidden_history = hidden_stage(model, tok, cfg, stream, chunks, out) if cfg.hidden_steps else []
     training = train(model, tok, cfg, stream, chunks, checkpoint)
+    training["history"] = hidden_history + [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
     if training["history"]:
         final = training["history"][-1]
     else:  # a finished run resumed: nothing trained, nothing measured
@@ -4280,21 +4493,20 @@ def run(cfg: Config) -> dict:
     if cfg.finetune_layers and cfg.finetune_steps:
         history = second_stage(model, tok, cfg, stream, chunks, out)
         final = history[-1] if history else final
-        training["history"] += [{**h, "step": cfg.steps + h["step"]} for h in history]
+        training["history"] += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in history]
     write_atomic(out / "new_rows.safetensors", save_new_rows(model))
-    write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
     results = {
         "teacher": teacher_measures, "student_init": initial, "student": final, "history": training["history"],
         "n_new_tokens": len(tok.merges), "train_tokens_per_s": training["train_tokens_per_s"],
         "peak_memory_mb": peak_memory_mb(device), "device": str(device), "seconds": time.perf_counter() - started,
+        "complete": False,  # true once the answers (and the code-generation evaluation) are in
     }
     # what is measured is written at once: a failure in what follows loses none of it
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    chat = uses_chat(cfg, tok)
-    prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
-    decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
+    write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
     [answer] = generate(model, tok, [prompt], decoding)
     n_new = sum(t >= tok.base_vocab_size for t in answer.token_ids)  # the answer's new tokens
+    results["teacher_answer"] = teacher_answer.text
     results["answer"] = answer.text
     results["answer_new_token_share"] = n_new / max(1, len(answer.token_ids))
     results["seconds"] = time.perf_counter() - started
@@ -4304,7 +4516,9 @@ def run(cfg: Config) -> dict:
         codegen = evaluate_codegen_as_configured(model, tok, tasks, cfg)
         write_atomic(out / "codegen.json", json.dumps(codegen, indent=1) + "\n")
         results["codegen"] = codegen["summary"]
-        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    results["peak_memory_mb"] = peak_memory_mb(device)
+    results["complete"] = True
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -4346,7 +4560,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'student code generation':24s}pass@1 {codegen['pass@1']:.3f} [{low:.3f}, {high:.3f}] on "
               f"{codegen['n_tasks']} tasks; tokens/char {codegen['tokens_per_char']:.4f}, "
               f"new tokens {codegen['new_token_share']:.1%}")
-    print(f"\n{result['answer']}\n[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
+    print(f"\nthe teacher's answer:\n{result['teacher_answer']}")
+    print(f"\nthe student's answer:\n{result['answer']}\n[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
           f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory {result['peak_memory_mb']:.0f} MB; "
           f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")
     return 0

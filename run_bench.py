@@ -254,7 +254,11 @@ def train_speed(args):
 
             def step():
                 batch = [next(windows) for _ in range(batch_size)]
-                loss = kld.training_loss(model, tok, batch, objective, lift_cfg, chunk=args.loss_chunk)
+                with kld.cpu_autocast(args.cpu_bf16 and device.type == "cpu"):
+                    if objective == "hidden":  # hidden-state distillation at --hidden-layer (0: the last)
+                        loss = kld.hidden_state_loss(model, tok, batch, args.hidden_layer or model.cfg.n_layer)
+                    else:
+                        loss = kld.training_loss(model, tok, batch, objective, lift_cfg, chunk=args.loss_chunk)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -268,8 +272,8 @@ def train_speed(args):
                 continue
             _, seconds = timed(lambda: [step() for _ in range(args.steps)])
             tokens = args.steps * batch_size * args.seq_len
-            print(f"{objective}: batch {batch_size} x {args.seq_len}, loss_chunk {args.loss_chunk}: "
-                  f"{tokens / seconds:.0f} student tok/s, peak memory {kld.peak_memory_mb(device):.0f} MB "
+            print(f"{objective}: batch {batch_size} x {args.seq_len}, loss_chunk {args.loss_chunk}"
+                  f"{', bf16 autocast' if args.cpu_bf16 else ''}: {tokens / seconds:.0f} student tok/s, peak memory {kld.peak_memory_mb(device):.0f} MB "
                   f"(the process's peak on the CPU: run one setting per process)")
 
 
@@ -404,7 +408,8 @@ def comparisons(rows) -> list[dict]:
 
 
 TABLE_COLUMNS = ["row", "pass@1", "interval_low", "interval_high", "bits_per_char", "tokens_per_char_heldout",
-                 "tokens_per_char_generated", "new_token_share", "adoption", "tokens_per_char_vs_teacher",
+                 "tokens_per_char_generated", "new_token_share", "adoption", "realised_saving", "possible_saving",
+                 "saving_realised", "tokens_per_char_vs_teacher",
                  "generated_chars_per_s", "chars_per_s_vs_teacher", "train_s", "codegen_s"]
 
 
@@ -419,7 +424,8 @@ def table_rows(bench) -> list[dict]:
                     "bits_per_char": row["held_out"].get("bits_per_char"),
                     "tokens_per_char_heldout": row["held_out"].get("tokens_per_char"),
                     "tokens_per_char_generated": summary["tokens_per_char"], "new_token_share": summary["new_token_share"],
-                    "adoption": summary.get("adoption"),
+                    "adoption": summary.get("adoption"), "realised_saving": summary.get("realised_saving"),
+                    "possible_saving": summary.get("possible_saving"), "saving_realised": summary.get("saving_realised"),
                     "tokens_per_char_vs_teacher": summary["tokens_per_char"] / teacher_summary["tokens_per_char"],
                     "generated_chars_per_s": summary["chars_per_s"],
                     "chars_per_s_vs_teacher": summary["chars_per_s"] / teacher_summary["chars_per_s"],
@@ -432,18 +438,25 @@ def markdown_report(bench, table, compared, plot_name) -> str:
              f"{bench['n_tasks']} tasks from `{bench['tasks']}`; machine: {bench['machine']}; device {bench['device']}; "
              f"wall time {bench['wall_s'] / 60:.1f} min.", "",
              "| row | pass@1 [95% CI] | bits/char | tokens/char held-out | tokens/char generated (x teacher) "
-             "| new-token share | adoption | generated chars/s (x teacher) | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| new-token share | adoption | saving realised / possible (share) | generated chars/s (x teacher) "
+             "| train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         bpc = f"{r['bits_per_char']:.4f}" if r["bits_per_char"] is not None else "-"
         tpc = f"{r['tokens_per_char_heldout']:.4f}" if r["tokens_per_char_heldout"] is not None else "-"
         adoption = f"{r['adoption']:.2f}" if r["adoption"] is not None else "-"
+        saving = "-"  # codegen.json written before the measure existed: re-evaluate to fill it
+        if r["realised_saving"] is not None:
+            share = f"{r['saving_realised']:.2f}" if r["saving_realised"] is not None else "-"
+            saving = f"{r['realised_saving']:.1%} / {r['possible_saving']:.1%} ({share})"
         lines.append(f"| {r['row']} | {r['pass@1']:.3f} [{r['interval_low']:.3f}, {r['interval_high']:.3f}] | {bpc} | "
                      f"{tpc} | {r['tokens_per_char_generated']:.4f} ({r['tokens_per_char_vs_teacher']:.2f}) | "
-                     f"{r['new_token_share']:.1%} | {adoption} | {r['generated_chars_per_s']:.0f} "
+                     f"{r['new_token_share']:.1%} | {adoption} | {saving} | {r['generated_chars_per_s']:.0f} "
                      f"({r['chars_per_s_vs_teacher']:.2f}) | {r['train_s']:.0f} |")
     lines += ["", "adoption: the share of new tokens among a student's generated tokens over the share tau' gives "
-              "when it re-encodes the same text; (x teacher): the ratio to the teacher's figure in this run."]
+              "when it re-encodes the same text; saving: on the model's own generated text, 1 - the tokens it spent "
+              "/ the tokens tau spells it in (realised), 1 - tau''s tokens / tau's (possible), and realised / "
+              "possible (share); (x teacher): the ratio to the teacher's figure in this run."]
     lines += ["", "Paired comparisons on per-task pass@1 (b - a; sign test over the tasks where they differ):", "",
               "| a | b | b - a [95% CI] | b better | b worse | p |", "|---|---|---|---|---|---|"]
     for c in compared:
@@ -678,10 +691,12 @@ def main():
     p.add_argument("--n-merges", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4])
-    p.add_argument("--objectives", nargs="+", default=["kl", "ce"])
+    p.add_argument("--objectives", nargs="+", default=["kl", "ce"], help="kl, ce, hidden")
     p.add_argument("--lift", choices=["path", "trie"], default="trie")
     p.add_argument("--lift-min-prob", type=float, default=kld.Config.lift_min_prob)
     p.add_argument("--steps", type=int, default=5, help="timed steps after a warm-up one (0: its peak memory only)")
+    p.add_argument("--cpu-bf16", action="store_true", help="the step in bf16 autocast on the CPU (Config.cpu_bf16)")
+    p.add_argument("--hidden-layer", type=int, default=0, help="objective hidden: the layer matched (0: the last)")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("evaluator", help="cost per program of judging code: one program against two processes")
     p.add_argument("--tasks", default="bench_tasks")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -96,7 +97,7 @@ def test_config_file_errors(tmp_path):
     ("heldout_fraction", 1.5, r"'heldout_fraction' must be a finite number in \[0, 1\)"),
     ("temperature", -1, "'temperature' must be"), ("top_p", 0, "'top_p' must be"), ("pass_k", [0], "'pass_k' must be"),
     ("objective", "mse", r"'objective' must be one of \['kl', 'ce'\]"), ("init_output", "zeros", "'init_output' must be one of"),
-    ("dtype", "float8", "'dtype' must be one of"),
+    ("dtype", "float8", "'dtype' must be one of"), ("divergence_temperature", 1e-39, "'divergence_temperature' must be"),
 ])
 def test_config_values_out_of_range_are_one_line_errors(key, value, message):
     with pytest.raises(kld.KldError, match=message) as error:
@@ -346,6 +347,19 @@ def test_generation_budget_stop_tokens_and_stop_strings(tiny):
         assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
 
 
+def test_generation_past_the_first_cache_allocation_equals_full_passes():
+    """The KV cache starts with room for 256 new tokens and doubles: 300 greedy tokens
+    equal those of full forward passes over the whole text at every step."""
+    model, tokenizer = kld.load_model(FIXTURES / "llama")
+    tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+    [out] = kld.generate(model, tok, ["def f(x):"], kld.Decoding(max_new_tokens=300))
+    ids = tok.encode("def f(x):", add_special_tokens=True)
+    with torch.no_grad():
+        for _ in range(300):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out.token_ids == ids[-300:][: len(out.token_ids)] and len(out.token_ids) >= 257
+
+
 def test_seeded_sampling_is_reproducible_and_tiny_top_p_is_greedy(tiny):
     model, tok = teacher(tiny)
     prompts = ["import os", "class A:"]
@@ -547,6 +561,14 @@ def test_unsupported_hf_architecture(tmp_path):
         kld.load_model(d)
 
 
+def test_a_gpt2_variant_kld_does_not_compute_is_refused(tmp_path):
+    d = copy_fixture("gpt2", tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "scale_attn_weights": False}))  # transformers honours it
+    with pytest.raises(kld.KldError, match="GPT-2 variant"):
+        kld.load_model(d)
+
+
 def test_tensor_of_the_wrong_shape(tmp_path):
     d = copy_fixture("llama", tmp_path)
     config = json.loads((d / "config.json").read_text())
@@ -576,15 +598,25 @@ def test_a_tokenizer_with_more_ids_than_the_model_has_rows_is_refused(tmp_path, 
     (d / "tokenizer.json").write_text(json.dumps(spec))
     tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
     assert tokenizer.token_to_id("<tool>") == 320
-    with pytest.raises(kld.KldError, match=r"the tokenizer has 321 ids \(up to 320, '<tool>'\) but the model has "
+    with pytest.raises(kld.KldError, match=r"the tokenizer gives ids up to 320 \('<tool>'\) but the model has "
                        r"only 320 embedding rows") as error:
         kld.load_model(d)
     assert "\n" not in str(error.value)
-    with pytest.raises(kld.KldError, match="321 ids"):  # no new token can be given an id the tokenizer gives
+    with pytest.raises(kld.KldError, match="ids up to 320"):  # no new token can be given an id the tokenizer gives
         kld.ExtendedTokenizer(tokenizer, [(75, 72)], 320)
     assert kld.main(["--model", str(d), "--corpus", str(FIXTURES / "make_fixtures.py"), "--out_dir",
                      str(tmp_path / "run")]) == 2
     assert "embedding rows" in capsys.readouterr().err and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_gguf_without_an_eos_id_or_add_bos_token_says_what_kld_assumes(tmp_path, capsys):
+    kld.load_model(FIXTURES / "gguf" / "tiny-Q4_1.gguf")  # the fixture does not say whether to add a BOS
+    assert "lacks tokenizer.ggml.add_bos_token; kld assumes no BOS" in capsys.readouterr().err
+    data = (FIXTURES / "gguf" / "tiny-Q4_1.gguf").read_bytes()
+    path = tmp_path / "no-eos.gguf"
+    path.write_bytes(data.replace(b"tokenizer.ggml.eos_token_id", b"tokenizer.ggml.eos_token_iX"))
+    model, _ = kld.load_model(path)
+    assert model.cfg.eos_token_ids == () and "lacks tokenizer.ggml.eos_token_id" in capsys.readouterr().err
 
 
 GGUF_ASSUMED = ["tokenizer.ggml.pre", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "llama.context_length",
@@ -1478,6 +1510,127 @@ def test_every_divergence_and_the_chunked_loss_have_finite_gradients_where_eithe
     assert torch.isfinite(h.grad).all() and torch.isfinite(new_out.grad).all()
 
 
+def test_teacher_ends_map_each_student_position_to_the_teacher_position_that_read_the_same_text():
+    model, tok = tiny_student("llama")
+    new = tok.base_vocab_size + 3
+    window = [5, new, 7, new]
+    k = len(tok.expansions[3])
+    assert kld.teacher_ends(window, tok) == [0, k, k + 1, 2 * k + 1]
+    assert kld.teacher_ends([5, 6], tok) == [0, 1]
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_n_blocks_gives_the_residual_stream_after_that_block(arch):
+    """The last block's is the final hidden state; an earlier one is the residual stream
+    that the next block reads (transformers' hidden_states[l])."""
+    model, _ = kld.load_model(FIXTURES / arch)
+    ids = torch.tensor([[5, 9, 14, 200, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids, hidden=True, n_blocks=model.cfg.n_layer), model(ids, hidden=True))
+        after_first = model(ids, hidden=True, n_blocks=1)
+        assert after_first.shape == (1, 5, model.cfg.d_model)
+        assert not torch.allclose(after_first, model(ids, hidden=True))
+    with pytest.raises(kld.KldError, match="n_blocks 3 needs"):
+        model(ids, hidden=True, n_blocks=model.cfg.n_layer + 1)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_hidden_state_loss_is_zero_without_new_tokens_and_moves_only_the_input_rows(layer):
+    model, tok = tiny_student("llama", n_merges=0, dtype=torch.float64)
+    windows = [[2] + tok.base.encode(CODE[:300]).ids[:20]]
+    assert kld.hidden_state_loss(model, tok, windows, layer).item() == 0.0  # K = 0: the student is the teacher
+    model, tok = tiny_student("llama", dtype=torch.float64)
+    gen = kld.training_windows(kld.token_stream(tok, [CODE], 2), 12, seed=1)
+    windows = [next(gen) for _ in range(2)]
+    before = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("new_")}
+
+    def loss():
+        return kld.hidden_state_loss(model, tok, windows, layer)
+
+    model.zero_grad()
+    value = loss()
+    value.backward()
+    assert value.item() > 0 and model.new_out.grad is None  # no head: the output rows get nothing
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("new_"))
+    # the gradient of a new input row read by the windows, against central finite differences
+    row = next(i for w in windows for i in w if i >= tok.base_vocab_size) - tok.base_vocab_size
+    analytic = model.new_in.grad[row].clone()
+    numeric = torch.tensor([central_difference(loss, model.new_in, row, col) for col in range(len(analytic))],
+                           dtype=analytic.dtype)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9)
+    assert analytic.abs().max() > 1e-8, "a zero gradient checks nothing"
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not n.startswith("new_"))
+
+
+@pytest.mark.parametrize("objective", ["kl", "ce", "hidden"])
+def test_a_bf16_step_on_the_cpu_stays_near_the_float32_one(objective):
+    """cpu_autocast: the loss within 2% and the new rows' gradient within a cosine of 0.99 of
+    float32's; the rows themselves and their gradients stay float32."""
+    model, tok = tiny_student("qwen2")
+    gen = kld.training_windows(kld.token_stream(tok, [CODE], 2), 32, seed=2)
+    windows = [next(gen) for _ in range(4)]
+    lift_cfg = kld.make_lift(tok, "trie", 0.03, True)
+    results = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        with kld.cpu_autocast(bf16):
+            if objective == "hidden":
+                loss = kld.hidden_state_loss(model, tok, windows, model.cfg.n_layer)
+            else:
+                loss = kld.training_loss(model, tok, windows, objective, lift_cfg, chunk=16)
+        loss.backward()
+        grads = [p.grad.flatten() for p in (model.new_in, model.new_out) if p.grad is not None]
+        assert all(g.dtype == torch.float32 for g in grads) and model.new_in.dtype == torch.float32
+        results.append((loss.item(), torch.cat(grads)))
+    (loss32, grad32), (loss16, grad16) = results
+    assert loss16 != loss32  # the products did run in bf16
+    assert abs(loss16 - loss32) <= 0.02 * abs(loss32), (loss16, loss32)
+    assert F.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+def test_new_token_windows_give_every_new_token_its_quota():
+    model, tok = tiny_student("llama")
+    stream = kld.token_stream(tok, [CODE], 2)
+    counts = collections.Counter(i for i in stream if i >= tok.base_vocab_size)
+    per_token = 3
+    gen = kld.new_token_windows(stream, 16, tok.base_vocab_size, per_token, seed=0)
+    n_windows = sum(min(per_token, c) for c in counts.values())
+    windows = [next(gen) for _ in range(n_windows)]
+    assert all(len(w) == 17 for w in windows)
+    for token, count in counts.items():  # each new token in the first half of its quota of windows, rare ones too
+        assert sum(token in w[1:9] for w in windows) >= min(per_token, count)
+    again = kld.new_token_windows(stream, 16, tok.base_vocab_size, per_token, seed=0)
+    assert [next(again) for _ in range(n_windows)] == windows  # fixed by the seed
+    with pytest.raises(kld.KldError, match="no new token occurs"):
+        next(kld.new_token_windows([2] + tok.base.encode("x = 1").ids * 9, 4, tok.base_vocab_size, 3, seed=0))
+
+
+def test_a_run_with_a_hidden_stage_moves_the_input_rows_first(tmp_path):
+    """hidden_steps steps of hidden-state distillation (input rows only), then the steps of
+    the objective; the history counts the steps of both."""
+    out = tmp_path / "run"
+    results = kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "hidden_steps": 4, "hidden_layer": 1,
+                                       "steps": 2, "eval_every": 2}))
+    steps = [h["step"] for h in results["history"]]
+    assert steps == [2, 4, 6] and (out / "checkpoint-hidden.pt").exists()
+    assert results["student"]["kl"] < results["student_init"]["kl"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gap", [20.0, 60.0])
+def test_the_span_kl_gradient_is_right_where_the_student_is_sure(dtype, gap):
+    """Q = q(s) rounds to 1 (float32 at a logit gap of 18): 1 - Q from Q is 0, and the
+    gradient with it. d/dz binary KL = (Q - P) / (1 - Q) (onehot(s) - q)."""
+    logits = torch.tensor([[gap, 0.0, 0.0]], dtype=dtype, requires_grad=True)
+    log_p = torch.log(torch.tensor([[0.5, 0.25, 0.25]], dtype=dtype))
+    kld.divergence(log_p, logits, kld.Divergence("span_kl"), torch.tensor([0])).sum().backward()
+    q = torch.softmax(logits.detach().double(), -1)[0]
+    rest = q[1:].sum()  # 1 - Q, exactly (1 - q[0] rounds to 0 at a gap of 60)
+    scale = (0.5 - rest) / rest  # (Q - P) / (1 - Q)
+    expected = torch.stack([scale * rest, -scale * q[1], -scale * q[2]])  # onehot(s) - q is (1 - Q, -q_1, -q_2)
+    torch.testing.assert_close(logits.grad[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_the_masked_vocabulary_of_the_report_has_finite_gradients():
     """The input of the report: six tokens, p' = 0 on two, a student logit of -inf on one."""
     log_p = torch.log(torch.tensor([[0.4, 0.0, 0.3, 0.2, 0.0, 0.1]], dtype=torch.float64))
@@ -1776,10 +1929,14 @@ def test_a_failure_after_training_keeps_the_held_out_figures(tmp_path, monkeypat
     """Training finished and then the answer failed: results.json holds what was measured."""
     out = tmp_path / "run"
 
-    def failing_generate(*args, **kwargs):
-        raise RuntimeError("sampling failed")
+    real_generate = kld.generate
 
-    monkeypatch.setattr(kld, "generate", failing_generate)
+    def generate_until_the_student(model, tok, prompts, decoding):  # the teacher answers before training
+        if model.new_in is not None:
+            raise RuntimeError("sampling failed")
+        return real_generate(model, tok, prompts, decoding)
+
+    monkeypatch.setattr(kld, "generate", generate_until_the_student)
     with pytest.raises(RuntimeError, match="sampling failed"):
         kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 2, "eval_every": 0}))
     results = json.loads((out / "results.json").read_text())
@@ -1787,11 +1944,20 @@ def test_a_failure_after_training_keeps_the_held_out_figures(tmp_path, monkeypat
     assert "answer" not in results and (out / "new_rows.safetensors").exists()
 
 
+def test_a_token_budget_beyond_the_model_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--out_dir", str(out),
+                     "--max_new_tokens", "100000000"]) == 2
+    assert "max_new_tokens 100000000 does not fit the model's 128 positions" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+
+
 def test_a_run_at_a_temperature_below_float32_range_finishes(tmp_path):
     out = tmp_path / "run"
     assert kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--out_dir", str(out),
                      "--temperature", "1e-39", "--steps", "2", "--eval_every", "0"]) == 0
-    assert "answer" in json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert results["answer"] and results["teacher_answer"]
 
 
 def test_out_dir_that_cannot_hold_a_run(tmp_path):
@@ -1962,6 +2128,8 @@ LYING_VALUES = {
     "class I(int):\n        def __int__(self):\n            return 7\n    return I(3)": "7",
     "class Fake:\n        __class__ = property(lambda self: dict)\n        def __eq__(self, other):\n"
     "            return True\n    return Fake()": "{}",
+    "class K(str):\n        def __hash__(self):\n            return id(self)\n        def __eq__(self, other):\n"
+    "            return self is other\n    return {K('a'), K('a')}": "{'a'}",
 }
 
 
@@ -1996,6 +2164,11 @@ def test_an_answer_s_script_guard_does_not_run():
     [result] = kld.run_tests_all([(task, source)], LIMITS)
     assert result.status == "passed", result
     assert kld.sandbox_run(kld.program_with_tests(task, source), LIMITS).status == "passed"
+    # the module is a registered one: a dataclass with a string annotation looks it up in sys.modules
+    typed = "from dataclasses import dataclass\n\n@dataclass\nclass Box:\n    n: 'int'\n\n" + answer
+    [result] = kld.run_tests_all([(task, kld.candidate_source(task, typed, chat=True))], LIMITS)
+    assert result.status == "passed", result
+    assert kld.sandbox_run(kld.program_with_tests(task, kld.candidate_source(task, typed, chat=True)), LIMITS).status == "passed"
     guarded_prompt = dataclasses.replace(task, prompt=task.prompt + "    return 0\n\nif __name__ == '__main__':\n    input()\n")
     [result] = kld.run_tests_all([(guarded_prompt, source)], LIMITS)  # the verdict's side runs the prompt: not __main__ either
     assert result.status == "passed", result
@@ -2241,21 +2414,30 @@ def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
     model, tok = tiny_student("llama")
     wrong = "    return None  # " + " ".join(CODE.split()[:40]) + "\n"  # corpus text: new tokens in it
     answers = [t.canonical_solution if i % 2 == 0 else wrong for i, t in enumerate(tasks)]
+    # the second answer spelled in base tokens, the others as tau' spells them: a student that adopts some
+    emitted = [tok.base.encode(a).ids if i == 1 else tok.encode(a) for i, a in enumerate(answers)]
     seen_prompts = []
 
     def fake_generate(model, tok, prompts, decoding):
         seen_prompts.extend(prompts)
-        return [kld.Completion(a, tok.encode(a), "stop") for a in answers]
+        return [kld.Completion(a, ids, "stop") for a, ids in zip(answers, emitted)]
 
     monkeypatch.setattr(kld, "generate", fake_generate)
     result = kld.evaluate_codegen(model, tok, tasks, kld.CodegenSettings(limits=LIMITS))
     summary = result["summary"]
     assert seen_prompts == [t.prompt for t in tasks]
     assert summary["pass@1"] == 0.5 and [s["status"] for s in result["samples"]] == ["passed", "failed"] * 3
-    ids = [i for a in answers for i in tok.encode(a)]
+    ids = [i for e in emitted for i in e]
     assert summary["tokens_per_char"] == pytest.approx(len(ids) / sum(map(len, answers)))
     n_new = sum(i >= tok.base_vocab_size for i in ids)
     assert n_new > 0 and summary["new_token_share"] == pytest.approx(n_new / len(ids))
+    n_base = sum(len(tok.base.encode(a).ids) for a in answers)  # tau on the same text
+    n_merged = sum(len(tok.encode(a)) for a in answers)  # tau'
+    assert summary["realised_saving"] == pytest.approx(1 - len(ids) / n_base)
+    assert summary["possible_saving"] == pytest.approx(1 - n_merged / n_base) and summary["possible_saving"] > 0
+    missed = len(emitted[1]) - len(tok.encode(answers[1]))  # what the base-spelled answer leaves unsaved
+    assert summary["saving_realised"] == pytest.approx(1 - missed / (n_base - n_merged))
+    assert 0 < summary["saving_realised"] < 1
 
 
 def test_evaluate_codegen_runs_the_model_end_to_end():
@@ -2269,6 +2451,21 @@ def test_evaluate_codegen_runs_the_model_end_to_end():
     assert "pass@2" in summary and "pass@5" not in summary and summary["chars_per_s"] > 0
     with pytest.raises(kld.KldError, match="temperature > 0"):
         kld.evaluate_codegen(model, tok, tasks, kld.CodegenSettings(n_samples=2))
+
+
+def test_weighted_initialisers_on_a_worked_example():
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0], [4.0, 0.0]])
+    expansions = [(0, 1), (0, 1, 3)]
+    g = torch.Generator()
+    torch.testing.assert_close(kld.init_last_piece(rows, expansions, g)[0], torch.tensor([1 / 3, 2 / 3]))
+    torch.testing.assert_close(kld.init_first_piece(rows, expansions, g)[0], torch.tensor([2 / 3, 1 / 3]))
+    # three pieces, weights 1/4, 1/2, 1 (last most): (1/4 [1,0] + 1/2 [0,1] + [4,0]) / (7/4)
+    torch.testing.assert_close(kld.init_last_piece(rows, expansions, g)[1], torch.tensor([17 / 7, 2 / 7]))
+    calibrated = kld.init_fvt_norm(rows, expansions, g)
+    base_norm = rows.norm(dim=1).mean()
+    torch.testing.assert_close(calibrated.norm(dim=1), base_norm.expand(2))
+    fvt = kld.init_fvt(rows, expansions, g)
+    torch.testing.assert_close(F.cosine_similarity(calibrated, fvt, dim=1), torch.ones(2))
 
 
 def test_embedding_analysis_of_fvt_rows_finds_them_at_their_sub_token_mean():
