@@ -8,6 +8,7 @@
     python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto] [--lift path|trie]
     python run_bench.py lift [--min-probs 0.1 0.03 0.01 0.001] [--chars 20000]
     python run_bench.py evaluator [--tasks bench_tasks] [--workers 0] [--repeats 3]
+    python run_bench.py codegen [--run RUN_DIR] [--tasks bench_tasks] [--max-new-tokens 256]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -42,6 +43,10 @@ evaluator: the cost per program of judging the tasks' canonical solutions: as on
 with its tests (HumanEval's harness, `sandbox_run_all`) and as two processes that only
 plain values cross (`run_tests_all`, what `evaluate_codegen` uses): wall seconds per
 program with `workers` running at once, the best of `repeats` rounds.
+
+codegen: one model on the code-generation tasks, as the matrix evaluates a row: the
+teacher of --config, or the student of a finished run (--run); pass@1 with its interval,
+adoption, the saving realised on its own text, characters per second; codegen.json.
 """
 
 import argparse
@@ -632,6 +637,29 @@ def lift_bench(args):
                   f"{m_new:.3f} | {tv:.4f} | {branch:.2f} | {ms:.0f} |")
 
 
+def codegen(args):
+    """One model's code generation on the tasks, with a run's config (or the default): the
+    teacher, or the student of a finished run; codegen.json beside it, the summary printed."""
+    overrides = ["--tasks", args.tasks, "--max_new_tokens", str(args.max_new_tokens), "--exec_timeout", "10"]
+    if args.run:
+        cfg = kld.load_config(str(Path(args.run) / "config.json"), overrides)
+        model, tok = kld.load_student(args.run, device=kld.resolve_device(args.device))
+        out = Path(args.run) / "codegen.json"
+    else:
+        cfg = kld.load_config(args.config, overrides)
+        model, tokenizer = kld.load_model(cfg.model, device=kld.resolve_device(args.device))
+        tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)  # tau: no merges
+        out = Path(args.out)
+    result = evaluate_row(model, tok, kld.read_tasks(cfg.tasks), cfg, out)
+    summary = result["summary"]
+    low, high = summary["pass@1_interval"]
+    saving = summary.get("saving_realised")
+    print(f"{args.run or 'teacher'}: pass@1 {summary['pass@1']:.3f} [{low:.3f}, {high:.3f}]; adoption "
+          f"{summary['adoption'] if summary['adoption'] is not None else '-'}; saving realised "
+          f"{summary['realised_saving']:.1%} of a possible {summary['possible_saving']:.1%} "
+          f"({saving if saving is not None else '-'}); {summary['chars_per_s']:.0f} chars/s; written to {out}")
+
+
 def evaluator(args):
     tasks = kld.read_tasks(args.tasks)
     jobs = [(t, t.prompt + t.canonical_solution) for t in tasks]
@@ -698,6 +726,13 @@ def main():
     p.add_argument("--cpu-bf16", action="store_true", help="the step in bf16 autocast on the CPU (Config.cpu_bf16)")
     p.add_argument("--hidden-layer", type=int, default=0, help="objective hidden: the layer matched (0: the last)")
     p.add_argument("--device", default="auto")
+    p = sub.add_parser("codegen", help="one model's code generation on the tasks: the teacher, or a finished run's student")
+    p.add_argument("--run", help="out_dir of a finished kld run (default: the teacher of --config)")
+    p.add_argument("--config", default="configs/default.json")
+    p.add_argument("--out", default="runs/teacher-codegen.json", help="where the teacher's codegen.json goes")
+    p.add_argument("--tasks", default="bench_tasks")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto")
     p = sub.add_parser("evaluator", help="cost per program of judging code: one program against two processes")
     p.add_argument("--tasks", default="bench_tasks")
     p.add_argument("--workers", type=int, default=0)
@@ -705,7 +740,7 @@ def main():
     args = parser.parse_args()
     try:
         {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix,
-         "heldout": heldout, "lift": lift_bench, "evaluator": evaluator}[args.command](args)
+         "heldout": heldout, "lift": lift_bench, "evaluator": evaluator, "codegen": codegen}[args.command](args)
     except kld.KldError as e:
         print(f"run_bench: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2539,6 +2539,13 @@ def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
     run_bench.heldout(argparse.Namespace(runs=[str(out / "fvt-kl")], device="cpu", lift=None))  # re-evaluates the saved student
     row = capsys.readouterr().out.splitlines()[-1].split(" | ")
     assert row[2] == f"{bench['rows']['fvt-kl']['held_out']['bits_per_char']:.4f}"
+    for run in (str(out / "fvt-kl"), None):  # one model's code generation: a finished run's student, the teacher
+        run_bench.codegen(argparse.Namespace(run=run, config=str(FIXTURES.parent / "configs" / "tiny.json"),
+                                             out=str(tmp_path / "teacher.json"), tasks=str(tasks), max_new_tokens=8,
+                                             device="cpu"))
+        assert "saving realised" in capsys.readouterr().out
+    teacher = json.loads((tmp_path / "teacher.json").read_text())["summary"]
+    assert teacher["possible_saving"] == 0 and teacher["saving_realised"] is None  # tau has no merges
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"overrides": {"tasks": str(tasks)}, "initialisers": ["fvt"]}))
     with pytest.raises(kld.KldError, match="unknown bench config keys"):
