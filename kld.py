@@ -763,7 +763,8 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
     if largest >= vocab_size:
         token = tokenizer.id_to_token(largest)
         raise KldError(f"{source}: the tokenizer gives ids up to {largest} ({token!r}) but the model has only "
-                       f"{vocab_size} embedding rows (ids 0 to {vocab_size - 1}); tokenizer and weights do not belong together")
+                       f"{vocab_size} embedding rows (ids 0 to {vocab_size - 1}); "
+                       "tokenizer and weights do not belong together")
 
 
 # --- Hugging Face directories ---
@@ -807,7 +808,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     hf = {**HF_DEFAULTS[model_type], **hf}
     eos = eos_ids(hf["eos_token_id"], source)
     if model_type == "gpt2":
-        if hf["activation_function"] != "gelu_new" or hf["scale_attn_by_inverse_layer_idx"] or not hf["scale_attn_weights"]:
+        scaled_otherwise = hf["scale_attn_by_inverse_layer_idx"] or not hf["scale_attn_weights"]
+        if hf["activation_function"] != "gelu_new" or scaled_otherwise:
             raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
         d = hf["n_embd"]
         return ModelConfig(
@@ -3351,7 +3353,8 @@ def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
     layer = cfg.hidden_layer or model.cfg.n_layer
     print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
           f"{cfg.hidden_steps} steps")
-    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, fit_windows=0, seed=cfg.seed + 1)
+    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, fit_windows=0,
+                                seed=cfg.seed + 1)
     return train(model, tok, stage, stream, chunks, out / "checkpoint-hidden.pt", objective="hidden")["history"]
 
 
@@ -4559,9 +4562,11 @@ def main(argv: list[str] | None = None) -> int:
         low, high = codegen["pass@1_interval"]
         print(f"{'student code generation':24s}pass@1 {codegen['pass@1']:.3f} [{low:.3f}, {high:.3f}] on "
               f"{codegen['n_tasks']} tasks; tokens/char {codegen['tokens_per_char']:.4f}, "
-              f"new tokens {codegen['new_token_share']:.1%}")
+              f"new tokens {codegen['new_token_share']:.1%}, saving {codegen['realised_saving']:.1%} "
+              f"of a possible {codegen['possible_saving']:.1%}")
     print(f"\nthe teacher's answer:\n{result['teacher_answer']}")
-    print(f"\nthe student's answer:\n{result['answer']}\n[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
+    print(f"\nthe student's answer:\n{result['answer']}\n"
+          f"[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
           f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory {result['peak_memory_mb']:.0f} MB; "
           f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")
     return 0
