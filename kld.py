@@ -2670,13 +2670,15 @@ def new_token_windows(stream: list[int], seq_len: int, first_new_id: int, per_to
     """Endless shuffled windows of seq_len + 1 student ids chosen for the new tokens (ids >=
     first_new_id): up to `per_token` occurrences of each, drawn uniformly among its
     occurrences in the stream, each in a window that holds it at a random place in its
-    first half (after the context id), so that a rare token gets as many windows as a
-    common one, and many positions read it. Reshuffled after each pass."""
+    first half (after the context id; near the stream's end, where the window is moved to
+    fit, later), so that a rare token gets as many windows as a common one, and many
+    positions read it. Reshuffled after each pass."""
     if len(stream) < seq_len + 1:
         raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
     rng = np.random.default_rng(seed)
     ids = np.asarray(stream)
     at = np.flatnonzero(ids >= first_new_id)  # positions of new tokens in the stream
+    at = at[at >= 1]  # one at position 0 could only be a window's context, never predicted
     at = at[np.argsort(ids[at], kind="stable")]  # grouped by token, each group in stream order
     first_of_each = np.unique(ids[at], return_index=True)[1]  # where each token's group begins
     by_token = np.split(at, first_of_each[1:])
@@ -3583,7 +3585,7 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
             next_ids = next_ids[index]
             active = [active[j] for j in keep]
         if cache.length == cache.valid.shape[1]:
-            cache.reserve(2 * cache.length)
+            cache.reserve(min(2 * cache.length, T + max_new_tokens))
         logits = model(next_ids[:, None], None, cache)[:, -1]
     completions = []
     for row in range(B):

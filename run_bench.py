@@ -350,6 +350,8 @@ def cached_codegen(path: Path, cfg):
         return None
     codegen = json.loads(path.read_text())
     settings = json.loads(json.dumps({key: getattr(cfg, key) for key in kld.CODEGEN_KEYS}))
+    if "realised_saving" not in codegen.get("summary", {}):  # written before the measure existed
+        return None
     return codegen if codegen.get("settings") == settings else None
 
 
@@ -643,11 +645,12 @@ def codegen(args):
     overrides = ["--tasks", args.tasks, "--max_new_tokens", str(args.max_new_tokens), "--exec_timeout", "10"]
     if args.run:
         cfg = kld.load_config(str(Path(args.run) / "config.json"), overrides)
-        model, tok = kld.load_student(args.run, device=kld.resolve_device(args.device))
+        model, tok = kld.load_student(args.run, device=kld.resolve_device(args.device), dtype=kld.resolve_dtype(cfg.dtype))
         out = Path(args.run) / "codegen.json"
     else:
         cfg = kld.load_config(args.config, overrides)
-        model, tokenizer = kld.load_model(cfg.model, device=kld.resolve_device(args.device))
+        model, tokenizer = kld.load_model(cfg.model, device=kld.resolve_device(args.device),
+                                          dtype=kld.resolve_dtype(cfg.dtype))
         tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)  # tau: no merges
         out = Path(args.out)
     result = evaluate_row(model, tok, kld.read_tasks(cfg.tasks), cfg, out)
