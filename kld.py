@@ -929,14 +929,13 @@ def read_hf_dir(path: Path):
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:  # tokenizers raises a bare Exception for broken JSON and unknown fields
         raise KldError(f"{tokenizer_file}: not a tokenizer file the tokenizers library can read ({e})") from None
-    if cfg.arch == "gpt2":
+    if cfg.arch == "gpt2":  # GPT2LMHeadModel's files prefix "transformer.", older ones do not
         embed_name = "transformer.wte.weight" if "transformer.wte.weight" in hf_state else "wte.weight"
-        cfg = output_tying(cfg, hf_state, embed_name, "lm_head.weight", str(path))
-        state = convert_hf_gpt2(_Tensors(hf_state, str(path)), cfg)
     else:
-        cfg = output_tying(cfg, hf_state, "model.embed_tokens.weight", "lm_head.weight", str(path))
-        state = convert_hf_llama(_Tensors(hf_state, str(path)), cfg)
-    return cfg, state, tokenizer
+        embed_name = "model.embed_tokens.weight"
+    cfg = output_tying(cfg, hf_state, embed_name, "lm_head.weight", str(path))
+    convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
+    return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
 
 
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
@@ -1149,7 +1148,7 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS token before a prompt", source)
     if add_bos and "tokenizer.ggml.bos_token_id" not in meta:
         warn(f"{source}: GGUF metadata asks for a BOS token but lacks tokenizer.ggml.bos_token_id; kld adds none")
-    if add_bos and "tokenizer.ggml.bos_token_id" in meta:
+    elif add_bos:
         bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
@@ -3183,6 +3182,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def matched_layer(cfg: Config, model: GPT) -> int:
+    """The layer whose hidden states hidden_state_loss matches: cfg.hidden_layer, 0 meaning the last."""
+    return cfg.hidden_layer or model.cfg.n_layer
+
+
 def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
           checkpoint: Path, teacher: GPT | None = None, objective: str | None = None) -> dict:
     """AdamW on the parameters that require a gradient (the new rows; in the second stage
@@ -3196,7 +3200,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
-    hidden_layer = cfg.hidden_layer or model.cfg.n_layer  # 0: the last
+    hidden_layer = matched_layer(cfg, model)
     named = trained_parameters(model)
     params = list(named.values())
     if sum(p.numel() for p in params) == 0:  # K = 0: the student is the teacher, nothing to learn
@@ -3352,7 +3356,7 @@ def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
     cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
     moves the input rows first, by a signal that reaches them directly). Its windows come
     from another seed than the steps that follow."""
-    layer = cfg.hidden_layer or model.cfg.n_layer
+    layer = matched_layer(cfg, model)
     print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
           f"{cfg.hidden_steps} steps")
     stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, fit_windows=0,
@@ -4455,8 +4459,9 @@ def run(cfg: Config) -> dict:
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
     train_texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
+    teacher_tok = ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)  # tau: no merges
     if tasks:  # settings that cannot work are refused before hours of training, not after
-        codegen_settings(cfg, ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size))
+        codegen_settings(cfg, teacher_tok)
     if cfg.max_new_tokens >= model.cfg.max_positions:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {model.cfg.max_positions} "
                        "positions with a prompt before it")
@@ -4475,7 +4480,6 @@ def run(cfg: Config) -> dict:
     chat = uses_chat(cfg, tok)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
-    teacher_tok = ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
     [teacher_answer] = generate(model, teacher_tok, [prompt], decoding)  # before the model has new rows
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)

@@ -404,6 +404,20 @@ def test_a_gguf_end_of_turn_id_ends_generation_too(tmp_path):
     path.write_bytes(data.replace(b"tokenizer.ggml.bos_token_id", b"tokenizer.ggml.eot_token_id"))  # its id, 0
     model, _ = kld.load_model(path)
     assert model.cfg.eos_token_ids == (2, 0)
+    # the end-of-turn id made the second greedy token: generation stops before it
+    model, tokenizer = kld.load_model(FIXTURES / "gguf" / "tiny-Q4_1.gguf")
+    tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+    [free] = kld.generate(model, tok, ["def f(x):"], kld.Decoding(max_new_tokens=4))
+    second = free.token_ids[1]
+    assert second not in (2, free.token_ids[0])  # the input is what the test needs
+    eot = bytearray(data.replace(b"tokenizer.ggml.bos_token_id", b"tokenizer.ggml.eot_token_id"))
+    at = eot.index(b"tokenizer.ggml.eot_token_id") + len(b"tokenizer.ggml.eot_token_id") + 4  # past its type (u32)
+    eot[at : at + 4] = struct.pack("<I", second)
+    path.write_bytes(bytes(eot))
+    model, _ = kld.load_model(path)
+    decoding = kld.Decoding(max_new_tokens=4).with_stops([], kld.stop_token_ids(model.cfg, tok, chat=False))
+    [out] = kld.generate(model, tok, ["def f(x):"], decoding)
+    assert out.token_ids == free.token_ids[:1] and out.finish_reason == "eos"
 
 
 @pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-300, 5e-324])
