@@ -880,23 +880,30 @@ def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
     return state
 
 
-def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
-    """Llama / SmolLM / Qwen2 names -> kld names (nn.Linear layout on both sides)."""
-    state = {"embed.weight": src.take("model.embed_tokens.weight"), "norm.weight": src.take("model.norm.weight")}
-    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
+def llama_names(cfg: ModelConfig) -> dict[str, str]:
+    """kld name -> Hugging Face name of every tensor of a Llama / SmolLM / Qwen2 model but
+    the output matrix (nn.Linear layout on both sides: the names are all that differ)."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     linears = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
     for i in range(cfg.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        state[b + "attn_norm.weight"] = src.take(h + "input_layernorm.weight")
-        state[b + "mlp_norm.weight"] = src.take(h + "post_attention_layernorm.weight")
+        names[b + "attn_norm.weight"] = h + "input_layernorm.weight"
+        names[b + "mlp_norm.weight"] = h + "post_attention_layernorm.weight"
         for ours, theirs in linears.items():
-            state[f"{b}attn.{ours}.weight"] = src.take(f"{h}{theirs}.weight")
+            names[f"{b}attn.{ours}.weight"] = f"{h}{theirs}.weight"
             if cfg.qkv_bias and ours != "o" or cfg.out_bias and ours == "o":
-                state[f"{b}attn.{ours}.bias"] = src.take(f"{h}{theirs}.bias")
+                names[f"{b}attn.{ours}.bias"] = f"{h}{theirs}.bias"
         for name in ["gate", "up", "down"]:
-            state[f"{b}mlp.{name}.weight"] = src.take(f"{h}mlp.{name}_proj.weight")
+            names[f"{b}mlp.{name}.weight"] = f"{h}mlp.{name}_proj.weight"
             if cfg.mlp_bias:
-                state[f"{b}mlp.{name}.bias"] = src.take(f"{h}mlp.{name}_proj.bias")
+                names[f"{b}mlp.{name}.bias"] = f"{h}mlp.{name}_proj.bias"
+    return names
+
+
+def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
+    """Llama / SmolLM / Qwen2 names -> kld names."""
+    state = {ours: src.take(theirs) for ours, theirs in llama_names(cfg).items()}
+    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
     src.check_used()
     return state
 
@@ -936,6 +943,65 @@ def read_hf_dir(path: Path):
     cfg = output_tying(cfg, hf_state, embed_name, "lm_head.weight", str(path))
     convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
     return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
+
+
+# --- writing a Hugging Face directory: the inverse of the readers above (export_student) ---
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """The config.json from which transformers builds the model `cfg` describes, and from
+    which model_config_from_hf gives `cfg` back: GPT-2, else Qwen2 where q, k, v alone have
+    biases, else Llama (a test checks the round trip and transformers' logits)."""
+    eos = list(cfg.eos_token_ids)
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+              "bos_token_id": None,  # kld keeps none (a BOS is the tokenizer's to add); the classes' default may not exist
+              "torch_dtype": "float32"}
+    if cfg.arch == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.d_model,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff, "n_positions": cfg.max_positions,
+                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new", **common}
+    qwen2 = cfg.qkv_bias and not cfg.out_bias
+    if qwen2 and cfg.mlp_bias or cfg.out_bias and not cfg.qkv_bias:
+        raise KldError("no Hugging Face architecture has these biases (q, k, v / o / MLP); the model cannot be exported")
+    hf = {"model_type": "qwen2" if qwen2 else "llama",
+          "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+          "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
+          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+          "hidden_act": "silu", "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
+          "rope_theta": cfg.rope_theta,  # transformers < 5 reads this, >= 5 rope_parameters
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, **common}
+    if qwen2:
+        hf["use_sliding_window"] = False
+    else:
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    return hf
+
+
+def hf_state(state: dict, cfg: ModelConfig) -> dict:
+    """kld's state dict -> the tensors of a Hugging Face checkpoint of `cfg` (the inverse
+    of convert_hf_gpt2 / convert_hf_llama), contiguous, ready for safetensors."""
+    out = {}
+    if cfg.arch == "gpt2":
+        out["transformer.wte.weight"] = state["embed.weight"]
+        out["transformer.wpe.weight"] = state["pos_embed.weight"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["norm.weight"], state["norm.bias"]
+        for i in range(cfg.n_layer):
+            h, b = f"transformer.h.{i}.", f"blocks.{i}."
+            for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
+                out[h + theirs + ".weight"] = state[b + ours + ".weight"]
+                out[h + theirs + ".bias"] = state[b + ours + ".bias"]
+            # Conv1D stores (in, out): q, k, v side by side in one (d, 3d) c_attn
+            out[h + "attn.c_attn.weight"] = torch.cat([state[f"{b}attn.{x}.weight"].t() for x in "qkv"], dim=1)
+            out[h + "attn.c_attn.bias"] = torch.cat([state[f"{b}attn.{x}.bias"] for x in "qkv"])
+            for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+                out[f"{h}{theirs}.weight"] = state[f"{b}{ours}.weight"].t()
+                out[f"{h}{theirs}.bias"] = state[f"{b}{ours}.bias"]
+    else:
+        out = {theirs: state[ours] for ours, theirs in llama_names(cfg).items()}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return {name: t.detach().cpu().contiguous() for name, t in out.items()}
 
 
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
@@ -1562,6 +1628,37 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
         return ExtendedTokenizer(tokenizer, [tuple(m) for m in merges], n_base)
     except KldError as e:
         raise KldError(f"{path}: {e}") from None
+
+
+def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
+    """The base tokenizer tau with every new token in its vocabulary, spelled as byte-level
+    BPE spells its bytes, at id base_vocab_size + i: it decodes the student's output, and
+    encodes text as tau does (base tokens: valid input to the student). tau' itself is not
+    in it: its merges cross the pre-tokenizer's boundaries, which BPE merges in a
+    tokenizer.json cannot. A merge across pre-tokens can spell a base token's spelling; the
+    new token is then spelled with its spaces and control characters as they are, which the
+    byte-level decoder passes through and the pre-tokenizer never gives the model.
+    Checked: each new token decodes to its bytes."""
+    data = json.loads(tok.base.to_str())
+    vocab = data["model"]["vocab"]  # spelling -> id
+    taken = set(vocab) | {t["content"] for t in data["added_tokens"]}
+    alphabet = byte_level_alphabet()
+    for new_id in range(tok.base_vocab_size, tok.vocab_size):
+        text = tok.token_bytes(new_id)
+        spelling = "".join(alphabet[b] for b in text)
+        if spelling in taken:  # the same characters, but those the alphabet moves (space, controls) as they are
+            spelling = "".join(chr(b) if b < 0x80 else alphabet[b] for b in text)
+        if spelling in taken:
+            raise KldError(f"new token {new_id} ({tok.token_string(new_id)!r}) has the spelling of a base token; "
+                           "a tokenizer.json cannot hold both")
+        vocab[spelling] = new_id
+        taken.add(spelling)
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    for new_id in range(tok.base_vocab_size, tok.vocab_size):
+        if tokenizer.decode([new_id], skip_special_tokens=False) != tok.decode([new_id]):
+            raise KldError(f"new token {new_id} ({tok.token_string(new_id)!r}) does not decode to its text in a "
+                           "tokenizer.json of the base tokenizer's kind")
+    return tokenizer
 
 
 # --- the domain corpus ---
@@ -3350,6 +3447,54 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     return model, tok
 
 
+CHATML_TEMPLATE = (  # format_chat as a transformers chat template
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a finished run's student as a Hugging Face directory that transformers loads
+    as it is: config.json (V + N rows, untied: the new input and output rows differ),
+    model.safetensors (the input embedding [E; E_new], the output matrix [U; U_new], and the
+    blocks a second stage trained), tokenizer.json (tokenizer_with_new_tokens: prompts in
+    base tokens, the new tokens decoded), tokenizer_config.json, generation_config.json
+    and extension.json (tau', for a runtime that encodes prompts with the merges). Built
+    in a temporary directory beside out_dir and renamed into place: never half written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
+    model, tok = load_student(run_dir)
+    state = model.state_dict()
+    new_in, new_out = state.pop("new_in"), state.pop("new_out")  # (N, d) each
+    state["lm_head.weight"] = torch.cat([model.output_weight(), new_out])  # (V + N, d), taken before the next line
+    state["embed.weight"] = torch.cat([state["embed.weight"], new_in])  # (V + N, d)
+    cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
+    chat = has_chat_template(tok)
+    stops = list(dict.fromkeys([*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]))
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_positions,
+                        "clean_up_tokenization_spaces": False}
+    if cfg.eos_token_ids:
+        tokenizer_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
+    if chat:
+        tokenizer_config["chat_template"] = CHATML_TEMPLATE
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (staging / "model.safetensors").write_bytes(safetensors.torch.save(hf_state(state, cfg), metadata={"format": "pt"}))
+        (staging / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        (staging / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}, indent=2) + "\n")
+        tokenizer_with_new_tokens(tok).save(str(staging / "tokenizer.json"))
+        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        shutil.copyfile(Path(run_dir) / "extension.json", staging / "extension.json")
+        staging.chmod(0o755)  # mkdtemp makes it private
+        os.replace(staging, out_dir)  # onto a missing or empty directory: at once
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
                  out: Path) -> list[dict]:
     """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
@@ -4536,11 +4681,22 @@ def main(argv: list[str] | None = None) -> int:
         description="kld: vocabulary expansion by KL self-distillation. Any config field can be "
         "overridden as --field value; the fields, defaults and meanings follow.", add_help=False)
     parser.add_argument("--config", help="JSON file of config fields")
+    parser.add_argument("--export", nargs=2, metavar=("RUN_DIR", "OUT_DIR"),
+                        help="write the student of a finished run as a Hugging Face directory, then stop")
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
     if args.help:  # the dataclass is the one source of truth for fields, defaults and help
         parser.print_usage()
         print(parser.description + "\n\n" + inspect.getsource(Config))
+        return 0
+    if args.export:
+        try:
+            if rest or args.config:
+                raise KldError(f"--export takes a run directory and an output directory only, not {rest or ['--config']}")
+            print(f"exported the student of {args.export[0]} to {export_student(*args.export)}")
+        except KldError as e:
+            print(f"kld: error: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         cfg = load_config(args.config, rest)

@@ -271,6 +271,70 @@ def test_a_model_with_padding_rows_keeps_working_and_new_ids_follow_its_rows(tmp
     assert tok.decode(ids) == CODE[:400]
 
 
+def make_fixtures_module():
+    """fixtures/make_fixtures.py as a module: its write_student_run builds the exported students."""
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_an_exported_student_gives_transformers_the_students_logits_and_greedy_tokens(arch, tmp_path):
+    """fixtures/export.safetensors holds what transformers' AutoModelForCausalLM computes from
+    the directory kld exports (make_export): the student's own logits over V' on ids with new
+    tokens, and its greedy tokens. kld's student and kld reading the export agree with both."""
+    fixtures = make_fixtures_module()
+    tok = fixtures.write_student_run(tmp_path / "run", arch)
+    kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "export")])
+    expected = load_file(FIXTURES / "export.safetensors")
+    ids, logits, greedy = (expected[f"{arch}.{k}"] for k in ("input_ids", "logits", "greedy"))
+    student, student_tok = kld.load_student(tmp_path / "run")
+    exported, exported_tokenizer = kld.load_model(tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids), logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(exported(ids), logits, atol=1e-4, rtol=0)
+    decoding = kld.Decoding(max_new_tokens=greedy.shape[1], temperature=0.0)
+    [completion] = kld._generate_batch(student, student_tok, [ids[0, :12].tolist()], decoding, None)
+    assert completion.token_ids == greedy[0].tolist()
+    assert (ids[0, :12] >= tok.base_vocab_size).any()  # the prompt reads new rows
+    # the tokenizer: base tokens for text, the new tokens decoded
+    text = fixtures.STUDENT_TEXT
+    assert exported_tokenizer.encode(text).ids == tok.base.encode(text).ids
+    student_ids = tok.encode(text)
+    assert exported_tokenizer.decode(student_ids, skip_special_tokens=False) == text
+    # config.json describes the student's model: V' rows, untied
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    untied = dataclasses.replace(student.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
+    assert kld.model_config_from_hf(config, "export") == untied
+    assert json.loads((tmp_path / "export" / "extension.json").read_text())["merges"] == [list(m) for m in tok.merges]
+
+
+def test_export_refuses_a_used_out_dir_and_a_run_that_is_not_there(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert kld.main(["--export", str(tmp_path / "missing"), str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+    make_fixtures_module().write_student_run(tmp_path / "run", "llama")
+    assert kld.main(["--export", str(tmp_path / "run"), str(out)]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
+
+
+def test_a_new_token_spelled_like_a_base_token_still_decodes_and_text_still_encodes_as_tau():
+    """A merge across pre-tokens (here ' ' + '=') can spell a token the base vocabulary has
+    (' ='); a tokenizer.json holds one id per spelling, so the new one is spelled otherwise."""
+    tokenizer = Tokenizer.from_file(str(FIXTURES / "tokenizer.json"))
+    pair = (tokenizer.token_to_id("Ġ"), tokenizer.token_to_id("="))
+    assert tokenizer.token_to_id("Ġ=") is not None
+    tok = kld.ExtendedTokenizer(tokenizer, [pair], 320)
+    exported = kld.tokenizer_with_new_tokens(tok)
+    assert exported.decode([320, 5, 320], skip_special_tokens=False) == tok.decode([320, 5, 320]) == " =# ="
+    assert exported.encode(CODE).ids == tokenizer.encode(CODE).ids
+
+
 @st.composite
 def padded_batches(draw):
     lengths = draw(st.lists(st.integers(1, 12), min_size=1, max_size=4))
