@@ -2,6 +2,8 @@
 
     python kld.py --config configs/default.json [--key value ...]
     python kld.py --help                          # every config field, its default and meaning
+    python kld.py --export RUN_DIR OUT_DIR         # a finished run's student as a Hugging Face directory
+    torchrun --nproc_per_node N kld.py --config FILE   # data parallel over N processes
 
 A pretrained causal LM (the teacher, on its own tokenizer tau over V) is given new tokens
 N for domain text (Python code). Only the embedding rows of N learn; every other weight is
@@ -19,14 +21,16 @@ This file reads top to bottom:
                      to V' without losing mass (path mode: one teacher pass; trie mode:
                      exact for every likely token, by tree attention), conditioned on the
                      student's previous token, and the KL to it
-  6. initialisers    random, mean of all rows (Hewitt), mean of sub-token rows (FVT)
+  6. initialisers    random, mean of all rows (Hewitt), mean of sub-token rows (FVT), the
+                     pieces weighted by position (AdaptiVocab), FVT at the base rows' norm
   7. training        KL to the lifted teacher or CE, AdamW on the new rows only, optionally
                      then the output rows alone refit to convergence (convex); held-out
-                     bits per character; atomic checkpoints that resume
+                     bits per character; atomic checkpoints that resume; data parallel
+                     under torchrun; the student written as a Hugging Face directory
   8. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
   9. code evaluation HumanEval-format tasks, prompting, programs run in a contained child
                      process, pass@k with bootstrap intervals; where the new rows sit
- 10. CLI             main(): extend, initialise, train, evaluate
+ 10. CLI             main(): extend, initialise, train, evaluate; or export
 
 Deliberately left out: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE scaling
 (Llama 3.1 style), sliding-window attention, mixture-of-experts. Each is refused with an
@@ -44,6 +48,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import gzip
 import hashlib
@@ -73,6 +78,7 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -3158,9 +3164,80 @@ def fit_output_rows(new_out: torch.Tensor, data: OutputRowData, iterations: int,
     return rows.detach().to(new_out.dtype)
 
 
+# --- data parallel: `torchrun --nproc_per_node N kld.py ...` starts one process per rank ---
+#
+# Every rank holds the frozen model and draws the same global batch of batch_size windows;
+# it runs its share (every world-th window) and the gradients of the trained parameters,
+# the new rows, are averaged in one all-reduce, so the rows every rank holds stay equal,
+# and a run sees the same windows on any number of ranks (it resumes on another number).
+# Held-out measures and code generation split their work the same way and sum or gather
+# it; rank 0 alone prints and writes files.
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes torchrun started; Ranks() is a single process."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_ranks(device: torch.device) -> Ranks:
+    """Join the process group when torchrun started this process (WORLD_SIZE above 1): NCCL
+    on CUDA, gloo on the CPU. On CUDA each rank takes the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def share(items: list, ranks: Ranks) -> list:
+    """This rank's share of `items`: every world-th one, from its rank on."""
+    return items[ranks.rank :: ranks.world]
+
+
+def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[float]:
+    """Each value summed over the ranks (float64, on `device`: NCCL reduces GPU tensors only)."""
+    if ranks.world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather(value, ranks: Ranks) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if ranks.world == 1:
+        return [value]
+    values = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def average_gradients(params: list[torch.Tensor], ranks: Ranks):
+    """Each parameter's gradient -> its mean over the ranks, in one all-reduce of them all
+    (the new rows: a few MB). A rank's loss is the mean over its share of the batch, and
+    the shares are equal, so the mean of the ranks' gradients is the whole batch's."""
+    grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank
+    if ranks.world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of sizes,)
+    dist.all_reduce(flat)
+    flat /= ranks.world
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
 @torch.no_grad()
 def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
-             lift_cfg: Lift | None = None, teacher: GPT | None = None) -> dict:
+             lift_cfg: Lift | None = None, teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
     """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
 
     Without lift_cfg, the teacher on its own tokens: bits_per_char = -log2 P(x) / len(x)
@@ -3172,6 +3249,7 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     the mean mass on new tokens of q (new_token_mass) and of p' (target_new_token_mass):
     whether the student expects its new tokens where they occur; and branch_tokens_per_token,
     the teacher tokens trie mode evaluated per student token besides the realised ones.
+    Under several ranks each measures its share of the batches, and the sums are added.
     """
     student = lift_cfg is not None
     # Sums over every chunk, divided at the end.
@@ -3185,8 +3263,8 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     new_positions = 0  # positions whose next token is new
     new_mass = 0.0  # the student's mass on new tokens there
     target_new_mass = 0.0  # p''s mass on new tokens there
-    for i in range(0, len(chunks), batch_size):
-        batch = chunks[i : i + batch_size]
+    batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
+    for batch in share(batches, ranks):
         chars += sum(len(tok.base.decode(c)) for c in batch)
         seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
         tokens += sum(len(s) - 1 for s in seqs)
@@ -3209,6 +3287,9 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
             new_positions += next_is_new.sum().item()
             new_mass += logq[next_is_new, tok.base_vocab_size :].exp().sum().item()
             target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
+    sums = [nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass]
+    sums = all_sum(sums, ranks, model.embed.weight.device)  # every rank's batches
+    nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass = sums
     out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
     if student:
         out["kl"] = kl / tokens
@@ -3285,7 +3366,7 @@ def matched_layer(cfg: Config, model: GPT) -> int:
 
 
 def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-          checkpoint: Path, teacher: GPT | None = None, objective: str | None = None) -> dict:
+          checkpoint: Path, teacher: GPT | None = None, objective: str | None = None, ranks: Ranks = Ranks()) -> dict:
     """AdamW on the parameters that require a gradient (the new rows; in the second stage
     also the blocks it trains), from the checkpoint when there is one, on `objective`
     (default cfg.objective; "hidden": hidden_state_loss at cfg.hidden_layer, which moves
@@ -3293,7 +3374,9 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     line every log_every steps; every eval_every steps and at the end, measures the held-out
     chunks (when given) and writes the checkpoint. With cfg.fit_windows, the last step is
     followed by a refit of the output rows alone (refit_output_rows), measured before and
-    after. Returns tokens/s and the measures."""
+    after. Under several ranks (Ranks), each runs its share of every batch and the
+    gradients are averaged; rank 0 alone writes the checkpoint. Returns tokens/s and the
+    measures."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
@@ -3327,7 +3410,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg) * group["lr_scale"]
-        batch = [next(windows) for _ in range(cfg.batch_size)]
+        batch = share([next(windows) for _ in range(cfg.batch_size)], ranks)  # every rank draws the whole batch
         with cpu_autocast(bf16):  # the forward passes; the backward runs in the dtypes they recorded
             if objective == "hidden":
                 loss = hidden_state_loss(model, tok, batch, hidden_layer, teacher)
@@ -3335,6 +3418,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
                 loss = training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # reaches only the parameters that require a gradient
+        average_gradients(params, ranks)  # the whole batch's gradient, on every rank
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         step += 1
@@ -3343,11 +3427,12 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         if step % cfg.log_every == 0 or step == cfg.steps:
             left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len  # at the speed so far
             lr = learning_rate(step - 1, cfg)
-            print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss.item():.4f} | lr {lr:.2e} "
+            [loss_sum] = all_sum([loss.item()], ranks, device)  # the batch's mean loss: the ranks' mean
+            print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss_sum / ranks.world:.4f} | lr {lr:.2e} "
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
         if step == cfg.steps and cfg.fit_windows:  # last, the output rows alone, to convergence
             if chunks:
-                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, ", before the fit"))
+                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, ", before the fit", ranks))
                 history[-1]["before_fit"] = True
             t0 = time.perf_counter()
             fit_windows = [next(windows) for _ in range(cfg.fit_windows)]  # windows the steps have not seen
@@ -3357,15 +3442,16 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
                   f"{fit['loss_after']:.4f} in {fit_seconds:.0f}s", flush=True)
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if chunks:
-                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step))
-            save_checkpoint(checkpoint, model, optimizer, step, cfg)
+                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, "", ranks))
+            if ranks.main:
+                save_checkpoint(checkpoint, model, optimizer, step, cfg)
     return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
 
 
 def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
-             teacher: GPT | None, step: int, note: str = "") -> dict:
+             teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
     """evaluate() with a progress line; the measures with the step they were taken at."""
-    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher=teacher)
+    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
     print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
           f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
     return {"step": step, **measures}
@@ -3496,7 +3582,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-                 out: Path) -> list[dict]:
+                 out: Path, ranks: Ranks = Ranks()) -> list[dict]:
     """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
     cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
     moves the input rows first, by a signal that reaches them directly). Its windows come
@@ -3506,21 +3592,24 @@ def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
           f"{cfg.hidden_steps} steps")
     stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, fit_windows=0,
                                 seed=cfg.seed + 1)
-    return train(model, tok, stage, stream, chunks, out / "checkpoint-hidden.pt", objective="hidden")["history"]
+    return train(model, tok, stage, stream, chunks, out / "checkpoint-hidden.pt", objective="hidden",
+                 ranks=ranks)["history"]
 
 
 def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-                 out: Path) -> list[dict]:
+                 out: Path, ranks: Ranks = Ranks()) -> list[dict]:
     """Train the new rows and the last `cfg.finetune_layers` blocks on, against a teacher
     that keeps its own frozen copy of those blocks; write finetuned_blocks.safetensors."""
     print(f"second stage: the new rows and {'all' if cfg.finetune_layers < 0 else cfg.finetune_layers} "
           f"blocks, {cfg.finetune_steps} steps")
     teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
     stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
-    finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model)
+    finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model,
+                       ranks=ranks)
     trained = trained_parameters(model)
     blocks = {n: p.detach().cpu().contiguous() for n, p in trained.items() if n.startswith("blocks.")}  # not the rows
-    write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
+    if ranks.main:
+        write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
     model.requires_grad_(False)
     return finetuning["history"]
 
@@ -4490,15 +4579,16 @@ def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
                            ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), limits=limits, workers=cfg.exec_workers)
 
 
-def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config) -> dict:
+def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config,
+                                   ranks: Ranks = Ranks()) -> dict:
     """evaluate_codegen with the settings of `cfg`, whose fields it depends on recorded under "settings"."""
-    result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok))
+    result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
     result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
     return result
 
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
-                     settings: CodegenSettings = CodegenSettings()) -> dict:
+                     settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
     """Generate settings.n_samples programs per task (with the new tokens of `tok`; the
     teacher's has none), run each against the task's tests in the sandbox, and score:
 
@@ -4509,6 +4599,8 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     cannot fool: realised_saving = 1 - tokens spent / tokens tau spends on the same text,
     possible_saving = 1 - tokens tau' spends on it / tokens tau spends, and their ratio
     saving_realised. "tasks" holds per-task n, c and pass@k, "samples" each program.
+    Under several ranks each generates and runs its share of the programs; every rank
+    gets the whole result.
     """
     if not tasks:
         raise KldError("no tasks to evaluate")
@@ -4517,12 +4609,17 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     ks = sorted({k for k in settings.ks if k <= n_samples}) or [1]
     prompts = [task_prompt(t, chat, settings.system_prompt) for t in tasks for _ in range(n_samples)]
     decoding = settings.decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS, stop_token_ids(model.cfg, tok, chat))
-    t0 = time.perf_counter()
-    completions = generate(model, tok, prompts, decoding)
-    generation_s = max(time.perf_counter() - t0, 1e-9)
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
-    sources = [candidate_source(t, c.text, chat) for t, c in zip(owners, completions)]
-    results = run_tests_all(list(zip(owners, sources)), settings.limits, settings.workers)
+    mine = share(range(len(prompts)), ranks)  # this rank's prompts
+    t0 = time.perf_counter()
+    my_completions = generate(model, tok, [prompts[i] for i in mine], decoding) if mine else []
+    my_seconds = max(time.perf_counter() - t0, 1e-9)
+    my_sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, my_completions)]
+    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)], settings.limits, settings.workers)
+    shares = gather((list(mine), my_completions, my_sources, my_results, my_seconds), ranks)
+    generation_s = max(part[4] for part in shares)  # the ranks generate at the same time
+    by_prompt = {i: (c, s, r) for indices, *parts, _ in shares for i, c, s, r in zip(indices, *parts)}
+    completions, sources, results = zip(*(by_prompt[i] for i in range(len(prompts))))  # in prompt order
     samples = []
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     n_chars = 0
@@ -4594,11 +4691,17 @@ def run(cfg: Config) -> dict:
     the new rows, train them, measure teacher and student on held-out code, and answer
     `cfg.prompt` with the teacher and the student. Writes config.json, extension.json, new_rows.safetensors,
     embeddings.json (embedding_analysis) and results.json to out_dir (checkpoint.pt while
-    training), and codegen.json when `cfg.tasks` names code-generation tasks."""
+    training), and codegen.json when `cfg.tasks` names code-generation tasks. Started by
+    torchrun, it runs data parallel (Ranks): rank 0 writes the files."""
     out = Path(cfg.out_dir)
     check_out_dir(out, cfg)
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: a GPU per rank of a node
+    ranks = start_ranks(device)
+    if cfg.batch_size % ranks.world:
+        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split among {ranks.world} ranks")
     started = time.perf_counter()
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
@@ -4610,69 +4713,79 @@ def run(cfg: Config) -> dict:
     if cfg.max_new_tokens >= model.cfg.max_positions:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {model.cfg.max_positions} "
                        "positions with a prompt before it")
-    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
+    if ranks.main:
+        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
     checkpoint = out / "checkpoint.pt"
     extension_file = out / "extension.json"
     if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
         tok = load_extension(extension_file, tokenizer)
-    else:
+    elif ranks.main:
         t0 = time.perf_counter()
         tok = build_extension(tokenizer, train_texts, cfg.n_merges, model.cfg.vocab_size, cfg.new_tokens,
                               cfg.newline_merges)
         save_extension(tok, extension_file)
         print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, e.g. "
               f"{[tok.token_string(tok.base_vocab_size + i) for i in range(min(8, len(tok.merges)))]}")
+    if ranks.world > 1:  # rank 0 learned the merges once; every rank reads its corpus with them
+        merges = gather(tok.merges if ranks.main else None, ranks)[0]
+        tok = ExtendedTokenizer(tokenizer, merges, model.cfg.vocab_size)
     chat = uses_chat(cfg, tok)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
-    [teacher_answer] = generate(model, teacher_tok, [prompt], decoding)  # before the model has new rows
+    if ranks.main:
+        [teacher_answer] = generate(model, teacher_tok, [prompt], decoding)  # before the model has new rows
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
-    teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size)
-    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
+    teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
+    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
     print(f"held-out teacher: bits/char {teacher_measures['bits_per_char']:.4f}, "
           f"tokens/char {teacher_measures['tokens_per_char']:.4f}")
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
           f"tokens/char {initial['tokens_per_char']:.4f}")
     stream = token_stream(tok, train_texts, sep)
-    hidden_history = hidden_stage(model, tok, cfg, stream, chunks, out) if cfg.hidden_steps else []
-    training = train(model, tok, cfg, stream, chunks, checkpoint)
+    fingerprints = gather(hashlib.sha256(np.asarray(stream, dtype=np.int64).tobytes()).hexdigest(), ranks)
+    if len(set(fingerprints)) > 1:  # windows are drawn from the stream by index: it must be one stream
+        raise KldError(f"the ranks read different training corpora from {cfg.corpus!r}; every node needs the same files")
+    hidden_history = hidden_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
+    training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
     training["history"] = hidden_history + [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
     if training["history"]:
         final = training["history"][-1]
     else:  # a finished run resumed: nothing trained, nothing measured
-        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
+        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
     if cfg.finetune_layers and cfg.finetune_steps:
-        history = second_stage(model, tok, cfg, stream, chunks, out)
+        history = second_stage(model, tok, cfg, stream, chunks, out, ranks)
         final = history[-1] if history else final
         training["history"] += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in history]
-    write_atomic(out / "new_rows.safetensors", save_new_rows(model))
     results = {
         "teacher": teacher_measures, "student_init": initial, "student": final, "history": training["history"],
         "n_new_tokens": len(tok.merges), "train_tokens_per_s": training["train_tokens_per_s"],
         "peak_memory_mb": peak_memory_mb(device), "device": str(device), "seconds": time.perf_counter() - started,
         "complete": False,  # true once the answers (and the code-generation evaluation) are in
     }
-    # what is measured is written at once: a failure in what follows loses none of it
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
-    [answer] = generate(model, tok, [prompt], decoding)
-    n_new = sum(t >= tok.base_vocab_size for t in answer.token_ids)  # the answer's new tokens
-    results["teacher_answer"] = teacher_answer.text
-    results["answer"] = answer.text
-    results["answer_new_token_share"] = n_new / max(1, len(answer.token_ids))
-    results["seconds"] = time.perf_counter() - started
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    if ranks.main:  # what is measured is written at once: a failure in what follows loses none of it
+        write_atomic(out / "new_rows.safetensors", save_new_rows(model))
+        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
+        [answer] = generate(model, tok, [prompt], decoding)
+        n_new = sum(t >= tok.base_vocab_size for t in answer.token_ids)  # the answer's new tokens
+        results["teacher_answer"] = teacher_answer.text
+        results["answer"] = answer.text
+        results["answer_new_token_share"] = n_new / max(1, len(answer.token_ids))
+        results["seconds"] = time.perf_counter() - started
+        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     if tasks:
         print(f"code generation: {len(tasks)} tasks x {cfg.n_samples} samples from {cfg.tasks}")
-        codegen = evaluate_codegen_as_configured(model, tok, tasks, cfg)
-        write_atomic(out / "codegen.json", json.dumps(codegen, indent=1) + "\n")
+        codegen = evaluate_codegen_as_configured(model, tok, tasks, cfg, ranks)
+        if ranks.main:
+            write_atomic(out / "codegen.json", json.dumps(codegen, indent=1) + "\n")
         results["codegen"] = codegen["summary"]
     results["peak_memory_mb"] = peak_memory_mb(device)
     results["complete"] = True
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    if ranks.main:
+        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -4698,12 +4811,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kld: error: {e}", file=sys.stderr)
             return 2
         return 0
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone prints
     try:
         cfg = load_config(args.config, rest)
-        result = run(cfg)
+        with contextlib.redirect_stdout(open(os.devnull, "w") if rank else sys.stdout):
+            result = run(cfg)
     except KldError as e:
-        print(f"kld: error: {e}", file=sys.stderr)
+        where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 else ""
+        print(f"kld: error{where}: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank:
+        return 0
     teacher_measures = result["teacher"]
     student = result["student"]
 

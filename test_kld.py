@@ -2581,6 +2581,73 @@ def test_pipeline_evaluates_code_generation_when_tasks_are_given(tmp_path):
     assert not (greedy / "checkpoint.pt").exists() and not (greedy / "new_rows.safetensors").exists()
 
 
+# A kld run under torchrun that also keeps a copy of each checkpoint it writes (name.stepN).
+KEEP_CHECKPOINTS = """import shutil, sys
+sys.path.insert(0, {repo!r})
+import kld
+save = kld.save_checkpoint
+def keep_each(path, model, optimizer, step, cfg):
+    save(path, model, optimizer, step, cfg)
+    shutil.copyfile(path, f"{{path}}.step{{step}}")
+kld.save_checkpoint = keep_each
+sys.exit(kld.main(sys.argv[1:]))
+"""
+
+
+def torchrun(script: Path, args: list[str], n: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node n script args`: n gloo ranks on this CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # n processes share the cores
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_ranks_train_measure_and_generate_as_one_process_and_resume_in_one(tmp_path):
+    """torchrun with 2 gloo ranks, each half of every batch of 4: the same new rows as one
+    process with batches of 4 (float tolerance), the same held-out measures, the same code
+    generation; and a checkpoint the 2 ranks wrote mid-run resumes in one process to the
+    same rows. Rank 0 alone prints and writes."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
+    config = {**TINY_RUN, "batch_size": 4, "steps": 8, "eval_every": 4, "log_every": 4, "hidden_steps": 2,
+              "tasks": str(tasks), "exec_timeout": 5.0}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    script = tmp_path / "keep_checkpoints.py"
+    script.write_text(KEEP_CHECKPOINTS.format(repo=str(FIXTURES.parent)))
+    two = tmp_path / "two"
+    proc = torchrun(script, ["--config", str(tmp_path / "c.json"), "--out_dir", str(two)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("held-out @ 8:") == 1  # one rank printed
+    one = tmp_path / "one"
+    assert kld.main(["--config", str(tmp_path / "c.json"), "--out_dir", str(one)]) == 0
+    rows_two = load_file(two / "new_rows.safetensors")
+    for name, rows in load_file(one / "new_rows.safetensors").items():
+        torch.testing.assert_close(rows_two[name], rows, atol=1e-6, rtol=0)
+    results_one, results_two = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    for measures in ["teacher", "student_init", "student"]:
+        for key, value in results_one[measures].items():
+            assert results_two[measures][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (measures, key)
+    samples_one, samples_two = (json.loads((d / "codegen.json").read_text())["samples"] for d in (one, two))
+    assert [s["completion"] for s in samples_two] == [s["completion"] for s in samples_one]
+    assert [s["status"] for s in samples_two] == [s["status"] for s in samples_one]
+    # the 2 ranks' checkpoint at step 4 of 8, resumed by one process
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ["config.json", "extension.json", "checkpoint-hidden.pt"]:
+        shutil.copyfile(two / name, resumed / name)
+    shutil.copyfile(two / "checkpoint.pt.step4", resumed / "checkpoint.pt")
+    assert kld.main(["--config", str(tmp_path / "c.json"), "--out_dir", str(resumed)]) == 0
+    for name, rows in load_file(resumed / "new_rows.safetensors").items():
+        torch.testing.assert_close(rows, rows_two[name], atol=1e-6, rtol=0)
+
+
+def test_a_setting_the_ranks_cannot_run_ends_every_rank_with_one_line(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({**TINY_RUN, "batch_size": 3, "out_dir": str(tmp_path / "run")}))
+    proc = torchrun(FIXTURES.parent / "kld.py", ["--config", str(tmp_path / "c.json")])
+    assert proc.returncode != 0
+    for rank in range(2):
+        assert f"kld: error (rank {rank}): batch_size 3 (the global batch) does not split among 2 ranks" in proc.stderr
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (FIXTURES.parent / "configs").glob("*.json")))
 def test_every_shipped_config_is_valid(name, monkeypatch):
     import run_bench
