@@ -168,6 +168,7 @@ class Config:
     fit_windows: Annotated[int, Range(0), TRAINING] = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
     fit_iterations: Annotated[int, Range(1), TRAINING] = 300  # L-BFGS iterations of that refit
     fit_l2: Annotated[float, Range(0), TRAINING] = 1e-3  # its ridge toward the rows it starts from
+    read_back: Annotated[bool, TRAINING, CODEGEN] = False  # the read-back student: it reads base tokens only (prompts by tau, each new token it emits read back as its expansion), so its hidden states are the teacher's; only its output rows learn, by the refit on fit_windows windows (steps and hidden_steps 0)
     hidden_steps: Annotated[int, Range(0), TRAINING] = 0  # first, steps of hidden-state distillation of the input rows alone (0: none); then `steps` of `objective`
     hidden_layer: Annotated[int, Range(0), TRAINING] = 0  # the hidden states matched there: after block hidden_layer; 0 = the last, after the final norm
     hidden_lr: typing.Optional[Annotated[float, Range(0, open_low=True), TRAINING]] = None  # its peak learning rate; null = lr
@@ -2831,6 +2832,20 @@ def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Ten
     return ids.to(device), valid.to(device) if padded else None
 
 
+def right_aligned(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids (B, width), valid (B, width) or None) for sequences of any lengths, each ending
+    in the last column (left-padded), as a decoding step needs them: its last column
+    predicts every row's next token. valid is None when no row is padded."""
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s) :] = torch.tensor(s)
+        valid[b, width - len(s) :] = True
+    padded = min(map(len, seqs)) < width
+    return ids.to(device), valid.to(device) if padded else None
+
+
 def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
                     hidden: bool = False) -> list[torch.Tensor]:
     """One batched pass over sequences of any lengths (right-padded); for each, the logits
@@ -2840,6 +2855,19 @@ def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
     with autocast(ids.device):
         logits = model(ids, valid, base_only=base_only, hidden=hidden)  # (B, width, |V'| or d)
     return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]  # padding and the last row dropped
+
+
+def student_logits(model: GPT, tok: ExtendedTokenizer, seqs: list[list[int]], read_back: bool = False,
+                   hidden: bool = False) -> list[torch.Tensor]:
+    """The student's logits over V' (hidden: its final hidden states) at positions 0 .. len-2
+    of student sequences, as sequence_logits gives them. read_back: the read-back student,
+    which reads each sequence's expansion in base tokens; its state after student token j
+    is the teacher's at e_j (teacher_ends), where it predicts token j + 1 by all its
+    output rows."""
+    if not read_back:
+        return sequence_logits(model, seqs, hidden=hidden)
+    expanded = sequence_logits(model, [list(tok.expand(s)) for s in seqs], hidden=hidden)  # per seq (|exp| - 1, .)
+    return [x[teacher_ends(s, tok)[:-1]] for s, x in zip(seqs, expanded)]  # e_0 .. e_{m-2}
 
 
 def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
@@ -3104,10 +3132,11 @@ class OutputRowData:
 
 @torch.no_grad()
 def output_row_data(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
-                    lift_cfg: Lift | None = None, teacher: GPT | None = None, batch_size: int = 8) -> OutputRowData:
+                    lift_cfg: Lift | None = None, teacher: GPT | None = None, batch_size: int = 8,
+                    read_back: bool = False) -> OutputRowData:
     """Forward passes of the student (and for "kl", the lifted teacher) over student windows
     (the first id of each is context), batch_size at a time: h, B and the targets on new
-    tokens at every position."""
+    tokens at every position. read_back: h of the read-back student (student_logits)."""
     V = tok.base_vocab_size
     h = []  # per window: (m, d)
     base_lse = []  # (m,)
@@ -3115,7 +3144,7 @@ def output_row_data(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]]
     p = []  # (m, c)
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        for x in sequence_logits(model, batch, hidden=True):
+        for x in student_logits(model, tok, batch, read_back, hidden=True):
             h.append(x)
             base_logits = F.linear(x, upcast(model.output_weight()))  # (m, |V|)
             base_lse.append(torch.logsumexp(base_logits, dim=-1))
@@ -3237,7 +3266,8 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
 
 @torch.no_grad()
 def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
-             lift_cfg: Lift | None = None, teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
+             lift_cfg: Lift | None = None, teacher: GPT | None = None, ranks: Ranks = Ranks(),
+             read_back: bool = False) -> dict:
     """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
 
     Without lift_cfg, the teacher on its own tokens: bits_per_char = -log2 P(x) / len(x)
@@ -3250,6 +3280,7 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     whether the student expects its new tokens where they occur; and branch_tokens_per_token,
     the teacher tokens trie mode evaluated per student token besides the realised ones.
     Under several ranks each measures its share of the batches, and the sums are added.
+    read_back: the student of tau'(x) reads its expansion (student_logits).
     """
     student = lift_cfg is not None
     # Sums over every chunk, divided at the end.
@@ -3268,7 +3299,7 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
         chars += sum(len(tok.base.decode(c)) for c in batch)
         seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
         tokens += sum(len(s) - 1 for s in seqs)
-        logits = sequence_logits(model, seqs, base_only=not student)  # per chunk (m, |V| or |V'|)
+        logits = student_logits(model, tok, seqs, read_back) if student else sequence_logits(model, seqs, base_only=True)
         targets = [None] * len(seqs)
         if student:
             targets, n_branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
@@ -3397,10 +3428,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         print(f"resuming from {checkpoint} at step {step}")
     device = model.embed.weight.device
     bf16 = device.type == "cpu" and (cpu_has_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16)
-    if cfg.windows == "new_tokens":
-        windows = new_token_windows(stream, cfg.seq_len, tok.base_vocab_size, cfg.windows_per_token, cfg.seed)
-    else:
-        windows = training_windows(stream, cfg.seq_len, cfg.seed)
+    windows = windows_of(cfg, stream, tok.base_vocab_size)
     for _ in range(step * cfg.batch_size):  # the same windows as an uninterrupted run
         next(windows)
     history = []
@@ -3448,10 +3476,18 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
 
 
+def windows_of(cfg: Config, stream: list[int], first_new_id: int):
+    """The endless training windows cfg.windows names: uniform, or chosen for the new tokens."""
+    if cfg.windows == "new_tokens":
+        return new_token_windows(stream, cfg.seq_len, first_new_id, cfg.windows_per_token, cfg.seed)
+    return training_windows(stream, cfg.seq_len, cfg.seed)
+
+
 def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
              teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
     """evaluate() with a progress line; the measures with the step they were taken at."""
-    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
+    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks,
+                        cfg.read_back)
     print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
           f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
     return {"step": step, **measures}
@@ -3461,7 +3497,7 @@ def refit_output_rows(model: GPT, tok: ExtendedTokenizer, windows: list[list[int
                       teacher: GPT | None = None) -> dict:
     """Collect OutputRowData on `windows` (forward passes only) and replace the model's new
     output rows by the fit, the same procedure for either objective."""
-    data = output_row_data(model, tok, windows, cfg.objective, lift_cfg, teacher, cfg.batch_size)
+    data = output_row_data(model, tok, windows, cfg.objective, lift_cfg, teacher, cfg.batch_size, cfg.read_back)
     fitted = fit_output_rows(model.new_out, data, cfg.fit_iterations, cfg.fit_l2)  # (N, d)
     with torch.no_grad():
         before = output_row_loss(model.new_out.double(), data).item()
@@ -3579,6 +3615,22 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def read_back_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
+                    ranks: Ranks = Ranks()) -> list[dict]:
+    """The read-back student's training: its input rows are never read, and its hidden states
+    are the teacher's, which forward passes alone give; so its output rows are fitted to
+    convergence (refit_output_rows, convex) at the teacher's states on cfg.fit_windows
+    windows, many more positions than backward passes could reach in the same time.
+    Every rank fits the same rows on the same windows."""
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
+    windows = windows_of(cfg, stream, tok.base_vocab_size)
+    t0 = time.perf_counter()
+    fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg)
+    print(f"read-back student: output rows fitted at the teacher's states on {fit['positions']} positions: loss "
+          f"{fit['loss_before']:.4f} -> {fit['loss_after']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
+    return [held_out(model, tok, chunks, cfg, lift_cfg, None, 0, "", ranks)] if chunks else []
 
 
 def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
@@ -3726,6 +3778,7 @@ class Decoding:
     batch_size: int = 8  # prompts decoded together
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     stop_ids: frozenset[int] = frozenset()  # or at the first of these tokens (not kept)
+    read_back: bool = False  # the read-back student: prompts in base tokens, each new token emitted read back as its expansion
 
     def __post_init__(self):
         if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1):
@@ -3742,7 +3795,7 @@ class Decoding:
 def decoding_of(cfg: Config) -> Decoding:
     """A run's decoding settings (stops come from the prompt format, where it is known)."""
     return Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                    batch_size=cfg.gen_batch_size)
+                    batch_size=cfg.gen_batch_size, read_back=cfg.read_back)
 
 
 @torch.inference_mode()
@@ -3754,6 +3807,9 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str], decoding: D
     Prompts are sorted by length and decoded `decoding.batch_size` at a time, left-padded,
     with one KV cache per batch; a finished row leaves the batch. Greedy results do not
     depend on the batching; sampled ones are reproducible for the same call and seed.
+    decoding.read_back: the model reads base tokens only, the prompt encoded by tau and
+    each token it emits fed back as its expansion exp(v) in one step, so its hidden
+    states are the teacher's; it emits new tokens by their output rows.
     """
     if not isinstance(tok, ExtendedTokenizer):
         raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's tokenizer "
@@ -3762,7 +3818,10 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str], decoding: D
         return []
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(decoding.seed)
-    encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
+    if decoding.read_back:
+        encoded = [tok.base.encode(p, add_special_tokens=True).ids for p in prompts]
+    else:
+        encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
     if any(not ids for ids in encoded):
         raise KldError("a prompt encodes to no tokens; give it some text")
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
@@ -3787,15 +3846,11 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
     T = max(map(len, prompt_ids))
     max_new_tokens = decoding.max_new_tokens
     stop = decoding.stop
-    ids = torch.zeros(B, T, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    for b, p in enumerate(prompt_ids):  # left padding: every row's last token is in the last column
-        ids[b, T - len(p) :] = torch.tensor(p)
-        valid[b, T - len(p) :] = True
+    ids, valid = right_aligned(prompt_ids, device)  # (B, T), left-padded: every row's last token in the last column
+    longest = max(map(len, tok.expansions), default=1) if decoding.read_back else 1  # slots one token can take
     # room for 256 new tokens, doubled when full: memory grows with what is generated, not with the budget
     cache = KVCache(model.cfg, B, T + min(max_new_tokens, 256), device, next(model.parameters()).dtype)
-    padded = min(map(len, prompt_ids)) < T
-    logits = model(ids.to(device), valid.to(device) if padded else None, cache, last_only=True)[:, -1]
+    logits = model(ids, valid, cache, last_only=True)[:, -1]
     tokens: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     active = list(range(B))  # batch row -> index into `tokens`
@@ -3822,9 +3877,12 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
             cache.keep_rows(index)
             next_ids = next_ids[index]
             active = [active[j] for j in keep]
-        if cache.length == cache.valid.shape[1]:
-            cache.reserve(min(2 * cache.length, T + max_new_tokens))
-        logits = model(next_ids[:, None], None, cache)[:, -1]
+        feed, feed_valid = next_ids[:, None], None  # (B, 1): each row's new token
+        if decoding.read_back:  # (B, W): each row's exp(token), right-aligned, so the last column predicts
+            feed, feed_valid = right_aligned([tok.expand([t]) for t in next_ids.tolist()], device)
+        if cache.length + feed.shape[1] > cache.valid.shape[1]:  # doubled, up to what the budget can fill
+            cache.reserve(min(max(2 * cache.length, cache.length + feed.shape[1]), T + max_new_tokens * longest))
+        logits = model(feed, feed_valid, cache)[:, -1]
     completions = []
     for row in range(B):
         text = tok.decode(tokens[row], skip_special_tokens=True)
@@ -4710,6 +4768,9 @@ def run(cfg: Config) -> dict:
     teacher_tok = ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)  # tau: no merges
     if tasks:  # settings that cannot work are refused before hours of training, not after
         codegen_settings(cfg, teacher_tok)
+    if cfg.read_back and (cfg.steps or cfg.hidden_steps or cfg.finetune_steps or not cfg.fit_windows):
+        raise KldError("read_back fits the output rows alone: set steps, hidden_steps and finetune_steps to 0 and "
+                       "fit_windows above 0")
     if cfg.max_new_tokens >= model.cfg.max_positions:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {model.cfg.max_positions} "
                        "positions with a prompt before it")
@@ -4739,7 +4800,7 @@ def run(cfg: Config) -> dict:
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
     teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
-    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
+    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
     print(f"held-out teacher: bits/char {teacher_measures['bits_per_char']:.4f}, "
           f"tokens/char {teacher_measures['tokens_per_char']:.4f}")
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
@@ -4749,12 +4810,15 @@ def run(cfg: Config) -> dict:
     if len(set(fingerprints)) > 1:  # windows are drawn from the stream by index: it must be one stream
         raise KldError(f"the ranks read different training corpora from {cfg.corpus!r}; every node needs the same files")
     hidden_history = hidden_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
-    training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
+    if cfg.read_back:
+        training = {"train_tokens_per_s": 0.0, "history": read_back_stage(model, tok, cfg, stream, chunks, ranks)}
+    else:
+        training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
     training["history"] = hidden_history + [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
     if training["history"]:
         final = training["history"][-1]
     else:  # a finished run resumed: nothing trained, nothing measured
-        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
+        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
     if cfg.finetune_layers and cfg.finetune_steps:
         history = second_stage(model, tok, cfg, stream, chunks, out, ranks)
         final = history[-1] if history else final
@@ -4836,7 +4900,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}{'mass on new':>13s}")
     print(f"{'teacher':24s}{teacher_measures['bits_per_char']:10.4f}{teacher_measures['tokens_per_char']:13.4f}{'':9s}"
           f"{mass(student['target_new_token_mass'])}")
-    for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
+    trained = "read-back" if cfg.read_back else cfg.objective
+    for name, m in [("student at init", result["student_init"]), (f"student ({trained})", student)]:
         print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}{mass(m['new_token_mass'])}")
     print(f"{f'targets ({cfg.lift})':24s}{student['target_bits_per_char']:10.4f}   (their own bits/char: the floor "
           f"of a student trained on them)")

@@ -147,6 +147,24 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     assert {"extension.json", "new_rows.safetensors", "checkpoint.pt"} <= set(os.listdir(tmp_path / "run"))
 
 
+def test_a_read_back_run_fits_the_output_rows_alone_and_refuses_steps(tmp_path, capsys):
+    """read_back: no steps; the output rows are fitted at the teacher's states, which lowers
+    the held-out KL of the read-back student; the input rows stay as initialised."""
+    config = {**TINY_RUN, "read_back": True, "steps": 0, "fit_windows": 8, "out_dir": str(tmp_path / "run")}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert kld.main(["--config", str(tmp_path / "c.json")]) == 0
+    assert "student (read-back)" in capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [h["step"] for h in results["history"]] == [0]
+    assert results["student"]["kl"] < results["student_init"]["kl"]
+    model, tok = kld.load_student(tmp_path / "run")
+    base, _ = kld.load_model(FIXTURES / "llama")
+    fvt_rows = kld.init_fvt(base.embed.weight, tok.expansions, None)
+    torch.testing.assert_close(model.new_in, fvt_rows.to(model.new_in.dtype))
+    assert kld.main(["--config", str(tmp_path / "c.json"), "--out_dir", str(tmp_path / "steps"), "--steps", "3"]) == 2
+    assert "read_back fits the output rows alone" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_input_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "kld.py", "--config", str(tmp_path / "missing.json")],
                           capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -422,6 +440,28 @@ def test_generation_past_the_first_cache_allocation_equals_full_passes():
         for _ in range(300):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert out.token_ids == ids[-300:][: len(out.token_ids)] and len(out.token_ids) >= 257
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_read_back_generation_equals_full_passes_over_the_base_tokens(arch):
+    """The read-back student reads base tokens only: its greedy tokens, new ones among
+    them, are those of full forward passes over the prompt in tau followed by each emitted
+    token's expansion, also when prompts of different lengths are decoded together and
+    steps feed expansions of different lengths."""
+    model, tok = tiny_student(arch, init="random")
+    with torch.no_grad():
+        model.new_out.mul_(3.0)  # louder new output rows: new tokens get emitted
+    prompts = ["def f(x):", "import os\nclass A:\n    pass"]
+    out = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10, read_back=True, batch_size=2))
+    assert any(t >= tok.base_vocab_size for o in out for t in o.token_ids)
+    for prompt, completion in zip(prompts, out):
+        ids = tok.base.encode(prompt, add_special_tokens=True).ids
+        emitted = []
+        with torch.no_grad():
+            while len(emitted) < len(completion.token_ids):
+                emitted.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+                ids += tok.expand(emitted[-1:])
+        assert completion.token_ids == emitted
 
 
 def test_seeded_sampling_is_reproducible_and_tiny_top_p_is_greedy(tiny):
