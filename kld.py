@@ -327,6 +327,14 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     return dataclasses.replace(cfg, **cli)
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` less this process's umask: what open() or mkdir() would give (mkstemp and
+    mkdtemp make files private)."""
+    umask = os.umask(0)  # os reads the umask only by setting it: put it back at once
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_atomic(path: str | Path, data: str | bytes):
     """Write a file so that readers see the old content or the new, never half of it."""
     path = Path(path)
@@ -337,6 +345,7 @@ def write_atomic(path: str | Path, data: str | bytes):
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -955,15 +964,16 @@ def read_hf_dir(path: Path):
 # --- writing a Hugging Face directory: the inverse of the readers above (export_student) ---
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """The config.json from which transformers builds the model `cfg` describes, and from
-    which model_config_from_hf gives `cfg` back: GPT-2, else Qwen2 where q, k, v alone have
-    biases, else Llama (a test checks the round trip and transformers' logits)."""
+def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The config.json from which transformers builds the model `cfg` describes (weights
+    stored in `dtype`), and from which model_config_from_hf gives `cfg` back: GPT-2, else
+    Qwen2 where q, k, v alone have biases, else Llama (a test checks the round trip and
+    transformers' logits)."""
     eos = list(cfg.eos_token_ids)
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
               "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
               "bos_token_id": None,  # kld keeps none (a BOS is the tokenizer's to add); the classes' default may not exist
-              "torch_dtype": "float32"}
+              "torch_dtype": dtype}
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.d_model,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff, "n_positions": cfg.max_positions,
@@ -1638,33 +1648,53 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
 
 
 def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
-    """The base tokenizer tau with every new token in its vocabulary, spelled as byte-level
-    BPE spells its bytes, at id base_vocab_size + i: it decodes the student's output, and
-    encodes text as tau does (base tokens: valid input to the student). tau' itself is not
-    in it: its merges cross the pre-tokenizer's boundaries, which BPE merges in a
-    tokenizer.json cannot. A merge across pre-tokens can spell a base token's spelling; the
-    new token is then spelled with its spaces and control characters as they are, which the
-    byte-level decoder passes through and the pre-tokenizer never gives the model.
-    Checked: each new token decodes to its bytes."""
+    """The base tokenizer tau with every new token in its vocabulary at id base_vocab_size + i:
+    it decodes the student's output, and encodes text as tau does (base tokens: valid input
+    to the student). tau' itself is not in it: its merges cross the pre-tokenizer's
+    boundaries, which BPE merges in a tokenizer.json cannot.
+
+    A new token is spelled as byte-level BPE spells its bytes, unless a base token has that
+    spelling (a merge across pre-tokens can make one) or the tokenizer would then encode
+    the token's text as the new token (a vocabulary looked up whole word first,
+    `ignore_merges`, as Llama 3's); then its spaces and control characters are written as
+    they are, which the byte-level decoder passes through and the pre-tokenizer never gives
+    the model. Checked: each new token decodes to its bytes; where the second spelling
+    cannot differ (no space or control character), stderr says how many new tokens the
+    tokenizer can emit."""
     data = json.loads(tok.base.to_str())
-    vocab = data["model"]["vocab"]  # spelling -> id
-    taken = set(vocab) | {t["content"] for t in data["added_tokens"]}
     alphabet = byte_level_alphabet()
-    for new_id in range(tok.base_vocab_size, tok.vocab_size):
-        text = tok.token_bytes(new_id)
-        spelling = "".join(alphabet[b] for b in text)
-        if spelling in taken:  # the same characters, but those the alphabet moves (space, controls) as they are
-            spelling = "".join(chr(b) if b < 0x80 else alphabet[b] for b in text)
-        if spelling in taken:
-            raise KldError(f"new token {new_id} ({tok.token_string(new_id)!r}) has the spelling of a base token; "
+    base_spellings = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
+    new_ids = range(tok.base_vocab_size, tok.vocab_size)
+    as_is = {i: "".join(chr(b) if b < 0x80 else alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
+    spellings = {i: "".join(alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
+    spellings = {i: as_is[i] if s in base_spellings else s for i, s in spellings.items()}
+
+    def build() -> Tokenizer:
+        if len(set(spellings.values()) | base_spellings) < len(spellings) + len(base_spellings):
+            taken = next(i for i, s in spellings.items() if s in base_spellings)
+            raise KldError(f"new token {taken} ({tok.token_string(taken)!r}) has the spelling of a base token; "
                            "a tokenizer.json cannot hold both")
-        vocab[spelling] = new_id
-        taken.add(spelling)
-    tokenizer = Tokenizer.from_str(json.dumps(data))
-    for new_id in range(tok.base_vocab_size, tok.vocab_size):
-        if tokenizer.decode([new_id], skip_special_tokens=False) != tok.decode([new_id]):
-            raise KldError(f"new token {new_id} ({tok.token_string(new_id)!r}) does not decode to its text in a "
+        vocab = {**data["model"]["vocab"], **{s: i for i, s in spellings.items()}}  # spelling -> id
+        return Tokenizer.from_str(json.dumps({**data, "model": {**data["model"], "vocab": vocab}}))
+
+    def emits_itself(tokenizer: Tokenizer, i: int) -> bool:  # does encoding its text give other ids than tau?
+        text = tok.token_bytes(i).decode("utf-8", errors="replace")
+        return tokenizer.encode(text, add_special_tokens=False).ids != tok.base.encode(text, add_special_tokens=False).ids
+
+    tokenizer = build()
+    emitted = [i for i in new_ids if emits_itself(tokenizer, i)]
+    if emitted:
+        spellings.update({i: as_is[i] for i in emitted})
+        tokenizer = build()
+        emitted = [i for i in emitted if emits_itself(tokenizer, i)]
+    for i in new_ids:
+        if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
+            raise KldError(f"new token {i} ({tok.token_string(i)!r}) does not decode to its text in a "
                            "tokenizer.json of the base tokenizer's kind")
+    if emitted:
+        warn(f"the exported tokenizer.json encodes the text of {len(emitted)} new tokens (e.g. "
+             f"{tok.token_string(emitted[0])!r}) as those tokens, not as tau does: its vocabulary is looked up whole "
+             "word first; prompts may then hold new tokens, which the student reads")
     return tokenizer
 
 
@@ -3208,23 +3238,31 @@ class Ranks:
     """This process's place among the processes torchrun started; Ranks() is a single process."""
     rank: int = 0
     world: int = 1
+    local_world: int = 1  # the ranks on this machine, which share its CPUs
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def start_ranks(device: torch.device) -> Ranks:
+def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group when torchrun started this process (WORLD_SIZE above 1): NCCL
-    on CUDA, gloo on the CPU. On CUDA each rank takes the GPU of its LOCAL_RANK."""
+    on CUDA, gloo on the CPU. On CUDA each rank takes the GPU of its LOCAL_RANK, which
+    torchrun sets; so the device is "cuda" or "auto", without an index. Returns the ranks
+    and this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Ranks()
+        return Ranks(), device
     if device.type == "cuda":
+        if device.index is not None or "LOCAL_RANK" not in os.environ:
+            raise KldError("several ranks on CUDA need device 'auto' or 'cuda' and a launcher that sets LOCAL_RANK "
+                           "(torchrun): each rank takes the GPU of its LOCAL_RANK")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_world), device
 
 
 def share(items: list, ranks: Ranks) -> list:
@@ -3257,11 +3295,17 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
     grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank
     if ranks.world == 1 or not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of sizes,)
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # (sum of sizes,), summed in float32 whatever the dtype
     dist.all_reduce(flat)
     flat /= ranks.world
     for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(mean.view_as(g))
+
+
+def broadcast_(tensor: torch.Tensor, ranks: Ranks):
+    """Rank 0's values of `tensor`, in place, on every rank (after work every rank did alone)."""
+    if ranks.world > 1:
+        dist.broadcast(tensor.data, src=0)
 
 
 @torch.no_grad()
@@ -3279,7 +3323,8 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     the mean mass on new tokens of q (new_token_mass) and of p' (target_new_token_mass):
     whether the student expects its new tokens where they occur; and branch_tokens_per_token,
     the teacher tokens trie mode evaluated per student token besides the realised ones.
-    Under several ranks each measures its share of the batches, and the sums are added.
+    Under several ranks each measures its share of the chunks, batch_size at a time, and
+    the sums are added.
     read_back: the student of tau'(x) reads its expansion (student_logits).
     """
     student = lift_cfg is not None
@@ -3294,8 +3339,8 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     new_positions = 0  # positions whose next token is new
     new_mass = 0.0  # the student's mass on new tokens there
     target_new_mass = 0.0  # p''s mass on new tokens there
-    batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
-    for batch in share(batches, ranks):
+    mine = share(chunks, ranks)
+    for batch in (mine[i : i + batch_size] for i in range(0, len(mine), batch_size)):
         chars += sum(len(tok.base.decode(c)) for c in batch)
         seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
         tokens += sum(len(s) - 1 for s in seqs)
@@ -3464,7 +3509,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
                 history[-1]["before_fit"] = True
             t0 = time.perf_counter()
             fit_windows = [next(windows) for _ in range(cfg.fit_windows)]  # windows the steps have not seen
-            fit = refit_output_rows(model, tok, fit_windows, cfg, lift_cfg, teacher)
+            fit = refit_output_rows(model, tok, fit_windows, cfg, lift_cfg, teacher, ranks)
             fit_seconds = time.perf_counter() - t0
             print(f"output rows fitted on {fit['positions']} positions: loss {fit['loss_before']:.4f} -> "
                   f"{fit['loss_after']:.4f} in {fit_seconds:.0f}s", flush=True)
@@ -3486,23 +3531,27 @@ def windows_of(cfg: Config, stream: list[int], first_new_id: int):
 def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
              teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
     """evaluate() with a progress line; the measures with the step they were taken at."""
-    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks,
-                        cfg.read_back)
+    per_rank = cfg.batch_size // ranks.world
+    measures = evaluate(model, tok, chunks, separator_id(model.cfg), per_rank, lift_cfg, teacher, ranks, cfg.read_back)
     print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
           f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
     return {"step": step, **measures}
 
 
 def refit_output_rows(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], cfg: Config, lift_cfg: Lift,
-                      teacher: GPT | None = None) -> dict:
+                      teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
     """Collect OutputRowData on `windows` (forward passes only) and replace the model's new
-    output rows by the fit, the same procedure for either objective."""
-    data = output_row_data(model, tok, windows, cfg.objective, lift_cfg, teacher, cfg.batch_size, cfg.read_back)
+    output rows by the fit, the same procedure for either objective. Every rank fits on
+    all the windows; rank 0's rows then replace the others' (a GPU's fit is not bitwise
+    reproducible), so the ranks keep one student."""
+    data = output_row_data(model, tok, windows, cfg.objective, lift_cfg, teacher, cfg.batch_size // ranks.world,
+                           cfg.read_back)
     fitted = fit_output_rows(model.new_out, data, cfg.fit_iterations, cfg.fit_l2)  # (N, d)
     with torch.no_grad():
         before = output_row_loss(model.new_out.double(), data).item()
         after = output_row_loss(fitted.double(), data).item()
         model.new_out.copy_(fitted)
+    broadcast_(model.new_out, ranks)
     return {"positions": len(data.h), "loss_before": before, "loss_after": after}
 
 
@@ -3586,7 +3635,8 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
-    model, tok = load_student(run_dir)
+    run_cfg = load_config(str(Path(run_dir) / "config.json"))
+    model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))  # in the dtype the run trained in
     state = model.state_dict()
     new_in, new_out = state.pop("new_in"), state.pop("new_out")  # (N, d) each
     state["lm_head.weight"] = torch.cat([model.output_weight(), new_out])  # (V + N, d), taken before the next line
@@ -3600,20 +3650,27 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
         tokenizer_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
     if chat:
         tokenizer_config["chat_template"] = CHATML_TEMPLATE
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    files = {  # name -> contents
+        "model.safetensors": safetensors.torch.save(hf_state(state, cfg), metadata={"format": "pt"}),
+        "config.json": json.dumps(hf_config(cfg, run_cfg.dtype), indent=2) + "\n",
+        "generation_config.json": json.dumps({"eos_token_id": stops}, indent=2) + "\n",
+        "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
+        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
+        "extension.json": (Path(run_dir) / "extension.json").read_bytes(),
+    }
+    staging = None
     try:
-        (staging / "model.safetensors").write_bytes(safetensors.torch.save(hf_state(state, cfg), metadata={"format": "pt"}))
-        (staging / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-        (staging / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}, indent=2) + "\n")
-        tokenizer_with_new_tokens(tok).save(str(staging / "tokenizer.json"))
-        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        shutil.copyfile(Path(run_dir) / "extension.json", staging / "extension.json")
-        staging.chmod(0o755)  # mkdtemp makes it private
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        for name, contents in files.items():
+            write_atomic(staging / name, contents)
+        staging.chmod(umask_mode(0o777))  # mkdtemp makes it private: a directory as mkdir would make it
         os.replace(staging, out_dir)  # onto a missing or empty directory: at once
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except OSError as e:
+        raise KldError(f"{out_dir}: cannot write the export ({e.strerror or e})") from None
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -3627,7 +3684,7 @@ def read_back_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: lis
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
     windows = windows_of(cfg, stream, tok.base_vocab_size)
     t0 = time.perf_counter()
-    fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg)
+    fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg, None, ranks)
     print(f"read-back student: output rows fitted at the teacher's states on {fit['positions']} positions: loss "
           f"{fit['loss_before']:.4f} -> {fit['loss_after']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
     return [held_out(model, tok, chunks, cfg, lift_cfg, None, 0, "", ranks)] if chunks else []
@@ -4657,8 +4714,9 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     cannot fool: realised_saving = 1 - tokens spent / tokens tau spends on the same text,
     possible_saving = 1 - tokens tau' spends on it / tokens tau spends, and their ratio
     saving_realised. "tasks" holds per-task n, c and pass@k, "samples" each program.
-    Under several ranks each generates and runs its share of the programs; every rank
-    gets the whole result.
+    Under several ranks each generates and runs its share of the programs (sampling with
+    a seed of its own: greedy programs do not depend on the number of ranks, sampled ones
+    do); every rank gets the whole result.
     """
     if not tasks:
         raise KldError("no tasks to evaluate")
@@ -4669,11 +4727,13 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     decoding = settings.decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS, stop_token_ids(model.cfg, tok, chat))
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
     mine = share(range(len(prompts)), ranks)  # this rank's prompts
+    my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)  # a rank's own samples
     t0 = time.perf_counter()
-    my_completions = generate(model, tok, [prompts[i] for i in mine], decoding) if mine else []
+    my_completions = generate(model, tok, [prompts[i] for i in mine], my_decoding) if mine else []
     my_seconds = max(time.perf_counter() - t0, 1e-9)
     my_sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, my_completions)]
-    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)], settings.limits, settings.workers)
+    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)  # the machine's ranks share its CPUs
+    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)], settings.limits, workers)
     shares = gather((list(mine), my_completions, my_sources, my_results, my_seconds), ranks)
     generation_s = max(part[4] for part in shares)  # the ranks generate at the same time
     by_prompt = {i: (c, s, r) for indices, *parts, _ in shares for i, c, s, r in zip(indices, *parts)}
@@ -4755,9 +4815,7 @@ def run(cfg: Config) -> dict:
     check_out_dir(out, cfg)
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: a GPU per rank of a node
-    ranks = start_ranks(device)
+    ranks, device = start_ranks(device)
     if cfg.batch_size % ranks.world:
         raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split among {ranks.world} ranks")
     started = time.perf_counter()
@@ -4799,8 +4857,9 @@ def run(cfg: Config) -> dict:
     sep = separator_id(model.cfg)
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
-    teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
-    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
+    per_rank = cfg.batch_size // ranks.world  # the held-out chunks each rank reads at a time
+    teacher_measures = evaluate(model, tok, chunks, sep, per_rank, ranks=ranks)
+    initial = evaluate(model, tok, chunks, sep, per_rank, lift_cfg, ranks=ranks, read_back=cfg.read_back)
     print(f"held-out teacher: bits/char {teacher_measures['bits_per_char']:.4f}, "
           f"tokens/char {teacher_measures['tokens_per_char']:.4f}")
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
@@ -4818,7 +4877,7 @@ def run(cfg: Config) -> dict:
     if training["history"]:
         final = training["history"][-1]
     else:  # a finished run resumed: nothing trained, nothing measured
-        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
+        final = evaluate(model, tok, chunks, sep, per_rank, lift_cfg, ranks=ranks, read_back=cfg.read_back)
     if cfg.finetune_layers and cfg.finetune_steps:
         history = second_stage(model, tok, cfg, stream, chunks, out, ranks)
         final = history[-1] if history else final
@@ -4870,6 +4929,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if rest or args.config:
                 raise KldError(f"--export takes a run directory and an output directory only, not {rest or ['--config']}")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise KldError("--export runs in one process, not under torchrun")
             print(f"exported the student of {args.export[0]} to {export_student(*args.export)}")
         except KldError as e:
             print(f"kld: error: {e}", file=sys.stderr)
@@ -4878,7 +4939,9 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone prints
     try:
         cfg = load_config(args.config, rest)
-        with contextlib.redirect_stdout(open(os.devnull, "w") if rank else sys.stdout):
+        with contextlib.ExitStack() as stack:
+            if rank:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             result = run(cfg)
     except KldError as e:
         where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 else ""

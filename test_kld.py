@@ -339,6 +339,9 @@ def test_export_refuses_a_used_out_dir_and_a_run_that_is_not_there(tmp_path, cap
     assert "not an empty directory" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
+    (tmp_path / "a_file").write_text("")
+    assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "a_file" / "sub")]) == 2
+    assert "cannot write the export" in capsys.readouterr().err
 
 
 def test_a_new_token_spelled_like_a_base_token_still_decodes_and_text_still_encodes_as_tau():
@@ -351,6 +354,23 @@ def test_a_new_token_spelled_like_a_base_token_still_decodes_and_text_still_enco
     exported = kld.tokenizer_with_new_tokens(tok)
     assert exported.decode([320, 5, 320], skip_special_tokens=False) == tok.decode([320, 5, 320]) == " =# ="
     assert exported.encode(CODE).ids == tokenizer.encode(CODE).ids
+
+
+def test_a_vocabulary_looked_up_whole_word_first_keeps_encoding_as_tau_where_it_can(capsys):
+    """With `ignore_merges` (Llama 3's tokenizer.json), a pre-token found whole in the
+    vocabulary is one token: a new token ' path' (two base tokens) spelled 'Ġpath' would be
+    emitted for ' path'. It is spelled with its space as it is instead; a new token without
+    a space or control character ('xy') cannot be, and stderr says so."""
+    data = json.loads(Tokenizer.from_file(str(FIXTURES / "tokenizer.json")).to_str())
+    data["model"]["ignore_merges"] = True
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    merges = [tuple(tokenizer.encode(" path").ids), tuple(tokenizer.encode("xy").ids)]
+    tok = kld.ExtendedTokenizer(tokenizer, merges, 320)
+    exported = kld.tokenizer_with_new_tokens(tok)
+    assert exported.encode("x = path").ids == tokenizer.encode("x = path").ids
+    assert exported.decode([320, 321], skip_special_tokens=False) == " pathxy"
+    assert "encodes the text of 1 new tokens (e.g. 'xy')" in capsys.readouterr().err
+    assert exported.encode("xy").ids == [321]
 
 
 @st.composite
@@ -2678,6 +2698,22 @@ def test_two_ranks_train_measure_and_generate_as_one_process_and_resume_in_one(t
     assert kld.main(["--config", str(tmp_path / "c.json"), "--out_dir", str(resumed)]) == 0
     for name, rows in load_file(resumed / "new_rows.safetensors").items():
         torch.testing.assert_close(rows, rows_two[name], atol=1e-6, rtol=0)
+
+
+def test_two_ranks_sampling_several_programs_per_task_sample_each_on_its_own(tmp_path):
+    """With n_samples 2 on 2 ranks each rank draws one sample of every task: with one seed
+    for both they were the same program twice."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
+    config = {**TINY_RUN, "steps": 2, "tasks": str(tasks), "n_samples": 2, "temperature": 0.8, "pass_k": [1, 2],
+              "max_new_tokens": 12, "exec_timeout": 5.0, "out_dir": str(tmp_path / "run")}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    proc = torchrun(FIXTURES.parent / "kld.py", ["--config", str(tmp_path / "c.json")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = json.loads((tmp_path / "run" / "codegen.json").read_text())["samples"]
+    pairs = [(a["completion"], b["completion"]) for a, b in zip(samples[::2], samples[1::2])]
+    assert [a["task_id"] for a in samples[::2]] == [b["task_id"] for b in samples[1::2]]
+    assert any(a != b for a, b in pairs)
 
 
 def test_a_setting_the_ranks_cannot_run_ends_every_rank_with_one_line(tmp_path):
