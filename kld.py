@@ -3695,13 +3695,15 @@ def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
     """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
     cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
     moves the input rows first, by a signal that reaches them directly). Its windows come
-    from another seed than the steps that follow."""
+    from another seed than the steps that follow; with eval_every 0 it is not measured
+    held out (the steps that follow are, at their end)."""
     layer = matched_layer(cfg, model)
     print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
           f"{cfg.hidden_steps} steps")
     stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, fit_windows=0,
                                 seed=cfg.seed + 1)
-    return train(model, tok, stage, stream, chunks, out / "checkpoint-hidden.pt", objective="hidden",
+    measured = chunks if cfg.eval_every else []  # eval_every 0: the held-out measures at the very end only
+    return train(model, tok, stage, stream, measured, out / "checkpoint-hidden.pt", objective="hidden",
                  ranks=ranks)["history"]
 
 

@@ -1752,6 +1752,9 @@ def test_a_run_with_a_hidden_stage_moves_the_input_rows_first(tmp_path):
     steps = [h["step"] for h in results["history"]]
     assert steps == [2, 4, 6] and (out / "checkpoint-hidden.pt").exists()
     assert results["student"]["kl"] < results["student_init"]["kl"]
+    at_the_end = kld.run(kld.make_config({**TINY_RUN, "out_dir": str(tmp_path / "end"), "hidden_steps": 4,
+                                          "hidden_layer": 1, "steps": 2, "eval_every": 0}))
+    assert [h["step"] for h in at_the_end["history"]] == [6]  # eval_every 0: measured at the very end only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
