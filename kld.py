@@ -231,10 +231,19 @@ CODEGEN_KEYS = fields_affecting(CODEGEN)  # evaluate_codegen's results depend on
 
 
 def _check_config(cfg: Config):
-    """Every field of `cfg` against its type and range, however the Config was made."""
+    """Every field of `cfg` against its type and range, however the Config was made, and
+    the settings that would silently do nothing together."""
     hints = typing.get_type_hints(Config, include_extras=True)
     for f in dataclasses.fields(cfg):
         _check_type(f.name, getattr(cfg, f.name), hints[f.name])
+    if cfg.read_back and (cfg.steps or cfg.hidden_steps or cfg.finetune_steps or not cfg.fit_windows):
+        raise KldError("read_back fits the output rows alone: set steps, hidden_steps and finetune_steps to 0 and "
+                       "fit_windows above 0")
+    if cfg.fit_windows and not (cfg.steps or cfg.read_back):
+        raise KldError("fit_windows refits the output rows after the last step: steps must be above 0 (or read_back true)")
+    if cfg.fit_windows and (cfg.divergence != "forward_kl" or cfg.divergence_temperature != 1.0):
+        raise KldError("the output refit (fit_windows) minimises forward KL at temperature 1 (or CE): it takes "
+                       "divergence forward_kl and divergence_temperature 1")
 
 
 def _check_type(name: str, value, annotation):
@@ -1669,11 +1678,13 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
     spellings = {i: "".join(alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
     spellings = {i: as_is[i] if s in base_spellings else s for i, s in spellings.items()}
 
-    def build() -> Tokenizer:
-        if len(set(spellings.values()) | base_spellings) < len(spellings) + len(base_spellings):
-            taken = next(i for i, s in spellings.items() if s in base_spellings)
-            raise KldError(f"new token {taken} ({tok.token_string(taken)!r}) has the spelling of a base token; "
-                           "a tokenizer.json cannot hold both")
+    def build(spellings: dict[int, str]) -> Tokenizer:
+        counts = collections.Counter([*spellings.values(), *base_spellings])
+        for i, s in spellings.items():
+            if counts[s] > 1:
+                other = "a base token" if s in base_spellings else "another new token (the same bytes)"
+                raise KldError(f"new token {i} ({tok.token_string(i)!r}) has the spelling of {other}; a "
+                               "tokenizer.json holds one id per spelling")
         vocab = {**data["model"]["vocab"], **{s: i for i, s in spellings.items()}}  # spelling -> id
         return Tokenizer.from_str(json.dumps({**data, "model": {**data["model"], "vocab": vocab}}))
 
@@ -1681,18 +1692,18 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
         text = tok.token_bytes(i).decode("utf-8", errors="replace")
         return tokenizer.encode(text, add_special_tokens=False).ids != tok.base.encode(text, add_special_tokens=False).ids
 
-    tokenizer = build()
+    tokenizer = build(spellings)
     emitted = [i for i in new_ids if emits_itself(tokenizer, i)]
     if emitted:
-        spellings.update({i: as_is[i] for i in emitted})
-        tokenizer = build()
+        spellings = {**spellings, **{i: as_is[i] for i in emitted}}
+        tokenizer = build(spellings)
         emitted = [i for i in emitted if emits_itself(tokenizer, i)]
     for i in new_ids:
         if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
             raise KldError(f"new token {i} ({tok.token_string(i)!r}) does not decode to its text in a "
                            "tokenizer.json of the base tokenizer's kind")
     if emitted:
-        warn(f"the exported tokenizer.json encodes the text of {len(emitted)} new tokens (e.g. "
+        warn(f"the exported tokenizer.json encodes the text of {len(emitted)} new token(s) (e.g. "
              f"{tok.token_string(emitted[0])!r}) as those tokens, not as tau does: its vocabulary is looked up whole "
              "word first; prompts may then hold new tokens, which the student reads")
     return tokenizer
@@ -3295,7 +3306,7 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
     grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank
     if ranks.world == 1 or not grads:
         return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])  # (sum of sizes,), summed in float32 whatever the dtype
+    flat = torch.cat([upcast(g.reshape(-1)) for g in grads])  # (sum of sizes,), summed in float32 at least
     dist.all_reduce(flat)
     flat /= ranks.world
     for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
@@ -3586,7 +3597,9 @@ def save_new_rows(model: GPT) -> bytes:
 
 
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
-    """(model, student tokenizer) from a finished run: base model + extension + new rows."""
+    """(model, student tokenizer) from a finished run: base model + extension + new rows.
+    A read-back run's student (its config.json says read_back) is decoded with
+    Decoding(read_back=True) and measured with evaluate(..., read_back=True)."""
     out_dir = Path(out_dir)
     cfg = load_config(str(out_dir / "config.json"))
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
@@ -3636,6 +3649,9 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
     run_cfg = load_config(str(Path(run_dir) / "config.json"))
+    if run_cfg.read_back:
+        raise KldError(f"{run_dir} is a read-back student: it reads each new token back as its expansion, which a "
+                       "Hugging Face model does not do (its new input rows are untrained); it cannot be exported")
     model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))  # in the dtype the run trained in
     state = model.state_dict()
     new_in, new_out = state.pop("new_in"), state.pop("new_out")  # (N, d) each
@@ -3682,6 +3698,8 @@ def read_back_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: lis
     windows, many more positions than backward passes could reach in the same time.
     Every rank fits the same rows on the same windows."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
+    if not tok.merges:  # K = 0: the student is the teacher, nothing to fit
+        return [held_out(model, tok, chunks, cfg, lift_cfg, None, 0, "", ranks)] if chunks else []
     windows = windows_of(cfg, stream, tok.base_vocab_size)
     t0 = time.perf_counter()
     fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg, None, ranks)
@@ -3939,9 +3957,10 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
         feed, feed_valid = next_ids[:, None], None  # (B, 1): each row's new token
         if decoding.read_back:  # (B, W): each row's exp(token), right-aligned, so the last column predicts
             feed, feed_valid = right_aligned([tok.expand([t]) for t in next_ids.tolist()], device)
-        if cache.length + feed.shape[1] > cache.valid.shape[1]:  # doubled, up to what the budget can fill
-            cache.reserve(min(max(2 * cache.length, cache.length + feed.shape[1]), T + max_new_tokens * longest))
-        logits = model(feed, feed_valid, cache)[:, -1]
+        needed = cache.length + feed.shape[1]
+        if needed > cache.valid.shape[1]:  # doubled, up to what the budget can fill
+            cache.reserve(min(max(2 * cache.length, needed), T + max_new_tokens * longest))
+        logits = model(feed, feed_valid, cache, last_only=True)[:, -1]
     completions = []
     for row in range(B):
         text = tok.decode(tokens[row], skip_special_tokens=True)
@@ -4828,9 +4847,6 @@ def run(cfg: Config) -> dict:
     teacher_tok = ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)  # tau: no merges
     if tasks:  # settings that cannot work are refused before hours of training, not after
         codegen_settings(cfg, teacher_tok)
-    if cfg.read_back and (cfg.steps or cfg.hidden_steps or cfg.finetune_steps or not cfg.fit_windows):
-        raise KldError("read_back fits the output rows alone: set steps, hidden_steps and finetune_steps to 0 and "
-                       "fit_windows above 0")
     if cfg.max_new_tokens >= model.cfg.max_positions:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {model.cfg.max_positions} "
                        "positions with a prompt before it")
@@ -4850,6 +4866,10 @@ def run(cfg: Config) -> dict:
     if ranks.world > 1:  # rank 0 learned the merges once; every rank reads its corpus with them
         merges = gather(tok.merges if ranks.main else None, ranks)[0]
         tok = ExtendedTokenizer(tokenizer, merges, model.cfg.vocab_size)
+    longest = max(map(len, tok.expansions), default=1)  # the base tokens a read-back step can feed
+    if cfg.read_back and cfg.max_new_tokens * longest >= model.cfg.max_positions:
+        raise KldError(f"max_new_tokens {cfg.max_new_tokens} read back as up to {longest} base tokens each does not fit "
+                       f"the model's {model.cfg.max_positions} positions")
     chat = uses_chat(cfg, tok)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
@@ -4943,7 +4963,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, rest)
         with contextlib.ExitStack() as stack:
             if rank:
-                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+                sink = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(sink))
             result = run(cfg)
     except KldError as e:
         where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 else ""

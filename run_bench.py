@@ -550,7 +550,8 @@ def heldout(args):
         _, texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
         chunks = kld.eval_chunks(tok.base, texts, cfg.eval_chars, cfg.eval_window)
         lift_cfg = kld.make_lift(tok, args.lift or cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
-        m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size, lift_cfg)
+        m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size, lift_cfg,
+                         read_back=cfg.read_back)
         masses = [f"{x:.3f}" if x is not None else "-" for x in (m["new_token_mass"], m["target_new_token_mass"])]
         print(f"| {run} | {lift_cfg.mode} | {m['bits_per_char']:.4f} | {m['target_bits_per_char']:.4f} | {m['kl']:.4f} "
               f"| {m['new_token_share']:.1%} | {' | '.join(masses)} |")

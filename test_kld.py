@@ -163,6 +163,20 @@ def test_a_read_back_run_fits_the_output_rows_alone_and_refuses_steps(tmp_path, 
     torch.testing.assert_close(model.new_in, fvt_rows.to(model.new_in.dtype))
     assert kld.main(["--config", str(tmp_path / "c.json"), "--out_dir", str(tmp_path / "steps"), "--steps", "3"]) == 2
     assert "read_back fits the output rows alone" in capsys.readouterr().err
+    assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2  # transformers cannot read back
+    assert "is a read-back student" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"fit_windows": 4, "steps": 0}, "steps must be above 0"),
+    ({"fit_windows": 4, "divergence": "reverse_kl"}, "minimises forward KL"),
+    ({"fit_windows": 4, "divergence_temperature": 2.0}, "minimises forward KL"),
+    ({"read_back": True, "fit_windows": 4}, "read_back fits the output rows alone"),
+    ({"read_back": True, "steps": 0, "fit_windows": 0}, "read_back fits the output rows alone"),
+])
+def test_settings_that_would_silently_do_nothing_are_refused(settings, message):
+    with pytest.raises(kld.KldError, match=message):
+        kld.make_config(settings)
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):
@@ -304,7 +318,7 @@ def test_an_exported_student_gives_transformers_the_students_logits_and_greedy_t
     tokens, and its greedy tokens. kld's student and kld reading the export agree with both."""
     fixtures = make_fixtures_module()
     tok = fixtures.write_student_run(tmp_path / "run", arch)
-    kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "export")])
+    assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
     expected = load_file(FIXTURES / "export.safetensors")
     ids, logits, greedy = (expected[f"{arch}.{k}"] for k in ("input_ids", "logits", "greedy"))
     student, student_tok = kld.load_student(tmp_path / "run")
@@ -342,6 +356,33 @@ def test_export_refuses_a_used_out_dir_and_a_run_that_is_not_there(tmp_path, cap
     (tmp_path / "a_file").write_text("")
     assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "a_file" / "sub")]) == 2
     assert "cannot write the export" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WORLD_SIZE", "2")
+        assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "new")]) == 2
+    assert "runs in one process" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_files_written_atomically_take_the_mode_the_umask_gives(tmp_path):
+    old = os.umask(0o027)
+    try:
+        kld.write_atomic(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o640  # mkstemp alone gives 0o600
+
+
+def test_several_ranks_on_cuda_need_a_gpu_per_local_rank(monkeypatch):
+    """Under torchrun every rank takes the GPU of its LOCAL_RANK: an indexed device would
+    put all ranks on one GPU, and a launcher without LOCAL_RANK leaves the GPU unknown."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(kld.KldError, match="each rank takes the GPU of its LOCAL_RANK"):
+        kld.start_ranks(torch.device("cuda", 0))
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(kld.KldError, match="each rank takes the GPU of its LOCAL_RANK"):
+        kld.start_ranks(torch.device("cuda"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert kld.start_ranks(torch.device("cpu")) == (kld.Ranks(), torch.device("cpu"))
 
 
 def test_a_new_token_spelled_like_a_base_token_still_decodes_and_text_still_encodes_as_tau():
@@ -369,7 +410,7 @@ def test_a_vocabulary_looked_up_whole_word_first_keeps_encoding_as_tau_where_it_
     exported = kld.tokenizer_with_new_tokens(tok)
     assert exported.encode("x = path").ids == tokenizer.encode("x = path").ids
     assert exported.decode([320, 321], skip_special_tokens=False) == " pathxy"
-    assert "encodes the text of 1 new tokens (e.g. 'xy')" in capsys.readouterr().err
+    assert "encodes the text of 1 new token(s) (e.g. 'xy')" in capsys.readouterr().err
     assert exported.encode("xy").ids == [321]
 
 
@@ -474,6 +515,14 @@ def test_read_back_generation_equals_full_passes_over_the_base_tokens(arch):
     prompts = ["def f(x):", "import os\nclass A:\n    pass"]
     out = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10, read_back=True, batch_size=2))
     assert any(t >= tok.base_vocab_size for o in out for t in o.token_ids)
+    fed = [[len(tok.expand([t])) for t in o.token_ids] for o in out]
+    assert any(a != b for a, b in zip(*fed))  # a step fed expansions of different lengths
+    stop = out[0].token_ids[3]  # the first row ends there, the other goes on alone
+    ended = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10, read_back=True, batch_size=2,
+                                                           stop_ids={stop}))
+    assert ended[0].token_ids == out[0].token_ids[: out[0].token_ids.index(stop)]
+    if stop not in out[1].token_ids:
+        assert ended[1].token_ids == out[1].token_ids
     for prompt, completion in zip(prompts, out):
         ids = tok.base.encode(prompt, add_special_tokens=True).ids
         emitted = []
@@ -482,6 +531,24 @@ def test_read_back_generation_equals_full_passes_over_the_base_tokens(arch):
                 emitted.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
                 ids += tok.expand(emitted[-1:])
         assert completion.token_ids == emitted
+
+
+def test_the_read_back_student_predicts_from_the_teachers_state_at_the_end_of_each_span():
+    """student_logits(read_back): at student position j, the teacher's logits over V at e_j
+    (the last base token of span j) and new_out . h_{e_j} over the new tokens."""
+    model, tok = tiny_student("llama", init="random")
+    seq = tok.encode(CODE[:300])
+    assert any(i >= tok.base_vocab_size for i in seq)
+    [logits] = kld.student_logits(model, tok, [seq], read_back=True)  # (m - 1, |V'|)
+    expansion = list(tok.expand(seq))
+    with torch.no_grad():
+        states = model(torch.tensor([expansion]), hidden=True)[0]  # (|exp|, d)
+        teacher_logits = model(torch.tensor([expansion]), base_only=True)[0]  # (|exp|, |V|)
+    ends = kld.teacher_ends(seq, tok)[:-1]
+    V = tok.base_vocab_size
+    assert logits.shape == (len(seq) - 1, tok.vocab_size)
+    torch.testing.assert_close(logits[:, :V], teacher_logits[ends], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[:, V:], states[ends] @ model.new_out.detach().T, atol=1e-5, rtol=0)
 
 
 def test_seeded_sampling_is_reproducible_and_tiny_top_p_is_greedy(tiny):
