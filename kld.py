@@ -176,6 +176,7 @@ class Config:
     batch_size: Annotated[int, Range(1), TRAINING] = 4  # windows per step
     seq_len: Annotated[int, Range(1), TRAINING] = 128  # student tokens per window (plus one of context)
     windows: Annotated[str, OneOf(("uniform", "new_tokens")), TRAINING] = "uniform"  # "uniform": the corpus in shuffled windows; "new_tokens": windows around occurrences of the new tokens, windows_per_token of each
+    hidden_windows: typing.Optional[Annotated[str, OneOf(("uniform", "new_tokens")), TRAINING]] = None  # the hidden stage's windows; null = as `windows`
     windows_per_token: Annotated[int, Range(1), TRAINING] = 32  # with windows "new_tokens": the occurrences of each new token drawn (fewer where it occurs less)
     lr: Annotated[float, Range(0, open_low=True), TRAINING] = 6e-3  # peak learning rate of AdamW (of the input rows)
     lr_out: typing.Optional[Annotated[float, Range(0, open_low=True), TRAINING]] = 2e-3  # the new output rows' one; null = lr
@@ -3712,14 +3713,14 @@ def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
                  out: Path, ranks: Ranks = Ranks()) -> list[dict]:
     """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
     cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
-    moves the input rows first, by a signal that reaches them directly). Its windows come
-    from another seed than the steps that follow; with eval_every 0 it is not measured
+    moves the input rows first, by a signal that reaches them directly). Its windows
+    (cfg.hidden_windows, else cfg.windows) come from another seed than the steps that follow; with eval_every 0 it is not measured
     held out (the steps that follow are, at their end)."""
     layer = matched_layer(cfg, model)
     print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
           f"{cfg.hidden_steps} steps")
     stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, fit_windows=0,
-                                seed=cfg.seed + 1)
+                                seed=cfg.seed + 1, windows=cfg.hidden_windows or cfg.windows)
     measured = chunks if cfg.eval_every else []  # eval_every 0: the held-out measures at the very end only
     return train(model, tok, stage, stream, measured, out / "checkpoint-hidden.pt", objective="hidden",
                  ranks=ranks)["history"]

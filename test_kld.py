@@ -1824,6 +1824,15 @@ def test_a_run_with_a_hidden_stage_moves_the_input_rows_first(tmp_path):
     assert [h["step"] for h in at_the_end["history"]] == [6]  # eval_every 0: measured at the very end only
 
 
+def test_the_hidden_stage_can_take_windows_chosen_for_the_new_tokens_and_the_steps_uniform_ones(tmp_path, monkeypatch):
+    chosen = []
+    new_token_windows = kld.new_token_windows
+    monkeypatch.setattr(kld, "new_token_windows", lambda *args: chosen.append(args[-1]) or new_token_windows(*args))
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(tmp_path / "run"), "hidden_steps": 2, "hidden_layer": 1,
+                             "steps": 2, "hidden_windows": "new_tokens", "windows": "uniform"}))
+    assert chosen == [TINY_RUN.get("seed", 0) + 1]  # the hidden stage's seed; the steps drew uniform windows
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("gap", [20.0, 60.0])
 def test_the_span_kl_gradient_is_right_where_the_student_is_sure(dtype, gap):
