@@ -2860,32 +2860,31 @@ def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: 
     return chunks
 
 
-def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ids (B, width) of sequences of any lengths, right-padded, and valid (B, width), False
-    on padding (None when no row is padded). Positions count real tokens only, so padding
+def padded_batch(seqs: list, device, at_end: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ids (B, width) of sequences of any lengths and valid (B, width), False on padding
+    (None when no row is padded). Padded on the right, or with at_end on the left so that
+    every row ends in the last column. Positions count real tokens only, so padding
     changes no row's logits."""
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
     for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-        valid[b, : len(s)] = True
-    padded = any(len(s) < width for s in seqs)  # else no mask: the fused causal attention applies
+        at = slice(width - len(s), width) if at_end else slice(0, len(s))
+        ids[b, at] = torch.tensor(s, dtype=torch.long)
+        valid[b, at] = True
+    padded = min(map(len, seqs)) < width  # else no mask: the fused causal attention applies
     return ids.to(device), valid.to(device) if padded else None
+
+
+def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """padded_batch padded on the right: position t of every row in column t."""
+    return padded_batch(seqs, device)
 
 
 def right_aligned(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(ids (B, width), valid (B, width) or None) for sequences of any lengths, each ending
-    in the last column (left-padded), as a decoding step needs them: its last column
-    predicts every row's next token. valid is None when no row is padded."""
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, width - len(s) :] = torch.tensor(s)
-        valid[b, width - len(s) :] = True
-    padded = min(map(len, seqs)) < width
-    return ids.to(device), valid.to(device) if padded else None
+    """padded_batch padded on the left, as a decoding step needs it: its last column
+    predicts every row's next token."""
+    return padded_batch(seqs, device, at_end=True)
 
 
 def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
@@ -3335,8 +3334,8 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     the mean mass on new tokens of q (new_token_mass) and of p' (target_new_token_mass):
     whether the student expects its new tokens where they occur; and branch_tokens_per_token,
     the teacher tokens trie mode evaluated per student token besides the realised ones.
-    Under several ranks each measures its share of the chunks, batch_size at a time, and
-    the sums are added.
+    Under several ranks each measures its share of the chunks, batch_size / ranks at a
+    time (batch_size is the global batch), and the sums are added.
     read_back: the student of tau'(x) reads its expansion (student_logits).
     """
     student = lift_cfg is not None
@@ -3352,7 +3351,8 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     new_mass = 0.0  # the student's mass on new tokens there
     target_new_mass = 0.0  # p''s mass on new tokens there
     mine = share(chunks, ranks)
-    for batch in (mine[i : i + batch_size] for i in range(0, len(mine), batch_size)):
+    per_rank = max(1, batch_size // ranks.world)
+    for batch in (mine[i : i + per_rank] for i in range(0, len(mine), per_rank)):
         chars += sum(len(tok.base.decode(c)) for c in batch)
         seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
         tokens += sum(len(s) - 1 for s in seqs)
@@ -3543,8 +3543,8 @@ def windows_of(cfg: Config, stream: list[int], first_new_id: int):
 def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
              teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
     """evaluate() with a progress line; the measures with the step they were taken at."""
-    per_rank = cfg.batch_size // ranks.world
-    measures = evaluate(model, tok, chunks, separator_id(model.cfg), per_rank, lift_cfg, teacher, ranks, cfg.read_back)
+    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks,
+                        cfg.read_back)
     print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
           f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
     return {"step": step, **measures}
@@ -3699,13 +3699,12 @@ def read_back_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: lis
     windows, many more positions than backward passes could reach in the same time.
     Every rank fits the same rows on the same windows."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
-    if not tok.merges:  # K = 0: the student is the teacher, nothing to fit
-        return [held_out(model, tok, chunks, cfg, lift_cfg, None, 0, "", ranks)] if chunks else []
-    windows = windows_of(cfg, stream, tok.base_vocab_size)
-    t0 = time.perf_counter()
-    fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg, None, ranks)
-    print(f"read-back student: output rows fitted at the teacher's states on {fit['positions']} positions: loss "
-          f"{fit['loss_before']:.4f} -> {fit['loss_after']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
+    if tok.merges:  # K = 0: the student is the teacher, nothing to fit
+        windows = windows_of(cfg, stream, tok.base_vocab_size)
+        t0 = time.perf_counter()
+        fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg, None, ranks)
+        print(f"read-back student: output rows fitted at the teacher's states on {fit['positions']} positions: loss "
+              f"{fit['loss_before']:.4f} -> {fit['loss_after']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
     return [held_out(model, tok, chunks, cfg, lift_cfg, None, 0, "", ranks)] if chunks else []
 
 
@@ -3714,8 +3713,9 @@ def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
     """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
     cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
     moves the input rows first, by a signal that reaches them directly). Its windows
-    (cfg.hidden_windows, else cfg.windows) come from another seed than the steps that follow; with eval_every 0 it is not measured
-    held out (the steps that follow are, at their end)."""
+    (cfg.hidden_windows, else cfg.windows) come from another seed than the steps that
+    follow; with eval_every 0 it is not measured held out (the steps that follow are, at
+    their end)."""
     layer = matched_layer(cfg, model)
     print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
           f"{cfg.hidden_steps} steps")
@@ -4880,9 +4880,8 @@ def run(cfg: Config) -> dict:
     sep = separator_id(model.cfg)
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
-    per_rank = cfg.batch_size // ranks.world  # the held-out chunks each rank reads at a time
-    teacher_measures = evaluate(model, tok, chunks, sep, per_rank, ranks=ranks)
-    initial = evaluate(model, tok, chunks, sep, per_rank, lift_cfg, ranks=ranks, read_back=cfg.read_back)
+    teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
+    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
     print(f"held-out teacher: bits/char {teacher_measures['bits_per_char']:.4f}, "
           f"tokens/char {teacher_measures['tokens_per_char']:.4f}")
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
@@ -4900,7 +4899,7 @@ def run(cfg: Config) -> dict:
     if training["history"]:
         final = training["history"][-1]
     else:  # a finished run resumed: nothing trained, nothing measured
-        final = evaluate(model, tok, chunks, sep, per_rank, lift_cfg, ranks=ranks, read_back=cfg.read_back)
+        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
     if cfg.finetune_layers and cfg.finetune_steps:
         history = second_stage(model, tok, cfg, stream, chunks, out, ranks)
         final = history[-1] if history else final
