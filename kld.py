@@ -22,7 +22,8 @@ This file reads top to bottom:
                      exact for every likely token, by tree attention), conditioned on the
                      student's previous token, and the KL to it
   6. initialisers    random, mean of all rows (Hewitt), mean of sub-token rows (FVT), the
-                     pieces weighted by position (AdaptiVocab), FVT at the base rows' norm
+                     pieces weighted by position (AdaptiVocab) or by length, FVT at the
+                     base rows' norm
   7. training        KL to the lifted teacher or CE, AdamW on the new rows only, optionally
                      then the output rows alone refit to convergence (convex); held-out
                      bits per character; atomic checkpoints that resume; data parallel
@@ -50,6 +51,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import gzip
 import hashlib
 import heapq
@@ -135,7 +137,7 @@ class Affects:
 
 TRAINING = Affects("training")
 CODEGEN = Affects("codegen")
-INIT_NAMES = OneOf(("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm"))  # the initialisers of section 6
+INIT_NAMES = OneOf(("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length"))  # the initialisers of section 6
 DIVERGENCES = OneOf(("forward_kl", "reverse_kl", "jsd", "span_kl"))  # what `divergence` (section 5) computes
 
 
@@ -154,7 +156,7 @@ class Config:
     new_tokens: Annotated[list[str], TRAINING] = field(default_factory=list)  # strings to add as tokens (merge chains), before the K merges
     newline_merges: Annotated[bool, TRAINING] = True  # learned merges may join a token to the newline (and indentation) ending its line
     # initialisation of the new rows (METHOD.md section 5)
-    init: Annotated[str, INIT_NAMES, TRAINING] = "fvt"  # "random", "mean" (Hewitt 2021), "fvt" (mean of sub-token rows), "last_piece" / "first_piece" (AdaptiVocab's weighted means), "fvt_norm" (FVT at the base rows' norm): the new input rows
+    init: Annotated[str, INIT_NAMES, TRAINING] = "fvt"  # "random", "mean" (Hewitt 2021), "fvt" (mean of sub-token rows), "last_piece" / "first_piece" (AdaptiVocab's weighted means), "fvt_norm" (FVT at the base rows' norm), "char_length" (the pieces weighted by their lengths in bytes): the new input rows
     init_output: typing.Optional[Annotated[str, INIT_NAMES, TRAINING]] = None  # the same choice for the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
     objective: Annotated[str, OneOf(("kl", "ce")), TRAINING] = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
@@ -191,7 +193,8 @@ class Config:
     resume: bool = True  # continue from out_dir/checkpoint.pt when it is there
     cpu_bf16: typing.Optional[Annotated[bool, TRAINING]] = False  # training steps on the CPU in bf16 autocast; null = where the CPU has bf16 instructions (held-out measures stay float32)
     # optional second stage: fine-tune more of the model on the domain text, the same objective
-    finetune_layers: Annotated[int, Range(-1), TRAINING] = 0  # also train the last n transformer blocks (-1: all of them); 0: no second stage
+    finetune_layers: Annotated[int, Range(-1), TRAINING] = 0  # also train the last n transformer blocks (-1: all of them)
+    finetune_first_layers: Annotated[int, Range(0), TRAINING] = 0  # and the first n (AdaptiVocab trains the first and the last); both 0: no second stage
     finetune_steps: Annotated[int, Range(0)] = 0  # steps of the second stage
     finetune_lr: Annotated[float, Range(0, open_low=True)] = 1e-4  # its peak learning rate (warmup and decay as above)
     # generation: the CLI ends by answering `prompt` with the student
@@ -227,6 +230,15 @@ def fields_affecting(what: Affects) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config) if what in marks(hints[f.name]))
 
 
+def saved_field(saved: dict, name: str):
+    """A field of a config saved by an earlier run: its value, or the field's default where
+    the config was written before the field existed (and so ran as if it had the default)."""
+    if name in saved:
+        return saved[name]
+    spec = next(f for f in dataclasses.fields(Config) if f.name == name)
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
 RESUME_KEYS = fields_affecting(TRAINING)  # a checkpoint resumes only under the same values of these
 CODEGEN_KEYS = fields_affecting(CODEGEN)  # evaluate_codegen's results depend on these (and the model, the tasks)
 
@@ -242,6 +254,9 @@ def _check_config(cfg: Config):
                        "fit_windows above 0")
     if cfg.fit_windows and not (cfg.steps or cfg.read_back):
         raise KldError("fit_windows refits the output rows after the last step: steps must be above 0 (or read_back true)")
+    if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
+        raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers or "
+                       "finetune_first_layers); set all three to 0 for none")
     if cfg.fit_windows and (cfg.divergence != "forward_kl" or cfg.divergence_temperature != 1.0):
         raise KldError("the output refit (fit_windows) minimises forward KL at temperature 1 (or CE): it takes "
                        "divergence forward_kl and divergence_temperature 1")
@@ -434,6 +449,20 @@ def cpu_has_bf16() -> bool:
     except OSError:  # not Linux: assume none
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_cpu_bf16(setting: bool | None, device: torch.device, quiet: bool = False) -> bool:
+    """Whether training steps on `device` run in bf16 autocast: on the CPU, `setting`, or
+    where it is None, whether this CPU has bf16 instructions. Forced on a CPU without them,
+    bf16 is emulated (a hidden-state step ran 24x slower than in float32 on a 2-core AVX2
+    machine): allowed, and said on stderr unless `quiet`."""
+    if device.type != "cpu":
+        return False
+    has_bf16 = cpu_has_bf16()
+    if setting and not has_bf16 and not quiet:
+        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions (avx512_bf16, amx_bf16): bf16 may be "
+             "emulated, far slower than float32; cpu_bf16 null uses bf16 only where the CPU has it")
+    return has_bf16 if setting is None else setting
 
 
 def cpu_autocast(enabled: bool):
@@ -2697,8 +2726,9 @@ def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.
 # 6. Initialisers for the new rows (METHOD.md section 5)
 # ----------------------------------------------------------------------------------------
 #
-# Each takes the base rows W (V, d) of one matrix (input or output embedding) and the
-# expansions of the N new tokens, and returns their rows (N, d). The student's input rows
+# Each takes the base rows W (V, d) of one matrix (input or output embedding), the
+# expansions of the N new tokens and a generator, and returns their rows (N, d);
+# char_length also takes the pieces' lengths (init_new_rows gives them). The student's input rows
 # come from the input matrix and its output rows from the output matrix, each with the
 # rule named in the config.
 
@@ -2726,17 +2756,26 @@ def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: t
     return torch.stack([upcast(rows[list(e)]).mean(0) for e in expansions]).to(rows.dtype)
 
 
-def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]], last_most: bool) -> torch.Tensor:
-    """w = sum_i a_i w_{x_i} / sum_i a_i over the pieces x_1 .. x_k of exp(v), a_i = 2^-(k-i)
-    (the last piece weighs most) or 2^-(i-1) (the first): AdaptiVocab's weighting. For
-    pieces (a, b): (w_a + 2 w_b) / 3 and (2 w_a + w_b) / 3."""
+def weighted_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], weights: list[torch.Tensor]) -> torch.Tensor:
+    """w = sum_i a_i w_{x_i} / sum_i a_i over the pieces x_1 .. x_k of each exp(v), with
+    the weights a (k,) given per new token."""
     out = []
+    for e, a in zip(expansions, weights, strict=True):
+        if a.shape != (len(e),) or not a.sum() > 0:
+            raise KldError(f"weights {a.tolist()} do not weigh the {len(e)} pieces of a new token")
+        out.append((a.double()[:, None] * rows[list(e)].double()).sum(0) / a.double().sum())  # (d,)
+    return torch.stack(out).to(rows.dtype)
+
+
+def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]], last_most: bool) -> torch.Tensor:
+    """The pieces' mean with a_i = 2^-(k-i) (the last piece weighs most) or 2^-(i-1) (the
+    first): AdaptiVocab's weighting. For pieces (a, b): (w_a + 2 w_b) / 3 and (2 w_a + w_b) / 3."""
+    weights = []
     for e in expansions:
         k = len(e)
         powers = torch.arange(k - 1, -1, -1) if last_most else torch.arange(k)  # (k,) the exponents
-        weights = torch.pow(2.0, -powers.double())  # (k,)
-        out.append((weights[:, None] * rows[list(e)].double()).sum(0) / weights.sum())
-    return torch.stack(out).to(rows.dtype)
+        weights.append(torch.pow(2.0, -powers.double()))  # (k,)
+    return weighted_mean(rows, expansions, weights)
 
 
 def init_last_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
@@ -2759,8 +2798,18 @@ def init_fvt_norm(rows: torch.Tensor, expansions: list[tuple[int, ...]], generat
     return (fvt * (base_norm / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12))).to(rows.dtype)
 
 
+def init_char_length(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator,
+                     piece_bytes: list[list[int]]) -> torch.Tensor:
+    """The pieces' rows weighted by their lengths, a_i = |x_i| (Beyond Initialization Loss's
+    output rows): a piece that spells more of the token says more of what it is. Lengths
+    in bytes (characters, in ASCII code; a byte-level piece may hold part of a character):
+    piece_bytes[n][i] is the length of piece i of new token n."""
+    weights = [torch.tensor(lengths, dtype=torch.float64) for lengths in piece_bytes]
+    return weighted_mean(rows, expansions, weights)
+
+
 INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt, "last_piece": init_last_piece,
-                "first_piece": init_first_piece, "fvt_norm": init_fvt_norm}
+                "first_piece": init_first_piece, "fvt_norm": init_fvt_norm, "char_length": init_char_length}
 
 
 def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
@@ -2774,10 +2823,14 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
         empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
         model.add_new_tokens(empty, empty.clone())
         return
+    rules = {name: INITIALISERS[name] for name in (init_in, init_out)}
+    if "char_length" in rules:  # the one rule that reads the pieces' spellings
+        piece_bytes = [[len(tok.token_bytes(x)) for x in e] for e in tok.expansions]
+        rules["char_length"] = functools.partial(init_char_length, piece_bytes=piece_bytes)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        new_in = INITIALISERS[init_in](model.embed.weight.cpu(), tok.expansions, generator)
-        new_out = INITIALISERS[init_out](model.output_weight().cpu(), tok.expansions, generator)
+        new_in = rules[init_in](model.embed.weight.cpu(), tok.expansions, generator)
+        new_out = rules[init_out](model.output_weight().cpu(), tok.expansions, generator)
     model.add_new_tokens(new_in, new_out)
 
 
@@ -3423,7 +3476,7 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
         raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
         raise KldError(f"{path}: not a kld checkpoint; delete it to start afresh")
-    changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
+    changed = [k for k in RESUME_KEYS if saved_field(state["config"], k) != getattr(cfg, k)]
     if changed:
         raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
     return state
@@ -3484,7 +3537,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         step = load_checkpoint(checkpoint, model, optimizer, cfg)
         print(f"resuming from {checkpoint} at step {step}")
     device = model.embed.weight.device
-    bf16 = device.type == "cpu" and (cpu_has_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16)
+    bf16 = resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=True)  # run() said it once
     windows = windows_of(cfg, stream, tok.base_vocab_size)
     for _ in range(step * cfg.batch_size):  # the same windows as an uninterrupted run
         next(windows)
@@ -3567,19 +3620,20 @@ def refit_output_rows(model: GPT, tok: ExtendedTokenizer, windows: list[list[int
     return {"positions": len(data.h), "loss_before": before, "loss_after": after}
 
 
-def unfreeze_last_blocks(model: GPT, n_layers: int) -> GPT:
-    """For the optional second stage: make the last n blocks (-1: all) trainable, and return
-    the teacher it needs now that the student's weights will move: the same model, sharing
-    every module that stays frozen, with its own frozen copy of those blocks (METHOD.md: the
-    teacher never changes). Only the trained blocks are held twice."""
-    k = len(model.blocks) if n_layers < 0 else min(n_layers, len(model.blocks))
-    first_trained = len(model.blocks) - k
+def unfreeze_blocks(model: GPT, first: int, last: int) -> GPT:
+    """For the optional second stage: make the first `first` and the last `last` blocks
+    (-1: all) trainable, and return the teacher it needs now that the student's weights
+    will move: the same model, sharing every module that stays frozen, with its own frozen
+    copy of the trained blocks (METHOD.md: the teacher never changes). Only the trained
+    blocks are held twice."""
+    n = len(model.blocks)
+    k = n if last < 0 else min(last, n)
+    trained = set(range(min(first, n))) | set(range(n - k, n))  # block indices
     teacher = copy.copy(model)  # shares every module and tensor ...
     teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}  # ... but has its own module table
-    frozen_copies = copy.deepcopy(model.blocks[first_trained:])
-    teacher.blocks = nn.ModuleList([*model.blocks[:first_trained], *frozen_copies])
-    for block in model.blocks[first_trained:]:
-        block.requires_grad_(True)
+    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
+    for i in sorted(trained):
+        model.blocks[i].requires_grad_(True)
     return teacher
 
 
@@ -3728,11 +3782,13 @@ def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
 
 def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
                  out: Path, ranks: Ranks = Ranks()) -> list[dict]:
-    """Train the new rows and the last `cfg.finetune_layers` blocks on, against a teacher
-    that keeps its own frozen copy of those blocks; write finetuned_blocks.safetensors."""
-    print(f"second stage: the new rows and {'all' if cfg.finetune_layers < 0 else cfg.finetune_layers} "
-          f"blocks, {cfg.finetune_steps} steps")
-    teacher_model = unfreeze_last_blocks(model, cfg.finetune_layers)
+    """Train the new rows, the first `cfg.finetune_first_layers` and the last
+    `cfg.finetune_layers` blocks on, against a teacher that keeps its own frozen copy of
+    those blocks; write finetuned_blocks.safetensors."""
+    last = "all" if cfg.finetune_layers < 0 else cfg.finetune_layers
+    first = f"the first {cfg.finetune_first_layers} and " if cfg.finetune_first_layers else ""
+    print(f"second stage: the new rows, {first}the last {last} blocks, {cfg.finetune_steps} steps")
+    teacher_model = unfreeze_blocks(model, cfg.finetune_first_layers, cfg.finetune_layers)
     stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
     finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model,
                        ranks=ranks)
@@ -4820,7 +4876,7 @@ def check_out_dir(out: Path, cfg: Config):
         raise KldError(f"out_dir {out} cannot be written: {e.strerror or e}") from None
     if (out / "results.json").exists() and (out / "config.json").exists():
         finished = read_json_object(out / "config.json", "config of the finished run in out_dir")
-        changed = [k for k in RESUME_KEYS if finished.get(k) != getattr(cfg, k)]
+        changed = [k for k in RESUME_KEYS if saved_field(finished, k) != getattr(cfg, k)]
         if changed:
             raise KldError(f"out_dir {out} holds a finished run made with other {', '.join(changed)}; "
                            f"give this run another out_dir, or delete that run")
@@ -4838,6 +4894,7 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     ranks, device = start_ranks(device)
+    resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=not ranks.main)  # said once, before the minutes of setup
     if cfg.batch_size % ranks.world:
         raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split among {ranks.world} ranks")
     started = time.perf_counter()
@@ -4900,7 +4957,7 @@ def run(cfg: Config) -> dict:
         final = training["history"][-1]
     else:  # a finished run resumed: nothing trained, nothing measured
         final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
-    if cfg.finetune_layers and cfg.finetune_steps:
+    if cfg.finetune_steps:  # _check_config: and some blocks to train
         history = second_stage(model, tok, cfg, stream, chunks, out, ranks)
         final = history[-1] if history else final
         training["history"] += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in history]

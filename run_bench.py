@@ -9,6 +9,8 @@
     python run_bench.py lift [--min-probs 0.1 0.03 0.01 0.001] [--chars 20000]
     python run_bench.py evaluator [--tasks bench_tasks] [--workers 0] [--repeats 3]
     python run_bench.py codegen [--run RUN_DIR] [--tasks bench_tasks] [--max-new-tokens 256]
+    python run_bench.py inits [--config configs/default.json] [--inits fvt last_piece/first_piece ...] [--steps 50]
+    python run_bench.py rows RUN_DIR [RUN_DIR ...] [--teacher runs/teacher-codegen.json] [--plot docs/payoff-cpu.png]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -47,6 +49,15 @@ program with `workers` running at once, the best of `repeats` rounds.
 codegen: one model on the code-generation tasks, as the matrix evaluates a row: the
 teacher of --config, or the student of a finished run (--run); pass@1 with its interval,
 adoption, the saving realised on its own text, characters per second; codegen.json.
+
+inits: initialisers of the new rows, each pair (input/output) held out at step 0 and
+after a few steps of a config's training from the same extension and windows (Beyond
+Initialization Loss ranks them after about 50 steps, not at step 0).
+
+rows: finished runs, each with its codegen.json, as the README's table rows: held-out
+bits/char, KL and mass on new tokens; pass@1, paired against the teacher's programs
+(`codegen` without --run); adoption, the saving realised, chars/s and the run's seconds;
+with --plot, the rows as a curve over run time (the payoff curve).
 """
 
 import argparse
@@ -60,6 +71,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -539,6 +551,41 @@ def bench_matrix(args):
     print("\n" + report + f"\nwritten to {out}/: bench.json, bench.csv, report.md" + (f", {plot_name}" if plot_name else ""))
 
 
+def initialisers(args):
+    """Initialisers ranked as Beyond Initialization Loss ranks them: held out at step 0 and
+    after --steps steps of the config's objective (its windows, rates, cpu_bf16), each pair
+    "input/output" (or one name for both) from the same extension and windows."""
+    cfg = kld.load_config(args.config, ["--steps", str(args.steps), "--hidden_steps", "0", "--eval_every", "0",
+                                        "--fit_windows", "0"])
+    device = kld.resolve_device(args.device or cfg.device)
+    model, tokenizer = kld.load_model(cfg.model, device=device, dtype=kld.resolve_dtype(cfg.dtype))
+    train_texts, heldout_texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
+    tok = kld.build_extension(tokenizer, train_texts, cfg.n_merges, model.cfg.vocab_size, cfg.new_tokens,
+                              cfg.newline_merges)
+    sep = kld.separator_id(model.cfg)
+    stream = kld.token_stream(tok, train_texts, sep)
+    chunks = kld.eval_chunks(tokenizer, heldout_texts, cfg.eval_chars, cfg.eval_window)
+    lift_cfg = kld.make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    print(f"{len(tok.merges)} new tokens; held out: {cfg.eval_chars} characters; {args.steps} steps of {cfg.objective} "
+          f"({cfg.windows} windows, lr {cfg.lr}, lr_out {cfg.lr_out})")
+    print("| input / output rows | bits/char @ 0 | KL @ 0 | mass on new @ 0 | bits/char @ N | KL @ N "
+          "| mass on new @ N | train s |")
+    print("|---|---|---|---|---|---|---|---|")
+    def mass(m):
+        return f"{m['new_token_mass']:.3f}" if m["new_token_mass"] is not None else "-"
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, pair in enumerate(args.inits):
+            init_in, _, init_out = pair.partition("/")
+            kld.init_new_rows(model, tok, init_in, init_out or init_in, cfg.seed)  # replaces the last pair's rows
+            start = kld.evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg)
+            _, seconds = timed(lambda: kld.train(model, tok, cfg, stream, [], Path(scratch) / f"{i}.pt"))
+            end = kld.evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg) if args.steps else start
+            print(f"| {init_in} / {init_out or init_in} | {start['bits_per_char']:.4f} | {start['kl']:.6f} "
+                  f"| {mass(start)} | {end['bits_per_char']:.4f} | {end['kl']:.6f} | {mass(end)} | {seconds:.0f} |",
+                  flush=True)
+
+
 def heldout(args):
     device = kld.resolve_device(args.device)
     print("| run | lift | bits/char | targets' bits/char | KL | new-token share | student mass on new "
@@ -664,6 +711,92 @@ def codegen(args):
           f"({saving if saving is not None else '-'}); {summary['chars_per_s']:.0f} chars/s; written to {out}")
 
 
+def run_row(run_dir: Path, teacher: dict) -> dict:
+    """One finished run as a row: its held-out figures (results.json), its code generation
+    (codegen.json, from `codegen --run`) and the paired comparison with the teacher's."""
+    results = kld.read_json_object(run_dir / "results.json", "a run's results")
+    codegen = kld.read_json_object(run_dir / "codegen.json", "a run's code generation (run_bench.py codegen --run)")
+    if not results.get("complete"):
+        raise kld.KldError(f"{run_dir} has not finished (results.json is not complete)")
+    if teacher["settings"] != {k: v for k, v in codegen.get("settings", {}).items() if k != "read_back"}:
+        raise kld.KldError(f"{run_dir}/codegen.json was made with other code-generation settings than the teacher's")
+    try:
+        student, summary = results["student"], codegen["summary"]
+        paired = kld.paired_comparison({t: s["pass@1"] for t, s in teacher["tasks"].items()},
+                                       {t: s["pass@1"] for t, s in codegen["tasks"].items()})
+        return {"run": str(run_dir), "bits_per_char": student["bits_per_char"], "kl": student["kl"],
+                "new_token_mass": student["new_token_mass"], "target_new_token_mass": student["target_new_token_mass"],
+                "pass@1": summary["pass@1"], "interval": summary["pass@1_interval"], "vs_teacher": paired,
+                "adoption": summary["adoption"], "realised_saving": summary["realised_saving"],
+                "possible_saving": summary["possible_saving"], "saving_realised": summary["saving_realised"],
+                "chars_per_s": summary["chars_per_s"], "run_s": results["seconds"]}
+    except KeyError as e:  # written by an older kld: its evaluation lacks a measure
+        raise kld.KldError(f"{run_dir}: results.json or codegen.json lacks {e}; rerun codegen --run {run_dir}") from None
+
+
+def plot_rows(path: Path, rows: list[dict], teacher: dict) -> str:
+    """The rows as a curve over their run time: held-out bits/char, the share of the possible
+    saving realised, and pass@1 with its paired interval against the teacher."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed: no plot"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = [r["run_s"] / 60 for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    axes[0].plot(minutes, [r["bits_per_char"] for r in rows], "o-", label="student")
+    axes[0].axhline(teacher["bits_per_char"], color="gray", ls="--", label="teacher")
+    axes[0].set_ylabel("held-out bits/char")
+    axes[1].plot(minutes, [r["saving_realised"] for r in rows], "o-")
+    axes[1].set_ylabel("share of the possible saving realised")
+    axes[1].set_ylim(0, 1)
+    p1 = [r["pass@1"] for r in rows]
+    low = [teacher["pass@1"] + r["vs_teacher"]["interval"][0] for r in rows]
+    high = [teacher["pass@1"] + r["vs_teacher"]["interval"][1] for r in rows]
+    axes[2].plot(minutes, p1, "o-", label="student")
+    axes[2].fill_between(minutes, low, high, alpha=0.2, label="teacher + paired 95% CI")
+    axes[2].axhline(teacher["pass@1"], color="gray", ls="--", label="teacher")
+    axes[2].set_ylabel("pass@1 (bench_tasks)")
+    axes[0].legend()
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel(f"minutes (whole run; {machine()})", fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    kld.write_atomic(path, buffer.getvalue())
+    return f"plot written to {path}"
+
+
+def rows(args):
+    """Finished runs (`kld.py --config`, then `codegen --run`) as the README's rows: held out,
+    code generation, and pass@1 paired against the teacher's programs (`codegen`)."""
+    teacher = kld.read_json_object(Path(args.teacher), "the teacher's code generation (run_bench.py codegen)")
+    teacher["settings"] = {k: v for k, v in teacher.get("settings", {}).items() if k != "read_back"}
+    table = sorted((run_row(Path(r), teacher) for r in args.runs), key=lambda r: r["run_s"])
+    first = kld.read_json_object(Path(args.runs[0]) / "results.json", "a run's results")
+    t = teacher["summary"]
+    print(f"teacher: held-out bits/char {first['teacher']['bits_per_char']:.4f}; pass@1 {t['pass@1']:.3f} "
+          f"[{t['pass@1_interval'][0]:.3f}, {t['pass@1_interval'][1]:.3f}]; {t['chars_per_s']:.0f} chars/s")
+    print("| run | held-out bits/char | KL | mass on new (p') | pass@1 [95% CI] | vs teacher [95% CI] (better/worse, p) "
+          "| adoption | saving realised / possible (share) | chars/s (x teacher) | run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        c = r["vs_teacher"]
+        mass = f"{r['new_token_mass']:.3f} ({r['target_new_token_mass']:.3f})" if r["new_token_mass"] is not None else "-"
+        adoption = f"{r['adoption']:.2f}" if r["adoption"] is not None else "-"
+        share = f"{r['saving_realised']:.2f}" if r["saving_realised"] is not None else "-"
+        print(f"| {r['run']} | {r['bits_per_char']:.4f} | {r['kl']:.4f} | {mass} | {r['pass@1']:.3f} "
+              f"[{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] | {c['difference']:+.3f} [{c['interval'][0]:+.3f}, "
+              f"{c['interval'][1]:+.3f}] ({c['better']}/{c['worse']}, p = {c['p_value']:.3f}) | {adoption} | "
+              f"{r['realised_saving']:.1%} / {r['possible_saving']:.1%} ({share}) | {r['chars_per_s']:.0f} "
+              f"({r['chars_per_s'] / t['chars_per_s']:.2f}) | {r['run_s']:.0f} |")
+    if args.plot:
+        print(plot_rows(Path(args.plot), table, {"bits_per_char": first["teacher"]["bits_per_char"], "pass@1": t["pass@1"]}))
+
+
 def evaluator(args):
     tasks = kld.read_tasks(args.tasks)
     jobs = [(t, t.prompt + t.canonical_solution) for t in tasks]
@@ -737,6 +870,16 @@ def main():
     p.add_argument("--tasks", default="bench_tasks")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p = sub.add_parser("inits", help="initialisers held out at step 0 and after a few steps of training")
+    p.add_argument("--config", default="configs/default.json", help="the training whose first steps are taken")
+    p.add_argument("--inits", nargs="+", default=["fvt", "last_piece/first_piece", "fvt_norm/char_length"],
+                   help="INPUT/OUTPUT initialiser pairs (one name: both rows)")
+    p.add_argument("--steps", type=int, default=50, help="steps of the config's objective (0: step 0 only)")
+    p.add_argument("--device", help="default: the config's")
+    p = sub.add_parser("rows", help="finished runs with their code generation as table rows, paired against the teacher")
+    p.add_argument("runs", nargs="+", help="out_dir of a finished kld run with its codegen.json")
+    p.add_argument("--teacher", default="runs/teacher-codegen.json", help="the teacher's codegen.json (codegen)")
+    p.add_argument("--plot", help="also draw the rows as a curve over run time into this PNG")
     p = sub.add_parser("evaluator", help="cost per program of judging code: one program against two processes")
     p.add_argument("--tasks", default="bench_tasks")
     p.add_argument("--workers", type=int, default=0)
@@ -744,7 +887,8 @@ def main():
     args = parser.parse_args()
     try:
         {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix,
-         "heldout": heldout, "lift": lift_bench, "evaluator": evaluator, "codegen": codegen}[args.command](args)
+         "heldout": heldout, "lift": lift_bench, "evaluator": evaluator, "codegen": codegen,
+         "rows": rows, "inits": initialisers}[args.command](args)
     except kld.KldError as e:
         print(f"run_bench: error: {e}", file=sys.stderr)
         sys.exit(2)

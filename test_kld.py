@@ -173,6 +173,9 @@ def test_a_read_back_run_fits_the_output_rows_alone_and_refuses_steps(tmp_path, 
     ({"fit_windows": 4, "divergence_temperature": 2.0}, "minimises forward KL"),
     ({"read_back": True, "fit_windows": 4}, "read_back fits the output rows alone"),
     ({"read_back": True, "steps": 0, "fit_windows": 0}, "read_back fits the output rows alone"),
+    ({"finetune_steps": 5}, "second stage needs both"),
+    ({"finetune_layers": 1}, "second stage needs both"),
+    ({"finetune_first_layers": 1}, "second stage needs both"),
 ])
 def test_settings_that_would_silently_do_nothing_are_refused(settings, message):
     with pytest.raises(kld.KldError, match=message):
@@ -1793,6 +1796,18 @@ def test_a_bf16_step_on_the_cpu_stays_near_the_float32_one(objective):
     assert F.cosine_similarity(grad16, grad32, dim=0) > 0.99
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_cpu_bf16_null_follows_the_cpu_and_true_without_bf16_instructions_is_said(monkeypatch, capsys, has_bf16):
+    monkeypatch.setattr(kld, "cpu_has_bf16", lambda: has_bf16)
+    cpu = torch.device("cpu")
+    assert kld.resolve_cpu_bf16(None, cpu) is has_bf16
+    assert kld.resolve_cpu_bf16(False, cpu) is False
+    assert capsys.readouterr().err == ""
+    assert kld.resolve_cpu_bf16(True, cpu) is True  # what the user asked for, however slow
+    assert ("no bf16 instructions" in capsys.readouterr().err) is not has_bf16
+    assert kld.resolve_cpu_bf16(True, torch.device("cuda")) is False  # CUDA has its own autocast
+
+
 def test_new_token_windows_give_every_new_token_its_quota():
     model, tok = tiny_student("llama")
     stream = kld.token_stream(tok, [CODE], 2)
@@ -2221,7 +2236,7 @@ def test_learning_rate_warms_up_then_decays():
 def test_second_stage_trains_blocks_but_never_the_teacher(tmp_path, capsys):
     model, tok = tiny_student("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    teacher = kld.unfreeze_last_blocks(model, 1)
+    teacher = kld.unfreeze_blocks(model, 0, 1)
     ids = torch.tensor([tok.base.encode(CODE[:200]).ids])
     with torch.no_grad():
         teacher_logits = teacher(ids, base_only=True)
@@ -2245,6 +2260,19 @@ def test_pipeline_with_a_second_stage_loads_back(tmp_path):
     blocks = load_file(out / "finetuned_blocks.safetensors")
     assert set(blocks) and all(k.startswith("blocks.1.") for k in blocks)
     assert torch.equal(model.state_dict()["blocks.1.mlp.up.weight"], blocks["blocks.1.mlp.up.weight"])
+
+
+def test_second_stage_of_the_first_block_trains_it_alone_beside_the_rows(tmp_path):
+    model, tok = tiny_student("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher = kld.unfreeze_blocks(model, 1, 0)
+    assert teacher.blocks[0] is not model.blocks[0] and teacher.blocks[1] is model.blocks[1]  # one frozen copy
+    stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
+    kld.train(model, tok, train_cfg(steps=4, lr=1e-2), stream, [], tmp_path / "ck.pt", teacher=teacher)
+    after = model.state_dict()
+    assert not torch.equal(before["blocks.0.mlp.up.weight"], after["blocks.0.mlp.up.weight"])
+    assert torch.equal(before["blocks.1.mlp.up.weight"], after["blocks.1.mlp.up.weight"])
+    assert torch.equal(teacher.blocks[0].mlp.up.weight, before["blocks.0.mlp.up.weight"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -2683,6 +2711,20 @@ def test_weighted_initialisers_on_a_worked_example():
     torch.testing.assert_close(calibrated.norm(dim=1), base_norm.expand(2))
     fvt = kld.init_fvt(rows, expansions, g)
     torch.testing.assert_close(F.cosine_similarity(calibrated, fvt, dim=1), torch.ones(2))
+    # pieces of 1 and 3 bytes: (1 [1,0] + 3 [0,1]) / 4; of 2, 1, 1 bytes: (2 [1,0] + [0,1] + [4,0]) / 4
+    by_length = kld.init_char_length(rows, expansions, g, piece_bytes=[[1, 3], [2, 1, 1]])
+    torch.testing.assert_close(by_length, torch.tensor([[1 / 4, 3 / 4], [6 / 4, 1 / 4]]))
+
+
+def test_char_length_output_rows_weigh_each_piece_by_its_spelling():
+    model, tok = tiny_student("llama", init="fvt_norm", init_output="char_length")
+    base_out = model.output_weight()[:tok.base_vocab_size].double()
+    for n, e in enumerate(tok.expansions):
+        lengths = torch.tensor([len(tok.token_bytes(x)) for x in e], dtype=torch.float64)
+        expected = (lengths[:, None] * base_out[list(e)]).sum(0) / lengths.sum()
+        torch.testing.assert_close(model.new_out[n].double(), expected, rtol=1e-5, atol=1e-6)
+    fvt = kld.init_fvt(base_out, tok.expansions, None)
+    assert not torch.allclose(model.new_out.double(), fvt, atol=1e-4)  # some token has pieces of unequal lengths
 
 
 def test_embedding_analysis_of_fvt_rows_finds_them_at_their_sub_token_mean():
@@ -2813,6 +2855,56 @@ def test_every_shipped_config_is_valid(name, monkeypatch):
         run_bench.read_bench_config(path)
     else:
         kld.load_config(path)
+
+
+def test_bench_inits_measures_each_pair_from_the_same_start(tmp_path, capsys):
+    import run_bench
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY_RUN, "out_dir": str(tmp_path / "unused")}))
+    run_bench.initialisers(argparse.Namespace(config=str(config), steps=2, device="cpu",
+                                              inits=["fvt", "last_piece/first_piece", "fvt"]))
+    out = capsys.readouterr().out.splitlines()
+    table = [line.split(" | ") for line in out if line.startswith("| ") and "@" not in line]
+    assert [r[0] for r in table] == ["| fvt / fvt", "| last_piece / first_piece", "| fvt / fvt"]
+    assert table[0][1:7] == table[2][1:7]  # nothing of one pair's training leaks into the next
+    assert table[0][2] != table[1][2]  # other rows, another start
+    assert all(r[2] != r[5] for r in table)  # the steps moved each (KL to 6 decimals)
+
+
+def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_not_match(tmp_path, capsys):
+    import run_bench
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:4]))
+    run_dir = tmp_path / "run"
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(run_dir), "steps": 2, "eval_every": 0}))
+    teacher = tmp_path / "teacher.json"
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_RUN))
+    for run in (str(run_dir), None):
+        run_bench.codegen(argparse.Namespace(run=run, config=str(config), out=str(teacher), tasks=str(tasks),
+                                             max_new_tokens=6, device="cpu"))
+    capsys.readouterr()
+    plot = tmp_path / "curve.png"
+    run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), plot=str(plot)))
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith(f"| {run_dir} |")).split(" | ")
+    student = json.loads((run_dir / "results.json").read_text())["student"]
+    assert row[1] == f"{student['bits_per_char']:.4f}" and row[2] == f"{student['kl']:.4f}"
+    per_task = [{t: s["pass@1"] for t, s in json.loads(path.read_text())["tasks"].items()}
+                for path in (teacher, run_dir / "codegen.json")]
+    paired = kld.paired_comparison(*per_task)
+    assert row[5].startswith(f"{paired['difference']:+.3f} [")
+    assert plot.exists() == (importlib.util.find_spec("matplotlib") is not None)
+    other = json.loads(teacher.read_text())
+    other["settings"]["max_new_tokens"] = 7
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(kld.KldError, match="other code-generation settings"):
+        run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(tmp_path / "other.json"), plot=None))
+    (run_dir / "codegen.json").unlink()
+    with pytest.raises(kld.KldError, match="codegen --run"):
+        run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), plot=None))
 
 
 def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
