@@ -167,6 +167,19 @@ def test_a_read_back_run_fits_the_output_rows_alone_and_refuses_steps(tmp_path, 
     assert "is a read-back student" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
+def test_a_run_saved_before_a_field_existed_reads_as_the_field_default(tmp_path):
+    assert kld.saved_field({"steps": 7}, "steps") == 7
+    assert kld.saved_field({}, "finetune_first_layers") == 0 and kld.saved_field({}, "new_tokens") == []
+    cfg = kld.make_config({**TINY_RUN, "out_dir": str(tmp_path)})
+    saved = dataclasses.asdict(cfg)
+    del saved["finetune_first_layers"]  # an older kld did not write it
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "results.json").write_text("{}")
+    kld.check_out_dir(tmp_path, cfg)  # the same run: accepted
+    with pytest.raises(kld.KldError, match="other finetune_first_layers"):
+        kld.check_out_dir(tmp_path, dataclasses.replace(cfg, finetune_first_layers=1, finetune_steps=2))
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"fit_windows": 4, "steps": 0}, "steps must be above 0"),
     ({"fit_windows": 4, "divergence": "reverse_kl"}, "minimises forward KL"),
