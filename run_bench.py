@@ -4,6 +4,7 @@
                               [--student-merges 256]
     python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
+                                    [--windows new_tokens] [--profile]
     python run_bench.py matrix [--config configs/bench_cpu.json]
     python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto] [--lift path|trie]
     python run_bench.py lift [--min-probs 0.1 0.03 0.01 0.001] [--chars 20000]
@@ -61,6 +62,7 @@ with --plot, the rows as a curve over run time (the payoff curve).
 """
 
 import argparse
+import cProfile
 import csv
 import dataclasses
 import importlib.util
@@ -69,6 +71,7 @@ import json
 import math
 import os
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -265,7 +268,10 @@ def train_speed(args):
     lift_cfg = kld.make_lift(tok, args.lift, args.lift_min_prob, True)
     for objective in args.objectives:
         for batch_size in args.batch_sizes:
-            windows = kld.training_windows(stream, args.seq_len, seed=0)
+            if args.windows == "new_tokens":
+                windows = kld.new_token_windows(stream, args.seq_len, tok.base_vocab_size, 32, seed=0)
+            else:
+                windows = kld.training_windows(stream, args.seq_len, seed=0)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
@@ -287,7 +293,13 @@ def train_speed(args):
                 print(f"{objective}: batch {batch_size} x {args.seq_len}, loss_chunk {args.loss_chunk}: "
                       f"peak memory {kld.peak_memory_mb(device):.0f} MB")
                 continue
+            profile = cProfile.Profile() if args.profile else None
+            if profile:
+                profile.enable()
             _, seconds = timed(lambda: [step() for _ in range(args.steps)])
+            if profile:
+                profile.disable()
+                pstats.Stats(profile).sort_stats("cumulative").print_stats(r"kld\.py", 15)  # kld's own functions
             tokens = args.steps * batch_size * args.seq_len
             print(f"{objective}: batch {batch_size} x {args.seq_len}, loss_chunk {args.loss_chunk}"
                   f"{', bf16 autocast' if args.cpu_bf16 else ''}: {tokens / seconds:.0f} student tok/s, peak memory {kld.peak_memory_mb(device):.0f} MB "
@@ -862,6 +874,8 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps after a warm-up one (0: its peak memory only)")
     p.add_argument("--cpu-bf16", action="store_true", help="the step in bf16 autocast on the CPU (Config.cpu_bf16)")
     p.add_argument("--hidden-layer", type=int, default=0, help="objective hidden: the layer matched (0: the last)")
+    p.add_argument("--windows", choices=["uniform", "new_tokens"], default="uniform", help="as Config.windows")
+    p.add_argument("--profile", action="store_true", help="also print where the timed steps spend their time (cProfile)")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("codegen", help="one model's code generation on the tasks: the teacher, or a finished run's student")
     p.add_argument("--run", help="out_dir of a finished kld run (default: the teacher of --config)")

@@ -2870,6 +2870,19 @@ def test_every_shipped_config_is_valid(name, monkeypatch):
         kld.load_config(path)
 
 
+def test_bench_train_speed_times_and_profiles_a_step_on_windows_for_the_new_tokens(capsys):
+    import run_bench
+
+    run_bench.train_speed(argparse.Namespace(
+        model="smollm2", random_weights=True, shape="smollm2", layers=1, loss_chunk=64,
+        corpus=str(FIXTURES / "make_fixtures.py"), n_merges=16, seq_len=16, batch_sizes=[2], objectives=["kl"],
+        lift="trie", lift_min_prob=0.03, steps=1, cpu_bf16=False, hidden_layer=0, device="cpu",
+        windows="new_tokens", profile=True))
+    out = capsys.readouterr().out
+    assert "kl: batch 2 x 16" in out and "student tok/s" in out
+    assert "(teacher_targets)" in out  # the profile names kld's own functions
+
+
 def test_bench_inits_measures_each_pair_from_the_same_start(tmp_path, capsys):
     import run_bench
 
