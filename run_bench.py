@@ -583,6 +583,7 @@ def initialisers(args):
     print("| input / output rows | bits/char @ 0 | KL @ 0 | mass on new @ 0 | bits/char @ N | KL @ N "
           "| mass on new @ N | train s |")
     print("|---|---|---|---|---|---|---|---|")
+
     def mass(m):
         return f"{m['new_token_mass']:.3f}" if m["new_token_mass"] is not None else "-"
 
@@ -741,7 +742,8 @@ def run_row(run_dir: Path, teacher: dict) -> dict:
                 "pass@1": summary["pass@1"], "interval": summary["pass@1_interval"], "vs_teacher": paired,
                 "adoption": summary["adoption"], "realised_saving": summary["realised_saving"],
                 "possible_saving": summary["possible_saving"], "saving_realised": summary["saving_realised"],
-                "chars_per_s": summary["chars_per_s"], "run_s": results["seconds"]}
+                "chars_per_s": summary["chars_per_s"], "run_s": results["seconds"],
+                "teacher_bits_per_char": results["teacher"]["bits_per_char"]}
     except KeyError as e:  # written by an older kld: its evaluation lacks a measure
         raise kld.KldError(f"{run_dir}: results.json or codegen.json lacks {e}; rerun codegen --run {run_dir}") from None
 
@@ -788,9 +790,9 @@ def rows(args):
     teacher = kld.read_json_object(Path(args.teacher), "the teacher's code generation (run_bench.py codegen)")
     teacher["settings"] = {k: v for k, v in teacher.get("settings", {}).items() if k != "read_back"}
     table = sorted((run_row(Path(r), teacher) for r in args.runs), key=lambda r: r["run_s"])
-    first = kld.read_json_object(Path(args.runs[0]) / "results.json", "a run's results")
+    teacher_bpc = table[0]["teacher_bits_per_char"]  # the same held-out text in every run of one corpus
     t = teacher["summary"]
-    print(f"teacher: held-out bits/char {first['teacher']['bits_per_char']:.4f}; pass@1 {t['pass@1']:.3f} "
+    print(f"teacher: held-out bits/char {teacher_bpc:.4f}; pass@1 {t['pass@1']:.3f} "
           f"[{t['pass@1_interval'][0]:.3f}, {t['pass@1_interval'][1]:.3f}]; {t['chars_per_s']:.0f} chars/s")
     print("| run | held-out bits/char | KL | mass on new (p') | pass@1 [95% CI] | vs teacher [95% CI] (better/worse, p) "
           "| adoption | saving realised / possible (share) | chars/s (x teacher) | run s |")
@@ -806,7 +808,7 @@ def rows(args):
               f"{r['realised_saving']:.1%} / {r['possible_saving']:.1%} ({share}) | {r['chars_per_s']:.0f} "
               f"({r['chars_per_s'] / t['chars_per_s']:.2f}) | {r['run_s']:.0f} |")
     if args.plot:
-        print(plot_rows(Path(args.plot), table, {"bits_per_char": first["teacher"]["bits_per_char"], "pass@1": t["pass@1"]}))
+        print(plot_rows(Path(args.plot), table, {"bits_per_char": teacher_bpc, "pass@1": t["pass@1"]}))
 
 
 def evaluator(args):
