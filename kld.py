@@ -3784,12 +3784,14 @@ def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
                  out: Path, ranks: Ranks = Ranks()) -> list[dict]:
     """Train the new rows, the first `cfg.finetune_first_layers` and the last
     `cfg.finetune_layers` blocks on, against a teacher that keeps its own frozen copy of
-    those blocks; write finetuned_blocks.safetensors."""
+    those blocks; write finetuned_blocks.safetensors. Its windows come from another seed
+    than the stages before it, so it reads windows they have not (the teacher's work on a
+    window is never done twice)."""
     last = "all" if cfg.finetune_layers < 0 else cfg.finetune_layers
     first = f"the first {cfg.finetune_first_layers} and " if cfg.finetune_first_layers else ""
     print(f"second stage: the new rows, {first}the last {last} blocks, {cfg.finetune_steps} steps")
     teacher_model = unfreeze_blocks(model, cfg.finetune_first_layers, cfg.finetune_layers)
-    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
+    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed + 2)
     finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model,
                        ranks=ranks)
     trained = trained_parameters(model)

@@ -1861,6 +1861,17 @@ def test_the_hidden_stage_can_take_windows_chosen_for_the_new_tokens_and_the_ste
     assert chosen == [TINY_RUN.get("seed", 0) + 1]  # the hidden stage's seed; the steps drew uniform windows
 
 
+def test_each_stage_of_a_run_draws_its_own_windows(tmp_path, monkeypatch):
+    """Hidden stage, steps and second stage read windows of three seeds: a stage that
+    replayed the windows before it would repeat the teacher's work on them."""
+    seeds = []
+    windows_of = kld.windows_of
+    monkeypatch.setattr(kld, "windows_of", lambda cfg, *args: seeds.append(cfg.seed) or windows_of(cfg, *args))
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(tmp_path / "run"), "hidden_steps": 2, "hidden_layer": 1,
+                             "steps": 2, "finetune_layers": 1, "finetune_steps": 2, "seed": 5}))
+    assert seeds == [6, 5, 7]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("gap", [20.0, 60.0])
 def test_the_span_kl_gradient_is_right_where_the_student_is_sure(dtype, gap):
@@ -2896,6 +2907,11 @@ def test_bench_inits_measures_each_pair_from_the_same_start(tmp_path, capsys):
     assert table[0][1:7] == table[2][1:7]  # nothing of one pair's training leaks into the next
     assert table[0][2] != table[1][2]  # other rows, another start
     assert all(r[2] != r[5] for r in table)  # the steps moved each (KL to 6 decimals)
+    untrained = tmp_path / "untrained"
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(untrained), "steps": 0, "init": "last_piece",
+                             "init_output": "first_piece"}))
+    student = json.loads((untrained / "results.json").read_text())["student"]
+    assert table[1][1:3] == [f"{student['bits_per_char']:.4f}", f"{student['kl']:.6f}"]  # step 0 is a run of no steps
 
 
 def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_not_match(tmp_path, capsys):
@@ -2913,24 +2929,37 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
                                              max_new_tokens=6, device="cpu"))
     capsys.readouterr()
     plot = tmp_path / "curve.png"
-    run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), plot=str(plot)))
+    run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=None, plot=str(plot)))
     printed = capsys.readouterr().out
     row = next(line for line in printed.splitlines() if line.startswith(f"| {run_dir} |")).split(" | ")
-    student = json.loads((run_dir / "results.json").read_text())["student"]
+    results = json.loads((run_dir / "results.json").read_text())
+    student = results["student"]
     assert row[1] == f"{student['bits_per_char']:.4f}" and row[2] == f"{student['kl']:.4f}"
     per_task = [{t: s["pass@1"] for t, s in json.loads(path.read_text())["tasks"].items()}
                 for path in (teacher, run_dir / "codegen.json")]
     paired = kld.paired_comparison(*per_task)
     assert row[5].startswith(f"{paired['difference']:+.3f} [")
+    summary = json.loads((run_dir / "codegen.json").read_text())["summary"]
+    adoption = "-" if summary["adoption"] is None else f"{summary['adoption']:.2f}"
+    share = "-" if summary["saving_realised"] is None else f"{summary['saving_realised']:.2f}"
+    assert row[6] == adoption
+    assert row[7] == f"{summary['realised_saving']:.1%} / {summary['possible_saving']:.1%} ({share})"
+    assert row[9].rstrip(" |") == f"{results['seconds']:.0f}"
     assert plot.exists() == (importlib.util.find_spec("matplotlib") is not None)
+    run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=str(run_dir), plot=None))
+    itself = capsys.readouterr().out
+    assert f"| vs {run_dir.name} [95% CI]" in itself and "+0.000 [+0.000, +0.000] (0/0, p = 1.000)" in itself
+    with pytest.raises(kld.KldError, match="--plot"):
+        run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=str(run_dir), plot=str(plot)))
     other = json.loads(teacher.read_text())
     other["settings"]["max_new_tokens"] = 7
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(kld.KldError, match="other code-generation settings"):
-        run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(tmp_path / "other.json"), plot=None))
+        run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(tmp_path / "other.json"), against=None,
+                                          plot=None))
     (run_dir / "codegen.json").unlink()
     with pytest.raises(kld.KldError, match="codegen --run"):
-        run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), plot=None))
+        run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=None, plot=None))
 
 
 def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
