@@ -786,16 +786,21 @@ def plot_rows(path: Path, rows: list[dict], teacher: dict) -> str:
 
 def rows(args):
     """Finished runs (`kld.py --config`, then `codegen --run`) as the README's rows: held out,
-    code generation, and pass@1 paired against the teacher's programs (`codegen`)."""
-    teacher = kld.read_json_object(Path(args.teacher), "the teacher's code generation (run_bench.py codegen)")
+    code generation, and pass@1 paired against the teacher's programs (`codegen`), or with
+    --against, against another run's."""
+    if args.against and args.plot:
+        raise kld.KldError("--plot draws the runs against the teacher: leave out --against")
+    against = Path(args.against) / "codegen.json" if args.against else Path(args.teacher)
+    label = Path(args.against).name if args.against else "teacher"
+    teacher = kld.read_json_object(against, f"the {label}'s code generation (run_bench.py codegen)")
     teacher["settings"] = {k: v for k, v in teacher.get("settings", {}).items() if k != "read_back"}
     table = sorted((run_row(Path(r), teacher) for r in args.runs), key=lambda r: r["run_s"])
     teacher_bpc = table[0]["teacher_bits_per_char"]  # the same held-out text in every run of one corpus
     t = teacher["summary"]
-    print(f"teacher: held-out bits/char {teacher_bpc:.4f}; pass@1 {t['pass@1']:.3f} "
+    print(f"teacher: held-out bits/char {teacher_bpc:.4f}; paired against {against}: pass@1 {t['pass@1']:.3f} "
           f"[{t['pass@1_interval'][0]:.3f}, {t['pass@1_interval'][1]:.3f}]; {t['chars_per_s']:.0f} chars/s")
-    print("| run | held-out bits/char | KL | mass on new (p') | pass@1 [95% CI] | vs teacher [95% CI] (better/worse, p) "
-          "| adoption | saving realised / possible (share) | chars/s (x teacher) | run s |")
+    print(f"| run | held-out bits/char | KL | mass on new (p') | pass@1 [95% CI] | vs {label} [95% CI] (better/worse, "
+          f"p) | adoption | saving realised / possible (share) | chars/s (x {label}) | run s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         c = r["vs_teacher"]
@@ -895,6 +900,7 @@ def main():
     p = sub.add_parser("rows", help="finished runs with their code generation as table rows, paired against the teacher")
     p.add_argument("runs", nargs="+", help="out_dir of a finished kld run with its codegen.json")
     p.add_argument("--teacher", default="runs/teacher-codegen.json", help="the teacher's codegen.json (codegen)")
+    p.add_argument("--against", help="pair with this finished run's programs instead of the teacher's (KL against CE)")
     p.add_argument("--plot", help="also draw the rows as a curve over run time into this PNG")
     p = sub.add_parser("evaluator", help="cost per program of judging code: one program against two processes")
     p.add_argument("--tasks", default="bench_tasks")
