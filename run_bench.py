@@ -11,7 +11,9 @@
     python run_bench.py evaluator [--tasks bench_tasks] [--workers 0] [--repeats 3]
     python run_bench.py codegen [--run RUN_DIR] [--tasks bench_tasks] [--max-new-tokens 256]
     python run_bench.py inits [--config configs/default.json] [--inits fvt last_piece/first_piece ...] [--steps 50]
-    python run_bench.py rows RUN_DIR [RUN_DIR ...] [--teacher runs/teacher-codegen.json] [--plot docs/payoff-cpu.png]
+    python run_bench.py rows RUN_DIR [RUN_DIR ...] [--teacher runs/teacher-codegen.json] [--against RUN_DIR]
+                             [--plot docs/payoff-cpu.png]
+    python run_bench.py gen-speed --run RUN_DIR [--n-tasks 20] [--batch-size 1] [--rounds 2]
 
 speed: model load time; greedy decoding tokens/s at each batch size; and, when
 `transformers` (+ gguf, accelerate) is installed by hand, the same figures for
@@ -58,7 +60,12 @@ Initialization Loss ranks them after about 50 steps, not at step 0).
 rows: finished runs, each with its codegen.json, as the README's table rows: held-out
 bits/char, KL and mass on new tokens; pass@1, paired against the teacher's programs
 (`codegen` without --run); adoption, the saving realised, chars/s and the run's seconds;
-with --plot, the rows as a curve over run time (the payoff curve).
+with --plot, the rows as a curve over run time (the payoff curve). --against pairs them
+with another run's programs instead (KL against CE).
+
+gen-speed: a finished run's student and its teacher decode the same prompts in one
+process, turn about: characters/s and its ratio, split into tokens/s (a step's cost)
+and characters per token (the text a step writes).
 """
 
 import argparse
@@ -724,6 +731,48 @@ def codegen(args):
           f"({saving if saving is not None else '-'}); {summary['chars_per_s']:.0f} chars/s; written to {out}")
 
 
+def generation_speed(args):
+    """Characters per second of a finished run's student against its teacher, both in this
+    process and turn about (rounds of teacher, student), on the first --n-tasks prompts,
+    greedy, at --batch-size: the ratio no other process on the machine can bias. Split
+    as chars/s = tokens/s x chars/token: what a decoding step costs, and how much text it
+    writes."""
+    cfg = kld.load_config(str(Path(args.run) / "config.json"), ["--tasks", args.tasks])
+    device = kld.resolve_device(args.device)
+    dtype = kld.resolve_dtype(cfg.dtype)
+    student, student_tok = kld.load_student(args.run, device=device, dtype=dtype)
+    teacher, tokenizer = kld.load_model(cfg.model, device=device, dtype=dtype)
+    teacher_tok = kld.ExtendedTokenizer(tokenizer, [], teacher.cfg.vocab_size)  # tau: no merges
+    chat = kld.uses_chat(cfg, teacher_tok)
+    tasks = kld.read_tasks(cfg.tasks)[: args.n_tasks]
+    prompts = [kld.task_prompt(t, chat, cfg.system_prompt) for t in tasks]
+    decoding = dataclasses.replace(kld.decoding_of(cfg), max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.batch_size, temperature=0.0)
+    models = {"teacher": (teacher, teacher_tok), "student": (student, student_tok)}
+    seconds = {name: [] for name in models}
+    written = {}
+    for _ in range(args.rounds):
+        for name, (model, tok) in models.items():
+            stops = decoding.with_stops(kld.CHAT_STOPS if chat else kld.BASE_STOPS,
+                                        kld.stop_token_ids(model.cfg, tok, chat))
+            completions, s = timed(lambda: kld.generate(model, tok, prompts, stops))
+            seconds[name].append(s)
+            written[name] = (sum(len(tok.decode(c.token_ids)) for c in completions),
+                             sum(len(c.token_ids) for c in completions))  # greedy: the same every round
+    print(f"{len(prompts)} prompts of {cfg.tasks}, greedy, {args.max_new_tokens} tokens, batch {args.batch_size}, "
+          f"{args.rounds} rounds turn about, the fastest of each; {machine()}")
+    print("| model | chars | tokens | chars/token | tokens/s | chars/s |")
+    print("|---|---|---|---|---|---|")
+    speed = {}
+    for name in models:
+        chars, tokens = written[name]
+        best = min(seconds[name])
+        speed[name] = (chars / tokens, tokens / best, chars / best)
+        print(f"| {name} | {chars} | {tokens} | {chars / tokens:.3f} | {tokens / best:.1f} | {chars / best:.1f} |")
+    ratios = [speed["student"][i] / speed["teacher"][i] for i in range(3)]
+    print(f"student / teacher: chars/s {ratios[2]:.2f}x = tokens/s {ratios[1]:.2f}x x chars/token {ratios[0]:.2f}x")
+
+
 def run_row(run_dir: Path, teacher: dict) -> dict:
     """One finished run as a row: its held-out figures (results.json), its code generation
     (codegen.json, from `codegen --run`) and the paired comparison with the teacher's."""
@@ -897,6 +946,14 @@ def main():
                    help="INPUT/OUTPUT initialiser pairs (one name: both rows)")
     p.add_argument("--steps", type=int, default=50, help="steps of the config's objective (0: step 0 only)")
     p.add_argument("--device", help="default: the config's")
+    p = sub.add_parser("gen-speed", help="a finished run's student against its teacher: generated characters/s, turn about")
+    p.add_argument("--run", required=True, help="out_dir of a finished kld run")
+    p.add_argument("--tasks", default="bench_tasks")
+    p.add_argument("--n-tasks", type=int, default=20, help="the first this many tasks' prompts")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="teacher then student, this many times")
+    p.add_argument("--device", default="auto")
     p = sub.add_parser("rows", help="finished runs with their code generation as table rows, paired against the teacher")
     p.add_argument("runs", nargs="+", help="out_dir of a finished kld run with its codegen.json")
     p.add_argument("--teacher", default="runs/teacher-codegen.json", help="the teacher's codegen.json (codegen)")
@@ -910,7 +967,7 @@ def main():
     try:
         {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix,
          "heldout": heldout, "lift": lift_bench, "evaluator": evaluator, "codegen": codegen,
-         "rows": rows, "inits": initialisers}[args.command](args)
+         "rows": rows, "inits": initialisers, "gen-speed": generation_speed}[args.command](args)
     except kld.KldError as e:
         print(f"run_bench: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2962,6 +2962,32 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
         run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=None, plot=None))
 
 
+def test_bench_gen_speed_decodes_the_same_prompts_by_teacher_and_student(tmp_path, capsys):
+    import run_bench
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
+    run_dir = tmp_path / "run"
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(run_dir), "steps": 2, "eval_every": 0, "chat": False}))
+    capsys.readouterr()
+    run_bench.generation_speed(argparse.Namespace(run=str(run_dir), tasks=str(tasks), n_tasks=2, max_new_tokens=6,
+                                                  batch_size=1, rounds=2, device="cpu"))
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in out if line.startswith(("| teacher", "| student"))}
+    cfg = kld.load_config(str(run_dir / "config.json"))
+    student, student_tok = kld.load_student(run_dir)
+    teacher, tokenizer = kld.load_model(cfg.model)
+    prompts = [kld.task_prompt(t, False, "") for t in kld.read_tasks(tasks)[:2]]  # the run's chat: false
+    for name, model, tok in (("teacher", teacher, kld.ExtendedTokenizer(tokenizer, [], teacher.cfg.vocab_size)),
+                             ("student", student, student_tok)):
+        decoding = kld.Decoding(max_new_tokens=6, batch_size=1).with_stops(kld.BASE_STOPS,
+                                                                           kld.stop_token_ids(model.cfg, tok, False))
+        completions = kld.generate(model, tok, prompts, decoding)
+        assert rows[name] == [str(sum(len(tok.decode(c.token_ids)) for c in completions)),
+                              str(sum(len(c.token_ids) for c in completions))]
+    assert out[-1].startswith("student / teacher: chars/s ")
+
+
 def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
     import run_bench
 
