@@ -3784,9 +3784,9 @@ def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
                  out: Path, ranks: Ranks = Ranks()) -> list[dict]:
     """Train the new rows, the first `cfg.finetune_first_layers` and the last
     `cfg.finetune_layers` blocks on, against a teacher that keeps its own frozen copy of
-    those blocks; write finetuned_blocks.safetensors. Its windows come from another seed
-    than the stages before it, so it reads windows they have not (the teacher's work on a
-    window is never done twice)."""
+    those blocks; write finetuned_blocks.safetensors. Its windows are drawn with another
+    seed than the stages before it (seed + 2), so it does not replay the steps' windows in
+    their order; a window recurs only by chance."""
     last = "all" if cfg.finetune_layers < 0 else cfg.finetune_layers
     first = f"the first {cfg.finetune_first_layers} and " if cfg.finetune_first_layers else ""
     print(f"second stage: the new rows, {first}the last {last} blocks, {cfg.finetune_steps} steps")
@@ -4767,6 +4767,15 @@ def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
     return has_chat_template(tok) if cfg.chat is None else cfg.chat
 
 
+def check_read_back_fits(cfg: Config, tok: ExtendedTokenizer, model_cfg: ModelConfig):
+    """A read-back student's answer takes up to max_new_tokens x (the longest expansion)
+    positions: refuse a budget the model's positions cannot hold, before any work."""
+    longest = max(map(len, tok.expansions), default=1)  # the base tokens a read-back step can feed
+    if cfg.read_back and cfg.max_new_tokens * longest >= model_cfg.max_positions:
+        raise KldError(f"max_new_tokens {cfg.max_new_tokens} read back as up to {longest} base tokens each does not fit "
+                       f"the model's {model_cfg.max_positions} positions")
+
+
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
     """A run's code-generation settings; a program gets exec_timeout seconds of wall clock and of CPU."""
     limits = SandboxLimits(timeout_s=cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout)))
@@ -4926,10 +4935,7 @@ def run(cfg: Config) -> dict:
     if ranks.world > 1:  # rank 0 learned the merges once; every rank reads its corpus with them
         merges = gather(tok.merges if ranks.main else None, ranks)[0]
         tok = ExtendedTokenizer(tokenizer, merges, model.cfg.vocab_size)
-    longest = max(map(len, tok.expansions), default=1)  # the base tokens a read-back step can feed
-    if cfg.read_back and cfg.max_new_tokens * longest >= model.cfg.max_positions:
-        raise KldError(f"max_new_tokens {cfg.max_new_tokens} read back as up to {longest} base tokens each does not fit "
-                       f"the model's {model.cfg.max_positions} positions")
+    check_read_back_fits(cfg, tok, model.cfg)
     chat = uses_chat(cfg, tok)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))

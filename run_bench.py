@@ -714,6 +714,7 @@ def codegen(args):
     if args.run:
         cfg = kld.load_config(str(Path(args.run) / "config.json"), overrides)
         model, tok = kld.load_student(args.run, device=kld.resolve_device(args.device), dtype=kld.resolve_dtype(cfg.dtype))
+        kld.check_read_back_fits(cfg, tok, model.cfg)
         out = Path(args.run) / "codegen.json"
     else:
         cfg = kld.load_config(args.config, overrides)
@@ -733,62 +734,74 @@ def codegen(args):
 
 def generation_speed(args):
     """Characters per second of a finished run's student against its teacher, both in this
-    process and turn about (rounds of teacher, student), on the first --n-tasks prompts,
-    greedy, at --batch-size: the ratio no other process on the machine can bias. Split
-    as chars/s = tokens/s x chars/token: what a decoding step costs, and how much text it
-    writes."""
-    cfg = kld.load_config(str(Path(args.run) / "config.json"), ["--tasks", args.tasks])
+    process and turn about (the order swapped each round, the fastest round of each kept),
+    on the first --n-tasks prompts, greedy, at --batch-size: a ratio that a load on the
+    machine which changes over minutes biases far less than two separate processes. Split
+    as chars/s = tokens/s x chars/token: the decoding's speed (steps, the prompts' passes
+    and the stop checks) and the text each token writes."""
+    if args.rounds < 1 or args.n_tasks < 1:
+        raise kld.KldError(f"gen-speed needs at least one round and one task, got {args.rounds} and {args.n_tasks}")
+    cfg = kld.load_config(str(Path(args.run) / "config.json"), ["--tasks", args.tasks,
+                                                                "--max_new_tokens", str(args.max_new_tokens)])
     device = kld.resolve_device(args.device)
     dtype = kld.resolve_dtype(cfg.dtype)
     student, student_tok = kld.load_student(args.run, device=device, dtype=dtype)
+    kld.check_read_back_fits(cfg, student_tok, student.cfg)
     teacher, tokenizer = kld.load_model(cfg.model, device=device, dtype=dtype)
     teacher_tok = kld.ExtendedTokenizer(tokenizer, [], teacher.cfg.vocab_size)  # tau: no merges
     chat = kld.uses_chat(cfg, teacher_tok)
-    tasks = kld.read_tasks(cfg.tasks)[: args.n_tasks]
-    prompts = [kld.task_prompt(t, chat, cfg.system_prompt) for t in tasks]
-    decoding = dataclasses.replace(kld.decoding_of(cfg), max_new_tokens=args.max_new_tokens,
-                                   batch_size=args.batch_size, temperature=0.0)
-    models = {"teacher": (teacher, teacher_tok), "student": (student, student_tok)}
+    prompts = [kld.task_prompt(t, chat, cfg.system_prompt) for t in kld.read_tasks(cfg.tasks)[: args.n_tasks]]
+    greedy = dataclasses.replace(kld.decoding_of(cfg), batch_size=args.batch_size, temperature=0.0)
+    stops = kld.CHAT_STOPS if chat else kld.BASE_STOPS
+    models = {  # name: (model, tokenizer, its decoding); the teacher never reads back (it has no new tokens)
+        "teacher": (teacher, teacher_tok, dataclasses.replace(greedy, read_back=False).with_stops(
+            stops, kld.stop_token_ids(teacher.cfg, teacher_tok, chat))),
+        "student": (student, student_tok, greedy.with_stops(stops, kld.stop_token_ids(student.cfg, student_tok, chat))),
+    }
     seconds = {name: [] for name in models}
-    written = {}
-    for _ in range(args.rounds):
-        for name, (model, tok) in models.items():
-            stops = decoding.with_stops(kld.CHAT_STOPS if chat else kld.BASE_STOPS,
-                                        kld.stop_token_ids(model.cfg, tok, chat))
-            completions, s = timed(lambda: kld.generate(model, tok, prompts, stops))
-            seconds[name].append(s)
+    written = {}  # name: (characters, tokens); greedy decoding writes the same every round
+    for round_ in range(args.rounds):
+        order = list(models) if round_ % 2 == 0 else list(models)[::-1]
+        for name in order:
+            model, tok, decoding = models[name]
+            completions, elapsed = timed(lambda: kld.generate(model, tok, prompts, decoding))
+            seconds[name].append(elapsed)
             written[name] = (sum(len(tok.decode(c.token_ids)) for c in completions),
-                             sum(len(c.token_ids) for c in completions))  # greedy: the same every round
-    print(f"{len(prompts)} prompts of {cfg.tasks}, greedy, {args.max_new_tokens} tokens, batch {args.batch_size}, "
-          f"{args.rounds} rounds turn about, the fastest of each; {machine()}")
+                             sum(len(c.token_ids) for c in completions))
+    if not all(tokens for _, tokens in written.values()):
+        raise kld.KldError("a model wrote no tokens: nothing to time")
+    print(f"{len(prompts)} prompts of {cfg.tasks}, greedy, at most {args.max_new_tokens} new tokens, batch "
+          f"{args.batch_size}, {args.rounds} rounds turn about, the fastest of each; {machine()}")
     print("| model | chars | tokens | chars/token | tokens/s | chars/s |")
     print("|---|---|---|---|---|---|")
     speed = {}
     for name in models:
         chars, tokens = written[name]
-        best = min(seconds[name])
-        speed[name] = (chars / tokens, tokens / best, chars / best)
-        print(f"| {name} | {chars} | {tokens} | {chars / tokens:.3f} | {tokens / best:.1f} | {chars / best:.1f} |")
-    ratios = [speed["student"][i] / speed["teacher"][i] for i in range(3)]
-    print(f"student / teacher: chars/s {ratios[2]:.2f}x = tokens/s {ratios[1]:.2f}x x chars/token {ratios[0]:.2f}x")
+        fastest = min(seconds[name])
+        speed[name] = {"chars_per_token": chars / tokens, "tokens_per_s": tokens / fastest, "chars_per_s": chars / fastest}
+        print(f"| {name} | {chars} | {tokens} | {chars / tokens:.3f} | {tokens / fastest:.1f} | {chars / fastest:.1f} |")
+    ratio = {key: speed["student"][key] / speed["teacher"][key] for key in speed["student"]}
+    print(f"student / teacher: chars/s {ratio['chars_per_s']:.2f}x = tokens/s {ratio['tokens_per_s']:.2f}x "
+          f"x chars/token {ratio['chars_per_token']:.2f}x")
 
 
-def run_row(run_dir: Path, teacher: dict) -> dict:
+def run_row(run_dir: Path, reference: dict, label: str = "teacher") -> dict:
     """One finished run as a row: its held-out figures (results.json), its code generation
-    (codegen.json, from `codegen --run`) and the paired comparison with the teacher's."""
+    (codegen.json, from `codegen --run`) and the paired comparison with the reference's
+    programs (the teacher's, or another run's: `label`)."""
     results = kld.read_json_object(run_dir / "results.json", "a run's results")
     codegen = kld.read_json_object(run_dir / "codegen.json", "a run's code generation (run_bench.py codegen --run)")
     if not results.get("complete"):
         raise kld.KldError(f"{run_dir} has not finished (results.json is not complete)")
-    if teacher["settings"] != {k: v for k, v in codegen.get("settings", {}).items() if k != "read_back"}:
-        raise kld.KldError(f"{run_dir}/codegen.json was made with other code-generation settings than the teacher's")
+    if reference["settings"] != {k: v for k, v in codegen.get("settings", {}).items() if k != "read_back"}:
+        raise kld.KldError(f"{run_dir}/codegen.json was made with other code-generation settings than the {label}'s")
     try:
         student, summary = results["student"], codegen["summary"]
-        paired = kld.paired_comparison({t: s["pass@1"] for t, s in teacher["tasks"].items()},
+        paired = kld.paired_comparison({t: s["pass@1"] for t, s in reference["tasks"].items()},
                                        {t: s["pass@1"] for t, s in codegen["tasks"].items()})
         return {"run": str(run_dir), "bits_per_char": student["bits_per_char"], "kl": student["kl"],
                 "new_token_mass": student["new_token_mass"], "target_new_token_mass": student["target_new_token_mass"],
-                "pass@1": summary["pass@1"], "interval": summary["pass@1_interval"], "vs_teacher": paired,
+                "pass@1": summary["pass@1"], "interval": summary["pass@1_interval"], "vs_reference": paired,
                 "adoption": summary["adoption"], "realised_saving": summary["realised_saving"],
                 "possible_saving": summary["possible_saving"], "saving_realised": summary["saving_realised"],
                 "chars_per_s": summary["chars_per_s"], "run_s": results["seconds"],
@@ -815,8 +828,8 @@ def plot_rows(path: Path, rows: list[dict], teacher: dict) -> str:
     axes[1].set_ylabel("share of the possible saving realised")
     axes[1].set_ylim(0, 1)
     p1 = [r["pass@1"] for r in rows]
-    low = [teacher["pass@1"] + r["vs_teacher"]["interval"][0] for r in rows]
-    high = [teacher["pass@1"] + r["vs_teacher"]["interval"][1] for r in rows]
+    low = [teacher["pass@1"] + r["vs_reference"]["interval"][0] for r in rows]
+    high = [teacher["pass@1"] + r["vs_reference"]["interval"][1] for r in rows]
     axes[2].plot(minutes, p1, "o-", label="student")
     axes[2].fill_between(minutes, low, high, alpha=0.2, label="teacher + paired 95% CI")
     axes[2].axhline(teacher["pass@1"], color="gray", ls="--", label="teacher")
@@ -839,20 +852,21 @@ def rows(args):
     --against, against another run's."""
     if args.against and args.plot:
         raise kld.KldError("--plot draws the runs against the teacher: leave out --against")
-    against = Path(args.against) / "codegen.json" if args.against else Path(args.teacher)
-    label = Path(args.against).name if args.against else "teacher"
-    teacher = kld.read_json_object(against, f"the {label}'s code generation (run_bench.py codegen)")
-    teacher["settings"] = {k: v for k, v in teacher.get("settings", {}).items() if k != "read_back"}
-    table = sorted((run_row(Path(r), teacher) for r in args.runs), key=lambda r: r["run_s"])
+    path = Path(args.against) / "codegen.json" if args.against else Path(args.teacher)
+    label = args.against or "teacher"
+    reference = kld.read_json_object(path, f"the code generation of {label} (run_bench.py codegen)")
+    reference["settings"] = {k: v for k, v in reference.get("settings", {}).items() if k != "read_back"}
+    table = sorted((run_row(Path(r), reference, label) for r in args.runs), key=lambda r: r["run_s"])
     teacher_bpc = table[0]["teacher_bits_per_char"]  # the same held-out text in every run of one corpus
-    t = teacher["summary"]
-    print(f"teacher: held-out bits/char {teacher_bpc:.4f}; paired against {against}: pass@1 {t['pass@1']:.3f} "
-          f"[{t['pass@1_interval'][0]:.3f}, {t['pass@1_interval'][1]:.3f}]; {t['chars_per_s']:.0f} chars/s")
+    ref = reference["summary"]
+    print(f"teacher: held-out bits/char {teacher_bpc:.4f}")
+    print(f"{label} ({path}): pass@1 {ref['pass@1']:.3f} [{ref['pass@1_interval'][0]:.3f}, "
+          f"{ref['pass@1_interval'][1]:.3f}]; {ref['chars_per_s']:.0f} chars/s")
     print(f"| run | held-out bits/char | KL | mass on new (p') | pass@1 [95% CI] | vs {label} [95% CI] (better/worse, "
           f"p) | adoption | saving realised / possible (share) | chars/s (x {label}) | run s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        c = r["vs_teacher"]
+        c = r["vs_reference"]
         mass = f"{r['new_token_mass']:.3f} ({r['target_new_token_mass']:.3f})" if r["new_token_mass"] is not None else "-"
         adoption = f"{r['adoption']:.2f}" if r["adoption"] is not None else "-"
         share = f"{r['saving_realised']:.2f}" if r["saving_realised"] is not None else "-"
@@ -860,9 +874,9 @@ def rows(args):
               f"[{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] | {c['difference']:+.3f} [{c['interval'][0]:+.3f}, "
               f"{c['interval'][1]:+.3f}] ({c['better']}/{c['worse']}, p = {c['p_value']:.3f}) | {adoption} | "
               f"{r['realised_saving']:.1%} / {r['possible_saving']:.1%} ({share}) | {r['chars_per_s']:.0f} "
-              f"({r['chars_per_s'] / t['chars_per_s']:.2f}) | {r['run_s']:.0f} |")
+              f"({r['chars_per_s'] / ref['chars_per_s']:.2f}) | {r['run_s']:.0f} |")
     if args.plot:
-        print(plot_rows(Path(args.plot), table, {"bits_per_char": teacher_bpc, "pass@1": t["pass@1"]}))
+        print(plot_rows(Path(args.plot), table, {"bits_per_char": teacher_bpc, "pass@1": ref["pass@1"]}))
 
 
 def evaluator(args):
@@ -954,10 +968,12 @@ def main():
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="teacher then student, this many times")
     p.add_argument("--device", default="auto")
-    p = sub.add_parser("rows", help="finished runs with their code generation as table rows, paired against the teacher")
+    p = sub.add_parser("rows", help="finished runs with their code generation as table rows, paired against the teacher "
+                                    "(or --against a run)")
     p.add_argument("runs", nargs="+", help="out_dir of a finished kld run with its codegen.json")
-    p.add_argument("--teacher", default="runs/teacher-codegen.json", help="the teacher's codegen.json (codegen)")
-    p.add_argument("--against", help="pair with this finished run's programs instead of the teacher's (KL against CE)")
+    paired = p.add_mutually_exclusive_group()
+    paired.add_argument("--teacher", default="runs/teacher-codegen.json", help="the teacher's codegen.json (codegen)")
+    paired.add_argument("--against", help="pair with this finished run's programs instead of the teacher's (KL against CE)")
     p.add_argument("--plot", help="also draw the rows as a curve over run time into this PNG")
     p = sub.add_parser("evaluator", help="cost per program of judging code: one program against two processes")
     p.add_argument("--tasks", default="bench_tasks")

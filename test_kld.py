@@ -165,6 +165,12 @@ def test_a_read_back_run_fits_the_output_rows_alone_and_refuses_steps(tmp_path, 
     assert "read_back fits the output rows alone" in capsys.readouterr().err
     assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2  # transformers cannot read back
     assert "is a read-back student" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    import run_bench
+
+    too_long = argparse.Namespace(run=str(tmp_path / "run"), tasks=str(BENCH), n_tasks=1, max_new_tokens=1000,
+                                  batch_size=1, rounds=1, device="cpu")
+    with pytest.raises(kld.KldError, match="read back as up to"):  # refused before any decoding
+        run_bench.generation_speed(too_long)
 
 
 def test_a_run_saved_before_a_field_existed_reads_as_the_field_default(tmp_path):
@@ -1862,14 +1868,22 @@ def test_the_hidden_stage_can_take_windows_chosen_for_the_new_tokens_and_the_ste
 
 
 def test_each_stage_of_a_run_draws_its_own_windows(tmp_path, monkeypatch):
-    """Hidden stage, steps and second stage read windows of three seeds: a stage that
-    replayed the windows before it would repeat the teacher's work on them."""
-    seeds = []
+    """Hidden stage, steps and second stage do not read the same windows in the same
+    order: a stage that replayed the windows before it would repeat the teacher's work."""
+    first_batches = []
     windows_of = kld.windows_of
-    monkeypatch.setattr(kld, "windows_of", lambda cfg, *args: seeds.append(cfg.seed) or windows_of(cfg, *args))
+
+    def recorded(cfg, *args):
+        windows = windows_of(cfg, *args)
+        batch = [next(windows) for _ in range(cfg.batch_size)]
+        first_batches.append(batch)
+        return itertools.chain(batch, windows)
+
+    monkeypatch.setattr(kld, "windows_of", recorded)
     kld.run(kld.make_config({**TINY_RUN, "out_dir": str(tmp_path / "run"), "hidden_steps": 2, "hidden_layer": 1,
-                             "steps": 2, "finetune_layers": 1, "finetune_steps": 2, "seed": 5}))
-    assert seeds == [6, 5, 7]
+                             "steps": 2, "finetune_layers": 1, "finetune_steps": 2}))
+    hidden, steps, second = first_batches
+    assert hidden != steps and steps != second and hidden != second
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -2946,9 +2960,16 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
     assert row[7] == f"{summary['realised_saving']:.1%} / {summary['possible_saving']:.1%} ({share})"
     assert row[9].rstrip(" |") == f"{results['seconds']:.0f}"
     assert plot.exists() == (importlib.util.find_spec("matplotlib") is not None)
-    run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=str(run_dir), plot=None))
-    itself = capsys.readouterr().out
-    assert f"| vs {run_dir.name} [95% CI]" in itself and "+0.000 [+0.000, +0.000] (0/0, p = 1.000)" in itself
+    all_pass = json.loads((run_dir / "codegen.json").read_text())
+    all_pass["tasks"] = {t: {**scores, "pass@1": 1.0} for t, scores in all_pass["tasks"].items()}
+    (tmp_path / "all-pass").mkdir()
+    (tmp_path / "all-pass" / "codegen.json").write_text(json.dumps(all_pass))  # a run that passes every task
+    against = str(tmp_path / "all-pass")
+    run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=against, plot=None))
+    paired_with_it = capsys.readouterr().out
+    assert f"| vs {against} [95% CI]" in paired_with_it
+    assert not any(per_task[1].values())  # the tiny student passes nothing: each of the 4 tasks is one worse
+    assert "-1.000 [-1.000, -1.000] (0/4, p = 0.125)" in paired_with_it
     with pytest.raises(kld.KldError, match="--plot"):
         run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=str(run_dir), plot=str(plot)))
     other = json.loads(teacher.read_text())
