@@ -4093,6 +4093,12 @@ BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
 CHAT_STOPS = ["```"]
 
 
+def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> Decoding:
+    """`decoding` with the stops of a task's answer: the closing fence in a chat (or the
+    next top-level statement without one) and the model's end-of-answer tokens."""
+    return decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
+
+
 def task_prompt(task: Task, chat: bool, system: str = "") -> str:
     """What the model is given. Base: the prompt itself, to be continued. Chat: a request in
     the chat template, and the answer opened with a ```python fence so that the code comes
@@ -4813,7 +4819,7 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     n_samples = settings.n_samples
     ks = sorted({k for k in settings.ks if k <= n_samples}) or [1]
     prompts = [task_prompt(t, chat, settings.system_prompt) for t in tasks for _ in range(n_samples)]
-    decoding = settings.decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS, stop_token_ids(model.cfg, tok, chat))
+    decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
     mine = share(range(len(prompts)), ranks)  # this rank's prompts
     my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)  # a rank's own samples

@@ -276,7 +276,8 @@ def train_speed(args):
     for objective in args.objectives:
         for batch_size in args.batch_sizes:
             if args.windows == "new_tokens":
-                windows = kld.new_token_windows(stream, args.seq_len, tok.base_vocab_size, 32, seed=0)
+                windows = kld.new_token_windows(stream, args.seq_len, tok.base_vocab_size, kld.Config.windows_per_token,
+                                                seed=0)
             else:
                 windows = kld.training_windows(stream, args.seq_len, seed=0)
             if device.type == "cuda":
@@ -752,11 +753,10 @@ def generation_speed(args):
     chat = kld.uses_chat(cfg, teacher_tok)
     prompts = [kld.task_prompt(t, chat, cfg.system_prompt) for t in kld.read_tasks(cfg.tasks)[: args.n_tasks]]
     greedy = dataclasses.replace(kld.decoding_of(cfg), batch_size=args.batch_size, temperature=0.0)
-    stops = kld.CHAT_STOPS if chat else kld.BASE_STOPS
     models = {  # name: (model, tokenizer, its decoding); the teacher never reads back (it has no new tokens)
-        "teacher": (teacher, teacher_tok, dataclasses.replace(greedy, read_back=False).with_stops(
-            stops, kld.stop_token_ids(teacher.cfg, teacher_tok, chat))),
-        "student": (student, student_tok, greedy.with_stops(stops, kld.stop_token_ids(student.cfg, student_tok, chat))),
+        "teacher": (teacher, teacher_tok,
+                    kld.task_decoding(dataclasses.replace(greedy, read_back=False), teacher.cfg, teacher_tok, chat)),
+        "student": (student, student_tok, kld.task_decoding(greedy, student.cfg, student_tok, chat)),
     }
     seconds = {name: [] for name in models}
     written = {}  # name: (characters, tokens); greedy decoding writes the same every round
