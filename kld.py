@@ -71,10 +71,10 @@ import sys
 import sysconfig
 import tempfile
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import safetensors
@@ -96,189 +96,147 @@ class KldError(Exception):
 # ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric config field takes: low <= x <= high (strict where open), and finite."""
-    low: float = -math.inf
-    high: float = math.inf
-    open_low: bool = False
-    open_high: bool = False
-
-    def admits(self, x) -> bool:
-        above = x > self.low if self.open_low else x >= self.low
-        below = x < self.high if self.open_high else x <= self.high
-        return math.isfinite(x) and above and below
-
-    def __str__(self) -> str:
-        low = f"{'(' if self.open_low else '['}{self.low:g}"
-        high = f"{self.high:g}{')' if self.open_high else ']'}"
-        return f"a finite number in {low}, {high}"
-
-
-@dataclass(frozen=True)
-class OneOf:
-    """The values a string config field takes."""
-    choices: tuple[str, ...]
-
-    def admits(self, x) -> bool:
-        return x in self.choices
-
-    def __str__(self) -> str:
-        return f"one of {list(self.choices)}"
-
-
-@dataclass(frozen=True)
-class Affects:
-    """Marks a config field whose value changes what `what` computes: "training" (a
-    checkpoint made under another value is not resumed: RESUME_KEYS) or "codegen" (a
-    code-generation evaluation made under another value is not reused: CODEGEN_KEYS)."""
-    what: str
-
-
-TRAINING = Affects("training")
-CODEGEN = Affects("codegen")
-INIT_NAMES = OneOf(("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length"))  # the initialisers of section 6
-DIVERGENCES = OneOf(("forward_kl", "reverse_kl", "jsd", "span_kl"))  # what `divergence` (section 5) computes
+INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # the initialisers (INITIALISERS)
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 
 
 @dataclass
 class Config:
+    """Every setting of a run. The defaults are the default run (configs/default.json lists
+    the main ones): SmolLM2-135M-Instruct, 256 merges learned on the standard library,
+    55 steps of hidden-state distillation, then 55 KL steps, about 15 minutes on 2 CPU cores."""
     # what to load
-    model: Annotated[str, TRAINING] = "smollm2"  # an embedded model name (EMBEDDED_MODELS), a Hugging Face directory, or a .gguf file
+    model: str = "smollm2"  # an embedded model (EMBEDDED_MODELS), a Hugging Face directory or a .gguf file
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    dtype: Annotated[str, OneOf(("float32", "bfloat16", "float16")), TRAINING] = "float32"  # weights in memory: float32 | bfloat16 | float16
-    seed: Annotated[int, TRAINING, CODEGEN] = 0  # seeds every random choice of a run
+    dtype: str = "float32"  # weights in memory: float32 | bfloat16 | float16
+    seed: int = 0  # seeds every random choice of a run
     out_dir: str = "runs/default"  # outputs land here, beside the resolved config.json
     # domain corpus and the extension (METHOD.md section 1)
-    corpus: Annotated[str, TRAINING] = "stdlib"  # "stdlib" (this machine's Python standard library), a directory of .py files, or a text file
-    heldout_fraction: Annotated[float, Range(0, 1, open_high=True), TRAINING] = 0.1  # share of the corpus's files held out for evaluation (a fixed split by file name)
-    n_merges: Annotated[int, Range(0), TRAINING] = 256  # K: merges learned and appended to the teacher's tokenizer
-    new_tokens: Annotated[list[str], TRAINING] = field(default_factory=list)  # strings to add as tokens (merge chains), before the K merges
-    newline_merges: Annotated[bool, TRAINING] = True  # learned merges may join a token to the newline (and indentation) ending its line
+    corpus: str = "stdlib"  # "stdlib" (this machine's standard library), a directory of .py files or a text file
+    heldout_fraction: float = 0.1  # share of the corpus's files held out (a fixed split by file name)
+    n_merges: int = 256  # K: merges learned and appended to the teacher's tokenizer
+    new_tokens: list[str] = field(default_factory=list)  # strings added as tokens (merge chains), before the K
+    newline_merges: bool = True  # learned merges may join a token to the newline (and indentation) after it
     # initialisation of the new rows (METHOD.md section 5)
-    init: Annotated[str, INIT_NAMES, TRAINING] = "fvt"  # "random", "mean" (Hewitt 2021), "fvt" (mean of sub-token rows), "last_piece" / "first_piece" (AdaptiVocab's weighted means), "fvt_norm" (FVT at the base rows' norm), "char_length" (the pieces weighted by their lengths in bytes): the new input rows
-    init_output: typing.Optional[Annotated[str, INIT_NAMES, TRAINING]] = None  # the same choice for the new output rows; null = as `init`
+    init: str = "fvt"  # the new input rows: random | mean | fvt | last_piece | first_piece | char_length
+    init_output: str | None = None  # the same choice for the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
-    objective: Annotated[str, OneOf(("kl", "ce")), TRAINING] = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
-    lift: Annotated[str, OneOf(("path", "trie")), TRAINING] = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
-    lift_min_prob: Annotated[float, Range(0), TRAINING] = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
-    lift_condition: Annotated[bool, TRAINING] = True  # condition each target on the student's previous token (what tau' would have merged)
-    divergence: Annotated[str, DIVERGENCES, TRAINING] = "forward_kl"  # what the kl objective minimises (section 5, `divergence`)
-    divergence_beta: Annotated[float, Range(0, 1), TRAINING] = 0.5  # jsd's mixing weight: 0 = forward_kl, 1 = reverse_kl
-    divergence_temperature: Annotated[float, Range(1e-6, 1e6), TRAINING] = 1.0  # temper teacher and student by this first
-    loss_chunk: Annotated[int, Range(0)] = 128  # positions whose logits over V' exist at once in the loss (128: fastest on a 2-core CPU); 0 = all of a batch
-    fit_windows: Annotated[int, Range(0), TRAINING] = 0  # after the steps, refit the new output rows alone on this many more windows (0: no refit)
-    fit_iterations: Annotated[int, Range(1), TRAINING] = 300  # L-BFGS iterations of that refit
-    fit_l2: Annotated[float, Range(0), TRAINING] = 1e-3  # its ridge toward the rows it starts from
-    read_back: Annotated[bool, TRAINING, CODEGEN] = False  # the read-back student: it reads base tokens only (prompts by tau, each new token it emits read back as its expansion), so its hidden states are the teacher's; only its output rows learn, by the refit on fit_windows windows (steps and hidden_steps 0)
-    hidden_steps: Annotated[int, Range(0), TRAINING] = 0  # first, steps of hidden-state distillation of the input rows alone (0: none); then `steps` of `objective`
-    hidden_layer: Annotated[int, Range(0), TRAINING] = 0  # the hidden states matched there: after block hidden_layer; 0 = the last, after the final norm
-    hidden_lr: typing.Optional[Annotated[float, Range(0, open_low=True), TRAINING]] = None  # its peak learning rate; null = lr
-    steps: Annotated[int, Range(0), TRAINING] = 100  # optimizer steps of `objective`
-    batch_size: Annotated[int, Range(1), TRAINING] = 4  # windows per step
-    seq_len: Annotated[int, Range(1), TRAINING] = 128  # student tokens per window (plus one of context)
-    windows: Annotated[str, OneOf(("uniform", "new_tokens")), TRAINING] = "uniform"  # "uniform": the corpus in shuffled windows; "new_tokens": windows around occurrences of the new tokens, windows_per_token of each
-    hidden_windows: typing.Optional[Annotated[str, OneOf(("uniform", "new_tokens")), TRAINING]] = None  # the hidden stage's windows; null = as `windows`
-    windows_per_token: Annotated[int, Range(1), TRAINING] = 32  # with windows "new_tokens": the occurrences of each new token drawn (fewer where it occurs less)
-    lr: Annotated[float, Range(0, open_low=True), TRAINING] = 6e-3  # peak learning rate of AdamW (of the input rows)
-    lr_out: typing.Optional[Annotated[float, Range(0, open_low=True), TRAINING]] = 2e-3  # the new output rows' one; null = lr
-    weight_decay: Annotated[float, Range(0), TRAINING] = 0.0  # AdamW weight decay on the new rows
-    warmup_steps: Annotated[int, Range(0), TRAINING] = 10  # linear warmup, then cosine decay
-    min_lr_ratio: Annotated[float, Range(0, 1), TRAINING] = 0.1  # the decay ends at lr * min_lr_ratio
-    grad_clip: Annotated[float, Range(0, open_low=True), TRAINING] = 1.0  # clip the new rows' gradient norm
-    log_every: Annotated[int, Range(1)] = 10  # a progress line every this many steps
-    eval_every: Annotated[int, Range(0)] = 50  # held-out KL and bits per character every this many steps (0: at the end only)
-    eval_chars: Annotated[int, Range(1)] = 20000  # held-out characters evaluated (the start of the held-out files)
-    eval_window: Annotated[int, Range(1)] = 256  # teacher tokens per evaluation chunk
+    objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
+    lift: str = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
+    lift_min_prob: float = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
+    lift_condition: bool = True  # condition each target on the student's previous token
+    divergence: str = "forward_kl"  # what "kl" minimises: forward_kl | reverse_kl | jsd | span_kl
+    divergence_beta: float = 0.5  # jsd's mixing weight: 0 = forward_kl, 1 = reverse_kl
+    divergence_temperature: float = 1.0  # temper teacher and student by this first
+    loss_chunk: int = 128  # positions whose logits over V' exist at once in the loss; 0 = all of a batch
+    hidden_steps: int = 55  # first, steps of hidden-state distillation of the input rows alone (0: none)
+    hidden_layer: int = 0  # the hidden states matched: after block hidden_layer; 0 = the last, after the final norm
+    hidden_lr: float | None = None  # its peak learning rate; null = lr
+    steps: int = 55  # then, optimizer steps of `objective`
+    batch_size: int = 4  # windows per step
+    seq_len: int = 128  # student tokens per window (plus one of context)
+    windows: str = "new_tokens"  # "uniform" (shuffled windows) or "new_tokens" (windows around the new tokens)
+    windows_per_token: int = 32  # with windows "new_tokens": the occurrences of each new token drawn
+    lr: float = 6e-3  # peak learning rate of AdamW (of the input rows)
+    lr_out: float | None = 6e-3  # the new output rows' one; null = lr
+    weight_decay: float = 0.0  # AdamW weight decay on the new rows
+    warmup_steps: int = 10  # linear warmup, then cosine decay
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # clip the new rows' gradient norm
+    log_every: int = 10  # a progress line every this many steps
+    eval_every: int = 0  # held-out KL and bits per character every this many steps (0: at the end only)
+    eval_chars: int = 20000  # held-out characters evaluated (the start of the held-out files)
+    eval_window: int = 256  # teacher tokens per evaluation chunk
     resume: bool = True  # continue from out_dir/checkpoint.pt when it is there
-    cpu_bf16: typing.Optional[Annotated[bool, TRAINING]] = False  # training steps on the CPU in bf16 autocast; null = where the CPU has bf16 instructions (held-out measures stay float32)
+    cpu_bf16: bool | None = None  # CPU training steps in bf16 autocast; null = where the CPU has bf16 instructions
     # optional second stage: fine-tune more of the model on the domain text, the same objective
-    finetune_layers: Annotated[int, Range(-1), TRAINING] = 0  # also train the last n transformer blocks (-1: all of them)
-    finetune_first_layers: Annotated[int, Range(0), TRAINING] = 0  # and the first n (AdaptiVocab trains the first and the last); both 0: no second stage
-    finetune_steps: Annotated[int, Range(0)] = 0  # steps of the second stage
-    finetune_lr: Annotated[float, Range(0, open_low=True)] = 1e-4  # its peak learning rate (warmup and decay as above)
+    finetune_layers: int = 0  # also train the last n transformer blocks (-1: all of them)
+    finetune_first_layers: int = 0  # and the first n (AdaptiVocab trains the first and the last)
+    finetune_steps: int = 0  # steps of the second stage (0: none)
+    finetune_lr: float = 1e-4  # its peak learning rate (warmup and decay as above)
     # generation: the CLI ends by answering `prompt` with the student
-    prompt: str = "Write a Python function that returns the n-th Fibonacci number."  # answered by the CLI
-    chat: typing.Optional[Annotated[bool, CODEGEN]] = None  # wrap prompts in the chat template; null = when the tokenizer has one
-    system_prompt: Annotated[str, CODEGEN] = ""  # the chat template's system turn; empty = no system turn
-    max_new_tokens: Annotated[int, Range(1), CODEGEN] = 128  # token budget of each answer
-    temperature: Annotated[float, Range(0), CODEGEN] = 0.0  # 0 = greedy decoding
-    top_p: Annotated[float, Range(0, 1, open_low=True), CODEGEN] = 1.0  # nucleus sampling mass (used when temperature > 0)
+    prompt: str = "Write a Python function that returns the n-th Fibonacci number."
+    chat: bool | None = None  # wrap prompts in the chat template; null = when the tokenizer has one
+    system_prompt: str = ""  # the chat template's system turn; empty = no system turn
+    max_new_tokens: int = 128  # token budget of each answer
+    temperature: float = 0.0  # 0 = greedy decoding
+    top_p: float = 1.0  # nucleus sampling mass (used when temperature > 0)
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these strings
-    gen_batch_size: Annotated[int, Range(1)] = 8  # prompts decoded together
-    # code-generation evaluation (section 9): the student's programs run against each task's tests
-    tasks: Annotated[str, CODEGEN] = ""  # a HumanEval-format .jsonl / .jsonl.gz file or a directory of them (bench_tasks); "" = none
-    n_samples: Annotated[int, Range(1), CODEGEN] = 1  # programs per task (more than one needs temperature > 0)
-    pass_k: Annotated[list[Annotated[int, Range(1)]], CODEGEN] = field(default_factory=lambda: [1])  # the k of the pass@k reported (k <= n_samples)
-    exec_timeout: Annotated[float, Range(0, open_low=True), CODEGEN] = 10.0  # wall-clock seconds per program (also its CPU-second limit)
-    exec_workers: Annotated[int, Range(0)] = 0  # programs run at once; 0 = one per CPU
+    gen_batch_size: int = 8  # prompts decoded together
+    # code-generation evaluation: the student's programs run against each task's tests
+    tasks: str = ""  # a HumanEval-format .jsonl / .jsonl.gz file or a directory of them; "" = none
+    n_samples: int = 1  # programs per task (more than one needs temperature > 0)
+    pass_k: list[int] = field(default_factory=lambda: [1])  # the k of the pass@k reported (k <= n_samples)
+    exec_timeout: float = 10.0  # wall-clock seconds per program (also its CPU-second limit)
+    exec_workers: int = 0  # programs run at once; 0 = one per CPU
 
     def __post_init__(self):  # Config(...), make_config and dataclasses.replace all pass here
-        _check_config(self)
+        check_config(self)
 
 
-def fields_affecting(what: Affects) -> tuple[str, ...]:
-    """The names of the Config fields marked `what`, in the order they are declared."""
-    hints = typing.get_type_hints(Config, include_extras=True)
+# The values a field may take: an interval ("(" and ")" where open) or the choices.
+ALLOWED = {
+    "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
+    "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES,
+    "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "lift_min_prob": "[0, inf]",
+    "divergence_beta": "[0, 1]", "divergence_temperature": "[1e-06, 1e+06]", "lr": "(0, inf]",
+    "lr_out": "(0, inf]", "hidden_lr": "(0, inf]", "finetune_lr": "(0, inf]", "grad_clip": "(0, inf]",
+    "exec_timeout": "(0, inf]", "min_lr_ratio": "[0, 1]", "top_p": "(0, 1]", "finetune_layers": "[-1, inf]",
+    "batch_size": "[1, inf]", "seq_len": "[1, inf]", "windows_per_token": "[1, inf]", "log_every": "[1, inf]",
+    "eval_chars": "[1, inf]", "eval_window": "[1, inf]", "max_new_tokens": "[1, inf]",
+    "gen_batch_size": "[1, inf]", "n_samples": "[1, inf]", "pass_k": "[1, inf]",
+}
+for _name in ("n_merges", "loss_chunk", "hidden_steps", "hidden_layer", "steps", "weight_decay", "warmup_steps",
+              "eval_every", "finetune_first_layers", "finetune_steps", "temperature", "exec_workers"):
+    ALLOWED[_name] = "[0, inf]"
+# A checkpoint resumes only under the same values of the fields that change training.
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (
+    "device", "out_dir", "loss_chunk", "log_every", "eval_every", "eval_chars", "eval_window", "resume",
+    "finetune_steps", "finetune_lr", "prompt", "chat", "system_prompt", "max_new_tokens", "temperature", "top_p",
+    "stop", "gen_batch_size", "tasks", "n_samples", "pass_k", "exec_timeout", "exec_workers"))
+# evaluate_codegen's results depend on these (and on the model and the tasks)
+CODEGEN_KEYS = ("seed", "chat", "system_prompt", "max_new_tokens", "temperature", "top_p", "tasks", "n_samples",
+                "pass_k", "exec_timeout")
 
-    def marks(annotation) -> list:
-        found = list(getattr(annotation, "__metadata__", ()))
-        for arg in typing.get_args(annotation):
-            found += marks(arg)
-        return found
 
-    return tuple(f.name for f in dataclasses.fields(Config) if what in marks(hints[f.name]))
-
-
-def saved_field(saved: dict, name: str):
-    """A field of a config saved by an earlier run: its value, or the field's default where
-    the config was written before the field existed (and so ran as if it had the default)."""
-    if name in saved:
-        return saved[name]
-    spec = next(f for f in dataclasses.fields(Config) if f.name == name)
-    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+def admits(allowed: str | tuple, x) -> bool:
+    """Whether x is one of the choices, or a finite number in the interval "[low, high)"."""
+    if isinstance(allowed, tuple):
+        return x in allowed
+    low, high = (float(b) for b in allowed[1:-1].split(","))
+    above = x >= low if allowed[0] == "[" else x > low
+    below = x <= high if allowed[-1] == "]" else x < high
+    return math.isfinite(x) and above and below
 
 
-RESUME_KEYS = fields_affecting(TRAINING)  # a checkpoint resumes only under the same values of these
-CODEGEN_KEYS = fields_affecting(CODEGEN)  # evaluate_codegen's results depend on these (and the model, the tasks)
-
-
-def _check_config(cfg: Config):
-    """Every field of `cfg` against its type and range, however the Config was made, and
-    the settings that would silently do nothing together."""
-    hints = typing.get_type_hints(Config, include_extras=True)
+def check_config(cfg: Config):
+    """Every field against its type and ALLOWED, and the settings that would silently do
+    nothing together: a KldError that names the field."""
+    hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(cfg):
-        _check_type(f.name, getattr(cfg, f.name), hints[f.name])
-    if cfg.read_back and (cfg.steps or cfg.hidden_steps or cfg.finetune_steps or not cfg.fit_windows):
-        raise KldError("read_back fits the output rows alone: set steps, hidden_steps and finetune_steps to 0 and "
-                       "fit_windows above 0")
-    if cfg.fit_windows and not (cfg.steps or cfg.read_back):
-        raise KldError("fit_windows refits the output rows after the last step: steps must be above 0 (or read_back true)")
+        value = getattr(cfg, f.name)
+        check_type(f.name, value, hints[f.name])
+        allowed = ALLOWED.get(f.name)
+        for x in value if isinstance(value, list) else [value]:
+            if allowed is not None and x is not None and not admits(allowed, x):
+                shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else f"a finite number in {allowed}"
+                raise KldError(f"config key {f.name!r} must be {shown}, got {x!r}")
     if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
         raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers or "
                        "finetune_first_layers); set all three to 0 for none")
-    if cfg.fit_windows and (cfg.divergence != "forward_kl" or cfg.divergence_temperature != 1.0):
-        raise KldError("the output refit (fit_windows) minimises forward KL at temperature 1 (or CE): it takes "
-                       "divergence forward_kl and divergence_temperature 1")
 
 
-def _check_type(name: str, value, annotation):
-    """Raise KldError unless `value` (parsed JSON) fits the field's type annotation (and its Range)."""
+def check_type(name: str, value, annotation):
+    """Raise KldError unless `value` (parsed JSON) is of the field's type."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:  # Annotated[int, Range(1)]: the type, then the range
-        _check_type(name, value, args[0])
-        for bound in args[1:]:
-            if isinstance(bound, (Range, OneOf)) and not bound.admits(value):
-                raise KldError(f"config key {name!r} must be {bound}, got {value!r}")
-        return
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         if value is None and type(None) in args:
             return
-        return _check_type(name, value, next(a for a in args if a is not type(None)))
+        return check_type(name, value, next(a for a in args if a is not type(None)))
     if origin is list:
         if isinstance(value, list):
             for item in value:
-                _check_type(name, item, args[0])
+                check_type(name, item, args[0])
             return
     elif annotation is float and type(value) in (int, float):
         if not math.isfinite(value):
@@ -2616,7 +2574,7 @@ class Divergence:
     """Which D(p'_j || q_j) the kl objective minimises (Config: divergence, divergence_beta,
     divergence_temperature); see `divergence`."""
 
-    kind: str = "forward_kl"  # one of DIVERGENCES.choices
+    kind: str = "forward_kl"  # one of DIVERGENCES
     beta: float = 0.5  # jsd's mixing weight: 0 is forward_kl, 1 is reverse_kl
     temperature: float = 1.0  # both distributions tempered by it first
     floor: float = 1e-6  # reverse_kl reads p' = 0 as this (else the divergence is infinite)
@@ -2712,7 +2670,7 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
         log_P = log_p.gather(1, next_ids[:, None])[:, 0]  # (r,) log p'(s_j)
         log_Q = log_q.gather(1, next_ids[:, None])[:, 0]  # (r,) log q(s_j)
         return binary_kl(log_P, log_Q, log_rest(log_p, next_ids), log_rest(log_q, next_ids))
-    raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES.choices}")
+    raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES}")
 
 
 def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.Tensor:
@@ -2790,14 +2748,6 @@ def init_first_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], gene
     return weighted_pieces(rows, expansions, last_most=False)
 
 
-def init_fvt_norm(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
-    """FVT's mean, rescaled to the mean norm of the base rows: a mean of k rows is shorter
-    than its pieces, and a short input row reads as a weak token."""
-    fvt = upcast(init_fvt(rows, expansions, generator))  # (N, d)
-    base_norm = upcast(rows).norm(dim=1).mean()
-    return (fvt * (base_norm / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12))).to(rows.dtype)
-
-
 def init_char_length(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator,
                      piece_bytes: list[list[int]]) -> torch.Tensor:
     """The pieces' rows weighted by their lengths, a_i = |x_i| (Beyond Initialization Loss's
@@ -2809,7 +2759,7 @@ def init_char_length(rows: torch.Tensor, expansions: list[tuple[int, ...]], gene
 
 
 INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt, "last_piece": init_last_piece,
-                "first_piece": init_first_piece, "fvt_norm": init_fvt_norm, "char_length": init_char_length}
+                "first_piece": init_first_piece, "char_length": init_char_length}
 
 
 def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
@@ -2949,19 +2899,6 @@ def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
     with autocast(ids.device):
         logits = model(ids, valid, base_only=base_only, hidden=hidden)  # (B, width, |V'| or d)
     return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]  # padding and the last row dropped
-
-
-def student_logits(model: GPT, tok: ExtendedTokenizer, seqs: list[list[int]], read_back: bool = False,
-                   hidden: bool = False) -> list[torch.Tensor]:
-    """The student's logits over V' (hidden: its final hidden states) at positions 0 .. len-2
-    of student sequences, as sequence_logits gives them. read_back: the read-back student,
-    which reads each sequence's expansion in base tokens; its state after student token j
-    is the teacher's at e_j (teacher_ends), where it predicts token j + 1 by all its
-    output rows."""
-    if not read_back:
-        return sequence_logits(model, seqs, hidden=hidden)
-    expanded = sequence_logits(model, [list(tok.expand(s)) for s in seqs], hidden=hidden)  # per seq (|exp| - 1, .)
-    return [x[teacher_ends(s, tok)[:-1]] for s, x in zip(seqs, expanded)]  # e_0 .. e_{m-2}
 
 
 def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
@@ -3205,88 +3142,6 @@ def hidden_state_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int
     return F.mse_loss(upcast(h_student), upcast(h_teacher))
 
 
-# --- the output rows alone: a convex problem that forward passes feed (METHOD.md section 4) ---
-#
-# With the hidden states h_j fixed, the loss in the new output rows U (N, d) is convex and
-# needs per position only h_j, the base log-partition B_j = log sum_{v in V} exp(z_v), and
-# the targets on the new tokens: KL: log(e^B_j + sum_w e^(u_w.h_j)) - sum_w p'_j(w) u_w.h_j
-# (+ a constant); CE: the same with the one-hot target of the realised token. So forward
-# passes alone collect many positions, and a full-batch quasi-Newton method solves for U.
-
-
-@dataclass
-class OutputRowData:
-    """What the loss of the new output rows needs at P positions, the hidden states fixed."""
-
-    h: torch.Tensor  # (P, d) the student's final hidden states h_j
-    base_lse: torch.Tensor  # (P,) B_j = log sum_{v in V} exp(z_v)
-    target_ids: torch.Tensor  # (P, c) long: new tokens, numbered 0 .. N-1, with a target at j (padding: 0)
-    target_p: torch.Tensor  # (P, c) their target probability (padding: 0)
-
-
-@torch.no_grad()
-def output_row_data(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
-                    lift_cfg: Lift | None = None, teacher: GPT | None = None, batch_size: int = 8,
-                    read_back: bool = False) -> OutputRowData:
-    """Forward passes of the student (and for "kl", the lifted teacher) over student windows
-    (the first id of each is context), batch_size at a time: h, B and the targets on new
-    tokens at every position. read_back: h of the read-back student (student_logits)."""
-    V = tok.base_vocab_size
-    h = []  # per window: (m, d)
-    base_lse = []  # (m,)
-    ids = []  # (m, c)
-    p = []  # (m, c)
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size]
-        for x in student_logits(model, tok, batch, read_back, hidden=True):
-            h.append(x)
-            base_logits = F.linear(x, upcast(model.output_weight()))  # (m, |V|)
-            base_lse.append(torch.logsumexp(base_logits, dim=-1))
-        if objective == "ce":
-            for w in batch:
-                realised = torch.tensor(w[1:], device=h[-1].device)[:, None]  # (m, 1): the one-hot target
-                ids.append((realised - V).clamp(min=0))
-                p.append((realised >= V).to(h[-1].dtype))
-        else:
-            targets, _ = teacher_targets(teacher or model, tok, batch, lift_cfg)
-            ids += [(t.new_ids - V).clamp(min=0) for t in targets]  # padding id 0 has p = 0
-            p += [upcast(t.new_logp).exp() for t in targets]
-    width = max(x.shape[1] for x in ids)  # pad every window's targets to the widest
-    target_ids = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in ids])  # (P, c)
-    target_p = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in p])  # (P, c)
-    return OutputRowData(torch.cat(h), torch.cat(base_lse), target_ids, target_p)
-
-
-def output_row_loss(new_out: torch.Tensor, data: OutputRowData) -> torch.Tensor:
-    """mean_j [ log(e^B_j + sum_w e^(u_w.h_j)) - sum_w t_j(w) u_w.h_j ] + a constant: the
-    terms of the objective that depend on the new output rows new_out (N, d), convex in
-    them. Written with the logits relative to B_j (the constant is mean_j B_j (1 - sum t_j)),
-    so that its value is of the size of the KL and float32 resolves its changes."""
-    z = data.h.to(new_out.dtype) @ new_out.T - data.base_lse.to(new_out.dtype)[:, None]  # (P, N) z_jw - B_j
-    log_partition = torch.logsumexp(F.pad(z, (1, 0)), dim=1)  # (P,) log(1 + sum_w e^(z_jw - B_j))
-    linear = (data.target_p.to(z.dtype) * z.gather(1, data.target_ids)).sum(1)  # (P,) sum_w t_j(w) (z_jw - B_j)
-    return (log_partition - linear).mean()
-
-
-def fit_output_rows(new_out: torch.Tensor, data: OutputRowData, iterations: int, l2: float = 0.0) -> torch.Tensor:
-    """The new output rows that minimise output_row_loss on `data` + l2/2 ||U - U0||^2, from
-    U0 = new_out (N, d): full-batch L-BFGS with a strong-Wolfe line search (the problem is
-    smooth and convex). The ridge toward the start keeps rows of rare tokens near it."""
-    start = new_out.detach().double()  # U0
-    rows = start.clone().requires_grad_(True)  # float64: the line search compares losses
-    optimizer = torch.optim.LBFGS([rows], lr=1.0, max_iter=iterations, history_size=20,
-                                  tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = output_row_loss(rows, data) + 0.5 * l2 * (rows - start).pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return rows.detach().to(new_out.dtype)
-
-
 # --- data parallel: `torchrun --nproc_per_node N kld.py ...` starts one process per rank ---
 #
 # Every rank holds the frozen model and draws the same global batch of batch_size windows;
@@ -3374,8 +3229,7 @@ def broadcast_(tensor: torch.Tensor, ranks: Ranks):
 
 @torch.no_grad()
 def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
-             lift_cfg: Lift | None = None, teacher: GPT | None = None, ranks: Ranks = Ranks(),
-             read_back: bool = False) -> dict:
+             lift_cfg: Lift | None = None, teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
     """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
 
     Without lift_cfg, the teacher on its own tokens: bits_per_char = -log2 P(x) / len(x)
@@ -3389,7 +3243,6 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
     the teacher tokens trie mode evaluated per student token besides the realised ones.
     Under several ranks each measures its share of the chunks, batch_size / ranks at a
     time (batch_size is the global batch), and the sums are added.
-    read_back: the student of tau'(x) reads its expansion (student_logits).
     """
     student = lift_cfg is not None
     # Sums over every chunk, divided at the end.
@@ -3409,7 +3262,7 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
         chars += sum(len(tok.base.decode(c)) for c in batch)
         seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
         tokens += sum(len(s) - 1 for s in seqs)
-        logits = student_logits(model, tok, seqs, read_back) if student else sequence_logits(model, seqs, base_only=True)
+        logits = sequence_logits(model, seqs, base_only=not student)
         targets = [None] * len(seqs)
         if student:
             targets, n_branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
@@ -3476,7 +3329,7 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
         raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
         raise KldError(f"{path}: not a kld checkpoint; delete it to start afresh")
-    changed = [k for k in RESUME_KEYS if saved_field(state["config"], k) != getattr(cfg, k)]
+    changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
     if changed:
         raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
     return state
@@ -3513,9 +3366,7 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     (default cfg.objective; "hidden": hidden_state_loss at cfg.hidden_layer, which moves
     the input rows only). Prints a progress
     line every log_every steps; every eval_every steps and at the end, measures the held-out
-    chunks (when given) and writes the checkpoint. With cfg.fit_windows, the last step is
-    followed by a refit of the output rows alone (refit_output_rows), measured before and
-    after. Under several ranks (Ranks), each runs its share of every batch and the
+    chunks (when given) and writes the checkpoint. Under several ranks (Ranks), each runs its share of every batch and the
     gradients are averaged; rank 0 alone writes the checkpoint. Returns tokens/s and the
     measures."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
@@ -3568,16 +3419,6 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
             [loss_sum] = all_sum([loss.item()], ranks, device)  # the batch's mean loss: the ranks' mean
             print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss_sum / ranks.world:.4f} | lr {lr:.2e} "
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
-        if step == cfg.steps and cfg.fit_windows:  # last, the output rows alone, to convergence
-            if chunks:
-                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, ", before the fit", ranks))
-                history[-1]["before_fit"] = True
-            t0 = time.perf_counter()
-            fit_windows = [next(windows) for _ in range(cfg.fit_windows)]  # windows the steps have not seen
-            fit = refit_output_rows(model, tok, fit_windows, cfg, lift_cfg, teacher, ranks)
-            fit_seconds = time.perf_counter() - t0
-            print(f"output rows fitted on {fit['positions']} positions: loss {fit['loss_before']:.4f} -> "
-                  f"{fit['loss_after']:.4f} in {fit_seconds:.0f}s", flush=True)
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if chunks:
                 history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, "", ranks))
@@ -3596,28 +3437,10 @@ def windows_of(cfg: Config, stream: list[int], first_new_id: int):
 def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
              teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
     """evaluate() with a progress line; the measures with the step they were taken at."""
-    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks,
-                        cfg.read_back)
+    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
     print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
           f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
     return {"step": step, **measures}
-
-
-def refit_output_rows(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], cfg: Config, lift_cfg: Lift,
-                      teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
-    """Collect OutputRowData on `windows` (forward passes only) and replace the model's new
-    output rows by the fit, the same procedure for either objective. Every rank fits on
-    all the windows; rank 0's rows then replace the others' (a GPU's fit is not bitwise
-    reproducible), so the ranks keep one student."""
-    data = output_row_data(model, tok, windows, cfg.objective, lift_cfg, teacher, cfg.batch_size // ranks.world,
-                           cfg.read_back)
-    fitted = fit_output_rows(model.new_out, data, cfg.fit_iterations, cfg.fit_l2)  # (N, d)
-    with torch.no_grad():
-        before = output_row_loss(model.new_out.double(), data).item()
-        after = output_row_loss(fitted.double(), data).item()
-        model.new_out.copy_(fitted)
-    broadcast_(model.new_out, ranks)
-    return {"positions": len(data.h), "loss_before": before, "loss_after": after}
 
 
 def unfreeze_blocks(model: GPT, first: int, last: int) -> GPT:
@@ -3652,9 +3475,7 @@ def save_new_rows(model: GPT) -> bytes:
 
 
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
-    """(model, student tokenizer) from a finished run: base model + extension + new rows.
-    A read-back run's student (its config.json says read_back) is decoded with
-    Decoding(read_back=True) and measured with evaluate(..., read_back=True)."""
+    """(model, student tokenizer) from a finished run: base model + extension + new rows."""
     out_dir = Path(out_dir)
     cfg = load_config(str(out_dir / "config.json"))
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
@@ -3704,9 +3525,6 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
     run_cfg = load_config(str(Path(run_dir) / "config.json"))
-    if run_cfg.read_back:
-        raise KldError(f"{run_dir} is a read-back student: it reads each new token back as its expansion, which a "
-                       "Hugging Face model does not do (its new input rows are untrained); it cannot be exported")
     model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))  # in the dtype the run trained in
     state = model.state_dict()
     new_in, new_out = state.pop("new_in"), state.pop("new_out")  # (N, d) each
@@ -3745,36 +3563,19 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def read_back_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-                    ranks: Ranks = Ranks()) -> list[dict]:
-    """The read-back student's training: its input rows are never read, and its hidden states
-    are the teacher's, which forward passes alone give; so its output rows are fitted to
-    convergence (refit_output_rows, convex) at the teacher's states on cfg.fit_windows
-    windows, many more positions than backward passes could reach in the same time.
-    Every rank fits the same rows on the same windows."""
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
-    if tok.merges:  # K = 0: the student is the teacher, nothing to fit
-        windows = windows_of(cfg, stream, tok.base_vocab_size)
-        t0 = time.perf_counter()
-        fit = refit_output_rows(model, tok, [next(windows) for _ in range(cfg.fit_windows)], cfg, lift_cfg, None, ranks)
-        print(f"read-back student: output rows fitted at the teacher's states on {fit['positions']} positions: loss "
-              f"{fit['loss_before']:.4f} -> {fit['loss_after']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
-    return [held_out(model, tok, chunks, cfg, lift_cfg, None, 0, "", ranks)] if chunks else []
-
-
 def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
                  out: Path, ranks: Ranks = Ranks()) -> list[dict]:
     """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
     cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
     moves the input rows first, by a signal that reaches them directly). Its windows
-    (cfg.hidden_windows, else cfg.windows) come from another seed than the steps that
+    (cfg.windows) come from another seed than the steps that
     follow; with eval_every 0 it is not measured held out (the steps that follow are, at
     their end)."""
     layer = matched_layer(cfg, model)
     print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
           f"{cfg.hidden_steps} steps")
-    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, fit_windows=0,
-                                seed=cfg.seed + 1, windows=cfg.hidden_windows or cfg.windows)
+    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr,
+                                seed=cfg.seed + 1)
     measured = chunks if cfg.eval_every else []  # eval_every 0: the held-out measures at the very end only
     return train(model, tok, stage, stream, measured, out / "checkpoint-hidden.pt", objective="hidden",
                  ranks=ranks)["history"]
@@ -3914,7 +3715,6 @@ class Decoding:
     batch_size: int = 8  # prompts decoded together
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     stop_ids: frozenset[int] = frozenset()  # or at the first of these tokens (not kept)
-    read_back: bool = False  # the read-back student: prompts in base tokens, each new token emitted read back as its expansion
 
     def __post_init__(self):
         if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1):
@@ -3931,7 +3731,7 @@ class Decoding:
 def decoding_of(cfg: Config) -> Decoding:
     """A run's decoding settings (stops come from the prompt format, where it is known)."""
     return Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                    batch_size=cfg.gen_batch_size, read_back=cfg.read_back)
+                    batch_size=cfg.gen_batch_size)
 
 
 @torch.inference_mode()
@@ -3943,9 +3743,6 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str], decoding: D
     Prompts are sorted by length and decoded `decoding.batch_size` at a time, left-padded,
     with one KV cache per batch; a finished row leaves the batch. Greedy results do not
     depend on the batching; sampled ones are reproducible for the same call and seed.
-    decoding.read_back: the model reads base tokens only, the prompt encoded by tau and
-    each token it emits fed back as its expansion exp(v) in one step, so its hidden
-    states are the teacher's; it emits new tokens by their output rows.
     """
     if not isinstance(tok, ExtendedTokenizer):
         raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's tokenizer "
@@ -3954,10 +3751,7 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str], decoding: D
         return []
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(decoding.seed)
-    if decoding.read_back:
-        encoded = [tok.base.encode(p, add_special_tokens=True).ids for p in prompts]
-    else:
-        encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
+    encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
     if any(not ids for ids in encoded):
         raise KldError("a prompt encodes to no tokens; give it some text")
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
@@ -3983,7 +3777,6 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
     max_new_tokens = decoding.max_new_tokens
     stop = decoding.stop
     ids, valid = right_aligned(prompt_ids, device)  # (B, T), left-padded: every row's last token in the last column
-    longest = max(map(len, tok.expansions), default=1) if decoding.read_back else 1  # slots one token can take
     # room for 256 new tokens, doubled when full: memory grows with what is generated, not with the budget
     cache = KVCache(model.cfg, B, T + min(max_new_tokens, 256), device, next(model.parameters()).dtype)
     logits = model(ids, valid, cache, last_only=True)[:, -1]
@@ -4013,13 +3806,11 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
             cache.keep_rows(index)
             next_ids = next_ids[index]
             active = [active[j] for j in keep]
-        feed, feed_valid = next_ids[:, None], None  # (B, 1): each row's new token
-        if decoding.read_back:  # (B, W): each row's exp(token), right-aligned, so the last column predicts
-            feed, feed_valid = right_aligned([tok.expand([t]) for t in next_ids.tolist()], device)
-        needed = cache.length + feed.shape[1]
+        feed = next_ids[:, None]  # (B, 1): each row's new token
+        needed = cache.length + 1
         if needed > cache.valid.shape[1]:  # doubled, up to what the budget can fill
-            cache.reserve(min(max(2 * cache.length, needed), T + max_new_tokens * longest))
-        logits = model(feed, feed_valid, cache, last_only=True)[:, -1]
+            cache.reserve(min(max(2 * cache.length, needed), T + max_new_tokens))
+        logits = model(feed, None, cache, last_only=True)[:, -1]
     completions = []
     for row in range(B):
         text = tok.decode(tokens[row], skip_special_tokens=True)
@@ -4773,15 +4564,6 @@ def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
     return has_chat_template(tok) if cfg.chat is None else cfg.chat
 
 
-def check_read_back_fits(cfg: Config, tok: ExtendedTokenizer, model_cfg: ModelConfig):
-    """A read-back student's answer takes up to max_new_tokens x (the longest expansion)
-    positions: refuse a budget the model's positions cannot hold, before any work."""
-    longest = max(map(len, tok.expansions), default=1)  # the base tokens a read-back step can feed
-    if cfg.read_back and cfg.max_new_tokens * longest >= model_cfg.max_positions:
-        raise KldError(f"max_new_tokens {cfg.max_new_tokens} read back as up to {longest} base tokens each does not fit "
-                       f"the model's {model_cfg.max_positions} positions")
-
-
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
     """A run's code-generation settings; a program gets exec_timeout seconds of wall clock and of CPU."""
     limits = SandboxLimits(timeout_s=cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout)))
@@ -4893,7 +4675,7 @@ def check_out_dir(out: Path, cfg: Config):
         raise KldError(f"out_dir {out} cannot be written: {e.strerror or e}") from None
     if (out / "results.json").exists() and (out / "config.json").exists():
         finished = read_json_object(out / "config.json", "config of the finished run in out_dir")
-        changed = [k for k in RESUME_KEYS if saved_field(finished, k) != getattr(cfg, k)]
+        changed = [k for k in RESUME_KEYS if finished.get(k) != getattr(cfg, k)]
         if changed:
             raise KldError(f"out_dir {out} holds a finished run made with other {', '.join(changed)}; "
                            f"give this run another out_dir, or delete that run")
@@ -4941,7 +4723,6 @@ def run(cfg: Config) -> dict:
     if ranks.world > 1:  # rank 0 learned the merges once; every rank reads its corpus with them
         merges = gather(tok.merges if ranks.main else None, ranks)[0]
         tok = ExtendedTokenizer(tokenizer, merges, model.cfg.vocab_size)
-    check_read_back_fits(cfg, tok, model.cfg)
     chat = uses_chat(cfg, tok)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
@@ -4952,7 +4733,7 @@ def run(cfg: Config) -> dict:
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
     teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
-    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
+    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
     print(f"held-out teacher: bits/char {teacher_measures['bits_per_char']:.4f}, "
           f"tokens/char {teacher_measures['tokens_per_char']:.4f}")
     print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
@@ -4962,16 +4743,13 @@ def run(cfg: Config) -> dict:
     if len(set(fingerprints)) > 1:  # windows are drawn from the stream by index: it must be one stream
         raise KldError(f"the ranks read different training corpora from {cfg.corpus!r}; every node needs the same files")
     hidden_history = hidden_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
-    if cfg.read_back:
-        training = {"train_tokens_per_s": 0.0, "history": read_back_stage(model, tok, cfg, stream, chunks, ranks)}
-    else:
-        training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
+    training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
     training["history"] = hidden_history + [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
     if training["history"]:
         final = training["history"][-1]
     else:  # a finished run resumed: nothing trained, nothing measured
-        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks, read_back=cfg.read_back)
-    if cfg.finetune_steps:  # _check_config: and some blocks to train
+        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
+    if cfg.finetune_steps:  # check_config: and some blocks to train
         history = second_stage(model, tok, cfg, stream, chunks, out, ranks)
         final = history[-1] if history else final
         training["history"] += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in history]
@@ -5057,8 +4835,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}{'mass on new':>13s}")
     print(f"{'teacher':24s}{teacher_measures['bits_per_char']:10.4f}{teacher_measures['tokens_per_char']:13.4f}{'':9s}"
           f"{mass(student['target_new_token_mass'])}")
-    trained = "read-back" if cfg.read_back else cfg.objective
-    for name, m in [("student at init", result["student_init"]), (f"student ({trained})", student)]:
+    for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
         print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}{mass(m['new_token_mass'])}")
     print(f"{f'targets ({cfg.lift})':24s}{student['target_bits_per_char']:10.4f}   (their own bits/char: the floor "
           f"of a student trained on them)")

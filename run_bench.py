@@ -5,7 +5,8 @@
     python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
                                     [--windows new_tokens] [--profile]
-    python run_bench.py matrix [--config configs/bench_cpu.json]
+    python run_bench.py matrix [--config configs/bench_cpu.json] [--inits fvt] [--objectives kl] [--out-dir DIR]
+                               [--divergences forward_kl jsd ...] [--set lift=path steps=100 ...]
     python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto] [--lift path|trie]
     python run_bench.py lift [--min-probs 0.1 0.03 0.01 0.001] [--chars 20000]
     python run_bench.py evaluator [--tasks bench_tasks] [--workers 0] [--repeats 3]
@@ -325,8 +326,13 @@ BENCH_KEYS = {"config": "kld config file every cell starts from", "overrides": "
               "out_dir": "where cells, bench.json, bench.csv and report.md go"}
 
 
-def read_bench_config(path):
+def read_bench_config(path, changes: dict | None = None):
+    """A bench config, with `changes` (the command line's: bench keys, and kld fields under
+    "overrides") on top of it."""
     spec = kld.read_json_object(path, "bench config")
+    changes = dict(changes or {})
+    spec["overrides"] = {**spec.get("overrides", {}), **changes.pop("overrides", {})}
+    spec.update(changes)
     unknown = set(spec) - set(BENCH_KEYS)
     if unknown:
         raise kld.KldError(f"unknown bench config keys {sorted(unknown)}; known: {BENCH_KEYS}")
@@ -554,8 +560,19 @@ def plot_embeddings(out: Path, rows, values) -> str | None:
     return path.name
 
 
+def command_line_changes(args) -> dict:
+    """The matrix's command line as bench config keys: --inits, --objectives, --divergences
+    (a name or a JSON object each), --out-dir and --set KEY=VALUE (kld fields)."""
+    changes = {key: getattr(args, key) for key in ("inits", "objectives", "out_dir") if getattr(args, key, None)}
+    if getattr(args, "divergences", None):
+        changes["divergences"] = [json.loads(d) if d.startswith("{") else d for d in args.divergences]
+    pairs = [pair.partition("=") for pair in getattr(args, "set", [])]
+    changes["overrides"] = kld.parse_overrides([f"--{key}={value}" for key, _, value in pairs])
+    return changes
+
+
 def bench_matrix(args):
-    spec, values = read_bench_config(args.config)
+    spec, values = read_bench_config(args.config, command_line_changes(args))
     bench = run_matrix(spec, values)
     out = Path(spec.get("out_dir", "runs/bench"))
     table, compared = table_rows(bench), comparisons(bench["rows"])
@@ -575,8 +592,7 @@ def initialisers(args):
     """Initialisers ranked as Beyond Initialization Loss ranks them: held out at step 0 and
     after --steps steps of the config's objective (its windows, rates, cpu_bf16), each pair
     "input/output" (or one name for both) from the same extension and windows."""
-    cfg = kld.load_config(args.config, ["--steps", str(args.steps), "--hidden_steps", "0", "--eval_every", "0",
-                                        "--fit_windows", "0"])
+    cfg = kld.load_config(args.config, ["--steps", str(args.steps), "--hidden_steps", "0", "--eval_every", "0"])
     device = kld.resolve_device(args.device or cfg.device)
     model, tokenizer = kld.load_model(cfg.model, device=device, dtype=kld.resolve_dtype(cfg.dtype))
     train_texts, heldout_texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
@@ -618,8 +634,7 @@ def heldout(args):
         _, texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
         chunks = kld.eval_chunks(tok.base, texts, cfg.eval_chars, cfg.eval_window)
         lift_cfg = kld.make_lift(tok, args.lift or cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
-        m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size, lift_cfg,
-                         read_back=cfg.read_back)
+        m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size, lift_cfg)
         masses = [f"{x:.3f}" if x is not None else "-" for x in (m["new_token_mass"], m["target_new_token_mass"])]
         print(f"| {run} | {lift_cfg.mode} | {m['bits_per_char']:.4f} | {m['target_bits_per_char']:.4f} | {m['kl']:.4f} "
               f"| {m['new_token_share']:.1%} | {' | '.join(masses)} |")
@@ -715,7 +730,6 @@ def codegen(args):
     if args.run:
         cfg = kld.load_config(str(Path(args.run) / "config.json"), overrides)
         model, tok = kld.load_student(args.run, device=kld.resolve_device(args.device), dtype=kld.resolve_dtype(cfg.dtype))
-        kld.check_read_back_fits(cfg, tok, model.cfg)
         out = Path(args.run) / "codegen.json"
     else:
         cfg = kld.load_config(args.config, overrides)
@@ -747,15 +761,13 @@ def generation_speed(args):
     device = kld.resolve_device(args.device)
     dtype = kld.resolve_dtype(cfg.dtype)
     student, student_tok = kld.load_student(args.run, device=device, dtype=dtype)
-    kld.check_read_back_fits(cfg, student_tok, student.cfg)
     teacher, tokenizer = kld.load_model(cfg.model, device=device, dtype=dtype)
     teacher_tok = kld.ExtendedTokenizer(tokenizer, [], teacher.cfg.vocab_size)  # tau: no merges
     chat = kld.uses_chat(cfg, teacher_tok)
     prompts = [kld.task_prompt(t, chat, cfg.system_prompt) for t in kld.read_tasks(cfg.tasks)[: args.n_tasks]]
     greedy = dataclasses.replace(kld.decoding_of(cfg), batch_size=args.batch_size, temperature=0.0)
-    models = {  # name: (model, tokenizer, its decoding); the teacher never reads back (it has no new tokens)
-        "teacher": (teacher, teacher_tok,
-                    kld.task_decoding(dataclasses.replace(greedy, read_back=False), teacher.cfg, teacher_tok, chat)),
+    models = {  # name: (model, tokenizer, its decoding)
+        "teacher": (teacher, teacher_tok, kld.task_decoding(greedy, teacher.cfg, teacher_tok, chat)),
         "student": (student, student_tok, kld.task_decoding(greedy, student.cfg, student_tok, chat)),
     }
     seconds = {name: [] for name in models}
@@ -793,7 +805,7 @@ def run_row(run_dir: Path, reference: dict, label: str = "teacher") -> dict:
     codegen = kld.read_json_object(run_dir / "codegen.json", "a run's code generation (run_bench.py codegen --run)")
     if not results.get("complete"):
         raise kld.KldError(f"{run_dir} has not finished (results.json is not complete)")
-    if reference["settings"] != {k: v for k, v in codegen.get("settings", {}).items() if k != "read_back"}:
+    if reference["settings"] != codegen.get("settings", {}):
         raise kld.KldError(f"{run_dir}/codegen.json was made with other code-generation settings than the {label}'s")
     try:
         student, summary = results["student"], codegen["summary"]
@@ -855,7 +867,6 @@ def rows(args):
     path = Path(args.against) / "codegen.json" if args.against else Path(args.teacher)
     label = args.against or "teacher"
     reference = kld.read_json_object(path, f"the code generation of {label} (run_bench.py codegen)")
-    reference["settings"] = {k: v for k, v in reference.get("settings", {}).items() if k != "read_back"}
     table = sorted((run_row(Path(r), reference, label) for r in args.runs), key=lambda r: r["run_s"])
     teacher_bpc = table[0]["teacher_bits_per_char"]  # the same held-out text in every run of one corpus
     ref = reference["summary"]
@@ -918,6 +929,11 @@ def main():
     p.add_argument("--merges", type=int, nargs="+", default=[64, 256, 1024])
     p = sub.add_parser("matrix", help="initialisers x objectives + the teacher: pass@1, bits/char, tokens/char")
     p.add_argument("--config", default="configs/bench_cpu.json", help="bench config (JSON)")
+    p.add_argument("--inits", nargs="+", help="instead of the bench config's")
+    p.add_argument("--objectives", nargs="+", help="instead of the bench config's")
+    p.add_argument("--divergences", nargs="+", help="names, or JSON objects with a name and kld fields")
+    p.add_argument("--out-dir", help="instead of the bench config's")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="kld config fields on top of its overrides")
     p = sub.add_parser("heldout", help="finished students on their held-out text: do they expect their new tokens?")
     p.add_argument("runs", nargs="+", help="out_dir of a finished kld run")
     p.add_argument("--lift", choices=["path", "trie"], help="measure against these targets (default: the run's own)")
@@ -956,7 +972,7 @@ def main():
     p.add_argument("--device", default="auto")
     p = sub.add_parser("inits", help="initialisers held out at step 0 and after a few steps of training")
     p.add_argument("--config", default="configs/default.json", help="the training whose first steps are taken")
-    p.add_argument("--inits", nargs="+", default=["fvt", "last_piece/first_piece", "fvt_norm/char_length"],
+    p.add_argument("--inits", nargs="+", default=["fvt", "last_piece/first_piece", "fvt/char_length"],
                    help="INPUT/OUTPUT initialiser pairs (one name: both rows)")
     p.add_argument("--steps", type=int, default=50, help="steps of the config's objective (0: step 0 only)")
     p.add_argument("--device", help="default: the config's")

@@ -81,6 +81,11 @@ def test_config_wrong_type_is_an_error(key, value):
         kld.make_config({key: value})
 
 
+def test_the_default_config_file_lists_the_dataclass_defaults():
+    """configs/default.json is a readable listing of the default run: it can never disagree with Config()."""
+    assert kld.load_config(str(FIXTURES.parent / "configs" / "default.json")) == kld.Config()
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(kld.KldError, match="config file not found"):
         kld.load_config(str(tmp_path / "missing.json"))
@@ -110,7 +115,7 @@ def test_a_config_is_checked_however_it_is_made():
         kld.Config(steps=-1)
     with pytest.raises(kld.KldError, match="'lr' must be a finite number"):
         kld.dataclasses.replace(kld.Config(), lr=math.nan)
-    assert kld.INIT_NAMES.choices == tuple(kld.INITIALISERS)  # the config's names are section 6's
+    assert kld.INIT_NAMES == tuple(kld.INITIALISERS)  # the config's names are section 6's
 
 
 def test_cli_rejects_values_out_of_range_before_writing_anything(tmp_path, capsys):
@@ -132,7 +137,8 @@ def test_write_atomic_keeps_old_content_on_failure(tmp_path):
 
 TINY_RUN = {"model": str(FIXTURES / "llama"), "corpus": str(FIXTURES / "make_fixtures.py"), "n_merges": 24,
             "steps": 6, "batch_size": 2, "seq_len": 12, "eval_every": 3, "log_every": 3, "eval_chars": 1500,
-            "eval_window": 48, "max_new_tokens": 5, "prompt": "def f(x):"}
+            "eval_window": 48, "max_new_tokens": 5, "prompt": "def f(x):",
+            "hidden_steps": 0, "windows": "uniform", "lr_out": 2e-3, "cpu_bf16": False}  # KL steps alone
 
 
 def test_cli_end_to_end_on_tiny_model(tmp_path):
@@ -147,51 +153,7 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     assert {"extension.json", "new_rows.safetensors", "checkpoint.pt"} <= set(os.listdir(tmp_path / "run"))
 
 
-def test_a_read_back_run_fits_the_output_rows_alone_and_refuses_steps(tmp_path, capsys):
-    """read_back: no steps; the output rows are fitted at the teacher's states, which lowers
-    the held-out KL of the read-back student; the input rows stay as initialised."""
-    config = {**TINY_RUN, "read_back": True, "steps": 0, "fit_windows": 8, "out_dir": str(tmp_path / "run")}
-    (tmp_path / "c.json").write_text(json.dumps(config))
-    assert kld.main(["--config", str(tmp_path / "c.json")]) == 0
-    assert "student (read-back)" in capsys.readouterr().out
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert [h["step"] for h in results["history"]] == [0]
-    assert results["student"]["kl"] < results["student_init"]["kl"]
-    model, tok = kld.load_student(tmp_path / "run")
-    base, _ = kld.load_model(FIXTURES / "llama")
-    fvt_rows = kld.init_fvt(base.embed.weight, tok.expansions, None)
-    torch.testing.assert_close(model.new_in, fvt_rows.to(model.new_in.dtype))
-    assert kld.main(["--config", str(tmp_path / "c.json"), "--out_dir", str(tmp_path / "steps"), "--steps", "3"]) == 2
-    assert "read_back fits the output rows alone" in capsys.readouterr().err
-    assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2  # transformers cannot read back
-    assert "is a read-back student" in capsys.readouterr().err and not (tmp_path / "hf").exists()
-    import run_bench
-
-    too_long = argparse.Namespace(run=str(tmp_path / "run"), tasks=str(BENCH), n_tasks=1, max_new_tokens=1000,
-                                  batch_size=1, rounds=1, device="cpu")
-    with pytest.raises(kld.KldError, match="read back as up to"):  # refused before any decoding
-        run_bench.generation_speed(too_long)
-
-
-def test_a_run_saved_before_a_field_existed_reads_as_the_field_default(tmp_path):
-    assert kld.saved_field({"steps": 7}, "steps") == 7
-    assert kld.saved_field({}, "finetune_first_layers") == 0 and kld.saved_field({}, "new_tokens") == []
-    cfg = kld.make_config({**TINY_RUN, "out_dir": str(tmp_path)})
-    saved = dataclasses.asdict(cfg)
-    del saved["finetune_first_layers"]  # an older kld did not write it
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    (tmp_path / "results.json").write_text("{}")
-    kld.check_out_dir(tmp_path, cfg)  # the same run: accepted
-    with pytest.raises(kld.KldError, match="other finetune_first_layers"):
-        kld.check_out_dir(tmp_path, dataclasses.replace(cfg, finetune_first_layers=1, finetune_steps=2))
-
-
 @pytest.mark.parametrize("settings, message", [
-    ({"fit_windows": 4, "steps": 0}, "steps must be above 0"),
-    ({"fit_windows": 4, "divergence": "reverse_kl"}, "minimises forward KL"),
-    ({"fit_windows": 4, "divergence_temperature": 2.0}, "minimises forward KL"),
-    ({"read_back": True, "fit_windows": 4}, "read_back fits the output rows alone"),
-    ({"read_back": True, "steps": 0, "fit_windows": 0}, "read_back fits the output rows alone"),
     ({"finetune_steps": 5}, "second stage needs both"),
     ({"finetune_layers": 1}, "second stage needs both"),
     ({"finetune_first_layers": 1}, "second stage needs both"),
@@ -523,54 +485,6 @@ def test_generation_past_the_first_cache_allocation_equals_full_passes():
         for _ in range(300):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert out.token_ids == ids[-300:][: len(out.token_ids)] and len(out.token_ids) >= 257
-
-
-@pytest.mark.parametrize("arch", HF_ARCHS)
-def test_read_back_generation_equals_full_passes_over_the_base_tokens(arch):
-    """The read-back student reads base tokens only: its greedy tokens, new ones among
-    them, are those of full forward passes over the prompt in tau followed by each emitted
-    token's expansion, also when prompts of different lengths are decoded together and
-    steps feed expansions of different lengths."""
-    model, tok = tiny_student(arch, init="random")
-    with torch.no_grad():
-        model.new_out.mul_(3.0)  # louder new output rows: new tokens get emitted
-    prompts = ["def f(x):", "import os\nclass A:\n    pass"]
-    out = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10, read_back=True, batch_size=2))
-    assert any(t >= tok.base_vocab_size for o in out for t in o.token_ids)
-    fed = [[len(tok.expand([t])) for t in o.token_ids] for o in out]
-    assert any(a != b for a, b in zip(*fed))  # a step fed expansions of different lengths
-    stop = out[0].token_ids[3]  # the first row ends there, the other goes on alone
-    ended = kld.generate(model, tok, prompts, kld.Decoding(max_new_tokens=10, read_back=True, batch_size=2,
-                                                           stop_ids={stop}))
-    assert ended[0].token_ids == out[0].token_ids[: out[0].token_ids.index(stop)]
-    if stop not in out[1].token_ids:
-        assert ended[1].token_ids == out[1].token_ids
-    for prompt, completion in zip(prompts, out):
-        ids = tok.base.encode(prompt, add_special_tokens=True).ids
-        emitted = []
-        with torch.no_grad():
-            while len(emitted) < len(completion.token_ids):
-                emitted.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-                ids += tok.expand(emitted[-1:])
-        assert completion.token_ids == emitted
-
-
-def test_the_read_back_student_predicts_from_the_teachers_state_at_the_end_of_each_span():
-    """student_logits(read_back): at student position j, the teacher's logits over V at e_j
-    (the last base token of span j) and new_out . h_{e_j} over the new tokens."""
-    model, tok = tiny_student("llama", init="random")
-    seq = tok.encode(CODE[:300])
-    assert any(i >= tok.base_vocab_size for i in seq)
-    [logits] = kld.student_logits(model, tok, [seq], read_back=True)  # (m - 1, |V'|)
-    expansion = list(tok.expand(seq))
-    with torch.no_grad():
-        states = model(torch.tensor([expansion]), hidden=True)[0]  # (|exp|, d)
-        teacher_logits = model(torch.tensor([expansion]), base_only=True)[0]  # (|exp|, |V|)
-    ends = kld.teacher_ends(seq, tok)[:-1]
-    V = tok.base_vocab_size
-    assert logits.shape == (len(seq) - 1, tok.vocab_size)
-    torch.testing.assert_close(logits[:, :V], teacher_logits[ends], atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits[:, V:], states[ends] @ model.new_out.detach().T, atol=1e-5, rtol=0)
 
 
 def test_seeded_sampling_is_reproducible_and_tiny_top_p_is_greedy(tiny):
@@ -1858,15 +1772,6 @@ def test_a_run_with_a_hidden_stage_moves_the_input_rows_first(tmp_path):
     assert [h["step"] for h in at_the_end["history"]] == [6]  # eval_every 0: measured at the very end only
 
 
-def test_the_hidden_stage_can_take_windows_chosen_for_the_new_tokens_and_the_steps_uniform_ones(tmp_path, monkeypatch):
-    chosen = []
-    new_token_windows = kld.new_token_windows
-    monkeypatch.setattr(kld, "new_token_windows", lambda *args: chosen.append(args[-1]) or new_token_windows(*args))
-    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(tmp_path / "run"), "hidden_steps": 2, "hidden_layer": 1,
-                             "steps": 2, "hidden_windows": "new_tokens", "windows": "uniform"}))
-    assert chosen == [TINY_RUN.get("seed", 0) + 1]  # the hidden stage's seed; the steps drew uniform windows
-
-
 def test_each_stage_of_a_run_draws_its_own_windows(tmp_path, monkeypatch):
     """Hidden stage, steps and second stage do not read the same windows in the same
     order: a stage that replayed the windows before it would repeat the teacher's work."""
@@ -1904,7 +1809,7 @@ def test_the_span_kl_gradient_is_right_where_the_student_is_sure(dtype, gap):
 def test_the_masked_vocabulary_of_the_report_has_finite_gradients():
     """The input of the report: six tokens, p' = 0 on two, a student logit of -inf on one."""
     log_p = torch.log(torch.tensor([[0.4, 0.0, 0.3, 0.2, 0.0, 0.1]], dtype=torch.float64))
-    for kind in kld.DIVERGENCES.choices:
+    for kind in kld.DIVERGENCES:
         logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 0.3, -0.2]], dtype=torch.float64, requires_grad=True)
         masked = logits + torch.tensor([[0.0, 0.0, 0.0, 0.0, -math.inf, 0.0]], dtype=torch.float64)
         value = kld.divergence(log_p, masked, kld.Divergence(kind), torch.tensor([2]))
@@ -2073,71 +1978,6 @@ def test_interrupted_training_resumes_to_the_same_rows(tmp_path, monkeypatch, ca
     resumed = run(tmp_path / "b")
     assert "resuming from" in capsys.readouterr().out
     assert torch.equal(whole.new_in, resumed.new_in) and torch.equal(whole.new_out, resumed.new_out)
-
-
-@pytest.mark.parametrize("objective", ["kl", "ce"])
-def test_output_row_loss_is_the_objective_up_to_a_constant(objective):
-    """With the hidden states fixed, output_row_loss moves exactly as the mean KL (or CE) of
-    the full model does when the new output rows change (METHOD.md section 4)."""
-    model, tok = tiny_student("llama", dtype=torch.float64)
-    stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
-    gen = kld.training_windows(stream, 16, seed=0)
-    windows = [next(gen) for _ in range(3)]
-    lift_cfg = kld.make_lift(tok, "trie", 0.0, True)
-    data = kld.output_row_data(model, tok, windows, objective, lift_cfg)
-    rows = [model.new_out.detach().clone(), model.new_out.detach() + 0.3 * torch.randn_like(model.new_out)]
-    full, fitted = [], []
-    for u in rows:
-        with torch.no_grad():
-            model.new_out.copy_(u)
-            full.append(kld.training_loss(model, tok, windows, objective, lift_cfg).item())
-        fitted.append(kld.output_row_loss(u, data).item())
-    assert abs(full[0] - full[1]) > 1e-3  # the rows matter
-    assert abs((full[0] - full[1]) - (fitted[0] - fitted[1])) < 1e-9
-
-
-def test_fit_output_rows_converges_and_its_ridge_holds_it():
-    model, tok = tiny_student("llama", dtype=torch.float64)
-    stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
-    gen = kld.training_windows(stream, 16, seed=0)
-    data = kld.output_row_data(model, tok, [next(gen) for _ in range(6)], "kl", kld.make_lift(tok, "trie", 0.01, True))
-    start = model.new_out.detach()
-    fitted = kld.fit_output_rows(start, data, 500, l2=1e-2)
-    rows = fitted.clone().requires_grad_(True)
-    loss = kld.output_row_loss(rows, data) + 0.5 * 1e-2 * (rows - start).pow(2).sum()
-    loss.backward()
-    assert rows.grad.norm() < 1e-5  # a stationary point of a convex function: the minimum
-    assert kld.output_row_loss(fitted, data) < kld.output_row_loss(start, data)
-    held = kld.fit_output_rows(start, data, 500, l2=1e4)
-    assert (held - start).norm() < 1e-3 * (fitted - start).norm()
-
-
-def test_training_with_an_output_fit_resumes_and_reports_both_states(tmp_path, monkeypatch, capsys):
-    cfg = train_cfg(steps=4, eval_every=2, fit_windows=4, fit_iterations=20)
-
-    def run(out):
-        model, tok = tiny_student("gpt2")
-        stream = kld.token_stream(tok, [CODE], kld.separator_id(model.cfg))
-        chunks = kld.eval_chunks(tok.base, [CODE[:500]], 500, 48)
-        history = kld.train(model, tok, cfg, stream, chunks, out / "ck.pt")["history"]
-        return model, history
-
-    whole, history = run(tmp_path / "a")
-    assert [(h["step"], h.get("before_fit", False)) for h in history] == [(2, False), (4, True), (4, False)]
-    assert f"output rows fitted on {4 * cfg.seq_len} positions" in capsys.readouterr().out
-    save = kld.save_checkpoint
-
-    def save_then_die(path, model, optimizer, step, cfg):
-        if step == 4:
-            raise KeyboardInterrupt  # after the steps, before the fit's checkpoint
-        save(path, model, optimizer, step, cfg)
-
-    monkeypatch.setattr(kld, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b")
-    monkeypatch.setattr(kld, "save_checkpoint", save)
-    resumed, _ = run(tmp_path / "b")
-    assert torch.equal(whole.new_out, resumed.new_out) and torch.equal(whole.new_in, resumed.new_in)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -2744,18 +2584,13 @@ def test_weighted_initialisers_on_a_worked_example():
     torch.testing.assert_close(kld.init_first_piece(rows, expansions, g)[0], torch.tensor([2 / 3, 1 / 3]))
     # three pieces, weights 1/4, 1/2, 1 (last most): (1/4 [1,0] + 1/2 [0,1] + [4,0]) / (7/4)
     torch.testing.assert_close(kld.init_last_piece(rows, expansions, g)[1], torch.tensor([17 / 7, 2 / 7]))
-    calibrated = kld.init_fvt_norm(rows, expansions, g)
-    base_norm = rows.norm(dim=1).mean()
-    torch.testing.assert_close(calibrated.norm(dim=1), base_norm.expand(2))
-    fvt = kld.init_fvt(rows, expansions, g)
-    torch.testing.assert_close(F.cosine_similarity(calibrated, fvt, dim=1), torch.ones(2))
     # pieces of 1 and 3 bytes: (1 [1,0] + 3 [0,1]) / 4; of 2, 1, 1 bytes: (2 [1,0] + [0,1] + [4,0]) / 4
     by_length = kld.init_char_length(rows, expansions, g, piece_bytes=[[1, 3], [2, 1, 1]])
     torch.testing.assert_close(by_length, torch.tensor([[1 / 4, 3 / 4], [6 / 4, 1 / 4]]))
 
 
 def test_char_length_output_rows_weigh_each_piece_by_its_spelling():
-    model, tok = tiny_student("llama", init="fvt_norm", init_output="char_length")
+    model, tok = tiny_student("llama", init="fvt", init_output="char_length")
     base_out = model.output_weight()[:tok.base_vocab_size].double()
     for n, e in enumerate(tok.expansions):
         lengths = torch.tensor([len(tok.token_bytes(x)) for x in e], dtype=torch.float64)
@@ -3007,6 +2842,19 @@ def test_bench_gen_speed_decodes_the_same_prompts_by_teacher_and_student(tmp_pat
         assert rows[name] == [str(sum(len(tok.decode(c.token_ids)) for c in completions)),
                               str(sum(len(c.token_ids) for c in completions))]
     assert out[-1].startswith("student / teacher: chars/s ")
+
+
+def test_bench_matrix_command_line_changes_the_bench_config(monkeypatch):
+    import run_bench
+
+    monkeypatch.chdir(FIXTURES.parent)
+    args = argparse.Namespace(config="configs/bench_cpu.json", inits=["fvt"], objectives=["kl"], out_dir="runs/x",
+                              divergences=["jsd", '{"name": "kl-T2", "divergence_temperature": 2.0}'],
+                              set=["lift=path", "steps=100", "cpu_bf16=false"])
+    spec, values = run_bench.read_bench_config(args.config, run_bench.command_line_changes(args))
+    assert (spec["inits"], spec["out_dir"], values["tasks"]) == (["fvt"], "runs/x", "bench_tasks")
+    assert (values["lift"], values["steps"], values["cpu_bf16"], values["hidden_steps"]) == ("path", 100, False, 55)
+    assert [name for name, _ in run_bench.matrix_cells(spec)] == ["fvt-jsd", "fvt-kl-T2"]
 
 
 def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
