@@ -512,27 +512,47 @@ class GPT(nn.Module):
         is_new = (ids >= V)[..., None]
         return torch.where(is_new, F.embedding((ids - V).clamp(min=0), self.new_in), x)
 
-    def forward(self, ids, valid=None, cache: KVCache | None = None, last_only: bool = False,
-                base_only: bool = False, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                hidden: bool = False, n_blocks: int | None = None):
-        """Logits for ids (B, T).
+    def forward(self, ids, valid=None, cache: KVCache | None = None, base_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, |V'|) for ids (B, T); base_only: over V only (the teacher's view).
 
-        valid (B, T): False marks padding (left padding for batched prompts), None: no
-        padding. Positions count real tokens only, so a padded row gives the logits of
-        the unpadded one.
-        cache: continue from the cached prefix and append this chunk to it.
-        last_only: logits of the last column only, (B, 1, V): all a decoder needs.
-        base_only: logits over the base vocabulary only (the teacher's view), even when
-        new tokens have rows.
-        positions (B, T) and mask (B, 1, T, past + T), given together: any attention
-        pattern, e.g. a tree of branches over a cached prefix (the lift's trie mode).
-        hidden: the final hidden states h (B, T, C), after the last norm, instead of logits.
-        n_blocks (with hidden, no cache): run the first n_blocks blocks only and return the
-        residual stream after them (B, T, C), Hugging Face's hidden_states[n_blocks]; the
-        last block's gives the final hidden states, after the norm, as hidden does.
-        """
-        if n_blocks is not None and not (hidden and cache is None and 1 <= n_blocks <= self.cfg.n_layer):
-            raise KldError(f"n_blocks {n_blocks} needs hidden=True, no cache, and 1 <= n_blocks <= {self.cfg.n_layer}")
+        valid (B, T): False marks padding (left padding for batched prompts); None: none.
+        Positions count real tokens only, so a padded row gives the logits of the unpadded
+        one. cache: continue from the cached prefix and append this chunk to it."""
+        return self.head(self.hidden_states(ids, valid, cache), base_only)
+
+    def hidden_states(self, ids, valid=None, cache: KVCache | None = None, n_blocks: int | None = None):
+        """H_l (B, T, C): the residual stream after the first n_blocks blocks (Hugging Face's
+        hidden_states[n_blocks]; no cache); after all of them (None or n_layer), the final
+        hidden states h, after the last norm: what the head reads."""
+        L = self.cfg.n_layer
+        if n_blocks is not None and not (cache is None and 1 <= n_blocks <= L):
+            raise KldError(f"n_blocks {n_blocks} needs no cache and 1 <= n_blocks <= {L}")
+        x = self.blocks_pass(ids, valid, cache, n_blocks=n_blocks)  # (B, T, C)
+        return x if n_blocks is not None and n_blocks < L else self.norm(x)
+
+    def tree_states(self, ids, valid, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor):
+        """Final hidden states (B, T, C) of a tree of branches over a cached prefix (the lift's
+        trie mode): positions (B, T) and mask (B, 1, T, past + T) give any attention pattern."""
+        return self.norm(self.blocks_pass(ids, valid, cache, positions, mask))
+
+    def decode_step(self, ids, valid, cache: KVCache) -> torch.Tensor:
+        """Logits (B, |V'|) after the last column of ids (B, T), the chunk appended to the
+        cache: a prompt's prefill, or one decoding step (T = 1)."""
+        x = self.blocks_pass(ids, valid, cache)[:, -1:]  # (B, 1, C): all a decoder needs
+        return self.head(self.norm(x))[:, -1]
+
+    def head(self, h: torch.Tensor, base_only: bool = False) -> torch.Tensor:
+        """Logits of final hidden states h (..., C): over V (..., |V|), then over N (..., |V'|)."""
+        logits = F.linear(h, self.output_weight())  # (..., V)
+        if self.new_out is not None and not base_only:
+            logits = torch.cat([logits, F.linear(h, self.new_out)], dim=-1)  # (..., V + N)
+        return logits
+
+    def blocks_pass(self, ids, valid=None, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None, n_blocks: int | None = None) -> torch.Tensor:
+        """The residual stream (B, T, C) after the first n_blocks blocks (None: all), before the
+        final norm; the chunk is appended to the cache. positions and mask as in tree_states
+        (given together), else the causal pattern over the cache and valid."""
         B, T = ids.shape
         n_past = cache.length if cache is not None else 0
         if mask is not None:
@@ -548,7 +568,6 @@ class GPT(nn.Module):
             positions = positions.clamp(min=0)  # padding before a row's first token
         if mask is None:
             mask, is_causal = attention_mask(key_valid, n_past, T, ids.device)
-
         x = self.embed_ids(ids)  # (B, T, C)
         rope = None
         if self.pos_embed is not None:
@@ -560,19 +579,9 @@ class GPT(nn.Module):
             rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer, block in enumerate(self.blocks[:n_blocks]):  # [:None]: every block
             x = block(x, rope, mask, is_causal, cache, layer)
-        if n_blocks is not None and n_blocks < self.cfg.n_layer:
-            return x  # the residual stream after block n_blocks; the blocks after it are skipped
         if cache is not None:
             cache.advance(T, valid)
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
-        if hidden:
-            return x
-        logits = F.linear(x, self.output_weight())  # (B, T, V)
-        if self.new_out is not None and not base_only:
-            logits = torch.cat([logits, F.linear(x, self.new_out)], dim=-1)  # (B, T, V + N)
-        return logits
+        return x
 
 
 # ----------------------------------------------------------------------------------------
@@ -1631,14 +1640,12 @@ def right_aligned(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor | None
     return padded_batch(seqs, device, at_end=True)
 
 
-def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False,
-                    hidden: bool = False) -> list[torch.Tensor]:
+def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False) -> list[torch.Tensor]:
     """One batched pass over sequences of any lengths (right-padded); for each, the logits
-    (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1
-    (hidden: the final hidden states there instead)."""
+    (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1."""
     ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
     with autocast(ids.device):
-        logits = model(ids, valid, base_only=base_only, hidden=hidden)  # (B, width, |V'| or d)
+        logits = model(ids, valid, base_only=base_only)  # (B, width, |V'| or |V|)
     return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]  # padding and the last row dropped
 
 
@@ -1649,7 +1656,7 @@ def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False) -> tupl
     ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
     cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)  # room for the sequences
     with autocast(ids.device):
-        out = model(ids, valid, cache, base_only=True, hidden=hidden)
+        out = model.hidden_states(ids, valid, cache) if hidden else model(ids, valid, cache, base_only=True)
     return out, cache
 
 
@@ -1686,8 +1693,8 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
     # each position attends to itself (padding too: no softmax row is empty)
     mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True
     with autocast(device):
-        return model(ids.to(device), valid.to(device), cache, base_only=True, positions=positions.to(device),
-                     mask=mask.to(device), hidden=hidden)
+        states = model.tree_states(ids.to(device), valid.to(device), cache, positions.to(device), mask.to(device))
+        return states if hidden else model.head(states, base_only=True)
 
 
 @torch.no_grad()
@@ -1829,7 +1836,7 @@ def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], 
         raise KldError("the kl objective needs lift settings (make_lift)")
     ids, valid = right_padded(windows, model.embed.weight.device)
     with autocast(ids.device):
-        states = model(ids, valid, hidden=True)  # (B, width, d): the student, through its new input rows
+        states = model.hidden_states(ids, valid)  # (B, width, d): the student, through its new input rows
     # The rows that predict ids 1 .. of each window, all windows in one list of P positions.
     h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])  # (P, d)
     next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)  # (P,)
@@ -1873,11 +1880,11 @@ def hidden_state_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int
     device = model.embed.weight.device
     ids, valid = right_padded(windows, device)  # (B, width)
     with autocast(device):
-        student = model(ids, valid, hidden=True, n_blocks=layer)  # (B, width, d) H'_l
+        student = model.hidden_states(ids, valid, n_blocks=layer)  # (B, width, d) H'_l
     seqs = [list(tok.expand(w)) for w in windows]  # the same text in teacher tokens
     teacher_ids, teacher_valid = right_padded(seqs, device)  # (B, teacher width)
     with torch.no_grad(), autocast(device):
-        reference = (teacher or model)(teacher_ids, teacher_valid, hidden=True, n_blocks=layer)  # (B, tw, d) H_l
+        reference = (teacher or model).hidden_states(teacher_ids, teacher_valid, n_blocks=layer)  # (B, tw, d) H_l
     h_student = torch.cat([student[b, : len(w)] for b, w in enumerate(windows)])  # (P, d) every position
     h_teacher = torch.cat([reference[b, teacher_ends(w, tok)] for b, w in enumerate(windows)])  # (P, d) at e_j
     return F.mse_loss(upcast(h_student), upcast(h_teacher))
@@ -2700,7 +2707,7 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
     ids, valid = right_aligned(prompt_ids, device)  # (B, T), left-padded: every row's last token in the last column
     # room for 256 new tokens, doubled when full: memory grows with what is generated, not with the budget
     cache = KVCache(model.cfg, B, T + min(max_new_tokens, 256), device, next(model.parameters()).dtype)
-    logits = model(ids, valid, cache, last_only=True)[:, -1]
+    logits = model.decode_step(ids, valid, cache)  # (B, |V'|)
     tokens: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     active = list(range(B))  # batch row -> index into `tokens`
@@ -2731,7 +2738,7 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
         needed = cache.length + 1
         if needed > cache.valid.shape[1]:  # doubled, up to what the budget can fill
             cache.reserve(min(max(2 * cache.length, needed), T + max_new_tokens))
-        logits = model(feed, None, cache, last_only=True)[:, -1]
+        logits = model.decode_step(feed, None, cache)
     completions = []
     for row in range(B):
         text = tok.decode(tokens[row], skip_special_tokens=True)

@@ -623,13 +623,13 @@ def test_teacher_and_student_prompts_carry_the_bos_a_gguf_asks_for(monkeypatch):
     student = kld.build_extension(tokenizer, [CODE] * 3, n_merges=60, base_vocab_size=V)
     prompt = CODE[:200]  # text the merges were learned on
     seen = []
-    forward = model.forward
+    decode_step = model.decode_step
 
     def spy(ids, *args, **kwargs):  # the prompt ids generate hands the model
         seen.append(ids[0].tolist())
-        return forward(ids, *args, **kwargs)
+        return decode_step(ids, *args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", spy)
+    monkeypatch.setattr(model, "decode_step", spy)
     for tok in (teacher_tok, student):
         seen.clear()
         kld.generate(model, tok, [prompt], kld.Decoding(max_new_tokens=1))
@@ -1667,12 +1667,12 @@ def test_n_blocks_gives_the_residual_stream_after_that_block(arch):
     model, _ = kld.load_model(FIXTURES / arch)
     ids = torch.tensor([[5, 9, 14, 200, 3]])
     with torch.no_grad():
-        assert torch.equal(model(ids, hidden=True, n_blocks=model.cfg.n_layer), model(ids, hidden=True))
-        after_first = model(ids, hidden=True, n_blocks=1)
+        assert torch.equal(model.hidden_states(ids, n_blocks=model.cfg.n_layer), model.hidden_states(ids))
+        after_first = model.hidden_states(ids, n_blocks=1)
         assert after_first.shape == (1, 5, model.cfg.d_model)
-        assert not torch.allclose(after_first, model(ids, hidden=True))
+        assert not torch.allclose(after_first, model.hidden_states(ids))
     with pytest.raises(kld.KldError, match="n_blocks 3 needs"):
-        model(ids, hidden=True, n_blocks=model.cfg.n_layer + 1)
+        model.hidden_states(ids, n_blocks=model.cfg.n_layer + 1)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
