@@ -72,6 +72,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import textwrap
 import time
 import types
 import typing
@@ -213,23 +214,6 @@ def admits(allowed: str | tuple, x) -> bool:
     return math.isfinite(x) and above and below
 
 
-def check_config(cfg: Config):
-    """Every field against its type and ALLOWED, and the settings that would silently do
-    nothing together: a KldError that names the field."""
-    hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        check_type(f.name, value, hints[f.name])
-        allowed = ALLOWED.get(f.name)
-        for x in value if isinstance(value, list) else [value]:
-            if allowed is not None and x is not None and not admits(allowed, x):
-                shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else f"a finite number in {allowed}"
-                raise KldError(f"config key {f.name!r} must be {shown}, got {x!r}")
-    if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
-        raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers "
-                       "or finetune_first_layers); set all three to 0 for none")
-
-
 def check_type(name: str, value, annotation):
     """Raise KldError unless `value` (parsed JSON) is of the field's type."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -251,6 +235,23 @@ def check_type(name: str, value, annotation):
     type_name = getattr(annotation, "__name__", str(annotation))
     raise KldError(f"config key {name!r} must be of type {type_name}, got {value!r} "
                    f"({type(value).__name__})")
+
+
+def check_config(cfg: Config):
+    """Every field against its type and ALLOWED, and the settings that would silently do
+    nothing together: a KldError that names the field."""
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        check_type(f.name, value, hints[f.name])
+        allowed = ALLOWED.get(f.name)
+        for x in value if isinstance(value, list) else [value]:
+            if allowed is not None and x is not None and not admits(allowed, x):
+                shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else f"a finite number in {allowed}"
+                raise KldError(f"config key {f.name!r} must be {shown}, got {x!r}")
+    if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
+        raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers "
+                       "or finetune_first_layers); set all three to 0 for none")
 
 
 def make_config(values: dict, source: str = "config") -> Config:
@@ -2233,14 +2234,15 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
 # 8. The batched lift: the same three steps for a whole batch, as tensor operations
 # ----------------------------------------------------------------------------------------
 #
-# What teacher_targets (section 7) runs. `lift` above walks the trie one position at a time in Python: the reference. `lift_batch`
-# runs the same three steps for every position of a batch of windows at once, one trie
-# level per iteration. Its state is a list of *entries*, one per (position, sequence)
-# reached, each a row of parallel tensors: the position j, the trie node of the sequence,
-# log P, the teacher context its children are read at, and what step 3 needs. The trie
-# lives in `LiftTables`: nodes numbered level by level, so each node's children are a
-# contiguous range, and sets of pairs kept as sorted integer keys, looked up by
-# torch.searchsorted. The tests hold lift_batch equal to lift, position by position.
+# What teacher_targets (section 7) runs. `lift` above walks the trie one position at a
+# time in Python: the reference. `lift_batch` runs the same three steps for every position
+# of a batch of windows at once, one trie level per iteration. Its state is a list of
+# *entries*, one per (position, sequence) reached, each a row of parallel tensors: the
+# position j, the trie node of the sequence, log P, the teacher context its children are
+# read at, and what step 3 needs. The trie lives in `LiftTables`: nodes numbered level by
+# level, so each node's children are a contiguous range, and sets of pairs kept as sorted
+# integer keys, looked up by torch.searchsorted. The tests hold lift_batch equal to lift,
+# position by position.
 
 
 @dataclass
@@ -2370,6 +2372,96 @@ class BranchRows:
 def branch_key(window, b, suffix, width: int, n_suffixes: int):
     """One integer per branch context (window, b, suffix node), of ints or long tensors; width > every b."""
     return (window * width + b) * n_suffixes + suffix
+
+
+def _suffix_child(tables: LiftTables, suffix: torch.Tensor,
+                  x: torch.Tensor, V: int) -> torch.Tensor:
+    """The suffix node of xs + (x,) for suffix nodes xs (-1: empty) and tokens x."""
+    _, index = sorted_lookup(tables.suffix_keys, (suffix + 1) * V + x)
+    return tables.suffix_child[index]
+
+
+def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.Tensor, row_of: torch.Tensor,
+                    alphabet_logp: torch.Tensor, span_logp: torch.Tensor, tables: LiftTables,
+                    counts: list[int]) -> list[LiftedTargets]:
+    """Step 3 of the lift for every walked entry at once (see `emission_probabilities`),
+    and the targets split into windows of counts[r] positions."""
+    device = start.device
+    m = len(start)
+    V = len(tables.column)
+    log_z = torch.zeros(m, dtype=torch.float64, device=device)
+    fix_pos = torch.zeros(0, dtype=torch.long, device=device)
+    fix_ids = torch.zeros(0, dtype=torch.long, device=device)
+    fix_logp = torch.zeros(0, dtype=torch.float64, device=device)
+    new_pos = torch.zeros(0, dtype=torch.long, device=device)
+    new_ids = torch.zeros(0, dtype=torch.long, device=device)
+    new_logp = torch.zeros(0, dtype=torch.float64, device=device)
+    if walked is not None:
+        P = walked["log_p"].exp()  # (E,) P of every walked sequence
+        f = walked["found"].nonzero()[:, 0]  # (F,) the found entries: new tokens and extensions
+        pos = walked["pos"][f]
+        node = walked["node"][f]
+        anchor = walked["anchor"][f]
+        # mass = P minus the P of the found sequences whose nearest found prefix it is ...
+        mass = P.clone()
+        up = anchor >= 0
+        mass.index_add_(0, anchor[up], -P[f][up])
+        # ... and a base token's mass is its P minus theirs where no found prefix is between
+        to_base = f[~up & (tables.depth[node] > 1)]
+        pairs = walked["pos"][to_base] * V + tables.first[walked["node"][to_base]]  # (position, base token) as one key
+        keys, inverse = pairs.unique(return_inverse=True)  # each base token once per position
+        base_pos = keys // V
+        base_tok = keys % V
+        # the teacher's P of the base token
+        base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp()
+        base_mass = base_mass.index_add(0, inverse, -P[to_base])
+        # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
+        extension = walked["extension"]
+        Z = torch.ones(m, dtype=torch.float64, device=device)
+        Z = Z.index_add(0, walked["pos"][extension], -P[extension])
+        Z = Z.clamp(min=1e-300)
+        log_z = Z.log()
+        p_found = torch.where(walked["blocked"][f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
+        root = tables.depth[node] == 1  # found sequences of one token: base tokens (extensions)
+        fix_pos = torch.cat([pos[root], base_pos])
+        fix_ids = torch.cat([tables.token[node][root], base_tok])
+        fix_logp = torch.cat([p_found[root], base_mass.clamp(min=0.0) / Z[base_pos]]).log()
+        is_new = (tables.new_id[node] >= 0) & ~extension[f]
+        new_pos = pos[is_new]
+        new_ids = tables.new_id[node][is_new]
+        new_logp = p_found[is_new].log()
+    # The new tokens' targets as (m, width) tables: the c-th target of position j in column c.
+    order = torch.argsort(new_pos, stable=True)  # group the targets by position
+    new_pos = new_pos[order]
+    per_position = torch.bincount(new_pos, minlength=m)  # (m,)
+    width = max(int(per_position.max()) if m else 1, 1)
+    first_of_position = torch.cumsum(per_position, 0) - per_position  # (m,) where each position's group starts
+    # rank inside the group
+    column = torch.arange(len(new_pos), device=device) - first_of_position[new_pos]
+    dtype = upcast(rows[0].states).dtype
+    id_table = torch.zeros((m, width), dtype=torch.long, device=device)
+    logp_table = torch.full((m, width), -math.inf, dtype=dtype, device=device)
+    id_table[new_pos, column] = new_ids[order]
+    logp_table[new_pos, column] = new_logp[order].to(dtype)
+    # One LiftedTargets per window.
+    out = []
+    first = 0
+    for r, count in enumerate(counts):
+        stop = first + count  # window r has positions first .. stop - 1
+        here = (fix_pos >= first) & (fix_pos < stop)
+        out.append(LiftedTargets(
+            teacher=rows[r].select(start[first:stop]),
+            log_z=log_z[first:stop],
+            fix_pos=fix_pos[here] - first,
+            fix_ids=fix_ids[here],
+            fix_logp=fix_logp[here],
+            new_ids=id_table[first:stop],
+            new_logp=logp_table[first:stop],
+            span_logp=span_logp[first:stop],
+            n_new=tables.n_new,
+        ))
+        first = stop
+    return out
 
 
 def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: list[list[int]],
@@ -2517,96 +2609,6 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     return targets, wanted
 
 
-def _suffix_child(tables: LiftTables, suffix: torch.Tensor,
-                  x: torch.Tensor, V: int) -> torch.Tensor:
-    """The suffix node of xs + (x,) for suffix nodes xs (-1: empty) and tokens x."""
-    _, index = sorted_lookup(tables.suffix_keys, (suffix + 1) * V + x)
-    return tables.suffix_child[index]
-
-
-def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.Tensor, row_of: torch.Tensor,
-                    alphabet_logp: torch.Tensor, span_logp: torch.Tensor, tables: LiftTables,
-                    counts: list[int]) -> list[LiftedTargets]:
-    """Step 3 of the lift for every walked entry at once (see `emission_probabilities`),
-    and the targets split into windows of counts[r] positions."""
-    device = start.device
-    m = len(start)
-    V = len(tables.column)
-    log_z = torch.zeros(m, dtype=torch.float64, device=device)
-    fix_pos = torch.zeros(0, dtype=torch.long, device=device)
-    fix_ids = torch.zeros(0, dtype=torch.long, device=device)
-    fix_logp = torch.zeros(0, dtype=torch.float64, device=device)
-    new_pos = torch.zeros(0, dtype=torch.long, device=device)
-    new_ids = torch.zeros(0, dtype=torch.long, device=device)
-    new_logp = torch.zeros(0, dtype=torch.float64, device=device)
-    if walked is not None:
-        P = walked["log_p"].exp()  # (E,) P of every walked sequence
-        f = walked["found"].nonzero()[:, 0]  # (F,) the found entries: new tokens and extensions
-        pos = walked["pos"][f]
-        node = walked["node"][f]
-        anchor = walked["anchor"][f]
-        # mass = P minus the P of the found sequences whose nearest found prefix it is ...
-        mass = P.clone()
-        up = anchor >= 0
-        mass.index_add_(0, anchor[up], -P[f][up])
-        # ... and a base token's mass is its P minus theirs where no found prefix is between
-        to_base = f[~up & (tables.depth[node] > 1)]
-        pairs = walked["pos"][to_base] * V + tables.first[walked["node"][to_base]]  # (position, base token) as one key
-        keys, inverse = pairs.unique(return_inverse=True)  # each base token once per position
-        base_pos = keys // V
-        base_tok = keys % V
-        # the teacher's P of the base token
-        base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp()
-        base_mass = base_mass.index_add(0, inverse, -P[to_base])
-        # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
-        extension = walked["extension"]
-        Z = torch.ones(m, dtype=torch.float64, device=device)
-        Z = Z.index_add(0, walked["pos"][extension], -P[extension])
-        Z = Z.clamp(min=1e-300)
-        log_z = Z.log()
-        p_found = torch.where(walked["blocked"][f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
-        root = tables.depth[node] == 1  # found sequences of one token: base tokens (extensions)
-        fix_pos = torch.cat([pos[root], base_pos])
-        fix_ids = torch.cat([tables.token[node][root], base_tok])
-        fix_logp = torch.cat([p_found[root], base_mass.clamp(min=0.0) / Z[base_pos]]).log()
-        is_new = (tables.new_id[node] >= 0) & ~extension[f]
-        new_pos = pos[is_new]
-        new_ids = tables.new_id[node][is_new]
-        new_logp = p_found[is_new].log()
-    # The new tokens' targets as (m, width) tables: the c-th target of position j in column c.
-    order = torch.argsort(new_pos, stable=True)  # group the targets by position
-    new_pos = new_pos[order]
-    per_position = torch.bincount(new_pos, minlength=m)  # (m,)
-    width = max(int(per_position.max()) if m else 1, 1)
-    first_of_position = torch.cumsum(per_position, 0) - per_position  # (m,) where each position's group starts
-    # rank inside the group
-    column = torch.arange(len(new_pos), device=device) - first_of_position[new_pos]
-    dtype = upcast(rows[0].states).dtype
-    id_table = torch.zeros((m, width), dtype=torch.long, device=device)
-    logp_table = torch.full((m, width), -math.inf, dtype=dtype, device=device)
-    id_table[new_pos, column] = new_ids[order]
-    logp_table[new_pos, column] = new_logp[order].to(dtype)
-    # One LiftedTargets per window.
-    out = []
-    first = 0
-    for r, count in enumerate(counts):
-        stop = first + count  # window r has positions first .. stop - 1
-        here = (fix_pos >= first) & (fix_pos < stop)
-        out.append(LiftedTargets(
-            teacher=rows[r].select(start[first:stop]),
-            log_z=log_z[first:stop],
-            fix_pos=fix_pos[here] - first,
-            fix_ids=fix_ids[here],
-            fix_logp=fix_logp[here],
-            new_ids=id_table[first:stop],
-            new_logp=logp_table[first:stop],
-            span_logp=span_logp[first:stop],
-            n_new=tables.n_new,
-        ))
-        first = stop
-    return out
-
-
 @dataclass(frozen=True)
 class Lift:
     """How the teacher is lifted (Config: lift, lift_min_prob, lift_condition), with the extension's trie."""
@@ -2720,43 +2722,6 @@ def decoding_of(cfg: Config) -> Decoding:
                     batch_size=cfg.gen_batch_size)
 
 
-@torch.inference_mode()
-def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
-             decoding: Decoding = Decoding()) -> list[Completion]:
-    """Complete each prompt (already formatted) as `decoding` says.
-
-    A prompt is encoded with the special tokens its tokenizer adds (a BOS that a GGUF asks
-    for); the teacher is an ExtendedTokenizer with no merges, so both encode alike.
-    Prompts are sorted by length and decoded `decoding.batch_size` at a time, left-padded,
-    with one KV cache per batch; a finished row leaves the batch. Greedy results do not
-    depend on the batching; sampled ones are reproducible for the same call and seed.
-    """
-    if not isinstance(tok, ExtendedTokenizer):
-        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's "
-                       "tokenizer is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
-    if not prompts:
-        return []
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(decoding.seed)
-    encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
-    if any(not ids for ids in encoded):
-        raise KldError("a prompt encodes to no tokens; give it some text")
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
-    results: list[Completion | None] = [None] * len(prompts)
-    # Every decoding step has a new key length; cuDNN's attention builds a plan per shape
-    # (1.5 ms of CPU each on an H100, torch 2.11), so leave it out while decoding.
-    backends = [SDPBackend.FLASH_ATTENTION,
-                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(backends):
-        for start in range(0, len(order), decoding.batch_size):
-            rows = order[start : start + decoding.batch_size]
-            outs = _generate_batch(model, tok,
-                                   [encoded[i] for i in rows], decoding, generator)
-            for i, out in zip(rows, outs):
-                results[i] = out
-    return results
-
-
 def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[int]], decoding: Decoding,
                     generator: torch.Generator) -> list[Completion]:
     """generate for one batch of encoded prompts."""
@@ -2807,6 +2772,43 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
         cut = min((text.find(s) for s in stop if s in text), default=len(text))
         completions.append(Completion(text[:cut], tokens[row], reasons[row]))
     return completions
+
+
+@torch.inference_mode()
+def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
+             decoding: Decoding = Decoding()) -> list[Completion]:
+    """Complete each prompt (already formatted) as `decoding` says.
+
+    A prompt is encoded with the special tokens its tokenizer adds (a BOS that a GGUF asks
+    for); the teacher is an ExtendedTokenizer with no merges, so both encode alike.
+    Prompts are sorted by length and decoded `decoding.batch_size` at a time, left-padded,
+    with one KV cache per batch; a finished row leaves the batch. Greedy results do not
+    depend on the batching; sampled ones are reproducible for the same call and seed.
+    """
+    if not isinstance(tok, ExtendedTokenizer):
+        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's "
+                       "tokenizer is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(decoding.seed)
+    encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise KldError("a prompt encodes to no tokens; give it some text")
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
+    results: list[Completion | None] = [None] * len(prompts)
+    # Every decoding step has a new key length; cuDNN's attention builds a plan per shape
+    # (1.5 ms of CPU each on an H100, torch 2.11), so leave it out while decoding.
+    backends = [SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        for start in range(0, len(order), decoding.batch_size):
+            rows = order[start : start + decoding.batch_size]
+            outs = _generate_batch(model, tok,
+                                   [encoded[i] for i in rows], decoding, generator)
+            for i, out in zip(rows, outs):
+                results[i] = out
+    return results
 
 
 # ----------------------------------------------------------------------------------------
@@ -3154,6 +3156,15 @@ SANDBOX_UID_BASE = 61000  # sandbox_uids() takes unused uids from here up when t
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where a sandbox uid can leave files behind
 
 
+def _process_stats() -> list[os.stat_result]:
+    stats = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                stats.append(os.stat(f"/proc/{name}"))
+    return stats
+
+
 def sandbox_uids(n: int, base: int = SANDBOX_UID_BASE) -> list[int]:
     """n user ids that no account holds and no process (zombies included) runs as: one per
     program, so that RLIMIT_NPROC and kill(-1) act on that program's processes alone.
@@ -3162,15 +3173,6 @@ def sandbox_uids(n: int, base: int = SANDBOX_UID_BASE) -> list[int]:
 
     taken = {p.pw_uid for p in pwd.getpwall()} | {s.st_uid for s in _process_stats()}
     return list(itertools.islice((u for u in itertools.count(base) if u not in taken), n))
-
-
-def _process_stats() -> list[os.stat_result]:
-    stats = []
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                stats.append(os.stat(f"/proc/{name}"))
-    return stats
 
 
 def _uid_processes(uid: int) -> dict[int, int]:
@@ -3582,14 +3584,6 @@ def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
                            ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), limits=limits, workers=cfg.exec_workers)
 
 
-def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config,
-                                   ranks: Ranks = Ranks()) -> dict:
-    """evaluate_codegen with the settings of `cfg`, whose fields it depends on recorded under "settings"."""
-    result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
-    result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
-    return result
-
-
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                      settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
     """Generate settings.n_samples programs per task (with the new tokens of `tok`; the
@@ -3670,6 +3664,14 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
                     "timeouts": sum(r.status == "timeout" for r in results)})
     return {"summary": summary, "tasks": per_task, "samples": samples}
+
+
+def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config,
+                                   ranks: Ranks = Ranks()) -> dict:
+    """evaluate_codegen with the settings of `cfg`, whose fields it depends on recorded under "settings"."""
+    result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
+    result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
+    return result
 
 
 # ----------------------------------------------------------------------------------------
@@ -4969,6 +4971,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.help:  # the dataclass is the one source of truth for fields, defaults and help
         parser.print_usage()
         print(parser.description + "\n\n" + inspect.getsource(Config))
+        entries = [f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in ALLOWED.items()]
+        unbroken = "; ".join(e.replace(" ", "\xa0") for e in entries)  # no line break inside an entry
+        print(textwrap.fill("Values taken: " + unbroken, 100).replace("\xa0", " "))
         return 0
     if args.export:
         try:
