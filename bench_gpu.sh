@@ -7,9 +7,10 @@
 # bench: (1) one KL and one hidden-state step timed, so that (2) the student of CONFIG
 # (configs/gpu.json: K = 1024 merges, bf16 autocast) trains TRAIN_S seconds, 30% of them
 # hidden-state steps and 70% KL steps; (3) teacher and student generate on bench_tasks
-# (batched) and are paired (run_bench.py codegen, rows); (4) the KL step against the CE
-# step on the same windows, and transformers + peft's CE step where both are installed;
-# (5) characters/s of student and teacher at batch 1 and at a large batch, turn about.
+# (batched) and are paired (run_bench.py codegen, rows); (4) characters/s of student and
+# teacher at batch 1, turn about; (5) the KL step against the CE step on the same windows,
+# and transformers + peft's CE step where both are installed; (6) characters/s at a large
+# batch, and a profile of the KL step.
 # Every stage logs to $OUT/bench.log and keeps going when one fails; $OUT/results.tgz
 # holds the run's JSON files after each stage, so a run cut short still returns figures.
 set -uo pipefail
@@ -31,7 +32,8 @@ stage() {  # stage NAME COMMAND...: run, log, time; never stop the script
     "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
-    tar -czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.safetensors' "$RUN" "$OUT"/*.json 2>/dev/null
+    tar -czf "$OUT/.results.tgz" --exclude='*.pt' "$RUN" "$OUT"/*.json 2>/dev/null
+    mv "$OUT/.results.tgz" "$OUT/results.tgz"  # whole or not at all, should the call end here
     return 0
 }
 
@@ -70,15 +72,16 @@ stage teacher-codegen python run_bench.py codegen --config "$CONFIG" --out "$RUN
     --max-new-tokens "$N_NEW"
 stage student-codegen python run_bench.py codegen --run "$RUN" --max-new-tokens "$N_NEW"
 stage rows python run_bench.py rows "$RUN" --teacher "$RUN/teacher-codegen.json"
-# (4) the KL step against the CE step (and peft's), the same windows, one process
+# (4) generation speed, student against teacher, turn about, at batch 1
+stage speed-batch1 python run_bench.py gen-speed --run "$RUN" --n-tasks "$N_SPEED" --batch-size 1 --rounds 2 \
+    --max-new-tokens "$N_NEW"
+# (5) the KL step against the CE step (and peft's), the same windows, one process
 PEFT=$(python -c "import peft, transformers" 2>/dev/null && echo --peft)
 stage step-time python run_bench.py train-speed --run "$RUN" --batch-sizes "$B" --seq-len "$L" --objectives kl ce \
     --steps 5 --windows new_tokens --loss-chunk "$(setting loss_chunk)" $PEFT
-stage profile python run_bench.py train-speed --run "$RUN" --batch-sizes "$B" --seq-len "$L" --objectives kl \
-    --steps 2 --windows new_tokens --loss-chunk "$(setting loss_chunk)" --profile
-# (5) generation speed, student against teacher, turn about
-stage speed-batch1 python run_bench.py gen-speed --run "$RUN" --n-tasks "$N_SPEED" --batch-size 1 --rounds 2 \
-    --max-new-tokens "$N_NEW"
+# (6) generation speed at a large batch; where the KL step's time goes
 stage speed-batch160 python run_bench.py gen-speed --run "$RUN" --n-tasks 155 --batch-size 160 --rounds 2 \
     --max-new-tokens "$N_NEW"
+stage profile python run_bench.py train-speed --run "$RUN" --batch-sizes "$B" --seq-len "$L" --objectives kl \
+    --steps 2 --windows new_tokens --loss-chunk "$(setting loss_chunk)" --profile
 echo "=== done after $SECONDS s" | tee -a "$LOG"
