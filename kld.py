@@ -1712,24 +1712,34 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
     S0 = cache.length  # slots filled before this call
     T = max(map(len, nodes))  # the most nodes in one row: the query length
     cache.reserve(S0 + T)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    mask = torch.zeros(B, 1, T, S0 + T, dtype=torch.bool)  # (B, 1, queries, keys)
+    # The tree as lists of plain ints (cheap on the host), sent in two copies; the mask is
+    # built on the device from them, where attention reads it (B x T x (S0 + T) values).
+    per_node = []  # (row, column, token, position, prefix length) of each node
+    per_link = []  # (row, column, slot) of each (node, ancestor) pair
     for r, row_nodes in enumerate(nodes):
         for t, (b, xs) in enumerate(row_nodes):
-            ids[r, t] = xs[-1]
-            positions[r, t] = prefix_slots[r] + b + len(xs) - 1  # as if t_<b xs were the whole text
-            valid[r, t] = True
-            mask[r, 0, t, : prefix_slots[r] + b] = True  # the realised prefix t_<b
-            for k in range(1, len(xs)):
-                mask[r, 0, t, slots[r][(b, xs[:k])]] = True  # its ancestors in the tree
+            # at the position of xs[-1] in t_<b xs, attending to the slots [0, prefix) of t_<b
+            per_node.append((r, t, xs[-1], prefix_slots[r] + b + len(xs) - 1, prefix_slots[r] + b))
+            per_link += [(r, t, slots[r][(b, xs[:k])]) for k in range(1, len(xs))]  # and to its ancestors
             slots[r][(b, xs)] = S0 + t  # where its keys and values land, for its descendants
+    r, t, token, position, prefix = torch.tensor(per_node, device=device).T  # (n,) each
+    link = torch.tensor(per_link, dtype=torch.long, device=device).reshape(-1, 3).T  # (3, links)
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    ids[r, t] = token
+    positions = torch.zeros(B, T, dtype=torch.long, device=device)
+    positions[r, t] = position
+    valid = torch.zeros(B, T, dtype=torch.bool, device=device)
+    valid[r, t] = True
+    limit = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T) the prefix each node reads
+    limit[r, t] = prefix
+    mask = torch.arange(S0 + T, device=device) < limit[..., None]  # (B, T, S0 + T): the prefixes
+    mask[link[0], link[1], link[2]] = True  # the ancestors
     # each position attends to itself (padding too: no softmax row is empty)
-    mask[:, 0, torch.arange(T), S0 + torch.arange(T)] = True
+    queries = torch.arange(T, device=device)
+    mask[:, queries, S0 + queries] = True
+    mask = mask[:, None]  # (B, 1, queries, keys)
     with autocast(device):
-        states = model.tree_states(ids.to(device), valid.to(device), cache,
-                                   positions.to(device), mask.to(device))
+        states = model.tree_states(ids, valid, cache, positions, mask)
         return states if hidden else model.head(states, base_only=True)
 
 

@@ -4,7 +4,7 @@
                               [--student-merges 256]
     python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
-                                    [--windows new_tokens] [--profile]
+                                    [--windows new_tokens] [--profile] [--run RUN_DIR [--peft]]
     python run_bench.py matrix [--config configs/bench_cpu.json] [--inits fvt] [--objectives kl] [--out-dir DIR]
                                [--divergences forward_kl jsd ...] [--set lift=path steps=100 ...]
     python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto] [--lift path|trie]
@@ -27,7 +27,10 @@ the time to learn them, the time to encode the corpus against the base tokenizer
 and the time of one path-mode lift (without the teacher's pass).
 
 train-speed: student tokens/s and peak memory of one training step (student forward,
-teacher forward and lift for kl, backward, AdamW) at each batch size.
+teacher forward and lift for kl, backward, AdamW) at each batch size, every objective on
+the same windows, and each step's cost against the ce step's. --run times a finished
+run's student; --peft (transformers and peft installed by hand) adds the peer: the same
+new rows trained by cross-entropy through peft's TrainableTokens, on the same windows.
 
 matrix: one bench config (configs/bench_cpu.json, configs/bench_gpu.json) runs every
 initialiser x objective (training a cell unless it was trained earlier under the same
@@ -262,25 +265,32 @@ def train_speed(args):
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     if device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name()}")
-    if args.random_weights:
-        model, tokenizer = random_model(device, torch.float32, args.shape, args.layers)
-        print(f"model: {args.shape}'s shape ({model.cfg.n_layer} layers, vocabulary {model.cfg.vocab_size}) "
-              "with random weights, the tiny fixture tokenizer")
+    if args.peft and not args.run:
+        raise kld.KldError("--peft times peft on a finished run's student: give --run")
+    if args.run:  # the run's extension and trained rows, its corpus
+        model, tok = kld.load_student(args.run, device=device)
+        model.new_in.requires_grad_(True)
+        model.new_out.requires_grad_(True)
+        run_cfg = kld.load_config(str(Path(args.run) / "config.json"))
+        train, _ = kld.load_corpus(run_cfg.corpus, run_cfg.heldout_fraction)
+        print(f"model: the student of {args.run} ({len(tok.merges)} new tokens)")
     else:
-        model, tokenizer = kld.load_model(args.model, device=device)
-    train, _ = kld.load_corpus(args.corpus)
-    tok = kld.build_extension(tokenizer, train, args.n_merges, model.cfg.vocab_size)
-    kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
+        if args.random_weights:
+            model, tokenizer = random_model(device, torch.float32, args.shape, args.layers)
+            print(f"model: {args.shape}'s shape ({model.cfg.n_layer} layers, vocabulary {model.cfg.vocab_size}) "
+                  "with random weights, the tiny fixture tokenizer")
+        else:
+            model, tokenizer = kld.load_model(args.model, device=device)
+        train, _ = kld.load_corpus(args.corpus)
+        tok = kld.build_extension(tokenizer, train, args.n_merges, model.cfg.vocab_size)
+        kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
     stream = kld.token_stream(tok, train, kld.separator_id(model.cfg))
     optimizer = torch.optim.AdamW([model.new_in, model.new_out], lr=1e-3)
     lift_cfg = kld.make_lift(tok, args.lift, args.lift_min_prob, True)
+    step_s = {}  # (objective, batch size) -> seconds per step
     for objective in args.objectives:
         for batch_size in args.batch_sizes:
-            if args.windows == "new_tokens":
-                windows = kld.new_token_windows(stream, args.seq_len, tok.base_vocab_size, kld.Config.windows_per_token,
-                                                seed=0)
-            else:
-                windows = kld.training_windows(stream, args.seq_len, seed=0)
+            windows = windows_for(args, stream, tok)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
@@ -310,9 +320,71 @@ def train_speed(args):
                 profile.disable()
                 pstats.Stats(profile).sort_stats("cumulative").print_stats(r"kld\.py", 15)  # kld's own functions
             tokens = args.steps * batch_size * args.seq_len
+            step_s[objective, batch_size] = seconds / args.steps
             print(f"{objective}: batch {batch_size} x {args.seq_len}, loss_chunk {args.loss_chunk}"
-                  f"{', bf16 autocast' if args.cpu_bf16 else ''}: {tokens / seconds:.0f} student tok/s, peak memory {kld.peak_memory_mb(device):.0f} MB "
-                  f"(the process's peak on the CPU: run one setting per process)")
+                  f"{', bf16 autocast' if args.cpu_bf16 else ''}: {tokens / seconds:.0f} student tok/s, "
+                  f"{1000 * seconds / args.steps:.1f} ms/step, peak memory {kld.peak_memory_mb(device):.0f} MB "
+                  f"(the process's peak on the CPU: run one setting per process)", flush=True)
+    if args.peft:
+        for batch_size in args.batch_sizes:
+            windows = windows_for(args, stream, tok)
+            seconds = peft_ce_step_s(args.run, windows, batch_size, args.steps, device)
+            step_s["peft ce", batch_size] = seconds
+            print(f"peft ce (transformers + peft TrainableTokens): batch {batch_size} x {args.seq_len}: "
+                  f"{batch_size * args.seq_len / seconds:.0f} student tok/s, {1000 * seconds:.1f} ms/step", flush=True)
+    for (objective, batch_size), seconds in step_s.items():
+        if objective != "ce" and ("ce", batch_size) in step_s:
+            print(f"batch {batch_size}: the {objective} step costs {seconds / step_s['ce', batch_size]:.2f}x kld's ce step")
+    if args.json:  # for a script that sizes a schedule by them
+        kld.write_atomic(args.json, json.dumps({f"{o} {b}": s for (o, b), s in step_s.items()}, indent=1) + "\n")
+
+
+def windows_for(args, stream, tok):
+    """The endless training windows --windows names, seed 0: every objective sees the same ones."""
+    if args.windows == "new_tokens":
+        return kld.new_token_windows(stream, args.seq_len, tok.base_vocab_size, kld.Config.windows_per_token, seed=0)
+    return kld.training_windows(stream, args.seq_len, seed=0)
+
+
+def peft_ce_step_s(run_dir, windows, batch_size: int, steps: int, device) -> float:
+    """Seconds per step of the peer: the run's student exported (`kld.py --export`), loaded by
+    transformers, its new rows (input and output) trained by peft's TrainableTokens on the
+    next-token cross-entropy of the same windows, AdamW, bf16 autocast on CUDA as kld's step."""
+    from peft import TrainableTokensConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = kld.export_student(run_dir, Path(tmp) / "student")
+        hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).to(device)
+    n_new = len(kld.read_json_object(Path(run_dir) / "extension.json", "the run's extension")["merges"])
+    vocab = hf_model.get_input_embeddings().num_embeddings  # |V'| = |V| + N
+    new_ids = list(range(vocab - n_new, vocab))
+    try:  # both the input and the output rows, as kld trains them
+        config = TrainableTokensConfig(target_modules=["embed_tokens", "lm_head"], token_indices=new_ids)
+        peft_model = get_peft_model(hf_model, config)
+        trained = "input and output rows"
+    except Exception as e:  # an older peft: the input rows alone
+        print(f"peft cannot target lm_head ({type(e).__name__}: {e}); timing the input rows alone")
+        config = TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=new_ids)
+        peft_model = get_peft_model(hf_model, config)
+        trained = "input rows"
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    print(f"peft: {sum(p.numel() for p in params)} trainable values ({trained} of {len(new_ids)} new tokens)")
+
+    def step():
+        ids = torch.tensor([next(windows) for _ in range(batch_size)], device=device)  # (B, seq_len + 1)
+        with kld.autocast(device):
+            loss = peft_model(input_ids=ids, labels=ids).loss  # predicts ids[:, 1:], as kld's ce
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up
+    _, seconds = timed(lambda: [step() for _ in range(steps)])
+    return seconds / steps
 
 
 # ----------------------------------------------------------------------------------------
@@ -962,6 +1034,9 @@ def main():
     p.add_argument("--hidden-layer", type=int, default=0, help="objective hidden: the layer matched (0: the last)")
     p.add_argument("--windows", choices=["uniform", "new_tokens"], default="uniform", help="as Config.windows")
     p.add_argument("--profile", action="store_true", help="also print where the timed steps spend their time (cProfile)")
+    p.add_argument("--run", help="time a finished run's student (its extension, rows and corpus) instead")
+    p.add_argument("--peft", action="store_true", help="with --run: also transformers + peft's ce step, same windows")
+    p.add_argument("--json", help="also write the seconds per step to this JSON file ({\"OBJECTIVE BATCH\": s})")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("codegen", help="one model's code generation on the tasks: the teacher, or a finished run's student")
     p.add_argument("--run", help="out_dir of a finished kld run (default: the teacher of --config)")

@@ -1407,11 +1407,12 @@ def test_emission_probabilities_worked_example():
     assert Z == pytest.approx(0.8) and probs[(c,)] == 0.0 and probs[(a,)] == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_tree_attention_equals_full_passes(arch):
+def test_tree_attention_equals_full_passes(arch, device):
     """Branch nodes appended after a cached, right-padded batch give the logits of one full
-    pass over prefix + branch, at every depth of the tree."""
-    model, _ = kld.load_model(FIXTURES / arch)
+    pass over prefix + branch, at every depth of the tree (the mask built on the device)."""
+    model, _ = kld.load_model(FIXTURES / arch, device=device)
     seqs = [[5, 17, 3, 99, 42, 7, 8], [11, 2, 8]]  # rows of different lengths: padding
     context = [1, 2]  # tokens before each window: t_<b sits in slots [0, context + b)
     _, cache = kld.cached_pass(model, seqs)
@@ -1427,7 +1428,8 @@ def test_tree_attention_equals_full_passes(arch):
         for r, row_nodes in enumerate(nodes):
             for t, (b, xs) in enumerate(row_nodes):
                 with torch.no_grad():
-                    full = model(torch.tensor([seqs[r][: context[r] + b] + list(xs)]), base_only=True)[0, -1]
+                    full = model(torch.tensor([seqs[r][: context[r] + b] + list(xs)], device=device),
+                                 base_only=True)[0, -1]
                 torch.testing.assert_close(logits[r, t], full, rtol=0, atol=1e-5)
 
 
@@ -2737,10 +2739,41 @@ def test_bench_train_speed_times_and_profiles_a_step_on_windows_for_the_new_toke
         model="smollm2", random_weights=True, shape="smollm2", layers=1, loss_chunk=64,
         corpus=str(FIXTURES / "make_fixtures.py"), n_merges=16, seq_len=16, batch_sizes=[2], objectives=["kl"],
         lift="trie", lift_min_prob=0.03, steps=1, cpu_bf16=False, hidden_layer=0, device="cpu",
-        windows="new_tokens", profile=True))
+        windows="new_tokens", profile=True, run=None, peft=False, json=None))
     out = capsys.readouterr().out
     assert "kl: batch 2 x 16" in out and "student tok/s" in out
     assert "(teacher_targets)" in out  # the profile names kld's own functions
+
+
+def test_bench_train_speed_times_a_finished_run_s_student_on_the_same_windows(tmp_path, capsys):
+    import run_bench
+
+    run_dir = tmp_path / "run"
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(run_dir), "steps": 2, "eval_every": 0}))
+    capsys.readouterr()
+    seen = []  # the first window of each objective's first step
+    real_loss = kld.training_loss
+
+    def spy(model, tok, windows, objective, *args, **kwargs):
+        seen.append((objective, windows[0]))
+        return real_loss(model, tok, windows, objective, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kld, "training_loss", spy)
+        run_bench.train_speed(argparse.Namespace(
+            run=str(run_dir), peft=False, json=str(tmp_path / "steps.json"), model="unused", random_weights=False,
+            loss_chunk=64, n_merges=0, seq_len=12, batch_sizes=[2], objectives=["kl", "ce"], lift="trie",
+            lift_min_prob=0.03, steps=1, cpu_bf16=False, hidden_layer=0, device="cpu", windows="new_tokens",
+            profile=False))
+    out = capsys.readouterr().out
+    assert "the student of" in out and "(24 new tokens)" in out  # the run's extension, not a new one
+    assert "batch 2: the kl step costs" in out  # against the ce step
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    assert set(steps) == {"kl 2", "ce 2"} and all(s > 0 for s in steps.values())
+    first = {objective: window for objective, window in seen[::-1]}  # each objective's warm-up step
+    assert first["kl"] == first["ce"]  # the same windows
+    with pytest.raises(kld.KldError, match="--peft"):
+        run_bench.train_speed(argparse.Namespace(run=None, peft=True, device="cpu"))
 
 
 def test_bench_inits_measures_each_pair_from_the_same_start(tmp_path, capsys):
