@@ -683,8 +683,7 @@ class ExtendedTokenizer:
     (the token whose expansion is the longest proper prefix of exp(v)).
     """
 
-    def __init__(self, base: Tokenizer,
-                 merges: list[tuple[int, int]], base_vocab_size: int):
+    def __init__(self, base: Tokenizer, merges: list[tuple[int, int]], base_vocab_size: int):
         self.base = base
         self.base_vocab_size = base_vocab_size
         check_tokenizer_fits(base, base_vocab_size, "the base tokenizer")  # new ids never collide with its own
