@@ -188,10 +188,10 @@ ALLOWED = {
     "batch_size": "[1, inf]", "seq_len": "[1, inf]", "windows_per_token": "[1, inf]", "log_every": "[1, inf]",
     "eval_chars": "[1, inf]", "eval_window": "[1, inf]", "max_new_tokens": "[1, inf]",
     "gen_batch_size": "[1, inf]", "n_samples": "[1, inf]", "pass_k": "[1, inf]",
+    **dict.fromkeys(("n_merges", "loss_chunk", "hidden_steps", "hidden_layer", "steps", "weight_decay",
+                     "warmup_steps", "eval_every", "finetune_first_layers", "finetune_steps", "temperature",
+                     "exec_workers"), "[0, inf]"),
 }
-for _name in ("n_merges", "loss_chunk", "hidden_steps", "hidden_layer", "steps", "weight_decay", "warmup_steps",
-              "eval_every", "finetune_first_layers", "finetune_steps", "temperature", "exec_workers"):
-    ALLOWED[_name] = "[0, inf]"
 
 
 # A checkpoint resumes only under the same values of the fields that change training.
