@@ -1721,7 +1721,7 @@ def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_sl
             per_node.append((r, t, xs[-1], prefix_slots[r] + b + len(xs) - 1, prefix_slots[r] + b))
             per_link += [(r, t, slots[r][(b, xs[:k])]) for k in range(1, len(xs))]  # and to its ancestors
             slots[r][(b, xs)] = S0 + t  # where its keys and values land, for its descendants
-    r, t, token, position, prefix = torch.tensor(per_node, device=device).T  # (n,) each
+    r, t, token, position, prefix = torch.tensor(per_node, dtype=torch.long, device=device).reshape(-1, 5).T
     link = torch.tensor(per_link, dtype=torch.long, device=device).reshape(-1, 3).T  # (3, links)
     ids = torch.zeros(B, T, dtype=torch.long, device=device)
     ids[r, t] = token

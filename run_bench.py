@@ -273,7 +273,10 @@ def train_speed(args):
         model.new_out.requires_grad_(True)
         run_cfg = kld.load_config(str(Path(args.run) / "config.json"))
         train, _ = kld.load_corpus(run_cfg.corpus, run_cfg.heldout_fraction)
-        print(f"model: the student of {args.run} ({len(tok.merges)} new tokens)")
+        print(f"model: the student of {args.run} ({len(tok.merges)} new tokens); its corpus, windows and lift")
+        args.lift, args.lift_min_prob = run_cfg.lift, run_cfg.lift_min_prob
+        args.lift_condition = run_cfg.lift_condition
+        args.windows, args.windows_per_token = run_cfg.windows, run_cfg.windows_per_token
     else:
         if args.random_weights:
             model, tokenizer = random_model(device, torch.float32, args.shape, args.layers)
@@ -286,7 +289,7 @@ def train_speed(args):
         kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
     stream = kld.token_stream(tok, train, kld.separator_id(model.cfg))
     optimizer = torch.optim.AdamW([model.new_in, model.new_out], lr=1e-3)
-    lift_cfg = kld.make_lift(tok, args.lift, args.lift_min_prob, True)
+    lift_cfg = kld.make_lift(tok, args.lift, args.lift_min_prob, getattr(args, "lift_condition", True))
     step_s = {}  # (objective, batch size) -> seconds per step
     for objective in args.objectives:
         for batch_size in args.batch_sizes:
@@ -334,7 +337,8 @@ def train_speed(args):
                   f"{batch_size * args.seq_len / seconds:.0f} student tok/s, {1000 * seconds:.1f} ms/step", flush=True)
     for (objective, batch_size), seconds in step_s.items():
         if objective != "ce" and ("ce", batch_size) in step_s:
-            print(f"batch {batch_size}: the {objective} step costs {seconds / step_s['ce', batch_size]:.2f}x kld's ce step")
+            ratio = seconds / step_s["ce", batch_size]
+            print(f"batch {batch_size}: the {objective} step costs {ratio:.2f}x kld's ce step")
     if args.json:  # for a script that sizes a schedule by them
         kld.write_atomic(args.json, json.dumps({f"{o} {b}": s for (o, b), s in step_s.items()}, indent=1) + "\n")
 
@@ -342,14 +346,16 @@ def train_speed(args):
 def windows_for(args, stream, tok):
     """The endless training windows --windows names, seed 0: every objective sees the same ones."""
     if args.windows == "new_tokens":
-        return kld.new_token_windows(stream, args.seq_len, tok.base_vocab_size, kld.Config.windows_per_token, seed=0)
+        per_token = getattr(args, "windows_per_token", kld.Config.windows_per_token)  # a run's, with --run
+        return kld.new_token_windows(stream, args.seq_len, tok.base_vocab_size, per_token, seed=0)
     return kld.training_windows(stream, args.seq_len, seed=0)
 
 
 def peft_ce_step_s(run_dir, windows, batch_size: int, steps: int, device) -> float:
     """Seconds per step of the peer: the run's student exported (`kld.py --export`), loaded by
     transformers, its new rows (input and output) trained by peft's TrainableTokens on the
-    next-token cross-entropy of the same windows, AdamW, bf16 autocast on CUDA as kld's step."""
+    next-token cross-entropy of the same windows, AdamW, in bf16 autocast on CUDA (where
+    kld's step computes the output projection and the loss in float32, a chunk at a time)."""
     from peft import TrainableTokensConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -1409,9 +1409,11 @@ def test_emission_probabilities_worked_example():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_tree_attention_equals_full_passes(arch, device):
+def test_tree_attention_equals_full_passes(arch, device, monkeypatch):
     """Branch nodes appended after a cached, right-padded batch give the logits of one full
-    pass over prefix + branch, at every depth of the tree (the mask built on the device)."""
+    pass over prefix + branch, at every depth of the tree (the mask built on the device;
+    both passes in float32, where CUDA's would otherwise run in bf16 autocast)."""
+    monkeypatch.setattr(kld, "autocast", lambda device: contextlib.nullcontext())
     model, _ = kld.load_model(FIXTURES / arch, device=device)
     seqs = [[5, 17, 3, 99, 42, 7, 8], [11, 2, 8]]  # rows of different lengths: padding
     context = [1, 2]  # tokens before each window: t_<b sits in slots [0, context + b)
