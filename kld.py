@@ -99,7 +99,8 @@ class KldError(Exception):
 # ----------------------------------------------------------------------------------------
 
 
-INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # the initialisers (INITIALISERS)
+# the initialisers (INITIALISERS)
+INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 
 
@@ -121,7 +122,7 @@ class Config:
     new_tokens: list[str] = field(default_factory=list)  # strings added as tokens (merge chains), before the K
     newline_merges: bool = True  # learned merges may join a token to the newline (and indentation) after it
     # initialisation of the new rows (METHOD.md section 5)
-    init: str = "fvt"  # the new input rows: random | mean | fvt | last_piece | first_piece | char_length
+    init: str = "fvt"  # the new input rows: random | mean | fvt | last_piece | first_piece | fvt_norm | char_length
     init_output: str | None = None  # the same choice for the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
     objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
@@ -1400,6 +1401,15 @@ def init_first_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]],
     return weighted_pieces(rows, expansions, last_most=False)
 
 
+def init_fvt_norm(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
+    """FVT's mean rescaled to the base rows' mean norm (Beyond Initialization Loss's input
+    rows): a mean of k rows is shorter than its pieces, and a short input row reads as a
+    weak token."""
+    fvt = upcast(init_fvt(rows, expansions, generator))  # (N, d)
+    base_norm = upcast(rows).norm(dim=1).mean()
+    return (fvt * (base_norm / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12))).to(rows.dtype)
+
+
 def init_char_length(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator,
                      piece_bytes: list[list[int]]) -> torch.Tensor:
     """The pieces' rows weighted by their lengths, a_i = |x_i| (Beyond Initialization Loss's
@@ -1411,7 +1421,7 @@ def init_char_length(rows: torch.Tensor, expansions: list[tuple[int, ...]], gene
 
 
 INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt, "last_piece": init_last_piece,
-                "first_piece": init_first_piece, "char_length": init_char_length}
+                "first_piece": init_first_piece, "fvt_norm": init_fvt_norm, "char_length": init_char_length}
 
 
 def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str,
