@@ -304,11 +304,7 @@ def train_speed(args):
                         loss = kld.hidden_state_loss(model, tok, batch, args.hidden_layer or model.cfg.n_layer)
                     else:
                         loss = kld.training_loss(model, tok, batch, objective, lift_cfg, chunk=args.loss_chunk)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                optimizer_step(loss, optimizer, device)
 
             step()  # warm-up
             if not args.steps:  # one step: its peak memory only
@@ -341,6 +337,15 @@ def train_speed(args):
             print(f"batch {batch_size}: the {objective} step costs {ratio:.2f}x kld's ce step")
     if args.json:  # for a script that sizes a schedule by them
         kld.write_atomic(args.json, json.dumps({f"{o} {b}": s for (o, b), s in step_s.items()}, indent=1) + "\n")
+
+
+def optimizer_step(loss, optimizer, device):
+    """Backward and AdamW; on CUDA, wait for the GPU, so that a timer sees the step's end."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def windows_for(args, stream, tok):
@@ -382,11 +387,7 @@ def peft_ce_step_s(run_dir, windows, batch_size: int, steps: int, device) -> flo
         ids = torch.tensor([next(windows) for _ in range(batch_size)], device=device)  # (B, seq_len + 1)
         with kld.autocast(device):
             loss = peft_model(input_ids=ids, labels=ids).loss  # predicts ids[:, 1:], as kld's ce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        optimizer_step(loss, optimizer, device)
 
     step()  # warm-up
     _, seconds = timed(lambda: [step() for _ in range(steps)])
