@@ -255,10 +255,19 @@ def check_config(cfg: Config):
                        "or finetune_first_layers); set all three to 0 for none")
 
 
+# Options that measured worse and left kld; a run made before keeps them in its config.json.
+REMOVED_FIELDS = {"read_back": "the read-back student", "fit_windows": "the output refit",
+                  "fit_iterations": "the output refit", "fit_l2": "the output refit",
+                  "hidden_windows": "the hidden stage's own windows"}
+
+
 def make_config(values: dict, source: str = "config") -> Config:
     """Config from a dict of field values; unknown keys, wrong types and values out of range are errors."""
     hints = typing.get_type_hints(Config)
     for key, value in values.items():
+        if key in REMOVED_FIELDS:
+            raise KldError(f"config key {key!r} in {source} names an option kld no longer has "
+                           f"({REMOVED_FIELDS[key]}; README, Results); delete the key")
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
