@@ -14,7 +14,8 @@ The method and its symbols are in METHOD.md (shared with this project).
 The method, in the order to read it:
   build_extension        tau' = tau, then K merges learned on the domain corpus (learn_merges)
   ExtendedTokenizer      encode = tau then the merges; expand(v) = exp(v), its teacher tokens
-  align_spans            the spans where two tokenizations of one text share boundaries
+  align_spans            the spans where two tokenizations of one text share boundaries (any two;
+                         training, where tau' coarsens tau, takes coarsening_span_starts)
   lift_trie              the trie U of the new tokens' expansions
   walk_trie              lift steps 1 and 2: the sequences u reached, and P(u) by the chain rule
   emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w) over v's children w
@@ -23,7 +24,7 @@ The method, in the order to read it:
   divergence             KL(p' || q), reverse KL, JSD, temperature and the span KL, in one
   teacher_targets        the teacher's pass (and trie branches) over a batch, lifted to V'
   training_loss          mean divergence to p' (or CE), logits over V' a chunk at a time
-  hidden_state_loss      ||H'_l(j) - H_l(e_j)||^2: the input rows, by hidden states
+  hidden_state_loss      mean (H'_l(j) - H_l(e_j))^2: the input rows, by hidden states
   train                  AdamW on the new rows only
   lift_batch             the lift's three steps for a whole batch at once (what training runs)
   generate               batched decoding with a KV cache
@@ -332,6 +333,12 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; on the CPU, float32 as it is (inside a cpu_autocast, bf16)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cpu_autocast(enabled: bool):
+    """bf16 autocast on the CPU: matrix products and attention in bfloat16, norms, softmaxes
+    and losses in float32 (upcast), parameters and optimizer state float32 as they are."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 class RMSNorm(nn.Module):
@@ -912,7 +919,8 @@ def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, in
     (bytes are exact; characters are too unless a token splits a character). The common
     boundaries cut the text into spans; span (i0, i1, j0, j1) holds tokens a[i0:i1] and
     b[j0:j1], which spell the same substring. Two pointers, linear time:
-    align_spans([1, 3, 4], [2, 3, 4]) == [(0, 2, 0, 2), (2, 3, 2, 3)].
+    align_spans([1, 3, 4], [2, 3, 4]) == [(0, 2, 0, 2), (2, 3, 2, 3)]. Where tau' = merge(tau),
+    each span holds one student token, and coarsening_span_starts finds them without offsets.
     """
     if (ends_a[-1:] or [0]) != (ends_b[-1:] or [0]):
         raise ValueError(f"the tokenizations cover different lengths ({ends_a[-1:]} vs {ends_b[-1:]})")
@@ -1461,8 +1469,6 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str,
 # 6. Losses: divergences between the lifted teacher p' and the student q (METHOD.md section 4)
 # ----------------------------------------------------------------------------------------
 
-
-# --- divergences between the lifted teacher p' and the student q (METHOD.md section 4) ---
 
 
 @dataclass(frozen=True)
@@ -2082,11 +2088,10 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
     """AdamW on the parameters that require a gradient (the new rows; in the second stage
     also the blocks it trains), from the checkpoint when there is one, on `objective`
     (default cfg.objective; "hidden": hidden_state_loss at cfg.hidden_layer, which moves
-    the input rows only). Prints a progress
-    line every log_every steps; every eval_every steps and at the end, measures the held-out
-    chunks (when given) and writes the checkpoint. Under several ranks (Ranks), each runs
-    its share of every batch and the gradients are averaged; rank 0 alone writes the
-    checkpoint. Returns tokens/s and the
+    the input rows only). Prints a progress line every log_every steps; every eval_every
+    steps and at the end, measures the held-out chunks (when given) and writes the
+    checkpoint. Under several ranks (Ranks), each runs its share of every batch and the
+    gradients are averaged; rank 0 alone writes the checkpoint. Returns tokens/s and the
     measures."""
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition,
                          model.embed.weight.device)
@@ -4493,12 +4498,6 @@ def resolve_cpu_bf16(setting: bool | None, device: torch.device,
     return has_bf16 if setting is None else setting
 
 
-def cpu_autocast(enabled: bool):
-    """bf16 autocast on the CPU: matrix products and attention in bfloat16, norms, softmaxes
-    and losses in float32 (upcast), parameters and optimizer state float32 as they are."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -5066,4 +5065,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")
     return 0
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the output went to a reader that stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(0)
