@@ -68,6 +68,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -3185,7 +3186,7 @@ os.write(report_fd, b"passed")
 os._exit(0)
 """
 
-SANDBOX_UID_BASE = 61000  # sandbox_uids() takes unused uids from here up when the evaluator is root
+SANDBOX_UID_BASE = 61000  # reserved_uids() takes unused uids from here up when the evaluator is root
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where a sandbox uid can leave files behind
 
 
@@ -3198,14 +3199,42 @@ def _process_stats() -> list[os.stat_result]:
     return stats
 
 
-def sandbox_uids(n: int, base: int = SANDBOX_UID_BASE) -> list[int]:
-    """n user ids that no account holds and no process (zombies included) runs as: one per
-    program, so that RLIMIT_NPROC and kill(-1) act on that program's processes alone.
-    Nothing reserves them: two evaluators running at once as root need different bases."""
+@contextlib.contextmanager
+def reserved_uids(n: int, base: int = SANDBOX_UID_BASE):
+    """n user ids that no account holds and no process (zombies included) runs as, each held
+    by this evaluator until the block ends: one per program, so that RLIMIT_NPROC and
+    kill(-1) act on that program's processes alone. The hold is an exclusive flock on a
+    file per uid in a directory only root can enter, so evaluators running at once (two
+    runs, the ranks of one node) never share a uid; the kernel drops it when its holder
+    ends, however it ends."""
+    import fcntl
     import pwd
 
+    locks = Path(tempfile.gettempdir(), "kld-sandbox-uids")
+    with contextlib.suppress(FileExistsError):
+        locks.mkdir(mode=0o700)
+    info = locks.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise KldError(f"{locks} is not a directory that only this user can enter; remove it")
     taken = {p.pw_uid for p in pwd.getpwall()} | {s.st_uid for s in _process_stats()}
-    return list(itertools.islice((u for u in itertools.count(base) if u not in taken), n))
+    held = []  # (uid, open lock file)
+    try:
+        for uid in itertools.count(base):
+            if len(held) == n:
+                break
+            if uid in taken:
+                continue
+            fd = os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another evaluator's
+                os.close(fd)
+                continue
+            held.append((uid, fd))
+        yield [uid for uid, _ in held]
+    finally:
+        for _, fd in held:
+            os.close(fd)  # the lock goes with the last descriptor
 
 
 def _uid_processes(uid: int) -> dict[int, int]:
@@ -3301,10 +3330,11 @@ def _kill_uid(uid: int, python: str):
                    f"{sorted(_uid_processes(uid))[:8]}")
 
 
-def _sandbox_user(uid: int | None, python: str | None) -> tuple[int | None, str]:
-    """The defaults: as root, a fresh sandbox uid (never root itself) and an interpreter it can run."""
+def _sandbox_user(uid: int | None, python: str | None, stack: contextlib.ExitStack) -> tuple[int | None, str]:
+    """The defaults: as root, a uid reserved until `stack` closes (never root itself), and an
+    interpreter it can run."""
     if uid is None and os.geteuid() == 0:
-        [uid] = sandbox_uids(1)
+        [uid] = stack.enter_context(reserved_uids(1))
     return uid, python or sandbox_python(uid)
 
 
@@ -3410,7 +3440,7 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
     that is also its HOME, with a cleaned environment, stdin at /dev/null, and the limits
     above; at the wall-clock timeout the whole group is killed.
 
-    As root (the default picks one; see sandbox_uids) the child runs as a user id of its
+    As root (the default reserves one; see reserved_uids) the child runs as a user id of its
     own with no groups, so it cannot write or delete files outside world-writable places,
     cannot signal the evaluator, RLIMIT_NPROC bounds its processes, and all its processes
     and its files in /dev/shm together stay within limits.memory_mb. Afterwards every
@@ -3428,9 +3458,10 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
     started = time.perf_counter()
     if failure := _unencodable(program):
         return failure
-    uid, python = _sandbox_user(uid, python)
-    with tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True) as workdir, \
+    with contextlib.ExitStack() as stack, \
+            tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True) as workdir, \
             tempfile.TemporaryFile() as output:
+        uid, python = _sandbox_user(uid, python, stack)
         path = Path(workdir, "program.py")
         path.write_text(program, encoding="utf-8")
         nonce = os.urandom(16).hex().encode()
@@ -3481,10 +3512,11 @@ def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), 
     started = time.perf_counter()
     if failure := _unencodable(source):
         return failure
-    uid, python = _sandbox_user(uid, python)
-    with tempfile.TemporaryDirectory(prefix="kld-candidate-", ignore_cleanup_errors=True) as workdir, \
+    with contextlib.ExitStack() as stack, \
+            tempfile.TemporaryDirectory(prefix="kld-candidate-", ignore_cleanup_errors=True) as workdir, \
             tempfile.TemporaryDirectory(prefix="kld-verdict-") as verdict_dir, \
             tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as verdict_output:
+        uid, python = _sandbox_user(uid, python, stack)
         Path(workdir, "program.py").write_text(source, encoding="utf-8")
         Path(verdict_dir, "prompt.py").write_text(task.prompt, encoding="utf-8")
         Path(verdict_dir, "test.py").write_text(task.test, encoding="utf-8")
@@ -3528,11 +3560,11 @@ def _run_all(function, jobs: list[tuple], limits: SandboxLimits,
     CPU), in the order given; as root, each under a uid of its own."""
     if not jobs:
         return []
-    uids = sandbox_uids(len(jobs)) if os.geteuid() == 0 else [None] * len(jobs)
-    python = sandbox_python(uids[0])
-    with concurrent.futures.ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(jobs))) as pool:
-        return list(pool.map(lambda job,
-                             uid: function(*job, limits, uid, python), jobs, uids))
+    with contextlib.ExitStack() as stack:
+        uids = stack.enter_context(reserved_uids(len(jobs))) if os.geteuid() == 0 else [None] * len(jobs)
+        python = sandbox_python(uids[0])
+        with concurrent.futures.ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(jobs))) as pool:
+            return list(pool.map(lambda job, uid: function(*job, limits, uid, python), jobs, uids))
 
 
 def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(),

@@ -8,6 +8,7 @@ skipped only when it is not installed and CI is unset (CI installs it).
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import importlib.util
@@ -2455,6 +2456,21 @@ def test_signalling_the_parent_is_refused():
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert result.status == "failed" and "PermissionError" in result.detail and not received
+
+
+@needs_root
+def test_two_evaluations_at_once_give_the_verdicts_of_each_alone():
+    """Two evaluators on one machine (two runs, or the ranks of one node) each reserve their
+    uids: the first's cleanup does not kill the other's programs, which run on after it."""
+    task = kld.Task("t/0", 'def f(x):\n    """x."""\n', "f", "    return x\n",
+                    "def check(candidate):\n    assert candidate(2) == 2\n")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        programs = [f"import time\ndef f(x):\n    time.sleep({s})\n    return x\n" for s in (0.1, 1.5)]
+        runs = [pool.submit(kld.run_tests_all, [(task, program)] * 3, LIMITS) for program in programs]
+        verdicts = [[r.status for r in run.result()] for run in runs]
+    assert verdicts == [["passed"] * 3] * 2
+    with kld.reserved_uids(2) as mine, kld.reserved_uids(2) as theirs:
+        assert len(set(mine + theirs)) == 4  # held: never handed out twice
 
 
 @needs_root
