@@ -255,6 +255,10 @@ def check_config(cfg: Config):
     if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
         raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers "
                        "or finetune_first_layers); set all three to 0 for none")
+    if "" in cfg.stop:
+        raise KldError("config key 'stop' holds an empty string, which every answer starts with: remove it")
+    if max(cfg.pass_k, default=1) > cfg.n_samples:
+        raise KldError(f"pass_k {cfg.pass_k} asks for k above n_samples {cfg.n_samples}: pass@k needs k samples")
 
 
 # Options that measured worse and left kld; a run made before keeps them in its config.json.
@@ -2741,6 +2745,8 @@ class Decoding:
             raise KldError("decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and "
                            f"batch_size >= 1; got {self.temperature}, {self.top_p}, {self.max_new_tokens}, "
                            f"{self.batch_size}")
+        if "" in self.stop:
+            raise KldError("an empty stop string ends every answer before it starts")
         object.__setattr__(self, "stop", tuple(self.stop))  # a list or set given: frozen as the types say
         object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
 
@@ -3623,13 +3629,15 @@ class CodegenSettings:
     chat: bool = False  # prompt in the chat template (task_prompt)
     system_prompt: str = ""  # the chat template's system turn; empty = none
     n_samples: int = 1  # programs per task
-    ks: tuple[int, ...] = (1,)  # the k of the pass@k reported (those <= n_samples)
+    ks: tuple[int, ...] = (1,)  # the k of the pass@k reported (each <= n_samples)
     decoding: Decoding = Decoding()  # stops are added by the prompt format
     limits: SandboxLimits = SandboxLimits()  # bounds on each program run
     workers: int = 0  # programs run at once; 0 = one per CPU
 
     def __post_init__(self):
         object.__setattr__(self, "ks", tuple(self.ks))  # a list given: frozen as the type says
+        if max(self.ks, default=1) > self.n_samples:
+            raise KldError(f"pass@k for k = {max(self.ks)} needs that many samples; n_samples is {self.n_samples}")
         # greedy decoding gives one program per task; more need temperature > 0
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
             raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: "
@@ -3669,7 +3677,7 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
         raise KldError("no tasks to evaluate")
     chat = settings.chat
     n_samples = settings.n_samples
-    ks = sorted({k for k in settings.ks if k <= n_samples}) or [1]
+    ks = sorted(set(settings.ks)) or [1]
     prompts = [task_prompt(t, chat, settings.system_prompt) for t in tasks for _ in range(n_samples)]
     decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
@@ -4888,11 +4896,28 @@ def parse_overrides(args: list[str]) -> dict:
     return values
 
 
+def check_out_dir_apart(out: Path, cfg: Config):
+    """Refuse an out_dir in which the run would write into or over its own inputs: a model,
+    corpus or tasks directory, or a directory that holds a model, corpus or tasks file."""
+    inputs = {"model": resolve_model_path(cfg.model), "tasks": Path(cfg.tasks) if cfg.tasks else None,
+              "corpus": Path(sysconfig.get_paths()["stdlib"]) if cfg.corpus == "stdlib" else Path(cfg.corpus)}
+    here = out.resolve()
+    for name, path in inputs.items():
+        if path is None or not path.exists():
+            continue
+        path = path.resolve()
+        folder = path if path.is_dir() else path.parent
+        if here == folder or (path.is_dir() and here.is_relative_to(path)):
+            raise KldError(f"out_dir {out} is where the run's {name} is ({path}): the run would write into "
+                           "its own input; give it an out_dir of its own")
+
+
 def check_out_dir(out: Path, cfg: Config):
     """Refuse an out_dir that cannot take this run's files, or that holds a finished run
     (results.json) made with other settings: its files would be mixed with this run's."""
     if out.exists() and not out.is_dir():
         raise KldError(f"out_dir {out} exists and is not a directory")
+    check_out_dir_apart(out, cfg)
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
@@ -4935,8 +4960,7 @@ def run(cfg: Config) -> dict:
         codegen_settings(cfg, teacher_tok)
     if cfg.max_new_tokens >= model.cfg.max_positions:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's "
-                       f"{model.cfg.max_positions} "
-                       "positions with a prompt before it")
+                       f"{model.cfg.max_positions} positions with a prompt before it")
     if ranks.main:
         write_atomic(out / "config.json",
                      json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write

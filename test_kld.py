@@ -114,6 +114,17 @@ def test_config_values_out_of_range_are_one_line_errors(key, value, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("values,message", [
+    ({"stop": ["\n\n", ""]}, "'stop' holds an empty string"),  # every answer would be empty
+    ({"pass_k": [1, 10], "n_samples": 5, "temperature": 0.8}, r"pass_k \[1, 10\] asks for k above n_samples 5"),
+])
+def test_settings_that_would_silently_do_nothing_are_refused(values, message):
+    with pytest.raises(kld.KldError, match=message):
+        kld.make_config(values)
+    with pytest.raises(kld.KldError, match="empty stop string"):
+        kld.Decoding(stop=("",))
+
+
 def test_a_config_is_checked_however_it_is_made():
     with pytest.raises(kld.KldError, match="'steps' must be"):
         kld.Config(steps=-1)
@@ -2108,6 +2119,26 @@ def test_out_dir_that_cannot_hold_a_run(tmp_path):
             kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out)}))
 
 
+def test_a_run_never_writes_into_its_own_inputs(tmp_path):
+    """out_dir the model's directory (its config.json would be overwritten), inside the
+    corpus directory, or the directory of the tasks file: refused before any file is written."""
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURES / "llama", model)
+    before = {f.name: f.read_bytes() for f in model.iterdir()}
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(TINY_RUN["corpus"], corpus / "code.py")
+    tasks = tmp_path / "tasks" / "tasks.jsonl"
+    tasks.parent.mkdir()
+    tasks.write_text((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[0])
+    base = {**TINY_RUN, "model": str(model), "corpus": str(corpus), "tasks": str(tasks)}
+    for out, name in [(model, "model"), (corpus / "runs" / "a", "corpus"), (tasks.parent, "tasks")]:
+        with pytest.raises(kld.KldError, match=f"where the run's {name} is"):
+            kld.run(kld.make_config({**base, "out_dir": str(out)}))
+    assert {f.name: f.read_bytes() for f in model.iterdir()} == before
+    assert not (corpus / "runs").exists() and sorted(p.name for p in tasks.parent.iterdir()) == ["tasks.jsonl"]
+
+
 def test_finished_run_loads_back_as_the_student(tmp_path):
     out = tmp_path / "run"
     cfg = kld.make_config({**TINY_RUN, "out_dir": str(out)})
@@ -2611,12 +2642,14 @@ def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
 def test_evaluate_codegen_runs_the_model_end_to_end():
     tasks = kld.read_tasks(BENCH)[:3]
     model, tok = tiny_student("llama")
-    settings = kld.CodegenSettings(n_samples=2, ks=(1, 2, 5), limits=LIMITS,
+    settings = kld.CodegenSettings(n_samples=2, ks=(1, 2), limits=LIMITS,
                                    decoding=kld.Decoding(max_new_tokens=6, temperature=1.0))
     result = kld.evaluate_codegen(model, tok, tasks, settings)
     summary = result["summary"]
     assert set(result["tasks"]) == {t.task_id for t in tasks} and len(result["samples"]) == 6
-    assert "pass@2" in summary and "pass@5" not in summary and summary["chars_per_s"] > 0
+    assert "pass@2" in summary and summary["chars_per_s"] > 0
+    with pytest.raises(kld.KldError, match="pass@k for k = 5 needs that many samples"):  # not dropped unsaid
+        dataclasses.replace(settings, ks=(1, 2, 5))
     with pytest.raises(kld.KldError, match="temperature > 0"):
         kld.evaluate_codegen(model, tok, tasks, kld.CodegenSettings(n_samples=2))
 
