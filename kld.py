@@ -4362,10 +4362,16 @@ def corpus_files(source: str) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
     if root.is_file():
         return [root]
+    if root.exists() and not root.is_dir():
+        raise KldError(f"corpus {source!r} is neither a regular file nor a directory")
     if not root.is_dir():
         raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory nor a file")
     # sorted: the same order, and so the same extension, on every machine
-    files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    found = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    files = [p for p in found if p.is_file()]  # regular files (or links to one): no FIFO, loop, dangling link
+    if len(files) < len(found):
+        others = [str(p.relative_to(root)) for p in found if p not in set(files)]
+        warn(f"corpus {source!r}: left out {len(others)} *.py entries that are not readable files: {others[:5]}")
     if not files:
         raise KldError(f"corpus {source!r} holds no .py files")
     return files
@@ -4382,7 +4388,12 @@ def load_corpus(source: str,
     """(train texts, held-out texts), one text per file. A corpus of one file is split by
     lines instead: its last `heldout_fraction` of lines are held out."""
     files = corpus_files(source)
-    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}  # a stray byte is not fatal
+    texts = {}
+    for path in files:
+        try:
+            texts[path] = path.read_text(encoding="utf-8", errors="replace")  # a stray byte is not fatal
+        except OSError as e:
+            raise KldError(f"corpus file {path} cannot be read: {e.strerror or e}") from None
     if len(files) == 1:
         lines = texts[files[0]].splitlines(keepends=True)
         cut = len(lines) - int(len(lines) * heldout_fraction)
@@ -4615,11 +4626,15 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
 def read_json_object(path: str | Path, what: str) -> dict:
     """A JSON object from a file, or a KldError that says what is wrong with the file."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise KldError(f"{what} not found: {path}") from None
     except json.JSONDecodeError as e:
         raise KldError(f"{what} {path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise KldError(f"{what} {path} is not UTF-8 text (JSON is)") from None
+    except OSError as e:  # a directory, a file it may not read, ...
+        raise KldError(f"{what} {path} cannot be read: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise KldError(f"{what} {path} must hold a JSON object")
     return data

@@ -66,6 +66,33 @@ def test_config_defaults_and_overrides(tmp_path):
     assert cfg.top_p == kld.Config().top_p  # untouched fields keep the dataclass default
 
 
+def test_unreadable_inputs_are_one_line_errors_or_left_out(tmp_path, capsys):
+    """A corpus with a link to itself, a dangling link, a directory and a FIFO named *.py
+    (reading the FIFO waited for ever): they are left out, and said to be. A config that
+    is a directory or not UTF-8, and a model whose config.json is not UTF-8: KldError."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(TINY_RUN["corpus"], corpus / "code.py")
+    (corpus / "loop.py").symlink_to("loop.py")
+    (corpus / "dangling.py").symlink_to("missing.py")
+    (corpus / "package.py").mkdir()
+    os.mkfifo(corpus / "fifo.py")
+    assert kld.corpus_files(str(corpus)) == [corpus / "code.py"]
+    assert "left out 4 *.py entries" in capsys.readouterr().err
+    with pytest.raises(kld.KldError, match="neither a regular file nor a directory"):
+        kld.corpus_files(str(corpus / "fifo.py"))
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"prompt": "caf\xe9"}'.encode("latin-1"))
+    for path, message in [(corpus, "cannot be read"), (latin1, "is not UTF-8")]:
+        with pytest.raises(kld.KldError, match=message):
+            kld.load_config(str(path))
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURES / "llama", model)
+    (model / "config.json").write_bytes((model / "config.json").read_bytes().replace(b"{", b"{\"x\": \"\xe9\", ", 1))
+    with pytest.raises(kld.KldError, match="model config .* is not UTF-8"):
+        kld.load_model(model)
+
+
 def test_config_unknown_key_is_an_error(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"max_new_token": 7}))
