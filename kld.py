@@ -76,6 +76,7 @@ import sysconfig
 import tempfile
 import textwrap
 import time
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -4351,8 +4352,8 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 # --- the domain corpus ---
 
 
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests",
-             "idle_test", "__pycache__"}
+# The standard library's test suites and installed packages: not the library's own code.
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
 def corpus_files(source: str) -> list[Path]:
@@ -4367,7 +4368,8 @@ def corpus_files(source: str) -> list[Path]:
     if not root.is_dir():
         raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory nor a file")
     # sorted: the same order, and so the same extension, on every machine
-    found = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    skip = STDLIB_SKIP_DIRS if source == "stdlib" else set()
+    found = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
     files = [p for p in found if p.is_file()]  # regular files (or links to one): no FIFO, loop, dangling link
     if len(files) < len(found):
         others = [str(p.relative_to(root)) for p in found if p not in set(files)]
@@ -4383,6 +4385,16 @@ def is_heldout(name: str, heldout_fraction: float) -> bool:
     return draw < heldout_fraction
 
 
+def source_text(data: bytes) -> str:
+    """Python source as Python reads it (PEP 263): in the encoding its `# coding:` line or
+    byte-order mark names (the mark dropped), else UTF-8; a stray byte is not fatal."""
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        return data.decode(encoding, errors="replace")
+    except (SyntaxError, LookupError):  # a coding line that names no codec
+        return data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+
+
 def load_corpus(source: str,
                 heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
     """(train texts, held-out texts), one text per file. A corpus of one file is split by
@@ -4391,7 +4403,7 @@ def load_corpus(source: str,
     texts = {}
     for path in files:
         try:
-            texts[path] = path.read_text(encoding="utf-8", errors="replace")  # a stray byte is not fatal
+            texts[path] = source_text(path.read_bytes())
         except OSError as e:
             raise KldError(f"corpus file {path} cannot be read: {e.strerror or e}") from None
     if len(files) == 1:

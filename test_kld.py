@@ -93,6 +93,20 @@ def test_unreadable_inputs_are_one_line_errors_or_left_out(tmp_path, capsys):
         kld.load_model(model)
 
 
+def test_a_corpus_is_read_as_python_reads_it(tmp_path):
+    """A byte-order mark is dropped (it got new tokens of its own), a `# coding:` line is
+    obeyed (latin-1 text became U+FFFD), and a user's tests/ directory is read like the rest
+    (only the standard library's test suites are left out)."""
+    corpus = tmp_path / "corpus"
+    (corpus / "tests").mkdir(parents=True)
+    (corpus / "bom.py").write_bytes(b"\xef\xbb\xbfx = 1\n")
+    (corpus / "latin.py").write_bytes("# -*- coding: latin-1 -*-\nname = 'café'\n".encode("latin-1"))
+    (corpus / "tests" / "test_x.py").write_text("def test_x():\n    assert True\n")
+    texts, _ = kld.load_corpus(str(corpus), heldout_fraction=0.0)
+    assert sorted(texts) == ["# -*- coding: latin-1 -*-\nname = 'café'\n", "def test_x():\n    assert True\n",
+                             "x = 1\n"]
+
+
 def test_config_unknown_key_is_an_error(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"max_new_token": 7}))
@@ -1064,9 +1078,9 @@ def test_corpus_split_is_fixed_and_disjoint(tmp_path):
     for i in range(40):
         (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
     (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "test_x.py").write_text("skipped = True\n")
+    (tmp_path / "tests" / "test_x.py").write_text("read = True\n")  # a user's tests are code too
     train, heldout = kld.load_corpus(str(tmp_path), heldout_fraction=0.25)
-    assert len(train) + len(heldout) == 40 and 3 <= len(heldout) <= 20
+    assert len(train) + len(heldout) == 41 and 3 <= len(heldout) <= 20
     assert (train, heldout) == kld.load_corpus(str(tmp_path), heldout_fraction=0.25)
     with pytest.raises(kld.KldError, match="corpus not found"):
         kld.load_corpus(str(tmp_path / "nope"))
