@@ -3658,6 +3658,22 @@ def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
                            ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), limits=limits, workers=cfg.exec_workers)
 
 
+def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
+    """ids less the tokens of a UTF-8 character that the answer's end cut short (its token
+    budget ran out inside it): decoded, it would be U+FFFD, which tau spells in three tokens,
+    and the saving on the answer's text would count tokens no model spent."""
+    pieces = [tok.token_bytes(t) for t in ids]
+    try:
+        b"".join(pieces).decode("utf-8")
+        return ids
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data":  # broken inside, not cut at the end: as written
+            return ids
+        end = e.start  # where the unfinished character begins
+    ends = itertools.accumulate(map(len, pieces))  # each token's end, in bytes
+    return [t for t, stop in zip(ids, ends) if stop <= end]
+
+
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                      settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
     """Generate settings.n_samples programs per task (with the new tokens of `tok`; the
@@ -3705,10 +3721,11 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     n_reencoded_new = 0
     n_base = 0  # tokens tau spends on the same texts
     for task, completion, source, result in zip(owners, completions, sources, results):
-        text = tok.decode(completion.token_ids)  # with the stop string: as the tokens emitted
+        ids = whole_characters(tok, completion.token_ids)  # what is measured
+        text = tok.decode(ids)  # with the stop string: as the tokens emitted
         n_chars += len(text)
-        n_tokens += len(completion.token_ids)
-        n_new += sum(t >= tok.base_vocab_size for t in completion.token_ids)
+        n_tokens += len(ids)
+        n_new += sum(t >= tok.base_vocab_size for t in ids)
         base_ids = tok.base.encode(text, add_special_tokens=False).ids  # tau on the same text
         n_base += len(base_ids)
         reencoded = tok.merge(base_ids)  # tau' on the same text: the new tokens it would use

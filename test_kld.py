@@ -2680,6 +2680,23 @@ def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
     assert 0 < summary["saving_realised"] < 1
 
 
+def test_a_character_cut_by_the_token_budget_does_not_count_as_saved(monkeypatch):
+    """The teacher (no merges: nothing to save) writes `return 'é'` and its budget ends
+    between the two bytes of é: decoded, that is U+FFFD, which tau spells in three tokens,
+    and the teacher "saved" tokens it never had. The cut character is not measured."""
+    [task] = kld.read_tasks(BENCH)[:1]
+    model, tokenizer = kld.load_model(FIXTURES / "llama")
+    tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+    ids = tok.encode("    return 'é")[:-1]  # the last token is é's second byte
+    assert tok.decode(ids).endswith("\ufffd")
+    fake = [kld.Completion(tok.decode(ids), ids, "length")]
+    monkeypatch.setattr(kld, "generate", lambda model, tok, prompts, decoding: fake)
+    summary = kld.evaluate_codegen(model, tok, [task], kld.CodegenSettings(limits=LIMITS))["summary"]
+    assert summary["realised_saving"] == 0 and summary["possible_saving"] == 0
+    assert kld.whole_characters(tok, ids) == ids[:-1]
+    assert kld.whole_characters(tok, tok.encode("é")) == tok.encode("é")
+
+
 def test_evaluate_codegen_runs_the_model_end_to_end():
     tasks = kld.read_tasks(BENCH)[:3]
     model, tok = tiny_student("llama")
