@@ -2141,7 +2141,11 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # reaches only the parameters that require a gradient
         average_gradients(params, ranks)  # the whole batch's gradient, on every rank
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not (torch.isfinite(loss) & torch.isfinite(norm)):  # before the step: no NaN reaches the rows
+            raise KldError(f"{objective} step {step + 1}: the loss or its gradient is not finite (loss "
+                           f"{loss.item():.4g}); in {cfg.dtype}, try float32 or bfloat16 (float16 underflows "
+                           "AdamW's epsilon) or a lower learning rate")
         optimizer.step()
         step += 1
         tokens += cfg.batch_size * cfg.seq_len

@@ -2180,6 +2180,15 @@ def test_a_run_never_writes_into_its_own_inputs(tmp_path):
     assert not (corpus / "runs").exists() and sorted(p.name for p in tasks.parent.iterdir()) == ["tasks.jsonl"]
 
 
+def test_training_that_turns_non_finite_stops_before_the_rows_take_it(tmp_path):
+    """In float16, AdamW's epsilon underflows and the loss is NaN from step 2: the run stops
+    with an error that says so (it had saved NaN rows and exited 0)."""
+    out = tmp_path / "run"
+    with pytest.raises(kld.KldError, match="step 2: the loss or its gradient is not finite"):
+        kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "dtype": "float16"}))
+    assert not (out / "new_rows.safetensors").exists() and not (out / "results.json").exists()
+
+
 def test_finished_run_loads_back_as_the_student(tmp_path):
     out = tmp_path / "run"
     cfg = kld.make_config({**TINY_RUN, "out_dir": str(out)})
