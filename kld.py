@@ -4704,7 +4704,7 @@ def save_checkpoint(path: Path, model: GPT,
     buffer = io.BytesIO()
     params = {name: p.detach().cpu() for name, p in trained_parameters(model).items()}
     torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
-                "config": dataclasses.asdict(cfg)}, buffer)
+                "config": dataclasses.asdict(cfg), "base_model_probe": base_model_probe(model)}, buffer)
     write_atomic(path, buffer.getvalue())
 
 
@@ -4728,6 +4728,11 @@ def load_checkpoint(path: Path, model: GPT,
                     optimizer: torch.optim.Optimizer, cfg: Config) -> int:
     """Restore rows and optimizer from `path`; return the step to continue from."""
     state = read_checkpoint(path, cfg)
+    probe = state.get("base_model_probe")
+    # loose tolerances: the same model loaded in bfloat16 or float16 gives a probe a little off
+    if probe is not None and not torch.allclose(probe, base_model_probe(model), rtol=0.05, atol=0.01):
+        raise KldError(f"{path} was trained on other base weights than {cfg.model} holds now; use another "
+                       "out_dir or --resume false")
     params = trained_parameters(model)
     if set(state["params"]) != set(params):
         raise KldError(f"{path} holds {sorted(state['params'])[:4]}..., not the parameters this stage trains")
@@ -5009,12 +5014,13 @@ def run(cfg: Config) -> dict:
     if cfg.max_new_tokens >= model.cfg.max_positions:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's "
                        f"{model.cfg.max_positions} positions with a prompt before it")
+    checkpoint = out / "checkpoint.pt"
+    resuming = cfg.resume and checkpoint.exists() and bool(read_checkpoint(checkpoint, cfg))
     if ranks.main:
         write_atomic(out / "config.json",
                      json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
-    checkpoint = out / "checkpoint.pt"
     extension_file = out / "extension.json"
-    if cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg):
+    if resuming:  # checked above, before config.json took this run's settings
         tok = load_extension(extension_file, tokenizer)
     elif ranks.main:
         t0 = time.perf_counter()
@@ -5168,6 +5174,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['peak_memory_mb']:.0f} MB; "
           f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")
     return 0
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())

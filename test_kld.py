@@ -2079,6 +2079,33 @@ def test_checkpoint_errors(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_a_refused_resume_changes_nothing_and_other_base_weights_are_refused(tmp_path):
+    """Resuming under other settings is refused before config.json takes them; a checkpoint
+    made on other base weights (the model file changed) is not resumed without a word."""
+    out = tmp_path / "run"
+    cfg = kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 4, "eval_every": 2})
+    save = kld.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, cfg):
+        save(path, model, optimizer, step, cfg)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kld, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            kld.run(cfg)
+    before = (out / "config.json").read_text()
+    with pytest.raises(kld.KldError, match=r"other values of \['lr'\]"):
+        kld.run(dataclasses.replace(cfg, lr=0.5))
+    assert (out / "config.json").read_text() == before
+    model, tok = tiny_student("llama")
+    optimizer = torch.optim.AdamW([model.new_in, model.new_out])
+    with torch.no_grad():
+        model.embed.weight.mul_(2)  # other base weights, the same config
+    with pytest.raises(kld.KldError, match="other base weights"):
+        kld.load_checkpoint(out / "checkpoint.pt", model, optimizer, cfg)
+
+
 def test_a_failed_run_never_touches_a_finished_one(tmp_path, capsys):
     out = tmp_path / "run"
     kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 2, "eval_every": 0}))
