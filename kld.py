@@ -65,6 +65,7 @@ import itertools
 import json
 import math
 import os
+import queue
 import resource
 import shutil
 import signal
@@ -258,8 +259,6 @@ def check_config(cfg: Config):
                        "or finetune_first_layers); set all three to 0 for none")
     if "" in cfg.stop:
         raise KldError("config key 'stop' holds an empty string, which every answer starts with: remove it")
-    if max(cfg.pass_k, default=1) > cfg.n_samples:
-        raise KldError(f"pass_k {cfg.pass_k} asks for k above n_samples {cfg.n_samples}: pass@k needs k samples")
 
 
 # Options that measured worse and left kld; a run made before keeps them in its config.json.
@@ -2142,11 +2141,11 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], ch
         loss.backward()  # reaches only the parameters that require a gradient
         average_gradients(params, ranks)  # the whole batch's gradient, on every rank
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not (torch.isfinite(loss) & torch.isfinite(norm)):  # before the step: no NaN reaches the rows
-            raise KldError(f"{objective} step {step + 1}: the loss or its gradient is not finite (loss "
-                           f"{loss.item():.4g}); in {cfg.dtype}, try float32 or bfloat16 (float16 underflows "
-                           "AdamW's epsilon) or a lower learning rate")
         optimizer.step()
+        if not (torch.isfinite(loss) & torch.isfinite(norm) & torch.stack([p.isfinite().all() for p in params]).all()):
+            raise KldError(f"{objective} step {step + 1}: the loss, its gradient or the rows are not finite "
+                           f"(loss {loss.item():.4g}); in {cfg.dtype}, try float32 or bfloat16 (float16 "
+                           "underflows AdamW's epsilon) or a lower learning rate; nothing of this step is saved")
         step += 1
         tokens += cfg.batch_size * cfg.seq_len
         seconds += time.perf_counter() - t0
@@ -2879,12 +2878,14 @@ def read_tasks(path: str | Path) -> list[Task]:
     """Tasks from a HumanEval-format .jsonl or .jsonl.gz file, or from every such file in a
     directory (sorted by name). Task ids must be unique."""
     path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+    if path.is_dir():  # regular files only: a FIFO would hang the read
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")) and p.is_file())
         if not files:
             raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
     elif path.is_file():
         files = [path]
+    elif path.exists():
+        raise KldError(f"task file {path} is not a regular file")
     else:
         raise KldError(f"task file not found: {path}")
     tasks = []
@@ -3221,7 +3222,7 @@ def reserved_uids(n: int, base: int = SANDBOX_UID_BASE):
     import fcntl
     import pwd
 
-    locks = Path(tempfile.gettempdir(), "kld-sandbox-uids")
+    locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")  # one place for every evaluator
     with contextlib.suppress(FileExistsError):
         locks.mkdir(mode=0o700)
     info = locks.lstat()
@@ -3571,11 +3572,23 @@ def _run_all(function, jobs: list[tuple], limits: SandboxLimits,
     CPU), in the order given; as root, each under a uid of its own."""
     if not jobs:
         return []
+    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
     with contextlib.ExitStack() as stack:
-        uids = stack.enter_context(reserved_uids(len(jobs))) if os.geteuid() == 0 else [None] * len(jobs)
+        uids = stack.enter_context(reserved_uids(n_workers)) if os.geteuid() == 0 else [None] * n_workers
         python = sandbox_python(uids[0])
-        with concurrent.futures.ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(jobs))) as pool:
-            return list(pool.map(lambda job, uid: function(*job, limits, uid, python), jobs, uids))
+        free = queue.SimpleQueue()  # a worker's uid, lent to one job at a time (each job leaves it clean)
+        for uid in uids:
+            free.put(uid)
+
+        def one(job):
+            uid = free.get()
+            try:
+                return function(*job, limits, uid, python)
+            finally:
+                free.put(uid)
+
+        with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
+            return list(pool.map(one, jobs))
 
 
 def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(),
@@ -4373,14 +4386,16 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 # --- the domain corpus ---
 
 
-# The standard library's test suites and installed packages: not the library's own code.
-STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# Installed packages and caches (a project's .venv) are nobody's own code; the standard
+# library's test suites are not the library's.
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+STDLIB_SKIP_DIRS = SKIP_DIRS | {"test", "tests", "idle_test"}
 
 
 def corpus_files(source: str) -> list[Path]:
     """The files of a corpus, sorted: "stdlib" (the Python standard library's own .py
-    files on this machine, without its test suites and installed packages), a directory
-    (every .py file below it), or one text file."""
+    files on this machine, without its test suites), a directory (every .py file below it),
+    or one text file; installed packages (site-packages, a .venv) are left out of either."""
     root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
     if root.is_file():
         return [root]
@@ -4389,7 +4404,7 @@ def corpus_files(source: str) -> list[Path]:
     if not root.is_dir():
         raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory nor a file")
     # sorted: the same order, and so the same extension, on every machine
-    skip = STDLIB_SKIP_DIRS if source == "stdlib" else set()
+    skip = STDLIB_SKIP_DIRS if source == "stdlib" else SKIP_DIRS
     found = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
     files = [p for p in found if p.is_file()]  # regular files (or links to one): no FIFO, loop, dangling link
     if len(files) < len(found):
@@ -4408,12 +4423,14 @@ def is_heldout(name: str, heldout_fraction: float) -> bool:
 
 def source_text(data: bytes) -> str:
     """Python source as Python reads it (PEP 263): in the encoding its `# coding:` line or
-    byte-order mark names (the mark dropped), else UTF-8; a stray byte is not fatal."""
+    byte-order mark names (the mark dropped), else UTF-8, with its newlines as \\n; a stray
+    byte is not fatal."""
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
-        return data.decode(encoding, errors="replace")
+        text = data.decode(encoding, errors="replace")
     except (SyntaxError, LookupError):  # a coding line that names no codec
-        return data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+        text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Python reads source
 
 
 def load_corpus(source: str,
@@ -4658,6 +4675,8 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
 
 def read_json_object(path: str | Path, what: str) -> dict:
     """A JSON object from a file, or a KldError that says what is wrong with the file."""
+    if Path(path).exists() and not Path(path).is_file():  # a directory, a FIFO (which would hang)
+        raise KldError(f"{what} {path} is not a regular file")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -4949,20 +4968,25 @@ def parse_overrides(args: list[str]) -> dict:
     return values
 
 
+# What a run writes in its out_dir.
+RUN_FILES = ("config.json", "extension.json", "new_rows.safetensors", "embeddings.json", "results.json",
+             "codegen.json", "finetuned_blocks.safetensors", "checkpoint.pt", "checkpoint-hidden.pt",
+             "checkpoint-finetune.pt")
+
+
 def check_out_dir_apart(out: Path, cfg: Config):
-    """Refuse an out_dir in which the run would write into or over its own inputs: a model,
-    corpus or tasks directory, or a directory that holds a model, corpus or tasks file."""
-    inputs = {"model": resolve_model_path(cfg.model), "tasks": Path(cfg.tasks) if cfg.tasks else None,
-              "corpus": Path(sysconfig.get_paths()["stdlib"]) if cfg.corpus == "stdlib" else Path(cfg.corpus)}
-    here = out.resolve()
-    for name, path in inputs.items():
-        if path is None or not path.exists():
-            continue
-        path = path.resolve()
-        folder = path if path.is_dir() else path.parent
-        if here == folder or (path.is_dir() and here.is_relative_to(path)):
-            raise KldError(f"out_dir {out} is where the run's {name} is ({path}): the run would write into "
-                           "its own input; give it an out_dir of its own")
+    """Refuse an out_dir where the run would write over its own inputs: in a model's
+    directory (its config.json), or where a file it writes is an input file."""
+    model = resolve_model_path(cfg.model)
+    if model.is_dir() and (out.resolve() == model.resolve() or out.resolve().is_relative_to(model.resolve())):
+        raise KldError(f"out_dir {out} is in the model's directory {model}: the run would write over its "
+                       "files; give it an out_dir of its own")
+    inputs = [model, Path(cfg.corpus), Path(cfg.tasks)] if cfg.tasks else [model, Path(cfg.corpus)]
+    for name in RUN_FILES:
+        written = out / name
+        for path in inputs:
+            if path.is_file() and written.exists() and os.path.samefile(written, path):
+                raise KldError(f"out_dir {out}: the run writes {name}, which is its input {path}")
 
 
 def check_out_dir(out: Path, cfg: Config):
@@ -4976,14 +5000,14 @@ def check_out_dir(out: Path, cfg: Config):
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise KldError(f"out_dir {out} cannot be written: {e.strerror or e}") from None
-    if (out / "results.json").exists() and (out / "config.json").exists():
-        finished = read_json_object(out / "config.json",
-                                    "config of the finished run in out_dir")
+    earlier = (out / "results.json").exists() or (cfg.resume and any(out.glob("checkpoint*.pt")))
+    if earlier and (out / "config.json").exists():  # a finished run, or one this run would resume
+        finished = read_json_object(out / "config.json", "config of the earlier run in out_dir")
         changed = [k for k in RESUME_KEYS if finished.get(k) != getattr(cfg, k)]
         if changed:
-            raise KldError(f"out_dir {out} holds a finished run made with other "
-                           f"{', '.join(changed)}; "
-                           f"give this run another out_dir, or delete that run")
+            kind = "finished run" if (out / "results.json").exists() else "run stopped mid-way"
+            raise KldError(f"out_dir {out} holds a {kind} made with other {', '.join(changed)}; give this run "
+                           "another out_dir, or delete that run (or --resume false)")
 
 
 def run(cfg: Config) -> dict:

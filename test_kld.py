@@ -81,9 +81,14 @@ def test_unreadable_inputs_are_one_line_errors_or_left_out(tmp_path, capsys):
     assert "left out 4 *.py entries" in capsys.readouterr().err
     with pytest.raises(kld.KldError, match="neither a regular file nor a directory"):
         kld.corpus_files(str(corpus / "fifo.py"))
+    os.mkfifo(tmp_path / "tasks.jsonl")  # a FIFO as a task file or a config: refused, not waited on
+    with pytest.raises(kld.KldError, match="not a regular file"):
+        kld.read_tasks(tmp_path / "tasks.jsonl")
+    with pytest.raises(kld.KldError, match="not a regular file"):
+        kld.load_config(str(tmp_path / "tasks.jsonl"))
     latin1 = tmp_path / "latin1.json"
     latin1.write_bytes('{"prompt": "caf\xe9"}'.encode("latin-1"))
-    for path, message in [(corpus, "cannot be read"), (latin1, "is not UTF-8")]:
+    for path, message in [(corpus, "not a regular file"), (latin1, "is not UTF-8")]:
         with pytest.raises(kld.KldError, match=message):
             kld.load_config(str(path))
     model = tmp_path / "model"
@@ -101,7 +106,9 @@ def test_a_corpus_is_read_as_python_reads_it(tmp_path):
     (corpus / "tests").mkdir(parents=True)
     (corpus / "bom.py").write_bytes(b"\xef\xbb\xbfx = 1\n")
     (corpus / "latin.py").write_bytes("# -*- coding: latin-1 -*-\nname = 'café'\n".encode("latin-1"))
-    (corpus / "tests" / "test_x.py").write_text("def test_x():\n    assert True\n")
+    (corpus / "tests" / "test_x.py").write_bytes(b"def test_x():\r\n    assert True\r\n")  # CRLF: read as \\n
+    (corpus / ".venv" / "lib" / "site-packages").mkdir(parents=True)  # installed packages: not the user's code
+    (corpus / ".venv" / "lib" / "site-packages" / "dep.py").write_text("y = 2\n")
     texts, _ = kld.load_corpus(str(corpus), heldout_fraction=0.0)
     assert sorted(texts) == ["# -*- coding: latin-1 -*-\nname = 'café'\n", "def test_x():\n    assert True\n",
                              "x = 1\n"]
@@ -157,13 +164,16 @@ def test_config_values_out_of_range_are_one_line_errors(key, value, message):
 
 @pytest.mark.parametrize("values,message", [
     ({"stop": ["\n\n", ""]}, "'stop' holds an empty string"),  # every answer would be empty
-    ({"pass_k": [1, 10], "n_samples": 5, "temperature": 0.8}, r"pass_k \[1, 10\] asks for k above n_samples 5"),
 ])
 def test_settings_that_would_silently_do_nothing_are_refused(values, message):
     with pytest.raises(kld.KldError, match=message):
         kld.make_config(values)
     with pytest.raises(kld.KldError, match="empty stop string"):
         kld.Decoding(stop=("",))
+    cfg = kld.make_config({"pass_k": [1, 10], "n_samples": 5, "temperature": 0.8, "tasks": "bench_tasks",
+                           "chat": False})
+    with pytest.raises(kld.KldError, match="pass@k for k = 10 needs that many samples"):  # was dropped unsaid
+        kld.codegen_settings(cfg, None)
 
 
 def test_a_config_is_checked_however_it_is_made():
@@ -2095,7 +2105,7 @@ def test_a_refused_resume_changes_nothing_and_other_base_weights_are_refused(tmp
         with pytest.raises(KeyboardInterrupt):
             kld.run(cfg)
     before = (out / "config.json").read_text()
-    with pytest.raises(kld.KldError, match=r"other values of \['lr'\]"):
+    with pytest.raises(kld.KldError, match="holds a run stopped mid-way made with other lr"):
         kld.run(dataclasses.replace(cfg, lr=0.5))
     assert (out / "config.json").read_text() == before
     model, tok = tiny_student("llama")
@@ -2188,32 +2198,36 @@ def test_out_dir_that_cannot_hold_a_run(tmp_path):
 
 
 def test_a_run_never_writes_into_its_own_inputs(tmp_path):
-    """out_dir the model's directory (its config.json would be overwritten), inside the
-    corpus directory, or the directory of the tasks file: refused before any file is written."""
+    """out_dir the model's directory (its config.json would be overwritten), or where a file
+    the run writes is an input: refused before any file is written. An out_dir inside the
+    corpus's directory is fine: the run writes no .py file."""
     model = tmp_path / "model"
     shutil.copytree(FIXTURES / "llama", model)
     before = {f.name: f.read_bytes() for f in model.iterdir()}
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    shutil.copy(TINY_RUN["corpus"], corpus / "code.py")
-    tasks = tmp_path / "tasks" / "tasks.jsonl"
-    tasks.parent.mkdir()
-    tasks.write_text((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[0])
-    base = {**TINY_RUN, "model": str(model), "corpus": str(corpus), "tasks": str(tasks)}
-    for out, name in [(model, "model"), (corpus / "runs" / "a", "corpus"), (tasks.parent, "tasks")]:
-        with pytest.raises(kld.KldError, match=f"where the run's {name} is"):
-            kld.run(kld.make_config({**base, "out_dir": str(out)}))
+    with pytest.raises(kld.KldError, match="in the model's directory"):
+        kld.run(kld.make_config({**TINY_RUN, "model": str(model), "out_dir": str(model / "run")}))
     assert {f.name: f.read_bytes() for f in model.iterdir()} == before
-    assert not (corpus / "runs").exists() and sorted(p.name for p in tasks.parent.iterdir()) == ["tasks.jsonl"]
+    corpus = tmp_path / "config.json"  # a one-file corpus with a name the run writes
+    shutil.copy(TINY_RUN["corpus"], corpus)
+    with pytest.raises(kld.KldError, match="the run writes config.json, which is its input"):
+        kld.run(kld.make_config({**TINY_RUN, "corpus": str(corpus), "out_dir": str(tmp_path)}))
+    assert corpus.read_text() == Path(TINY_RUN["corpus"]).read_text()
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy(TINY_RUN["corpus"], code / "code.py")
+    kld.run(kld.make_config({**TINY_RUN, "corpus": str(code), "out_dir": str(code / "runs" / "a"), "steps": 1,
+                             "eval_every": 0}))
 
 
 def test_training_that_turns_non_finite_stops_before_the_rows_take_it(tmp_path):
     """In float16, AdamW's epsilon underflows and the loss is NaN from step 2: the run stops
     with an error that says so (it had saved NaN rows and exited 0)."""
-    out = tmp_path / "run"
-    with pytest.raises(kld.KldError, match="step 2: the loss or its gradient is not finite"):
-        kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "dtype": "float16"}))
-    assert not (out / "new_rows.safetensors").exists() and not (out / "results.json").exists()
+    for steps in (1, 6):  # after the first step the rows are NaN already, the loss only from the second
+        out = tmp_path / f"run{steps}"
+        with pytest.raises(kld.KldError, match="step 1: the loss, its gradient or the rows are not finite"):
+            kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "dtype": "float16", "steps": steps,
+                                     "eval_every": 1}))
+        assert not (out / "new_rows.safetensors").exists() and not (out / "checkpoint.pt").exists()
 
 
 def test_finished_run_loads_back_as_the_student(tmp_path):
