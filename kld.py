@@ -3569,7 +3569,8 @@ def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), 
 def _run_all(function, jobs: list[tuple], limits: SandboxLimits,
              workers: int) -> list[RunResult]:
     """function(*job, limits, uid, python) for each job, `workers` at a time (0: one per
-    CPU), in the order given; as root, each under a uid of its own."""
+    CPU), in the order given; as root, each under a uid its worker holds alone (one
+    program's at a time: each run kills and cleans its uid's leftovers at its end)."""
     if not jobs:
         return []
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
@@ -3594,7 +3595,7 @@ def _run_all(function, jobs: list[tuple], limits: SandboxLimits,
 def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(),
                     workers: int = 0) -> list[RunResult]:
     """sandbox_run for each program, `workers` at a time (0: one per CPU), results in the
-    order given. As root, each program runs under a uid of its own."""
+    order given. As root, each program runs under a uid no other program holds at once."""
     return _run_all(sandbox_run, [(p,) for p in programs], limits, workers)
 
 
