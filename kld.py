@@ -3172,7 +3172,10 @@ def candidate(*args, **kwargs):
         return rest[0]
     if kind == "raise" and len(rest) == 2 and all(type(r) is str for r in rest):
         cls = getattr(builtins, rest[0], None)
-        if isinstance(cls, type) and issubclass(cls, Exception):
+        # StopIteration would end the map, filter or generator that calls the candidate early,
+        # unsaid, so that `all(map(...))` holds: it crosses as an error of its own (PEP 479's reason)
+        if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration,
+                                                                                          StopAsyncIteration)):
             try:
                 error = cls(rest[1])
             except Exception:

@@ -2352,6 +2352,19 @@ FORGERIES = {
 }
 
 
+def test_a_candidate_that_raises_stopiteration_cannot_end_the_tests_early():
+    """StopIteration from the candidate ended the `map` (or `filter`) the tests consumed, so
+    `all(map(...))` held for a wrong program; it fails, as it does under PEP 479 in a generator."""
+    task = kld.Task("t/0", 'def f(x):\n    """x + 1."""\n', "f", "    return x + 1\n",
+                    "def check(candidate):\n    assert all(map(lambda x: candidate(x) == x + 1, [1, 2]))\n"
+                    "    assert not list(filter(lambda x: candidate(x) != x + 1, [3, 4]))\n")
+    wrong = task.prompt + "    raise StopIteration\n"
+    [result] = kld.run_tests_all([(task, wrong)], LIMITS)
+    assert result.status == "failed" and "StopIteration" in result.detail
+    [honest] = kld.run_tests_all([(task, task.prompt + task.canonical_solution)], LIMITS)
+    assert honest.status == "passed"
+
+
 @pytest.mark.parametrize("forgery", FORGERIES)
 def test_a_wrong_program_cannot_forge_a_pass(forgery):
     tasks = kld.read_tasks(BENCH)[:16]
