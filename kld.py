@@ -3303,6 +3303,16 @@ def _remove_uid_leftovers(uid: int):
                                    capture_output=True, check=False)
 
 
+def _uid_disk(uid: int) -> int:
+    """Bytes of the files `uid` owns in the world-writable places."""
+    held = 0
+    for path in _uid_files(uid):
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            held += info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
+    return held
+
+
 def _uid_memory(uid: int) -> int:
     """Bytes `uid` holds in RAM: its processes' resident memory and its files in /dev/shm."""
     held = sum(_uid_processes(uid).values())
@@ -3376,8 +3386,11 @@ def _contained(python: str, driver: str, args: list[str], workdir: str, output, 
 
 def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits,
                   uid: int | None, started: float) -> str:
-    """Wait for `process`: "" when it ended, "timeout" at the wall-clock limit, "memory"
-    when a sandbox uid holds more than limits.memory_mb in all (checked every 50 ms)."""
+    """Wait for `process`: "" when it ended, "timeout" at the wall-clock limit; under a
+    sandbox uid (checked every 50 ms), "memory" when it holds more than limits.memory_mb in
+    all, "disk" when its files in world-writable places grew by more than limits.output_kb
+    in all (RLIMIT_FSIZE bounds each file alone: a thousand files of 1 MiB pass it)."""
+    on_disk = _uid_disk(uid) if uid is not None else 0  # the program's own files, from the start
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=0.05)
@@ -3386,6 +3399,8 @@ def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits,
             return "timeout"
         if uid is not None and _uid_memory(uid) > limits.memory_mb << 20:
             return "memory"
+        if uid is not None and _uid_disk(uid) - on_disk > limits.output_kb << 10:
+            return "disk"
 
 
 def _end_contained(processes: list[subprocess.Popen], uid: int | None, python: str):
@@ -3439,6 +3454,8 @@ def _failure(code: int | None, ended: str, limits: SandboxLimits, detail: str,
     if ended == "memory":
         return RunResult("failed",
                          f"over {limits.memory_mb} MB of memory in all its processes", seconds)
+    if ended == "disk":
+        return RunResult("failed", f"over {limits.output_kb} KiB written to files in all", seconds)
     if code is not None and code < 0 and not detail:
         return RunResult("failed", f"killed by {signal.Signals(-code).name}", seconds)
     return RunResult("failed",

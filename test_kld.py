@@ -2616,6 +2616,18 @@ def test_sandbox_run_with_its_defaults_never_runs_as_root():
 
 
 @needs_root
+def test_many_files_under_the_size_limit_each_are_bounded_together(tmp_path):
+    """RLIMIT_FSIZE bounds each file: 64 files of 200 KiB (12.5 MiB) passed a 256 KiB limit
+    and stayed for the next program's owner to find. Together they are bounded, and removed."""
+    program = ("import os\nfor i in range(64):\n    with open(f'/tmp/kld-many-{os.getpid()}-{i}', 'wb') as f:\n"
+               "        f.write(b'x' * (200 << 10))\nimport time\ntime.sleep(2)\n")
+    result = sandbox(program)
+    assert result.status == "failed" and "written to files in all" in result.detail
+    assert not list(Path("/tmp").glob("kld-many-*"))
+    assert sandbox("open('small.txt', 'w').write('x' * 1000)\n").status == "passed"  # a little is fine
+
+
+@needs_root
 def test_a_setsid_grandchild_is_killed_and_leaves_no_file():
     # fork, setsid, fork: the grandchild has left the group and the session; it waits a
     # second, then writes a file where it may (the world-writable /tmp).
