@@ -60,7 +60,7 @@ K=$(setting n_merges)
 rm -f "$OUT/probe.json"
 stage probe python run_bench.py train-speed --model "$(setting model)" --corpus "$(setting corpus)" --n-merges "$K" \
     --batch-sizes "$B" \
-    --seq-len "$L" --objectives hidden kl --steps 3 --windows new_tokens --loss-chunk "$(setting loss_chunk)" \
+    --seq-len "$L" --objectives hidden kl --steps 3 --windows "$(setting windows)" --loss-chunk "$(setting loss_chunk)" \
     --json "$OUT/probe.json"
 read -r HIDDEN STEPS < <(python -c "
 import json, sys
@@ -83,10 +83,10 @@ stage speed-batch1 python run_bench.py gen-speed --run "$RUN" --n-tasks "$N_SPEE
 # (5) the KL step against the CE step (and peft's), the same windows, one process
 PEFT=$(python -c "import peft, transformers" 2>/dev/null && echo --peft)
 stage step-time python run_bench.py train-speed --run "$RUN" --batch-sizes "$B" --seq-len "$L" --objectives kl ce \
-    --steps 5 --windows new_tokens --loss-chunk "$(setting loss_chunk)" $PEFT
+    --steps 5 --loss-chunk "$(setting loss_chunk)" $PEFT
 # (6) generation speed with the 155 prompts in one batch; where the KL step's time goes
 stage speed-batch155 python run_bench.py gen-speed --run "$RUN" --n-tasks 155 --batch-size 155 --rounds 2 \
     --max-new-tokens "$N_NEW"
 stage profile python run_bench.py train-speed --run "$RUN" --batch-sizes "$B" --seq-len "$L" --objectives kl \
-    --steps 2 --windows new_tokens --loss-chunk "$(setting loss_chunk)" --profile
+    --steps 2 --loss-chunk "$(setting loss_chunk)" --profile
 echo "=== done after $SECONDS s" | tee -a "$LOG"

@@ -103,7 +103,7 @@ class KldError(Exception):
 # ----------------------------------------------------------------------------------------
 
 
-# the initialisers (INITIALISERS)
+# the names of the initialisers of section 5 (INITIALISERS)
 INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 
@@ -270,7 +270,7 @@ REMOVED_FIELDS = {"read_back": "the read-back student", "fit_windows": "the outp
 def make_config(values: dict, source: str = "config") -> Config:
     """Config from a dict of field values; unknown keys, wrong types and values out of range are errors."""
     hints = typing.get_type_hints(Config)
-    for key, value in values.items():
+    for key in values:
         if key in REMOVED_FIELDS:
             raise KldError(f"config key {key!r} in {source} names an option kld no longer has "
                            f"({REMOVED_FIELDS[key]}; README, Results); delete the key")
@@ -3174,8 +3174,8 @@ def candidate(*args, **kwargs):
         cls = getattr(builtins, rest[0], None)
         # StopIteration would end the map, filter or generator that calls the candidate early,
         # unsaid, so that `all(map(...))` holds: it crosses as an error of its own (PEP 479's reason)
-        if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration,
-                                                                                          StopAsyncIteration)):
+        stops = (StopIteration, StopAsyncIteration)
+        if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, stops):
             try:
                 error = cls(rest[1])
             except Exception:
@@ -3217,8 +3217,8 @@ def _process_stats() -> list[os.stat_result]:
 @contextlib.contextmanager
 def reserved_uids(n: int, base: int = SANDBOX_UID_BASE):
     """n user ids that no account holds and no process (zombies included) runs as, each held
-    by this evaluator until the block ends: one per program, so that RLIMIT_NPROC and
-    kill(-1) act on that program's processes alone. The hold is an exclusive flock on a
+    by this evaluator until the block ends: one per program running at once, so that
+    RLIMIT_NPROC and kill(-1) act on that program's processes alone. The hold is an exclusive flock on a
     file per uid in a directory only root can enter, so evaluators running at once (two
     runs, the ranks of one node) never share a uid; the kernel drops it when its holder
     ends, however it ends."""
@@ -3303,24 +3303,18 @@ def _remove_uid_leftovers(uid: int):
                                    capture_output=True, check=False)
 
 
-def _uid_disk(uid: int) -> int:
-    """Bytes of the files `uid` owns in the world-writable places."""
-    held = 0
+def _uid_usage(uid: int) -> tuple[int, int]:
+    """(bytes `uid` holds in RAM, bytes of its files in the world-writable places), in one
+    walk: RAM is its processes' resident memory and its files in /dev/shm."""
+    in_ram = sum(_uid_processes(uid).values())
+    on_disk = 0
     for path in _uid_files(uid):
         with contextlib.suppress(OSError):
             info = path.lstat()
-            held += info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
-    return held
-
-
-def _uid_memory(uid: int) -> int:
-    """Bytes `uid` holds in RAM: its processes' resident memory and its files in /dev/shm."""
-    held = sum(_uid_processes(uid).values())
-    for path in _uid_files(uid, ("/dev/shm",)):  # polled every 50 ms: only the RAM-backed place
-        with contextlib.suppress(OSError):
-            if path.is_file() and not path.is_symlink():
-                held += path.stat().st_blocks * 512
-    return held
+            size = info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
+            on_disk += size
+            in_ram += size if path.is_relative_to("/dev/shm") else 0
+    return in_ram, on_disk
 
 
 def sandbox_python(uid: int | None) -> str:
@@ -3390,16 +3384,19 @@ def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits,
     sandbox uid (checked every 50 ms), "memory" when it holds more than limits.memory_mb in
     all, "disk" when its files in world-writable places grew by more than limits.output_kb
     in all (RLIMIT_FSIZE bounds each file alone: a thousand files of 1 MiB pass it)."""
-    on_disk = _uid_disk(uid) if uid is not None else 0  # the program's own files, from the start
+    at_start = _uid_usage(uid)[1] if uid is not None else 0  # the program's own files
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=0.05)
             return ""
         if time.perf_counter() - started > limits.timeout_s:
             return "timeout"
-        if uid is not None and _uid_memory(uid) > limits.memory_mb << 20:
+        if uid is None:
+            continue
+        in_ram, on_disk = _uid_usage(uid)
+        if in_ram > limits.memory_mb << 20:
             return "memory"
-        if uid is not None and _uid_disk(uid) - on_disk > limits.output_kb << 10:
+        if on_disk - at_start > limits.output_kb << 10:
             return "disk"
 
 
@@ -4429,7 +4426,7 @@ def corpus_files(source: str) -> list[Path]:
     found = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
     files = [p for p in found if p.is_file()]  # regular files (or links to one): no FIFO, loop, dangling link
     if len(files) < len(found):
-        others = [str(p.relative_to(root)) for p in found if p not in set(files)]
+        others = [str(p.relative_to(root)) for p in sorted(set(found) - set(files))]
         warn(f"corpus {source!r}: left out {len(others)} *.py entries that are not readable files: {others[:5]}")
     if not files:
         raise KldError(f"corpus {source!r} holds no .py files")
@@ -4999,15 +4996,13 @@ def check_out_dir_apart(out: Path, cfg: Config):
     """Refuse an out_dir where the run would write over its own inputs: in a model's
     directory (its config.json), or where a file it writes is an input file."""
     model = resolve_model_path(cfg.model)
-    if model.is_dir() and (out.resolve() == model.resolve() or out.resolve().is_relative_to(model.resolve())):
+    if model.is_dir() and out.resolve().is_relative_to(model.resolve()):  # the directory itself included
         raise KldError(f"out_dir {out} is in the model's directory {model}: the run would write over its "
                        "files; give it an out_dir of its own")
-    inputs = [model, Path(cfg.corpus), Path(cfg.tasks)] if cfg.tasks else [model, Path(cfg.corpus)]
-    for name in RUN_FILES:
-        written = out / name
-        for path in inputs:
-            if path.is_file() and written.exists() and os.path.samefile(written, path):
-                raise KldError(f"out_dir {out}: the run writes {name}, which is its input {path}")
+    for path in [model, Path(cfg.corpus)] + ([Path(cfg.tasks)] if cfg.tasks else []):
+        written = out / path.name
+        if path.name in RUN_FILES and path.is_file() and written.exists() and os.path.samefile(written, path):
+            raise KldError(f"out_dir {out}: the run writes {path.name}, which is its input {path}")
 
 
 def check_out_dir(out: Path, cfg: Config):

@@ -274,10 +274,10 @@ def train_speed(args):
         run_cfg = kld.load_config(str(Path(args.run) / "config.json"))
         train, _ = kld.load_corpus(run_cfg.corpus, run_cfg.heldout_fraction)
         print(f"model: the student of {args.run} ({len(tok.merges)} new tokens); its corpus, windows and lift")
-        args.lift, args.lift_min_prob = run_cfg.lift, run_cfg.lift_min_prob
-        args.lift_condition = run_cfg.lift_condition
-        args.windows, args.windows_per_token = run_cfg.windows, run_cfg.windows_per_token
+        # the run's windows and lift at this command's sizes
+        cfg = dataclasses.replace(run_cfg, seq_len=args.seq_len, seed=0)
     else:
+        cfg = kld.Config(windows=args.windows, seq_len=args.seq_len, lift=args.lift, lift_min_prob=args.lift_min_prob)
         if args.random_weights:
             model, tokenizer = random_model(device, torch.float32, args.shape, args.layers)
             print(f"model: {args.shape}'s shape ({model.cfg.n_layer} layers, vocabulary {model.cfg.vocab_size}) "
@@ -289,11 +289,11 @@ def train_speed(args):
         kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
     stream = kld.token_stream(tok, train, kld.separator_id(model.cfg))
     optimizer = torch.optim.AdamW([model.new_in, model.new_out], lr=1e-3)
-    lift_cfg = kld.make_lift(tok, args.lift, args.lift_min_prob, getattr(args, "lift_condition", True))
+    lift_cfg = kld.make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
     step_s = {}  # (objective, batch size) -> seconds per step
     for objective in args.objectives:
         for batch_size in args.batch_sizes:
-            windows = windows_for(args, stream, tok)
+            windows = kld.windows_of(cfg, stream, tok.base_vocab_size)  # seed 0: each the same
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
@@ -326,7 +326,7 @@ def train_speed(args):
                   f"(the process's peak on the CPU: run one setting per process)", flush=True)
     if args.peft:
         for batch_size in args.batch_sizes:
-            windows = windows_for(args, stream, tok)
+            windows = kld.windows_of(cfg, stream, tok.base_vocab_size)  # seed 0: each the same
             seconds = peft_ce_step_s(args.run, windows, batch_size, args.steps, device)
             step_s["peft ce", batch_size] = seconds
             print(f"peft ce (transformers + peft TrainableTokens): batch {batch_size} x {args.seq_len}: "
@@ -346,14 +346,6 @@ def optimizer_step(loss, optimizer, device):
     optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def windows_for(args, stream, tok):
-    """The endless training windows --windows names, seed 0: every objective sees the same ones."""
-    if args.windows == "new_tokens":
-        per_token = getattr(args, "windows_per_token", kld.Config.windows_per_token)  # a run's, with --run
-        return kld.new_token_windows(stream, args.seq_len, tok.base_vocab_size, per_token, seed=0)
-    return kld.training_windows(stream, args.seq_len, seed=0)
 
 
 def peft_ce_step_s(run_dir, windows, batch_size: int, steps: int, device) -> float:
@@ -1039,7 +1031,8 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps after a warm-up one (0: its peak memory only)")
     p.add_argument("--cpu-bf16", action="store_true", help="the step in bf16 autocast on the CPU (Config.cpu_bf16)")
     p.add_argument("--hidden-layer", type=int, default=0, help="objective hidden: the layer matched (0: the last)")
-    p.add_argument("--windows", choices=["uniform", "new_tokens"], default="uniform", help="as Config.windows")
+    p.add_argument("--windows", choices=["uniform", "new_tokens"], default="uniform",
+                   help="as Config.windows (with --run: the run's)")
     p.add_argument("--profile", action="store_true", help="also print where the timed steps spend their time (cProfile)")
     p.add_argument("--run", help="time a finished run's student (its extension, rows and corpus) instead")
     p.add_argument("--peft", action="store_true", help="with --run: also transformers + peft's ce step, same windows")
