@@ -6,39 +6,31 @@
     python kld.py --export RUN_DIR OUT_DIR             # a finished run's student as a Hugging Face directory
     torchrun --nproc_per_node N kld.py --config FILE   # data parallel over N processes
 
-A pretrained causal LM (the teacher, on its own tokenizer tau over V) is given new tokens
-N for domain text (Python code). Only the embedding rows of N learn; every other weight is
-frozen. The student is the same weights on the extended tokenizer tau' over V' = V u N.
-The method and its symbols are in METHOD.md (shared with this project).
+A pretrained causal LM (the teacher, tokenizer tau over V) gets new tokens N for domain text
+(Python code). Only the embedding rows of N learn; every other weight is frozen. The student
+is the same weights on the extended tokenizer tau' over V' = V u N. Symbols: METHOD.md.
 
 The method, in the order to read it:
-  build_extension        tau' = tau, then K merges learned on the domain corpus (learn_merges)
-  ExtendedTokenizer      encode = tau then the merges; expand(v) = exp(v), its teacher tokens
-  align_spans            the spans where two tokenizations of one text share boundaries (any two;
-                         training, where tau' coarsens tau, takes coarsening_span_starts)
+  build_extension        tau' = tau, then K merges learned on the domain corpus
+  ExtendedTokenizer      encode = tau then the merges; expand(v) = exp(v)
+  align_spans            the spans where two tokenizations share boundaries
   lift_trie              the trie U of the new tokens' expansions
-  walk_trie              lift steps 1 and 2: the sequences u reached, and P(u) by the chain rule
-  emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w) over v's children w
-  lift                   the three steps at every student position of a window: the reference
-  init_new_rows          the new rows from the base rows (random, mean, fvt, AdaptiVocab's, ...)
-  divergence             KL(p' || q), reverse KL, JSD, temperature and the span KL, in one
-  teacher_targets        the teacher's pass (and trie branches) over a batch, lifted to V'
-  training_loss          mean divergence to p' (or CE), logits over V' a chunk at a time
-  hidden_state_loss      mean (H'_l(j) - H_l(e_j))^2: the input rows, by hidden states
+  walk_trie              lift steps 1 and 2: the sequences u reached, and P(u)
+  emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w), w child of v
+  lift                   the three steps at every student position: the reference
+  init_new_rows          the new rows from the base rows
+  divergence             KL(p' || q), reverse KL, JSD, temperature, span KL
+  teacher_targets        the teacher's pass over a batch, lifted to V'
+  training_loss          mean divergence to p' (or CE), a chunk at a time
+  hidden_state_loss      mean (H'_l(j) - H_l(e_j))^2, for the input rows
   train                  AdamW on the new rows only
-  lift_batch             the lift's three steps for a whole batch at once (what training runs)
+  lift_batch             the lift for a whole batch at once (what training runs)
   generate               batched decoding with a KV cache
-  evaluate_codegen       pass@k on HumanEval-format tasks, each program run contained
+  evaluate_codegen       pass@k on HumanEval-format tasks, each program contained
   run                    all of it: extend, initialise, train, measure, answer
 
-Sections: 1 config, 2 model, 3 extension, 4 alignment and the reference lift,
-5 initialisers, 6 losses, 7 training, 8 the batched lift, 9 generation, 10 code
-evaluation, 11 plumbing (Hugging Face and GGUF readers, the corpus, devices, data
-parallel, atomic files, checkpoints, export), 12 CLI.
-
-Deliberately left out: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE scaling
-(Llama 3.1 style), sliding-window attention, mixture-of-experts. Each is refused with an
-error that names it, never approximated.
+Left out, and refused by name: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE
+scaling (Llama 3.1), sliding-window attention, mixture-of-experts.
 
 References: GPT-2 (Radford et al. 2019), Llama (Touvron et al. 2023), RoFormer/RoPE
 (Su et al. 2021), GQA (Ainslie et al. 2023), the GGUF format (ggml's docs/gguf.md).
@@ -46,50 +38,15 @@ References: GPT-2 (Radford et al. 2019), Llama (Touvron et al. 2023), RoFormer/R
 
 from __future__ import annotations
 
-import argparse
-import collections
-import concurrent.futures
-import contextlib
-import copy
-import dataclasses
-import datetime
-import difflib
-import functools
-import gzip
-import hashlib
-import heapq
-import importlib.util
-import inspect
-import io
-import itertools
-import json
-import math
-import os
-import queue
-import resource
-import shutil
-import signal
-import stat
-import struct
-import subprocess
-import sys
-import sysconfig
-import tempfile
-import textwrap
-import time
-import tokenize
-import types
-import typing
+import argparse, collections, concurrent.futures, contextlib, copy, dataclasses, datetime, difflib, functools
+import gzip, hashlib, heapq, importlib.util, inspect, io, itertools, json, math, os, queue, resource, shutil
+import signal, stat, struct, subprocess, sys, sysconfig, tempfile, textwrap, time, tokenize, types, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import safetensors
-import safetensors.torch
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
+import safetensors, safetensors.torch
+import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -103,205 +60,164 @@ class KldError(Exception):
 # ----------------------------------------------------------------------------------------
 
 
-# the names of the initialisers of section 5 (INITIALISERS)
-INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")
+INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")  # INITIALISERS
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 
 
 @dataclass
 class Config:
-    """Every setting of a run. The defaults are the default run (configs/default.json lists
-    the main ones): SmolLM2-135M-Instruct, 256 merges learned on the standard library,
-    55 steps of hidden-state distillation, then 55 KL steps, about 15 minutes on 2 CPU cores."""
+    """Every setting of a run; the defaults are the default run (configs/default.json):
+    SmolLM2-135M-Instruct, 256 merges, 55 hidden-state steps then 55 KL steps."""
     # what to load
-    model: str = "smollm2"  # an embedded model (EMBEDDED_MODELS), a Hugging Face directory or a .gguf file
-    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "float32"  # weights in memory: float32 | bfloat16 | float16
-    seed: int = 0  # seeds every random choice of a run
-    out_dir: str = "runs/default"  # outputs land here, beside the resolved config.json
+    model: str = "smollm2"  # an EMBEDDED_MODELS name, a Hugging Face directory or a .gguf file
+    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "float32"  # weights in memory
+    seed: int = 0  # seeds every random choice
+    out_dir: str = "runs/default"  # outputs, beside the resolved config.json
     # domain corpus and the extension (METHOD.md section 1)
-    corpus: str = "stdlib"  # "stdlib" (this machine's standard library), a directory of .py files or a text file
-    heldout_fraction: float = 0.1  # share of the corpus's files held out (a fixed split by file name)
-    n_merges: int = 256  # K: merges learned and appended to the teacher's tokenizer
-    new_tokens: list[str] = field(default_factory=list)  # strings added as tokens (merge chains), before the K
-    newline_merges: bool = True  # learned merges may join a token to the newline (and indentation) after it
+    corpus: str = "stdlib"  # "stdlib", a directory of .py files or a text file
+    heldout_fraction: float = 0.1  # share of the files held out (fixed split by name)
+    n_merges: int = 256  # K: merges learned and appended to the tokenizer
+    new_tokens: list[str] = field(default_factory=list)  # strings added as tokens, before the K
+    newline_merges: bool = True  # merges may join a token to the newline after it
     # initialisation of the new rows (METHOD.md section 5)
-    init: str = "fvt"  # the new input rows: random | mean | fvt | last_piece | first_piece | fvt_norm | char_length
-    init_output: str | None = None  # the same choice for the new output rows; null = as `init`
+    init: str = "fvt"  # the new input rows
+    init_output: str | None = None  # the new output rows; null = as `init`
     # training (METHOD.md section 4): only the new rows learn
-    objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token cross-entropy)
-    lift: str = "trie"  # the teacher's targets (METHOD.md section 3): "path" (one pass) or "trie" (likely tokens exact)
-    lift_min_prob: float = 0.03  # trie mode: evaluate a trie node off the realised text when its P reaches this
+    objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token)
+    lift: str = "trie"  # "path" (one pass) or "trie" (likely tokens exact)
+    lift_min_prob: float = 0.03  # trie: evaluate an off-text trie node when its P reaches this
     lift_condition: bool = True  # condition each target on the student's previous token
-    divergence: str = "forward_kl"  # what "kl" minimises: forward_kl | reverse_kl | jsd | span_kl
-    divergence_beta: float = 0.5  # jsd's mixing weight: 0 = forward_kl, 1 = reverse_kl
+    divergence: str = "forward_kl"  # what "kl" minimises
+    divergence_beta: float = 0.5  # jsd's weight: 0 = forward_kl, 1 = reverse_kl
     divergence_temperature: float = 1.0  # temper teacher and student by this first
-    loss_chunk: int = 128  # positions whose logits over V' exist at once in the loss; 0 = all of a batch
-    hidden_steps: int = 55  # first, steps of hidden-state distillation of the input rows alone (0: none)
-    hidden_layer: int = 0  # the hidden states matched: after block hidden_layer; 0 = the last, after the final norm
+    loss_chunk: int = 128  # positions with logits over V' at once; 0 = a whole batch
+    hidden_steps: int = 55  # first, steps of hidden-state distillation of the input rows
+    hidden_layer: int = 0  # match the states after this block; 0 = after the final norm
     hidden_lr: float | None = None  # its peak learning rate; null = lr
     steps: int = 55  # then, optimizer steps of `objective`
     batch_size: int = 4  # windows per step
     seq_len: int = 128  # student tokens per window (plus one of context)
-    windows: str = "new_tokens"  # "uniform" (shuffled windows) or "new_tokens" (windows around the new tokens)
-    windows_per_token: int = 32  # with windows "new_tokens": the occurrences of each new token drawn
-    lr: float = 6e-3  # peak learning rate of AdamW (of the input rows)
-    lr_out: float | None = 6e-3  # the new output rows' one; null = lr
-    weight_decay: float = 0.0  # AdamW weight decay on the new rows
+    windows: str = "new_tokens"  # "uniform" (shuffled) or "new_tokens" (around new tokens)
+    windows_per_token: int = 32  # "new_tokens": occurrences drawn per new token
+    lr: float = 6e-3  # peak AdamW learning rate of the input rows
+    lr_out: float | None = 6e-3  # the output rows' one; null = lr
+    weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 10  # linear warmup, then cosine decay
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # clip the new rows' gradient norm
+    grad_clip: float = 1.0  # gradient norm clip
     log_every: int = 10  # a progress line every this many steps
-    eval_every: int = 0  # held-out KL and bits per character every this many steps (0: at the end only)
-    eval_chars: int = 20000  # held-out characters evaluated (the start of the held-out files)
+    eval_every: int = 0  # held-out KL and bits/char every this many steps (0: at the end)
+    eval_chars: int = 20000  # held-out characters evaluated
     eval_window: int = 256  # teacher tokens per evaluation chunk
-    resume: bool = True  # continue from out_dir/checkpoint.pt when it is there
-    cpu_bf16: bool | None = None  # CPU training steps in bf16 autocast; null = where the CPU has bf16 instructions
-    # optional second stage: fine-tune more of the model on the domain text, the same objective
-    finetune_layers: int = 0  # also train the last n transformer blocks (-1: all of them)
-    finetune_first_layers: int = 0  # and the first n (AdaptiVocab trains the first and the last)
-    finetune_steps: int = 0  # steps of the second stage (0: none)
-    finetune_lr: float = 1e-4  # its peak learning rate (warmup and decay as above)
-    # generation: the CLI ends by answering `prompt` with the student
+    resume: bool = True  # continue from out_dir/checkpoint.pt
+    cpu_bf16: bool | None = None  # CPU steps in bf16 autocast; null = if the CPU has bf16
+    # optional second stage: fine-tune more of the model, the same objective
+    finetune_layers: int = 0  # train the last n blocks too (-1: all)
+    finetune_first_layers: int = 0  # and the first n (as AdaptiVocab)
+    finetune_steps: int = 0  # its steps (0: none)
+    finetune_lr: float = 1e-4  # its peak learning rate
+    # generation: the CLI ends by answering `prompt`
     prompt: str = "Write a Python function that returns the n-th Fibonacci number."
-    chat: bool | None = None  # wrap prompts in the chat template; null = when the tokenizer has one
-    system_prompt: str = ""  # the chat template's system turn; empty = no system turn
-    max_new_tokens: int = 128  # token budget of each answer
-    temperature: float = 0.0  # 0 = greedy decoding
-    top_p: float = 1.0  # nucleus sampling mass (used when temperature > 0)
-    stop: list[str] = field(default_factory=list)  # generation ends at the first of these strings
+    chat: bool | None = None  # use the chat template; null = if the tokenizer has one
+    system_prompt: str = ""  # its system turn; empty = none
+    max_new_tokens: int = 128  # tokens per answer
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass (temperature > 0)
+    stop: list[str] = field(default_factory=list)  # an answer ends at the first of these
     gen_batch_size: int = 8  # prompts decoded together
-    # code-generation evaluation: the student's programs run against each task's tests
-    tasks: str = ""  # a HumanEval-format .jsonl / .jsonl.gz file or a directory of them; "" = none
-    n_samples: int = 1  # programs per task (more than one needs temperature > 0)
-    pass_k: list[int] = field(default_factory=lambda: [1])  # the k of the pass@k reported (k <= n_samples)
-    exec_timeout: float = 10.0  # wall-clock seconds per program (also its CPU-second limit)
+    # code-generation evaluation
+    tasks: str = ""  # HumanEval-format .jsonl(.gz) file or directory; "" = none
+    n_samples: int = 1  # programs per task (> 1 needs temperature > 0)
+    pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k (<= n_samples)
+    exec_timeout: float = 10.0  # wall-clock (and CPU) seconds per program
     exec_workers: int = 0  # programs run at once; 0 = one per CPU
 
-    def __post_init__(self):  # Config(...), make_config and dataclasses.replace all pass here
+    def __post_init__(self):  # Config(...), make_config and dataclasses.replace
         check_config(self)
 
 
-# The values a field may take: an interval ("(" and ")" where open) or the choices.
+# A field's choices, or an interval of finite numbers ("(" and ")" where open).
 ALLOWED = {
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
     "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES,
-    "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "lift_min_prob": "[0, inf]",
-    "divergence_beta": "[0, 1]", "divergence_temperature": "[1e-06, 1e+06]", "lr": "(0, inf]",
-    "lr_out": "(0, inf]", "hidden_lr": "(0, inf]", "finetune_lr": "(0, inf]", "grad_clip": "(0, inf]",
-    "exec_timeout": "(0, inf]", "min_lr_ratio": "[0, 1]", "top_p": "(0, 1]", "finetune_layers": "[-1, inf]",
-    "batch_size": "[1, inf]", "seq_len": "[1, inf]", "windows_per_token": "[1, inf]", "log_every": "[1, inf]",
-    "eval_chars": "[1, inf]", "eval_window": "[1, inf]", "max_new_tokens": "[1, inf]",
-    "gen_batch_size": "[1, inf]", "n_samples": "[1, inf]", "pass_k": "[1, inf]",
-    **dict.fromkeys(("n_merges", "loss_chunk", "hidden_steps", "hidden_layer", "steps", "weight_decay",
-                     "warmup_steps", "eval_every", "finetune_first_layers", "finetune_steps", "temperature",
-                     "exec_workers"), "[0, inf]"),
+    "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "top_p": "(0, 1]",
+    "divergence_beta": "[0, 1]", "min_lr_ratio": "[0, 1]", "divergence_temperature": "[1e-06, 1e+06]",
+    "finetune_layers": "[-1, inf]",
+    **dict.fromkeys("lr lr_out hidden_lr finetune_lr grad_clip exec_timeout".split(), "(0, inf]"),
+    **dict.fromkeys("batch_size seq_len windows_per_token log_every eval_chars eval_window max_new_tokens "
+                    "gen_batch_size n_samples pass_k".split(), "[1, inf]"),
+    **dict.fromkeys("lift_min_prob n_merges loss_chunk hidden_steps hidden_layer steps weight_decay "
+                    "warmup_steps eval_every finetune_first_layers finetune_steps temperature "
+                    "exec_workers".split(), "[0, inf]"),
 }
-
-
 # A checkpoint resumes only under the same values of the fields that change training.
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (
-    "device", "out_dir", "loss_chunk", "log_every", "eval_every", "eval_chars", "eval_window", "resume",
-    "finetune_steps", "finetune_lr", "prompt", "chat", "system_prompt", "max_new_tokens", "temperature", "top_p",
-    "stop", "gen_batch_size", "tasks", "n_samples", "pass_k", "exec_timeout", "exec_workers"))
+    "device out_dir loss_chunk log_every eval_every eval_chars eval_window resume finetune_steps finetune_lr "
+    "prompt chat system_prompt max_new_tokens temperature top_p stop gen_batch_size tasks n_samples pass_k "
+    "exec_timeout exec_workers").split())
 # evaluate_codegen's results depend on these (and on the model and the tasks)
-CODEGEN_KEYS = ("seed", "chat", "system_prompt", "max_new_tokens", "temperature", "top_p", "tasks", "n_samples",
-                "pass_k", "exec_timeout")
-
-
-def admits(allowed: str | tuple, x) -> bool:
-    """Whether x is one of the choices, or a finite number in the interval "[low, high)"."""
-    if isinstance(allowed, tuple):
-        return x in allowed
-    low, high = (float(b) for b in allowed[1:-1].split(","))
-    above = x >= low if allowed[0] == "[" else x > low
-    below = x <= high if allowed[-1] == "]" else x < high
-    return math.isfinite(x) and above and below
-
-
-def check_type(name: str, value, annotation):
-    """Raise KldError unless `value` (parsed JSON) is of the field's type."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        if value is None and type(None) in args:
-            return
-        return check_type(name, value, next(a for a in args if a is not type(None)))
-    if origin is list:
-        if isinstance(value, list):
-            for item in value:
-                check_type(name, item, args[0])
-            return
-    elif annotation is float and type(value) in (int, float):
-        if not math.isfinite(value):
-            raise KldError(f"config key {name!r} must be a finite number, got {value!r}")
-        return
-    elif type(value) is annotation:  # exact: True is not an int here, 1 is not a bool
-        return
-    type_name = getattr(annotation, "__name__", str(annotation))
-    raise KldError(f"config key {name!r} must be of type {type_name}, got {value!r} "
-                   f"({type(value).__name__})")
+CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature top_p tasks n_samples pass_k "
+                     "exec_timeout".split())
+# Options since removed (README, Results) that an older run's config.json may name
+REMOVED_FIELDS = {"read_back": "the read-back student", "hidden_windows": "the hidden stage's own windows",
+                  **dict.fromkeys(("fit_windows", "fit_iterations", "fit_l2"), "the output refit")}
 
 
 def check_config(cfg: Config):
-    """Every field against its type and ALLOWED, and the settings that would silently do
-    nothing together: a KldError that names the field."""
-    hints = typing.get_type_hints(Config)
+    """Every field against its type (exactly: True is no int) and ALLOWED, and the settings
+    that together would silently do nothing: a KldError naming the field."""
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        check_type(f.name, value, hints[f.name])
-        allowed = ALLOWED.get(f.name)
-        for x in value if isinstance(value, list) else [value]:
-            if allowed is not None and x is not None and not admits(allowed, x):
-                shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else f"a finite number in {allowed}"
-                raise KldError(f"config key {f.name!r} must be {shown}, got {x!r}")
+        value, allowed, kind = getattr(cfg, f.name), ALLOWED.get(f.name), f.type.removesuffix(" | None")
+        if value is None and kind != f.type:
+            continue
+        items = value if isinstance(value, list) else [value]
+        types_ = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+        if kind.startswith("list") != isinstance(value, list) or any(
+                type(x) not in types_[kind.removeprefix("list[").removesuffix("]")] for x in items):
+            raise KldError(f"config key {f.name!r} must be of type {kind}, got {value!r} ({type(value).__name__})")
+        for x in items if allowed else []:
+            if isinstance(allowed, tuple) and x not in allowed:
+                raise KldError(f"config key {f.name!r} must be one of {list(allowed)}, got {x!r}")
+            if isinstance(allowed, str):  # an interval
+                low, high = map(float, allowed[1:-1].split(","))
+                if not (math.isfinite(x) and (low < x or low == x and allowed[0] == "[")
+                        and (x < high or x == high and allowed[-1] == "]")):
+                    raise KldError(f"config key {f.name!r} must be a finite number in {allowed}, got {x!r}")
     if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
-        raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers "
+        raise KldError("the second stage needs finetune_steps and blocks to train (finetune_layers "
                        "or finetune_first_layers); set all three to 0 for none")
     if "" in cfg.stop:
         raise KldError("config key 'stop' holds an empty string, which every answer starts with: remove it")
 
 
-# Options that measured worse and left kld; a run made before keeps them in its config.json.
-REMOVED_FIELDS = {"read_back": "the read-back student", "fit_windows": "the output refit",
-                  "fit_iterations": "the output refit", "fit_l2": "the output refit",
-                  "hidden_windows": "the hidden stage's own windows"}
-
-
 def make_config(values: dict, source: str = "config") -> Config:
     """Config from a dict of field values; unknown keys, wrong types and values out of range are errors."""
     hints = typing.get_type_hints(Config)
-    for key in values:
+    for key in (k for k in values if k not in hints):
         if key in REMOVED_FIELDS:
             raise KldError(f"config key {key!r} in {source} names an option kld no longer has "
                            f"({REMOVED_FIELDS[key]}; README, Results); delete the key")
-        if key not in hints:
-            close = difflib.get_close_matches(key, hints, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise KldError(f"unknown config key {key!r} in {source}{hint}; `python kld.py --help` lists them")
+        close = difflib.get_close_matches(key, hints, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KldError(f"unknown config key {key!r} in {source}{hint}; `python kld.py --help` lists them")
     return Config(**values)  # Config checks types and ranges itself
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """The config of a run: dataclass defaults < JSON file < command-line overrides."""
-    values = {} if path is None else read_json_object(path, "config file")
-    cfg = make_config(values, source=path or "config")
+    cfg = make_config({} if path is None else read_json_object(path, "config file"), path or "config")
     cli = parse_overrides(list(overrides))
-    make_config(cli, source="command line")  # same checks, with the right source in messages
+    make_config(cli, "command line")  # the same checks, naming the command line
     return dataclasses.replace(cfg, **cli)
-
-
 # ----------------------------------------------------------------------------------------
 # 2. Model: one decoder-only transformer for GPT-2 and the Llama family
 # ----------------------------------------------------------------------------------------
 
 
-# Both are pre-norm stacks of  x += attn(norm(x));  x += mlp(norm(x)).  They differ in:
-#                 gpt2                                  llama (SmolLM, SmolLM2, Qwen2)
-#   positions     learned table added to the input      RoPE on q and k (rope_theta)
-#   norm          LayerNorm with bias                   RMSNorm
-#   mlp           down(gelu_tanh(up(x)))                down(silu(gate(x)) * up(x))  (SwiGLU)
-#   biases        everywhere                            none; Qwen2: on q, k, v
-#   heads         n_kv_head = n_head                    grouped-query: n_kv_head divides n_head
+# Both are pre-norm stacks of  x += attn(norm(x));  x += mlp(norm(x)).  gpt2: learned positions,
+# LayerNorm, down(gelu_tanh(up(x))), biases. llama (SmolLM, Qwen2): RoPE, RMSNorm, SwiGLU
+# down(silu(gate(x)) * up(x)), no biases (Qwen2: on q, k, v), grouped-query attention.
 
 
 @dataclass
@@ -324,146 +240,120 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()  # generation stops at these
 
     def __post_init__(self):
-        if self.arch not in ("gpt2", "llama"):
-            raise KldError(f"model arch {self.arch!r} is not 'gpt2' or 'llama'")
         if self.n_head % self.n_kv_head:
             raise KldError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16 / bfloat16 -> float32 for sums and softmaxes; float32 and float64 stay as they are."""
+    """float16 / bfloat16 -> float32, for sums and softmaxes."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; on the CPU, float32 as it is (inside a cpu_autocast, bf16)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    """bf16 autocast on CUDA; on the CPU, none (inside a cpu_autocast, bf16)."""
+    cuda = device.type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
 def cpu_autocast(enabled: bool):
-    """bf16 autocast on the CPU: matrix products and attention in bfloat16, norms, softmaxes
-    and losses in float32 (upcast), parameters and optimizer state float32 as they are."""
+    """bf16 autocast on the CPU: products in bf16, norms and losses upcast."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 as Llama does."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+class RMSNorm(nn.RMSNorm):
+    """y = w * x / sqrt(mean(x^2) + eps), in float32 as Llama computes it."""
 
     def forward(self, x):
-        return self.weight * F.rms_norm(upcast(x), x.shape[-1:], eps=self.eps).to(x.dtype)
+        y = F.rms_norm(upcast(x), self.normalized_shape, eps=self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
+    norm = nn.LayerNorm if cfg.arch == "gpt2" else RMSNorm
+    return norm(cfg.d_model, eps=cfg.norm_eps)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T).
-
-    Frequencies theta^(-2i/d), i < d/2, laid out twice ([f, f]) for the rotate-half form
-    of RoPE used by Hugging Face checkpoints (GGUF's interleaved Q/K rows are undone on load).
-    """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, d/2)
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """cos, sin (B, 1, T, d) of positions (B, T): frequencies theta^(-2i/d)
+    laid out [f, f], Hugging Face's rotate-half RoPE (GGUF's q/k rows are
+    unpermuted on load)."""
+    i = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    angles = positions.float()[..., None] * theta ** (-i / head_dim)  # (B, T, d/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, d)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle: x*cos + rotate_half(x)*sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class KVCache:
-    """Keys and values of every layer for a batch, preallocated to `max_len` positions.
-
-    `valid[b, s]` marks slots that hold a real token (False for padding), so a batch of
-    prompts of different lengths can be left-padded and decoded together. `padded` says
-    whether any slot is padding, on the host, so that no step has to ask the GPU.
-    """
+    """Keys and values (L, B, Hkv, S, hd) of a batch in S = max_len slots.
+    valid (B, S) marks slots of real tokens, not (left) padding; padded:
+    whether any slot is padding, known on the host."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length = 0  # slots filled so far, the same for every row
-        self.padded = False
+        self.length, self.padded = 0, False  # slots filled, the same in every row
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, n_kv_head, T, head_dim) after the filled slots; return all of them."""
-        end = self.length + k.shape[2]
-        if end > self.valid.shape[1]:
-            raise KldError(f"KV cache holds {self.valid.shape[1]} positions; {end} asked for")
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Store k, v (B, Hkv, T, hd) after the filled slots; return all."""
+        a, b = self.length, self.length + k.shape[2]
+        if b > self.valid.shape[1]:
+            raise KldError(f"KV cache holds {self.valid.shape[1]} positions; {b} asked for")
+        self.k[layer, :, :, a:b], self.v[layer, :, :, a:b] = k, v
+        return self.k[layer, :, :, :b], self.v[layer, :, :, :b]
 
-    def advance(self, n_new: int, valid: torch.Tensor | None):
-        """Mark the n_new slots just written by every layer as filled; valid (B, n_new) or None (all real)."""
-        self.valid[:, self.length : self.length + n_new] = True if valid is None else valid
+    def advance(self, n: int, valid: torch.Tensor | None):
+        """The n slots just written are filled; valid (B, n), None: all real."""
+        self.valid[:, self.length : self.length + n] = True if valid is None else valid
         self.padded |= valid is not None
-        self.length += n_new
+        self.length += n
 
     def reserve(self, max_len: int):
-        """Make room for `max_len` slots in all, keeping what is filled (the lift's tree grows)."""
-        extra = max_len - self.valid.shape[1]
-        if extra <= 0:
-            return
-        self.k = [F.pad(k, (0, 0, 0, extra)) for k in self.k]  # (B, Hkv, max_len, hd)
-        self.v = [F.pad(v, (0, 0, 0, extra)) for v in self.v]
-        self.valid = F.pad(self.valid, (0, extra))
+        """Room for max_len slots in all, keeping what is filled."""
+        if (extra := max_len - self.valid.shape[1]) > 0:
+            self.k, self.v = (F.pad(t, (0, 0, 0, extra)) for t in (self.k, self.v))
+            self.valid = F.pad(self.valid, (0, extra))
 
     def keep_rows(self, rows: torch.Tensor):
-        """Drop the batch rows not in `rows` (finished sequences stop costing compute)."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
-        self.valid = self.valid[rows]
+        """Keep these batch rows only (finished ones stop costing compute)."""
+        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
+        d, hd, bias = cfg.d_model, cfg.head_dim, cfg.qkv_bias
+        self.head_dim = hd
+        self.q = nn.Linear(d, cfg.n_head * hd, bias=bias)
+        self.k = nn.Linear(d, cfg.n_kv_head * hd, bias=bias)
+        self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=bias)
+        self.o = nn.Linear(cfg.n_head * hd, d, bias=cfg.out_bias)
 
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # q (B, H, T, hd); k, v (B, Hkv, T, hd)
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if rope is not None:  # rotate the pairs (x_i, x_{i+d/2}) by the position's angle
+            (cos, sin), h = rope, self.head_dim // 2
+            q, k = (t * cos + torch.cat([-t[..., h:], t[..., :h]], dim=-1) * sin for t in (q, k))
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, Hkv, S, hd), S = past + T
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
-        )
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        gqa = k.shape[1] != q.shape[1]
+        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.arch == "llama"
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if self.swiglu else None
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        d, ff, bias = cfg.d_model, cfg.d_ff, cfg.mlp_bias
+        self.up = nn.Linear(d, ff, bias=bias)
+        self.gate = nn.Linear(d, ff, bias=bias) if cfg.arch == "llama" else None
+        self.down = nn.Linear(ff, d, bias=bias)
 
-    def forward(self, x):
-        if self.swiglu:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's "gelu_new"
+    def forward(self, x):  # SwiGLU, or GPT-2's "gelu_new"
+        up = self.up(x)
+        return self.down(F.silu(self.gate(x)) * up if self.gate else F.gelu(up, approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -478,48 +368,40 @@ class Block(nn.Module):
 
 
 def attention_mask(key_valid: torch.Tensor | None, n_past: int, n_new: int, device):
-    """(mask, is_causal) for scaled_dot_product_attention when n_new queries follow n_past keys.
-
-    Query i sits in slot n_past + i and may see key slot j when j <= n_past + i and j holds
-    a real token (key_valid (B, n_past + n_new), None when every slot does). A padding
-    query also sees itself, so that no softmax row is empty (its output is never used).
-    Without padding, the plain causal mask (no cache) and the full mask (one new token)
-    are exact and leave SDPA free to pick its fused kernels.
-    """
-    if key_valid is None and n_past == 0:
-        return None, True
-    if key_valid is None and n_new == 1:
-        return None, False
+    """(mask, is_causal) for SDPA: query i, in slot n_past + i, sees slots
+    j <= n_past + i of real tokens (key_valid (B, n_past + n_new), None: all)
+    and itself, so no softmax row is empty. Without padding the causal and
+    the full pattern leave SDPA its fused kernels."""
+    if key_valid is None and (n_past == 0 or n_new == 1):
+        return None, n_past == 0
     slot = torch.arange(n_past + n_new, device=device)
     query_slot = torch.arange(n_new, device=device)[:, None] + n_past  # (T, 1)
     mask = slot <= query_slot  # (T, S)
     if key_valid is not None:
-        mask = mask & key_valid[:, None, :] | (slot == query_slot)  # (B, T, S)
-        mask = mask[:, None]  # (B, 1, T, S): broadcast over heads
+        mask = (mask & key_valid[:, None, :] | (slot == query_slot))[:, None]  # (B, 1, T, S)
     return mask, False
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer; `model(ids)` gives next-token logits (B, T, vocab_size)."""
+    """Decoder-only transformer; `model(ids)`: logits (B, T, vocab_size)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.max_positions, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.cfg, d = cfg, cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.pos_embed = nn.Embedding(cfg.max_positions, d) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.new_in = self.new_out = None  # rows of new tokens: see add_new_tokens
 
     def output_weight(self) -> torch.Tensor:
-        """The unembedding matrix (vocab_size, d_model): the input embedding when tied."""
+        """The unembedding (vocab_size, d): the input embedding when tied."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def add_new_tokens(self, new_in: torch.Tensor, new_out: torch.Tensor):
-        """Give ids vocab_size .. vocab_size + N - 1 their own input and output rows (N, d_model),
-        trainable; the base weights are untouched. Input and output rows are separate even
-        when the base model ties its embeddings (METHOD.md, Setting)."""
+        """Trainable rows (N, d) of ids vocab_size + i, input and output apart
+        even when the base ties them (METHOD.md, Setting)."""
         self.new_in = nn.Parameter(new_in.to(self.embed.weight))
         self.new_out = nn.Parameter(new_out.to(self.embed.weight))
 
@@ -529,53 +411,46 @@ class GPT(nn.Module):
         x = self.embed(ids.clamp(max=V - 1))
         if self.new_in is None or len(self.new_in) == 0:
             return x
-        is_new = (ids >= V)[..., None]
-        return torch.where(is_new, F.embedding((ids - V).clamp(min=0), self.new_in), x)
+        new = F.embedding((ids - V).clamp(min=0), self.new_in)
+        return torch.where((ids >= V)[..., None], new, x)
 
-    def forward(self, ids, valid=None, cache: KVCache | None = None,
-                base_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, |V'|) for ids (B, T); base_only: over V only (the teacher's view).
-
-        valid (B, T): False marks padding (left padding for batched prompts); None: none.
-        Positions count real tokens only, so a padded row gives the logits of the unpadded
-        one. cache: continue from the cached prefix and append this chunk to it."""
+    def forward(self, ids, valid=None, cache=None, base_only=False) -> torch.Tensor:
+        """Logits (B, T, |V'|) of ids (B, T); base_only: over V (the teacher).
+        valid (B, T): False marks padding, and positions count real tokens
+        only. cache: continue from it and append to it."""
         return self.head(self.hidden_states(ids, valid, cache), base_only)
 
-    def hidden_states(self, ids, valid=None, cache: KVCache | None = None,
-                      n_blocks: int | None = None):
-        """H_l (B, T, C): the residual stream after the first n_blocks blocks (Hugging Face's
-        hidden_states[n_blocks]; no cache); after all of them (None or n_layer), the final
-        hidden states h, after the last norm: what the head reads."""
+    def hidden_states(self, ids, valid=None, cache=None, n_blocks: int | None = None):
+        """H_l (B, T, C) after the first n_blocks blocks (Hugging Face's
+        hidden_states[n_blocks]; no cache); after all (None), the h after the
+        final norm that the head reads."""
         L = self.cfg.n_layer
         if n_blocks is not None and not (cache is None and 1 <= n_blocks <= L):
             raise KldError(f"n_blocks {n_blocks} needs no cache and 1 <= n_blocks <= {L}")
         x = self.blocks_pass(ids, valid, cache, n_blocks=n_blocks)  # (B, T, C)
         return x if n_blocks is not None and n_blocks < L else self.norm(x)
 
-    def tree_states(self, ids, valid, cache: KVCache,
-                    positions: torch.Tensor, mask: torch.Tensor):
-        """Final hidden states (B, T, C) of a tree of branches over a cached prefix (the lift's
-        trie mode): positions (B, T) and mask (B, 1, T, past + T) give any attention pattern."""
+    def tree_states(self, ids, valid, cache: KVCache, positions, mask):
+        """Final hidden states (B, T, C) of branches over a cached prefix (the
+        trie lift): positions (B, T), mask (B, 1, T, past + T)."""
         return self.norm(self.blocks_pass(ids, valid, cache, positions, mask))
 
     def decode_step(self, ids, valid, cache: KVCache) -> torch.Tensor:
-        """Logits (B, |V'|) after the last column of ids (B, T), the chunk appended to the
-        cache: a prompt's prefill, or one decoding step (T = 1)."""
+        """Logits (B, |V'|) after the last column of ids (B, T), cached."""
         x = self.blocks_pass(ids, valid, cache)[:, -1:]  # (B, 1, C): all a decoder needs
         return self.head(self.norm(x))[:, -1]
 
     def head(self, h: torch.Tensor, base_only: bool = False) -> torch.Tensor:
-        """Logits of final hidden states h (..., C): over V (..., |V|), then over N (..., |V'|)."""
+        """Logits of final hidden states h (..., C): over V, then N."""
         logits = F.linear(h, self.output_weight())  # (..., V)
         if self.new_out is not None and not base_only:
             logits = torch.cat([logits, F.linear(h, self.new_out)], dim=-1)  # (..., V + N)
         return logits
 
-    def blocks_pass(self, ids, valid=None, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                    mask: torch.Tensor | None = None, n_blocks: int | None = None) -> torch.Tensor:
-        """The residual stream (B, T, C) after the first n_blocks blocks (None: all), before the
-        final norm; the chunk is appended to the cache. positions and mask as in tree_states
-        (given together), else the causal pattern over the cache and valid."""
+    def blocks_pass(self, ids, valid=None, cache=None, positions=None, mask=None, n_blocks=None):
+        """The residual stream (B, T, C) after n_blocks blocks (None: all),
+        appended to the cache. positions and mask as in tree_states, else
+        causal over the cache and valid."""
         B, T = ids.shape
         n_past = cache.length if cache is not None else 0
         if mask is not None:
@@ -584,22 +459,22 @@ class GPT(nn.Module):
             key_valid = None
             positions = torch.arange(n_past, n_past + T, device=ids.device).expand(B, T)
         else:
-            past_valid = cache.valid[:, :n_past] if cache is not None else ids.new_zeros(B, 0, dtype=torch.bool)
-            new_valid = valid if valid is not None else torch.ones_like(ids, dtype=torch.bool)
-            key_valid = torch.cat([past_valid, new_valid], dim=1)  # (B, n_past + T)
-            positions = past_valid.sum(1, keepdim=True) + new_valid.cumsum(1) - 1  # (B, T)
-            positions = positions.clamp(min=0)  # padding before a row's first token
+            no_past = ids.new_zeros(B, 0, dtype=torch.bool)
+            past = cache.valid[:, :n_past] if cache is not None else no_past
+            new = valid if valid is not None else torch.ones_like(ids, dtype=torch.bool)
+            key_valid = torch.cat([past, new], dim=1)  # (B, n_past + T)
+            positions = (past.sum(1, keepdim=True) + new.cumsum(1) - 1).clamp(min=0)
         if mask is None:
             mask, is_causal = attention_mask(key_valid, n_past, T, ids.device)
-        x = self.embed_ids(ids)  # (B, T, C)
-        rope = None
-        if self.pos_embed is not None:
-            last = int(positions.max()) + 1 if mask is not None else n_past + T  # else positions <= slots: no GPU sync
+        x, rope = self.embed_ids(ids), None  # (B, T, C)
+        if self.pos_embed is None:
+            rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        else:
+            # no GPU sync: positions <= slots, unless a mask was given
+            last = int(positions.max()) + 1 if mask is not None else n_past + T
             if last > self.cfg.max_positions:
                 raise KldError(f"{last} positions asked of a model with {self.cfg.max_positions}")
             x = x + self.pos_embed(positions)
-        else:
-            rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer, block in enumerate(self.blocks[:n_blocks]):  # [:None]: every block
             x = block(x, rope, mask, is_causal, cache, layer)
         if cache is not None:
@@ -607,7 +482,6 @@ class GPT(nn.Module):
         return x
 
 
-# ----------------------------------------------------------------------------------------
 # 3. Extension: K merges appended to the teacher's BPE (METHOD.md section 1)
 # ----------------------------------------------------------------------------------------
 #
