@@ -1,14 +1,12 @@
 """kld: vocabulary expansion for a frozen LLM by KL self-distillation, in one file.
 
-    python kld.py                                      # the default run: Config() = configs/default.json
-    python kld.py --config configs/tiny.json [--key value ...]
-    python kld.py --help                               # every config field, its default and meaning
-    python kld.py --export RUN_DIR OUT_DIR             # a finished run's student as a Hugging Face directory
-    torchrun --nproc_per_node N kld.py --config FILE   # data parallel over N processes
+    python kld.py [--config configs/tiny.json] [--key value ...]   # defaults: Config
+    python kld.py --help                     # every config field, its default and meaning
+    python kld.py --export RUN_DIR OUT_DIR   # a finished run's student, as Hugging Face's
+    torchrun --nproc_per_node N kld.py ...   # data parallel over N processes
 
-A pretrained causal LM (the teacher, tokenizer tau over V) gets new tokens N for domain text
-(Python code). Only the embedding rows of N learn; every other weight is frozen. The student
-is the same weights on the extended tokenizer tau' over V' = V u N. Symbols: METHOD.md.
+A frozen causal LM (the teacher, tokenizer tau over V) gets new tokens N for Python code:
+the student is its weights on tau' over V' = V u N, where only N's rows learn (METHOD.md).
 
 The method, in the order to read it:
   build_extension        tau' = tau, then K merges learned on the domain corpus
@@ -66,25 +64,20 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence
 
 @dataclass
 class Config:
-    """Every setting of a run; the defaults are the default run (configs/default.json):
-    SmolLM2-135M-Instruct, 256 merges, 55 hidden-state steps then 55 KL steps."""
-    # what to load
+    """Every setting of a run; the defaults are the default run (configs/default.json)."""
     model: str = "smollm2"  # an EMBEDDED_MODELS name, a Hugging Face directory or a .gguf file
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # weights in memory
     seed: int = 0  # seeds every random choice
     out_dir: str = "runs/default"  # outputs, beside the resolved config.json
-    # domain corpus and the extension (METHOD.md section 1)
-    corpus: str = "stdlib"  # "stdlib", a directory of .py files or a text file
+    corpus: str = "stdlib"  # the domain: "stdlib", a directory of .py files or a text file
     heldout_fraction: float = 0.1  # share of the files held out (fixed split by name)
-    n_merges: int = 256  # K: merges learned and appended to the tokenizer
+    n_merges: int = 256  # K (METHOD.md section 1): merges learned and appended to the tokenizer
     new_tokens: list[str] = field(default_factory=list)  # strings added as tokens, before the K
     newline_merges: bool = True  # merges may join a token to the newline after it
-    # initialisation of the new rows (METHOD.md section 5)
-    init: str = "fvt"  # the new input rows
+    init: str = "fvt"  # the initialiser of the new input rows (METHOD.md section 5)
     init_output: str | None = None  # the new output rows; null = as `init`
-    # training (METHOD.md section 4): only the new rows learn
-    objective: str = "kl"  # "kl" (to the lifted teacher) or "ce" (next-token)
+    objective: str = "kl"  # training (METHOD.md section 4): "kl" (to the lifted teacher) or "ce"
     lift: str = "trie"  # "path" (one pass) or "trie" (likely tokens exact)
     lift_min_prob: float = 0.03  # trie: evaluate an off-text trie node when its P reaches this
     lift_condition: bool = True  # condition each target on the student's previous token
@@ -112,13 +105,11 @@ class Config:
     eval_window: int = 256  # teacher tokens per evaluation chunk
     resume: bool = True  # continue from out_dir/checkpoint.pt
     cpu_bf16: bool | None = None  # CPU steps in bf16 autocast; null = if the CPU has bf16
-    # optional second stage: fine-tune more of the model, the same objective
-    finetune_layers: int = 0  # train the last n blocks too (-1: all)
+    finetune_layers: int = 0  # a second stage, the same objective: train the last n blocks too (-1: all)
     finetune_first_layers: int = 0  # and the first n (as AdaptiVocab)
     finetune_steps: int = 0  # its steps (0: none)
     finetune_lr: float = 1e-4  # its peak learning rate
-    # generation: the CLI ends by answering `prompt`
-    prompt: str = "Write a Python function that returns the n-th Fibonacci number."
+    prompt: str = "Write a Python function that returns the n-th Fibonacci number."  # the CLI answers it
     chat: bool | None = None  # use the chat template; null = if the tokenizer has one
     system_prompt: str = ""  # its system turn; empty = none
     max_new_tokens: int = 128  # tokens per answer
@@ -126,8 +117,7 @@ class Config:
     top_p: float = 1.0  # nucleus mass (temperature > 0)
     stop: list[str] = field(default_factory=list)  # an answer ends at the first of these
     gen_batch_size: int = 8  # prompts decoded together
-    # code-generation evaluation
-    tasks: str = ""  # HumanEval-format .jsonl(.gz) file or directory; "" = none
+    tasks: str = ""  # code evaluation: HumanEval-format .jsonl(.gz) file or directory; "" = none
     n_samples: int = 1  # programs per task (> 1 needs temperature > 0)
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k (<= n_samples)
     exec_timeout: float = 10.0  # wall-clock (and CPU) seconds per program
@@ -137,8 +127,7 @@ class Config:
         check_config(self)
 
 
-# A field's choices, or an interval of finite numbers ("(" and ")" where open).
-ALLOWED = {
+ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
     "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES,
     "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "top_p": "(0, 1]",
@@ -151,16 +140,16 @@ ALLOWED = {
                     "warmup_steps eval_every finetune_first_layers finetune_steps temperature "
                     "exec_workers".split(), "[0, inf]"),
 }
-# A checkpoint resumes only under the same values of the fields that change training.
+# A checkpoint resumes only under the same values of the fields that change training;
+# evaluate_codegen's results depend on CODEGEN_KEYS (and on the model and the tasks).
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (
     "device out_dir loss_chunk log_every eval_every eval_chars eval_window resume finetune_steps finetune_lr "
     "prompt chat system_prompt max_new_tokens temperature top_p stop gen_batch_size tasks n_samples pass_k "
     "exec_timeout exec_workers").split())
-# evaluate_codegen's results depend on these (and on the model and the tasks)
 CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature top_p tasks n_samples pass_k "
                      "exec_timeout".split())
-# Options since removed (README, Results) that an older run's config.json may name
-REMOVED_FIELDS = {"read_back": "the read-back student", "hidden_windows": "the hidden stage's own windows",
+REMOVED_FIELDS = {  # options since removed (README, Results) that an old config.json may name
+    "read_back": "the read-back student", "hidden_windows": "the hidden stage's own windows",
                   **dict.fromkeys(("fit_windows", "fit_iterations", "fit_l2"), "the output refit")}
 
 
@@ -210,6 +199,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     cli = parse_overrides(list(overrides))
     make_config(cli, "command line")  # the same checks, naming the command line
     return dataclasses.replace(cfg, **cli)
+
+
 # ----------------------------------------------------------------------------------------
 # 2. Model: one decoder-only transformer for GPT-2 and the Llama family
 # ----------------------------------------------------------------------------------------
@@ -218,8 +209,6 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 # Both are pre-norm stacks of  x += attn(norm(x));  x += mlp(norm(x)).  gpt2: learned positions,
 # LayerNorm, down(gelu_tanh(up(x))), biases. llama (SmolLM, Qwen2): RoPE, RMSNorm, SwiGLU
 # down(silu(gate(x)) * up(x)), no biases (Qwen2: on q, k, v), grouped-query attention.
-
-
 @dataclass
 class ModelConfig:
     arch: str  # "gpt2" or "llama"
@@ -250,18 +239,17 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; on the CPU, none (inside a cpu_autocast, bf16)."""
-    cuda = device.type == "cuda"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    """bf16 autocast on CUDA; none on the CPU (in a cpu_autocast, bf16)."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def cpu_autocast(enabled: bool):
-    """bf16 autocast on the CPU: products in bf16, norms and losses upcast."""
+    """bf16 autocast on the CPU: products in bf16; norms, losses upcast."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 class RMSNorm(nn.RMSNorm):
-    """y = w * x / sqrt(mean(x^2) + eps), in float32 as Llama computes it."""
+    """y = w * x / sqrt(mean(x^2) + eps), in float32 as Llama does."""
 
     def forward(self, x):
         y = F.rms_norm(upcast(x), self.normalized_shape, eps=self.eps)
@@ -269,30 +257,27 @@ class RMSNorm(nn.RMSNorm):
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    norm = nn.LayerNorm if cfg.arch == "gpt2" else RMSNorm
-    return norm(cfg.d_model, eps=cfg.norm_eps)
+    return (nn.LayerNorm if cfg.arch == "gpt2" else RMSNorm)(cfg.d_model, eps=cfg.norm_eps)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype):
-    """cos, sin (B, 1, T, d) of positions (B, T): frequencies theta^(-2i/d)
-    laid out [f, f], Hugging Face's rotate-half RoPE (GGUF's q/k rows are
-    unpermuted on load)."""
+    """cos, sin (B, 1, T, d) of positions (B, T) for rotate-half RoPE."""
     i = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     angles = positions.float()[..., None] * theta ** (-i / head_dim)  # (B, T, d/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, d)
+    # (B, 1, T, d): [f, f], Hugging Face's layout (GGUF's interleaved q/k rows are unpermuted on load)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 class KVCache:
-    """Keys and values (L, B, Hkv, S, hd) of a batch in S = max_len slots.
-    valid (B, S) marks slots of real tokens, not (left) padding; padded:
-    whether any slot is padding, known on the host."""
+    """Keys and values (L, B, Hkv, S, hd) of a batch, S = max_len. valid
+    (B, S): slots of real tokens, not (left) padding; padded: any is."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length, self.padded = 0, False  # slots filled, the same in every row
+        self.length, self.padded = 0, False  # slots filled (every row); on the host
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, Hkv, T, hd) after the filled slots; return all."""
@@ -303,39 +288,35 @@ class KVCache:
         return self.k[layer, :, :, :b], self.v[layer, :, :, :b]
 
     def advance(self, n: int, valid: torch.Tensor | None):
-        """The n slots just written are filled; valid (B, n), None: all real."""
+        """The n slots just written are filled; valid (B, n), None: all."""
         self.valid[:, self.length : self.length + n] = True if valid is None else valid
         self.padded |= valid is not None
         self.length += n
 
-    def reserve(self, max_len: int):
-        """Room for max_len slots in all, keeping what is filled."""
+    def reserve(self, max_len: int):  # room for max_len slots in all, keeping what is filled
         if (extra := max_len - self.valid.shape[1]) > 0:
             self.k, self.v = (F.pad(t, (0, 0, 0, extra)) for t in (self.k, self.v))
             self.valid = F.pad(self.valid, (0, extra))
 
-    def keep_rows(self, rows: torch.Tensor):
-        """Keep these batch rows only (finished ones stop costing compute)."""
+    def keep_rows(self, rows: torch.Tensor):  # finished rows go, to cost nothing more
         self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, hd, bias = cfg.d_model, cfg.head_dim, cfg.qkv_bias
+        d, hd, H, Hkv = cfg.d_model, cfg.head_dim, cfg.n_head, cfg.n_kv_head
         self.head_dim = hd
-        self.q = nn.Linear(d, cfg.n_head * hd, bias=bias)
-        self.k = nn.Linear(d, cfg.n_kv_head * hd, bias=bias)
-        self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=bias)
-        self.o = nn.Linear(cfg.n_head * hd, d, bias=cfg.out_bias)
+        self.q, self.k, self.v = (nn.Linear(d, n * hd, bias=cfg.qkv_bias) for n in (H, Hkv, Hkv))
+        self.o = nn.Linear(H * hd, d, bias=cfg.out_bias)
 
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        # q (B, H, T, hd); k, v (B, Hkv, T, hd)
-        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        qkv = (p(x).view(B, T, -1, self.head_dim) for p in (self.q, self.k, self.v))
+        q, k, v = (t.transpose(1, 2) for t in qkv)  # (B, H, T, hd); k, v: Hkv heads
         if rope is not None:  # rotate the pairs (x_i, x_{i+d/2}) by the position's angle
             (cos, sin), h = rope, self.head_dim // 2
-            q, k = (t * cos + torch.cat([-t[..., h:], t[..., :h]], dim=-1) * sin for t in (q, k))
+            q, k = (t * cos + torch.cat([-t[..., h:], t[..., :h]], -1) * sin for t in (q, k))
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, Hkv, S, hd), S = past + T
         gqa = k.shape[1] != q.shape[1]
@@ -368,22 +349,20 @@ class Block(nn.Module):
 
 
 def attention_mask(key_valid: torch.Tensor | None, n_past: int, n_new: int, device):
-    """(mask, is_causal) for SDPA: query i, in slot n_past + i, sees slots
-    j <= n_past + i of real tokens (key_valid (B, n_past + n_new), None: all)
-    and itself, so no softmax row is empty. Without padding the causal and
-    the full pattern leave SDPA its fused kernels."""
+    """(mask, is_causal) for SDPA: query i sees slots j <= n_past + i of
+    real tokens (key_valid (B, S), None: all) and itself (no empty row)."""
     if key_valid is None and (n_past == 0 or n_new == 1):
-        return None, n_past == 0
+        return None, n_past == 0  # causal or full: SDPA's fused kernels
     slot = torch.arange(n_past + n_new, device=device)
     query_slot = torch.arange(n_new, device=device)[:, None] + n_past  # (T, 1)
     mask = slot <= query_slot  # (T, S)
-    if key_valid is not None:
-        mask = (mask & key_valid[:, None, :] | (slot == query_slot))[:, None]  # (B, 1, T, S)
+    if key_valid is not None:  # (B, 1, T, S)
+        mask = (mask & key_valid[:, None, :] | (slot == query_slot))[:, None]
     return mask, False
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer; `model(ids)`: logits (B, T, vocab_size)."""
+    """Decoder-only transformer; model(ids): logits (B, T, vocab_size)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -396,17 +375,16 @@ class GPT(nn.Module):
         self.new_in = self.new_out = None  # rows of new tokens: see add_new_tokens
 
     def output_weight(self) -> torch.Tensor:
-        """The unembedding (vocab_size, d): the input embedding when tied."""
+        """The unembedding (V, d): the input embedding when tied."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def add_new_tokens(self, new_in: torch.Tensor, new_out: torch.Tensor):
-        """Trainable rows (N, d) of ids vocab_size + i, input and output apart
-        even when the base ties them (METHOD.md, Setting)."""
+        """Trainable rows (N, d) of ids V + i; input and output apart."""
         self.new_in = nn.Parameter(new_in.to(self.embed.weight))
         self.new_out = nn.Parameter(new_out.to(self.embed.weight))
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Input vectors (B, T, C): base rows for base ids, new rows for new ids."""
+        """Input vectors (B, T, C): the base or the new row of each id."""
         V = self.cfg.vocab_size
         x = self.embed(ids.clamp(max=V - 1))
         if self.new_in is None or len(self.new_in) == 0:
@@ -415,15 +393,13 @@ class GPT(nn.Module):
         return torch.where((ids >= V)[..., None], new, x)
 
     def forward(self, ids, valid=None, cache=None, base_only=False) -> torch.Tensor:
-        """Logits (B, T, |V'|) of ids (B, T); base_only: over V (the teacher).
-        valid (B, T): False marks padding, and positions count real tokens
-        only. cache: continue from it and append to it."""
+        """Logits (B, T, |V'|) of ids (B, T) (base_only: over V). valid
+        (B, T): False at padding, which positions skip; cache: append."""
         return self.head(self.hidden_states(ids, valid, cache), base_only)
 
     def hidden_states(self, ids, valid=None, cache=None, n_blocks: int | None = None):
-        """H_l (B, T, C) after the first n_blocks blocks (Hugging Face's
-        hidden_states[n_blocks]; no cache); after all (None), the h after the
-        final norm that the head reads."""
+        """H_l (B, T, C) after n_blocks blocks (HF's hidden_states[n_blocks], no cache);
+        after all (None), h after the final norm, which the head reads."""
         L = self.cfg.n_layer
         if n_blocks is not None and not (cache is None and 1 <= n_blocks <= L):
             raise KldError(f"n_blocks {n_blocks} needs no cache and 1 <= n_blocks <= {L}")
@@ -431,8 +407,8 @@ class GPT(nn.Module):
         return x if n_blocks is not None and n_blocks < L else self.norm(x)
 
     def tree_states(self, ids, valid, cache: KVCache, positions, mask):
-        """Final hidden states (B, T, C) of branches over a cached prefix (the
-        trie lift): positions (B, T), mask (B, 1, T, past + T)."""
+        """h (B, T, C) of branches over a cached prefix: positions (B, T),
+        mask (B, 1, T, S) give any attention pattern (the trie lift)."""
         return self.norm(self.blocks_pass(ids, valid, cache, positions, mask))
 
     def decode_step(self, ids, valid, cache: KVCache) -> torch.Tensor:
@@ -441,7 +417,7 @@ class GPT(nn.Module):
         return self.head(self.norm(x))[:, -1]
 
     def head(self, h: torch.Tensor, base_only: bool = False) -> torch.Tensor:
-        """Logits of final hidden states h (..., C): over V, then N."""
+        """Logits of h (..., C): over V, then over N."""
         logits = F.linear(h, self.output_weight())  # (..., V)
         if self.new_out is not None and not base_only:
             logits = torch.cat([logits, F.linear(h, self.new_out)], dim=-1)  # (..., V + N)
@@ -449,28 +425,24 @@ class GPT(nn.Module):
 
     def blocks_pass(self, ids, valid=None, cache=None, positions=None, mask=None, n_blocks=None):
         """The residual stream (B, T, C) after n_blocks blocks (None: all),
-        appended to the cache. positions and mask as in tree_states, else
-        causal over the cache and valid."""
+        appended to the cache; causal over cache and valid unless a mask."""
         B, T = ids.shape
-        n_past = cache.length if cache is not None else 0
-        if mask is not None:
-            is_causal = False
-        elif valid is None and (cache is None or not cache.padded):
-            key_valid = None
+        n_past, key_valid = cache.length if cache is not None else 0, None
+        if mask is None and valid is None and (cache is None or not cache.padded):
             positions = torch.arange(n_past, n_past + T, device=ids.device).expand(B, T)
-        else:
+        elif mask is None:
             no_past = ids.new_zeros(B, 0, dtype=torch.bool)
             past = cache.valid[:, :n_past] if cache is not None else no_past
             new = valid if valid is not None else torch.ones_like(ids, dtype=torch.bool)
             key_valid = torch.cat([past, new], dim=1)  # (B, n_past + T)
             positions = (past.sum(1, keepdim=True) + new.cumsum(1) - 1).clamp(min=0)
+        is_causal = False
         if mask is None:
             mask, is_causal = attention_mask(key_valid, n_past, T, ids.device)
         x, rope = self.embed_ids(ids), None  # (B, T, C)
         if self.pos_embed is None:
             rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        else:
-            # no GPU sync: positions <= slots, unless a mask was given
+        else:  # no GPU sync without a mask: positions <= slots
             last = int(positions.max()) + 1 if mask is not None else n_past + T
             if last > self.cfg.max_positions:
                 raise KldError(f"{last} positions asked of a model with {self.cfg.max_positions}")
@@ -480,6 +452,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T, valid)
         return x
+
 
 
 # 3. Extension: K merges appended to the teacher's BPE (METHOD.md section 1)
