@@ -1,12 +1,12 @@
 """kld: vocabulary expansion for a frozen LLM by KL self-distillation, in one file.
 
     python kld.py [--config configs/tiny.json] [--key value ...]   # defaults: Config
-    python kld.py --help                     # every config field, its default and meaning
-    python kld.py --export RUN_DIR OUT_DIR   # a finished run's student, as Hugging Face's
+    python kld.py --help                     # every field, its default and meaning
+    python kld.py --export RUN_DIR OUT_DIR   # a run's student as a Hugging Face model
     torchrun --nproc_per_node N kld.py ...   # data parallel over N processes
 
-A frozen causal LM (the teacher, tokenizer tau over V) gets new tokens N for Python code:
-the student is its weights on tau' over V' = V u N, where only N's rows learn (METHOD.md).
+A frozen LLM (the teacher, tokenizer tau over V) gets new tokens N for Python code: the
+student is its weights on tau' over V' = V u N; only N's rows learn (METHOD.md).
 
 The method, in the order to read it:
   build_extension        tau' = tau, then K merges learned on the domain corpus
@@ -50,7 +50,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 
 class KldError(Exception):
-    """Bad input a user can fix: the message names the problem (main() prints it, no traceback)."""
+    """Bad input a user can fix; main() prints the message, no traceback."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence
 
 @dataclass
 class Config:
-    """Every setting of a run; the defaults are the default run (configs/default.json)."""
+    """Every setting of a run; the defaults: the default run (configs/default.json)."""
     model: str = "smollm2"  # an EMBEDDED_MODELS name, a Hugging Face directory or a .gguf file
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # weights in memory
@@ -148,22 +148,17 @@ RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in 
     "exec_timeout exec_workers").split())
 CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature top_p tasks n_samples pass_k "
                      "exec_timeout".split())
-REMOVED_FIELDS = {  # options since removed (README, Results) that an old config.json may name
-    "read_back": "the read-back student", "hidden_windows": "the hidden stage's own windows",
-                  **dict.fromkeys(("fit_windows", "fit_iterations", "fit_l2"), "the output refit")}
 
 
 def check_config(cfg: Config):
-    """Every field against its type (exactly: True is no int) and ALLOWED, and the settings
-    that together would silently do nothing: a KldError naming the field."""
+    """Each field against its type and ALLOWED, and settings that together do nothing."""
     for f in dataclasses.fields(cfg):
         value, allowed, kind = getattr(cfg, f.name), ALLOWED.get(f.name), f.type.removesuffix(" | None")
         if value is None and kind != f.type:
             continue
-        items = value if isinstance(value, list) else [value]
-        types_ = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
-        if kind.startswith("list") != isinstance(value, list) or any(
-                type(x) not in types_[kind.removeprefix("list[").removesuffix("]")] for x in items):
+        items, base = (value, kind[5:-1]) if kind.startswith("list[") else ([value], kind)
+        if isinstance(value, list) != (base != kind) or any(  # exact: True is no int, 1 is no bool
+                type(x).__name__ != base and (base, type(x)) != ("float", int) for x in items):
             raise KldError(f"config key {f.name!r} must be of type {kind}, got {value!r} ({type(value).__name__})")
         for x in items if allowed else []:
             if isinstance(allowed, tuple) and x not in allowed:
@@ -174,27 +169,24 @@ def check_config(cfg: Config):
                         and (x < high or x == high and allowed[-1] == "]")):
                     raise KldError(f"config key {f.name!r} must be a finite number in {allowed}, got {x!r}")
     if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
-        raise KldError("the second stage needs finetune_steps and blocks to train (finetune_layers "
+        raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers "
                        "or finetune_first_layers); set all three to 0 for none")
     if "" in cfg.stop:
         raise KldError("config key 'stop' holds an empty string, which every answer starts with: remove it")
 
 
 def make_config(values: dict, source: str = "config") -> Config:
-    """Config from a dict of field values; unknown keys, wrong types and values out of range are errors."""
+    """Config from field values; an unknown key is an error (Config checks the values)."""
     hints = typing.get_type_hints(Config)
     for key in (k for k in values if k not in hints):
-        if key in REMOVED_FIELDS:
-            raise KldError(f"config key {key!r} in {source} names an option kld no longer has "
-                           f"({REMOVED_FIELDS[key]}; README, Results); delete the key")
         close = difflib.get_close_matches(key, hints, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise KldError(f"unknown config key {key!r} in {source}{hint}; `python kld.py --help` lists them")
-    return Config(**values)  # Config checks types and ranges itself
+    return Config(**values)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """The config of a run: dataclass defaults < JSON file < command-line overrides."""
+    """The config of a run: defaults < the JSON file < command-line overrides."""
     cfg = make_config({} if path is None else read_json_object(path, "config file"), path or "config")
     cli = parse_overrides(list(overrides))
     make_config(cli, "command line")  # the same checks, naming the command line
@@ -233,27 +225,21 @@ class ModelConfig:
             raise KldError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
 
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16 / bfloat16 -> float32, for sums and softmaxes."""
+def upcast(x: torch.Tensor) -> torch.Tensor:  # float16 / bfloat16 -> float32, for sums and softmaxes
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; none on the CPU (in a cpu_autocast, bf16)."""
+def autocast(device: torch.device):  # bf16 autocast on CUDA; none on the CPU (in a cpu_autocast, bf16)
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def cpu_autocast(enabled: bool):
-    """bf16 autocast on the CPU: products in bf16; norms, losses upcast."""
+def cpu_autocast(enabled: bool):  # bf16 autocast on the CPU: products in bf16; norms, losses upcast
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 class RMSNorm(nn.RMSNorm):
-    """y = w * x / sqrt(mean(x^2) + eps), in float32 as Llama does."""
-
-    def forward(self, x):
-        y = F.rms_norm(upcast(x), self.normalized_shape, eps=self.eps)
-        return self.weight * y.to(x.dtype)
+    def forward(self, x):  # y = w * x / sqrt(mean(x^2) + eps), in float32 as Llama does
+        return self.weight * F.rms_norm(upcast(x), self.normalized_shape, eps=self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -270,25 +256,22 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype):
 
 
 class KVCache:
-    """Keys and values (L, B, Hkv, S, hd) of a batch, S = max_len. valid
-    (B, S): slots of real tokens, not (left) padding; padded: any is."""
+    """Keys and values (L, B, Hkv, S = max_len, hd); valid (B, S): not padding."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length, self.padded = 0, False  # slots filled (every row); on the host
+        self.length, self.padded = 0, False  # slots filled (in every row); any padding (on the host)
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, Hkv, T, hd) after the filled slots; return all."""
+    def append(self, layer: int, k, v):  # store k, v (B, Hkv, T, hd) after the filled slots; return all
         a, b = self.length, self.length + k.shape[2]
         if b > self.valid.shape[1]:
             raise KldError(f"KV cache holds {self.valid.shape[1]} positions; {b} asked for")
         self.k[layer, :, :, a:b], self.v[layer, :, :, a:b] = k, v
         return self.k[layer, :, :, :b], self.v[layer, :, :, :b]
 
-    def advance(self, n: int, valid: torch.Tensor | None):
-        """The n slots just written are filled; valid (B, n), None: all."""
+    def advance(self, n: int, valid):  # the n slots just written are filled; valid (B, n), None: all
         self.valid[:, self.length : self.length + n] = True if valid is None else valid
         self.padded |= valid is not None
         self.length += n
@@ -312,8 +295,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        qkv = (p(x).view(B, T, -1, self.head_dim) for p in (self.q, self.k, self.v))
-        q, k, v = (t.transpose(1, 2) for t in qkv)  # (B, H, T, hd); k, v: Hkv heads
+        # q (B, H, T, hd); k, v (B, Hkv, T, hd)
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         if rope is not None:  # rotate the pairs (x_i, x_{i+d/2}) by the position's angle
             (cos, sin), h = rope, self.head_dim // 2
             q, k = (t * cos + torch.cat([-t[..., h:], t[..., :h]], -1) * sin for t in (q, k))
@@ -374,27 +357,22 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.new_in = self.new_out = None  # rows of new tokens: see add_new_tokens
 
-    def output_weight(self) -> torch.Tensor:
-        """The unembedding (V, d): the input embedding when tied."""
+    def output_weight(self) -> torch.Tensor:  # the unembedding (V, d): the input embedding when tied
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def add_new_tokens(self, new_in: torch.Tensor, new_out: torch.Tensor):
-        """Trainable rows (N, d) of ids V + i; input and output apart."""
+    def add_new_tokens(self, new_in, new_out):  # trainable rows (N, d) of ids V + i, input and output apart
         self.new_in = nn.Parameter(new_in.to(self.embed.weight))
         self.new_out = nn.Parameter(new_out.to(self.embed.weight))
 
-    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Input vectors (B, T, C): the base or the new row of each id."""
+    def embed_ids(self, ids):  # input vectors (B, T, C): the base or the new row of each id
         V = self.cfg.vocab_size
         x = self.embed(ids.clamp(max=V - 1))
         if self.new_in is None or len(self.new_in) == 0:
             return x
-        new = F.embedding((ids - V).clamp(min=0), self.new_in)
-        return torch.where((ids >= V)[..., None], new, x)
+        return torch.where((ids >= V)[..., None], F.embedding((ids - V).clamp(min=0), self.new_in), x)
 
     def forward(self, ids, valid=None, cache=None, base_only=False) -> torch.Tensor:
-        """Logits (B, T, |V'|) of ids (B, T) (base_only: over V). valid
-        (B, T): False at padding, which positions skip; cache: append."""
+        """Logits (B, T, |V'|) (base_only: over V); valid (B, T) False: padding, no position."""
         return self.head(self.hidden_states(ids, valid, cache), base_only)
 
     def hidden_states(self, ids, valid=None, cache=None, n_blocks: int | None = None):
@@ -407,38 +385,31 @@ class GPT(nn.Module):
         return x if n_blocks is not None and n_blocks < L else self.norm(x)
 
     def tree_states(self, ids, valid, cache: KVCache, positions, mask):
-        """h (B, T, C) of branches over a cached prefix: positions (B, T),
-        mask (B, 1, T, S) give any attention pattern (the trie lift)."""
+        """h (B, T, C) of trie branches over a cached prefix, any mask (B, 1, T, S)."""
         return self.norm(self.blocks_pass(ids, valid, cache, positions, mask))
 
-    def decode_step(self, ids, valid, cache: KVCache) -> torch.Tensor:
-        """Logits (B, |V'|) after the last column of ids (B, T), cached."""
+    def decode_step(self, ids, valid, cache: KVCache):  # logits (B, |V'|) after ids (B, T), cached
         x = self.blocks_pass(ids, valid, cache)[:, -1:]  # (B, 1, C): all a decoder needs
         return self.head(self.norm(x))[:, -1]
 
-    def head(self, h: torch.Tensor, base_only: bool = False) -> torch.Tensor:
-        """Logits of h (..., C): over V, then over N."""
+    def head(self, h, base_only=False):  # logits of final hidden states h (..., C): over V, then over N
         logits = F.linear(h, self.output_weight())  # (..., V)
         if self.new_out is not None and not base_only:
             logits = torch.cat([logits, F.linear(h, self.new_out)], dim=-1)  # (..., V + N)
         return logits
 
     def blocks_pass(self, ids, valid=None, cache=None, positions=None, mask=None, n_blocks=None):
-        """The residual stream (B, T, C) after n_blocks blocks (None: all),
-        appended to the cache; causal over cache and valid unless a mask."""
+        """The residual stream (B, T, C) after n_blocks blocks (None: all); causal unless mask."""
         B, T = ids.shape
         n_past, key_valid = cache.length if cache is not None else 0, None
         if mask is None and valid is None and (cache is None or not cache.padded):
             positions = torch.arange(n_past, n_past + T, device=ids.device).expand(B, T)
         elif mask is None:
-            no_past = ids.new_zeros(B, 0, dtype=torch.bool)
-            past = cache.valid[:, :n_past] if cache is not None else no_past
+            past = cache.valid[:, :n_past] if cache is not None else ids.new_zeros(B, 0, dtype=torch.bool)
             new = valid if valid is not None else torch.ones_like(ids, dtype=torch.bool)
             key_valid = torch.cat([past, new], dim=1)  # (B, n_past + T)
             positions = (past.sum(1, keepdim=True) + new.cumsum(1) - 1).clamp(min=0)
-        is_causal = False
-        if mask is None:
-            mask, is_causal = attention_mask(key_valid, n_past, T, ids.device)
+        mask, is_causal = attention_mask(key_valid, n_past, T, ids.device) if mask is None else (mask, False)
         x, rope = self.embed_ids(ids), None  # (B, T, C)
         if self.pos_embed is None:
             rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)

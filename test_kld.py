@@ -121,9 +121,6 @@ def test_config_unknown_key_is_an_error(tmp_path):
         kld.load_config(str(path))
     with pytest.raises(kld.KldError, match="unknown config key 'nope' in command line"):
         kld.load_config(None, ["--nope", "1"])
-    path.write_text(json.dumps({"read_back": False}))  # a run made when kld had the read-back student
-    with pytest.raises(kld.KldError, match="'read_back' .* names an option kld no longer has .*read-back student"):
-        kld.load_config(str(path))
 
 
 @pytest.mark.parametrize("key,value", [("max_new_tokens", "7"), ("max_new_tokens", 7.5), ("chat", 1),
