@@ -28,10 +28,9 @@ The method, in the order to read it:
   run                    all of it: extend, initialise, train, measure, answer
 
 Left out, and refused by name: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE
-scaling (Llama 3.1), sliding-window attention, mixture-of-experts.
-
-References: GPT-2 (Radford et al. 2019), Llama (Touvron et al. 2023), RoFormer/RoPE
-(Su et al. 2021), GQA (Ainslie et al. 2023), the GGUF format (ggml's docs/gguf.md).
+scaling (Llama 3.1), sliding-window attention, mixture-of-experts. References: GPT-2
+(Radford et al. 2019), Llama (Touvron et al. 2023), RoFormer/RoPE (Su et al. 2021), GQA
+(Ainslie et al. 2023), the GGUF format (ggml's docs/gguf.md).
 """
 
 from __future__ import annotations
@@ -56,10 +55,6 @@ class KldError(Exception):
 # ----------------------------------------------------------------------------------------
 # 1. Config: one dataclass holds every default; a JSON file and `--key value` override it
 # ----------------------------------------------------------------------------------------
-
-
-INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")  # INITIALISERS
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 
 
 @dataclass
@@ -127,6 +122,8 @@ class Config:
         check_config(self)
 
 
+INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")  # INITIALISERS
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
     "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES,
@@ -198,9 +195,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 # ----------------------------------------------------------------------------------------
 
 
-# Both are pre-norm stacks of  x += attn(norm(x));  x += mlp(norm(x)).  gpt2: learned positions,
-# LayerNorm, down(gelu_tanh(up(x))), biases. llama (SmolLM, Qwen2): RoPE, RMSNorm, SwiGLU
-# down(silu(gate(x)) * up(x)), no biases (Qwen2: on q, k, v), grouped-query attention.
+# Both: x += attn(norm(x)); x += mlp(norm(x)). gpt2: learned positions, LayerNorm, down(gelu_tanh(up(x))),
+# biases. llama (SmolLM, Qwen2): RoPE, RMSNorm, SwiGLU down(silu(gate(x)) * up(x)), GQA, no biases (Qwen2: q, k, v).
 @dataclass
 class ModelConfig:
     arch: str  # "gpt2" or "llama"
@@ -332,8 +328,7 @@ class Block(nn.Module):
 
 
 def attention_mask(key_valid: torch.Tensor | None, n_past: int, n_new: int, device):
-    """(mask, is_causal) for SDPA: query i sees slots j <= n_past + i of
-    real tokens (key_valid (B, S), None: all) and itself (no empty row)."""
+    """(mask, is_causal) for SDPA: query i sees real (key_valid (B, S)) slots <= n_past + i, and itself."""
     if key_valid is None and (n_past == 0 or n_new == 1):
         return None, n_past == 0  # causal or full: SDPA's fused kernels
     slot = torch.arange(n_past + n_new, device=device)
@@ -376,8 +371,7 @@ class GPT(nn.Module):
         return self.head(self.hidden_states(ids, valid, cache), base_only)
 
     def hidden_states(self, ids, valid=None, cache=None, n_blocks: int | None = None):
-        """H_l (B, T, C) after n_blocks blocks (HF's hidden_states[n_blocks], no cache);
-        after all (None), h after the final norm, which the head reads."""
+        """H_l (B, T, C) after n_blocks blocks (HF's hidden_states[n_blocks]); None: h, after the norm."""
         L = self.cfg.n_layer
         if n_blocks is not None and not (cache is None and 1 <= n_blocks <= L):
             raise KldError(f"n_blocks {n_blocks} needs no cache and 1 <= n_blocks <= {L}")
