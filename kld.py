@@ -41,8 +41,7 @@ import signal, stat, struct, subprocess, sys, sysconfig, tempfile, textwrap, tim
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import safetensors, safetensors.torch
+import numpy as np, safetensors, safetensors.torch
 import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -137,8 +136,7 @@ ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" 
                     "warmup_steps eval_every finetune_first_layers finetune_steps temperature "
                     "exec_workers".split(), "[0, inf]"),
 }
-# A checkpoint resumes only under the same values of the fields that change training;
-# evaluate_codegen's results depend on CODEGEN_KEYS (and on the model and the tasks).
+# A checkpoint resumes under the same RESUME_KEYS only; evaluate_codegen's results depend on CODEGEN_KEYS.
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (
     "device out_dir loss_chunk log_every eval_every eval_chars eval_window resume finetune_steps finetune_lr "
     "prompt chat system_prompt max_new_tokens temperature top_p stop gen_batch_size tasks n_samples pass_k "
@@ -298,8 +296,7 @@ class Attention(nn.Module):
             q, k = (t * cos + torch.cat([-t[..., h:], t[..., :h]], -1) * sin for t in (q, k))
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, Hkv, S, hd), S = past + T
-        gqa = k.shape[1] != q.shape[1]
-        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -328,7 +325,7 @@ class Block(nn.Module):
 
 
 def attention_mask(key_valid: torch.Tensor | None, n_past: int, n_new: int, device):
-    """(mask, is_causal) for SDPA: query i sees real (key_valid (B, S)) slots <= n_past + i, and itself."""
+    """(mask, is_causal): query i sees itself and real (key_valid (B, S)) slots <= n_past + i."""
     if key_valid is None and (n_past == 0 or n_new == 1):
         return None, n_past == 0  # causal or full: SDPA's fused kernels
     slot = torch.arange(n_past + n_new, device=device)
@@ -367,11 +364,11 @@ class GPT(nn.Module):
         return torch.where((ids >= V)[..., None], F.embedding((ids - V).clamp(min=0), self.new_in), x)
 
     def forward(self, ids, valid=None, cache=None, base_only=False) -> torch.Tensor:
-        """Logits (B, T, |V'|) (base_only: over V); valid (B, T) False: padding, no position."""
+        """Logits (B, T, |V'|) (base_only: |V|); valid (B, T): False at padding (no position)."""
         return self.head(self.hidden_states(ids, valid, cache), base_only)
 
     def hidden_states(self, ids, valid=None, cache=None, n_blocks: int | None = None):
-        """H_l (B, T, C) after n_blocks blocks (HF's hidden_states[n_blocks]); None: h, after the norm."""
+        """H_l (B, T, C) after n_blocks blocks (HF's hidden_states[n_blocks]); None: h."""
         L = self.cfg.n_layer
         if n_blocks is not None and not (cache is None and 1 <= n_blocks <= L):
             raise KldError(f"n_blocks {n_blocks} needs no cache and 1 <= n_blocks <= {L}")
@@ -419,7 +416,7 @@ class GPT(nn.Module):
         return x
 
 
-
+# ----------------------------------------------------------------------------------------
 # 3. Extension: K merges appended to the teacher's BPE (METHOD.md section 1)
 # ----------------------------------------------------------------------------------------
 #
