@@ -9,22 +9,22 @@ A frozen LLM (the teacher, tokenizer tau over V) gets new tokens N for Python co
 student is its weights on tau' over V' = V u N; only N's rows learn (METHOD.md).
 
 The method, in the order to read it:
-  build_extension        tau' = tau, then K merges learned on the domain corpus
+  build_extension        tau' = tau then K merges learned on the corpus
   ExtendedTokenizer      encode = tau then the merges; expand(v) = exp(v)
   align_spans            the spans where two tokenizations share boundaries
   lift_trie              the trie U of the new tokens' expansions
   walk_trie              lift steps 1 and 2: the sequences u reached, and P(u)
-  emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w), w child of v
-  lift                   the three steps at every student position: the reference
+  emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w), w a child
+  lift                   the three steps at each student position (reference)
   init_new_rows          the new rows from the base rows
   divergence             KL(p' || q), reverse KL, JSD, temperature, span KL
   teacher_targets        the teacher's pass over a batch, lifted to V'
   training_loss          mean divergence to p' (or CE), a chunk at a time
   hidden_state_loss      mean (H'_l(j) - H_l(e_j))^2, for the input rows
   train                  AdamW on the new rows only
-  lift_batch             the lift for a whole batch at once (what training runs)
+  lift_batch             the lift of a whole batch at once (training's)
   generate               batched decoding with a KV cache
-  evaluate_codegen       pass@k on HumanEval-format tasks, each program contained
+  evaluate_codegen       pass@k on HumanEval-format tasks, programs contained
   run                    all of it: extend, initialise, train, measure, answer
 
 Left out, and refused by name: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE
@@ -125,10 +125,9 @@ INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
-    "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES,
+    "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES, "finetune_layers": "[-1, inf]",
     "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "top_p": "(0, 1]",
     "divergence_beta": "[0, 1]", "min_lr_ratio": "[0, 1]", "divergence_temperature": "[1e-06, 1e+06]",
-    "finetune_layers": "[-1, inf]",
     **dict.fromkeys("lr lr_out hidden_lr finetune_lr grad_clip exec_timeout".split(), "(0, inf]"),
     **dict.fromkeys("batch_size seq_len windows_per_token log_every eval_chars eval_window max_new_tokens "
                     "gen_batch_size n_samples pass_k".split(), "[1, inf]"),
@@ -164,10 +163,9 @@ def check_config(cfg: Config):
                         and (x < high or x == high and allowed[-1] == "]")):
                     raise KldError(f"config key {f.name!r} must be a finite number in {allowed}, got {x!r}")
     if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
-        raise KldError("the second stage needs both finetune_steps and blocks to train (finetune_layers "
-                       "or finetune_first_layers); set all three to 0 for none")
+        raise KldError("the second stage needs both finetune_steps and finetune_(first_)layers, or neither")
     if "" in cfg.stop:
-        raise KldError("config key 'stop' holds an empty string, which every answer starts with: remove it")
+        raise KldError("config key 'stop' holds an empty string, which every answer starts with")
 
 
 def make_config(values: dict, source: str = "config") -> Config:
@@ -244,8 +242,7 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype):
     """cos, sin (B, 1, T, d) of positions (B, T) for rotate-half RoPE."""
     i = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     angles = positions.float()[..., None] * theta ** (-i / head_dim)  # (B, T, d/2)
-    # (B, 1, T, d): [f, f], Hugging Face's layout (GGUF's interleaved q/k rows are unpermuted on load)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, d): HF's [f, f]; GGUF's q, k unpermuted
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -287,7 +284,7 @@ class Attention(nn.Module):
         self.q, self.k, self.v = (nn.Linear(d, n * hd, bias=cfg.qkv_bias) for n in (H, Hkv, Hkv))
         self.o = nn.Linear(H * hd, d, bias=cfg.out_bias)
 
-    def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int):
+    def forward(self, x, rope, mask, is_causal, cache, layer):
         B, T, _ = x.shape
         # q (B, H, T, hd); k, v (B, Hkv, T, hd)
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
@@ -357,8 +354,7 @@ class GPT(nn.Module):
         self.new_out = nn.Parameter(new_out.to(self.embed.weight))
 
     def embed_ids(self, ids):  # input vectors (B, T, C): the base or the new row of each id
-        V = self.cfg.vocab_size
-        x = self.embed(ids.clamp(max=V - 1))
+        V, x = self.cfg.vocab_size, self.embed(ids.clamp(max=self.cfg.vocab_size - 1))
         if self.new_in is None or len(self.new_in) == 0:
             return x
         return torch.where((ids >= V)[..., None], F.embedding((ids - V).clamp(min=0), self.new_in), x)
@@ -367,7 +363,7 @@ class GPT(nn.Module):
         """Logits (B, T, |V'|) (base_only: |V|); valid (B, T): False at padding (no position)."""
         return self.head(self.hidden_states(ids, valid, cache), base_only)
 
-    def hidden_states(self, ids, valid=None, cache=None, n_blocks: int | None = None):
+    def hidden_states(self, ids, valid=None, cache=None, n_blocks=None):
         """H_l (B, T, C) after n_blocks blocks (HF's hidden_states[n_blocks]); None: h."""
         L = self.cfg.n_layer
         if n_blocks is not None and not (cache is None and 1 <= n_blocks <= L):
@@ -375,11 +371,11 @@ class GPT(nn.Module):
         x = self.blocks_pass(ids, valid, cache, n_blocks=n_blocks)  # (B, T, C)
         return x if n_blocks is not None and n_blocks < L else self.norm(x)
 
-    def tree_states(self, ids, valid, cache: KVCache, positions, mask):
+    def tree_states(self, ids, valid, cache, positions, mask):
         """h (B, T, C) of trie branches over a cached prefix, any mask (B, 1, T, S)."""
         return self.norm(self.blocks_pass(ids, valid, cache, positions, mask))
 
-    def decode_step(self, ids, valid, cache: KVCache):  # logits (B, |V'|) after ids (B, T), cached
+    def decode_step(self, ids, valid, cache):  # logits (B, |V'|) after ids (B, T), cached
         x = self.blocks_pass(ids, valid, cache)[:, -1:]  # (B, 1, C): all a decoder needs
         return self.head(self.norm(x))[:, -1]
 
