@@ -13,7 +13,7 @@ The method, in the order to read it:
   ExtendedTokenizer      encode = tau then the merges; expand(v) = exp(v)
   align_spans            the spans where two tokenizations share boundaries
   lift_trie              the trie U of the new tokens' expansions
-  walk_trie              lift steps 1 and 2: the sequences u reached, and P(u)
+  walk_trie              lift steps 1, 2: the sequences u reached and P(u)
   emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w), w a child
   lift                   the three steps at each student position (reference)
   init_new_rows          the new rows from the base rows
@@ -58,7 +58,7 @@ class KldError(Exception):
 
 @dataclass
 class Config:
-    """Every setting of a run; the defaults: the default run (configs/default.json)."""
+    """Every setting of a run; the defaults are configs/default.json's."""
     model: str = "smollm2"  # an EMBEDDED_MODELS name, a Hugging Face directory or a .gguf file
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # weights in memory
@@ -169,20 +169,19 @@ def check_config(cfg: Config):
 
 
 def make_config(values: dict, source: str = "config") -> Config:
-    """Config from field values; an unknown key is an error (Config checks the values)."""
+    """Config from field values; unknown keys are errors (Config checks values)."""
     hints = typing.get_type_hints(Config)
     for key in (k for k in values if k not in hints):
         close = difflib.get_close_matches(key, hints, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KldError(f"unknown config key {key!r} in {source}{hint}; `python kld.py --help` lists them")
+        raise KldError(f"unknown config key {key!r} in {source}{hint}; see `python kld.py --help`")
     return Config(**values)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """The config of a run: defaults < the JSON file < command-line overrides."""
+    """Defaults < the JSON file at path < command-line overrides."""
     cfg = make_config({} if path is None else read_json_object(path, "config file"), path or "config")
-    cli = parse_overrides(list(overrides))
-    make_config(cli, "command line")  # the same checks, naming the command line
+    make_config(cli := parse_overrides(list(overrides)), "command line")  # the same checks, naming the source
     return dataclasses.replace(cfg, **cli)
 
 
@@ -239,7 +238,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype):
-    """cos, sin (B, 1, T, d) of positions (B, T) for rotate-half RoPE."""
+    """cos, sin (B, 1, T, d) of positions (B, T), rotate-half RoPE."""
     i = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     angles = positions.float()[..., None] * theta ** (-i / head_dim)  # (B, T, d/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, d): HF's [f, f]; GGUF's q, k unpermuted
@@ -247,7 +246,7 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype):
 
 
 class KVCache:
-    """Keys and values (L, B, Hkv, S = max_len, hd); valid (B, S): not padding."""
+    """Keys and values (L, B, Hkv, S, hd), S = max_len; valid (B, S): no padding."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
@@ -372,7 +371,7 @@ class GPT(nn.Module):
         return x if n_blocks is not None and n_blocks < L else self.norm(x)
 
     def tree_states(self, ids, valid, cache, positions, mask):
-        """h (B, T, C) of trie branches over a cached prefix, any mask (B, 1, T, S)."""
+        """h (B, T, C) of trie branches on a cached prefix; any mask (B, 1, T, S)."""
         return self.norm(self.blocks_pass(ids, valid, cache, positions, mask))
 
     def decode_step(self, ids, valid, cache):  # logits (B, |V'|) after ids (B, T), cached
