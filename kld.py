@@ -415,22 +415,18 @@ class GPT(nn.Module):
 # 3. Extension: K merges appended to the teacher's BPE (METHOD.md section 1)
 # ----------------------------------------------------------------------------------------
 #
-# tau'(x) = merge(tau(x)): the student tokenizer is the teacher's, followed by K more BPE
-# merges over teacher token ids, learned on a domain corpus and applied in the order they
-# were learned. Every student token therefore covers a run of teacher tokens, its
-# expansion exp(v); new token ids follow the model's vocabulary (vocab_size + i).
+# tau'(x) = merge(tau(x)): K more BPE merges over teacher ids, learned on a domain corpus and
+# applied in the order learned. New token vocab_size + i covers a run of teacher tokens, exp(v).
 
 
 def merge_pair(seq: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every non-overlapping occurrence of `pair`, left to right:
+    """Replace each non-overlapping `pair`, left to right:
     merge_pair([1, 2, 2, 2], (2, 2), 9) == [1, 9, 2]."""
-    a, b = pair
-    out = []
-    i = 0
+    (a, b), out, i = pair, [], 0
     while i < len(seq):
-        if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+        if seq[i] == a and i + 1 < len(seq) and seq[i + 1] == b:
             out.append(new_id)
-            i += 2  # the pair is consumed: occurrences never overlap
+            i += 2
         else:
             out.append(seq[i])
             i += 1
@@ -438,277 +434,176 @@ def merge_pair(seq: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
 
 def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
-    """Apply merges to one sequence as BPE does: the present pair of lowest rank first.
-    `ranks` maps a pair to the id it makes; ids grow with rank, so the lowest id wins."""
+    """BPE: merge the present pair of lowest rank first (`ranks`: pair -> the id it makes;
+    ids grow with rank)."""
     while len(seq) > 1:
-        # the adjacent pair merged first
         pair = min(zip(seq, seq[1:]), key=lambda p: ranks.get(p, math.inf))
         if pair not in ranks:
-            break  # no adjacent pair has a merge
+            break
         seq = merge_pair(seq, pair, ranks[pair])
     return seq
 
 
 def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int,
                  first_id: int, min_count: int = 2):
-    """Continue BPE: `n_merges` merges, most frequent adjacent pair first, over `segments`
-    (token-id sequences -> how often each occurs; no merge crosses from one to another).
-
-    Pair counts are computed once and then updated where a merge applies: only the
-    segments holding the merged pair are recounted, and a heap with lazy deletion gives
-    the next most frequent pair. Ties go to the smallest pair, so the result is
-    deterministic. Stops early when no pair occurs `min_count` times.
-    """
-    seqs = [list(s) for s in segments]
-    freqs = list(segments.values())
-    counts: dict[tuple[int, int], int] = {}  # pair -> occurrences in the corpus
-    where: dict[tuple[int, int], set[int]] = {}  # pair -> the segments holding it
+    """Continue BPE over `segments` (id sequence -> count; none crossed): up to n_merges
+    merges, the most frequent pair first (ties: the smallest), while one occurs min_count
+    times. A merge recounts only the segments holding its pair; a lazy heap gives the next."""
+    seqs, freqs = [list(s) for s in segments], list(segments.values())
+    counts = collections.Counter()  # pair -> occurrences in the corpus
+    where = collections.defaultdict(set)  # pair -> the segments holding it
     for i, seq in enumerate(seqs):
-        for pair in zip(seq, seq[1:]):
-            counts[pair] = counts.get(pair, 0) + freqs[i]
-            where.setdefault(pair, set()).add(i)
-    # a min-heap of -count: the most frequent on top
-    heap = [(-c, pair) for pair, c in counts.items()]
+        for p in zip(seq, seq[1:]):
+            counts[p] += freqs[i]
+            where[p].add(i)
+    heap = [(-c, p) for p, c in counts.items()]  # the most frequent on top
     heapq.heapify(heap)
-    merges: list[tuple[int, int]] = []
+    merges = []
     while len(merges) < n_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
-        if counts.get(pair) != -neg_count:
-            continue  # stale entry: the pair's count changed since it was pushed
-        if -neg_count < min_count:
-            break  # the most frequent pair is too rare: so is every other
-        new_id = first_id + len(merges)
+        c, pair = heapq.heappop(heap)
+        if counts[pair] != -c:
+            continue  # stale: the count changed since this entry was pushed
+        if -c < min_count:
+            break
         merges.append(pair)
-        touched = set()  # pairs whose count changed
+        touched = set()
         for i in where.pop(pair):
-            old = seqs[i]
-            f = freqs[i]
-            for p in zip(old, old[1:]):  # take the segment's pairs out ...
-                counts[p] -= f
-                where.get(p, set()).discard(i)
-                touched.add(p)
-            new = merge_pair(old, pair, new_id)
-            seqs[i] = new
-            for p in zip(new, new[1:]):  # ... and put those of the merged segment back
-                counts[p] = counts.get(p, 0) + f
-                where.setdefault(p, set()).add(i)
-                touched.add(p)
-        for p in touched:  # their new counts go on the heap; the old entries turn stale
+            old, seqs[i] = seqs[i], merge_pair(seqs[i], pair, first_id + len(merges) - 1)
+            for seq, f in (old, -freqs[i]), (seqs[i], freqs[i]):  # the old pairs out, the new in
+                for p in zip(seq, seq[1:]):
+                    counts[p] += f
+                    (where[p].add if f > 0 else where[p].discard)(i)
+                    touched.add(p)
+        for p in touched:  # new counts on the heap: the old entries turn stale
             if counts[p] > 0:
                 heapq.heappush(heap, (-counts[p], p))
-            else:
-                del counts[p]
     return merges
 
 
 class ExtendedTokenizer:
-    """The student tokenizer tau': a base `tokenizers.Tokenizer` plus appended merges.
-
-    Merge i, a pair of token ids (base or earlier merges), makes token base_vocab_size + i.
-    Derived here once: exp(v) for every new token, and its parent in the vocabulary trie
-    (the token whose expansion is the longest proper prefix of exp(v)).
-    """
+    """tau': a base `tokenizers.Tokenizer` plus merges; merge i joins two earlier ids
+    into id base_vocab_size + i. Holds each new token's exp(v) and its parent in the
+    vocabulary trie (the token whose expansion is exp(v)'s longest proper prefix)."""
 
     def __init__(self, base: Tokenizer, merges: list[tuple[int, int]], base_vocab_size: int):
-        self.base = base
-        self.base_vocab_size = base_vocab_size
+        self.base, self.base_vocab_size = base, base_vocab_size
         check_tokenizer_fits(base, base_vocab_size, "the base tokenizer")  # new ids never collide with its own
-        # merge i makes id base_vocab_size + i from two ids made before it
         for i, m in enumerate(merges):
             if not (len(m) == 2 and all(type(x) is int and 0 <= x < base_vocab_size + i for x in m)):
-                raise KldError(f"merge {i} is {list(m)!r}; each merge is two ids below "
-                               f"{base_vocab_size + i}")
+                raise KldError(f"merge {i} is {list(m)!r}; each merge is two ids below {base_vocab_size + i}")
         self.merges = [tuple(m) for m in merges]  # JSON gives lists; pairs are keys below
-        self.ranks = {pair: base_vocab_size + i for i, pair in enumerate(self.merges)}  # pair -> new id
+        self.vocab_size = base_vocab_size + len(self.merges)
+        self.ranks = {m: base_vocab_size + i for i, m in enumerate(self.merges)}  # pair -> new id
         if len(self.ranks) != len(self.merges):
             raise KldError("the extension lists the same merge twice")
         self.expansions: list[tuple[int, ...]] = []  # exp(base_vocab_size + i)
-        for a, b in self.merges:  # in order: a merge's parts are expanded already
-            self.expansions.append(self.expand([a]) + self.expand([b]))
-        by_expansion = {e: base_vocab_size + i for i, e in enumerate(self.expansions)}
-        if len(by_expansion) != len(self.expansions):
+        for m in self.merges:  # in order: a merge's parts are expanded already
+            self.expansions.append(self.expand(m))
+        by_exp = {e: base_vocab_size + i for i, e in enumerate(self.expansions)}
+        if len(by_exp) != len(self.expansions):
             raise KldError("two new tokens share one expansion; longest match would be ambiguous")
-        self.parents = []  # vocabulary-trie parent of each new token
+        self.parents = []  # a new token, else e's first base token
         for e in self.expansions:
-            k = len(e) - 1  # the longest proper prefix first
-            while k > 1 and e[:k] not in by_expansion:
-                k -= 1
-            # a new token, else e's first base token
-            self.parents.append(by_expansion[e[:k]] if k > 1 else e[0])
-        # An id can end the left side of a merge / start its right side only if its base
-        # token is in these sets; between other neighbours no merge can ever apply.
-        self._left_ends = {self.expand([a])[-1] for a, _ in self.merges}
-        self._right_starts = {self.expand([b])[0] for _, b in self.merges}
-        self._memo: dict[tuple[int, ...], list[int]] = {}  # piece of base ids -> its merged ids
+            k = next((k for k in range(len(e) - 1, 1, -1) if e[:k] in by_exp), 0)
+            self.parents.append(by_exp[e[:k]] if k else e[0])
+        # base ids that can end a merge's left side / start its right side: no merge joins others
+        self._ends = {self.expand(m[:1])[-1] for m in self.merges}
+        self._starts = {self.expand(m[1:])[0] for m in self.merges}
+        self._merged = functools.lru_cache(2**20)(lambda piece: bpe_merge(list(piece), self.ranks))
         self._base_bytes: list[bytes] | None = None  # filled on first use
 
-    @property
-    def vocab_size(self) -> int:
-        return self.base_vocab_size + len(self.merges)
-
     def expand(self, ids) -> tuple[int, ...]:
-        """Student ids -> teacher ids: exp(v) for each, concatenated."""
-        out = []
-        for i in ids:
-            if i >= self.base_vocab_size:
-                out.extend(self.expansions[i - self.base_vocab_size])
-            else:  # a base token expands to itself
-                out.append(i)
-        return tuple(out)
+        """Student ids -> teacher ids: exp(v) of each, concatenated."""
+        V = self.base_vocab_size
+        return tuple(t for i in ids for t in (self.expansions[i - V] if i >= V else (i,)))
 
     def merge(self, base_ids: list[int]) -> list[int]:
-        """Apply the merges to teacher ids, lowest rank first, as BPE does (tau' = merge o tau).
-
-        The sequence is cut where no merge can apply and each piece is merged once per
-        distinct piece (memoised: code repeats its lines), so encoding costs little more
-        than the teacher's own tokenizer.
-        """
+        """tau' = merge o tau: BPE with the merges, once per distinct piece (code repeats
+        its lines) between neighbours that no merge joins."""
+        ids, n = base_ids, len(base_ids)
+        cuts = [i for i in range(1, n) if ids[i - 1] not in self._ends or ids[i] not in self._starts]
         out = []
-        start = 0  # where the current piece began
-        for i in range(1, len(base_ids) + 1):
-            at_end = i == len(base_ids)
-            if at_end or base_ids[i - 1] not in self._left_ends or base_ids[i] not in self._right_starts:
-                piece = tuple(base_ids[start:i])  # no merge can join it to what follows
-                if len(piece) == 1:  # most pieces: nothing to merge
-                    out.append(piece[0])
-                else:
-                    if piece not in self._memo:
-                        if len(self._memo) > 1_000_000:
-                            self._memo.clear()  # bound the memory on a corpus without repeats
-                        self._memo[piece] = bpe_merge(list(piece), self.ranks)
-                    out.extend(self._memo[piece])
-                start = i  # the next piece begins here
+        for a, b in zip([0, *cuts], [*cuts, n]):
+            out.extend(ids[a:b] if b - a == 1 else self._merged(tuple(ids[a:b])))
         return out
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """tau'(text). add_special_tokens: also those the base tokenizer adds to a whole
-        input, such as a BOS that a GGUF asks for (prompts); training text has none."""
+        """tau'(text); add_special_tokens: those the base adds to an input, such as
+        a BOS that a GGUF asks for (prompts; training text has none)."""
         return self.merge(self.base.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.merge(e.ids) for e in self.base.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.base.decode(list(self.expand(ids)),
-                                skip_special_tokens=skip_special_tokens)
+        return self.base.decode(list(self.expand(ids)), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.base.token_to_id(token)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes a token stands for: those of its expansion."""
+        """The bytes of a token's expansion."""
         if self._base_bytes is None:  # a pass over the whole vocabulary: only when asked
             self._base_bytes = token_bytes(self.base, self.base_vocab_size)
         return b"".join(self._base_bytes[t] for t in self.expand([token_id]))
 
     def token_string(self, token_id: int) -> str:
         """Readable text of one token (partial UTF-8 shows as U+FFFD)."""
-        return self.base.decode(list(self.expand([token_id])), skip_special_tokens=False)
-
-
-def line_segments(ids_per_text: list[list[int]], tok: ExtendedTokenizer,
-                  newline_merges: bool = True) -> dict[tuple[int, ...], int]:
-    """Cut token sequences into the segments merges are learned within: a segment ends
-    after every token that holds a newline, and special tokens stand alone. So a merge
-    may cross word boundaries but stays inside a line (METHOD.md section 1): a learned
-    token holds a newline only in its last teacher token. newline_merges=False: tokens
-    that hold a newline stand alone too, so no learned token holds one (a token such as
-    ':\n    ' would have to predict the next line's indentation before the colon is
-    written). Returns segment -> count."""
-    special = set(tok.base.get_added_tokens_decoder())
-    ends_line = {i for i in range(tok.vocab_size) if b"\n" in tok.token_bytes(i)}
-    segments: collections.Counter = collections.Counter()
-    for ids in ids_per_text:
-        start = 0  # where the current segment began
-        for i, t in enumerate(ids):
-            if t in special or (t in ends_line and not newline_merges):
-                # t stands alone: end before it
-                segments[tuple(ids[start:i])] += 1
-                start = i + 1
-            elif t in ends_line:  # t ends the segment
-                segments[tuple(ids[start : i + 1])] += 1
-                start = i + 1
-        segments[tuple(ids[start:])] += 1
-    segments.pop((), None)  # the empty segments between neighbours that stand alone
-    return segments
-
-
-def chain_merges(tokenizer: Tokenizer, strings: list[str],
-                 merges: list[tuple[int, int]], base_vocab_size: int):
-    """`merges` plus what makes each user string one token: BPE the string with the merges
-    so far, then merge its first two tokens, again and again. Each new merge outranks all
-    before it, so encoding the string alone gives that one token."""
-    merges = list(merges)  # a copy: the caller's list stays as it was
-    ranks = {pair: base_vocab_size + i for i, pair in enumerate(merges)}
-    special = set(tokenizer.get_added_tokens_decoder())
-    for s in strings:
-        ids = tokenizer.encode(s, add_special_tokens=False).ids
-        if not ids:
-            raise KldError(f"new token {s!r} encodes to nothing")
-        if special & set(ids):
-            raise KldError(f"new token {s!r} holds a special token; special tokens never merge")
-        ids = bpe_merge(ids, ranks)  # the string as the merges so far encode it
-        while len(ids) > 1:
-            pair = (ids[0], ids[1])
-            new_id = base_vocab_size + len(merges)
-            merges.append(pair)
-            ranks[pair] = new_id  # later strings are encoded with it
-            ids = merge_pair(ids, pair, new_id)  # one token fewer, until one is left
-    return merges
+        return self.decode([token_id])
 
 
 def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_vocab_size: int,
                     new_tokens: list[str] = (), newline_merges: bool = True) -> ExtendedTokenizer:
-    """tau' for a corpus: the user's strings as merge chains, then `n_merges` learned merges
-    (newline_merges: whether they may join a token to the newline that ends its line)."""
-    merges = chain_merges(tokenizer, list(new_tokens), [], base_vocab_size)
-    if n_merges > 0:
-        ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)  # the user's tokens apply before learning
-        encoded = ext.encode_batch(texts)  # the corpus as the student (so far) tokenizes it
-        segments = line_segments(encoded, ext, newline_merges)
-        merges += learn_merges(segments, n_merges, base_vocab_size + len(merges))
+    """tau' for a corpus: each user string made one token (BPE it with the merges so far,
+    then merge its first two tokens until one is left), then n_merges learned within lines:
+    a segment ends after a token holding a newline; specials stand alone, and newline
+    tokens too unless newline_merges."""
+    merges, ranks = [], {}  # ranks: pair -> the id it makes
+    special = set(tokenizer.get_added_tokens_decoder())
+    for s in new_tokens:
+        ids = tokenizer.encode(s, add_special_tokens=False).ids
+        if not ids or special & set(ids):
+            why = "holds a special token; those never merge" if ids else "encodes to nothing"
+            raise KldError(f"new token {s!r} {why}")
+        ids = bpe_merge(ids, ranks)
+        while len(ids) > 1:
+            merges.append((ids[0], ids[1]))
+            ranks[merges[-1]] = base_vocab_size + len(merges) - 1
+            ids = merge_pair(ids, merges[-1], ranks[merges[-1]])
+    ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)  # the user's tokens apply before learning
+    if n_merges <= 0:
+        return ext
+    newline = {i for i in range(ext.vocab_size) if b"\n" in ext.token_bytes(i)}
+    segments = collections.Counter()  # segment -> how often it occurs
+    for ids in ext.encode_batch(texts):
+        start = 0  # where the current segment began
+        for i, t in enumerate(ids):
+            if t in special or t in newline:  # the segment ends after t, before it if t stands alone
+                segments[tuple(ids[start : i + (t not in special and newline_merges)])] += 1
+                start = i + 1
+        segments[tuple(ids[start:])] += 1
+    del segments[()]  # between neighbours that stand alone
+    merges += learn_merges(segments, n_merges, ext.vocab_size)
     return ExtendedTokenizer(tokenizer, merges, base_vocab_size)
 
 
-# The byte strings of tokens (what the merges' pieces spell).
-
-
 def byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
-    # bytes that are printable Latin-1 stand for themselves
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    chars = {}
-    extra = 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:  # the others (controls, space, ...) take the characters from U+0100 on, in order
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def missing_bytes(tokenizer: Tokenizer) -> set[int]:
-    """Bytes that a byte-level BPE vocabulary has no token for. Text containing them cannot
-    round-trip: BPE without a fallback drops them. (SmolLM2 lacks 21, among them the UTF-8
-    lead bytes 0xF1 and 0xF2 of planes 4 to 11, where almost nothing is assigned.)"""
-    return {b for b, ch in byte_level_alphabet().items() if tokenizer.token_to_id(ch) is None}
+    """GPT-2's byte -> character table that byte-level BPE vocabularies are spelled in."""
+    extra = iter(range(256, 512))  # for the bytes that are not printable Latin-1, in order
+    return {b: chr(b if 32 < b < 127 or 160 < b != 173 else next(extra)) for b in range(256)}
 
 
 def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
-    """The bytes each id < vocab_size stands for: byte-level spelling undone, added tokens
-    (specials such as <|im_end|>) as their UTF-8 text, ids without a token as b""."""
+    """The bytes of each id < vocab_size: byte-level spelling undone, added tokens
+    (<|im_end|>) as UTF-8 text, ids without a token as b""."""
     to_byte = {ch: b for b, ch in byte_level_alphabet().items()}
     added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
     out = []
     for i in range(vocab_size):
-        token = tokenizer.id_to_token(i)  # its spelling in the vocabulary
-        if i in added:
-            out.append(added[i].encode())
-        elif token is None:  # the model's vocabulary is padded past the tokenizer's
-            out.append(b"")
-        elif all(ch in to_byte for ch in token):
+        token = tokenizer.id_to_token(i)  # None where the model's vocabulary is padded past it
+        if i in added or token is None:
+            out.append(added[i].encode() if i in added else b"")
+        elif set(token) <= to_byte.keys():
             out.append(bytes(to_byte[ch] for ch in token))
         else:
             raise KldError(f"token {i} ({token!r}) is not spelled in the byte-level alphabet; "
