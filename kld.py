@@ -2275,20 +2275,14 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
 # ----------------------------------------------------------------------------------------
 # 8. The batched lift: the same three steps for a whole batch, as tensor operations
 # ----------------------------------------------------------------------------------------
-#
-# What teacher_targets runs; `lift` (section 4) is the reference, and the tests hold the two
-# equal. The state is one *entry* per (position, sequence) reached, a row of parallel
-# tensors, and one trie level is walked per iteration. The trie's nodes are numbered level
-# by level, so a node's children are a contiguous range; a set of pairs is a sorted tensor
-# of integer keys, looked up by torch.searchsorted.
+# What teacher_targets runs; tests hold it equal to `lift`. One *entry* per (position, sequence)
+# reached, as parallel tensors, one trie level per step; a set of pairs is a sorted tensor of keys.
 
 
 @dataclass
 class LiftTables:
-    """The lift's trie as tensors. Nodes: every prefix of a new token's expansion (walkable
-    after any token) and of an extension of a token v (after v only). A branch context
-    (b, xs) is named by the suffix node of xs, in a trie of every tail u[k:] of a node u."""
-
+    """The lift's trie as tensors. Nodes: the prefixes of new tokens' expansions and of
+    extensions of v (walkable after v only). Suffix nodes: the tails u[k:] of nodes u."""
     token: torch.Tensor  # (U,) long: the last base id of each node
     first: torch.Tensor  # (U,) long: its first base id
     depth: torch.Tensor  # (U,) long: its length
@@ -2308,34 +2302,44 @@ class LiftTables:
 
 
 def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
-    """LiftTables of an extension: the trie of `lift_trie`, renumbered for tensors."""
+    """The trie of `lift_trie`, renumbered for tensors."""
     V = tok.base_vocab_size
     in_trie = {e[:k] for e in tok.expansions for k in range(1, len(e) + 1)}
-    walk_after: dict[tuple[int, ...], set[int]] = {}  # sequence -> the tokens after which it is walkable
+    walk_after = collections.defaultdict(set)  # sequence -> the tokens after which it is walkable
     for v, extensions in trie.extensions.items():
         for f in extensions:
             for k in range(1, len(f) + 1):
-                walk_after.setdefault(f[:k], set()).add(v)
+                walk_after[f[:k]].add(v)
     # Sorted by level, then by the parent: the children of a node are contiguous, in parent order.
     nodes = sorted(in_trie | set(walk_after), key=lambda s: (len(s), s))
     index = {s: i for i, s in enumerate(nodes)}
     U, R = len(nodes), sum(len(s) == 1 for s in nodes)
-    child_count = torch.bincount(torch.tensor([index[s[:-1]] for s in nodes[R:]], dtype=torch.long), minlength=U)
-    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))}, key=lambda s: (len(s), s))
-    suffix_index = {s: i for i, s in enumerate(suffixes)}
-    child_by_key = {(suffix_index.get(s[:-1], -1) + 1) * V + s[-1]: i for i, s in enumerate(suffixes)}
+    longs = lambda xs: torch.tensor(list(xs), dtype=torch.long)  # noqa: E731
+    n_children = torch.bincount(longs(index[s[:-1]] for s in nodes[R:]), minlength=U)
+    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))},
+                      key=lambda s: (len(s), s))
+    suffix = {s: i for i, s in enumerate(suffixes)}
+    # suffix xs + (x,) by key (xs + 1) * |V| + x, xs = -1 when empty
+    by_key = {(suffix.get(s[:-1], -1) + 1) * V + s[-1]: i
+              for i, s in enumerate(suffixes)}
     column = torch.full((V,), -1, dtype=torch.long)
     column[trie.alphabet] = torch.arange(len(trie.alphabet))
-    longs = lambda xs: torch.tensor(list(xs), dtype=torch.long)  # noqa: E731
     return LiftTables(
-        token=longs(s[-1] for s in nodes), first=longs(s[0] for s in nodes), depth=longs(map(len, nodes)),
-        child_start=R + child_count.cumsum(0) - child_count, child_count=child_count, roots=longs(range(R)),
+        token=longs(s[-1] for s in nodes),
+        first=longs(s[0] for s in nodes),
+        depth=longs(map(len, nodes)),
+        child_start=R + n_children.cumsum(0) - n_children,
+        child_count=n_children,
+        roots=longs(range(R)),
         new_id=longs(trie.new_token.get(s, -1) for s in nodes),
         in_trie=torch.tensor([s in in_trie for s in nodes], dtype=torch.bool),
         walk_keys=longs(sorted(v * U + index[s] for s, vs in walk_after.items() for v in vs)),
         extension_keys=longs(sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)),
-        alphabet=trie.alphabet.clone(), column=column, n_new=len(tok.expansions),
-        suffix_keys=longs(sorted(child_by_key)), suffix_child=longs(child_by_key[k] for k in sorted(child_by_key)),
+        alphabet=trie.alphabet.clone(),
+        column=column,
+        n_new=len(tok.expansions),
+        suffix_keys=longs(sorted(by_key)),
+        suffix_child=longs(by_key[k] for k in sorted(by_key)),
         suffixes=suffixes)
 
 
@@ -2344,7 +2348,7 @@ def tables_to(tables: LiftTables, device) -> LiftTables:
     return LiftTables(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(tables).items()})
 
 
-def sorted_lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sorted_lookup(keys: torch.Tensor, query: torch.Tensor):
     """(found, index) of each query in sorted keys, both (q,)."""
     if len(keys) == 0:
         return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
@@ -2355,61 +2359,57 @@ def sorted_lookup(keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor
 @dataclass
 class BranchRows:
     """Teacher rows at branch contexts, by sorted `branch_key`."""
-
     keys: torch.Tensor  # (k,) long, sorted
     rows: torch.Tensor  # (k, A) float64 log p at the alphabet's columns
 
 
 def branch_key(window, b, suffix, width: int, n_suffixes: int):
-    """One integer per branch context (window, b, suffix node), of ints or long tensors; width > every b."""
+    """One integer per branch context (window, b, suffix node); width > every b."""
     return (window * width + b) * n_suffixes + suffix
 
 
 def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: list[list[int]],
                span_starts: list[list[int]], tables: LiftTables, branches: BranchRows | None = None,
                min_prob: float = math.inf, condition: bool = True) -> tuple[list[LiftedTargets], torch.Tensor]:
-    """`lift` for a batch of windows at once, on the rows' device.
-
-    windows: student ids (the first is context only); rows[r] (n_r + 1 rows), teacher_ids[r]
-    and span_starts[r] as `lift` takes them. Returns the targets of each window and the branch
-    contexts wanted next, (k, 3) long: (window, b, suffix node).
-    """
+    """`lift` for a batch of windows (student ids, the first context only), each with
+    rows, teacher_ids and span_starts as `lift` takes them, on the rows' device. Returns
+    the targets of each window and the branch contexts wanted next, (k, 3) long:
+    (window, b, suffix node)."""
     device = rows[0].states.device
+    tensor = functools.partial(torch.tensor, device=device)
     V, U, S = len(tables.column), len(tables.token), len(tables.suffixes)
     min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
-    # The batch's rows, flat: window r's at row_offset[r] .. + n_r; the last (after the
-    # window) has the pad id -1, so that "t_b == x" fails there.
+    # The rows, flat: window r's at row_offset[r] .. + n_r, the last with pad id -1 (t_b == x fails)
     lengths = [len(t) for t in teacher_ids]
     width = max(lengths) + 1  # a bound on b, for branch keys
-    row_offset = torch.tensor([0, *itertools.accumulate(n + 1 for n in lengths)][:-1], device=device)
+    row_offset = tensor([0, *itertools.accumulate(n + 1 for n in lengths)][:-1])
     alphabet_logp = torch.cat([r.logp(columns=tables.alphabet) for r in rows]).double()  # (rows, A)
-    flat_ids = torch.tensor([i for t in teacher_ids for i in [*t, -1]], device=device)  # (rows,)
-    realised = torch.cat([x for r, t in zip(rows, teacher_ids)  # (rows,) log p(t_b | t_<b), 0 at the pads
-                          for x in (r.logp_of(torch.tensor(t, device=device)).double(), r.lse.new_zeros(1).double())])
+    flat_ids = tensor([i for t in teacher_ids for i in [*t, -1]])  # (rows,)
+    # (rows,) log p(t_b | t_<b), 0 at the pads
+    realised = torch.cat([F.pad(r.logp_of(tensor(t)).double(), (0, 1)) for r, t in zip(rows, teacher_ids)])
     cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # (rows + 1,) cum[i] = sum of realised[:i]
     # (m,) each: student position j of window r covers teacher tokens start .. end - 1
-    window_of = torch.tensor([r for r, s in enumerate(span_starts) for _ in s], device=device)
-    start = torch.tensor([a for s in span_starts for a in s], device=device)
-    end = torch.tensor([e for s, n in zip(span_starts, lengths) for e in [*s[1:], n]], device=device)
+    window_of = tensor([r for r, s in enumerate(span_starts) for _ in s])
+    start = tensor([a for s in span_starts for a in s])
+    end = tensor([e for s, n in zip(span_starts, lengths) for e in [*s[1:], n]])
     row_of = row_offset[window_of] + start  # the teacher's row at each span start
     span_logp = cum[row_offset[window_of] + end] - cum[row_of]  # log P(span), chain rule
     m = len(start)
     # the student token before each position, whose extensions cannot come next (-1: none)
-    previous = torch.tensor([v for w in windows for v in w[:-1]] if condition else [-1] * m,
-                            dtype=torch.long, device=device)
+    previous = tensor([v for w in windows for v in w[:-1]] if condition else [-1] * m, dtype=torch.long)
     if branches is None:  # none evaluated yet (or path mode)
-        branches = BranchRows(torch.zeros(0, dtype=torch.long, device=device), alphabet_logp[:0])
+        branches = BranchRows(row_offset[:0], alphabet_logp[:0])
     table = torch.cat([alphabet_logp, branches.rows.to(alphabet_logp)])  # (rows + k, A): realised, then branches
 
     def after(pos, node):  # node is walkable after previous[pos] only: a prefix of one of its extensions
         return sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
 
     def entries(pos, node, log_p, b, suffix, on_path, anchor, blocked):
-        """The entries reaching node at pos, the last token read at context (b, suffix) (-1: realised)."""
+        """Entries at nodes reached at pos, their last token read in context (b, suffix)."""
         x = tables.token[node]
         _, child = sorted_lookup(tables.suffix_keys, (suffix + 1) * V + x)
         ext = sorted_lookup(tables.extension_keys, previous[pos] * U + node)[0]  # p' = 0 for it and below
-        return dict(pos=pos, node=node, log_p=log_p, b=b + on_path.long(),  # context: realised t_<b, ...
+        return types.SimpleNamespace(pos=pos, node=node, log_p=log_p, b=b + on_path.long(),  # context: t_<b, ...
                     suffix=torch.where(on_path, -1, tables.suffix_child[child]),  # ... then xs (-1: none)
                     anchor=anchor,  # the nearest found ancestor entry (-1: the base token)
                     extension=ext, found=ext | (tables.new_id[node] >= 0), blocked=blocked | ext)
@@ -2423,52 +2423,53 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     ext_start = after(pos, node)
     keep = (tables.in_trie[node] | ext_start) & (on_path | (log_p >= min_logp) | ext_start)
     pos, none = pos[keep], torch.full_like(pos[keep], -1)
-    e = entries(pos, node[keep], log_p[keep], start[pos], none, on_path[keep], none, none > 0)  # none blocked
+    e = entries(pos, node[keep], log_p[keep], start[pos], none, on_path[keep],
+                none, none > 0)  # no anchor, none blocked
     levels, wanted, offset = [e], [], 0  # offset: the entries of the earlier levels
-    while len(e["pos"]):
-        E = len(e["pos"])
-        window, on_path = window_of[e["pos"]], e["suffix"] < 0  # (E,)
+    while len(e.pos):
+        E = len(e.pos)
+        window, on_path = window_of[e.pos], e.suffix < 0  # (E,)
         # children are read at the realised row on the path, else at the context's branch row, if any
-        found, index = sorted_lookup(branches.keys, branch_key(window, e["b"], e["suffix"], width, S))
+        found, index = sorted_lookup(branches.keys, branch_key(window, e.b, e.suffix, width, S))
         has_row = on_path | found
-        row = torch.where(on_path, row_offset[window] + e["b"], len(alphabet_logp) + index)  # into table
-        counts = tables.child_count[e["node"]]  # (E,)
+        row = torch.where(on_path, row_offset[window] + e.b, len(alphabet_logp) + index)  # into table
+        counts = tables.child_count[e.node]  # (E,)
         parent = torch.repeat_interleave(torch.arange(E, device=device), counts)  # (C,) each child's entry
         rank = torch.arange(len(parent), device=device) - (counts.cumsum(0) - counts)[parent]
-        child = tables.child_start[e["node"]][parent] + rank  # (C,)
-        ok = tables.in_trie[child] | after(e["pos"][parent], child)
+        child = tables.child_start[e.node][parent] + rank  # (C,)
+        ok = tables.in_trie[child] | after(e.pos[parent], child)
         parent, child = parent[ok], child[ok]
         # off the path, with children, no row and P >= min_prob: a branch to evaluate next round
-        ask = (torch.bincount(parent, minlength=E) > 0) & ~has_row & ~on_path & (e["log_p"] >= min_logp)
-        wanted.append(torch.stack([window[ask], e["b"][ask], e["suffix"][ask]], dim=1))
+        ask = (torch.bincount(parent, minlength=E) > 0) & ~has_row & (e.log_p >= min_logp)
+        wanted.append(torch.stack([window[ask], e.b[ask], e.suffix[ask]], dim=1))
         go = has_row[parent]  # step 2: the chain rule into the children of the entries with a row
         parent, child = parent[go], child[go]
         x, parent_row = tables.token[child], row[parent]
         # t_b on the path (a branch row indexes past flat_ids: clamped, unused)
         child_on_path = on_path[parent] & (flat_ids[parent_row.clamp(max=len(flat_ids) - 1)] == x)
-        e = entries(e["pos"][parent], child, e["log_p"][parent] + table[parent_row, tables.column[x]],
-                    e["b"][parent], e["suffix"][parent], child_on_path,
-                    torch.where(e["found"][parent], offset + parent, e["anchor"][parent]), e["blocked"][parent])
+        e = entries(e.pos[parent], child, e.log_p[parent] + table[parent_row, tables.column[x]],
+                    e.b[parent], e.suffix[parent], child_on_path,
+                    torch.where(e.found[parent], offset + parent, e.anchor[parent]), e.blocked[parent])
         levels.append(e)
         offset += E
-    wanted = torch.cat(wanted).unique(dim=0) if wanted else torch.zeros(0, 3, dtype=torch.long, device=device)
+    wanted = torch.cat(wanted).unique(dim=0) if wanted else row_offset.new_zeros(0, 3)
     # Step 3 (see `emission_probabilities`) for every entry at once; anchors index into w.
-    w = {k: torch.cat([level[k] for level in levels]) for k in levels[0]}
-    P = w["log_p"].exp()  # (E,)
-    f = w["found"].nonzero()[:, 0]  # (F,) the found entries: new tokens and extensions
-    pos, node, anchor, ext = w["pos"][f], w["node"][f], w["anchor"][f], w["extension"]
+    w = types.SimpleNamespace(**{k: torch.cat([vars(e)[k] for e in levels]) for k in vars(levels[0])})
+    P = w.log_p.exp()  # (E,)
+    f = w.found.nonzero()[:, 0]  # (F,) the found entries: new tokens and extensions
+    pos, node, anchor, ext = w.pos[f], w.node[f], w.anchor[f], w.extension
     # mass = P minus the P of the found sequences whose nearest found prefix it is, ...
     mass, up = P.clone(), anchor >= 0
     mass.index_add_(0, anchor[up], -P[f][up])
     # ... and a base token's, its p minus theirs where no found prefix is between
     to_base = f[~up & (tables.depth[node] > 1)]
-    keys, inverse = (w["pos"][to_base] * V + tables.first[w["node"][to_base]]).unique(return_inverse=True)
+    keys, inverse = (w.pos[to_base] * V + tables.first[w.node[to_base]]).unique(return_inverse=True)
     base_pos, base_tok = keys // V, keys % V  # each (position, base token) once
     base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp().index_add(0, inverse, -P[to_base])
     # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
-    Z = torch.ones(m, dtype=torch.float64, device=device).index_add(0, w["pos"][ext], -P[ext]).clamp(min=1e-300)
+    Z = alphabet_logp.new_ones(m).index_add(0, w.pos[ext], -P[ext]).clamp(min=1e-300)
     log_z = Z.log()
-    p_found = torch.where(w["blocked"][f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
+    p_found = torch.where(w.blocked[f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
     root = tables.depth[node] == 1  # found single tokens: base tokens (extensions)
     fix_pos = torch.cat([pos[root], base_pos])
     fix_ids = torch.cat([tables.token[node][root], base_tok])
@@ -2476,29 +2477,26 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     is_new = (tables.new_id[node] >= 0) & ~ext[f]
     order = torch.argsort(pos[is_new], stable=True)  # the new tokens' targets grouped by position
     new_pos = pos[is_new][order]
-    per_position = torch.bincount(new_pos, minlength=m)  # (m,)
-    rank = torch.arange(len(new_pos), device=device) - (per_position.cumsum(0) - per_position)[new_pos]
-    n_cols = max(int(per_position.max()) if m else 1, 1)
+    count = torch.bincount(new_pos, minlength=m)  # (m,)
+    rank = torch.arange(len(new_pos), device=device) - (count.cumsum(0) - count)[new_pos]
+    n_cols = max(int(count.max()) if m else 1, 1)
     dtype = upcast(rows[0].states).dtype
-    new_ids = torch.zeros((m, n_cols), dtype=torch.long, device=device)  # position j's c-th in column c
+    new_ids = row_offset.new_zeros(m, n_cols)  # position j's c-th in column c
     new_logp = torch.full((m, n_cols), -math.inf, dtype=dtype, device=device)
     new_ids[new_pos, rank] = tables.new_id[node][is_new][order]
     new_logp[new_pos, rank] = p_found[is_new].log()[order].to(dtype)
     out, first = [], 0
     for r, s in enumerate(span_starts):  # window r: positions first .. first + len(s) - 1
         j, here = slice(first, first + len(s)), (fix_pos >= first) & (fix_pos < first + len(s))
-        out.append(LiftedTargets(
-            teacher=rows[r].select(start[j]), log_z=log_z[j], fix_pos=fix_pos[here] - first,
-            fix_ids=fix_ids[here], fix_logp=fix_logp[here], new_ids=new_ids[j], new_logp=new_logp[j],
-            span_logp=span_logp[j], n_new=tables.n_new))
+        out.append(LiftedTargets(rows[r].select(start[j]), log_z[j], fix_pos[here] - first, fix_ids[here],
+                                 fix_logp[here], new_ids[j], new_logp[j], span_logp[j], tables.n_new))
         first += len(s)
     return out, wanted
 
 
 @dataclass(frozen=True)
 class Lift:
-    """How the teacher is lifted (Config: lift, lift_min_prob, lift_condition), with the extension's trie."""
-
+    """Config's lift settings, with the extension's trie."""
     trie: LiftTrie
     mode: str  # "path": the realised rows only; "trie": also branches whose P reaches min_prob
     min_prob: float
@@ -2507,13 +2505,13 @@ class Lift:
 
 
 def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool, device="cpu") -> Lift:
-    """The lift settings with the extension's trie, its tensors on `device` (the teacher's)."""
+    """The lift settings, the trie's tensors on `device` (the teacher's)."""
     if mode not in ("path", "trie"):
         raise KldError(f"lift {mode!r} is not 'path' or 'trie'")
     if not min_prob >= 0:
         raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
     trie = lift_trie(tok)
-    return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), torch.device(device)))
+    return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), device))
 
 
 # ----------------------------------------------------------------------------------------
@@ -2522,7 +2520,7 @@ def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: boo
 
 
 def format_chat(prompt: str, system: str = "") -> str:
-    """ChatML, the template of SmolLM2 and Qwen2 instruct models, ending where the answer starts."""
+    """ChatML (SmolLM2, Qwen2 instruct), ending where the answer starts."""
     turns = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
     return f"{turns}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -2537,13 +2535,14 @@ def stop_token_ids(cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> set[
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """Next ids (B,) from logits (B, V): argmax at temperature 0, else sampled from softmax(logits / T)
-    within the smallest set of mass >= top_p. With the top logit shifted to 0 and T at least
-    float32's tiny, any T > 0 gives probabilities, never NaN: argmax as T -> 0."""
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a sample of
+    softmax(logits / T) within the smallest set of mass >= top_p. With the top logit at 0
+    and T >= float32's tiny, no T > 0 gives a NaN."""
     if temperature == 0:
         return logits.argmax(-1)
     z = logits.float()  # (B, V)
-    probs = torch.softmax((z - z.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny), -1)
+    z = z - z.amax(-1, keepdim=True)
+    probs = torch.softmax(z / max(temperature, torch.finfo(torch.float32).tiny), -1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= top_p] = 0.0  # top_p reached before them
@@ -2570,44 +2569,47 @@ class Decoding:
     stop_ids: frozenset[int] = frozenset()  # or at the first of these tokens (not kept)
 
     def __post_init__(self):
-        if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1):
-            raise KldError("decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1;"
-                           f" got {self.temperature}, {self.top_p}, {self.max_new_tokens}, {self.batch_size}")
+        t, p, n, b = self.temperature, self.top_p, self.max_new_tokens, self.batch_size
+        if not (t >= 0 and 0 < p <= 1 and n >= 1 and b >= 1):
+            raise KldError("decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, "
+                           f"batch_size >= 1; got {t}, {p}, {n}, {b}")
         if "" in self.stop:
             raise KldError("an empty stop string ends every answer before it starts")
         object.__setattr__(self, "stop", tuple(self.stop))  # frozen as typed when given a list or set
         object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
 
     def with_stops(self, stop, stop_ids) -> "Decoding":
-        return dataclasses.replace(self, stop=self.stop + tuple(stop), stop_ids=self.stop_ids | frozenset(stop_ids))
+        return dataclasses.replace(self, stop=self.stop + tuple(stop),
+                                   stop_ids=self.stop_ids | frozenset(stop_ids))
 
 
 def decoding_of(cfg: Config) -> Decoding:
-    """A run's decoding settings (stops come from the prompt format, where it is known)."""
-    return Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                    batch_size=cfg.gen_batch_size)
+    """A run's decoding settings; stops come from the prompt format."""
+    return Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.gen_batch_size)
 
 
 def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[int]], decoding: Decoding,
                     generator: torch.Generator) -> list[Completion]:
     """generate for one batch of encoded prompts."""
-    device, budget, stop = next(model.parameters()).device, decoding.max_new_tokens, decoding.stop
+    weight = next(model.parameters())
+    device, budget, stop = weight.device, decoding.max_new_tokens, decoding.stop
     B, T = len(prompt_ids), max(map(len, prompt_ids))
     ids, valid = right_aligned(prompt_ids, device)  # (B, T), left-padded
     # room for 256 new tokens, doubled when full: memory grows with the answers, not the budget
-    cache = KVCache(model.cfg, B, T + min(budget, 256), device, next(model.parameters()).dtype)
+    cache = KVCache(model.cfg, B, T + min(budget, 256), device, weight.dtype)
     logits = model.decode_step(ids, valid, cache)  # (B, |V'|)
-    tokens, reasons, active = [[] for _ in range(B)], ["length"] * B, list(range(B))  # active: row -> prompt
+    tokens, reasons = [[] for _ in range(B)], ["length"] * B
+    active = list(range(B))  # batch row -> prompt
     # each token holds a byte or more, so a stop string just completed lies in the last len + 1 tokens
     tail = max((len(s.encode()) for s in stop), default=0) + 1
     for step in range(budget):
         next_ids = sample_next(logits, decoding.temperature, decoding.top_p, generator)
         keep = []
-        for j, (row, token_id) in enumerate(zip(active, next_ids.tolist())):
-            if token_id in decoding.stop_ids:
+        for j, (row, t) in enumerate(zip(active, next_ids.tolist())):
+            if t in decoding.stop_ids:
                 reasons[row] = "eos"
                 continue
-            tokens[row].append(token_id)
+            tokens[row].append(t)
             if any(s in tok.decode(tokens[row][-tail:]) for s in stop):
                 reasons[row] = "stop"
                 continue
@@ -2629,9 +2631,9 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
 @torch.inference_mode()
 def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
              decoding: Decoding = Decoding()) -> list[Completion]:
-    """Complete each prompt (formatted, encoded with its special tokens) as `decoding` says:
-    longest first, `batch_size` at a time, left-padded, one KV cache per batch, a finished
-    row leaving it. Greedy answers do not depend on the batching."""
+    """Complete each prompt (formatted; encoded with its special tokens) as `decoding` says,
+    longest first, `batch_size` at a time: left-padded, one KV cache per batch, finished
+    rows leave it. Greedy answers do not depend on the batching."""
     if not isinstance(tok, ExtendedTokenizer):
         raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's "
                        "is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
@@ -2640,14 +2642,14 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
         raise KldError("a prompt encodes to no tokens; give it some text")
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(decoding.seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results: list[Completion] = [None] * len(prompts)
+    results = {}
     # cuDNN attention plans each new key length (1.5 ms of CPU on an H100): left out while decoding
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for i in range(0, len(order), decoding.batch_size):
             batch = order[i : i + decoding.batch_size]
-            for r, out in zip(batch, _generate_batch(model, tok, [encoded[r] for r in batch], decoding, generator)):
-                results[r] = out
-    return results
+            outs = _generate_batch(model, tok, [encoded[r] for r in batch], decoding, generator)
+            results.update(zip(batch, outs))
+    return [results[i] for i in range(len(prompts))]
 
 
 # ----------------------------------------------------------------------------------------
