@@ -2385,9 +2385,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     row_offset = tensor([0, *itertools.accumulate(n + 1 for n in lengths)][:-1])
     alphabet_logp = torch.cat([r.logp(columns=tables.alphabet) for r in rows]).double()  # (rows, A)
     flat_ids = tensor([i for t in teacher_ids for i in [*t, -1]])  # (rows,)
-    # (rows,) log p(t_b | t_<b), 0 at the pads
     realised = torch.cat([F.pad(r.logp_of(tensor(t)).double(), (0, 1)) for r, t in zip(rows, teacher_ids)])
-    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # (rows + 1,) cum[i] = sum of realised[:i]
+    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # (rows + 1,): sums of log p(t_b | t_<b)
     # (m,) each: student position j of window r covers teacher tokens start .. end - 1
     window_of = tensor([r for r, s in enumerate(span_starts) for _ in s])
     start = tensor([a for s in span_starts for a in s])
@@ -2409,10 +2408,11 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         x = tables.token[node]
         _, child = sorted_lookup(tables.suffix_keys, (suffix + 1) * V + x)
         ext = sorted_lookup(tables.extension_keys, previous[pos] * U + node)[0]  # p' = 0 for it and below
-        return types.SimpleNamespace(pos=pos, node=node, log_p=log_p, b=b + on_path.long(),  # context: t_<b, ...
-                    suffix=torch.where(on_path, -1, tables.suffix_child[child]),  # ... then xs (-1: none)
-                    anchor=anchor,  # the nearest found ancestor entry (-1: the base token)
-                    extension=ext, found=ext | (tables.new_id[node] >= 0), blocked=blocked | ext)
+        return types.SimpleNamespace(
+            pos=pos, node=node, log_p=log_p, b=b + on_path.long(),  # context: realised t_<b, ...
+            suffix=torch.where(on_path, -1, tables.suffix_child[child]),  # ... then xs (-1: none)
+            anchor=anchor,  # the nearest found ancestor entry (-1: the base token)
+            extension=ext, found=ext | (tables.new_id[node] >= 0), blocked=blocked | ext)
 
     # Level 1: each (position, root) on the realised path, likely enough, or an extension's start.
     pos = torch.arange(m, device=device).repeat_interleave(len(tables.roots))  # (m R,)
@@ -2454,7 +2454,7 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
         offset += E
     wanted = torch.cat(wanted).unique(dim=0) if wanted else row_offset.new_zeros(0, 3)
     # Step 3 (see `emission_probabilities`) for every entry at once; anchors index into w.
-    w = types.SimpleNamespace(**{k: torch.cat([vars(e)[k] for e in levels]) for k in vars(levels[0])})
+    w = types.SimpleNamespace(**{k: torch.cat([vars(lv)[k] for lv in levels]) for k in vars(levels[0])})
     P = w.log_p.exp()  # (E,)
     f = w.found.nonzero()[:, 0]  # (F,) the found entries: new tokens and extensions
     pos, node, anchor, ext = w.pos[f], w.node[f], w.anchor[f], w.extension
