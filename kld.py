@@ -1974,28 +1974,14 @@ def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
 # ----------------------------------------------------------------------------------------
 # 8. The batched lift: the same three steps for a whole batch, as tensor operations
 # ----------------------------------------------------------------------------------------
-#
-# What teacher_targets (section 7) runs. `lift` above walks the trie one position at a
-# time in Python: the reference. `lift_batch` runs the same three steps for every position
-# of a batch of windows at once, one trie level per iteration. Its state is a list of
-# *entries*, one per (position, sequence) reached, each a row of parallel tensors: the
-# position j, the trie node of the sequence, log P, the teacher context its children are
-# read at, and what step 3 needs. The trie lives in `LiftTables`: nodes numbered level by
-# level, so each node's children are a contiguous range, and sets of pairs kept as sorted
-# integer keys, looked up by torch.searchsorted. The tests hold lift_batch equal to lift,
-# position by position.
+# What teacher_targets runs; tests hold it equal to `lift`. One *entry* per (position, sequence)
+# reached, as parallel tensors, one trie level per step; a set of pairs is a sorted tensor of keys.
 
 
 @dataclass
 class LiftTables:
-    """The lift's trie as tensors (built once per extension by `lift_tables`).
-
-    Nodes are every sequence the walk can reach: each prefix of a new token's expansion
-    (walkable after any token) and of each extension of a token v (walkable after v only).
-    A branch context (b, xs) is named by the *suffix node* of xs: suffixes are every
-    tail u[k:] of a node u, numbered in a trie of their own.
-    """
-
+    """The lift's trie as tensors. Nodes: the prefixes of new tokens' expansions and of
+    extensions of v (walkable after v only). Suffix nodes: the tails u[k:] of nodes u."""
     token: torch.Tensor  # (U,) long: the last base id of each node
     first: torch.Tensor  # (U,) long: its first base id
     depth: torch.Tensor  # (U,) long: its length
@@ -2015,345 +2001,201 @@ class LiftTables:
 
 
 def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
-    """LiftTables of an extension: the trie of `lift_trie`, renumbered for tensors."""
+    """The trie of `lift_trie`, renumbered for tensors."""
     V = tok.base_vocab_size
-    # sequence -> the tokens v after which it is walkable
-    walk_after: dict[tuple[int, ...], set[int]] = {}
-    # walkable after any token
     in_trie = {e[:k] for e in tok.expansions for k in range(1, len(e) + 1)}
+    walk_after = collections.defaultdict(set)  # sequence -> the tokens after which it is walkable
     for v, extensions in trie.extensions.items():
         for f in extensions:
             for k in range(1, len(f) + 1):
-                walk_after.setdefault(f[:k], set()).add(v)
-    # Number the nodes level by level, each level sorted: the children of a node are then contiguous.
+                walk_after[f[:k]].add(v)
+    # Sorted by level, then by the parent: the children of a node are contiguous, in parent order.
     nodes = sorted(in_trie | set(walk_after), key=lambda s: (len(s), s))
     index = {s: i for i, s in enumerate(nodes)}
-    U = len(nodes)
-    child_start = [0] * U
-    child_count = [0] * U
-    for i, s in enumerate(nodes):
-        if len(s) > 1:
-            p = index[s[:-1]]  # its parent, numbered before it
-            if child_count[p] == 0:
-                child_start[p] = i
-            child_count[p] += 1
-    # A pair (v, node) is one integer v * U + node, so a set of pairs is a sorted tensor.
-    walk_keys = sorted(v * U + index[s] for s, vs in walk_after.items() for v in vs)
-    extension_keys = sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)
+    U, R = len(nodes), sum(len(s) == 1 for s in nodes)
+    longs = lambda xs: torch.tensor(list(xs), dtype=torch.long)  # noqa: E731
+    n_children = torch.bincount(longs(index[s[:-1]] for s in nodes[R:]), minlength=U)
     suffixes = sorted({s[k:] for s in nodes for k in range(len(s))},
                       key=lambda s: (len(s), s))
-    suffix_index = {s: i for i, s in enumerate(suffixes)}
-    # suffix xs + (x,) as the child of xs by x: key (xs + 1) * |V| + x, xs = -1 when empty
-    child_by_key = {}
-    for i, s in enumerate(suffixes):
-        head = suffix_index[s[:-1]] if len(s) > 1 else -1
-        child_by_key[(head + 1) * V + s[-1]] = i
-    suffix_pairs = sorted(child_by_key)
-    column = torch.full((V,), -1, dtype=torch.long)  # (|V|,): -1 for ids the walk never reads
+    suffix = {s: i for i, s in enumerate(suffixes)}
+    # suffix xs + (x,) by key (xs + 1) * |V| + x, xs = -1 when empty
+    by_key = {(suffix.get(s[:-1], -1) + 1) * V + s[-1]: i
+              for i, s in enumerate(suffixes)}
+    column = torch.full((V,), -1, dtype=torch.long)
     column[trie.alphabet] = torch.arange(len(trie.alphabet))
-
-    def longs(xs):
-        return torch.tensor(list(xs), dtype=torch.long)
-
     return LiftTables(
         token=longs(s[-1] for s in nodes),
         first=longs(s[0] for s in nodes),
-        depth=longs(len(s) for s in nodes),
-        child_start=longs(child_start),
-        child_count=longs(child_count),
-        roots=longs(i for i, s in enumerate(nodes) if len(s) == 1),
+        depth=longs(map(len, nodes)),
+        child_start=R + n_children.cumsum(0) - n_children,
+        child_count=n_children,
+        roots=longs(range(R)),
         new_id=longs(trie.new_token.get(s, -1) for s in nodes),
         in_trie=torch.tensor([s in in_trie for s in nodes], dtype=torch.bool),
-        walk_keys=longs(walk_keys),
-        extension_keys=longs(extension_keys),
+        walk_keys=longs(sorted(v * U + index[s] for s, vs in walk_after.items() for v in vs)),
+        extension_keys=longs(sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)),
         alphabet=trie.alphabet.clone(),
         column=column,
         n_new=len(tok.expansions),
-        suffix_keys=longs(suffix_pairs),
-        suffix_child=longs(child_by_key[k] for k in suffix_pairs),
-        suffixes=suffixes,
-    )
+        suffix_keys=longs(sorted(by_key)),
+        suffix_child=longs(by_key[k] for k in sorted(by_key)),
+        suffixes=suffixes)
 
 
 def tables_to(tables: LiftTables, device) -> LiftTables:
     """The same tables with every tensor on `device`."""
-    moved = {f.name: getattr(tables, f.name) for f in dataclasses.fields(tables)}
-    return LiftTables(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+    return LiftTables(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(tables).items()})
 
 
-def sorted_lookup(keys: torch.Tensor,
-                  query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(found, index) of each query in sorted keys: found (q,) bool, index (q,) where it is."""
+def sorted_lookup(keys: torch.Tensor, query: torch.Tensor):
+    """(found, index) of each query in sorted keys, both (q,)."""
     if len(keys) == 0:
         return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
-    # where it would be inserted, inside keys
     index = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
     return keys[index] == query, index
 
 
-def expand_children(tables: LiftTables,
-                    nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (entry, child) pair of the given nodes (E,): entry index (C,) and child node (C,)."""
-    counts = tables.child_count[nodes]  # (E,)
-    entry = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), counts)  # (C,)
-    first_of_entry = torch.cumsum(counts, 0) - counts  # (E,) where each entry's children start in the output
-    rank = torch.arange(len(entry), device=nodes.device) - first_of_entry[entry]  # (C,) 0 .. count - 1
-    return entry, tables.child_start[nodes][entry] + rank
-
-
 @dataclass
 class BranchRows:
-    """Teacher rows at branch contexts, for `lift_batch`: sorted keys (window, b, suffix
-    node) packed in one integer (`branch_key`), and the rows at the alphabet's columns."""
-
+    """Teacher rows at branch contexts, by sorted `branch_key`."""
     keys: torch.Tensor  # (k,) long, sorted
-    rows: torch.Tensor  # (k, A) float64 log p
+    rows: torch.Tensor  # (k, A) float64 log p at the alphabet's columns
 
 
 def branch_key(window, b, suffix, width: int, n_suffixes: int):
-    """One integer per branch context (window, b, suffix node), of ints or long tensors; width > every b."""
+    """One integer per branch context (window, b, suffix node); width > every b."""
     return (window * width + b) * n_suffixes + suffix
-
-
-def _suffix_child(tables: LiftTables, suffix: torch.Tensor,
-                  x: torch.Tensor, V: int) -> torch.Tensor:
-    """The suffix node of xs + (x,) for suffix nodes xs (-1: empty) and tokens x."""
-    _, index = sorted_lookup(tables.suffix_keys, (suffix + 1) * V + x)
-    return tables.suffix_child[index]
-
-
-def _emission_batch(walked: dict | None, rows: list[TeacherRows], start: torch.Tensor, row_of: torch.Tensor,
-                    alphabet_logp: torch.Tensor, span_logp: torch.Tensor, tables: LiftTables,
-                    counts: list[int]) -> list[LiftedTargets]:
-    """Step 3 of the lift for every walked entry at once (see `emission_probabilities`),
-    and the targets split into windows of counts[r] positions."""
-    device = start.device
-    m = len(start)
-    V = len(tables.column)
-    log_z = torch.zeros(m, dtype=torch.float64, device=device)
-    fix_pos = torch.zeros(0, dtype=torch.long, device=device)
-    fix_ids = torch.zeros(0, dtype=torch.long, device=device)
-    fix_logp = torch.zeros(0, dtype=torch.float64, device=device)
-    new_pos = torch.zeros(0, dtype=torch.long, device=device)
-    new_ids = torch.zeros(0, dtype=torch.long, device=device)
-    new_logp = torch.zeros(0, dtype=torch.float64, device=device)
-    if walked is not None:
-        P = walked["log_p"].exp()  # (E,) P of every walked sequence
-        f = walked["found"].nonzero()[:, 0]  # (F,) the found entries: new tokens and extensions
-        pos = walked["pos"][f]
-        node = walked["node"][f]
-        anchor = walked["anchor"][f]
-        # mass = P minus the P of the found sequences whose nearest found prefix it is ...
-        mass = P.clone()
-        up = anchor >= 0
-        mass.index_add_(0, anchor[up], -P[f][up])
-        # ... and a base token's mass is its P minus theirs where no found prefix is between
-        to_base = f[~up & (tables.depth[node] > 1)]
-        pairs = walked["pos"][to_base] * V + tables.first[walked["node"][to_base]]  # (position, base token) as one key
-        keys, inverse = pairs.unique(return_inverse=True)  # each base token once per position
-        base_pos = keys // V
-        base_tok = keys % V
-        # the teacher's P of the base token
-        base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp()
-        base_mass = base_mass.index_add(0, inverse, -P[to_base])
-        # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
-        extension = walked["extension"]
-        Z = torch.ones(m, dtype=torch.float64, device=device)
-        Z = Z.index_add(0, walked["pos"][extension], -P[extension])
-        Z = Z.clamp(min=1e-300)
-        log_z = Z.log()
-        p_found = torch.where(walked["blocked"][f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
-        root = tables.depth[node] == 1  # found sequences of one token: base tokens (extensions)
-        fix_pos = torch.cat([pos[root], base_pos])
-        fix_ids = torch.cat([tables.token[node][root], base_tok])
-        fix_logp = torch.cat([p_found[root], base_mass.clamp(min=0.0) / Z[base_pos]]).log()
-        is_new = (tables.new_id[node] >= 0) & ~extension[f]
-        new_pos = pos[is_new]
-        new_ids = tables.new_id[node][is_new]
-        new_logp = p_found[is_new].log()
-    # The new tokens' targets as (m, width) tables: the c-th target of position j in column c.
-    order = torch.argsort(new_pos, stable=True)  # group the targets by position
-    new_pos = new_pos[order]
-    per_position = torch.bincount(new_pos, minlength=m)  # (m,)
-    width = max(int(per_position.max()) if m else 1, 1)
-    first_of_position = torch.cumsum(per_position, 0) - per_position  # (m,) where each position's group starts
-    # rank inside the group
-    column = torch.arange(len(new_pos), device=device) - first_of_position[new_pos]
-    dtype = upcast(rows[0].states).dtype
-    id_table = torch.zeros((m, width), dtype=torch.long, device=device)
-    logp_table = torch.full((m, width), -math.inf, dtype=dtype, device=device)
-    id_table[new_pos, column] = new_ids[order]
-    logp_table[new_pos, column] = new_logp[order].to(dtype)
-    # One LiftedTargets per window.
-    out = []
-    first = 0
-    for r, count in enumerate(counts):
-        stop = first + count  # window r has positions first .. stop - 1
-        here = (fix_pos >= first) & (fix_pos < stop)
-        out.append(LiftedTargets(
-            teacher=rows[r].select(start[first:stop]),
-            log_z=log_z[first:stop],
-            fix_pos=fix_pos[here] - first,
-            fix_ids=fix_ids[here],
-            fix_logp=fix_logp[here],
-            new_ids=id_table[first:stop],
-            new_logp=logp_table[first:stop],
-            span_logp=span_logp[first:stop],
-            n_new=tables.n_new,
-        ))
-        first = stop
-    return out
 
 
 def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: list[list[int]],
                span_starts: list[list[int]], tables: LiftTables, branches: BranchRows | None = None,
                min_prob: float = math.inf, condition: bool = True) -> tuple[list[LiftedTargets], torch.Tensor]:
-    """`lift` for a batch of windows at once, in tensor operations on the rows' device.
-
-    windows: student ids (the first is context only, the token before position 0);
-    rows[r] (n_r + 1 rows), teacher_ids[r] and span_starts[r] as `lift` takes them. The
-    branch rows given are looked up by context. Returns the targets of each window and
-    the branch contexts wanted next (k, 3) long: (window, b, suffix node). Equal to
-    `lift` window by window, up to the order of float64 additions.
-    """
+    """`lift` for a batch of windows (student ids, the first context only), each with
+    rows, teacher_ids and span_starts as `lift` takes them, on the rows' device. Returns
+    the targets of each window and the branch contexts wanted next, (k, 3) long:
+    (window, b, suffix node)."""
     device = rows[0].states.device
-    V = len(tables.column)
-    U = len(tables.token)
-    S = len(tables.suffixes)
+    tensor = functools.partial(torch.tensor, device=device)
+    V, U, S = len(tables.column), len(tables.token), len(tables.suffixes)
     min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
-    # The batch, flat. Rows of window r sit at row_offset[r] .. + n_r; a pad id -1 stands
-    # at the last one (after the window), so that "t_b == x" fails there as past the end.
+    # The rows, flat: window r's at row_offset[r] .. + n_r, the last with pad id -1 (t_b == x fails)
     lengths = [len(t) for t in teacher_ids]
     width = max(lengths) + 1  # a bound on b, for branch keys
-    # the first row of each window (window r has n_r + 1 rows)
-    first_rows = [0, *itertools.accumulate(n + 1 for n in lengths)][:-1]
-    row_offset = torch.tensor(first_rows, device=device)  # (windows,)
+    row_offset = tensor([0, *itertools.accumulate(n + 1 for n in lengths)][:-1])
     alphabet_logp = torch.cat([r.logp(columns=tables.alphabet) for r in rows]).double()  # (rows, A)
-    flat_ids = torch.tensor([i for t in teacher_ids for i in [*t, -1]], device=device)  # (rows,)
-    realised = []  # log p(t_b | t_<b) of each window, 0 at its pad
-    for r, t in zip(rows, teacher_ids):
-        realised.append(r.logp_of(torch.tensor(t, device=device)).double())
-        realised.append(r.lse.new_zeros(1).double())
-    realised = torch.cat(realised)  # (rows,)
-    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # (rows + 1,) cum[i] = sum of realised[:i]
-    # Student positions, flat: position j of window r covers teacher tokens start .. end - 1.
-    window_of = torch.tensor([r for r, s in enumerate(span_starts) for _ in s], device=device)  # (m,)
-    start = torch.tensor([a for s in span_starts for a in s], device=device)  # (m,) span start a
-    end = torch.tensor([e for s, n in zip(span_starts, lengths) for e in [*s[1:], n]], device=device)  # (m,) next start
-    row_of = row_offset[window_of] + start  # (m,) the teacher's row at each span start
-    span_logp = cum[row_offset[window_of] + end] - cum[row_of]  # (m,) log P(span), chain rule
+    flat_ids = tensor([i for t in teacher_ids for i in [*t, -1]])  # (rows,)
+    realised = torch.cat([F.pad(r.logp_of(tensor(t)).double(), (0, 1)) for r, t in zip(rows, teacher_ids)])
+    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # (rows + 1,): sums of log p(t_b | t_<b)
+    # (m,) each: student position j of window r covers teacher tokens start .. end - 1
+    window_of = tensor([r for r, s in enumerate(span_starts) for _ in s])
+    start = tensor([a for s in span_starts for a in s])
+    end = tensor([e for s, n in zip(span_starts, lengths) for e in [*s[1:], n]])
+    row_of = row_offset[window_of] + start  # the teacher's row at each span start
+    span_logp = cum[row_offset[window_of] + end] - cum[row_of]  # log P(span), chain rule
     m = len(start)
-    if condition:  # the student token before each position; its extensions cannot come next
-        previous = torch.tensor([v for w in windows for v in w[:-1]], device=device)
-    else:  # -1: no token, no extensions
-        previous = torch.full((m,), -1, device=device)
+    # the student token before each position, whose extensions cannot come next (-1: none)
+    previous = tensor([v for w in windows for v in w[:-1]] if condition else [-1] * m, dtype=torch.long)
     if branches is None:  # none evaluated yet (or path mode)
-        no_keys = torch.zeros(0, dtype=torch.long, device=device)
-        branches = BranchRows(no_keys, alphabet_logp.new_zeros(0, alphabet_logp.shape[1]))
-    table = torch.cat([alphabet_logp, branches.rows.to(alphabet_logp)])  # (rows + k, A): realised rows, then branches
+        branches = BranchRows(row_offset[:0], alphabet_logp[:0])
+    table = torch.cat([alphabet_logp, branches.rows.to(alphabet_logp)])  # (rows + k, A): realised, then branches
 
-    def walkable(pos, node):
-        """After previous[pos], node can be walked: a prefix of an expansion or of an extension."""
-        return tables.in_trie[node] | sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
+    def after(pos, node):  # node is walkable after previous[pos] only: a prefix of one of its extensions
+        return sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
 
-    def is_extension(pos, node):
-        """node is an extension of previous[pos]: p' = 0 for it and all below it."""
-        return sorted_lookup(tables.extension_keys, previous[pos] * U + node)[0]
+    def entries(pos, node, log_p, b, suffix, on_path, anchor, blocked):
+        """Entries at nodes reached at pos, their last token read in context (b, suffix)."""
+        x = tables.token[node]
+        _, child = sorted_lookup(tables.suffix_keys, (suffix + 1) * V + x)
+        ext = sorted_lookup(tables.extension_keys, previous[pos] * U + node)[0]  # p' = 0 for it and below
+        return types.SimpleNamespace(
+            pos=pos, node=node, log_p=log_p, b=b + on_path.long(),  # context: realised t_<b, ...
+            suffix=torch.where(on_path, -1, tables.suffix_child[child]),  # ... then xs (-1: none)
+            anchor=anchor,  # the nearest found ancestor entry (-1: the base token)
+            extension=ext, found=ext | (tables.new_id[node] >= 0), blocked=blocked | ext)
 
-    # Level 1: every (position, root) pair on the realised path, likely enough, or an
-    # extension's start (steps 1 and 2 of `lift` begin at these).
-    R = len(tables.roots)
-    pos = torch.arange(m, device=device).repeat_interleave(R)  # (m R,) each position R times ...
-    node = tables.roots.repeat(m)  # (m R,) ... with every root
+    # Level 1: each (position, root) on the realised path, likely enough, or an extension's start.
+    pos = torch.arange(m, device=device).repeat_interleave(len(tables.roots))  # (m R,)
+    node = tables.roots.repeat(m)  # (m R,)
     x = tables.token[node]
-    log_p = alphabet_logp[row_of[pos], tables.column[x]]  # (m R,) log p(x | t_<a)
-    on_path = flat_ids[row_of[pos]] == x  # x is the realised token t_a
-    # the start of an extension of the previous token: walkable after it only
-    extension_start = sorted_lookup(tables.walk_keys, previous[pos] * U + node)[0]
-    walkable_here = tables.in_trie[node] | extension_start
-    worth_it = on_path | (log_p >= min_logp) | extension_start
-    keep = walkable_here & worth_it
-    pos = pos[keep]
-    node = node[keep]
-    x = x[keep]
-    on_path = on_path[keep]
-    extension = is_extension(pos, node)
-    entry = {
-        "pos": pos,
-        "node": node,
-        "log_p": log_p[keep],
-        "b": start[pos] + on_path.long(),  # the context's realised part t_<b
-        "suffix": torch.where(on_path, -1,
-                              _suffix_child(tables, torch.full_like(x, -1), x, V)),  # -1: on the path
-        "anchor": torch.full_like(pos, -1),  # the nearest found ancestor entry; -1: the base token
-        "extension": extension,  # an extension of the previous token
-        "found": extension | (tables.new_id[node] >= 0),  # a token or an extension: step 3 gives it p'
-        "blocked": extension,  # it or a found ancestor is an extension: p' = 0
-    }
-    levels = []
-    wanted = []
-    offset = 0  # entries of the earlier levels
-    while len(entry["pos"]):
-        levels.append(entry)
-        E = len(entry["pos"])
-        # The row each entry's children are read at: realised on the path, else a branch (or none yet).
-        window = window_of[entry["pos"]]  # (E,)
-        on_path = entry["suffix"] < 0  # (E,)
-        context = branch_key(window, entry["b"], entry["suffix"], width, S)  # (E,) meaningful off the path
-        found_branch, branch_index = sorted_lookup(branches.keys, context)
-        has_row = on_path | found_branch
-        row = torch.where(on_path, row_offset[window] + entry["b"],
-                          len(alphabet_logp) + branch_index)  # into table
-        parent, child = expand_children(tables, entry["node"])  # (C,), (C,): every child of every entry
-        ok = walkable(entry["pos"][parent], child)  # an extension's nodes only after its token
-        parent = parent[ok]
-        child = child[ok]
-        has_child = torch.zeros(E, dtype=torch.bool, device=device)
-        has_child[parent] = True
-        # Nodes off the path with children, no row and P >= min_prob: evaluate them next round.
-        ask = has_child & ~has_row & ~on_path & (entry["log_p"] >= min_logp)
-        wanted.append(torch.stack([window[ask], entry["b"][ask], entry["suffix"][ask]], dim=1))
-        # Step 2: the chain rule into the children of entries that have a row.
-        go = has_row[parent]
-        parent = parent[go]
-        child = child[go]
-        pos = entry["pos"][parent]
-        x = tables.token[child]
-        parent_row = row[parent]  # (C,) the row x is read at
-        # t_b where the row is on the path (branch rows index past flat_ids: clamped, unused)
-        realised_next = flat_ids[parent_row.clamp(max=len(flat_ids) - 1)]
-        child_on_path = on_path[parent] & (realised_next == x)
-        extension = is_extension(pos, child)
-        entry = {
-            "pos": pos,
-            "node": child,
-            "log_p": entry["log_p"][parent] + table[parent_row, tables.column[x]],
-            "b": entry["b"][parent] + child_on_path.long(),
-            "suffix": torch.where(child_on_path, -1,
-                                  _suffix_child(tables, entry["suffix"][parent], x, V)),
-            "anchor": torch.where(entry["found"][parent], offset + parent,
-                                  entry["anchor"][parent]),
-            "extension": extension,
-            "found": extension | (tables.new_id[child] >= 0),
-            "blocked": entry["blocked"][parent] | extension,
-        }
+    log_p = alphabet_logp[row_of[pos], tables.column[x]]  # log p(x | t_<a)
+    on_path = flat_ids[row_of[pos]] == x
+    ext_start = after(pos, node)
+    keep = (tables.in_trie[node] | ext_start) & (on_path | (log_p >= min_logp) | ext_start)
+    pos, none = pos[keep], torch.full_like(pos[keep], -1)
+    e = entries(pos, node[keep], log_p[keep], start[pos], none, on_path[keep],
+                none, none > 0)  # no anchor, none blocked
+    levels, wanted, offset = [e], [], 0  # offset: the entries of the earlier levels
+    while len(e.pos):
+        E = len(e.pos)
+        window, on_path = window_of[e.pos], e.suffix < 0  # (E,)
+        # children are read at the realised row on the path, else at the context's branch row, if any
+        found, index = sorted_lookup(branches.keys, branch_key(window, e.b, e.suffix, width, S))
+        has_row = on_path | found
+        row = torch.where(on_path, row_offset[window] + e.b, len(alphabet_logp) + index)  # into table
+        counts = tables.child_count[e.node]  # (E,)
+        parent = torch.repeat_interleave(torch.arange(E, device=device), counts)  # (C,) each child's entry
+        rank = torch.arange(len(parent), device=device) - (counts.cumsum(0) - counts)[parent]
+        child = tables.child_start[e.node][parent] + rank  # (C,)
+        ok = tables.in_trie[child] | after(e.pos[parent], child)
+        parent, child = parent[ok], child[ok]
+        # off the path, with children, no row and P >= min_prob: a branch to evaluate next round
+        ask = (torch.bincount(parent, minlength=E) > 0) & ~has_row & (e.log_p >= min_logp)
+        wanted.append(torch.stack([window[ask], e.b[ask], e.suffix[ask]], dim=1))
+        go = has_row[parent]  # step 2: the chain rule into the children of the entries with a row
+        parent, child = parent[go], child[go]
+        x, parent_row = tables.token[child], row[parent]
+        # t_b on the path (a branch row indexes past flat_ids: clamped, unused)
+        child_on_path = on_path[parent] & (flat_ids[parent_row.clamp(max=len(flat_ids) - 1)] == x)
+        e = entries(e.pos[parent], child, e.log_p[parent] + table[parent_row, tables.column[x]],
+                    e.b[parent], e.suffix[parent], child_on_path,
+                    torch.where(e.found[parent], offset + parent, e.anchor[parent]), e.blocked[parent])
+        levels.append(e)
         offset += E
-    # Every level's entries as one list (an entry's anchor indexes into it), then step 3.
-    walked = {k: torch.cat([level[k] for level in levels]) for k in levels[0]} if levels else None
-    if wanted:
-        wanted = torch.cat(wanted).unique(dim=0)  # (k, 3): several positions may want one context
-    else:
-        wanted = torch.zeros(0, 3, dtype=torch.long, device=device)
-    counts = [len(s) for s in span_starts]
-    targets = _emission_batch(walked, rows, start, row_of, alphabet_logp,
-                              span_logp, tables, counts)
-    return targets, wanted
+    wanted = torch.cat(wanted).unique(dim=0) if wanted else row_offset.new_zeros(0, 3)
+    # Step 3 (see `emission_probabilities`) for every entry at once; anchors index into w.
+    w = types.SimpleNamespace(**{k: torch.cat([vars(lv)[k] for lv in levels]) for k in vars(levels[0])})
+    P = w.log_p.exp()  # (E,)
+    f = w.found.nonzero()[:, 0]  # (F,) the found entries: new tokens and extensions
+    pos, node, anchor, ext = w.pos[f], w.node[f], w.anchor[f], w.extension
+    # mass = P minus the P of the found sequences whose nearest found prefix it is, ...
+    mass, up = P.clone(), anchor >= 0
+    mass.index_add_(0, anchor[up], -P[f][up])
+    # ... and a base token's, its p minus theirs where no found prefix is between
+    to_base = f[~up & (tables.depth[node] > 1)]
+    keys, inverse = (w.pos[to_base] * V + tables.first[w.node[to_base]]).unique(return_inverse=True)
+    base_pos, base_tok = keys // V, keys % V  # each (position, base token) once
+    base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp().index_add(0, inverse, -P[to_base])
+    # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
+    Z = alphabet_logp.new_ones(m).index_add(0, w.pos[ext], -P[ext]).clamp(min=1e-300)
+    log_z = Z.log()
+    p_found = torch.where(w.blocked[f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
+    root = tables.depth[node] == 1  # found single tokens: base tokens (extensions)
+    fix_pos = torch.cat([pos[root], base_pos])
+    fix_ids = torch.cat([tables.token[node][root], base_tok])
+    fix_logp = torch.cat([p_found[root], base_mass.clamp(min=0.0) / Z[base_pos]]).log()
+    is_new = (tables.new_id[node] >= 0) & ~ext[f]
+    order = torch.argsort(pos[is_new], stable=True)  # the new tokens' targets grouped by position
+    new_pos = pos[is_new][order]
+    count = torch.bincount(new_pos, minlength=m)  # (m,)
+    rank = torch.arange(len(new_pos), device=device) - (count.cumsum(0) - count)[new_pos]
+    n_cols = max(int(count.max()) if m else 1, 1)
+    dtype = upcast(rows[0].states).dtype
+    new_ids = row_offset.new_zeros(m, n_cols)  # position j's c-th in column c
+    new_logp = torch.full((m, n_cols), -math.inf, dtype=dtype, device=device)
+    new_ids[new_pos, rank] = tables.new_id[node][is_new][order]
+    new_logp[new_pos, rank] = p_found[is_new].log()[order].to(dtype)
+    out, first = [], 0
+    for r, s in enumerate(span_starts):  # window r: positions first .. first + len(s) - 1
+        j, here = slice(first, first + len(s)), (fix_pos >= first) & (fix_pos < first + len(s))
+        out.append(LiftedTargets(rows[r].select(start[j]), log_z[j], fix_pos[here] - first, fix_ids[here],
+                                 fix_logp[here], new_ids[j], new_logp[j], span_logp[j], tables.n_new))
+        first += len(s)
+    return out, wanted
 
 
 @dataclass(frozen=True)
 class Lift:
-    """How the teacher is lifted (Config: lift, lift_min_prob, lift_condition), with the extension's trie."""
-
+    """Config's lift settings, with the extension's trie."""
     trie: LiftTrie
     mode: str  # "path": the realised rows only; "trie": also branches whose P reaches min_prob
     min_prob: float
@@ -2361,21 +2203,14 @@ class Lift:
     tables: LiftTables  # the trie as tensors, for lift_batch
 
 
-def check_lift(mode: str, min_prob: float):
-    """Refuse lift settings that name no lift (before a run spends time on them)."""
+def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool, device="cpu") -> Lift:
+    """The lift settings, the trie's tensors on `device` (the teacher's)."""
     if mode not in ("path", "trie"):
         raise KldError(f"lift {mode!r} is not 'path' or 'trie'")
     if not min_prob >= 0:
         raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
-
-
-def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float,
-              condition: bool, device="cpu") -> Lift:
-    """The lift settings with the extension's trie, its tensors on `device` (the teacher's)."""
-    check_lift(mode, min_prob)
     trie = lift_trie(tok)
-    tables = tables_to(lift_tables(tok, trie), torch.device(device))
-    return Lift(trie, mode, min_prob, condition, tables)
+    return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), device))
 
 
 # ----------------------------------------------------------------------------------------
@@ -2384,42 +2219,32 @@ def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float,
 
 
 def format_chat(prompt: str, system: str = "") -> str:
-    """ChatML, the template of SmolLM2 and Qwen2 instruct models, ending where the answer starts."""
+    """ChatML (SmolLM2, Qwen2 instruct), ending where the answer starts."""
     turns = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
     return f"{turns}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def has_chat_template(tok: ExtendedTokenizer) -> bool:
-    return tok.token_to_id("<|im_start|>") is not None and tok.token_to_id("<|im_end|>") is not None
+    return all(tok.token_to_id(t) is not None for t in ("<|im_start|>", "<|im_end|>"))
 
 
 def stop_token_ids(cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> set[int]:
     """The model's end-of-sequence ids, plus the end of a chat turn when chatting."""
-    ids = set(cfg.eos_token_ids)
-    if chat:
-        ids.add(tok.token_to_id("<|im_end|>"))
-    return ids
+    return set(cfg.eos_token_ids) | ({tok.token_to_id("<|im_end|>")} if chat else set())
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None):
-    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else nucleus sampling
-    from softmax(logits / temperature) restricted to the smallest set of mass >= top_p.
-
-    Any temperature > 0 works, however small: the logits are shifted so that the largest
-    is 0, and T below float32's smallest normal number is read as that number, so
-    (z - max z) / T is 0 for the top token and at worst -inf (probability 0) for the
-    others, never inf - inf = NaN. As T -> 0 this is argmax (ties shared)."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a sample of
+    softmax(logits / T) within the smallest set of mass >= top_p. With the top logit at 0
+    and T >= float32's tiny, no T > 0 gives a NaN."""
     if temperature == 0:
         return logits.argmax(-1)
     z = logits.float()  # (B, V)
-    z = z - z.amax(-1, keepdim=True)  # the top token at 0, the others below
-    probs = torch.softmax(z / max(temperature, torch.finfo(torch.float32).tiny), dim=-1)
+    z = z - z.amax(-1, keepdim=True)
+    probs = torch.softmax(z / max(temperature, torch.finfo(torch.float32).tiny), -1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # the mass of the tokens before this one reaches top_p already
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs[outside] = 0.0
+        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= top_p] = 0.0  # top_p reached before them
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
@@ -2433,125 +2258,97 @@ class Completion:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How `generate` decodes: greedy at temperature 0, else nucleus sampling from
-    softmax(logits / temperature) inside the smallest set of mass >= top_p."""
+    """How `generate` decodes (see `sample_next`) and where an answer stops."""
     max_new_tokens: int = 128  # token budget of each answer
-    temperature: float = 0.0
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    seed: int = 0  # of the sampling generator; greedy decoding ignores it
+    seed: int = 0  # of the sampling generator
     batch_size: int = 8  # prompts decoded together
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     stop_ids: frozenset[int] = frozenset()  # or at the first of these tokens (not kept)
 
     def __post_init__(self):
-        if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1):
-            raise KldError("decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and "
-                           f"batch_size >= 1; got {self.temperature}, {self.top_p}, {self.max_new_tokens}, "
-                           f"{self.batch_size}")
+        t, p, n, b = self.temperature, self.top_p, self.max_new_tokens, self.batch_size
+        if not (t >= 0 and 0 < p <= 1 and n >= 1 and b >= 1):
+            raise KldError("decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, "
+                           f"batch_size >= 1; got {t}, {p}, {n}, {b}")
         if "" in self.stop:
             raise KldError("an empty stop string ends every answer before it starts")
-        object.__setattr__(self, "stop", tuple(self.stop))  # a list or set given: frozen as the types say
+        object.__setattr__(self, "stop", tuple(self.stop))  # frozen as typed when given a list or set
         object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
 
     def with_stops(self, stop, stop_ids) -> "Decoding":
-        """These settings with more stop strings and stop tokens."""
         return dataclasses.replace(self, stop=self.stop + tuple(stop),
                                    stop_ids=self.stop_ids | frozenset(stop_ids))
 
 
 def decoding_of(cfg: Config) -> Decoding:
-    """A run's decoding settings (stops come from the prompt format, where it is known)."""
-    return Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                    batch_size=cfg.gen_batch_size)
+    """A run's decoding settings; stops come from the prompt format."""
+    return Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.gen_batch_size)
 
 
 def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[int]], decoding: Decoding,
                     generator: torch.Generator) -> list[Completion]:
     """generate for one batch of encoded prompts."""
-    device = next(model.parameters()).device
-    B = len(prompt_ids)
-    T = max(map(len, prompt_ids))
-    max_new_tokens = decoding.max_new_tokens
-    stop = decoding.stop
-    ids, valid = right_aligned(prompt_ids, device)  # (B, T), left-padded: every row's last token in the last column
-    # room for 256 new tokens, doubled when full: memory grows with what is generated, not with the budget
-    cache = KVCache(model.cfg, B, T + min(max_new_tokens, 256), device,
-                    next(model.parameters()).dtype)
+    weight = next(model.parameters())
+    device, budget, stop = weight.device, decoding.max_new_tokens, decoding.stop
+    B, T = len(prompt_ids), max(map(len, prompt_ids))
+    ids, valid = right_aligned(prompt_ids, device)  # (B, T), left-padded
+    # room for 256 new tokens, doubled when full: memory grows with the answers, not the budget
+    cache = KVCache(model.cfg, B, T + min(budget, 256), device, weight.dtype)
     logits = model.decode_step(ids, valid, cache)  # (B, |V'|)
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    active = list(range(B))  # batch row -> index into `tokens`
-    # A stop string can only have been completed by the newest tokens: every token holds at
-    # least one byte, so decoding the last len(bytes) + 1 tokens finds any that ends now
-    # (decoding the whole answer at every step costs time that grows with its length).
+    tokens, reasons = [[] for _ in range(B)], ["length"] * B
+    active = list(range(B))  # batch row -> prompt
+    # each token holds a byte or more, so a stop string just completed lies in the last len + 1 tokens
     tail = max((len(s.encode()) for s in stop), default=0) + 1
-    for step in range(max_new_tokens):
+    for step in range(budget):
         next_ids = sample_next(logits, decoding.temperature, decoding.top_p, generator)
         keep = []
-        for j, (row, token_id) in enumerate(zip(active, next_ids.tolist())):
-            if token_id in decoding.stop_ids:
+        for j, (row, t) in enumerate(zip(active, next_ids.tolist())):
+            if t in decoding.stop_ids:
                 reasons[row] = "eos"
                 continue
-            tokens[row].append(token_id)
-            if stop and any(s in tok.decode(tokens[row][-tail:]) for s in stop):
+            tokens[row].append(t)
+            if any(s in tok.decode(tokens[row][-tail:]) for s in stop):
                 reasons[row] = "stop"
                 continue
             keep.append(j)
-        if not keep or step == max_new_tokens - 1:
+        if not keep or step == budget - 1:
             break
         if len(keep) < len(active):
             index = torch.tensor(keep, device=device)
             cache.keep_rows(index)
-            next_ids = next_ids[index]
-            active = [active[j] for j in keep]
-        feed = next_ids[:, None]  # (B, 1): each row's new token
-        needed = cache.length + 1
-        if needed > cache.valid.shape[1]:  # doubled, up to what the budget can fill
-            cache.reserve(min(max(2 * cache.length, needed), T + max_new_tokens))
-        logits = model.decode_step(feed, None, cache)
-    completions = []
-    for row in range(B):
-        text = tok.decode(tokens[row], skip_special_tokens=True)
-        cut = min((text.find(s) for s in stop if s in text), default=len(text))
-        completions.append(Completion(text[:cut], tokens[row], reasons[row]))
-    return completions
+            next_ids, active = next_ids[index], [active[j] for j in keep]
+        if cache.length >= cache.valid.shape[1]:  # doubled, up to what the budget can fill
+            cache.reserve(min(2 * cache.length, T + budget))
+        logits = model.decode_step(next_ids[:, None], None, cache)
+    texts = [tok.decode(t, skip_special_tokens=True) for t in tokens]
+    return [Completion(x[:min((x.find(s) for s in stop if s in x), default=len(x))], t, why)
+            for x, t, why in zip(texts, tokens, reasons)]
 
 
 @torch.inference_mode()
 def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
              decoding: Decoding = Decoding()) -> list[Completion]:
-    """Complete each prompt (already formatted) as `decoding` says.
-
-    A prompt is encoded with the special tokens its tokenizer adds (a BOS that a GGUF asks
-    for); the teacher is an ExtendedTokenizer with no merges, so both encode alike.
-    Prompts are sorted by length and decoded `decoding.batch_size` at a time, left-padded,
-    with one KV cache per batch; a finished row leaves the batch. Greedy results do not
-    depend on the batching; sampled ones are reproducible for the same call and seed.
-    """
+    """Complete each prompt (formatted; encoded with its special tokens) as `decoding` says,
+    longest first, `batch_size` at a time: left-padded, one KV cache per batch, finished
+    rows leave it. Greedy answers do not depend on the batching."""
     if not isinstance(tok, ExtendedTokenizer):
         raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's "
-                       "tokenizer is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
-    if not prompts:
-        return []
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(decoding.seed)
+                       "is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
     encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
-    if any(not ids for ids in encoded):
+    if not all(encoded):
         raise KldError("a prompt encodes to no tokens; give it some text")
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first
-    results: list[Completion | None] = [None] * len(prompts)
-    # Every decoding step has a new key length; cuDNN's attention builds a plan per shape
-    # (1.5 ms of CPU each on an H100, torch 2.11), so leave it out while decoding.
-    backends = [SDPBackend.FLASH_ATTENTION,
-                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(backends):
-        for start in range(0, len(order), decoding.batch_size):
-            rows = order[start : start + decoding.batch_size]
-            outs = _generate_batch(model, tok,
-                                   [encoded[i] for i in rows], decoding, generator)
-            for i, out in zip(rows, outs):
-                results[i] = out
-    return results
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(decoding.seed)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results = {}
+    # cuDNN attention plans each new key length (1.5 ms of CPU on an H100): left out while decoding
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        for i in range(0, len(order), decoding.batch_size):
+            batch = order[i : i + decoding.batch_size]
+            outs = _generate_batch(model, tok, [encoded[r] for r in batch], decoding, generator)
+            results.update(zip(batch, outs))
+    return [results[i] for i in range(len(prompts))]
 
 
 # ----------------------------------------------------------------------------------------
