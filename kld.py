@@ -2860,13 +2860,10 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
 # ----------------------------------------------------------------------------------------
 
 
-TASK_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
-
-
 @dataclass(frozen=True)
 class Task:
-    """A HumanEval-format task: `prompt` is a function's signature and docstring, `test`
-    defines check(candidate), which asserts on the function named `entry_point`."""
+    """A HumanEval task: `prompt` is a signature and docstring; `test` defines
+    check(candidate), which asserts on the function `entry_point`."""
     task_id: str
     prompt: str
     entry_point: str
@@ -2875,66 +2872,54 @@ class Task:
 
 
 def read_tasks(path: str | Path) -> list[Task]:
-    """Tasks from a HumanEval-format .jsonl or .jsonl.gz file, or from every such file in a
-    directory (sorted by name). Task ids must be unique."""
-    path = Path(path)
+    """Tasks from a HumanEval .jsonl or .jsonl.gz file, or from each such file in a
+    directory (by name); task ids are unique."""
+    path, fields = Path(path), [f.name for f in dataclasses.fields(Task)]
     if path.is_dir():  # regular files only: a FIFO would hang the read
         files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")) and p.is_file())
         if not files:
             raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
     elif path.is_file():
         files = [path]
-    elif path.exists():
-        raise KldError(f"task file {path} is not a regular file")
     else:
-        raise KldError(f"task file not found: {path}")
-    tasks = []
-    seen = set()  # task ids so far
+        raise KldError(f"task file {path} is not a regular file" if path.exists()
+                       else f"task file not found: {path}")
+    tasks = {}
     for file in files:
         try:
             with (gzip.open if file.name.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except (OSError, EOFError, UnicodeDecodeError) as e:
             raise KldError(f"cannot read task file {file}: {e}") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        for at, line in ((f"{file}:{i}", line) for i, line in enumerate(lines, 1) if line.strip()):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise KldError(f"{file}:{number} is not valid JSON: {e}") from None
-            missing = [k for k in TASK_FIELDS if not isinstance(record, dict) or not isinstance(record.get(k), str)]
-            if missing:
-                raise KldError(f"{file}:{number}: a task needs the text fields {list(TASK_FIELDS)}; "
-                               f"missing or not text: {missing}")
-            if record["task_id"] in seen:
-                raise KldError(f"{file}:{number}: task_id {record['task_id']!r} appears twice")
-            seen.add(record["task_id"])
-            tasks.append(Task(**{k: record[k] for k in TASK_FIELDS}))
+                raise KldError(f"{at} is not valid JSON: {e}") from None
+            if bad := [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]:
+                raise KldError(f"{at}: a task needs the text fields {fields}; missing or not text: {bad}")
+            if record["task_id"] in tasks:
+                raise KldError(f"{at}: task_id {record['task_id']!r} appears twice")
+            tasks[record["task_id"]] = Task(**{k: record[k] for k in fields})
     if not tasks:
         raise KldError(f"no tasks in {path}")
-    return tasks
+    return list(tasks.values())
 
 
-# A base model continues the function body; these end it (the HumanEval convention, plus
-# the code fence that an instruct model writes after the body).
+# A base model's body ends at the next top-level statement (HumanEval's stops) or at the
+# fence an instruct model writes after it; a chat answer, which we open with a fence, at the next.
 BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
-# An instruct model answers in a chat turn that we start with a code fence; the next fence ends it.
 CHAT_STOPS = ["```"]
 
 
-def task_decoding(decoding: Decoding, model_cfg: ModelConfig,
-                  tok: ExtendedTokenizer, chat: bool) -> Decoding:
-    """`decoding` with the stops of a task's answer: the closing fence in a chat (or the
-    next top-level statement without one) and the model's end-of-answer tokens."""
-    return decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS,
-                               stop_token_ids(model_cfg, tok, chat))
+def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> Decoding:
+    """`decoding` with the stops of a task's answer and the model's end-of-answer tokens."""
+    return decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
 
 
 def task_prompt(task: Task, chat: bool, system: str = "") -> str:
-    """What the model is given. Base: the prompt itself, to be continued. Chat: a request in
-    the chat template, and the answer opened with a ```python fence so that the code comes
-    first and the closing fence ends it."""
+    """Base: the prompt, to be continued. Chat: a request in the chat template, the answer
+    opened with a ```python fence so that the code comes first and a fence ends it."""
     if not chat:
         return task.prompt
     request = ("Complete the following Python function. Answer with the complete function "
@@ -2943,45 +2928,42 @@ def task_prompt(task: Task, chat: bool, system: str = "") -> str:
 
 
 def candidate_source(task: Task, completion: str, chat: bool) -> str:
-    """The program text that defines the candidate function.
-
-    Base: prompt + completion. Chat: the answer's code after the prompt; the prompt's
-    function (a docstring is a valid body) keeps its imports and helpers in scope, and a
-    `def entry_point` in the answer redefines it. An answer without that def is taken as
-    the body, indented when it is not already."""
+    """The program that defines the candidate. Base: prompt + completion. Chat: the prompt
+    (its imports and helpers; a docstring is a body), then the answer: its `def entry_point`
+    redefines the function; an answer without one is the body, indented if it is not."""
     if not chat:
         return task.prompt + completion
     code = completion.strip("\n")
-    if not any(line.startswith(f"def {task.entry_point}(") for line in code.splitlines()):
-        if code and not code[0].isspace():
-            code = "\n".join("    " + line if line else line for line in code.splitlines())
-        return task.prompt.rstrip() + "\n" + code + "\n"
-    return task.prompt.rstrip() + "\n\n\n" + code + "\n"
+    if any(line.startswith(f"def {task.entry_point}(") for line in code.splitlines()):
+        return task.prompt.rstrip() + "\n\n\n" + code + "\n"
+    if code and not code[0].isspace():
+        code = "\n".join("    " + line if line else line for line in code.splitlines())
+    return task.prompt.rstrip() + "\n" + code + "\n"
 
 
 def program_with_tests(task: Task, source: str) -> str:
-    """The program run in the sandbox: the candidate, the task's tests, the call that runs them."""
+    """One program, as HumanEval's harness runs it: the candidate, the tests, the check."""
     return f"{source}\n\n{task.test}\n\ncheck({task.entry_point})\n"
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
     """Bounds on one program run (sandbox_run, run_tests)."""
-    timeout_s: float = 10.0  # wall clock; then the process group (and the sandbox uid) is killed
-    cpu_s: int = 10  # RLIMIT_CPU: CPU seconds (SIGXCPU, reported as a timeout)
-    memory_mb: int = 1024  # RLIMIT_AS per process; under a sandbox uid also all its processes and files in RAM
-    output_kb: int = 1024  # RLIMIT_FSIZE: bytes written to any file, stdout and stderr included
-    processes: int = 16  # RLIMIT_NPROC: processes the program may have at once (see sandbox_run)
+    timeout_s: float = 10.0  # wall clock; then its process group (and sandbox uid) is killed
+    cpu_s: int = 10  # RLIMIT_CPU (SIGXCPU: reported as a timeout)
+    memory_mb: int = 1024  # RLIMIT_AS; under a sandbox uid also its processes and /dev/shm files together
+    output_kb: int = 1024  # RLIMIT_FSIZE, stdout included; under a sandbox uid also its files together
+    processes: int = 16  # RLIMIT_NPROC: processes at once (see sandbox_run)
 
 
 @dataclass
 class RunResult:
     status: str  # "passed", "failed" or "timeout"
-    detail: str  # why not passed: the last line of the output, or what killed it
+    detail: str  # why not passed: the output's last line, or what ended it
     seconds: float
 
 
-# Runs in the child interpreter first: bound its resources.
+# The contained child runs these first: bound its resources (argv[1:5]).
 SANDBOX_LIMITS = r"""
 import os, resource, sys
 cpu, memory, output, processes = map(int, sys.argv[1:5])
@@ -2989,35 +2971,28 @@ resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at cpu second
 for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, output),
                      (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_CORE, 0)]:
     resource.setrlimit(limit, (value, value))
-del limit, value
 """
 
-# A program runs as a module of its own, not "__main__", as in HumanEval's harness: an
-# answer's `if __name__ == "__main__":` demo (which may read input()) is not run. The module
-# is registered in sys.modules, as an imported one is: dataclasses and typing look their
-# class's module up there.
-PROGRAM_MODULE = r"""
-import types
+# load runs a file with asserts kept in a module registered in sys.modules (dataclasses and
+# typing look there), not "__main__", as in HumanEval's harness: a guarded demo does not run.
+LOAD = r"""
+import os, sys, types
 
-def module_namespace(name):
-    module = types.ModuleType(name)
-    sys.modules[name] = module
+def load(path, name):
+    module = sys.modules.setdefault(name, types.ModuleType(name))
+    with open(path, encoding="utf-8") as f:
+        exec(compile(f.read(), path, "exec", optimize=0), module.__dict__)
     return module.__dict__
 """
 
-# sandbox_run's program: read the nonce that proves completion from stdin and leave stdin
-# at /dev/null, run the program with asserts compiled in, and write the nonce to the
-# report pipe only if it returned.
-SANDBOX_DRIVER = PROGRAM_MODULE + r"""
+# sandbox_run's child: take the nonce that proves completion from stdin, leave stdin at
+# /dev/null, run the program, and write the nonce to the report pipe only if it returned.
+SANDBOX_DRIVER = LOAD + r"""
 import traceback
-program, report_fd = sys.argv[5], int(sys.argv[6])
-nonce = os.read(0, 64)
+report_fd, nonce = int(sys.argv[6]), os.read(0, 64)
 null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
-del null
-with open(program, encoding="utf-8") as f:
-    source = f.read()
 try:
-    exec(compile(source, program, "exec", optimize=0), module_namespace("candidate"))
+    load(sys.argv[5], "candidate")
     sys.stdout.flush(); sys.stderr.flush()
 except BaseException:
     traceback.print_exc(); sys.stderr.flush()
@@ -3026,92 +3001,75 @@ os.write(report_fd, nonce)
 os._exit(0)
 """
 
-# Both sides of run_tests: what may cross between the candidate's process and the verdict's.
+# Both sides of run_tests: a message is 8 bytes of length and a marshal of plain values,
+# checked by exact type; nothing else crosses.
 PLAIN_VALUES = r"""
+import marshal
 PLAIN = (type(None), bool, int, float, complex, str, bytes)
-# each scalar type's exact copy of a value of a type derived from it, read through the
-# base type's own slots (bool cannot be subclassed)
+# the exact copy of a value whose type derives from a scalar type, read through the base
+# type's own slots (bool cannot be subclassed)
 EXACT_COPIES = ((int, int.__int__), (float, float.__float__), (str, str.__str__),
                 (complex, lambda x: complex(complex.real.__get__(x), complex.imag.__get__(x))),
                 (bytes, lambda x: bytes.__getitem__(x, slice(None))))
 
-def plain(x, depth=0):
-    # x is made of plain values only, by exact type
-    if depth > 200:
-        return False
-    if type(x) in PLAIN:
-        return True
-    if type(x) in (list, tuple, set, frozenset):
-        return all(plain(v, depth + 1) for v in x)
+def plain(x, depth=0):  # x is made of plain values alone
     if type(x) is dict:
-        return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
-    return False
+        x = [*x, *x.values()]
+    return depth <= 200 and (type(x) in PLAIN or type(x) in (list, tuple, set, frozenset)
+                             and all(plain(v, depth + 1) for v in x))
 
 class Unplain(Exception):
     pass
 
 def as_plain(x, depth=0):
-    # x as plain values: a value whose type derives from a plain type (a Counter, a
-    # namedtuple, an IntEnum, a numpy float64) becomes the plain value it extends, read
-    # through the base type's own methods, so nothing the subclass overrides runs or
-    # crosses (its __eq__ above all). type(x), unlike x.__class__, cannot lie.
+    # a value whose type derives from a plain type (a Counter, a namedtuple, an IntEnum)
+    # becomes the plain value it extends, read through the base type's own methods, so that
+    # nothing the subclass overrides (its __eq__) runs or crosses; type(x) cannot lie
     kind = type(x)
-    if depth > 190:  # below plain()'s 200: the message that carries x adds a level or two
+    if depth > 190:  # below plain()'s 200: a message adds a level or two
         raise Unplain(kind.__name__ + " nested over 190 deep (a value that holds itself?)")
     if kind in PLAIN:
         return x
-    if issubclass(kind, (dict, set, frozenset)):
-        if issubclass(kind, dict):
-            copy = {as_plain(k, depth + 1): as_plain(v, depth + 1) for k, v in dict.items(x)}
-            size = dict.__len__(x)
-        else:
-            base = set if issubclass(kind, set) else frozenset
-            copy = base(as_plain(v, depth + 1) for v in base.__iter__(x))
-            size = base.__len__(x)
-        if len(copy) != size:  # members a lying __hash__ / __eq__ kept apart merge as plain values
-            raise Unplain(kind.__name__ + " whose members are equal as plain values")
-        return copy
-    for base in (list, tuple):
+    for base in (dict, set, frozenset, list, tuple):
         if issubclass(kind, base):
-            return base(as_plain(v, depth + 1) for v in base.__iter__(x))
+            if base is dict:
+                copy = {as_plain(k, depth + 1): as_plain(v, depth + 1) for k, v in dict.items(x)}
+            else:
+                copy = base(as_plain(v, depth + 1) for v in base.__iter__(x))
+            if base not in (list, tuple) and len(copy) != base.__len__(x):  # kept apart by a lying __eq__
+                raise Unplain(kind.__name__ + " whose members are equal as plain values")
+            return copy
     for base, exact_copy in EXACT_COPIES:
         if issubclass(kind, base):
             return exact_copy(x)
     raise Unplain(kind.__name__)
-"""
 
-# run_tests, the candidate's side: define the function, then answer calls. A message is
-# 8 bytes of length and a marshal of plain values; nothing else crosses.
-CANDIDATE_SERVER = PROGRAM_MODULE + PLAIN_VALUES + r"""
-import marshal, traceback
-program, entry, calls_fd, answers_fd = sys.argv[5], sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
-
-def send(message):
+def send(fd, message):
     data = marshal.dumps(message)
-    os.write(answers_fd, len(data).to_bytes(8, "little") + data)
+    os.write(fd, len(data).to_bytes(8, "little") + data)
 
-def read_exact(n):
+def read_exact(fd, n):  # None once the other side has ended
     data = b""
     while len(data) < n:
-        chunk = os.read(calls_fd, n - len(data))
-        if not chunk:
-            os._exit(0)  # the tests are done
+        if not (chunk := os.read(fd, min(n - len(data), 1 << 20))):
+            return None
         data += chunk
     return data
+"""
 
-with open(program, encoding="utf-8") as f:
-    source = f.read()
-namespace = module_namespace("candidate")
+# run_tests, the candidate's side: define the function, then answer calls.
+CANDIDATE_SERVER = LOAD + PLAIN_VALUES + r"""
+import traceback
+entry, calls_fd, answers_fd = sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
 try:
-    exec(compile(source, program, "exec", optimize=0), namespace)
-    function = namespace[entry]
+    function = load(sys.argv[5], "candidate")[entry]
 except BaseException as e:
     traceback.print_exc(); sys.stderr.flush()
-    send(("broken", f"{type(e).__name__}: {e}"[:300]))
+    send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
     os._exit(1)
-send(("ready",))
-while True:
-    args, kwargs = marshal.loads(read_exact(int.from_bytes(read_exact(8), "little")))
+send(answers_fd, ("ready",))
+while (head := read_exact(calls_fd, 8)) and (call := read_exact(calls_fd, int.from_bytes(head, "little"))):
+    args, kwargs = marshal.loads(call)
     try:
         value = function(*args, **kwargs)
     except BaseException as e:
@@ -3125,35 +3083,25 @@ while True:
             message = ("unplain", type(value).__name__)
     sys.stdout.flush(); sys.stderr.flush()
     try:
-        send(message)
+        send(answers_fd, message)
     except ValueError:  # marshal takes plain values only
-        send(("unplain", type(message[1]).__name__))
+        send(answers_fd, ("unplain", type(message[1]).__name__))
+os._exit(0)  # the tests are done
 """
 
-# run_tests, the verdict's side (trusted: the task's own code): the task's prompt (its
-# helpers), the tests, and `check` called with a stand-in that forwards each call to the
-# candidate's process and admits only plain values back.
-VERDICT_DRIVER = r"""
-import builtins, marshal, os, sys
-""" + PROGRAM_MODULE + PLAIN_VALUES + r"""
+# run_tests, the verdict's side (trusted: the task's own code): the prompt (its helpers), the
+# tests, and `check` called with a stand-in that forwards each call to the candidate's process.
+VERDICT_DRIVER = LOAD + PLAIN_VALUES + r"""
+import builtins
 prompt_file, test_file, entry = sys.argv[1:4]
 calls_fd, answers_fd, report_fd = map(int, sys.argv[4:7])
 
-def read_exact(n):
-    data = b""
-    while len(data) < n:
-        chunk = os.read(answers_fd, min(n - len(data), 1 << 20))
-        if not chunk:
-            raise RuntimeError("the candidate's process ended before it answered")
-        data += chunk
-    return data
-
 def receive():
-    n = int.from_bytes(read_exact(8), "little")
-    if n > 64 << 20:
+    if (head := read_exact(answers_fd, 8)) and int.from_bytes(head, "little") > 64 << 20:
         raise RuntimeError("the candidate's answer is over 64 MB")
-    message = marshal.loads(read_exact(n))
-    if type(message) is not tuple or not message or not plain(message):
+    if not head or not (data := read_exact(answers_fd, int.from_bytes(head, "little"))):
+        raise RuntimeError("the candidate's process ended before it answered")
+    if type(message := marshal.loads(data)) is not tuple or not message or not plain(message):
         raise RuntimeError("the candidate's process sent something other than plain values")
     return message
 
@@ -3165,165 +3113,126 @@ def candidate(*args, **kwargs):
         args, kwargs = as_plain((args, kwargs))
     except Unplain as e:
         raise TypeError(f"the tests call the candidate with a value that is not plain ({e})") from None
-    data = marshal.dumps((args, kwargs))
-    os.write(calls_fd, len(data).to_bytes(8, "little") + data)
+    send(calls_fd, (args, kwargs))
     kind, *rest = receive()
     if kind == "return" and len(rest) == 1:
         return rest[0]
-    if kind == "raise" and len(rest) == 2 and all(type(r) is str for r in rest):
-        cls = getattr(builtins, rest[0], None)
-        # StopIteration would end the map, filter or generator that calls the candidate early,
-        # unsaid, so that `all(map(...))` holds: it crosses as an error of its own (PEP 479's reason)
-        stops = (StopIteration, StopAsyncIteration)
-        if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, stops):
-            try:
-                error = cls(rest[1])
-            except Exception:
-                error = CandidateError(f"{rest[0]}: {rest[1]}")
-            raise error
-        raise CandidateError(f"{rest[0]}: {rest[1]}")
     if kind == "unplain":
         raise TypeError(f"the candidate returned a value that is not plain ({rest[0] if rest else '?'})")
-    raise RuntimeError("the candidate's process sent a malformed message")
+    if kind != "raise" or len(rest) != 2 or any(type(r) is not str for r in rest):
+        raise RuntimeError("the candidate's process sent a malformed message")
+    error, cls = CandidateError(f"{rest[0]}: {rest[1]}"), getattr(builtins, rest[0], None)
+    # StopIteration would end the map, filter or generator that calls the candidate early,
+    # unsaid, so that `all(map(...))` holds: it crosses as an error of its own (PEP 479's reason)
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration, StopAsyncIteration)):
+        try:
+            error = cls(rest[1])
+        except Exception:
+            pass
+    raise error
 
-namespace = module_namespace("verdict")  # not "__main__": the prompt's own guarded demo does not run
-with open(prompt_file, encoding="utf-8") as f:
-    exec(compile(f.read(), "prompt", "exec"), namespace)
-first = receive()
-if first[0] != "ready":
+namespace = load(prompt_file, "verdict")
+if (first := receive())[0] != "ready":
     sys.exit(f"the candidate's program fails before the tests: {first[1] if len(first) > 1 else '?'}")
 namespace[entry] = candidate
-with open(test_file, encoding="utf-8") as f:
-    exec(compile(f.read(), "test", "exec", optimize=0), namespace)
-namespace["check"](candidate)
+load(test_file, "verdict")["check"](candidate)
 sys.stdout.flush(); sys.stderr.flush()
 os.write(report_fd, b"passed")
 os._exit(0)
 """
 
-SANDBOX_UID_BASE = 61000  # reserved_uids() takes unused uids from here up when the evaluator is root
-WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where a sandbox uid can leave files behind
+SANDBOX_UID_BASE = 61000  # as root, reserved_uids takes unused uids from here up
 
 
-def _process_stats() -> list[os.stat_result]:
-    stats = []
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                stats.append(os.stat(f"/proc/{name}"))
-    return stats
+def _processes(uid: int | None = None) -> list[tuple[int, int, int | None]]:
+    """(pid, uid, resident bytes; None for a zombie) of each process, or of `uid`'s."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if uid in (None, owner := os.stat(f"/proc/{name}").st_uid):
+                state, *fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+                found.append((int(name), owner, None if state == "Z" else int(fields[20]) * resource.getpagesize()))
+    return found
 
 
 @contextlib.contextmanager
 def reserved_uids(n: int, base: int = SANDBOX_UID_BASE):
-    """n user ids that no account holds and no process (zombies included) runs as, each held
-    by this evaluator until the block ends: one per program running at once, so that
-    RLIMIT_NPROC and kill(-1) act on that program's processes alone. The hold is an exclusive flock on a
-    file per uid in a directory only root can enter, so evaluators running at once (two
-    runs, the ranks of one node) never share a uid; the kernel drops it when its holder
-    ends, however it ends."""
+    """n uids that no account holds and no process (zombies included) runs as, held until
+    the block ends: one per program running at once, so that RLIMIT_NPROC and kill(-1) act
+    on that program alone. The hold is an exclusive flock on a file per uid in a directory
+    only root can enter: evaluators at once (two runs, a node's ranks) never share a uid,
+    and the kernel drops the hold when its holder ends, however it ends."""
     import fcntl
     import pwd
 
-    locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")  # one place for every evaluator
+    locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")  # every evaluator's
     with contextlib.suppress(FileExistsError):
         locks.mkdir(mode=0o700)
     info = locks.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
         raise KldError(f"{locks} is not a directory that only this user can enter; remove it")
-    taken = {p.pw_uid for p in pwd.getpwall()} | {s.st_uid for s in _process_stats()}
-    held = []  # (uid, open lock file)
+    taken = {p.pw_uid for p in pwd.getpwall()} | {u for _, u, _ in _processes()}
+    uids, fds = [], []
     try:
-        for uid in itertools.count(base):
-            if len(held) == n:
+        for uid in (u for u in itertools.count(base) if u not in taken):
+            if len(uids) == n:
                 break
-            if uid in taken:
-                continue
-            fd = os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another evaluator's
-                os.close(fd)
-                continue
-            held.append((uid, fd))
-        yield [uid for uid, _ in held]
+            fds.append(os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            with contextlib.suppress(BlockingIOError):  # else another evaluator's
+                fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                uids.append(uid)
+        yield uids
     finally:
-        for _, fd in held:
-            os.close(fd)  # the lock goes with the last descriptor
+        for fd in fds:
+            os.close(fd)  # the lock goes with its descriptor
 
 
-def _uid_processes(uid: int) -> dict[int, int]:
-    """{pid: resident bytes} of the live processes of `uid` (zombies have exited: left out)."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if os.stat(f"/proc/{name}").st_uid != uid:
-                continue
-            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z":
-                # field 24 of stat: rss in pages
-                found[int(name)] = int(fields[21]) * resource.getpagesize()
-    return found
-
-
-def _uid_files(uid: int, tops: tuple[str, ...] = WORLD_WRITABLE) -> list[Path]:
-    """The files and directories `uid` owns below `tops` (at any depth below world-writable
-    directories, the only ones a user with no groups can write in)."""
-    found = []
-    todo = [Path(p) for p in tops if os.path.isdir(p)]
+def _uid_files(uid: int) -> list[tuple[Path, os.stat_result]]:
+    """The files `uid` owns in /tmp, /var/tmp and /dev/shm, at any depth below world-writable
+    directories (the only ones a user with no groups can write in), with their lstat."""
+    found, todo = [], [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)]
     while todo:
         with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
-                    info = entry.stat(follow_symlinks=False)
-                    if info.st_uid == uid:
-                        found.append(Path(entry.path))
-                    elif entry.is_dir(follow_symlinks=False) and info.st_mode & 0o002:
+                    if (info := entry.stat(follow_symlinks=False)).st_uid == uid:
+                        found.append((Path(entry.path), info))
+                    elif stat.S_ISDIR(info.st_mode) and info.st_mode & 0o002:
                         todo.append(Path(entry.path))
     return found
 
 
-def _remove_uid_leftovers(uid: int):
-    """Delete what `uid` left in the world-writable places and its System V IPC objects."""
-    for path in _uid_files(uid):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink()
+def _clean_uid(uid: int, python: str):
+    """SIGKILL every process of `uid` until none is left (kill(-1) as that uid signals all but
+    itself, no shell between), then remove its files (_uid_files) and System V IPC objects."""
+    for _ in range(100):
+        if all(rss is None for *_, rss in _processes(uid)):
+            break
+        subprocess.run([python, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
+                       user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env={}, check=False)
+        time.sleep(0.01)
+    else:
+        live = sorted(pid for pid, _, rss in _processes(uid) if rss is not None)
+        raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: {live[:8]}")
+    for path, info in _uid_files(uid):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path, ignore_errors=True) if stat.S_ISDIR(info.st_mode) else path.unlink()
     for kind, flag in (("shm", "-m"), ("sem", "-s"), ("msg", "-q")):
         with contextlib.suppress(OSError):
             header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
-            names = header.split()
+            column = header.split().index("uid")
             for row in map(str.split, rows):
-                if int(row[names.index("uid")]) == uid:
-                    subprocess.run(["ipcrm", flag, row[1]],
-                                   capture_output=True, check=False)
-
-
-def _uid_usage(uid: int) -> tuple[int, int]:
-    """(bytes `uid` holds in RAM, bytes of its files in the world-writable places), in one
-    walk: RAM is its processes' resident memory and its files in /dev/shm."""
-    in_ram = sum(_uid_processes(uid).values())
-    on_disk = 0
-    for path in _uid_files(uid):
-        with contextlib.suppress(OSError):
-            info = path.lstat()
-            size = info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
-            on_disk += size
-            in_ram += size if path.is_relative_to("/dev/shm") else 0
-    return in_ram, on_disk
+                if int(row[column]) == uid:
+                    subprocess.run(["ipcrm", flag, row[1]], capture_output=True, check=False)
 
 
 def sandbox_python(uid: int | None) -> str:
-    """An interpreter that `uid` can run: this one, or else a system python3 (this one may
-    live where other users cannot reach, e.g. under /root)."""
+    """An interpreter `uid` can run: this one, else a system python3 (this one may live where
+    other users cannot reach, e.g. under /root)."""
     if uid is None:
         return sys.executable
-    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
-                  "/usr/local/bin/python3"]
+    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
     for python in dict.fromkeys(candidates):
         with contextlib.suppress(OSError):
             probe = subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
@@ -3334,327 +3243,226 @@ def sandbox_python(uid: int | None) -> str:
                    "make one reachable by other users")
 
 
-def _kill_uid(uid: int, python: str):
-    """SIGKILL every process of `uid` until none is left: kill(-1) from a process running as
-    that uid (it signals all of them but itself), no shell in between."""
-    for _ in range(100):
-        if not _uid_processes(uid):
-            return
-        subprocess.run([python, "-I", "-S", "-c",
-                        "import os, signal; os.kill(-1, signal.SIGKILL)"],
-                       user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, cwd="/", env={}, check=False)
-        time.sleep(0.01)
-    raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: "
-                   f"{sorted(_uid_processes(uid))[:8]}")
-
-
-def _sandbox_user(uid: int | None, python: str | None, stack: contextlib.ExitStack) -> tuple[int | None, str]:
-    """The defaults: as root, a uid reserved until `stack` closes (never root itself), and an
-    interpreter it can run."""
-    if uid is None and os.geteuid() == 0:
-        [uid] = stack.enter_context(reserved_uids(1))
-    return uid, python or sandbox_python(uid)
-
-
-def _contained(python: str, driver: str, args: list[str], workdir: str, output, uid: int | None,
-               limits: SandboxLimits, stdin, pass_fds: tuple[int, ...]) -> subprocess.Popen:
-    """Start `python -I -c SANDBOX_LIMITS + driver` with argv limits + args in workdir (also
-    its HOME and TMPDIR), output to `output`, with a cleaned environment, in a session of
-    its own, as `uid` when given."""
-    processes = limits.processes
-    if uid is None:
-        processes += sum(s.st_uid == os.getuid() for s in _process_stats())
-    else:
-        os.chown(workdir, uid, uid)
-        for name in os.listdir(workdir):
-            os.chown(Path(workdir, name), uid, uid)
-    bounds = [str(limits.cpu_s), str(limits.memory_mb << 20),
-              str(limits.output_kb << 10), str(processes)]
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-    user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
-    return subprocess.Popen([python, "-I", "-c", SANDBOX_LIMITS + driver, *bounds, *args], stdin=stdin,
-                            stdout=output, stderr=subprocess.STDOUT, cwd=workdir, env=env, pass_fds=pass_fds,
-                            start_new_session=True, **user)
-
-
-def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits,
-                  uid: int | None, started: float) -> str:
-    """Wait for `process`: "" when it ended, "timeout" at the wall-clock limit; under a
-    sandbox uid (checked every 50 ms), "memory" when it holds more than limits.memory_mb in
-    all, "disk" when its files in world-writable places grew by more than limits.output_kb
-    in all (RLIMIT_FSIZE bounds each file alone: a thousand files of 1 MiB pass it)."""
-    at_start = _uid_usage(uid)[1] if uid is not None else 0  # the program's own files
+def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None, started: float) -> str:
+    """Wait for `process`: "" when it ended, "timeout" at the wall clock limit; under a uid
+    (checked every 50 ms), "memory" when it holds over memory_mb in RAM in all, "disk" when
+    its files grew by over output_kb in all (RLIMIT_FSIZE bounds each file alone)."""
+    def usage():  # (its processes' resident bytes and its files in /dev/shm, its files' bytes)
+        files = [(p, i.st_blocks * 512 * stat.S_ISREG(i.st_mode)) for p, i in _uid_files(uid)]
+        in_ram = sum(n for p, n in files if p.is_relative_to("/dev/shm"))
+        return in_ram + sum(rss or 0 for *_, rss in _processes(uid)), sum(n for _, n in files)
+    at_start = usage()[1] if uid is not None else 0  # the program's own files
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=0.05)
             return ""
         if time.perf_counter() - started > limits.timeout_s:
             return "timeout"
-        if uid is None:
-            continue
-        in_ram, on_disk = _uid_usage(uid)
-        if in_ram > limits.memory_mb << 20:
-            return "memory"
-        if on_disk - at_start > limits.output_kb << 10:
-            return "disk"
+        if uid is not None:
+            in_ram, on_disk = usage()
+            if in_ram > limits.memory_mb << 20:
+                return "memory"
+            if on_disk - at_start > limits.output_kb << 10:
+                return "disk"
 
 
-def _end_contained(processes: list[subprocess.Popen], uid: int | None, python: str):
-    """Kill what is left: each process group, then every process of the uid (also those
-    that left the group), then remove the uid's files and IPC objects."""
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    if uid is not None:
-        _kill_uid(uid, python)
-        _remove_uid_leftovers(uid)
-
-
-def _last_line(output, limit_kb: int) -> str:
-    """The last non-blank line of a program's output file ("" if none)."""
-    size = output.seek(0, os.SEEK_END)
-    if size >= limit_kb << 10:
-        return f"over {limit_kb} KB of output"
-    output.seek(max(0, size - 4096))
-    lines = [line for line in output.read().decode("utf-8", "replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _unencodable(text: str) -> RunResult | None:
-    """The failure of a program text that cannot be written as UTF-8 (a lone surrogate), or None."""
+def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | None, launch) -> RunResult:
+    """sandbox_run and run_tests: `source` goes to program.py in a new directory (its HOME and
+    TMPDIR); launch(contain, pipes, output, children) starts the contained program with
+    contain(driver, args, stdin, pass_fds), then any trusted process, appends each to
+    `children` and returns the report that proves a pass, which only the last one, the one
+    waited for, can write to pipes[2]. Then each process group is killed, and as root every
+    process of the uid (also those that left the group), its files and IPC objects."""
+    started = time.perf_counter()
     try:
-        text.encode("utf-8")
+        source.encode("utf-8")
     except UnicodeEncodeError as e:
-        reason = f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})"
-        return RunResult("failed", reason, 0.0)
-    return None
+        why = f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})"
+        return RunResult("failed", why, 0.0)
+    with contextlib.ExitStack() as stack:
+        if uid is None and os.geteuid() == 0:  # never root itself
+            [uid] = stack.enter_context(reserved_uids(1))
+        python = python or sandbox_python(uid)
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True))
+        Path(workdir, "program.py").write_text(source, encoding="utf-8")
+        outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(2)]  # the program's, the verdict's
 
+        def contain(driver, args, stdin, pass_fds):
+            processes = limits.processes
+            if uid is None:  # RLIMIT_NPROC counts all the user's processes
+                processes += len(_processes(os.getuid()))
+            else:
+                for path in (workdir, *Path(workdir).iterdir()):
+                    os.chown(path, uid, uid)
+            bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, processes]
+            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+            user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
+            argv = [python, "-I", "-c", SANDBOX_LIMITS + driver, *map(str, bounds + [Path(workdir, "program.py")] + args)]
+            return subprocess.Popen(argv, stdin=stdin, stdout=outputs[0], stderr=subprocess.STDOUT, cwd=workdir,
+                                    env=env, pass_fds=pass_fds, start_new_session=True, **user)
 
-def _read_report(fd: int) -> bytes:
-    """What a finished child wrote to the report pipe (nothing if it wrote nothing); closes it."""
-    os.set_blocking(fd, False)
-    report = b""
-    with contextlib.suppress(BlockingIOError):
-        report = os.read(fd, 64)
-    os.close(fd)
-    return report
+        def last_line(output) -> str:
+            if (size := output.seek(0, os.SEEK_END)) >= limits.output_kb << 10:
+                return f"over {limits.output_kb} KB of output"
+            output.seek(max(0, size - 4096))
+            lines = [line for line in output.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            return lines[-1][:300] if lines else ""
 
-
-def _failure(code: int | None, ended: str, limits: SandboxLimits, detail: str,
-             seconds: float) -> RunResult:
-    """The result of a run that did not pass, from how its (candidate's) process ended."""
+        pipes, children, report = [os.pipe() for _ in range(3)], [], b""
+        try:
+            try:
+                expected = launch(contain, pipes, outputs[1], children)
+            finally:  # the children hold their own ends: a side that ends closes its pipes
+                for fd in [*pipes[0], *pipes[1], pipes[2][1]]:
+                    os.close(fd)
+            ended = _wait_bounded(children[-1], limits, uid, started)
+        finally:
+            for child in children:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            if uid is not None:
+                _clean_uid(uid, python)
+            os.set_blocking(pipes[2][0], False)
+            with contextlib.suppress(BlockingIOError):
+                report = os.read(pipes[2][0], 64)
+            os.close(pipes[2][0])
+        seconds = time.perf_counter() - started
+        if report == expected and children[-1].returncode == 0 and not ended:
+            return RunResult("passed", "", seconds)
+        detail = last_line(outputs[1])
+        if "the candidate's process ended" in detail or not detail:
+            detail = last_line(outputs[0]) or detail
+        code = children[0].returncode
+        if len(children) > 1 and code != -signal.SIGXCPU:
+            code = None  # the candidate's process, ended by our SIGKILL
     if ended == "timeout" or code == -signal.SIGXCPU:
-        return RunResult("timeout",
-                         f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
-    if ended == "memory":
-        return RunResult("failed",
-                         f"over {limits.memory_mb} MB of memory in all its processes", seconds)
-    if ended == "disk":
-        return RunResult("failed", f"over {limits.output_kb} KiB written to files in all", seconds)
-    if code is not None and code < 0 and not detail:
-        return RunResult("failed", f"killed by {signal.Signals(-code).name}", seconds)
-    return RunResult("failed",
-                     detail or f"exit status {code} before its tests ran to their end", seconds)
+        return RunResult("timeout", f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
+    why = {"memory": f"over {limits.memory_mb} MB of memory in all its processes",
+           "disk": f"over {limits.output_kb} KiB written to files in all"}.get(ended)
+    if not why and code is not None and code < 0 and not detail:
+        why = f"killed by {signal.Signals(-code).name}"
+    return RunResult("failed", why or detail or f"exit status {code} before its tests ran to their end", seconds)
 
 
 def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
                 python: str | None = None) -> RunResult:
-    """Run `program` (Python source) and report whether it ran to its end.
+    """Run `program` (Python source); passed means it returned without raising, asserts kept,
+    and the interpreter exited 0. The child is a fresh `python -I` in a session and process
+    group of its own, in a new temporary directory, with a clean environment, stdin at
+    /dev/null and the limits; at the timeout the group is killed.
 
-    Passed means: the program, compiled with asserts kept, returned without raising, and
-    the interpreter exited 0 after it. The child is a fresh `python -I` (no user site, no
-    PYTHON* variables) in its own session and process group, in a new temporary directory
-    that is also its HOME, with a cleaned environment, stdin at /dev/null, and the limits
-    above; at the wall-clock timeout the whole group is killed.
+    As root (the default reserves one: reserved_uids) it runs as a uid of its own with no
+    groups: it cannot write or delete outside world-writable places nor signal the
+    evaluator, RLIMIT_NPROC bounds its processes, and its processes and files in /dev/shm
+    together stay within memory_mb. After it every process of that uid is killed and what
+    it left in /tmp, /var/tmp and /dev/shm and its IPC objects are removed. As another user
+    it runs as that user: RLIMIT_NPROC is set to that user's processes + limits.processes,
+    memory is bounded per process, and the user's files are not protected.
 
-    As root (the default reserves one; see reserved_uids) the child runs as a user id of its
-    own with no groups, so it cannot write or delete files outside world-writable places,
-    cannot signal the evaluator, RLIMIT_NPROC bounds its processes, and all its processes
-    and its files in /dev/shm together stay within limits.memory_mb. Afterwards every
-    process of that uid is killed (also those that left the group), and what it left in
-    /tmp, /var/tmp and /dev/shm and its System V IPC objects are removed. As another
-    user the child runs as that user: RLIMIT_NPROC then counts all that user's processes
-    (it is set to those running now + limits.processes), the memory bound is per process,
-    and files the user may write, the evaluator's own process included, are not protected.
+    Not covered: the network, reading what the user may read, and code written to defeat
+    this harness, which runs in the interpreter that reports its end (run_tests keeps the
+    verdict out of its reach). Run untrusted code in a container or VM as well."""
+    nonce = os.urandom(16).hex().encode()
 
-    Not covered, either way: the network, reading files the user may read, and code
-    written to defeat this harness: the program runs in the same interpreter as the
-    driver that reports its end (run_tests keeps the verdict out of its reach). Run
-    untrusted code in a container or VM as well.
-    """
-    started = time.perf_counter()
-    if failure := _unencodable(program):
-        return failure
-    with contextlib.ExitStack() as stack, \
-            tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as output:
-        uid, python = _sandbox_user(uid, python, stack)
-        path = Path(workdir, "program.py")
-        path.write_text(program, encoding="utf-8")
-        nonce = os.urandom(16).hex().encode()
-        nonce_r, nonce_w = os.pipe()  # the child's stdin, holding the nonce and then end-of-file
-        os.write(nonce_w, nonce)
-        os.close(nonce_w)
-        report_r, report_w = os.pipe()
-        children = []
-        try:
-            try:
-                child = _contained(python, SANDBOX_DRIVER, [str(path), str(report_w)], workdir, output, uid, limits,
-                                   nonce_r, (report_w,))
-                children.append(child)
-            finally:
-                os.close(nonce_r)  # the child holds its own copies of its ends
-                os.close(report_w)
-            ended = _wait_bounded(child, limits, uid, started)
-        finally:
-            _end_contained(children, uid, python)
-            report = _read_report(report_r)
-        seconds = time.perf_counter() - started
-        if report == nonce and child.returncode == 0 and not ended:
-            return RunResult("passed", "", seconds)
-        return _failure(child.returncode, ended, limits,
-                        _last_line(output, limits.output_kb), seconds)
+    def launch(contain, pipes, output, children):
+        (nonce_r, nonce_w), _, (_, report_w) = pipes
+        os.write(nonce_w, nonce)  # the child's stdin: the nonce, then end of file
+        children.append(contain(SANDBOX_DRIVER, [report_w], nonce_r, (report_w,)))
+        return nonce
+    return _execute(program, limits, uid, python, launch)
 
 
 def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
               python: str | None = None) -> RunResult:
-    """Run the task's tests against the candidate `source` (which defines task.entry_point)
-    with the candidate's code and the verdict in two processes.
+    """Run the task's tests against `source` (which defines task.entry_point) in two processes.
 
-    The candidate's process (contained as in sandbox_run) runs `source` and then answers
-    calls of the entry point. The verdict's process runs the task's prompt (for its
-    helpers) and tests, with every call of the candidate forwarded to the other process;
-    only plain values cross (marshal of None, bool, int, float, complex, str, bytes and
-    lists, tuples, sets and dicts of them; exceptions by type name and message), and the
-    verdict checks their exact types. So the candidate's code never runs where the verdict
-    is made: it cannot read a proof of completion, hook the tests, or answer with an object
-    whose __eq__ lies. Passed means the tests' `check` returned.
+    The candidate's (contained as in sandbox_run) runs `source`, then answers calls of the
+    entry point. The verdict's runs the task's prompt (its helpers) and tests, each call of
+    the candidate forwarded to the other; only plain values cross (marshal of None, bool,
+    int, float, complex, str, bytes and lists, tuples, sets and dicts of them; exceptions by
+    type name and message), checked by exact type. So the candidate's code never runs where
+    the verdict is made: it cannot read a proof of completion, hook the tests, or answer with
+    an object whose __eq__ lies. Passed means the tests' `check` returned.
 
-    Differences from running prompt + completion + tests as one program (HumanEval's
-    harness), on honest programs: arguments are copies (a candidate that changes its
-    arguments in place is not seen doing so), the tests see the prompt's helpers rather
-    than the candidate's redefinitions of them, and a function that returns a value of
-    another type (a generator, an object) fails.
-    """
-    started = time.perf_counter()
-    if failure := _unencodable(source):
-        return failure
-    with contextlib.ExitStack() as stack, \
-            tempfile.TemporaryDirectory(prefix="kld-candidate-", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryDirectory(prefix="kld-verdict-") as verdict_dir, \
-            tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as verdict_output:
-        uid, python = _sandbox_user(uid, python, stack)
-        Path(workdir, "program.py").write_text(source, encoding="utf-8")
-        Path(verdict_dir, "prompt.py").write_text(task.prompt, encoding="utf-8")
-        Path(verdict_dir, "test.py").write_text(task.test, encoding="utf-8")
-        calls_r, calls_w = os.pipe()  # verdict -> candidate
-        answers_r, answers_w = os.pipe()  # candidate -> verdict
-        report_r, report_w = os.pipe()  # verdict -> this process
-        children = []
-        try:
-            try:
-                candidate = _contained(python, CANDIDATE_SERVER, [str(Path(workdir, "program.py")), task.entry_point,
-                                                                  str(calls_r), str(answers_w)],
-                                       workdir, output, uid, limits, subprocess.DEVNULL, (calls_r, answers_w))
-                children.append(candidate)
-                verdict = subprocess.Popen(
-                    [sys.executable, "-I", "-c", VERDICT_DRIVER, str(Path(verdict_dir, "prompt.py")),
-                     str(Path(verdict_dir, "test.py")), task.entry_point, str(calls_w), str(answers_r), str(report_w)],
-                    stdin=subprocess.DEVNULL, stdout=verdict_output, stderr=subprocess.STDOUT, cwd=verdict_dir,
-                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, pass_fds=(calls_w, answers_r, report_w),
-                    start_new_session=True)
-                children.append(verdict)
-            finally:
-                for fd in (calls_r, calls_w, answers_r, answers_w, report_w):
-                    os.close(fd)  # each child holds its own ends: a side that ends closes its pipes
-            ended = _wait_bounded(verdict, limits, uid, started)
-        finally:
-            _end_contained(children, uid, python)
-            report = _read_report(report_r)
-        seconds = time.perf_counter() - started
-        if report == b"passed" and verdict.returncode == 0 and not ended:
-            return RunResult("passed", "", seconds)
-        detail = _last_line(verdict_output, limits.output_kb)
-        if "the candidate's process ended" in detail or not detail:
-            detail = _last_line(output, limits.output_kb) or detail
-        code = candidate.returncode if candidate.returncode == -signal.SIGXCPU else None  # else: our SIGKILL
-        return _failure(code, ended, limits, detail, seconds)
+    Unlike HumanEval's one program, on honest programs: arguments are copies (changes in
+    place go unseen), the tests see the prompt's helpers, not the candidate's redefinitions,
+    and a function that returns another type (a generator, an object) fails."""
+    with tempfile.TemporaryDirectory(prefix="kld-verdict-") as verdict_dir:
+        files = [Path(verdict_dir, "prompt.py"), Path(verdict_dir, "test.py")]
+        for path, text in zip(files, (task.prompt, task.test)):
+            path.write_text(text, encoding="utf-8")
+
+        def launch(contain, pipes, output, children):
+            (calls_r, calls_w), (answers_r, answers_w), (_, report_w) = pipes
+            children.append(contain(CANDIDATE_SERVER, [task.entry_point, calls_r, answers_w], subprocess.DEVNULL,
+                                    (calls_r, answers_w)))
+            children.append(subprocess.Popen(
+                [sys.executable, "-I", "-c", VERDICT_DRIVER, *map(str, files), task.entry_point,
+                 *map(str, (calls_w, answers_r, report_w))], stdin=subprocess.DEVNULL, stdout=output,
+                stderr=subprocess.STDOUT, cwd=verdict_dir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                pass_fds=(calls_w, answers_r, report_w), start_new_session=True))
+            return b"passed"
+        return _execute(source, limits, uid, python, launch)
 
 
-def _run_all(function, jobs: list[tuple], limits: SandboxLimits,
-             workers: int) -> list[RunResult]:
-    """function(*job, limits, uid, python) for each job, `workers` at a time (0: one per
-    CPU), in the order given; as root, each under a uid its worker holds alone (one
-    program's at a time: each run kills and cleans its uid's leftovers at its end)."""
+def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), workers: int = 0,
+                  run=run_tests) -> list[RunResult]:
+    """run(*job, limits, uid, python) for each job (run_tests: a task and a candidate source),
+    `workers` at a time (0: one per CPU), in order; as root each under a uid its worker holds
+    alone (each run kills and cleans up after its uid at its end)."""
     if not jobs:
         return []
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
         uids = stack.enter_context(reserved_uids(n_workers)) if os.geteuid() == 0 else [None] * n_workers
         python = sandbox_python(uids[0])
-        free = queue.SimpleQueue()  # a worker's uid, lent to one job at a time (each job leaves it clean)
+        free = queue.SimpleQueue()  # a worker's uid, lent to one job at a time
         for uid in uids:
             free.put(uid)
 
         def one(job):
             uid = free.get()
             try:
-                return function(*job, limits, uid, python)
+                return run(*job, limits, uid, python)
             finally:
                 free.put(uid)
-
-        with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
-            return list(pool.map(one, jobs))
+        return list(pool.map(one, jobs))
 
 
 def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(),
                     workers: int = 0) -> list[RunResult]:
-    """sandbox_run for each program, `workers` at a time (0: one per CPU), results in the
-    order given. As root, each program runs under a uid no other program holds at once."""
-    return _run_all(sandbox_run, [(p,) for p in programs], limits, workers)
-
-
-def run_tests_all(jobs: list[tuple[Task, str]], limits: SandboxLimits = SandboxLimits(),
-                  workers: int = 0) -> list[RunResult]:
-    """run_tests for each (task, candidate source), as sandbox_run_all runs programs."""
-    return _run_all(run_tests, jobs, limits, workers)
+    """sandbox_run for each program, as run_tests_all runs its jobs."""
+    return run_tests_all([(p,) for p in programs], limits, workers, sandbox_run)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021):
-    1 - C(n-c, k) / C(n, k), the chance that k samples drawn from the n without
-    replacement hold a passing one; the product form avoids huge binomials."""
+    """Unbiased pass@k of n samples, c passing (Chen et al. 2021): 1 - C(n-c, k) / C(n, k),
+    in the product form that avoids huge binomials."""
     if not (0 <= c <= n and 1 <= k <= n):
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    return 1.0 if n - c < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10000,
                        seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval for the mean of per-task values, resampling tasks."""
+    """Percentile bootstrap interval of the mean of per-task values, resampling tasks."""
     values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+    means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(1)
     tail = (1 - confidence) / 2
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def paired_comparison(a: dict[str, float], b: dict[str, float],
-                      confidence: float = 0.95, seed: int = 0) -> dict:
-    """Run b against run a on the same tasks (task_id -> per-task score, e.g. pass@1): the
-    mean of the differences b - a with its bootstrap interval, the tasks where b scores
-    higher and lower, and the two-sided sign-test p-value over those tasks."""
+def paired_comparison(a: dict[str, float], b: dict[str, float], confidence: float = 0.95, seed: int = 0) -> dict:
+    """Run b against run a on the same tasks (task_id -> score, e.g. pass@1): the mean of b - a
+    with its bootstrap interval, the tasks where b is better and worse, and the two-sided
+    sign test's p-value over those."""
     if set(a) != set(b):
         raise KldError(f"paired comparison needs the same tasks; {len(set(a) ^ set(b))} differ")
     diffs = np.array([b[t] - a[t] for t in sorted(a)])
     better, worse = int((diffs > 0).sum()), int((diffs < 0).sum())
-    n = better + worse  # the tasks that differ
-    m = min(better, worse)
-    p_value = min(1.0, 2 * sum(math.comb(n, i) for i in range(m + 1)) / 2**n) if n else 1.0
+    n = better + worse
+    p_value = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2**n) if n else 1.0
     return {"difference": float(diffs.mean()), "interval": bootstrap_interval(diffs, confidence, seed=seed),
             "better": better, "worse": worse, "p_value": p_value}
 
@@ -3666,7 +3474,7 @@ class CodegenSettings:
     system_prompt: str = ""  # the chat template's system turn; empty = none
     n_samples: int = 1  # programs per task
     ks: tuple[int, ...] = (1,)  # the k of the pass@k reported (each <= n_samples)
-    decoding: Decoding = Decoding()  # stops are added by the prompt format
+    decoding: Decoding = Decoding()  # the prompt format adds the stops
     limits: SandboxLimits = SandboxLimits()  # bounds on each program run
     workers: int = 0  # programs run at once; 0 = one per CPU
 
@@ -3674,7 +3482,6 @@ class CodegenSettings:
         object.__setattr__(self, "ks", tuple(self.ks))  # a list given: frozen as the type says
         if max(self.ks, default=1) > self.n_samples:
             raise KldError(f"pass@k for k = {max(self.ks)} needs that many samples; n_samples is {self.n_samples}")
-        # greedy decoding gives one program per task; more need temperature > 0
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
             raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: "
                            "n_samples must be 1 for greedy decoding, or temperature > 0 for more samples")
@@ -3686,17 +3493,15 @@ def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
 
 
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
-    """A run's code-generation settings; a program gets exec_timeout seconds of wall clock and of CPU."""
-    limits = SandboxLimits(timeout_s=cfg.exec_timeout,
-                           cpu_s=max(1, math.ceil(cfg.exec_timeout)))
+    """A run's code-generation settings; a program gets exec_timeout seconds of wall clock and CPU."""
     return CodegenSettings(chat=uses_chat(cfg, tok), system_prompt=cfg.system_prompt, n_samples=cfg.n_samples,
-                           ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), limits=limits, workers=cfg.exec_workers)
+                           ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), workers=cfg.exec_workers,
+                           limits=SandboxLimits(cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout))))
 
 
 def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
-    """ids less the tokens of a UTF-8 character that the answer's end cut short (its token
-    budget ran out inside it): decoded, it would be U+FFFD, which tau spells in three tokens,
-    and the saving on the answer's text would count tokens no model spent."""
+    """ids less the tokens of a UTF-8 character cut short at the end (the budget ran out in
+    it): as U+FFFD, which tau spells in three tokens, it would count as a saving."""
     pieces = [tok.token_bytes(t) for t in ids]
     try:
         b"".join(pieces).decode("utf-8")
@@ -3705,82 +3510,62 @@ def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
         if e.reason != "unexpected end of data":  # broken inside, not cut at the end: as written
             return ids
         end = e.start  # where the unfinished character begins
-    ends = itertools.accumulate(map(len, pieces))  # each token's end, in bytes
-    return [t for t, stop in zip(ids, ends) if stop <= end]
+    return [t for t, stop in zip(ids, itertools.accumulate(map(len, pieces))) if stop <= end]
 
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                      settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
-    """Generate settings.n_samples programs per task (with the new tokens of `tok`; the
-    teacher's has none), run each against the task's tests in the sandbox, and score:
-
-    pass@k (unbiased, mean over tasks) with a bootstrap interval; tokens per character of
-    the generated text; the share of new tokens among the generated tokens, the share tau'
-    gives when it re-encodes the same text, and their ratio (adoption); generated
-    characters per second. The saving on the model's own text, which what it writes
-    cannot fool: realised_saving = 1 - tokens spent / tokens tau spends on the same text,
-    possible_saving = 1 - tokens tau' spends on it / tokens tau spends, and their ratio
-    saving_realised. "tasks" holds per-task n, c and pass@k, "samples" each program.
-    Under several ranks each generates and runs its share of the programs (sampling with
-    a seed of its own: greedy programs do not depend on the number of ranks, sampled ones
-    do); every rank gets the whole result.
-    """
+    """Generate settings.n_samples programs per task with `tok` (the teacher's has no new
+    tokens), run each against its task's tests (run_tests), and score: pass@k (unbiased,
+    mean over tasks) with a bootstrap interval; tokens per character; the share of new
+    tokens generated, the share tau' gives the same text, and their ratio (adoption);
+    characters per second; the saving on the model's own text, which it cannot fool:
+    realised_saving = 1 - tokens spent / tau's tokens on it, possible_saving = 1 - tau''s /
+    tau's, their ratio saving_realised. "tasks" holds per-task n, c and pass@k, "samples"
+    each program. Each rank generates and runs its share (sampled ones with a seed of its
+    own: greedy ones do not depend on the ranks); every rank gets the whole result."""
     if not tasks:
         raise KldError("no tasks to evaluate")
-    chat = settings.chat
-    n_samples = settings.n_samples
-    ks = sorted(set(settings.ks)) or [1]
-    prompts = [task_prompt(t, chat, settings.system_prompt) for t in tasks for _ in range(n_samples)]
-    decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
+    chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
+    prompts = [task_prompt(t, chat, settings.system_prompt) for t in owners]
+    decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
     mine = share(range(len(prompts)), ranks)  # this rank's prompts
-    my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)  # a rank's own samples
+    my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)
     t0 = time.perf_counter()
     my_completions = generate(model, tok, [prompts[i] for i in mine], my_decoding) if mine else []
     my_seconds = max(time.perf_counter() - t0, 1e-9)
     my_sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, my_completions)]
-    # the machine's ranks share its CPUs
-    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)
-    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)],
-                               settings.limits, workers)
+    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)  # a node's ranks share its CPUs
+    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)], settings.limits, workers)
     shares = gather((list(mine), my_completions, my_sources, my_results, my_seconds), ranks)
     generation_s = max(part[4] for part in shares)  # the ranks generate at the same time
     by_prompt = {i: (c, s, r) for indices, *parts, _ in shares for i, c, s, r in zip(indices, *parts)}
     completions, sources, results = zip(*(by_prompt[i] for i in range(len(prompts))))  # in prompt order
-    samples = []
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
-    n_chars = 0
-    n_tokens = 0
-    n_new = 0
-    n_reencoded = 0
-    n_reencoded_new = 0
-    n_base = 0  # tokens tau spends on the same texts
+    samples, counts = [], np.zeros(6, dtype=np.int64)
     for task, completion, source, result in zip(owners, completions, sources, results):
         ids = whole_characters(tok, completion.token_ids)  # what is measured
         text = tok.decode(ids)  # with the stop string: as the tokens emitted
-        n_chars += len(text)
-        n_tokens += len(ids)
-        n_new += sum(t >= tok.base_vocab_size for t in ids)
         base_ids = tok.base.encode(text, add_special_tokens=False).ids  # tau on the same text
-        n_base += len(base_ids)
-        reencoded = tok.merge(base_ids)  # tau' on the same text: the new tokens it would use
-        n_reencoded += len(reencoded)
-        n_reencoded_new += sum(t >= tok.base_vocab_size for t in reencoded)
+        reencoded = tok.merge(base_ids)  # tau' on the same text
+        counts += [len(text), len(ids), len(base_ids), len(reencoded),
+                   *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, reencoded))]
         per_task[task.task_id]["c"] += result.status == "passed"
         samples.append({"task_id": task.task_id, "completion": completion.text, "program": source,
                         "status": result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
-    for scores in per_task.values():
-        scores.update({f"pass@{k}": pass_at_k(scores["n"], scores["c"], k) for k in ks})
-    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat,
-               "temperature": decoding.temperature}
+    n_chars, n_tokens, n_base, n_reencoded, n_new, n_reencoded_new = counts.tolist()
+    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": decoding.temperature}
     for k in ks:
+        for scores in per_task.values():
+            scores[f"pass@{k}"] = pass_at_k(scores["n"], scores["c"], k)
         values = [s[f"pass@{k}"] for s in per_task.values()]
         summary[f"pass@{k}"] = float(np.mean(values))
         summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=decoding.seed)
-    # adoption: the student's share of new tokens over the share tau' gives the same text (1: it
-    # writes its text as tau' would; 0: it spells everything with base tokens)
+    # adoption: the share of new tokens over the share tau' gives the same text (1: written as
+    # tau' would; 0: all in base tokens)
     reencoded_share = n_reencoded_new / max(1, n_reencoded)
-    realised_saving = 1 - n_tokens / max(1, n_base)  # below 0 where the model spells its text longer than tau
+    realised_saving = 1 - n_tokens / max(1, n_base)  # below 0 where the text is longer than tau's
     possible_saving = 1 - n_reencoded / max(1, n_base)
     summary.update({"tokens_per_char": n_tokens / max(1, n_chars), "new_token_share": n_new / max(1, n_tokens),
                     "reencoded_new_token_share": reencoded_share,
