@@ -2862,8 +2862,7 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
 
 @dataclass(frozen=True)
 class Task:
-    """A HumanEval task: `prompt` is a signature and docstring; `test` defines
-    check(candidate), which asserts on the function `entry_point`."""
+    """A HumanEval task: `test` defines check(candidate)."""
     task_id: str
     prompt: str
     entry_point: str
@@ -2872,54 +2871,49 @@ class Task:
 
 
 def read_tasks(path: str | Path) -> list[Task]:
-    """Tasks from a HumanEval .jsonl or .jsonl.gz file, or from each such file in a
-    directory (by name); task ids are unique."""
-    path, fields = Path(path), [f.name for f in dataclasses.fields(Task)]
-    if path.is_dir():  # regular files only: a FIFO would hang the read
-        files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")) and p.is_file())
-        if not files:
-            raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise KldError(f"task file {path} is not a regular file" if path.exists()
-                       else f"task file not found: {path}")
-    tasks = {}
+    """Tasks from a HumanEval .jsonl(.gz) file or a directory of them."""
+    path, keys, tasks = Path(path), [f.name for f in dataclasses.fields(Task)], {}
+    if not path.exists():
+        raise KldError(f"task file not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz"))
+                   and p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
+    if not files[0].is_file():  # a FIFO would hang the read
+        raise KldError(f"task file {path} is not a regular file")
     for file in files:
         try:
-            with (gzip.open if file.name.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
+            with (gzip.open if file.suffix == ".gz" else open)(file, "rt", encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except (OSError, EOFError, UnicodeDecodeError) as e:
             raise KldError(f"cannot read task file {file}: {e}") from None
-        for at, line in ((f"{file}:{i}", line) for i, line in enumerate(lines, 1) if line.strip()):
+        for at, line in ((f"{file}:{i}", x) for i, x in enumerate(lines, 1) if x.strip()):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise KldError(f"{at} is not valid JSON: {e}") from None
-            if bad := [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]:
-                raise KldError(f"{at}: a task needs the text fields {fields}; missing or not text: {bad}")
+            if bad := [k for k in keys if not isinstance(record, dict) or not isinstance(record.get(k), str)]:
+                raise KldError(f"{at}: missing or not text: {bad} (a task needs {keys})")
             if record["task_id"] in tasks:
                 raise KldError(f"{at}: task_id {record['task_id']!r} appears twice")
-            tasks[record["task_id"]] = Task(**{k: record[k] for k in fields})
+            tasks[record["task_id"]] = Task(**{k: record[k] for k in keys})
     if not tasks:
         raise KldError(f"no tasks in {path}")
     return list(tasks.values())
 
 
-# A base model's body ends at the next top-level statement (HumanEval's stops) or at the
-# fence an instruct model writes after it; a chat answer, which we open with a fence, at the next.
+# A base model's body ends at a top-level statement (HumanEval's stops) or a fence.
 BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
-CHAT_STOPS = ["```"]
 
 
-def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> Decoding:
-    """`decoding` with the stops of a task's answer and the model's end-of-answer tokens."""
-    return decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
+def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer,
+                  chat: bool) -> Decoding:
+    """`decoding` with the stops that end a task's answer."""
+    return decoding.with_stops(["```"] if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
 
 
 def task_prompt(task: Task, chat: bool, system: str = "") -> str:
-    """Base: the prompt, to be continued. Chat: a request in the chat template, the answer
-    opened with a ```python fence so that the code comes first and a fence ends it."""
+    """Base: the prompt. Chat: a request, the answer opened with a fence."""
     if not chat:
         return task.prompt
     request = ("Complete the following Python function. Answer with the complete function "
@@ -2928,9 +2922,8 @@ def task_prompt(task: Task, chat: bool, system: str = "") -> str:
 
 
 def candidate_source(task: Task, completion: str, chat: bool) -> str:
-    """The program that defines the candidate. Base: prompt + completion. Chat: the prompt
-    (its imports and helpers; a docstring is a body), then the answer: its `def entry_point`
-    redefines the function; an answer without one is the body, indented if it is not."""
+    """The candidate's program. Chat: the prompt (its imports, helpers), then
+    the answer's `def entry_point`, or the answer as the body, indented."""
     if not chat:
         return task.prompt + completion
     code = completion.strip("\n")
@@ -2942,18 +2935,18 @@ def candidate_source(task: Task, completion: str, chat: bool) -> str:
 
 
 def program_with_tests(task: Task, source: str) -> str:
-    """One program, as HumanEval's harness runs it: the candidate, the tests, the check."""
+    """One program, as HumanEval's harness runs it."""
     return f"{source}\n\n{task.test}\n\ncheck({task.entry_point})\n"
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
     """Bounds on one program run (sandbox_run, run_tests)."""
-    timeout_s: float = 10.0  # wall clock; then its process group (and sandbox uid) is killed
-    cpu_s: int = 10  # RLIMIT_CPU (SIGXCPU: reported as a timeout)
-    memory_mb: int = 1024  # RLIMIT_AS; under a sandbox uid also its processes and /dev/shm files together
-    output_kb: int = 1024  # RLIMIT_FSIZE, stdout included; under a sandbox uid also its files together
-    processes: int = 16  # RLIMIT_NPROC: processes at once (see sandbox_run)
+    timeout_s: float = 10.0  # wall clock
+    cpu_s: int = 10  # RLIMIT_CPU (reported as a timeout)
+    memory_mb: int = 1024  # RLIMIT_AS; as root, all its processes and /dev/shm files too
+    output_kb: int = 1024  # RLIMIT_FSIZE, stdout included; as root, all its files too
+    processes: int = 16  # RLIMIT_NPROC
 
 
 @dataclass
@@ -2963,21 +2956,16 @@ class RunResult:
     seconds: float
 
 
-# The contained child runs these first: bound its resources (argv[1:5]).
-SANDBOX_LIMITS = r"""
-import os, resource, sys
-cpu, memory, output, processes = map(int, sys.argv[1:5])
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at cpu seconds, SIGKILL a second later
-for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, output),
-                     (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_CORE, 0)]:
-    resource.setrlimit(limit, (value, value))
+# The contained child runs this first: its limits (argv[1:5]); SIGKILL a second after SIGXCPU.
+SANDBOX_LIMITS = r"""import os, resource, sys
+cpu, *bounds = map(int, sys.argv[1:5])
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+for limit, value in zip(("AS", "FSIZE", "NPROC", "CORE"), bounds + [0]):
+    resource.setrlimit(getattr(resource, "RLIMIT_" + limit), (value, value))
 """
 
-# load runs a file with asserts kept in a module registered in sys.modules (dataclasses and
-# typing look there), not "__main__", as in HumanEval's harness: a guarded demo does not run.
-LOAD = r"""
-import os, sys, types
-
+# load: a file run with asserts kept as a registered module, not "__main__" (as HumanEval).
+LOAD = r"""import builtins, marshal, os, sys, traceback, types
 def load(path, name):
     module = sys.modules.setdefault(name, types.ModuleType(name))
     with open(path, encoding="utf-8") as f:
@@ -2985,11 +2973,8 @@ def load(path, name):
     return module.__dict__
 """
 
-# sandbox_run's child: take the nonce that proves completion from stdin, leave stdin at
-# /dev/null, run the program, and write the nonce to the report pipe only if it returned.
-SANDBOX_DRIVER = LOAD + r"""
-import traceback
-report_fd, nonce = int(sys.argv[6]), os.read(0, 64)
+# sandbox_run's child: the nonce from stdin goes to the report pipe if the program returned.
+SANDBOX_DRIVER = LOAD + r"""report_fd, nonce = int(sys.argv[6]), os.read(0, 64)
 null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
 try:
     load(sys.argv[5], "candidate")
@@ -3001,54 +2986,42 @@ os.write(report_fd, nonce)
 os._exit(0)
 """
 
-# Both sides of run_tests: a message is 8 bytes of length and a marshal of plain values,
-# checked by exact type; nothing else crosses.
-PLAIN_VALUES = r"""
-import marshal
-PLAIN = (type(None), bool, int, float, complex, str, bytes)
-# the exact copy of a value whose type derives from a scalar type, read through the base
-# type's own slots (bool cannot be subclassed)
+# Both sides of run_tests: a message is 8 bytes of length and a marshal of plain values, by
+# exact type. as_plain reads a subclass's value (a Counter) by its plain base type's methods.
+PLAIN_VALUES = r"""PLAIN = (type(None), bool, int, float, complex, str, bytes)
 EXACT_COPIES = ((int, int.__int__), (float, float.__float__), (str, str.__str__),
                 (complex, lambda x: complex(complex.real.__get__(x), complex.imag.__get__(x))),
                 (bytes, lambda x: bytes.__getitem__(x, slice(None))))
-
-def plain(x, depth=0):  # x is made of plain values alone
+def plain(x, depth=0):
     if type(x) is dict:
         x = [*x, *x.values()]
     return depth <= 200 and (type(x) in PLAIN or type(x) in (list, tuple, set, frozenset)
                              and all(plain(v, depth + 1) for v in x))
-
 class Unplain(Exception):
     pass
-
 def as_plain(x, depth=0):
-    # a value whose type derives from a plain type (a Counter, a namedtuple, an IntEnum)
-    # becomes the plain value it extends, read through the base type's own methods, so that
-    # nothing the subclass overrides (its __eq__) runs or crosses; type(x) cannot lie
-    kind = type(x)
-    if depth > 190:  # below plain()'s 200: a message adds a level or two
+    kind, deeper = type(x), depth + 1
+    if depth > 190:
         raise Unplain(kind.__name__ + " nested over 190 deep (a value that holds itself?)")
     if kind in PLAIN:
         return x
     for base in (dict, set, frozenset, list, tuple):
         if issubclass(kind, base):
             if base is dict:
-                copy = {as_plain(k, depth + 1): as_plain(v, depth + 1) for k, v in dict.items(x)}
+                copy = {as_plain(k, deeper): as_plain(v, deeper) for k, v in dict.items(x)}
             else:
-                copy = base(as_plain(v, depth + 1) for v in base.__iter__(x))
-            if base not in (list, tuple) and len(copy) != base.__len__(x):  # kept apart by a lying __eq__
+                copy = base(as_plain(v, deeper) for v in base.__iter__(x))
+            if base in (dict, set, frozenset) and len(copy) != base.__len__(x):
                 raise Unplain(kind.__name__ + " whose members are equal as plain values")
             return copy
     for base, exact_copy in EXACT_COPIES:
         if issubclass(kind, base):
             return exact_copy(x)
     raise Unplain(kind.__name__)
-
 def send(fd, message):
     data = marshal.dumps(message)
     os.write(fd, len(data).to_bytes(8, "little") + data)
-
-def read_exact(fd, n):  # None once the other side has ended
+def read_exact(fd, n):
     data = b""
     while len(data) < n:
         if not (chunk := os.read(fd, min(n - len(data), 1 << 20))):
@@ -3058,18 +3031,16 @@ def read_exact(fd, n):  # None once the other side has ended
 """
 
 # run_tests, the candidate's side: define the function, then answer calls.
-CANDIDATE_SERVER = LOAD + PLAIN_VALUES + r"""
-import traceback
-entry, calls_fd, answers_fd = sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
+CANDIDATE_SERVER = LOAD + PLAIN_VALUES + r"""calls_fd, answers_fd = map(int, sys.argv[6:8])
 try:
-    function = load(sys.argv[5], "candidate")[entry]
+    function = load(sys.argv[5], "candidate")[sys.argv[8]]
 except BaseException as e:
     traceback.print_exc(); sys.stderr.flush()
     send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
     os._exit(1)
 send(answers_fd, ("ready",))
-while (head := read_exact(calls_fd, 8)) and (call := read_exact(calls_fd, int.from_bytes(head, "little"))):
-    args, kwargs = marshal.loads(call)
+while head := read_exact(calls_fd, 8):
+    args, kwargs = marshal.loads(read_exact(calls_fd, int.from_bytes(head, "little")))
     try:
         value = function(*args, **kwargs)
     except BaseException as e:
@@ -3077,63 +3048,53 @@ while (head := read_exact(calls_fd, 8)) and (call := read_exact(calls_fd, int.fr
     else:
         try:
             message = ("return", as_plain(value))
-        except Unplain as e:
-            message = ("unplain", str(e))
-        except BaseException:  # a subclass whose base state cannot be read
-            message = ("unplain", type(value).__name__)
+        except BaseException as e:
+            message = ("unplain", str(e) if type(e) is Unplain else type(value).__name__)
     sys.stdout.flush(); sys.stderr.flush()
     try:
         send(answers_fd, message)
-    except ValueError:  # marshal takes plain values only
+    except ValueError:
         send(answers_fd, ("unplain", type(message[1]).__name__))
-os._exit(0)  # the tests are done
+os._exit(0)
 """
 
-# run_tests, the verdict's side (trusted: the task's own code): the prompt (its helpers), the
-# tests, and `check` called with a stand-in that forwards each call to the candidate's process.
-VERDICT_DRIVER = LOAD + PLAIN_VALUES + r"""
-import builtins
-prompt_file, test_file, entry = sys.argv[1:4]
+# run_tests, the verdict's side: the tests call a stand-in. A StopIteration would end their map
+# early, unsaid (`all(map(...))` holds): it crosses as an error of its own (PEP 479).
+VERDICT_DRIVER = LOAD + PLAIN_VALUES + r"""prompt_file, test_file, entry = sys.argv[1:4]
 calls_fd, answers_fd, report_fd = map(int, sys.argv[4:7])
-
 def receive():
-    if (head := read_exact(answers_fd, 8)) and int.from_bytes(head, "little") > 64 << 20:
+    head = read_exact(answers_fd, 8) or b""
+    if int.from_bytes(head, "little") > 64 << 20:
         raise RuntimeError("the candidate's answer is over 64 MB")
-    if not head or not (data := read_exact(answers_fd, int.from_bytes(head, "little"))):
+    if not (data := head and read_exact(answers_fd, int.from_bytes(head, "little"))):
         raise RuntimeError("the candidate's process ended before it answered")
     if type(message := marshal.loads(data)) is not tuple or not message or not plain(message):
         raise RuntimeError("the candidate's process sent something other than plain values")
     return message
-
 class CandidateError(Exception):
     pass
-
 def candidate(*args, **kwargs):
     try:
-        args, kwargs = as_plain((args, kwargs))
+        send(calls_fd, as_plain((args, kwargs)))
     except Unplain as e:
-        raise TypeError(f"the tests call the candidate with a value that is not plain ({e})") from None
-    send(calls_fd, (args, kwargs))
+        raise TypeError(f"a call of the candidate with a value that is not plain ({e})") from None
     kind, *rest = receive()
     if kind == "return" and len(rest) == 1:
         return rest[0]
     if kind == "unplain":
-        raise TypeError(f"the candidate returned a value that is not plain ({rest[0] if rest else '?'})")
+        raise TypeError(f"the candidate returned a value that is not plain {rest}")
     if kind != "raise" or len(rest) != 2 or any(type(r) is not str for r in rest):
         raise RuntimeError("the candidate's process sent a malformed message")
-    error, cls = CandidateError(f"{rest[0]}: {rest[1]}"), getattr(builtins, rest[0], None)
-    # StopIteration would end the map, filter or generator that calls the candidate early,
-    # unsaid, so that `all(map(...))` holds: it crosses as an error of its own (PEP 479's reason)
-    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration, StopAsyncIteration)):
+    error, cls = CandidateError(": ".join(rest)), getattr(builtins, rest[0], None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and cls not in (StopIteration, StopAsyncIteration):
         try:
             error = cls(rest[1])
         except Exception:
             pass
     raise error
-
 namespace = load(prompt_file, "verdict")
 if (first := receive())[0] != "ready":
-    sys.exit(f"the candidate's program fails before the tests: {first[1] if len(first) > 1 else '?'}")
+    sys.exit(f"the candidate's program fails before the tests: {first[-1]}")
 namespace[entry] = candidate
 load(test_file, "verdict")["check"](candidate)
 sys.stdout.flush(); sys.stderr.flush()
@@ -3141,35 +3102,26 @@ os.write(report_fd, b"passed")
 os._exit(0)
 """
 
-SANDBOX_UID_BASE = 61000  # as root, reserved_uids takes unused uids from here up
 
-
-def _processes(uid: int | None = None) -> list[tuple[int, int, int | None]]:
-    """(pid, uid, resident bytes; None for a zombie) of each process, or of `uid`'s."""
-    found = []
-    for name in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+def _processes(uid: int | None = None) -> typing.Iterator[tuple[int, int, int | None]]:
+    """(pid, uid, resident bytes; None: a zombie) of all or `uid`'s processes."""
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            if uid in (None, owner := os.stat(f"/proc/{name}").st_uid):
-                state, *fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-                found.append((int(name), owner, None if state == "Z" else int(fields[20]) * resource.getpagesize()))
-    return found
+            if uid in (None, owner := os.stat(f"/proc/{pid}").st_uid):
+                state, *rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                rss = None if state == "Z" else int(rest[20]) * resource.getpagesize()
+                yield int(pid), owner, rss
 
 
 @contextlib.contextmanager
-def reserved_uids(n: int, base: int = SANDBOX_UID_BASE):
-    """n uids that no account holds and no process (zombies included) runs as, held until
-    the block ends: one per program running at once, so that RLIMIT_NPROC and kill(-1) act
-    on that program alone. The hold is an exclusive flock on a file per uid in a directory
-    only root can enter: evaluators at once (two runs, a node's ranks) never share a uid,
-    and the kernel drops the hold when its holder ends, however it ends."""
-    import fcntl
-    import pwd
-
-    locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")  # every evaluator's
+def reserved_uids(n: int, base: int = 61000):
+    """n uids no account or process holds, one per program at once, held by
+    flocks in a root-only directory: evaluators at once never share one."""
+    import fcntl, pwd
+    locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
     with contextlib.suppress(FileExistsError):
         locks.mkdir(mode=0o700)
-    info = locks.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+    if not stat.S_ISDIR((info := locks.lstat()).st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
         raise KldError(f"{locks} is not a directory that only this user can enter; remove it")
     taken = {p.pw_uid for p in pwd.getpwall()} | {u for _, u, _ in _processes()}
     uids, fds = [], []
@@ -3184,73 +3136,66 @@ def reserved_uids(n: int, base: int = SANDBOX_UID_BASE):
         yield uids
     finally:
         for fd in fds:
-            os.close(fd)  # the lock goes with its descriptor
+            os.close(fd)
 
 
-def _uid_files(uid: int) -> list[tuple[Path, os.stat_result]]:
-    """The files `uid` owns in /tmp, /var/tmp and /dev/shm, at any depth below world-writable
-    directories (the only ones a user with no groups can write in), with their lstat."""
-    found, todo = [], [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)]
+def _uid_files(uid: int) -> typing.Iterator[tuple[Path, os.stat_result]]:
+    """(path, lstat) of what `uid` owns where it can write."""
+    todo = [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)]
     while todo:
         with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
                     if (info := entry.stat(follow_symlinks=False)).st_uid == uid:
-                        found.append((Path(entry.path), info))
+                        yield Path(entry.path), info
                     elif stat.S_ISDIR(info.st_mode) and info.st_mode & 0o002:
                         todo.append(Path(entry.path))
-    return found
 
 
 def _clean_uid(uid: int, python: str):
-    """SIGKILL every process of `uid` until none is left (kill(-1) as that uid signals all but
-    itself, no shell between), then remove its files (_uid_files) and System V IPC objects."""
+    """SIGKILL `uid`'s processes until none is left; remove its files, IPC."""
     for _ in range(100):
-        if all(rss is None for *_, rss in _processes(uid)):
+        if not (live := [pid for pid, _, rss in _processes(uid) if rss is not None]):
             break
-        subprocess.run([python, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
-                       user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env={}, check=False)
+        subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
+                       extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
         time.sleep(0.01)
     else:
-        live = sorted(pid for pid, _, rss in _processes(uid) if rss is not None)
         raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: {live[:8]}")
-    for path, info in _uid_files(uid):
+    for path, info in list(_uid_files(uid)):
         with contextlib.suppress(OSError):
-            shutil.rmtree(path, ignore_errors=True) if stat.S_ISDIR(info.st_mode) else path.unlink()
+            shutil.rmtree(path, True) if stat.S_ISDIR(info.st_mode) else path.unlink()
     for kind, flag in (("shm", "-m"), ("sem", "-s"), ("msg", "-q")):
         with contextlib.suppress(OSError):
             header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
             column = header.split().index("uid")
-            for row in map(str.split, rows):
-                if int(row[column]) == uid:
-                    subprocess.run(["ipcrm", flag, row[1]], capture_output=True, check=False)
+            for row in (r.split() for r in rows if int(r.split()[column]) == uid):
+                subprocess.run(["ipcrm", flag, row[1]], capture_output=True)
 
 
 def sandbox_python(uid: int | None) -> str:
-    """An interpreter `uid` can run: this one, else a system python3 (this one may live where
-    other users cannot reach, e.g. under /root)."""
+    """A Python `uid` can run: this one (maybe in /root), or a system one."""
     if uid is None:
         return sys.executable
-    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
-    for python in dict.fromkeys(candidates):
+    tried = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
+             "/usr/local/bin/python3"]
+    for python in dict.fromkeys(tried):
         with contextlib.suppress(OSError):
-            probe = subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
-                                   extra_groups=[], cwd="/", env={}, capture_output=True, timeout=30)
-            if probe.returncode == 0:
+            if subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
+                              extra_groups=[], cwd="/", env={}, capture_output=True, timeout=30).returncode == 0:
                 return python
-    raise KldError(f"no Python interpreter that the sandbox user {uid} may run (tried {candidates}); "
+    raise KldError(f"no Python that the sandbox user {uid} may run (tried {tried}); "
                    "make one reachable by other users")
 
 
-def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None, started: float) -> str:
-    """Wait for `process`: "" when it ended, "timeout" at the wall clock limit; under a uid
-    (checked every 50 ms), "memory" when it holds over memory_mb in RAM in all, "disk" when
-    its files grew by over output_kb in all (RLIMIT_FSIZE bounds each file alone)."""
+def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None,
+                  started: float) -> str:
+    """Wait for `process`: "" when it ended, or "timeout"; under a uid also
+    "memory" or "disk" when all its processes or files pass the limit."""
     def usage():  # (its processes' resident bytes and its files in /dev/shm, its files' bytes)
         files = [(p, i.st_blocks * 512 * stat.S_ISREG(i.st_mode)) for p, i in _uid_files(uid)]
-        in_ram = sum(n for p, n in files if p.is_relative_to("/dev/shm"))
-        return in_ram + sum(rss or 0 for *_, rss in _processes(uid)), sum(n for _, n in files)
+        shm = sum(n for p, n in files if p.is_relative_to("/dev/shm"))
+        return shm + sum(rss or 0 for *_, rss in _processes(uid)), sum(n for _, n in files)
     at_start = usage()[1] if uid is not None else 0  # the program's own files
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -3258,62 +3203,61 @@ def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | N
             return ""
         if time.perf_counter() - started > limits.timeout_s:
             return "timeout"
-        if uid is not None:
-            in_ram, on_disk = usage()
-            if in_ram > limits.memory_mb << 20:
-                return "memory"
-            if on_disk - at_start > limits.output_kb << 10:
-                return "disk"
+        in_ram, on_disk = usage() if uid is not None else (0, at_start)
+        if in_ram > limits.memory_mb << 20:
+            return "memory"
+        if on_disk - at_start > limits.output_kb << 10:
+            return "disk"
 
 
-def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | None, launch) -> RunResult:
-    """sandbox_run and run_tests: `source` goes to program.py in a new directory (its HOME and
-    TMPDIR); launch(contain, pipes, output, children) starts the contained program with
-    contain(driver, args, stdin, pass_fds), then any trusted process, appends each to
-    `children` and returns the report that proves a pass, which only the last one, the one
-    waited for, can write to pipes[2]. Then each process group is killed, and as root every
-    process of the uid (also those that left the group), its files and IPC objects."""
+def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | None,
+             task: Task | None = None) -> RunResult:
+    """sandbox_run (task None) and run_tests: run `source` contained, with a
+    task the verdict's process beside it; then kill all, clean the uid."""
     started = time.perf_counter()
     try:
         source.encode("utf-8")
     except UnicodeEncodeError as e:
-        why = f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})"
-        return RunResult("failed", why, 0.0)
+        return RunResult("failed", f"the program text is not UTF-8: {e}", 0.0)
     with contextlib.ExitStack() as stack:
         if uid is None and os.geteuid() == 0:  # never root itself
             [uid] = stack.enter_context(reserved_uids(1))
         python = python or sandbox_python(uid)
-        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True))
-        Path(workdir, "program.py").write_text(source, encoding="utf-8")
-        outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(2)]  # the program's, the verdict's
-
-        def contain(driver, args, stdin, pass_fds):
-            processes = limits.processes
-            if uid is None:  # RLIMIT_NPROC counts all the user's processes
-                processes += len(_processes(os.getuid()))
-            else:
-                for path in (workdir, *Path(workdir).iterdir()):
-                    os.chown(path, uid, uid)
-            bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, processes]
-            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-            user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
-            argv = [python, "-I", "-c", SANDBOX_LIMITS + driver, *map(str, bounds + [Path(workdir, "program.py")] + args)]
-            return subprocess.Popen(argv, stdin=stdin, stdout=outputs[0], stderr=subprocess.STDOUT, cwd=workdir,
-                                    env=env, pass_fds=pass_fds, start_new_session=True, **user)
-
-        def last_line(output) -> str:
-            if (size := output.seek(0, os.SEEK_END)) >= limits.output_kb << 10:
-                return f"over {limits.output_kb} KB of output"
-            output.seek(max(0, size - 4096))
-            lines = [line for line in output.read().decode("utf-8", "replace").splitlines() if line.strip()]
-            return lines[-1][:300] if lines else ""
-
-        pipes, children, report = [os.pipe() for _ in range(3)], [], b""
+        work = stack.enter_context(tempfile.TemporaryDirectory(prefix="kld-", ignore_cleanup_errors=True))
+        (program := Path(work, "program.py")).write_text(source, encoding="utf-8")
+        for path in (work, program) if uid is not None else ():
+            os.chown(path, uid, uid)
+        outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in "ab"]  # program's, verdict's
+        n = limits.processes + (uid is None and len([*_processes(os.getuid())]))  # the user's all
+        bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, n, program]
+        user = {} if uid is None else dict(user=uid, group=uid, extra_groups=[])
+        spawn = functools.partial(subprocess.Popen, stderr=subprocess.STDOUT, start_new_session=True)
+        if task is not None:  # the verdict's files, apart
+            verdict = stack.enter_context(tempfile.TemporaryDirectory(prefix="kld-verdict-"))
+            files = [os.path.join(verdict, name) for name in ("prompt.py", "test.py")]
+            for path, text in zip(files, (task.prompt, task.test)):
+                Path(path).write_text(text, encoding="utf-8")
+        (a_r, a_w), (b_r, b_w), (report_r, report_w) = [os.pipe() for _ in "abc"]
+        if task is None:  # the program's stdin: the nonce that proves its end, then end of file
+            expected, driver, fds, stdin = os.urandom(16).hex().encode(), SANDBOX_DRIVER, [report_w], a_r
+            os.write(a_w, expected)
+        else:  # calls cross in pipe a, answers in b
+            expected, driver, fds, stdin = b"passed", CANDIDATE_SERVER, [a_r, b_w], subprocess.DEVNULL
+        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+        args = map(str, bounds + fds + ([task.entry_point] if task else []))
+        argv = [python, "-I", "-c", SANDBOX_LIMITS + driver, *args]
+        children, report = [], b""
         try:
             try:
-                expected = launch(contain, pipes, outputs[1], children)
+                children.append(spawn(argv, stdin=stdin, stdout=outputs[0], cwd=work, env=env,
+                                      pass_fds=fds, **user))
+                if task is not None:  # the verdict's, trusted: as this user, unbounded
+                    fds = (a_w, b_r, report_w)
+                    argv = [sys.executable, "-I", "-c", VERDICT_DRIVER, *files, task.entry_point, *map(str, fds)]
+                    children.append(spawn(argv, stdin=subprocess.DEVNULL, stdout=outputs[1], cwd=verdict,
+                                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, pass_fds=fds))
             finally:  # the children hold their own ends: a side that ends closes its pipes
-                for fd in [*pipes[0], *pipes[1], pipes[2][1]]:
+                for fd in [a_r, a_w, b_r, b_w, report_w]:
                     os.close(fd)
             ended = _wait_bounded(children[-1], limits, uid, started)
         finally:
@@ -3323,104 +3267,58 @@ def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | 
                 child.wait()
             if uid is not None:
                 _clean_uid(uid, python)
-            os.set_blocking(pipes[2][0], False)
+            os.set_blocking(report_r, False)
             with contextlib.suppress(BlockingIOError):
-                report = os.read(pipes[2][0], 64)
-            os.close(pipes[2][0])
+                report = os.read(report_r, 64)
+            os.close(report_r)
         seconds = time.perf_counter() - started
         if report == expected and children[-1].returncode == 0 and not ended:
             return RunResult("passed", "", seconds)
+        def last_line(output) -> str:
+            if (size := output.seek(0, os.SEEK_END)) >= limits.output_kb << 10:
+                return f"over {limits.output_kb} KB of output"
+            output.seek(max(0, size - 4096))
+            lines = [s for s in output.read().decode("utf-8", "replace").splitlines() if s.strip()]
+            return lines[-1][:300] if lines else ""
         detail = last_line(outputs[1])
         if "the candidate's process ended" in detail or not detail:
             detail = last_line(outputs[0]) or detail
-        code = children[0].returncode
-        if len(children) > 1 and code != -signal.SIGXCPU:
-            code = None  # the candidate's process, ended by our SIGKILL
+        code = children[0].returncode  # in run_tests ours (SIGKILL) unless it hit RLIMIT_CPU
+        code = code if task is None or code == -signal.SIGXCPU else None
     if ended == "timeout" or code == -signal.SIGXCPU:
         return RunResult("timeout", f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
     why = {"memory": f"over {limits.memory_mb} MB of memory in all its processes",
            "disk": f"over {limits.output_kb} KiB written to files in all"}.get(ended)
     if not why and code is not None and code < 0 and not detail:
         why = f"killed by {signal.Signals(-code).name}"
-    return RunResult("failed", why or detail or f"exit status {code} before its tests ran to their end", seconds)
+    return RunResult("failed", why or detail or f"exit status {code} before its tests ended", seconds)
 
 
 def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
                 python: str | None = None) -> RunResult:
-    """Run `program` (Python source); passed means it returned without raising, asserts kept,
-    and the interpreter exited 0. The child is a fresh `python -I` in a session and process
-    group of its own, in a new temporary directory, with a clean environment, stdin at
-    /dev/null and the limits; at the timeout the group is killed.
-
-    As root (the default reserves one: reserved_uids) it runs as a uid of its own with no
-    groups: it cannot write or delete outside world-writable places nor signal the
-    evaluator, RLIMIT_NPROC bounds its processes, and its processes and files in /dev/shm
-    together stay within memory_mb. After it every process of that uid is killed and what
-    it left in /tmp, /var/tmp and /dev/shm and its IPC objects are removed. As another user
-    it runs as that user: RLIMIT_NPROC is set to that user's processes + limits.processes,
-    memory is bounded per process, and the user's files are not protected.
-
-    Not covered: the network, reading what the user may read, and code written to defeat
-    this harness, which runs in the interpreter that reports its end (run_tests keeps the
-    verdict out of its reach). Run untrusted code in a container or VM as well."""
-    nonce = os.urandom(16).hex().encode()
-
-    def launch(contain, pipes, output, children):
-        (nonce_r, nonce_w), _, (_, report_w) = pipes
-        os.write(nonce_w, nonce)  # the child's stdin: the nonce, then end of file
-        children.append(contain(SANDBOX_DRIVER, [report_w], nonce_r, (report_w,)))
-        return nonce
-    return _execute(program, limits, uid, python, launch)
+    """Run `program`: passed if it returned (asserts kept) and exited 0. See
+    the README's "Running generated code" for what is contained."""
+    return _execute(program, limits, uid, python)
 
 
-def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
-              python: str | None = None) -> RunResult:
-    """Run the task's tests against `source` (which defines task.entry_point) in two processes.
-
-    The candidate's (contained as in sandbox_run) runs `source`, then answers calls of the
-    entry point. The verdict's runs the task's prompt (its helpers) and tests, each call of
-    the candidate forwarded to the other; only plain values cross (marshal of None, bool,
-    int, float, complex, str, bytes and lists, tuples, sets and dicts of them; exceptions by
-    type name and message), checked by exact type. So the candidate's code never runs where
-    the verdict is made: it cannot read a proof of completion, hook the tests, or answer with
-    an object whose __eq__ lies. Passed means the tests' `check` returned.
-
-    Unlike HumanEval's one program, on honest programs: arguments are copies (changes in
-    place go unseen), the tests see the prompt's helpers, not the candidate's redefinitions,
-    and a function that returns another type (a generator, an object) fails."""
-    with tempfile.TemporaryDirectory(prefix="kld-verdict-") as verdict_dir:
-        files = [Path(verdict_dir, "prompt.py"), Path(verdict_dir, "test.py")]
-        for path, text in zip(files, (task.prompt, task.test)):
-            path.write_text(text, encoding="utf-8")
-
-        def launch(contain, pipes, output, children):
-            (calls_r, calls_w), (answers_r, answers_w), (_, report_w) = pipes
-            children.append(contain(CANDIDATE_SERVER, [task.entry_point, calls_r, answers_w], subprocess.DEVNULL,
-                                    (calls_r, answers_w)))
-            children.append(subprocess.Popen(
-                [sys.executable, "-I", "-c", VERDICT_DRIVER, *map(str, files), task.entry_point,
-                 *map(str, (calls_w, answers_r, report_w))], stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, cwd=verdict_dir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                pass_fds=(calls_w, answers_r, report_w), start_new_session=True))
-            return b"passed"
-        return _execute(source, limits, uid, python, launch)
+def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(),
+              uid: int | None = None, python: str | None = None) -> RunResult:
+    """The task's tests on `source`, away from the candidate's process, which
+    answers their calls with plain values: it cannot forge a pass."""
+    return _execute(source, limits, uid, python, task)
 
 
 def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), workers: int = 0,
                   run=run_tests) -> list[RunResult]:
-    """run(*job, limits, uid, python) for each job (run_tests: a task and a candidate source),
-    `workers` at a time (0: one per CPU), in order; as root each under a uid its worker holds
-    alone (each run kills and cleans up after its uid at its end)."""
+    """run(*job, limits, uid, python) per job, `workers` (0: CPUs) at once."""
     if not jobs:
         return []
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
     with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
-        uids = stack.enter_context(reserved_uids(n_workers)) if os.geteuid() == 0 else [None] * n_workers
-        python = sandbox_python(uids[0])
-        free = queue.SimpleQueue()  # a worker's uid, lent to one job at a time
+        uids = [None] * n_workers if os.geteuid() else stack.enter_context(reserved_uids(n_workers))
+        python, free = sandbox_python(uids[0]), queue.SimpleQueue()  # uids, one job's at a time
         for uid in uids:
             free.put(uid)
-
         def one(job):
             uid = free.get()
             try:
@@ -3430,33 +3328,28 @@ def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), wo
         return list(pool.map(one, jobs))
 
 
-def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(),
-                    workers: int = 0) -> list[RunResult]:
-    """sandbox_run for each program, as run_tests_all runs its jobs."""
+def sandbox_run_all(programs: list[str], limits=SandboxLimits(), workers=0) -> list[RunResult]:
+    """sandbox_run for each program, as run_tests_all."""
     return run_tests_all([(p,) for p in programs], limits, workers, sandbox_run)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of n samples, c passing (Chen et al. 2021): 1 - C(n-c, k) / C(n, k),
-    in the product form that avoids huge binomials."""
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     if not (0 <= c <= n and 1 <= k <= n):
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     return 1.0 if n - c < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10000,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-task values, resampling tasks."""
+def bootstrap_interval(values, confidence=0.95, resamples=10000, seed=0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-task values."""
     values = np.asarray(values, dtype=float)
     means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(1)
-    tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    return tuple(float(np.quantile(means, q)) for q in ((1 - confidence) / 2, 1 - (1 - confidence) / 2))
 
 
-def paired_comparison(a: dict[str, float], b: dict[str, float], confidence: float = 0.95, seed: int = 0) -> dict:
-    """Run b against run a on the same tasks (task_id -> score, e.g. pass@1): the mean of b - a
-    with its bootstrap interval, the tasks where b is better and worse, and the two-sided
-    sign test's p-value over those."""
+def paired_comparison(a: dict[str, float], b: dict[str, float], confidence=0.95, seed=0) -> dict:
+    """Run b against run a (task_id -> score): mean b - a, its interval, the
+    tasks b is better and worse on, and the sign test's p-value."""
     if set(a) != set(b):
         raise KldError(f"paired comparison needs the same tasks; {len(set(a) ^ set(b))} differ")
     diffs = np.array([b[t] - a[t] for t in sorted(a)])
@@ -3481,97 +3374,85 @@ class CodegenSettings:
     def __post_init__(self):
         object.__setattr__(self, "ks", tuple(self.ks))  # a list given: frozen as the type says
         if max(self.ks, default=1) > self.n_samples:
-            raise KldError(f"pass@k for k = {max(self.ks)} needs that many samples; n_samples is {self.n_samples}")
+            raise KldError(f"pass@k for k = {max(self.ks)} needs that many samples (n_samples)")
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
-            raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: "
-                           "n_samples must be 1 for greedy decoding, or temperature > 0 for more samples")
+            raise KldError(f"n_samples {self.n_samples}: 1 for greedy decoding, more with temperature > 0")
 
 
 def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
-    """Prompt in the chat template: as `cfg.chat` says, or when the tokenizer has one."""
+    """Prompt in the chat template: as `cfg.chat` says, or if `tok` has one."""
     return has_chat_template(tok) if cfg.chat is None else cfg.chat
 
 
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
-    """A run's code-generation settings; a program gets exec_timeout seconds of wall clock and CPU."""
+    """A run's settings; exec_timeout bounds wall clock and CPU seconds."""
     return CodegenSettings(chat=uses_chat(cfg, tok), system_prompt=cfg.system_prompt, n_samples=cfg.n_samples,
                            ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), workers=cfg.exec_workers,
                            limits=SandboxLimits(cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout))))
 
 
 def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
-    """ids less the tokens of a UTF-8 character cut short at the end (the budget ran out in
-    it): as U+FFFD, which tau spells in three tokens, it would count as a saving."""
+    """ids less a character the token budget cut short (U+FFFD: 3 tokens)."""
     pieces = [tok.token_bytes(t) for t in ids]
     try:
         b"".join(pieces).decode("utf-8")
-        return ids
     except UnicodeDecodeError as e:
-        if e.reason != "unexpected end of data":  # broken inside, not cut at the end: as written
-            return ids
-        end = e.start  # where the unfinished character begins
-    return [t for t, stop in zip(ids, itertools.accumulate(map(len, pieces))) if stop <= end]
+        if e.reason == "unexpected end of data":  # cut at the end, not broken inside
+            return [t for t, end in zip(ids, itertools.accumulate(map(len, pieces))) if end <= e.start]
+    return ids
 
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                      settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
-    """Generate settings.n_samples programs per task with `tok` (the teacher's has no new
-    tokens), run each against its task's tests (run_tests), and score: pass@k (unbiased,
-    mean over tasks) with a bootstrap interval; tokens per character; the share of new
-    tokens generated, the share tau' gives the same text, and their ratio (adoption);
-    characters per second; the saving on the model's own text, which it cannot fool:
-    realised_saving = 1 - tokens spent / tau's tokens on it, possible_saving = 1 - tau''s /
-    tau's, their ratio saving_realised. "tasks" holds per-task n, c and pass@k, "samples"
-    each program. Each rank generates and runs its share (sampled ones with a seed of its
-    own: greedy ones do not depend on the ranks); every rank gets the whole result."""
+    """Generate n_samples programs per task, run their tests, and score: pass@k;
+    adoption = new-token share / tau''s on the text; realised_saving =
+    1 - tokens / tau's; possible_saving = 1 - tau''s / tau's."""
     if not tasks:
         raise KldError("no tasks to evaluate")
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
     prompts = [task_prompt(t, chat, settings.system_prompt) for t in owners]
     decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
-    mine = share(range(len(prompts)), ranks)  # this rank's prompts
+    mine = share(range(len(prompts)), ranks)  # this rank's prompts, sampled with a seed of its own
     my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)
     t0 = time.perf_counter()
     my_completions = generate(model, tok, [prompts[i] for i in mine], my_decoding) if mine else []
     my_seconds = max(time.perf_counter() - t0, 1e-9)
     my_sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, my_completions)]
-    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)  # a node's ranks share its CPUs
-    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)], settings.limits, workers)
+    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)  # shared CPUs
+    my_results = run_tests_all([*zip([owners[i] for i in mine], my_sources)], settings.limits, workers)
     shares = gather((list(mine), my_completions, my_sources, my_results, my_seconds), ranks)
     generation_s = max(part[4] for part in shares)  # the ranks generate at the same time
-    by_prompt = {i: (c, s, r) for indices, *parts, _ in shares for i, c, s, r in zip(indices, *parts)}
-    completions, sources, results = zip(*(by_prompt[i] for i in range(len(prompts))))  # in prompt order
+    by_prompt = {i: row for idx, *parts, _ in shares for i, *row in zip(idx, *parts)}
+    completions, sources, results = zip(*(by_prompt[i] for i in range(len(prompts))))
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     samples, counts = [], np.zeros(6, dtype=np.int64)
     for task, completion, source, result in zip(owners, completions, sources, results):
         ids = whole_characters(tok, completion.token_ids)  # what is measured
         text = tok.decode(ids)  # with the stop string: as the tokens emitted
         base_ids = tok.base.encode(text, add_special_tokens=False).ids  # tau on the same text
-        reencoded = tok.merge(base_ids)  # tau' on the same text
-        counts += [len(text), len(ids), len(base_ids), len(reencoded),
-                   *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, reencoded))]
+        merged = tok.merge(base_ids)  # tau' on the same text
+        counts += [len(text), len(ids), len(base_ids), len(merged),
+                   *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, merged))]
         per_task[task.task_id]["c"] += result.status == "passed"
-        samples.append({"task_id": task.task_id, "completion": completion.text, "program": source,
-                        "status": result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
-    n_chars, n_tokens, n_base, n_reencoded, n_new, n_reencoded_new = counts.tolist()
-    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": decoding.temperature}
+        samples.append({"task_id": task.task_id, "completion": completion.text, "program": source, "status":
+                        result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
+    n_chars, n_tokens, n_base, n_merged, n_new, n_merged_new = counts.tolist()
+    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat,
+               "temperature": decoding.temperature}
     for k in ks:
         for scores in per_task.values():
             scores[f"pass@{k}"] = pass_at_k(scores["n"], scores["c"], k)
         values = [s[f"pass@{k}"] for s in per_task.values()]
         summary[f"pass@{k}"] = float(np.mean(values))
         summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=decoding.seed)
-    # adoption: the share of new tokens over the share tau' gives the same text (1: written as
-    # tau' would; 0: all in base tokens)
-    reencoded_share = n_reencoded_new / max(1, n_reencoded)
-    realised_saving = 1 - n_tokens / max(1, n_base)  # below 0 where the text is longer than tau's
-    possible_saving = 1 - n_reencoded / max(1, n_base)
-    summary.update({"tokens_per_char": n_tokens / max(1, n_chars), "new_token_share": n_new / max(1, n_tokens),
-                    "reencoded_new_token_share": reencoded_share,
-                    "adoption": n_new / max(1, n_tokens) / reencoded_share if reencoded_share else None,
-                    "realised_saving": realised_saving, "possible_saving": possible_saving,
-                    "saving_realised": realised_saving / possible_saving if possible_saving > 0 else None,
+    merged_share = n_merged_new / max(1, n_merged)
+    realised, possible = 1 - n_tokens / max(1, n_base), 1 - n_merged / max(1, n_base)  # realised < 0: longer
+    summary.update({"tokens_per_char": n_tokens / max(1, n_chars),
+                    "new_token_share": n_new / max(1, n_tokens), "reencoded_new_token_share": merged_share,
+                    "adoption": n_new / max(1, n_tokens) / merged_share if merged_share else None,
+                    "realised_saving": realised, "possible_saving": possible,
+                    "saving_realised": realised / possible if possible > 0 else None,
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
                     "timeouts": sum(r.status == "timeout" for r in results)})
     return {"summary": summary, "tasks": per_task, "samples": samples}
@@ -3579,7 +3460,7 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
 
 def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config,
                                    ranks: Ranks = Ranks()) -> dict:
-    """evaluate_codegen with the settings of `cfg`, whose fields it depends on recorded under "settings"."""
+    """evaluate_codegen as `cfg` says, recording its fields under "settings"."""
     result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
     result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
     return result
