@@ -2356,13 +2356,9 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
 # ----------------------------------------------------------------------------------------
 
 
-TASK_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
-
-
 @dataclass(frozen=True)
 class Task:
-    """A HumanEval-format task: `prompt` is a function's signature and docstring, `test`
-    defines check(candidate), which asserts on the function named `entry_point`."""
+    """A HumanEval task: `test` defines check(candidate)."""
     task_id: str
     prompt: str
     entry_point: str
@@ -2371,66 +2367,49 @@ class Task:
 
 
 def read_tasks(path: str | Path) -> list[Task]:
-    """Tasks from a HumanEval-format .jsonl or .jsonl.gz file, or from every such file in a
-    directory (sorted by name). Task ids must be unique."""
-    path = Path(path)
-    if path.is_dir():  # regular files only: a FIFO would hang the read
-        files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")) and p.is_file())
-        if not files:
-            raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
-    elif path.is_file():
-        files = [path]
-    elif path.exists():
-        raise KldError(f"task file {path} is not a regular file")
-    else:
+    """Tasks from a HumanEval .jsonl(.gz) file or a directory of them."""
+    path, keys, tasks = Path(path), [f.name for f in dataclasses.fields(Task)], {}
+    if not path.exists():
         raise KldError(f"task file not found: {path}")
-    tasks = []
-    seen = set()  # task ids so far
+    files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz"))
+                   and p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
+    if not files[0].is_file():  # a FIFO would hang the read
+        raise KldError(f"task file {path} is not a regular file")
     for file in files:
         try:
-            with (gzip.open if file.name.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
+            with (gzip.open if file.suffix == ".gz" else open)(file, "rt", encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except (OSError, EOFError, UnicodeDecodeError) as e:
             raise KldError(f"cannot read task file {file}: {e}") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        for at, line in ((f"{file}:{i}", x) for i, x in enumerate(lines, 1) if x.strip()):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise KldError(f"{file}:{number} is not valid JSON: {e}") from None
-            missing = [k for k in TASK_FIELDS if not isinstance(record, dict) or not isinstance(record.get(k), str)]
-            if missing:
-                raise KldError(f"{file}:{number}: a task needs the text fields {list(TASK_FIELDS)}; "
-                               f"missing or not text: {missing}")
-            if record["task_id"] in seen:
-                raise KldError(f"{file}:{number}: task_id {record['task_id']!r} appears twice")
-            seen.add(record["task_id"])
-            tasks.append(Task(**{k: record[k] for k in TASK_FIELDS}))
+                raise KldError(f"{at} is not valid JSON: {e}") from None
+            if bad := [k for k in keys if not isinstance(record, dict) or not isinstance(record.get(k), str)]:
+                raise KldError(f"{at}: missing or not text: {bad} (a task needs {keys})")
+            if record["task_id"] in tasks:
+                raise KldError(f"{at}: task_id {record['task_id']!r} appears twice")
+            tasks[record["task_id"]] = Task(**{k: record[k] for k in keys})
     if not tasks:
         raise KldError(f"no tasks in {path}")
-    return tasks
+    return list(tasks.values())
 
 
-# A base model continues the function body; these end it (the HumanEval convention, plus
-# the code fence that an instruct model writes after the body).
+# A base model's body ends at a top-level statement (HumanEval's stops) or a fence.
 BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
-# An instruct model answers in a chat turn that we start with a code fence; the next fence ends it.
-CHAT_STOPS = ["```"]
 
 
-def task_decoding(decoding: Decoding, model_cfg: ModelConfig,
-                  tok: ExtendedTokenizer, chat: bool) -> Decoding:
-    """`decoding` with the stops of a task's answer: the closing fence in a chat (or the
-    next top-level statement without one) and the model's end-of-answer tokens."""
-    return decoding.with_stops(CHAT_STOPS if chat else BASE_STOPS,
-                               stop_token_ids(model_cfg, tok, chat))
+def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer,
+                  chat: bool) -> Decoding:
+    """`decoding` with the stops that end a task's answer."""
+    return decoding.with_stops(["```"] if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
 
 
 def task_prompt(task: Task, chat: bool, system: str = "") -> str:
-    """What the model is given. Base: the prompt itself, to be continued. Chat: a request in
-    the chat template, and the answer opened with a ```python fence so that the code comes
-    first and the closing fence ends it."""
+    """Base: the prompt. Chat: a request, the answer opened with a fence."""
     if not chat:
         return task.prompt
     request = ("Complete the following Python function. Answer with the complete function "
@@ -2439,81 +2418,62 @@ def task_prompt(task: Task, chat: bool, system: str = "") -> str:
 
 
 def candidate_source(task: Task, completion: str, chat: bool) -> str:
-    """The program text that defines the candidate function.
-
-    Base: prompt + completion. Chat: the answer's code after the prompt; the prompt's
-    function (a docstring is a valid body) keeps its imports and helpers in scope, and a
-    `def entry_point` in the answer redefines it. An answer without that def is taken as
-    the body, indented when it is not already."""
+    """The candidate's program. Chat: the prompt (its imports, helpers), then
+    the answer's `def entry_point`, or the answer as the body, indented."""
     if not chat:
         return task.prompt + completion
     code = completion.strip("\n")
-    if not any(line.startswith(f"def {task.entry_point}(") for line in code.splitlines()):
-        if code and not code[0].isspace():
-            code = "\n".join("    " + line if line else line for line in code.splitlines())
-        return task.prompt.rstrip() + "\n" + code + "\n"
-    return task.prompt.rstrip() + "\n\n\n" + code + "\n"
+    if any(line.startswith(f"def {task.entry_point}(") for line in code.splitlines()):
+        return task.prompt.rstrip() + "\n\n\n" + code + "\n"
+    if code and not code[0].isspace():
+        code = "\n".join("    " + line if line else line for line in code.splitlines())
+    return task.prompt.rstrip() + "\n" + code + "\n"
 
 
 def program_with_tests(task: Task, source: str) -> str:
-    """The program run in the sandbox: the candidate, the task's tests, the call that runs them."""
+    """One program, as HumanEval's harness runs it."""
     return f"{source}\n\n{task.test}\n\ncheck({task.entry_point})\n"
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
     """Bounds on one program run (sandbox_run, run_tests)."""
-    timeout_s: float = 10.0  # wall clock; then the process group (and the sandbox uid) is killed
-    cpu_s: int = 10  # RLIMIT_CPU: CPU seconds (SIGXCPU, reported as a timeout)
-    memory_mb: int = 1024  # RLIMIT_AS per process; under a sandbox uid also all its processes and files in RAM
-    output_kb: int = 1024  # RLIMIT_FSIZE: bytes written to any file, stdout and stderr included
-    processes: int = 16  # RLIMIT_NPROC: processes the program may have at once (see sandbox_run)
+    timeout_s: float = 10.0  # wall clock
+    cpu_s: int = 10  # RLIMIT_CPU (reported as a timeout)
+    memory_mb: int = 1024  # RLIMIT_AS; as root, all its processes and /dev/shm files too
+    output_kb: int = 1024  # RLIMIT_FSIZE, stdout included; as root, all its files too
+    processes: int = 16  # RLIMIT_NPROC
 
 
 @dataclass
 class RunResult:
     status: str  # "passed", "failed" or "timeout"
-    detail: str  # why not passed: the last line of the output, or what killed it
+    detail: str  # why not passed: the output's last line, or what ended it
     seconds: float
 
 
-# Runs in the child interpreter first: bound its resources.
-SANDBOX_LIMITS = r"""
-import os, resource, sys
-cpu, memory, output, processes = map(int, sys.argv[1:5])
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at cpu seconds, SIGKILL a second later
-for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, output),
-                     (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_CORE, 0)]:
-    resource.setrlimit(limit, (value, value))
-del limit, value
+# The contained child runs this first: its limits (argv[1:5]); SIGKILL a second after SIGXCPU.
+SANDBOX_LIMITS = r"""import os, resource, sys
+cpu, *bounds = map(int, sys.argv[1:5])
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+for limit, value in zip(("AS", "FSIZE", "NPROC", "CORE"), bounds + [0]):
+    resource.setrlimit(getattr(resource, "RLIMIT_" + limit), (value, value))
 """
 
-# A program runs as a module of its own, not "__main__", as in HumanEval's harness: an
-# answer's `if __name__ == "__main__":` demo (which may read input()) is not run. The module
-# is registered in sys.modules, as an imported one is: dataclasses and typing look their
-# class's module up there.
-PROGRAM_MODULE = r"""
-import types
-
-def module_namespace(name):
-    module = types.ModuleType(name)
-    sys.modules[name] = module
+# load: a file run with asserts kept as a registered module, not "__main__" (as HumanEval).
+LOAD = r"""import builtins, marshal, os, sys, traceback, types
+def load(path, name):
+    module = sys.modules.setdefault(name, types.ModuleType(name))
+    with open(path, encoding="utf-8") as f:
+        exec(compile(f.read(), path, "exec", optimize=0), module.__dict__)
     return module.__dict__
 """
 
-# sandbox_run's program: read the nonce that proves completion from stdin and leave stdin
-# at /dev/null, run the program with asserts compiled in, and write the nonce to the
-# report pipe only if it returned.
-SANDBOX_DRIVER = PROGRAM_MODULE + r"""
-import traceback
-program, report_fd = sys.argv[5], int(sys.argv[6])
-nonce = os.read(0, 64)
+# sandbox_run's child: the nonce from stdin goes to the report pipe if the program returned.
+SANDBOX_DRIVER = LOAD + r"""report_fd, nonce = int(sys.argv[6]), os.read(0, 64)
 null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
-del null
-with open(program, encoding="utf-8") as f:
-    source = f.read()
 try:
-    exec(compile(source, program, "exec", optimize=0), module_namespace("candidate"))
+    load(sys.argv[5], "candidate")
     sys.stdout.flush(); sys.stderr.flush()
 except BaseException:
     traceback.print_exc(); sys.stderr.flush()
@@ -2522,92 +2482,61 @@ os.write(report_fd, nonce)
 os._exit(0)
 """
 
-# Both sides of run_tests: what may cross between the candidate's process and the verdict's.
-PLAIN_VALUES = r"""
-PLAIN = (type(None), bool, int, float, complex, str, bytes)
-# each scalar type's exact copy of a value of a type derived from it, read through the
-# base type's own slots (bool cannot be subclassed)
+# Both sides of run_tests: a message is 8 bytes of length and a marshal of plain values, by
+# exact type. as_plain reads a subclass's value (a Counter) by its plain base type's methods.
+PLAIN_VALUES = r"""PLAIN = (type(None), bool, int, float, complex, str, bytes)
 EXACT_COPIES = ((int, int.__int__), (float, float.__float__), (str, str.__str__),
                 (complex, lambda x: complex(complex.real.__get__(x), complex.imag.__get__(x))),
                 (bytes, lambda x: bytes.__getitem__(x, slice(None))))
-
 def plain(x, depth=0):
-    # x is made of plain values only, by exact type
-    if depth > 200:
-        return False
-    if type(x) in PLAIN:
-        return True
-    if type(x) in (list, tuple, set, frozenset):
-        return all(plain(v, depth + 1) for v in x)
     if type(x) is dict:
-        return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
-    return False
-
+        x = [*x, *x.values()]
+    return depth <= 200 and (type(x) in PLAIN or type(x) in (list, tuple, set, frozenset)
+                             and all(plain(v, depth + 1) for v in x))
 class Unplain(Exception):
     pass
-
 def as_plain(x, depth=0):
-    # x as plain values: a value whose type derives from a plain type (a Counter, a
-    # namedtuple, an IntEnum, a numpy float64) becomes the plain value it extends, read
-    # through the base type's own methods, so nothing the subclass overrides runs or
-    # crosses (its __eq__ above all). type(x), unlike x.__class__, cannot lie.
-    kind = type(x)
-    if depth > 190:  # below plain()'s 200: the message that carries x adds a level or two
+    kind, deeper = type(x), depth + 1
+    if depth > 190:
         raise Unplain(kind.__name__ + " nested over 190 deep (a value that holds itself?)")
     if kind in PLAIN:
         return x
-    if issubclass(kind, (dict, set, frozenset)):
-        if issubclass(kind, dict):
-            copy = {as_plain(k, depth + 1): as_plain(v, depth + 1) for k, v in dict.items(x)}
-            size = dict.__len__(x)
-        else:
-            base = set if issubclass(kind, set) else frozenset
-            copy = base(as_plain(v, depth + 1) for v in base.__iter__(x))
-            size = base.__len__(x)
-        if len(copy) != size:  # members a lying __hash__ / __eq__ kept apart merge as plain values
-            raise Unplain(kind.__name__ + " whose members are equal as plain values")
-        return copy
-    for base in (list, tuple):
+    for base in (dict, set, frozenset, list, tuple):
         if issubclass(kind, base):
-            return base(as_plain(v, depth + 1) for v in base.__iter__(x))
+            if base is dict:
+                copy = {as_plain(k, deeper): as_plain(v, deeper) for k, v in dict.items(x)}
+            else:
+                copy = base(as_plain(v, deeper) for v in base.__iter__(x))
+            if base in (dict, set, frozenset) and len(copy) != base.__len__(x):
+                raise Unplain(kind.__name__ + " whose members are equal as plain values")
+            return copy
     for base, exact_copy in EXACT_COPIES:
         if issubclass(kind, base):
             return exact_copy(x)
     raise Unplain(kind.__name__)
-"""
-
-# run_tests, the candidate's side: define the function, then answer calls. A message is
-# 8 bytes of length and a marshal of plain values; nothing else crosses.
-CANDIDATE_SERVER = PROGRAM_MODULE + PLAIN_VALUES + r"""
-import marshal, traceback
-program, entry, calls_fd, answers_fd = sys.argv[5], sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
-
-def send(message):
+def send(fd, message):
     data = marshal.dumps(message)
-    os.write(answers_fd, len(data).to_bytes(8, "little") + data)
-
-def read_exact(n):
+    os.write(fd, len(data).to_bytes(8, "little") + data)
+def read_exact(fd, n):
     data = b""
     while len(data) < n:
-        chunk = os.read(calls_fd, n - len(data))
-        if not chunk:
-            os._exit(0)  # the tests are done
+        if not (chunk := os.read(fd, min(n - len(data), 1 << 20))):
+            return None
         data += chunk
     return data
+"""
 
-with open(program, encoding="utf-8") as f:
-    source = f.read()
-namespace = module_namespace("candidate")
+# run_tests, the candidate's side: define the function, then answer calls.
+CANDIDATE_SERVER = LOAD + PLAIN_VALUES + r"""calls_fd, answers_fd = map(int, sys.argv[6:8])
 try:
-    exec(compile(source, program, "exec", optimize=0), namespace)
-    function = namespace[entry]
+    function = load(sys.argv[5], "candidate")[sys.argv[8]]
 except BaseException as e:
     traceback.print_exc(); sys.stderr.flush()
-    send(("broken", f"{type(e).__name__}: {e}"[:300]))
+    send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
     os._exit(1)
-send(("ready",))
-while True:
-    args, kwargs = marshal.loads(read_exact(int.from_bytes(read_exact(8), "little")))
+send(answers_fd, ("ready",))
+while head := read_exact(calls_fd, 8):
+    args, kwargs = marshal.loads(read_exact(calls_fd, int.from_bytes(head, "little")))
     try:
         value = function(*args, **kwargs)
     except BaseException as e:
@@ -2615,542 +2544,314 @@ while True:
     else:
         try:
             message = ("return", as_plain(value))
-        except Unplain as e:
-            message = ("unplain", str(e))
-        except BaseException:  # a subclass whose base state cannot be read
-            message = ("unplain", type(value).__name__)
+        except BaseException as e:
+            message = ("unplain", str(e) if type(e) is Unplain else type(value).__name__)
     sys.stdout.flush(); sys.stderr.flush()
     try:
-        send(message)
-    except ValueError:  # marshal takes plain values only
-        send(("unplain", type(message[1]).__name__))
+        send(answers_fd, message)
+    except ValueError:
+        send(answers_fd, ("unplain", type(message[1]).__name__))
+os._exit(0)
 """
 
-# run_tests, the verdict's side (trusted: the task's own code): the task's prompt (its
-# helpers), the tests, and `check` called with a stand-in that forwards each call to the
-# candidate's process and admits only plain values back.
-VERDICT_DRIVER = r"""
-import builtins, marshal, os, sys
-""" + PROGRAM_MODULE + PLAIN_VALUES + r"""
-prompt_file, test_file, entry = sys.argv[1:4]
+# run_tests, the verdict's side: the tests call a stand-in. A StopIteration would end their map
+# early, unsaid (`all(map(...))` holds): it crosses as an error of its own (PEP 479).
+VERDICT_DRIVER = LOAD + PLAIN_VALUES + r"""prompt_file, test_file, entry = sys.argv[1:4]
 calls_fd, answers_fd, report_fd = map(int, sys.argv[4:7])
-
-def read_exact(n):
-    data = b""
-    while len(data) < n:
-        chunk = os.read(answers_fd, min(n - len(data), 1 << 20))
-        if not chunk:
-            raise RuntimeError("the candidate's process ended before it answered")
-        data += chunk
-    return data
-
 def receive():
-    n = int.from_bytes(read_exact(8), "little")
-    if n > 64 << 20:
+    head = read_exact(answers_fd, 8) or b""
+    if int.from_bytes(head, "little") > 64 << 20:
         raise RuntimeError("the candidate's answer is over 64 MB")
-    message = marshal.loads(read_exact(n))
-    if type(message) is not tuple or not message or not plain(message):
+    if not (data := head and read_exact(answers_fd, int.from_bytes(head, "little"))):
+        raise RuntimeError("the candidate's process ended before it answered")
+    if type(message := marshal.loads(data)) is not tuple or not message or not plain(message):
         raise RuntimeError("the candidate's process sent something other than plain values")
     return message
-
 class CandidateError(Exception):
     pass
-
 def candidate(*args, **kwargs):
     try:
-        args, kwargs = as_plain((args, kwargs))
+        send(calls_fd, as_plain((args, kwargs)))
     except Unplain as e:
-        raise TypeError(f"the tests call the candidate with a value that is not plain ({e})") from None
-    data = marshal.dumps((args, kwargs))
-    os.write(calls_fd, len(data).to_bytes(8, "little") + data)
+        raise TypeError(f"a call of the candidate with a value that is not plain ({e})") from None
     kind, *rest = receive()
     if kind == "return" and len(rest) == 1:
         return rest[0]
-    if kind == "raise" and len(rest) == 2 and all(type(r) is str for r in rest):
-        cls = getattr(builtins, rest[0], None)
-        # StopIteration would end the map, filter or generator that calls the candidate early,
-        # unsaid, so that `all(map(...))` holds: it crosses as an error of its own (PEP 479's reason)
-        stops = (StopIteration, StopAsyncIteration)
-        if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, stops):
-            try:
-                error = cls(rest[1])
-            except Exception:
-                error = CandidateError(f"{rest[0]}: {rest[1]}")
-            raise error
-        raise CandidateError(f"{rest[0]}: {rest[1]}")
     if kind == "unplain":
-        raise TypeError(f"the candidate returned a value that is not plain ({rest[0] if rest else '?'})")
-    raise RuntimeError("the candidate's process sent a malformed message")
-
-namespace = module_namespace("verdict")  # not "__main__": the prompt's own guarded demo does not run
-with open(prompt_file, encoding="utf-8") as f:
-    exec(compile(f.read(), "prompt", "exec"), namespace)
-first = receive()
-if first[0] != "ready":
-    sys.exit(f"the candidate's program fails before the tests: {first[1] if len(first) > 1 else '?'}")
+        raise TypeError(f"the candidate returned a value that is not plain {rest}")
+    if kind != "raise" or len(rest) != 2 or any(type(r) is not str for r in rest):
+        raise RuntimeError("the candidate's process sent a malformed message")
+    error, cls = CandidateError(": ".join(rest)), getattr(builtins, rest[0], None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and cls not in (StopIteration, StopAsyncIteration):
+        try:
+            error = cls(rest[1])
+        except Exception:
+            pass
+    raise error
+namespace = load(prompt_file, "verdict")
+if (first := receive())[0] != "ready":
+    sys.exit(f"the candidate's program fails before the tests: {first[-1]}")
 namespace[entry] = candidate
-with open(test_file, encoding="utf-8") as f:
-    exec(compile(f.read(), "test", "exec", optimize=0), namespace)
-namespace["check"](candidate)
+load(test_file, "verdict")["check"](candidate)
 sys.stdout.flush(); sys.stderr.flush()
 os.write(report_fd, b"passed")
 os._exit(0)
 """
 
-SANDBOX_UID_BASE = 61000  # reserved_uids() takes unused uids from here up when the evaluator is root
-WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where a sandbox uid can leave files behind
 
-
-def _process_stats() -> list[os.stat_result]:
-    stats = []
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                stats.append(os.stat(f"/proc/{name}"))
-    return stats
+def _processes(uid: int | None = None) -> typing.Iterator[tuple[int, int, int | None]]:
+    """(pid, uid, resident bytes; None: a zombie) of all or `uid`'s processes."""
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if uid in (None, owner := os.stat(f"/proc/{pid}").st_uid):
+                state, *rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                rss = None if state == "Z" else int(rest[20]) * resource.getpagesize()
+                yield int(pid), owner, rss
 
 
 @contextlib.contextmanager
-def reserved_uids(n: int, base: int = SANDBOX_UID_BASE):
-    """n user ids that no account holds and no process (zombies included) runs as, each held
-    by this evaluator until the block ends: one per program running at once, so that
-    RLIMIT_NPROC and kill(-1) act on that program's processes alone. The hold is an exclusive flock on a
-    file per uid in a directory only root can enter, so evaluators running at once (two
-    runs, the ranks of one node) never share a uid; the kernel drops it when its holder
-    ends, however it ends."""
-    import fcntl
-    import pwd
-
-    locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")  # one place for every evaluator
+def reserved_uids(n: int, base: int = 61000):
+    """n uids no account or process holds, one per program at once, held by
+    flocks in a root-only directory: evaluators at once never share one."""
+    import fcntl, pwd
+    locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
     with contextlib.suppress(FileExistsError):
         locks.mkdir(mode=0o700)
-    info = locks.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+    if not stat.S_ISDIR((info := locks.lstat()).st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
         raise KldError(f"{locks} is not a directory that only this user can enter; remove it")
-    taken = {p.pw_uid for p in pwd.getpwall()} | {s.st_uid for s in _process_stats()}
-    held = []  # (uid, open lock file)
+    taken = {p.pw_uid for p in pwd.getpwall()} | {u for _, u, _ in _processes()}
+    uids, fds = [], []
     try:
-        for uid in itertools.count(base):
-            if len(held) == n:
+        for uid in (u for u in itertools.count(base) if u not in taken):
+            if len(uids) == n:
                 break
-            if uid in taken:
-                continue
-            fd = os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another evaluator's
-                os.close(fd)
-                continue
-            held.append((uid, fd))
-        yield [uid for uid, _ in held]
+            fds.append(os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            with contextlib.suppress(BlockingIOError):  # else another evaluator's
+                fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                uids.append(uid)
+        yield uids
     finally:
-        for _, fd in held:
-            os.close(fd)  # the lock goes with the last descriptor
+        for fd in fds:
+            os.close(fd)
 
 
-def _uid_processes(uid: int) -> dict[int, int]:
-    """{pid: resident bytes} of the live processes of `uid` (zombies have exited: left out)."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if os.stat(f"/proc/{name}").st_uid != uid:
-                continue
-            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z":
-                # field 24 of stat: rss in pages
-                found[int(name)] = int(fields[21]) * resource.getpagesize()
-    return found
-
-
-def _uid_files(uid: int, tops: tuple[str, ...] = WORLD_WRITABLE) -> list[Path]:
-    """The files and directories `uid` owns below `tops` (at any depth below world-writable
-    directories, the only ones a user with no groups can write in)."""
-    found = []
-    todo = [Path(p) for p in tops if os.path.isdir(p)]
+def _uid_files(uid: int) -> typing.Iterator[tuple[Path, os.stat_result]]:
+    """(path, lstat) of what `uid` owns where it can write."""
+    todo = [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)]
     while todo:
         with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
-                    info = entry.stat(follow_symlinks=False)
-                    if info.st_uid == uid:
-                        found.append(Path(entry.path))
-                    elif entry.is_dir(follow_symlinks=False) and info.st_mode & 0o002:
+                    if (info := entry.stat(follow_symlinks=False)).st_uid == uid:
+                        yield Path(entry.path), info
+                    elif stat.S_ISDIR(info.st_mode) and info.st_mode & 0o002:
                         todo.append(Path(entry.path))
-    return found
 
 
-def _remove_uid_leftovers(uid: int):
-    """Delete what `uid` left in the world-writable places and its System V IPC objects."""
-    for path in _uid_files(uid):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink()
+def _clean_uid(uid: int, python: str):
+    """SIGKILL `uid`'s processes until none is left; remove its files, IPC."""
+    for _ in range(100):
+        if not (live := [pid for pid, _, rss in _processes(uid) if rss is not None]):
+            break
+        subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
+                       extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
+        time.sleep(0.01)
+    else:
+        raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: {live[:8]}")
+    for path, info in list(_uid_files(uid)):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path, True) if stat.S_ISDIR(info.st_mode) else path.unlink()
     for kind, flag in (("shm", "-m"), ("sem", "-s"), ("msg", "-q")):
         with contextlib.suppress(OSError):
             header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
-            names = header.split()
-            for row in map(str.split, rows):
-                if int(row[names.index("uid")]) == uid:
-                    subprocess.run(["ipcrm", flag, row[1]],
-                                   capture_output=True, check=False)
-
-
-def _uid_usage(uid: int) -> tuple[int, int]:
-    """(bytes `uid` holds in RAM, bytes of its files in the world-writable places), in one
-    walk: RAM is its processes' resident memory and its files in /dev/shm."""
-    in_ram = sum(_uid_processes(uid).values())
-    on_disk = 0
-    for path in _uid_files(uid):
-        with contextlib.suppress(OSError):
-            info = path.lstat()
-            size = info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
-            on_disk += size
-            in_ram += size if path.is_relative_to("/dev/shm") else 0
-    return in_ram, on_disk
+            column = header.split().index("uid")
+            for row in (r.split() for r in rows if int(r.split()[column]) == uid):
+                subprocess.run(["ipcrm", flag, row[1]], capture_output=True)
 
 
 def sandbox_python(uid: int | None) -> str:
-    """An interpreter that `uid` can run: this one, or else a system python3 (this one may
-    live where other users cannot reach, e.g. under /root)."""
+    """A Python `uid` can run: this one (maybe in /root), or a system one."""
     if uid is None:
         return sys.executable
-    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
-                  "/usr/local/bin/python3"]
-    for python in dict.fromkeys(candidates):
+    tried = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
+             "/usr/local/bin/python3"]
+    for python in dict.fromkeys(tried):
         with contextlib.suppress(OSError):
-            probe = subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
-                                   extra_groups=[], cwd="/", env={}, capture_output=True, timeout=30)
-            if probe.returncode == 0:
+            if subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
+                              extra_groups=[], cwd="/", env={}, capture_output=True, timeout=30).returncode == 0:
                 return python
-    raise KldError(f"no Python interpreter that the sandbox user {uid} may run (tried {candidates}); "
+    raise KldError(f"no Python that the sandbox user {uid} may run (tried {tried}); "
                    "make one reachable by other users")
 
 
-def _kill_uid(uid: int, python: str):
-    """SIGKILL every process of `uid` until none is left: kill(-1) from a process running as
-    that uid (it signals all of them but itself), no shell in between."""
-    for _ in range(100):
-        if not _uid_processes(uid):
-            return
-        subprocess.run([python, "-I", "-S", "-c",
-                        "import os, signal; os.kill(-1, signal.SIGKILL)"],
-                       user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, cwd="/", env={}, check=False)
-        time.sleep(0.01)
-    raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: "
-                   f"{sorted(_uid_processes(uid))[:8]}")
-
-
-def _sandbox_user(uid: int | None, python: str | None, stack: contextlib.ExitStack) -> tuple[int | None, str]:
-    """The defaults: as root, a uid reserved until `stack` closes (never root itself), and an
-    interpreter it can run."""
-    if uid is None and os.geteuid() == 0:
-        [uid] = stack.enter_context(reserved_uids(1))
-    return uid, python or sandbox_python(uid)
-
-
-def _contained(python: str, driver: str, args: list[str], workdir: str, output, uid: int | None,
-               limits: SandboxLimits, stdin, pass_fds: tuple[int, ...]) -> subprocess.Popen:
-    """Start `python -I -c SANDBOX_LIMITS + driver` with argv limits + args in workdir (also
-    its HOME and TMPDIR), output to `output`, with a cleaned environment, in a session of
-    its own, as `uid` when given."""
-    processes = limits.processes
-    if uid is None:
-        processes += sum(s.st_uid == os.getuid() for s in _process_stats())
-    else:
-        os.chown(workdir, uid, uid)
-        for name in os.listdir(workdir):
-            os.chown(Path(workdir, name), uid, uid)
-    bounds = [str(limits.cpu_s), str(limits.memory_mb << 20),
-              str(limits.output_kb << 10), str(processes)]
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-    user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
-    return subprocess.Popen([python, "-I", "-c", SANDBOX_LIMITS + driver, *bounds, *args], stdin=stdin,
-                            stdout=output, stderr=subprocess.STDOUT, cwd=workdir, env=env, pass_fds=pass_fds,
-                            start_new_session=True, **user)
-
-
-def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits,
-                  uid: int | None, started: float) -> str:
-    """Wait for `process`: "" when it ended, "timeout" at the wall-clock limit; under a
-    sandbox uid (checked every 50 ms), "memory" when it holds more than limits.memory_mb in
-    all, "disk" when its files in world-writable places grew by more than limits.output_kb
-    in all (RLIMIT_FSIZE bounds each file alone: a thousand files of 1 MiB pass it)."""
-    at_start = _uid_usage(uid)[1] if uid is not None else 0  # the program's own files
+def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None,
+                  started: float) -> str:
+    """Wait for `process`: "" when it ended, or "timeout"; under a uid also
+    "memory" or "disk" when all its processes or files pass the limit."""
+    def usage():  # (its processes' resident bytes and its files in /dev/shm, its files' bytes)
+        files = [(p, i.st_blocks * 512 * stat.S_ISREG(i.st_mode)) for p, i in _uid_files(uid)]
+        shm = sum(n for p, n in files if p.is_relative_to("/dev/shm"))
+        return shm + sum(rss or 0 for *_, rss in _processes(uid)), sum(n for _, n in files)
+    at_start = usage()[1] if uid is not None else 0  # the program's own files
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=0.05)
             return ""
         if time.perf_counter() - started > limits.timeout_s:
             return "timeout"
-        if uid is None:
-            continue
-        in_ram, on_disk = _uid_usage(uid)
+        in_ram, on_disk = usage() if uid is not None else (0, at_start)
         if in_ram > limits.memory_mb << 20:
             return "memory"
         if on_disk - at_start > limits.output_kb << 10:
             return "disk"
 
 
-def _end_contained(processes: list[subprocess.Popen], uid: int | None, python: str):
-    """Kill what is left: each process group, then every process of the uid (also those
-    that left the group), then remove the uid's files and IPC objects."""
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    if uid is not None:
-        _kill_uid(uid, python)
-        _remove_uid_leftovers(uid)
-
-
-def _last_line(output, limit_kb: int) -> str:
-    """The last non-blank line of a program's output file ("" if none)."""
-    size = output.seek(0, os.SEEK_END)
-    if size >= limit_kb << 10:
-        return f"over {limit_kb} KB of output"
-    output.seek(max(0, size - 4096))
-    lines = [line for line in output.read().decode("utf-8", "replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _unencodable(text: str) -> RunResult | None:
-    """The failure of a program text that cannot be written as UTF-8 (a lone surrogate), or None."""
+def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | None,
+             task: Task | None = None) -> RunResult:
+    """sandbox_run (task None) and run_tests: run `source` contained, with a
+    task the verdict's process beside it; then kill all, clean the uid."""
+    started = time.perf_counter()
     try:
-        text.encode("utf-8")
+        source.encode("utf-8")
     except UnicodeEncodeError as e:
-        reason = f"the program text cannot be encoded as UTF-8 ({e.reason} at character {e.start})"
-        return RunResult("failed", reason, 0.0)
-    return None
-
-
-def _read_report(fd: int) -> bytes:
-    """What a finished child wrote to the report pipe (nothing if it wrote nothing); closes it."""
-    os.set_blocking(fd, False)
-    report = b""
-    with contextlib.suppress(BlockingIOError):
-        report = os.read(fd, 64)
-    os.close(fd)
-    return report
-
-
-def _failure(code: int | None, ended: str, limits: SandboxLimits, detail: str,
-             seconds: float) -> RunResult:
-    """The result of a run that did not pass, from how its (candidate's) process ended."""
+        return RunResult("failed", f"the program text is not UTF-8: {e}", 0.0)
+    with contextlib.ExitStack() as stack:
+        if uid is None and os.geteuid() == 0:  # never root itself
+            [uid] = stack.enter_context(reserved_uids(1))
+        python = python or sandbox_python(uid)
+        work = stack.enter_context(tempfile.TemporaryDirectory(prefix="kld-", ignore_cleanup_errors=True))
+        (program := Path(work, "program.py")).write_text(source, encoding="utf-8")
+        for path in (work, program) if uid is not None else ():
+            os.chown(path, uid, uid)
+        outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in "ab"]  # program's, verdict's
+        n = limits.processes + (uid is None and len([*_processes(os.getuid())]))  # the user's all
+        bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, n, program]
+        user = {} if uid is None else dict(user=uid, group=uid, extra_groups=[])
+        spawn = functools.partial(subprocess.Popen, stderr=subprocess.STDOUT, start_new_session=True)
+        if task is not None:  # the verdict's files, apart
+            verdict = stack.enter_context(tempfile.TemporaryDirectory(prefix="kld-verdict-"))
+            files = [os.path.join(verdict, name) for name in ("prompt.py", "test.py")]
+            for path, text in zip(files, (task.prompt, task.test)):
+                Path(path).write_text(text, encoding="utf-8")
+        (a_r, a_w), (b_r, b_w), (report_r, report_w) = [os.pipe() for _ in "abc"]
+        if task is None:  # the program's stdin: the nonce that proves its end, then end of file
+            expected, driver, fds, stdin = os.urandom(16).hex().encode(), SANDBOX_DRIVER, [report_w], a_r
+            os.write(a_w, expected)
+        else:  # calls cross in pipe a, answers in b
+            expected, driver, fds, stdin = b"passed", CANDIDATE_SERVER, [a_r, b_w], subprocess.DEVNULL
+        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+        args = map(str, bounds + fds + ([task.entry_point] if task else []))
+        argv = [python, "-I", "-c", SANDBOX_LIMITS + driver, *args]
+        children, report = [], b""
+        try:
+            try:
+                children.append(spawn(argv, stdin=stdin, stdout=outputs[0], cwd=work, env=env,
+                                      pass_fds=fds, **user))
+                if task is not None:  # the verdict's, trusted: as this user, unbounded
+                    fds = (a_w, b_r, report_w)
+                    argv = [sys.executable, "-I", "-c", VERDICT_DRIVER, *files, task.entry_point, *map(str, fds)]
+                    children.append(spawn(argv, stdin=subprocess.DEVNULL, stdout=outputs[1], cwd=verdict,
+                                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, pass_fds=fds))
+            finally:  # the children hold their own ends: a side that ends closes its pipes
+                for fd in [a_r, a_w, b_r, b_w, report_w]:
+                    os.close(fd)
+            ended = _wait_bounded(children[-1], limits, uid, started)
+        finally:
+            for child in children:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            if uid is not None:
+                _clean_uid(uid, python)
+            os.set_blocking(report_r, False)
+            with contextlib.suppress(BlockingIOError):
+                report = os.read(report_r, 64)
+            os.close(report_r)
+        seconds = time.perf_counter() - started
+        if report == expected and children[-1].returncode == 0 and not ended:
+            return RunResult("passed", "", seconds)
+        def last_line(output) -> str:
+            if (size := output.seek(0, os.SEEK_END)) >= limits.output_kb << 10:
+                return f"over {limits.output_kb} KB of output"
+            output.seek(max(0, size - 4096))
+            lines = [s for s in output.read().decode("utf-8", "replace").splitlines() if s.strip()]
+            return lines[-1][:300] if lines else ""
+        detail = last_line(outputs[1])
+        if "the candidate's process ended" in detail or not detail:
+            detail = last_line(outputs[0]) or detail
+        code = children[0].returncode  # in run_tests ours (SIGKILL) unless it hit RLIMIT_CPU
+        code = code if task is None or code == -signal.SIGXCPU else None
     if ended == "timeout" or code == -signal.SIGXCPU:
-        return RunResult("timeout",
-                         f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
-    if ended == "memory":
-        return RunResult("failed",
-                         f"over {limits.memory_mb} MB of memory in all its processes", seconds)
-    if ended == "disk":
-        return RunResult("failed", f"over {limits.output_kb} KiB written to files in all", seconds)
-    if code is not None and code < 0 and not detail:
-        return RunResult("failed", f"killed by {signal.Signals(-code).name}", seconds)
-    return RunResult("failed",
-                     detail or f"exit status {code} before its tests ran to their end", seconds)
+        return RunResult("timeout", f"over {limits.timeout_s:g}s wall or {limits.cpu_s}s CPU", seconds)
+    why = {"memory": f"over {limits.memory_mb} MB of memory in all its processes",
+           "disk": f"over {limits.output_kb} KiB written to files in all"}.get(ended)
+    if not why and code is not None and code < 0 and not detail:
+        why = f"killed by {signal.Signals(-code).name}"
+    return RunResult("failed", why or detail or f"exit status {code} before its tests ended", seconds)
 
 
 def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
                 python: str | None = None) -> RunResult:
-    """Run `program` (Python source) and report whether it ran to its end.
-
-    Passed means: the program, compiled with asserts kept, returned without raising, and
-    the interpreter exited 0 after it. The child is a fresh `python -I` (no user site, no
-    PYTHON* variables) in its own session and process group, in a new temporary directory
-    that is also its HOME, with a cleaned environment, stdin at /dev/null, and the limits
-    above; at the wall-clock timeout the whole group is killed.
-
-    As root (the default reserves one; see reserved_uids) the child runs as a user id of its
-    own with no groups, so it cannot write or delete files outside world-writable places,
-    cannot signal the evaluator, RLIMIT_NPROC bounds its processes, and all its processes
-    and its files in /dev/shm together stay within limits.memory_mb. Afterwards every
-    process of that uid is killed (also those that left the group), and what it left in
-    /tmp, /var/tmp and /dev/shm and its System V IPC objects are removed. As another
-    user the child runs as that user: RLIMIT_NPROC then counts all that user's processes
-    (it is set to those running now + limits.processes), the memory bound is per process,
-    and files the user may write, the evaluator's own process included, are not protected.
-
-    Not covered, either way: the network, reading files the user may read, and code
-    written to defeat this harness: the program runs in the same interpreter as the
-    driver that reports its end (run_tests keeps the verdict out of its reach). Run
-    untrusted code in a container or VM as well.
-    """
-    started = time.perf_counter()
-    if failure := _unencodable(program):
-        return failure
-    with contextlib.ExitStack() as stack, \
-            tempfile.TemporaryDirectory(prefix="kld-sandbox-", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as output:
-        uid, python = _sandbox_user(uid, python, stack)
-        path = Path(workdir, "program.py")
-        path.write_text(program, encoding="utf-8")
-        nonce = os.urandom(16).hex().encode()
-        nonce_r, nonce_w = os.pipe()  # the child's stdin, holding the nonce and then end-of-file
-        os.write(nonce_w, nonce)
-        os.close(nonce_w)
-        report_r, report_w = os.pipe()
-        children = []
-        try:
-            try:
-                child = _contained(python, SANDBOX_DRIVER, [str(path), str(report_w)], workdir, output, uid, limits,
-                                   nonce_r, (report_w,))
-                children.append(child)
-            finally:
-                os.close(nonce_r)  # the child holds its own copies of its ends
-                os.close(report_w)
-            ended = _wait_bounded(child, limits, uid, started)
-        finally:
-            _end_contained(children, uid, python)
-            report = _read_report(report_r)
-        seconds = time.perf_counter() - started
-        if report == nonce and child.returncode == 0 and not ended:
-            return RunResult("passed", "", seconds)
-        return _failure(child.returncode, ended, limits,
-                        _last_line(output, limits.output_kb), seconds)
+    """Run `program`: passed if it returned (asserts kept) and exited 0. See
+    the README's "Running generated code" for what is contained."""
+    return _execute(program, limits, uid, python)
 
 
-def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
-              python: str | None = None) -> RunResult:
-    """Run the task's tests against the candidate `source` (which defines task.entry_point)
-    with the candidate's code and the verdict in two processes.
-
-    The candidate's process (contained as in sandbox_run) runs `source` and then answers
-    calls of the entry point. The verdict's process runs the task's prompt (for its
-    helpers) and tests, with every call of the candidate forwarded to the other process;
-    only plain values cross (marshal of None, bool, int, float, complex, str, bytes and
-    lists, tuples, sets and dicts of them; exceptions by type name and message), and the
-    verdict checks their exact types. So the candidate's code never runs where the verdict
-    is made: it cannot read a proof of completion, hook the tests, or answer with an object
-    whose __eq__ lies. Passed means the tests' `check` returned.
-
-    Differences from running prompt + completion + tests as one program (HumanEval's
-    harness), on honest programs: arguments are copies (a candidate that changes its
-    arguments in place is not seen doing so), the tests see the prompt's helpers rather
-    than the candidate's redefinitions of them, and a function that returns a value of
-    another type (a generator, an object) fails.
-    """
-    started = time.perf_counter()
-    if failure := _unencodable(source):
-        return failure
-    with contextlib.ExitStack() as stack, \
-            tempfile.TemporaryDirectory(prefix="kld-candidate-", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryDirectory(prefix="kld-verdict-") as verdict_dir, \
-            tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as verdict_output:
-        uid, python = _sandbox_user(uid, python, stack)
-        Path(workdir, "program.py").write_text(source, encoding="utf-8")
-        Path(verdict_dir, "prompt.py").write_text(task.prompt, encoding="utf-8")
-        Path(verdict_dir, "test.py").write_text(task.test, encoding="utf-8")
-        calls_r, calls_w = os.pipe()  # verdict -> candidate
-        answers_r, answers_w = os.pipe()  # candidate -> verdict
-        report_r, report_w = os.pipe()  # verdict -> this process
-        children = []
-        try:
-            try:
-                candidate = _contained(python, CANDIDATE_SERVER, [str(Path(workdir, "program.py")), task.entry_point,
-                                                                  str(calls_r), str(answers_w)],
-                                       workdir, output, uid, limits, subprocess.DEVNULL, (calls_r, answers_w))
-                children.append(candidate)
-                verdict = subprocess.Popen(
-                    [sys.executable, "-I", "-c", VERDICT_DRIVER, str(Path(verdict_dir, "prompt.py")),
-                     str(Path(verdict_dir, "test.py")), task.entry_point, str(calls_w), str(answers_r), str(report_w)],
-                    stdin=subprocess.DEVNULL, stdout=verdict_output, stderr=subprocess.STDOUT, cwd=verdict_dir,
-                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, pass_fds=(calls_w, answers_r, report_w),
-                    start_new_session=True)
-                children.append(verdict)
-            finally:
-                for fd in (calls_r, calls_w, answers_r, answers_w, report_w):
-                    os.close(fd)  # each child holds its own ends: a side that ends closes its pipes
-            ended = _wait_bounded(verdict, limits, uid, started)
-        finally:
-            _end_contained(children, uid, python)
-            report = _read_report(report_r)
-        seconds = time.perf_counter() - started
-        if report == b"passed" and verdict.returncode == 0 and not ended:
-            return RunResult("passed", "", seconds)
-        detail = _last_line(verdict_output, limits.output_kb)
-        if "the candidate's process ended" in detail or not detail:
-            detail = _last_line(output, limits.output_kb) or detail
-        code = candidate.returncode if candidate.returncode == -signal.SIGXCPU else None  # else: our SIGKILL
-        return _failure(code, ended, limits, detail, seconds)
+def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(),
+              uid: int | None = None, python: str | None = None) -> RunResult:
+    """The task's tests on `source`, away from the candidate's process, which
+    answers their calls with plain values: it cannot forge a pass."""
+    return _execute(source, limits, uid, python, task)
 
 
-def _run_all(function, jobs: list[tuple], limits: SandboxLimits,
-             workers: int) -> list[RunResult]:
-    """function(*job, limits, uid, python) for each job, `workers` at a time (0: one per
-    CPU), in the order given; as root, each under a uid its worker holds alone (one
-    program's at a time: each run kills and cleans its uid's leftovers at its end)."""
+def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), workers: int = 0,
+                  run=run_tests) -> list[RunResult]:
+    """run(*job, limits, uid, python) per job, `workers` (0: CPUs) at once."""
     if not jobs:
         return []
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
-    with contextlib.ExitStack() as stack:
-        uids = stack.enter_context(reserved_uids(n_workers)) if os.geteuid() == 0 else [None] * n_workers
-        python = sandbox_python(uids[0])
-        free = queue.SimpleQueue()  # a worker's uid, lent to one job at a time (each job leaves it clean)
+    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
+        uids = [None] * n_workers if os.geteuid() else stack.enter_context(reserved_uids(n_workers))
+        python, free = sandbox_python(uids[0]), queue.SimpleQueue()  # uids, one job's at a time
         for uid in uids:
             free.put(uid)
-
         def one(job):
             uid = free.get()
             try:
-                return function(*job, limits, uid, python)
+                return run(*job, limits, uid, python)
             finally:
                 free.put(uid)
-
-        with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
-            return list(pool.map(one, jobs))
+        return list(pool.map(one, jobs))
 
 
-def sandbox_run_all(programs: list[str], limits: SandboxLimits = SandboxLimits(),
-                    workers: int = 0) -> list[RunResult]:
-    """sandbox_run for each program, `workers` at a time (0: one per CPU), results in the
-    order given. As root, each program runs under a uid no other program holds at once."""
-    return _run_all(sandbox_run, [(p,) for p in programs], limits, workers)
-
-
-def run_tests_all(jobs: list[tuple[Task, str]], limits: SandboxLimits = SandboxLimits(),
-                  workers: int = 0) -> list[RunResult]:
-    """run_tests for each (task, candidate source), as sandbox_run_all runs programs."""
-    return _run_all(run_tests, jobs, limits, workers)
+def sandbox_run_all(programs: list[str], limits=SandboxLimits(), workers=0) -> list[RunResult]:
+    """sandbox_run for each program, as run_tests_all."""
+    return run_tests_all([(p,) for p in programs], limits, workers, sandbox_run)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021):
-    1 - C(n-c, k) / C(n, k), the chance that k samples drawn from the n without
-    replacement hold a passing one; the product form avoids huge binomials."""
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     if not (0 <= c <= n and 1 <= k <= n):
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    return 1.0 if n - c < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10000,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval for the mean of per-task values, resampling tasks."""
+def bootstrap_interval(values, confidence=0.95, resamples=10000, seed=0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-task values."""
     values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
-    tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(1)
+    return tuple(float(np.quantile(means, q)) for q in ((1 - confidence) / 2, 1 - (1 - confidence) / 2))
 
 
-def paired_comparison(a: dict[str, float], b: dict[str, float],
-                      confidence: float = 0.95, seed: int = 0) -> dict:
-    """Run b against run a on the same tasks (task_id -> per-task score, e.g. pass@1): the
-    mean of the differences b - a with its bootstrap interval, the tasks where b scores
-    higher and lower, and the two-sided sign-test p-value over those tasks."""
+def paired_comparison(a: dict[str, float], b: dict[str, float], confidence=0.95, seed=0) -> dict:
+    """Run b against run a (task_id -> score): mean b - a, its interval, the
+    tasks b is better and worse on, and the sign test's p-value."""
     if set(a) != set(b):
         raise KldError(f"paired comparison needs the same tasks; {len(set(a) ^ set(b))} differ")
     diffs = np.array([b[t] - a[t] for t in sorted(a)])
     better, worse = int((diffs > 0).sum()), int((diffs < 0).sum())
-    n = better + worse  # the tasks that differ
-    m = min(better, worse)
-    p_value = min(1.0, 2 * sum(math.comb(n, i) for i in range(m + 1)) / 2**n) if n else 1.0
+    n = better + worse
+    p_value = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2**n) if n else 1.0
     return {"difference": float(diffs.mean()), "interval": bootstrap_interval(diffs, confidence, seed=seed),
             "better": better, "worse": worse, "p_value": p_value}
 
@@ -3162,127 +2863,92 @@ class CodegenSettings:
     system_prompt: str = ""  # the chat template's system turn; empty = none
     n_samples: int = 1  # programs per task
     ks: tuple[int, ...] = (1,)  # the k of the pass@k reported (each <= n_samples)
-    decoding: Decoding = Decoding()  # stops are added by the prompt format
+    decoding: Decoding = Decoding()  # the prompt format adds the stops
     limits: SandboxLimits = SandboxLimits()  # bounds on each program run
     workers: int = 0  # programs run at once; 0 = one per CPU
 
     def __post_init__(self):
         object.__setattr__(self, "ks", tuple(self.ks))  # a list given: frozen as the type says
         if max(self.ks, default=1) > self.n_samples:
-            raise KldError(f"pass@k for k = {max(self.ks)} needs that many samples; n_samples is {self.n_samples}")
-        # greedy decoding gives one program per task; more need temperature > 0
+            raise KldError(f"pass@k for k = {max(self.ks)} needs that many samples (n_samples)")
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
-            raise KldError(f"n_samples {self.n_samples} with temperature {self.decoding.temperature}: "
-                           "n_samples must be 1 for greedy decoding, or temperature > 0 for more samples")
+            raise KldError(f"n_samples {self.n_samples}: 1 for greedy decoding, more with temperature > 0")
 
 
 def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
-    """Prompt in the chat template: as `cfg.chat` says, or when the tokenizer has one."""
+    """Prompt in the chat template: as `cfg.chat` says, or if `tok` has one."""
     return has_chat_template(tok) if cfg.chat is None else cfg.chat
 
 
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
-    """A run's code-generation settings; a program gets exec_timeout seconds of wall clock and of CPU."""
-    limits = SandboxLimits(timeout_s=cfg.exec_timeout,
-                           cpu_s=max(1, math.ceil(cfg.exec_timeout)))
+    """A run's settings; exec_timeout bounds wall clock and CPU seconds."""
     return CodegenSettings(chat=uses_chat(cfg, tok), system_prompt=cfg.system_prompt, n_samples=cfg.n_samples,
-                           ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), limits=limits, workers=cfg.exec_workers)
+                           ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), workers=cfg.exec_workers,
+                           limits=SandboxLimits(cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout))))
 
 
 def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
-    """ids less the tokens of a UTF-8 character that the answer's end cut short (its token
-    budget ran out inside it): decoded, it would be U+FFFD, which tau spells in three tokens,
-    and the saving on the answer's text would count tokens no model spent."""
+    """ids less a character the token budget cut short (U+FFFD: 3 tokens)."""
     pieces = [tok.token_bytes(t) for t in ids]
     try:
         b"".join(pieces).decode("utf-8")
-        return ids
     except UnicodeDecodeError as e:
-        if e.reason != "unexpected end of data":  # broken inside, not cut at the end: as written
-            return ids
-        end = e.start  # where the unfinished character begins
-    ends = itertools.accumulate(map(len, pieces))  # each token's end, in bytes
-    return [t for t, stop in zip(ids, ends) if stop <= end]
+        if e.reason == "unexpected end of data":  # cut at the end, not broken inside
+            return [t for t, end in zip(ids, itertools.accumulate(map(len, pieces))) if end <= e.start]
+    return ids
 
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                      settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
-    """Generate settings.n_samples programs per task (with the new tokens of `tok`; the
-    teacher's has none), run each against the task's tests in the sandbox, and score:
-
-    pass@k (unbiased, mean over tasks) with a bootstrap interval; tokens per character of
-    the generated text; the share of new tokens among the generated tokens, the share tau'
-    gives when it re-encodes the same text, and their ratio (adoption); generated
-    characters per second. The saving on the model's own text, which what it writes
-    cannot fool: realised_saving = 1 - tokens spent / tokens tau spends on the same text,
-    possible_saving = 1 - tokens tau' spends on it / tokens tau spends, and their ratio
-    saving_realised. "tasks" holds per-task n, c and pass@k, "samples" each program.
-    Under several ranks each generates and runs its share of the programs (sampling with
-    a seed of its own: greedy programs do not depend on the number of ranks, sampled ones
-    do); every rank gets the whole result.
-    """
+    """Generate n_samples programs per task, run their tests, and score: pass@k;
+    adoption = new-token share / tau''s on the text; realised_saving =
+    1 - tokens / tau's; possible_saving = 1 - tau''s / tau's."""
     if not tasks:
         raise KldError("no tasks to evaluate")
-    chat = settings.chat
-    n_samples = settings.n_samples
-    ks = sorted(set(settings.ks)) or [1]
-    prompts = [task_prompt(t, chat, settings.system_prompt) for t in tasks for _ in range(n_samples)]
-    decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
+    chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
-    mine = share(range(len(prompts)), ranks)  # this rank's prompts
-    my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)  # a rank's own samples
+    prompts = [task_prompt(t, chat, settings.system_prompt) for t in owners]
+    decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
+    mine = share(range(len(prompts)), ranks)  # this rank's prompts, sampled with a seed of its own
+    my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)
     t0 = time.perf_counter()
     my_completions = generate(model, tok, [prompts[i] for i in mine], my_decoding) if mine else []
     my_seconds = max(time.perf_counter() - t0, 1e-9)
     my_sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, my_completions)]
-    # the machine's ranks share its CPUs
-    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)
-    my_results = run_tests_all([(owners[i], s) for i, s in zip(mine, my_sources)],
-                               settings.limits, workers)
+    workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)  # shared CPUs
+    my_results = run_tests_all([*zip([owners[i] for i in mine], my_sources)], settings.limits, workers)
     shares = gather((list(mine), my_completions, my_sources, my_results, my_seconds), ranks)
     generation_s = max(part[4] for part in shares)  # the ranks generate at the same time
-    by_prompt = {i: (c, s, r) for indices, *parts, _ in shares for i, c, s, r in zip(indices, *parts)}
-    completions, sources, results = zip(*(by_prompt[i] for i in range(len(prompts))))  # in prompt order
-    samples = []
+    by_prompt = {i: row for idx, *parts, _ in shares for i, *row in zip(idx, *parts)}
+    completions, sources, results = zip(*(by_prompt[i] for i in range(len(prompts))))
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
-    n_chars = 0
-    n_tokens = 0
-    n_new = 0
-    n_reencoded = 0
-    n_reencoded_new = 0
-    n_base = 0  # tokens tau spends on the same texts
+    samples, counts = [], np.zeros(6, dtype=np.int64)
     for task, completion, source, result in zip(owners, completions, sources, results):
         ids = whole_characters(tok, completion.token_ids)  # what is measured
         text = tok.decode(ids)  # with the stop string: as the tokens emitted
-        n_chars += len(text)
-        n_tokens += len(ids)
-        n_new += sum(t >= tok.base_vocab_size for t in ids)
         base_ids = tok.base.encode(text, add_special_tokens=False).ids  # tau on the same text
-        n_base += len(base_ids)
-        reencoded = tok.merge(base_ids)  # tau' on the same text: the new tokens it would use
-        n_reencoded += len(reencoded)
-        n_reencoded_new += sum(t >= tok.base_vocab_size for t in reencoded)
+        merged = tok.merge(base_ids)  # tau' on the same text
+        counts += [len(text), len(ids), len(base_ids), len(merged),
+                   *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, merged))]
         per_task[task.task_id]["c"] += result.status == "passed"
-        samples.append({"task_id": task.task_id, "completion": completion.text, "program": source,
-                        "status": result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
-    for scores in per_task.values():
-        scores.update({f"pass@{k}": pass_at_k(scores["n"], scores["c"], k) for k in ks})
+        samples.append({"task_id": task.task_id, "completion": completion.text, "program": source, "status":
+                        result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
+    n_chars, n_tokens, n_base, n_merged, n_new, n_merged_new = counts.tolist()
     summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat,
                "temperature": decoding.temperature}
     for k in ks:
+        for scores in per_task.values():
+            scores[f"pass@{k}"] = pass_at_k(scores["n"], scores["c"], k)
         values = [s[f"pass@{k}"] for s in per_task.values()]
         summary[f"pass@{k}"] = float(np.mean(values))
         summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=decoding.seed)
-    # adoption: the student's share of new tokens over the share tau' gives the same text (1: it
-    # writes its text as tau' would; 0: it spells everything with base tokens)
-    reencoded_share = n_reencoded_new / max(1, n_reencoded)
-    realised_saving = 1 - n_tokens / max(1, n_base)  # below 0 where the model spells its text longer than tau
-    possible_saving = 1 - n_reencoded / max(1, n_base)
-    summary.update({"tokens_per_char": n_tokens / max(1, n_chars), "new_token_share": n_new / max(1, n_tokens),
-                    "reencoded_new_token_share": reencoded_share,
-                    "adoption": n_new / max(1, n_tokens) / reencoded_share if reencoded_share else None,
-                    "realised_saving": realised_saving, "possible_saving": possible_saving,
-                    "saving_realised": realised_saving / possible_saving if possible_saving > 0 else None,
+    merged_share = n_merged_new / max(1, n_merged)
+    realised, possible = 1 - n_tokens / max(1, n_base), 1 - n_merged / max(1, n_base)  # realised < 0: longer
+    summary.update({"tokens_per_char": n_tokens / max(1, n_chars),
+                    "new_token_share": n_new / max(1, n_tokens), "reencoded_new_token_share": merged_share,
+                    "adoption": n_new / max(1, n_tokens) / merged_share if merged_share else None,
+                    "realised_saving": realised, "possible_saving": possible,
+                    "saving_realised": realised / possible if possible > 0 else None,
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
                     "timeouts": sum(r.status == "timeout" for r in results)})
     return {"summary": summary, "tasks": per_task, "samples": samples}
@@ -3290,7 +2956,7 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
 
 def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config,
                                    ranks: Ranks = Ranks()) -> dict:
-    """evaluate_codegen with the settings of `cfg`, whose fields it depends on recorded under "settings"."""
+    """evaluate_codegen as `cfg` says, recording its fields under "settings"."""
     result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
     result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
     return result
