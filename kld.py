@@ -3818,12 +3818,10 @@ def resolve_model_path(name: str) -> Path:
         spec = importlib.util.find_spec(package)  # not imported: its imports need more
         path = spec and Path(spec.submodule_search_locations[0]) / filename
         if not (path and path.is_file()):
-            raise KldError(f"embedded model {name!r} is not installed; "
-                           f"install it with: {install}")
+            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
         return path
     if not Path(name).exists():
-        raise KldError(f"model not found: {name!r} is neither a path nor an "
-                       f"embedded model ({sorted(EMBEDDED_MODELS)})")
+        raise KldError(f"model not found: {name!r} is neither a path nor one of {sorted(EMBEDDED_MODELS)}")
     return Path(name)
 
 
@@ -3833,14 +3831,13 @@ def warn(message: str):
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
-    """Every id the tokenizer gives needs an embedding row (else new ids collide with
+    """Every id the tokenizer gives needs an embedding row (else a new id collides with
     it); more rows than tokens (padding, as in Qwen2) is fine."""
     top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if top >= vocab_size:
         raise KldError(f"{source}: the tokenizer gives ids up to {top} "
                        f"({tokenizer.id_to_token(top)!r}) but the model has only "
-                       f"{vocab_size} embedding rows; tokenizer and weights do not "
-                       "belong together")
+                       f"{vocab_size} embedding rows; they do not belong together")
 
 
 # --- Hugging Face directories ---
@@ -3870,6 +3867,13 @@ HF_DEFAULTS = {
               "rope_theta": 10000.0, "use_sliding_window": False,
               "tie_word_embeddings": False, "eos_token_id": None},
 }
+# config.json key -> ModelConfig field, both ways (model_config_from_hf, hf_config)
+HF_KEYS = {arch: dict(zip(keys.split(), fields.split())) for arch, keys, fields in [
+    ("gpt2", "n_embd n_layer n_head n_inner n_positions layer_norm_epsilon",
+     "d_model n_layer n_head d_ff max_positions norm_eps"),
+    ("llama", "hidden_size intermediate_size num_hidden_layers num_attention_heads "
+     "num_key_value_heads head_dim max_position_embeddings rms_norm_eps rope_theta",
+     "d_model d_ff n_layer n_head n_kv_head head_dim max_positions norm_eps rope_theta")]}
 
 
 def eos_ids(value, source: str) -> tuple[int, ...]:
@@ -3885,43 +3889,31 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     it lacks takes transformers' default (HF_DEFAULTS)."""
     kind = hf.get("model_type")
     if kind not in HF_ARCHS:
-        raise KldError(f"{source}: unsupported architecture {kind!r}; kld supports "
-                       f"{sorted(HF_ARCHS)}")
-    hf = {**HF_DEFAULTS[kind], **hf}
-    eos, tie = eos_ids(hf["eos_token_id"], source), hf["tie_word_embeddings"]
-    if kind == "gpt2":
-        if (hf["activation_function"] != "gelu_new" or not hf["scale_attn_weights"]
-                or hf["scale_attn_by_inverse_layer_idx"]):
-            raise KldError(f"{source}: GPT-2 variant (activation or attention "
-                           "scaling) is not supported")
-        d, n_head = hf["n_embd"], hf["n_head"]
-        return ModelConfig(
-            "gpt2", hf["vocab_size"], hf["n_layer"], n_head, n_head, d,
-            hf["n_inner"] or 4 * d, d // n_head, hf["n_positions"],
-            hf["layer_norm_epsilon"], qkv_bias=True, out_bias=True, mlp_bias=True,
-            tie_embeddings=tie, eos_token_ids=eos)
+        raise KldError(f"{source}: unsupported architecture {kind!r}; kld supports {sorted(HF_ARCHS)}")
+    hf, arch = {**HF_DEFAULTS[kind], **hf}, HF_ARCHS[kind]
+    if arch == "gpt2" and (hf["activation_function"] != "gelu_new" or not hf["scale_attn_weights"]
+                           or hf["scale_attn_by_inverse_layer_idx"]):
+        raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
     scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type",
-                                                  scaling.get("type", "default")))
-    if rope_type != "default":
-        raise KldError(f"{source}: RoPE scaling {rope_type!r} is not supported")
-    if hf.get("use_sliding_window"):
-        raise KldError(f"{source}: sliding-window attention is not supported")
-    if hf["hidden_act"] != "silu":
-        raise KldError(f"{source}: activation {hf['hidden_act']!r} is not "
-                       "supported (SwiGLU needs silu)")
-    n_head, d = hf["num_attention_heads"], hf["hidden_size"]
-    bias = hf.get("attention_bias", False)  # Qwen2's q, k, v always have biases
-    return ModelConfig(
-        "llama", hf["vocab_size"], hf["num_hidden_layers"], n_head,
-        hf["num_key_value_heads"] or n_head, d, hf["intermediate_size"],
-        hf["head_dim"] or d // n_head, hf["max_position_embeddings"],
-        hf["rms_norm_eps"], rope.get("rope_theta", hf["rope_theta"]),
-        qkv_bias=kind == "qwen2" or bias, out_bias=bias,
-        mlp_bias=hf.get("mlp_bias", False), tie_embeddings=tie, eos_token_ids=eos)
-
-
+    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    act = hf.get("hidden_act", "silu")
+    for problem in [rope_type != "default" and f"RoPE scaling {rope_type!r}",
+                    hf.get("use_sliding_window") and "sliding-window attention",
+                    act != "silu" and f"activation {act!r} (SwiGLU needs silu)"]:
+        if problem:
+            raise KldError(f"{source}: {problem} is not supported")
+    f = {field: hf[key] for key, field in HF_KEYS[arch].items()}
+    d, n_head = f["d_model"], f["n_head"]
+    f.update(d_ff=f["d_ff"] or 4 * d, n_kv_head=f.get("n_kv_head") or n_head,
+             head_dim=f.get("head_dim") or d // n_head)
+    if arch == "llama":
+        f["rope_theta"] = rope.get("rope_theta", f["rope_theta"])
+    bias = arch == "gpt2" or hf.get("attention_bias", False)  # Qwen2's q, k, v: always
+    return ModelConfig(arch, hf["vocab_size"], **f, qkv_bias=bias or kind == "qwen2", out_bias=bias,
+                       mlp_bias=arch == "gpt2" or hf.get("mlp_bias", False),
+                       tie_embeddings=hf["tie_word_embeddings"],
+                       eos_token_ids=eos_ids(hf["eos_token_id"], source))
 def read_safetensors(path: Path) -> dict:
     try:
         return safetensors.torch.load_file(str(path))
@@ -4025,40 +4017,33 @@ def read_hf_dir(path: Path):
 
 
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
-#
-# Layout, little-endian: "GGUF", version (u32), tensor count (u64), metadata count (u64);
-# the metadata as (key, type, value); per tensor (name, n_dims, dims innermost first,
-# type, offset); padding to `general.alignment`; then the tensor data.
+# Little-endian: "GGUF", version (u32), tensor count (u64), metadata count (u64); the
+# metadata as (key, type, value); per tensor (name, n_dims, dims innermost first, type,
+# offset); padding to `general.alignment`; then the tensor data.
 
 
 GGUF_SCALARS = dict(zip([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12], "BbHhIif?Qqd"))
-# ggml tensor types: id -> name, and elements and bytes per block of those kld reads
+# ggml tensor types: id -> name; elements and bytes per block of those kld reads
 GGML_TYPES = dict(zip([0, 1, 30, 8, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28],
-                      "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K "
-                      "Q8_K I8 I16 I32 I64 F64".split()))
+                      "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K "
+                      "Q6_K Q8_K I8 I16 I32 I64 F64".split()))
 GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34),
                "Q4_0": (32, 18), "Q4_1": (32, 20)}
 
 
 def dequantize(raw: torch.Tensor, kind: str) -> torch.Tensor:
-    """Flat float32 values from the raw bytes (uint8) of one ggml tensor.
-
-    Blocks of 32 values, scales float16:  Q8_0: d, q[32] int8   x = d * q
-      Q4_0: d, 16 bytes of 4-bit q   x = d * (q - 8);   Q4_1: d, m, 16 bytes   x = d * q + m
-    In a 4-bit block byte i holds value i in its low nibble, value i + 16 in its high one.
-    """
-    if kind in ("F32", "F16", "BF16"):
-        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-        return raw.view(dtypes[kind]).float()
+    """Flat float32 values of one ggml tensor's bytes (uint8). Blocks of 32, d and m
+    float16: Q8_0 (d, q[32] int8): x = d q; Q4_0 (d, q[32] 4-bit): x = d (q - 8); Q4_1
+    (d, m, q[32] 4-bit): x = d q + m. Byte i holds q_i low and q_(i+16) high."""
+    if kind[0] in "FB":
+        return raw.view({"F32": torch.float32, "F16": torch.float16}.get(kind, torch.bfloat16)).float()
     blocks = raw.view(-1, GGML_BLOCKS[kind][1])
-    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    half = lambda a, b: blocks[:, a:b].contiguous().view(torch.float16).float()  # noqa: E731
     if kind == "Q8_0":
-        return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
+        return (half(0, 2) * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
     packed = blocks[:, 2:] if kind == "Q4_0" else blocks[:, 4:]
     q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
-    if kind == "Q4_0":
-        return (d * (q - 8)).reshape(-1)
-    return (d * q + blocks[:, 2:4].contiguous().view(torch.float16).float()).reshape(-1)
+    return (half(0, 2) * (q - 8) if kind == "Q4_0" else half(0, 2) * q + half(2, 4)).reshape(-1)
 
 
 def read_gguf(path: Path):
@@ -4073,10 +4058,9 @@ def read_gguf(path: Path):
         raise KldError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r})")
     pos = 4
 
-    def get(kind):
-        """The next value: of a struct format, "s" (a string) or a metadata type id."""
+    def get(kind):  # the next value: of a struct format, a metadata type id or "s" (a string)
         nonlocal pos
-        if kind == 8 or kind == "s":
+        if kind in (8, "s"):
             n = get("Q")
             pos += n
             if pos > len(data):
@@ -4086,8 +4070,7 @@ def read_gguf(path: Path):
             item_type, n = get("I"), get("Q")
             return [get(item_type) for _ in range(n)]
         if isinstance(kind, int) and kind not in GGUF_SCALARS:
-            raise KldError(f"{path}: unknown GGUF metadata type {kind} at byte {pos}; "
-                           "corrupt file?")
+            raise KldError(f"{path}: unknown GGUF metadata type {kind} at byte {pos}; corrupt?")
         fmt = "<" + GGUF_SCALARS.get(kind, kind)
         try:
             (value,) = struct.unpack_from(fmt, data, pos)
@@ -4107,38 +4090,35 @@ def read_gguf(path: Path):
     for name, shape, type_id, offset in infos:
         kind = GGML_TYPES.get(type_id, f"unknown type id {type_id}")
         if kind not in GGML_BLOCKS:
-            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes "
-                           f"{', '.join(GGML_BLOCKS)}")
+            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {', '.join(GGML_BLOCKS)}")
         block, block_bytes = GGML_BLOCKS[kind]
         if shape and shape[-1] % block:
-            raise KldError(f"{path}: tensor {name!r} row length {shape[-1]} is not a "
-                           f"multiple of {block}")
+            raise KldError(f"{path}: tensor {name!r} rows are not blocks of {block}")
         begin = start + offset
         end = begin + math.prod(shape) // block * block_bytes
         if end > len(data):
-            raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up "
-                           f"to {end}, the file has {len(data)}")
+            raise KldError(f"{path}: file is truncated: tensor {name!r} ends at byte {end}")
         extents.append((begin, end, name))
         raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the map is read-only
         tensors[name] = dequantize(raw, kind).reshape(shape)
     extents.sort()  # by start: neighbours suffice
     for (_, end_a, a), (begin_b, _, b) in zip(extents, extents[1:]):
         if begin_b < end_a:
-            raise KldError(f"{path}: tensors {a!r} and {b!r} overlap in the data "
-                           "section; corrupt file")
+            raise KldError(f"{path}: tensors {a!r} and {b!r} overlap; corrupt file")
     if len(tensors) < len(infos):
         raise KldError(f"{path}: a tensor name occurs twice; corrupt file")
     return meta, tensors
 
 
-# Pre-tokenizers by llama.cpp's name in `tokenizer.ggml.pre`: each makes the split that
-# the vocabulary's merges were learned on. GPT-2's: ByteLevel(use_regex=True); smollm's
-# and starcoder's: every digit alone, then GPT-2's; llama-bpe's and qwen2's: a regex.
+# Pre-tokenizers by llama.cpp's name (`tokenizer.ggml.pre`), each the split the merges
+# were learned on: GPT-2's regex (ByteLevel's), every digit alone then GPT-2's, or a regex.
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GGUF_PRE_TOKENIZERS = {"gpt-2": None, "smollm": "digits", "starcoder": "digits",
                        "llama-bpe": _SPLIT.replace("{}", "{1,3}"),
                        "qwen2": _SPLIT.replace("{}", "")}
+# The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
+GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")]
 
 
 def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
@@ -4148,111 +4128,86 @@ def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
     return meta.get(key, default)
 
 
-# The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
-GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")]
-
-
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
-    """A `tokenizers.Tokenizer` rebuilt from GGUF metadata (byte-level BPE only):
-    tokens -> ids, merges in rank order, token_type 3 (control) -> special tokens,
-    4 (user-defined) -> added tokens; a BOS prepended where add_bos_token."""
-    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's pre-tokenizer, as "
-                     "llama.cpp does; a vocabulary made with another split (Llama 3, "
-                     "Qwen2) then encodes text in other tokens than its own", source)
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise KldError(f"{source}: tokenizer model {meta.get('tokenizer.ggml.model')!r} "
-                       "is not supported; kld rebuilds byte-level BPE ('gpt2')")
+    """A `tokenizers.Tokenizer` from GGUF metadata (byte-level BPE): tokens -> ids,
+    merges by rank, token_type 3 -> special tokens, 4 -> added ones; BOS if add_bos_token."""
+    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's split, as llama.cpp "
+                     "does (a Llama 3 or Qwen2 vocabulary then encodes text otherwise)", source)
+    if (model := meta.get("tokenizer.ggml.model")) != "gpt2":
+        raise KldError(f"{source}: tokenizer model {model!r} is not supported ('gpt2' is)")
     if pre not in GGUF_PRE_TOKENIZERS:
-        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: "
-                       f"{sorted(GGUF_PRE_TOKENIZERS)})")
+        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known (known: {sorted(GGUF_PRE_TOKENIZERS)})")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
-        raise KldError(f"{source}: GGUF metadata lacks the vocabulary "
-                       "(tokenizer.ggml.tokens)")
-    merges = gguf_value(meta, "tokenizer.ggml.merges", [],
-                        "no merges: text encodes byte by byte", source)
+        raise KldError(f"{source}: GGUF metadata lacks the vocabulary (tokenizer.ggml.tokens)")
+    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "no merges: byte by byte", source)
     bos_key = "tokenizer.ggml.bos_token_id"
     for key in (bos_key, *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
-            raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its "
-                           f"{len(tokens)} tokens")
-    tokenizer = Tokenizer(models.BPE(
-        vocab={t: i for i, t in enumerate(tokens)},
-        merges=[tuple(m.split(" ", 1)) for m in merges],
-        ignore_merges=pre == "llama-bpe"))  # Llama 3 looks whole words up first
+            raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its {len(tokens)} tokens")
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                                     [tuple(m.split(" ", 1)) for m in merges],
+                                     ignore_merges=pre == "llama-bpe"))  # whole words first
     split = GGUF_PRE_TOKENIZERS[pre]
-    by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                        use_regex=split in (None, "digits"))
+    by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (None, "digits"))
     first = (pre_tokenizers.Digits(individual_digits=True) if split == "digits"
              else split and pre_tokenizers.Split(Regex(split), behavior="isolated"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([first, by_bytes]) if first else by_bytes
     tokenizer.decoder = decoders.ByteLevel()
     types = gguf_value(meta, "tokenizer.ggml.token_type", [1] * len(tokens),
-                       "every token is a normal one: no special tokens (chat markers "
-                       "encode as text)", source)
+                       "no special tokens (chat markers encode as text)", source)
     for k, add in [(3, tokenizer.add_special_tokens), (4, tokenizer.add_tokens)]:
-        add([AddedToken(t, special=k == 3, normalized=False)
-             for t, kind in zip(tokens, types) if kind == k])
-    add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False,
-                         "no BOS token before a prompt", source)
-    if add_bos and bos_key not in meta:
-        warn(f"{source}: GGUF metadata asks for a BOS token but lacks {bos_key}; "
-             "kld adds none")
-    elif add_bos:
-        bos = tokens[meta[bos_key]]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, meta[bos_key])])
+        add([AddedToken(t, special=k == 3, normalized=False) for t, kind in zip(tokens, types) if kind == k])
+    if gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS before a prompt", source):
+        if bos_key not in meta:
+            warn(f"{source}: GGUF metadata asks for a BOS token but lacks {bos_key}; kld adds none")
+        else:
+            bos = tokens[meta[bos_key]]
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta[bos_key])])
     return tokenizer
 
 
 def read_gguf_model(path: Path):
-    """(ModelConfig, tensors by their file names, tokenizer) of a GGUF file of the
-    llama architecture."""
+    """(ModelConfig, tensors by their file names, tokenizer) of a llama-architecture GGUF."""
     meta, tensors = read_gguf(path)
-    if meta.get("general.architecture") != "llama":
-        raise KldError(f"{path}: unsupported GGUF architecture "
-                       f"{meta.get('general.architecture')!r}; kld reads 'llama' "
-                       "(Llama, SmolLM, SmolLM2)")
-    keys = ["attention.head_count", "embedding_length", "block_count",
-            "feed_forward_length", "attention.layer_norm_rms_epsilon"]
-    if missing := [k for k in keys if "llama." + k not in meta]:
-        raise KldError(f"{path}: GGUF metadata lacks 'llama.{missing[0]}'")
-    n_head, d, n_layer, d_ff, eps = [meta["llama." + k] for k in keys]
+    if (arch := meta.get("general.architecture")) != "llama":
+        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}; kld reads 'llama'")
+    keys = [f"llama.{k}" for k in ("attention.head_count", "embedding_length", "block_count",
+                                   "feed_forward_length", "attention.layer_norm_rms_epsilon")]
+    if missing := [k for k in keys if k not in meta]:
+        raise KldError(f"{path}: GGUF metadata lacks {missing[0]!r}")
     if "token_embd.weight" not in tensors:
         raise KldError(f"{path}: tensor 'token_embd.weight' is missing")
+    n_head, d, n_layer, d_ff, eps = [meta[k] for k in keys]
     src = str(path)
     cfg = ModelConfig(
         "llama", len(tensors["token_embd.weight"]), n_layer, n_head,
-        gguf_value(meta, "llama.attention.head_count_kv", n_head,
-                   f"{n_head} key-value heads (no grouped-query attention)", src),
-        d, d_ff, gguf_value(meta, "llama.rope.dimension_count", d // n_head,
-                            f"a head size of {d // n_head}", src),
+        gguf_value(meta, "llama.attention.head_count_kv", n_head, f"{n_head} key-value heads", src),
+        d, d_ff, gguf_value(meta, "llama.rope.dimension_count", d // n_head, f"a head size of {d // n_head}", src),
         gguf_value(meta, "llama.context_length", 2048, "a context of 2048 tokens", src),
         eps, gguf_value(meta, "llama.rope.freq_base", 10000.0, "a RoPE base of 10000", src),
         tie_embeddings="output.weight" not in tensors,
         eos_token_ids=tuple(dict.fromkeys(meta[k] for k in GGUF_EOS_KEYS if k in meta)))
     if not cfg.eos_token_ids:
-        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes no "
-             "end-of-sequence id: generation ends at the token budget (or, chatting, "
-             "at <|im_end|>)")
+        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes none: "
+             "generation ends at the token budget (or, chatting, at <|im_end|>)")
     if (meta.get("llama.rope.scaling.type", "none") not in ("none", "linear")
             or meta.get("llama.rope.scaling.factor", 1.0) != 1.0):
         raise KldError(f"{path}: RoPE scaling is not supported")
-    # llama.cpp interleaves the two RoPE halves of each head's Q/K rows (0, d/2, 1, ...)
-    # for ggml's pairwise rotation; rotate-half wants them as (0, 1, ... | d/2, ...)
+    # llama.cpp interleaves each head's two RoPE halves of Q/K rows (0, d/2, 1, ...) for
+    # ggml's pairwise rotation; rotate-half wants them as (0, 1, ... | d/2, ...)
     for name, w in tensors.items():
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             n = cfg.n_head if "attn_q" in name else cfg.n_kv_head
-            tensors[name] = w.reshape(n, len(w) // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+            tensors[name] = w.reshape(n, len(w) // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)
     return cfg, tensors, tokenizer_from_gguf(meta, src)
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded
-    model's name. Every tensor the architecture needs must be there with its shape,
-    none left over, and every id the tokenizer gives must have a row. The model is in
-    eval mode, every parameter frozen."""
+    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model:
+    every tensor present with its shape, none left over, a row for every id the tokenizer
+    gives. The model is in eval mode, every parameter frozen."""
     path = resolve_model_path(str(path))
     if path.is_dir():
         cfg, tensors, tokenizer = read_hf_dir(path)
@@ -4269,8 +4224,7 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
         raise KldError(f"{path}: tensor {missing[0]!r} is missing")
     state = {ours: tensors.pop(theirs).float() for ours, theirs in names.items()}
     if tensors:
-        raise KldError(f"{path}: unexpected tensors {sorted(tensors)[:8]} for this "
-                       "architecture")
+        raise KldError(f"{path}: unexpected tensors {sorted(tensors)[:8]}")
     for name in sorted(state, key=lambda n: ".mlp.up." in n):  # gate before up
         if state[name].shape != expected[name].shape:
             raise KldError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
@@ -4284,23 +4238,21 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 # --- the domain corpus ---
 
 
-# Installed packages and caches are nobody's own code; the stdlib's test suites are not it.
+# Installed packages and caches are nobody's own code; the stdlib's tests are not it.
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 STDLIB_SKIP_DIRS = SKIP_DIRS | {"test", "tests", "idle_test"}
 
 
 def corpus_files(source: str) -> list[Path]:
-    """A corpus's files, sorted (the same extension on every machine): "stdlib" (the
-    standard library's .py files, without its tests), a directory (its .py files) or one
-    text file; installed packages (site-packages, a .venv) are left out."""
+    """A corpus's files, sorted: "stdlib" (the standard library's .py files but its
+    tests), a directory's .py files or one text file; installed packages left out."""
     root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
     if root.is_file():
         return [root]
     if root.exists() and not root.is_dir():
         raise KldError(f"corpus {source!r} is neither a regular file nor a directory")
     if not root.is_dir():
-        raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory "
-                       "nor a file")
+        raise KldError(f"corpus not found: {source!r} (a file, a directory or 'stdlib')")
     skip = STDLIB_SKIP_DIRS if source == "stdlib" else SKIP_DIRS
     found = sorted(p for p in root.rglob("*.py")
                    if not skip & set(p.relative_to(root).parts[:-1]))
@@ -4315,10 +4267,9 @@ def corpus_files(source: str) -> list[Path]:
 
 def load_corpus(source: str,
                 heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts), one per file, split by a hash of the path inside
-    the corpus (the same on every machine); one file is split by lines instead, its last
-    `heldout_fraction` held out. Read as Python reads source (PEP 263: its coding line or
-    byte-order mark, else UTF-8; universal newlines); a stray byte is not fatal."""
+    """(train, held-out) texts, one per file, held out by a hash of the path in the
+    corpus; one file is split by lines, its last `heldout_fraction` held out. Read as
+    Python reads source (PEP 263 and universal newlines); a stray byte is not fatal."""
     files, texts = corpus_files(source), []
     for path in files:
         try:
@@ -4334,17 +4285,16 @@ def load_corpus(source: str,
     if len(files) == 1:
         lines = texts[0].splitlines(keepends=True)
         cut = len(lines) - int(len(lines) * heldout_fraction)
-        train, heldout = ["".join(lines[:cut])], ["".join(lines[cut:])]
+        parts = ["".join(lines[:cut])], ["".join(lines[cut:])]
     else:
         root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
-        held = [int(hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest()[:8], 16)
-                / 16**8 < heldout_fraction for p in files]  # a draw in [0, 1) fixed by the name
-        train = [t for t, h in zip(texts, held) if not h]
-        heldout = [t for t, h in zip(texts, held) if h]
-    train = [t for t in train if t.strip()]  # files of whitespace teach nothing
+        sha = [hashlib.sha256(p.relative_to(root).as_posix().encode()) for p in files]
+        held = [int(h.hexdigest()[:8], 16) / 16**8 < heldout_fraction for h in sha]
+        parts = [[t for t, h in zip(texts, held) if h == x] for x in (False, True)]
+    train, heldout = [[t for t in part if t.strip()] for part in parts]  # no blank files
     if not train:
         raise KldError(f"corpus {source!r} has no training text (empty files?)")
-    return train, [t for t in heldout if t.strip()]
+    return train, heldout
 
 
 def vocab_fingerprint(tokenizer: Tokenizer) -> str:
@@ -4369,11 +4319,9 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
     if data.get("format") != "kld-extension/1":
         raise KldError(f"{path}: not a kld extension file (format kld-extension/1)")
     if not {"base_vocab_sha256", "merges", "base_vocab_size"} <= data.keys():
-        raise KldError(f"{path}: a kld extension file needs base_vocab_sha256, "
-                       "base_vocab_size and merges")
+        raise KldError(f"{path}: needs base_vocab_sha256, base_vocab_size and merges")
     if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
-        raise KldError(f"{path}: made for another base vocabulary than this model's "
-                       "tokenizer")
+        raise KldError(f"{path}: made for another base vocabulary than this tokenizer")
     n_base, merges = data["base_vocab_size"], data["merges"]
     if type(n_base) is not int or n_base < 1:
         raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
@@ -4386,58 +4334,61 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
 
 
 def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
-    """tau with each new token in its vocabulary at id base_vocab_size + i: it decodes
-    the student's output and encodes text as tau does (tau's merges cross pre-token
-    boundaries, which a tokenizer.json cannot). A new token is spelled as byte-level
-    BPE spells its bytes, unless a base token has that spelling or the tokenizer would
-    then encode its text as the new token (whole words looked up first, as Llama 3's):
-    then its spaces and control characters are written as they are. Checked: each new
-    token decodes to its bytes; stderr counts those the tokenizer can still emit."""
+    """tau with new token i in its vocabulary at id V + i: it decodes the student's
+    output and encodes as tau does. A new token is spelled as byte-level BPE spells it,
+    unless a base token has that spelling or the tokenizer would then encode its text as
+    it (whole words first, as Llama 3): then its spaces and control bytes stand as they
+    are. Each must decode to its bytes; stderr counts those it still emits."""
     data = json.loads(tok.base.to_str())
     alphabet = byte_level_alphabet()
     base = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
     new_ids = range(tok.base_vocab_size, tok.vocab_size)
+    spell = {i: "".join(alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
     as_is = {i: "".join(chr(b) if b < 0x80 else alphabet[b] for b in tok.token_bytes(i))
              for i in new_ids}
-    spellings = {i: "".join(alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
-    spellings = {i: as_is[i] if s in base else s for i, s in spellings.items()}
+    spell = {i: as_is[i] if s in base else s for i, s in spell.items()}
 
-    def build(spellings: dict[int, str]) -> Tokenizer:
-        counts = collections.Counter([*spellings.values(), *base])
-        for i, s in spellings.items():
+    def build(spell: dict[int, str]) -> Tokenizer:
+        counts = collections.Counter([*spell.values(), *base])
+        for i, s in spell.items():
             if counts[s] > 1:
-                other = "a base token" if s in base else "another new token (the same bytes)"
-                raise KldError(f"new token {i} ({tok.token_string(i)!r}) has the spelling "
-                               f"of {other}; a tokenizer.json holds one id per spelling")
-        vocab = {**data["model"]["vocab"], **{s: i for i, s in spellings.items()}}
+                other = "a base token" if s in base else "another new token"
+                raise KldError(f"new token {i} ({tok.token_string(i)!r}) has the spelling of "
+                               f"{other}; a tokenizer.json holds one id per spelling")
+        vocab = {**data["model"]["vocab"], **{s: i for i, s in spell.items()}}
         return Tokenizer.from_str(json.dumps({**data, "model": {**data["model"], "vocab": vocab}}))
 
-    def emitted(tokenizer: Tokenizer, ids) -> list[int]:  # the ids whose text it encodes unlike tau
+    def emitted(tokenizer: Tokenizer, ids) -> list[int]:  # encoded unlike tau
         texts = {i: tok.token_bytes(i).decode("utf-8", errors="replace") for i in ids}
         return [i for i, t in texts.items() if tokenizer.encode(t, add_special_tokens=False).ids
                 != tok.base.encode(t, add_special_tokens=False).ids]
 
-    tokenizer = build(spellings)
+    tokenizer = build(spell)
     if emits := emitted(tokenizer, new_ids):
-        tokenizer = build({**spellings, **{i: as_is[i] for i in emits}})
+        tokenizer = build({**spell, **{i: as_is[i] for i in emits}})
         emits = emitted(tokenizer, emits)
     for i in new_ids:
         if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
             raise KldError(f"new token {i} ({tok.token_string(i)!r}) does not decode to its "
-                           "text in a tokenizer.json of the base tokenizer's kind")
+                           "text in a tokenizer.json of this kind")
     if emits:
         warn(f"the exported tokenizer.json encodes the text of {len(emits)} new token(s) "
-             f"(e.g. {tok.token_string(emits[0])!r}) as those tokens, not as tau does: its "
-             "vocabulary is looked up whole word first; prompts may then hold new tokens")
+             f"(e.g. {tok.token_string(emits[0])!r}) as those tokens, not as tau does")
     return tokenizer
+
+
+# --- devices, and data parallel: `torchrun --nproc_per_node N kld.py ...` ---
+# Every rank holds the frozen model and draws the same global batch; it runs every
+# world-th window, and one all-reduce averages the new rows' gradients, so the ranks'
+# rows stay equal and a run sees the same windows on any number of ranks. Held-out
+# measures and code generation split their work alike; rank 0 alone writes.
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KldError(f"device {name!r} asked for, but torch sees no CUDA device; "
-                       "use device 'cpu' or 'auto'")
+        raise KldError(f"device {name!r}, but torch sees no CUDA device; use 'cpu' or 'auto'")
     return torch.device(name)
 
 
@@ -4451,24 +4402,20 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX-512 BF16, AMX): without them bf16 is
-    emulated, slower than float32."""
-    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere: assume none
-    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether the CPU has bf16 instructions; without them bf16 is emulated, slow."""
+    info = Path("/proc/cpuinfo")  # Linux; elsewhere: assume none
+    return bool({"avx512_bf16", "amx_bf16"} & set(info.read_text().split() if info.exists() else []))
 
 
 def resolve_cpu_bf16(setting: bool | None, device: torch.device,
                      quiet: bool = False) -> bool:
-    """Whether training on `device` runs in bf16 autocast: on the CPU, `setting`, or
-    where None, whether the CPU has bf16 instructions; forced without them, said on stderr
-    unless `quiet` (emulated bf16 ran 24x slower than float32)."""
+    """Whether training on the CPU runs in bf16 autocast: `setting`, or if None, whether
+    the CPU has bf16 instructions (emulated bf16 ran 24x slower than float32)."""
     if device.type != "cpu":
         return False
     if setting and not quiet and not cpu_has_bf16():
-        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions "
-             "(avx512_bf16, amx_bf16): bf16 may be emulated, far slower than float32; "
-             "cpu_bf16 null uses bf16 only where the CPU has it")
+        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions: bf16 may be "
+             "emulated, far slower; cpu_bf16 null uses it only where the CPU has it")
     return cpu_has_bf16() if setting is None else setting
 
 
@@ -4478,25 +4425,15 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-# --- data parallel: `torchrun --nproc_per_node N kld.py ...` starts one process per rank ---
-#
-# Every rank holds the frozen model and draws the same global batch; it runs every
-# world-th window, and the new rows' gradients are averaged in one all-reduce, so the
-# ranks' rows stay equal and a run sees the same windows on any number of ranks.
-# Held-out measures and code generation split their work alike; rank 0 alone writes.
-
-
 def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
-    """(ranks, this rank's device): under torchrun (WORLD_SIZE > 1) join the process
-    group, NCCL on CUDA (each rank on the GPU of its LOCAL_RANK), gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """(ranks, this rank's device): under torchrun (WORLD_SIZE > 1) join the group, by
+    NCCL on CUDA (each rank on the GPU of its LOCAL_RANK), by gloo on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
     if device.type == "cuda":
         if device.index is not None or "LOCAL_RANK" not in os.environ:
-            raise KldError("several ranks on CUDA need device 'auto' or 'cuda' and a "
-                           "launcher that sets LOCAL_RANK (torchrun): each rank takes "
-                           "the GPU of its LOCAL_RANK")
+            raise KldError("several ranks on CUDA need device 'auto' or 'cuda' and torchrun:"
+                           " each rank takes the GPU of its LOCAL_RANK")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -4529,8 +4466,8 @@ def gather(value, ranks: Ranks) -> list:
 
 
 def average_gradients(params: list[torch.Tensor], ranks: Ranks):
-    """Each gradient -> its mean over the ranks, in one all-reduce: the ranks' losses
-    are means over equal shares, so this is the whole batch's gradient."""
+    """Each gradient -> its mean over the ranks (one all-reduce): the ranks' losses are
+    means over equal shares, so this is the whole batch's gradient."""
     grads = [p.grad for p in params if p.grad is not None]
     if ranks.world == 1 or not grads:
         return
@@ -4564,7 +4501,7 @@ def read_json_object(path: str | Path, what: str) -> dict:
 
 
 def umask_mode(mode: int) -> int:
-    """`mode` less the umask: what open() or mkdir() gives (mkstemp's files are private)."""
+    """`mode` less the umask, as open() or mkdir() gives (mkstemp's files are private)."""
     umask = os.umask(0)  # read only by setting it: put it back at once
     os.umask(umask)
     return mode & ~umask
@@ -4588,9 +4525,8 @@ def write_atomic(path: str | Path, data: str | bytes):
 
 
 def base_model_probe(model: GPT, saved=None) -> torch.Tensor | bool:
-    """4 embedding rows' first 4 weights, stored beside the new rows so that they are
-    never loaded onto another base model; given the `saved` probe, whether they match
-    (loosely: the model loaded in bfloat16 or float16 gives a probe a little off)."""
+    """4 weights of 4 embedding rows, saved beside the new rows, never loaded onto another
+    model; given the `saved` probe, whether they match (loosely: bf16, fp16 loads)."""
     rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
     probe = model.embed.weight[rows, :4].detach().float().cpu()
     return probe if saved is None else torch.allclose(saved, probe, rtol=0.05, atol=0.01)
@@ -4613,8 +4549,7 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # many kinds, with messages of many lines
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start "
-                       "afresh") from None
+        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
             and {"params", "step"} <= state.keys()):
         raise KldError(f"{path}: not a kld checkpoint; delete it to start afresh")
@@ -4628,14 +4563,12 @@ def load_checkpoint(path: Path, model: GPT,
                     optimizer: torch.optim.Optimizer, cfg: Config) -> int:
     """Restore rows and optimizer from `path`; return the step to continue from."""
     state = read_checkpoint(path, cfg)
-    probe = state.get("base_model_probe")
-    if probe is not None and not base_model_probe(model, probe):
-        raise KldError(f"{path} was trained on other base weights than {cfg.model} holds "
-                       "now; use another out_dir or --resume false")
+    if (probe := state.get("base_model_probe")) is not None and not base_model_probe(model, probe):
+        raise KldError(f"{path} was trained on other base weights than {cfg.model} holds now;"
+                       " use another out_dir or --resume false")
     params = trained_parameters(model)
     if set(state["params"]) != set(params):
-        raise KldError(f"{path} holds {sorted(state['params'])[:4]}..., not the "
-                       "parameters this stage trains")
+        raise KldError(f"{path} holds {sorted(state['params'])[:4]}..., not what this stage trains")
     with torch.no_grad():
         for name, value in state["params"].items():
             params[name].copy_(value)
@@ -4660,16 +4593,14 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     if tok.base_vocab_size != model.cfg.vocab_size:
         raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; "
                        f"{cfg.model} has {model.cfg.vocab_size}")
-    rows_file = out_dir / "new_rows.safetensors"
-    rows = read_safetensors(rows_file)
+    rows = read_safetensors(file := out_dir / "new_rows.safetensors")
     shape = (len(tok.merges), model.cfg.d_model)
     if set(rows) != {"new_in", "new_out"} or any(r.shape != shape for r in rows.values()):
-        raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} "
-                       f"(the extension and {cfg.model})")
-    with safetensors.safe_open(str(rows_file), "pt") as f:
+        raise KldError(f"{file} does not hold new_in and new_out of shape {shape}")
+    with safetensors.safe_open(str(file), "pt") as f:
         probe = (f.metadata() or {}).get("base_model_probe")
     if probe is not None and not base_model_probe(model, torch.tensor(json.loads(probe))):
-        raise KldError(f"{rows_file} was trained on another base model than {cfg.model}")
+        raise KldError(f"{file} was trained on another base model than {cfg.model}")
     model.add_new_tokens(rows["new_in"], rows["new_out"])
     blocks = out_dir / "finetuned_blocks.safetensors"  # written by the second stage
     params = dict(model.named_parameters())
@@ -4686,52 +4617,39 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """The config.json from which transformers builds the model `cfg` describes, and
-    model_config_from_hf gives `cfg` back: GPT-2, else Qwen2 where q, k, v alone have
-    biases, else Llama."""
-    eos = list(cfg.eos_token_ids)
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-              "bos_token_id": None,  # a BOS is the tokenizer's to add
-              "torch_dtype": dtype}
-    if cfg.arch == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-                "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                "n_inner": cfg.d_ff, "n_positions": cfg.max_positions,
-                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-                **common}
+    """The config.json of the model `cfg` describes (model_config_from_hf's inverse):
+    GPT-2, else Qwen2 where q, k, v alone have biases, else Llama."""
     qwen2 = cfg.qkv_bias and not cfg.out_bias
     if qwen2 and cfg.mlp_bias or cfg.out_bias and not cfg.qkv_bias:
-        raise KldError("no Hugging Face architecture has these biases (q, k, v / o / "
-                       "MLP); the model cannot be exported")
-    hf = {"model_type": "qwen2" if qwen2 else "llama",
-          "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-          "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-          "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-          "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-          "hidden_act": "silu", "max_position_embeddings": cfg.max_positions,
-          "rms_norm_eps": cfg.norm_eps,
-          "rope_theta": cfg.rope_theta,  # transformers < 5 reads this, >= 5 the next
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-          **common}
+        raise KldError("no Hugging Face architecture has these biases; the model cannot be exported")
+    kind = "gpt2" if cfg.arch == "gpt2" else "qwen2" if qwen2 else "llama"
+    eos = list(cfg.eos_token_ids)
+    hf = {"model_type": kind, "architectures": [{"gpt2": "GPT2LMHeadModel", "qwen2":
+          "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[kind]], "vocab_size": cfg.vocab_size,
+          **{key: getattr(cfg, field) for key, field in HF_KEYS[cfg.arch].items()},
+          "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
+          "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+          "bos_token_id": None}  # a BOS is the tokenizer's to add
+    if kind == "gpt2":
+        return {**hf, "activation_function": "gelu_new"}
+    hf.update(hidden_act="silu",  # transformers < 5 reads rope_theta, >= 5 rope_parameters
+              rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     if qwen2:
         return {**hf, "use_sliding_window": False}
     return {**hf, "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
 
 
 def hf_state(state: dict, cfg: ModelConfig) -> dict:
-    """kld's state dict -> a Hugging Face checkpoint's tensors (the inverse of
-    read_hf_dir), contiguous, ready for safetensors."""
-    out = {}
+    """kld's state dict -> a Hugging Face checkpoint's tensors (read_hf_dir's inverse)."""
+    gpt2, out = cfg.arch == "gpt2", {}
     for ours, theirs in file_names(state, cfg.arch).items():
-        gpt2_conv1d = cfg.arch == "gpt2" and theirs[:2] == "h." and state[ours].ndim == 2
-        out[theirs] = state[ours].t() if gpt2_conv1d else state[ours]  # Conv1D: (in, out)
-    if cfg.arch == "gpt2":  # q, k, v side by side in one c_attn (d, 3d)
-        for name in [k for k in out if ".c_attn.q." in k]:
-            out[name.replace(".q.", ".")] = torch.cat(
-                [out.pop(name.replace(".q.", f".{x}.")) for x in "qkv"], -1)
-        out = {k if k == "lm_head.weight" else "transformer." + k: v for k, v in out.items()}
-    return {name: t.detach().cpu().contiguous() for name, t in out.items()}
+        conv1d = gpt2 and theirs[:2] == "h." and state[ours].ndim == 2  # (in, out)
+        out[theirs] = state[ours].t() if conv1d else state[ours]
+    for name in [k for k in out if gpt2 and ".c_attn.q." in k]:  # into one c_attn (d, 3d)
+        qkv = [out.pop(name.replace(".q.", f".{x}.")) for x in "qkv"]
+        out[name.replace(".q.", ".")] = torch.cat(qkv, -1)
+    prefix = lambda k: "transformer." if gpt2 and k != "lm_head.weight" else ""  # noqa: E731
+    return {prefix(k) + k: t.detach().cpu().contiguous() for k, t in out.items()}
 
 
 CHATML_TEMPLATE = (  # format_chat as a transformers chat template
@@ -4742,15 +4660,13 @@ CHATML_TEMPLATE = (  # format_chat as a transformers chat template
 
 
 def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a finished run's student as a Hugging Face directory transformers loads as
-    it is: config.json (V + N rows, untied), model.safetensors ([E; E_new], [U; U_new]
-    and the blocks a second stage trained), tokenizer.json (tokenizer_with_new_tokens),
-    tokenizer_config.json, generation_config.json and extension.json (tau's merges).
+    """Write a finished run's student as a Hugging Face directory that transformers loads:
+    config.json (V + N rows, untied), model.safetensors, tokenizer.json (base tokens in,
+    new ones decoded), tokenizer_config.json, generation_config.json and extension.json.
     Built in a temporary directory beside out_dir, then renamed: never half written."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise KldError(f"{out_dir} exists and is not an empty directory; export into a "
-                       "new one")
+        raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
     run_cfg = load_config(str(Path(run_dir) / "config.json"))
     model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))
     state = model.state_dict()
@@ -4760,27 +4676,24 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
     chat = has_chat_template(tok)
     stops = [*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  "model_max_length": cfg.max_positions,
-                  "clean_up_tokenization_spaces": False}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces":
+                  False, "model_max_length": cfg.max_positions}
     if cfg.eos_token_ids:
         tok_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
     if chat:
         tok_config["chat_template"] = CHATML_TEMPLATE
-    as_json = lambda x: json.dumps(x, indent=2) + "\n"  # noqa: E731
-    files = {"model.safetensors": safetensors.torch.save(hf_state(state, cfg),
-                                                         metadata={"format": "pt"}),
-             "config.json": as_json(hf_config(cfg, run_cfg.dtype)),
-             "generation_config.json": as_json({"eos_token_id": list(dict.fromkeys(stops))}),
+    files = {"model.safetensors": safetensors.torch.save(hf_state(state, cfg), {"format": "pt"}),
+             "config.json": hf_config(cfg, run_cfg.dtype),
+             "generation_config.json": {"eos_token_id": list(dict.fromkeys(stops))},
              "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
-             "tokenizer_config.json": as_json(tok_config),
+             "tokenizer_config.json": tok_config,
              "extension.json": (Path(run_dir) / "extension.json").read_bytes()}
     staging = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        for name, contents in files.items():
-            write_atomic(staging / name, contents)
+        for name, data in files.items():
+            write_atomic(staging / name, json.dumps(data, indent=2) + "\n" if isinstance(data, dict) else data)
         staging.chmod(umask_mode(0o777))  # mkdtemp's is private: as mkdir would make it
         os.replace(staging, out_dir)  # onto a missing or empty directory: at once
     except OSError as e:
