@@ -4974,7 +4974,7 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def check_out_dir(out: Path, cfg: Config):
-    """Refuse an out_dir that cannot be written, would overwrite the run's inputs or another run."""
+    """Refuse an out_dir the run cannot write, or whose files it must not overwrite."""
     if out.exists() and not out.is_dir():
         raise KldError(f"out_dir {out} exists and is not a directory")
     model = resolve_model_path(cfg.model)
@@ -4986,7 +4986,7 @@ def check_out_dir(out: Path, cfg: Config):
     for path in (model, Path(cfg.corpus), Path(cfg.tasks)):
         mine = out / path.name
         if path.name in ours and path.is_file() and mine.exists() and mine.samefile(path):
-            raise KldError(f"out_dir {out}: the run writes {path.name}, which is its input")
+            raise KldError(f"out_dir {out}: the run writes {path.name}, which is its input {path}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
@@ -4994,7 +4994,7 @@ def check_out_dir(out: Path, cfg: Config):
         raise KldError(f"out_dir {out} cannot be written: {e.strerror or e}") from None
     done = (out / "results.json").exists()
     if (done or cfg.resume and any(out.glob("checkpoint*.pt"))) and (out / "config.json").exists():
-        old = read_json_object(out / "config.json", "config of the earlier run in out_dir")
+        old = read_json_object(out / "config.json", "the earlier run's config")
         if changed := [k for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]:
             kind = "finished run" if done else "run stopped mid-way"
             raise KldError(f"out_dir {out} holds a {kind} made with other {', '.join(changed)}; "
@@ -5002,7 +5002,7 @@ def check_out_dir(out: Path, cfg: Config):
 
 
 def run(cfg: Config) -> dict:
-    """Extend τ, initialise and train the new rows, measure, answer the prompt, run the tasks."""
+    """The method end to end: extend τ, initialise and train the new rows, measure, answer."""
     check_out_dir(out := Path(cfg.out_dir), cfg)
     torch.manual_seed(cfg.seed)
     ranks, device = start_ranks(resolve_device(cfg.device))
@@ -5014,7 +5014,7 @@ def run(cfg: Config) -> dict:
         if ranks.main:
             write_atomic(out / name, json.dumps(obj, indent=indent) + "\n")
     started = time.perf_counter()
-    model, base = load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype))
+    model, base = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
     n = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model {cfg.model}: {n:.1f}M parameters, {device}, {cfg.dtype}")
     texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
@@ -5107,20 +5107,19 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(io.StringIO() if rank else sys.stdout):
             result = run(cfg)  # rank 0 alone prints
     except KldError as e:
-        where = f" (rank {rank})" if world > 1 and not args.export else ""
-        print(f"kld: error{where}: {e}", file=sys.stderr)
+        print(f"kld: error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank:
         return 0
-    t, i, s = result["teacher"], result["student_init"], result["student"]
+    s = result["student"]
     row = "{:24}{bits_per_char:10.4f}{tokens_per_char:13.4f}{:>9}{:>13}".format
-    mass = lambda x: "-" if x is None else f"{x:.3f}"  # on new tokens where one is next; teacher: p
+    mass = lambda x: "-" if x is None else f"{x:.3f}"  # on new tokens where one is next; the teacher's: of p'
     print(f"\n{'':24}{'bits/char':>10}{'tokens/char':>13}{'KL':>9}{'mass on new':>13}")
-    print(row("teacher", "", mass(s["target_new_token_mass"]), **t))
-    for name, m in [("student at init", i), (f"student ({cfg.objective})", s)]:
+    print(row("teacher", "", mass(s["target_new_token_mass"]), **result["teacher"]))
+    for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", s)]:
         print(row(name, f"{m['kl']:.4f}", mass(m["new_token_mass"]), **m))
     print(f"{f'targets ({cfg.lift})':24}{s['target_bits_per_char']:10.4f}   "
           "(their own bits/char: the floor of a student trained on them)")
@@ -5129,11 +5128,10 @@ def main(argv: list[str] | None = None) -> int:
               "{tokens_per_char:.4f}, new tokens {new_token_share:.1%}, saving "
               "{realised_saving:.1%} of a possible {possible_saving:.1%}"
               .format("student code generation", *c["pass@1_interval"], **c))
-    print(f"\nthe teacher's answer:\n{result['teacher_answer']}\n\n"
-          f"the student's answer:\n{result['answer']}")
-    print("[new tokens: {answer_new_token_share:.0%} of the answer; {train_tokens_per_s:.0f} "
-          "training tok/s; peak memory {peak_memory_mb:.0f} MB; {seconds:.0f}s in all; "
-          "written to {}]".format(cfg.out_dir, **result))
+    print("\nthe teacher's answer:\n{teacher_answer}\n\nthe student's answer:\n{answer}\n"
+          "[new tokens: {answer_new_token_share:.0%} of the answer; {train_tokens_per_s:.0f} training "
+          "tok/s; peak memory {peak_memory_mb:.0f} MB; {seconds:.0f}s in all; written to {}]"
+          .format(cfg.out_dir, **result))
     return 0
 
 
