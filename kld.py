@@ -4996,9 +4996,8 @@ def check_out_dir(out: Path, cfg: Config):
     if (done or cfg.resume and any(out.glob("checkpoint*.pt"))) and (out / "config.json").exists():
         old = read_json_object(out / "config.json", "the earlier run's config")
         if changed := [k for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]:
-            kind = "finished run" if done else "run stopped mid-way"
-            raise KldError(f"out_dir {out} holds a {kind} made with other {', '.join(changed)}; "
-                           "use another out_dir or --resume false")
+            raise KldError(f"out_dir {out} holds a {'finished run' if done else 'run stopped mid-way'} "
+                           f"made with other {', '.join(changed)}; use another out_dir or --resume false")
 
 
 def run(cfg: Config) -> dict:
