@@ -5001,7 +5001,7 @@ def check_out_dir(out: Path, cfg: Config):
 
 
 def run(cfg: Config) -> dict:
-    """The method end to end: extend τ, initialise and train the new rows, measure, answer."""
+    """The method end to end: extend tau, initialise and train the new rows, measure, answer."""
     check_out_dir(out := Path(cfg.out_dir), cfg)
     torch.manual_seed(cfg.seed)
     ranks, device = start_ranks(resolve_device(cfg.device))
@@ -5019,7 +5019,7 @@ def run(cfg: Config) -> dict:
     texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     V, T = model.cfg.vocab_size, model.cfg.max_positions
-    teacher_tok = ExtendedTokenizer(base, [], V)  # τ: no merges
+    teacher_tok = ExtendedTokenizer(base, [], V)  # tau: no merges
     if tasks:  # refused before hours of training, not after
         codegen_settings(cfg, teacher_tok)
     if cfg.max_new_tokens >= T:
