@@ -3864,267 +3864,184 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """['--max_new_tokens', '64', '--chat=false'] -> {'max_new_tokens': 64, 'chat': False}.
-
-    A value is read as JSON unless the field holds a plain string, so `--prompt 42` is the
-    string "42" while `--stop '["\\n\\n"]'` is a list.
-    """
-    hints = typing.get_type_hints(Config)
-    values = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
+    """['--steps', '64', '--chat=false'] -> {'steps': 64, 'chat': False}; a str field's text as is."""
+    hints, values, it = typing.get_type_hints(Config), {}, iter(args)
+    for arg in it:
         if not arg.startswith("--"):
             raise KldError(f"expected --key value, got {arg!r}")
         key, eq, raw = arg[2:].partition("=")
-        if not eq:
-            if i + 1 == len(args):
-                raise KldError(f"--{key} needs a value")
-            raw, i = args[i + 1], i + 1
-        i += 1
-        if hints.get(key) is str:
-            values[key] = raw
-            continue
+        if (raw := raw if eq else next(it, None)) is None:
+            raise KldError(f"--{key} needs a value")
         try:
-            values[key] = json.loads(raw)
+            values[key] = raw if hints.get(key) is str else json.loads(raw)
         except json.JSONDecodeError:
-            values[key] = raw  # a bare word; the type check below names the problem
+            values[key] = raw  # a bare word: the type check names the problem
     return values
 
 
-# What a run writes in its out_dir.
-RUN_FILES = ("config.json", "extension.json", "new_rows.safetensors", "embeddings.json", "results.json",
-             "codegen.json", "finetuned_blocks.safetensors", "checkpoint.pt", "checkpoint-hidden.pt",
-             "checkpoint-finetune.pt")
-
-
-def check_out_dir_apart(out: Path, cfg: Config):
-    """Refuse an out_dir where the run would write over its own inputs: in a model's
-    directory (its config.json), or where a file it writes is an input file."""
-    model = resolve_model_path(cfg.model)
-    if model.is_dir() and out.resolve().is_relative_to(model.resolve()):  # the directory itself included
-        raise KldError(f"out_dir {out} is in the model's directory {model}: the run would write over its "
-                       "files; give it an out_dir of its own")
-    for path in [model, Path(cfg.corpus)] + ([Path(cfg.tasks)] if cfg.tasks else []):
-        written = out / path.name
-        if path.name in RUN_FILES and path.is_file() and written.exists() and os.path.samefile(written, path):
-            raise KldError(f"out_dir {out}: the run writes {path.name}, which is its input {path}")
-
-
 def check_out_dir(out: Path, cfg: Config):
-    """Refuse an out_dir that cannot take this run's files, or that holds a finished run
-    (results.json) made with other settings: its files would be mixed with this run's."""
+    """Refuse an out_dir the run cannot write, or whose files it must not overwrite."""
     if out.exists() and not out.is_dir():
         raise KldError(f"out_dir {out} exists and is not a directory")
-    check_out_dir_apart(out, cfg)
+    model = resolve_model_path(cfg.model)
+    if model.is_dir() and out.resolve().is_relative_to(model.resolve()):
+        raise KldError(f"out_dir {out} is in the model's directory {model}")
+    ours = ("config.json extension.json new_rows.safetensors embeddings.json results.json "
+            "codegen.json finetuned_blocks.safetensors checkpoint.pt checkpoint-hidden.pt "
+            "checkpoint-finetune.pt").split()  # the files a run writes
+    for path in (model, Path(cfg.corpus), Path(cfg.tasks)):
+        mine = out / path.name
+        if path.name in ours and path.is_file() and mine.exists() and mine.samefile(path):
+            raise KldError(f"out_dir {out}: the run writes {path.name}, which is its input {path}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise KldError(f"out_dir {out} cannot be written: {e.strerror or e}") from None
-    earlier = (out / "results.json").exists() or (cfg.resume and any(out.glob("checkpoint*.pt")))
-    if earlier and (out / "config.json").exists():  # a finished run, or one this run would resume
-        finished = read_json_object(out / "config.json", "config of the earlier run in out_dir")
-        changed = [k for k in RESUME_KEYS if finished.get(k) != getattr(cfg, k)]
-        if changed:
-            kind = "finished run" if (out / "results.json").exists() else "run stopped mid-way"
-            raise KldError(f"out_dir {out} holds a {kind} made with other {', '.join(changed)}; give this run "
-                           "another out_dir, or delete that run (or --resume false)")
+    done = (out / "results.json").exists()
+    if (done or cfg.resume and any(out.glob("checkpoint*.pt"))) and (out / "config.json").exists():
+        old = read_json_object(out / "config.json", "the earlier run's config")
+        if changed := [k for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]:
+            raise KldError(f"out_dir {out} holds a {'finished run' if done else 'run stopped mid-way'} "
+                           f"made with other {', '.join(changed)}; use another out_dir or --resume false")
 
 
 def run(cfg: Config) -> dict:
-    """The method end to end: extend the teacher's tokenizer on the domain corpus, initialise
-    the new rows, train them, measure teacher and student on held-out code, and answer
-    `cfg.prompt` with the teacher and the student. Writes config.json, extension.json, new_rows.safetensors,
-    embeddings.json (embedding_analysis) and results.json to out_dir (checkpoint.pt while
-    training), and codegen.json when `cfg.tasks` names code-generation tasks. Started by
-    torchrun, it runs data parallel (Ranks): rank 0 writes the files."""
-    out = Path(cfg.out_dir)
-    check_out_dir(out, cfg)
+    """The method end to end: extend tau, initialise and train the new rows, measure, answer."""
+    check_out_dir(out := Path(cfg.out_dir), cfg)
     torch.manual_seed(cfg.seed)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    ranks, device = start_ranks(device)
-    resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=not ranks.main)  # said once, before the minutes of setup
+    ranks, device = start_ranks(resolve_device(cfg.device))
+    resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=not ranks.main)
     if cfg.batch_size % ranks.world:
-        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split among "
-                       f"{ranks.world} ranks")
+        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split "
+                       f"among {ranks.world} ranks")
+    def save(name, obj, indent=2):
+        if ranks.main:
+            write_atomic(out / name, json.dumps(obj, indent=indent) + "\n")
     started = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
-    train_texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
+    model, base = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model {cfg.model}: {n:.1f}M parameters, {device}, {cfg.dtype}")
+    texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
-    teacher_tok = ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)  # tau: no merges
-    if tasks:  # settings that cannot work are refused before hours of training, not after
+    V, T = model.cfg.vocab_size, model.cfg.max_positions
+    teacher_tok = ExtendedTokenizer(base, [], V)  # tau: no merges
+    if tasks:  # refused before hours of training, not after
         codegen_settings(cfg, teacher_tok)
-    if cfg.max_new_tokens >= model.cfg.max_positions:
-        raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's "
-                       f"{model.cfg.max_positions} positions with a prompt before it")
+    if cfg.max_new_tokens >= T:
+        raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {T} positions")
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists() and bool(read_checkpoint(checkpoint, cfg))
-    if ranks.main:
-        write_atomic(out / "config.json",
-                     json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")  # checked: now write
-    extension_file = out / "extension.json"
-    if resuming:  # checked above, before config.json took this run's settings
-        tok = load_extension(extension_file, tokenizer)
+    save("config.json", dataclasses.asdict(cfg))  # all checked: now write
+    if resuming:
+        tok = load_extension(out / "extension.json", base)
     elif ranks.main:
         t0 = time.perf_counter()
-        tok = build_extension(tokenizer, train_texts, cfg.n_merges, model.cfg.vocab_size, cfg.new_tokens,
-                              cfg.newline_merges)
-        save_extension(tok, extension_file)
-        print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, e.g. "
-              f"{[tok.token_string(tok.base_vocab_size + i) for i in range(min(8, len(tok.merges)))]}")
-    if ranks.world > 1:  # rank 0 learned the merges once; every rank reads its corpus with them
-        merges = gather(tok.merges if ranks.main else None, ranks)[0]
-        tok = ExtendedTokenizer(tokenizer, merges, model.cfg.vocab_size)
+        tok = build_extension(base, texts, cfg.n_merges, V, cfg.new_tokens, cfg.newline_merges)
+        save_extension(tok, out / "extension.json")
+        print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, "
+              f"e.g. {[tok.token_string(i) for i in range(V, tok.vocab_size)][:8]}")
+    if ranks.world > 1:  # rank 0's merges for all
+        tok = ExtendedTokenizer(base, gather(tok.merges if ranks.main else None, ranks)[0], V)
     chat = uses_chat(cfg, tok)
     prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
-    if ranks.main:
-        [teacher_answer] = generate(model, teacher_tok, [prompt], decoding)  # before the model has new rows
+    if ranks.main:  # before the model has new rows
+        [teacher_answer] = generate(model, teacher_tok, [prompt], decoding)
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
-    chunks = eval_chunks(tokenizer, heldout, cfg.eval_chars, cfg.eval_window)
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition,
-                         model.embed.weight.device)
-    teacher_measures = evaluate(model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
-    initial = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
-    print(f"held-out teacher: bits/char {teacher_measures['bits_per_char']:.4f}, "
-          f"tokens/char {teacher_measures['tokens_per_char']:.4f}")
-    print(f"held-out student at init ({cfg.init}): bits/char {initial['bits_per_char']:.4f}, KL "
-          f"{initial['kl']:.4f}, "
-          f"tokens/char {initial['tokens_per_char']:.4f}")
-    stream = token_stream(tok, train_texts, sep)
-    fingerprints = gather(hashlib.sha256(np.asarray(stream, dtype=np.int64).tobytes()).hexdigest(), ranks)
-    if len(set(fingerprints)) > 1:  # windows are drawn from the stream by index: it must be one stream
-        raise KldError(f"the ranks read different training corpora from {cfg.corpus!r}; "
-                       "every node needs the same files")
-    hidden_history = hidden_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
+    chunks = eval_chunks(base, heldout, cfg.eval_chars, cfg.eval_window)
+    lift = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    measure = functools.partial(evaluate, model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
+    teacher, initial = measure(), measure(lift)
+    line = "bits/char {bits_per_char:.4f}, {}tokens/char {tokens_per_char:.4f}".format
+    print("held-out teacher: " + line("", **teacher))
+    print(f"held-out student at init ({cfg.init}): " + line(f"KL {initial['kl']:.4f}, ", **initial))
+    stream = token_stream(tok, texts, sep)
+    if len(set(gather(hash(tuple(stream)), ranks))) > 1:  # windows are drawn from one stream
+        raise KldError(f"the ranks read different corpora from {cfg.corpus!r}")
+    history = hidden_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
     training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
-    training["history"] = hidden_history + [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
-    if training["history"]:
-        final = training["history"][-1]
-    else:  # a finished run resumed: nothing trained, nothing measured
-        final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
-    if cfg.finetune_steps:  # check_config: and some blocks to train
-        history = second_stage(model, tok, cfg, stream, chunks, out, ranks)
-        final = history[-1] if history else final
-        training["history"] += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in history]
-    results = {
-        "teacher": teacher_measures, "student_init": initial, "student": final, "history": training["history"],
-        "n_new_tokens": len(tok.merges), "train_tokens_per_s": training["train_tokens_per_s"],
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "seconds": time.perf_counter() - started,
-        "complete": False,  # true once the answers (and the code-generation evaluation) are in
-    }
-    if ranks.main:  # what is measured is written at once: a failure in what follows loses none of it
+    history += [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
+    final = history[-1] if history else measure(lift)  # else a finished run resumed
+    more = second_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.finetune_steps else []
+    history += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in more]
+    final = more[-1] if more else final
+    results = dict(teacher=teacher, student_init=initial, student=final, history=history,
+                   n_new_tokens=len(tok.merges), train_tokens_per_s=training["train_tokens_per_s"],
+                   peak_memory_mb=peak_memory_mb(device), device=str(device),
+                   seconds=time.perf_counter() - started, complete=False)
+    if ranks.main:  # measures are written at once: a failure below loses none of them
         write_atomic(out / "new_rows.safetensors", save_new_rows(model))
-        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-        write_atomic(out / "embeddings.json",
-                     json.dumps(embedding_analysis(model, tok), indent=1) + "\n")
+        save("results.json", results)
+        save("embeddings.json", embedding_analysis(model, tok), 1)
         [answer] = generate(model, tok, [prompt], decoding)
-        n_new = sum(t >= tok.base_vocab_size for t in answer.token_ids)  # the answer's new tokens
-        results["teacher_answer"] = teacher_answer.text
-        results["answer"] = answer.text
-        results["answer_new_token_share"] = n_new / max(1, len(answer.token_ids))
-        results["seconds"] = time.perf_counter() - started
-        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        ids = answer.token_ids
+        results.update(teacher_answer=teacher_answer.text, answer=answer.text,
+                       answer_new_token_share=sum(t >= V for t in ids) / max(1, len(ids)),
+                       seconds=time.perf_counter() - started)
+        save("results.json", results)
     if tasks:
         print(f"code generation: {len(tasks)} tasks x {cfg.n_samples} samples from {cfg.tasks}")
         codegen = evaluate_codegen_as_configured(model, tok, tasks, cfg, ranks)
-        if ranks.main:
-            write_atomic(out / "codegen.json", json.dumps(codegen, indent=1) + "\n")
+        save("codegen.json", codegen, 1)
         results["codegen"] = codegen["summary"]
-    results["peak_memory_mb"] = peak_memory_mb(device)
-    results["complete"] = True
-    if ranks.main:
-        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    results.update(peak_memory_mb=peak_memory_mb(device), complete=True)
+    save("results.json", results)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="kld: vocabulary expansion by KL self-distillation. Any config field can be "
-        "overridden as --field value; the fields, defaults and meanings follow.", add_help=False)
-    parser.add_argument("--config", help="JSON file of config fields")
-    parser.add_argument("--export", nargs=2, metavar=("RUN_DIR", "OUT_DIR"),
-                        help="write the student of a finished run as a Hugging Face directory, then stop")
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--export", nargs=2, metavar=("RUN_DIR", "OUT_DIR"))
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    if args.help:  # the dataclass is the one source of truth for fields, defaults and help
-        parser.print_usage()
-        print(parser.description + "\n\n" + inspect.getsource(Config))
-        entries = [f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in ALLOWED.items()]
-        unbroken = "; ".join(e.replace(" ", "\xa0") for e in entries)  # no line break inside an entry
-        print(textwrap.fill("Values taken: " + unbroken, 100).replace("\xa0", " "))
+    if args.help:  # the dataclass is the one source of fields, defaults and help
+        print(*__doc__.split("\n\n")[:2], inspect.getsource(Config) + "Values taken:", sep="\n\n")
+        print(*(f"  {k}: {v}" for k, v in ALLOWED.items()), sep="\n")
         return 0
-    if args.export:
-        try:
-            if rest or args.config:
-                extra = rest or ["--config"]
-                raise KldError(f"--export takes a run directory and an output directory only, not {extra}")
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise KldError("--export runs in one process, not under torchrun")
-            print(f"exported the student of {args.export[0]} to {export_student(*args.export)}")
-        except KldError as e:
-            print(f"kld: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone prints
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
+        if args.export:
+            if rest or args.config or world > 1:
+                raise KldError("--export takes RUN_DIR OUT_DIR only and runs in one process")
+            print(f"exported the student to {export_student(*args.export)}")
+            return 0
         cfg = load_config(args.config, rest)
-        with contextlib.ExitStack() as stack:
-            if rank:
-                sink = stack.enter_context(open(os.devnull, "w"))
-                stack.enter_context(contextlib.redirect_stdout(sink))
-            result = run(cfg)
+        with contextlib.redirect_stdout(io.StringIO() if rank else sys.stdout):
+            result = run(cfg)  # rank 0 alone prints
     except KldError as e:
-        where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 else ""
-        print(f"kld: error{where}: {e}", file=sys.stderr)
+        print(f"kld: error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank:
         return 0
-    teacher_measures = result["teacher"]
-    student = result["student"]
-
-    def mass(x):
-        return f"{x:13.3f}" if x is not None else f"{'-':>13s}"
-
-    # "mass on new": at the positions whose next token is new, the mass on new tokens of
-    # each student and of the lifted teacher (p'), which the students are trained toward.
-    print(f"\n{'':24s}{'bits/char':>10s}{'tokens/char':>13s}{'KL':>9s}{'mass on new':>13s}")
-    print(f"{'teacher':24s}{teacher_measures['bits_per_char']:10.4f}{teacher_measures['tokens_per_char']:13.4f}{'':9s}"
-          f"{mass(student['target_new_token_mass'])}")
-    for name, m in [("student at init", result["student_init"]),
-                    (f"student ({cfg.objective})", student)]:
-        figures = f"{m['bits_per_char']:10.4f}{m['tokens_per_char']:13.4f}{m['kl']:9.4f}"
-        print(f"{name:24s}{figures}{mass(m['new_token_mass'])}")
-    print(f"{f'targets ({cfg.lift})':24s}{student['target_bits_per_char']:10.4f}   (their own "
-          "bits/char: the floor "
-          f"of a student trained on them)")
-    if "codegen" in result:
-        codegen = result["codegen"]
-        low, high = codegen["pass@1_interval"]
-        print(f"{'student code generation':24s}pass@1 {codegen['pass@1']:.3f} [{low:.3f}, {high:.3f}] on "
-              f"{codegen['n_tasks']} tasks; tokens/char {codegen['tokens_per_char']:.4f}, "
-              f"new tokens {codegen['new_token_share']:.1%}, saving "
-              f"{codegen['realised_saving']:.1%} "
-              f"of a possible {codegen['possible_saving']:.1%}")
-    print(f"\nthe teacher's answer:\n{result['teacher_answer']}")
-    print(f"\nthe student's answer:\n{result['answer']}\n"
-          f"[new tokens: {result['answer_new_token_share']:.0%} of the answer; "
-          f"{result['train_tokens_per_s']:.0f} training tok/s; peak memory "
-          f"{result['peak_memory_mb']:.0f} MB; "
-          f"{result['seconds']:.0f}s in all; written to {cfg.out_dir}]")
+    s = result["student"]
+    row = "{:24}{bits_per_char:10.4f}{tokens_per_char:13.4f}{:>9}{:>13}".format
+    mass = lambda x: "-" if x is None else f"{x:.3f}"  # on new tokens where one is next; the teacher's: of p'
+    print(f"\n{'':24}{'bits/char':>10}{'tokens/char':>13}{'KL':>9}{'mass on new':>13}")
+    print(row("teacher", "", mass(s["target_new_token_mass"]), **result["teacher"]))
+    for name, m in [("student at init", result["student_init"]), (f"student ({cfg.objective})", s)]:
+        print(row(name, f"{m['kl']:.4f}", mass(m["new_token_mass"]), **m))
+    print(f"{f'targets ({cfg.lift})':24}{s['target_bits_per_char']:10.4f}   "
+          "(their own bits/char: the floor of a student trained on them)")
+    if c := result.get("codegen"):
+        print("{:24}pass@1 {pass@1:.3f} [{:.3f}, {:.3f}] on {n_tasks} tasks; tokens/char "
+              "{tokens_per_char:.4f}, new tokens {new_token_share:.1%}, saving "
+              "{realised_saving:.1%} of a possible {possible_saving:.1%}"
+              .format("student code generation", *c["pass@1_interval"], **c))
+    print("\nthe teacher's answer:\n{teacher_answer}\n\nthe student's answer:\n{answer}\n"
+          "[new tokens: {answer_new_token_share:.0%} of the answer; {train_tokens_per_s:.0f} training "
+          "tok/s; peak memory {peak_memory_mb:.0f} MB; {seconds:.0f}s in all; written to {}]"
+          .format(cfg.out_dir, **result))
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except BrokenPipeError:  # the output went to a reader that stopped early (`| head`): not an error
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        sys.exit(0)
