@@ -918,12 +918,10 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
 
 
 def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, int, int]]:
-    """Spans of two tokenizations of one text from their tokens' end offsets (token i covers
-    [ends[i-1], ends[i]); bytes are exact, characters unless a token splits one). Span
-    (i0, i1, j0, j1): tokens a[i0:i1] and b[j0:j1] spell the same substring, cut at the common
-    boundaries. align_spans([1, 3, 4], [2, 3, 4]) == [(0, 2, 0, 2), (2, 3, 2, 3)]."""
+    """Spans (i0, i1, j0, j1) of two tokenizations of a text by their tokens' end offsets:
+    a[i0:i1], b[j0:j1] spell the same. [1, 3, 4], [2, 3, 4] -> [(0, 2, 0, 2), (2, 3, 2, 3)]"""
     if (ends_a[-1:] or [0]) != (ends_b[-1:] or [0]):
-        raise ValueError(f"the tokenizations cover different lengths ({ends_a[-1:]} vs {ends_b[-1:]})")
+        raise ValueError(f"tokenizations of different lengths: {ends_a[-1:]}, {ends_b[-1:]}")
     spans = []
     i = j = 0  # the next token of a, of b
     while i < len(ends_a):
@@ -940,24 +938,22 @@ def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, in
 
 
 def coarsening_span_starts(student_ids: list[int], tok: ExtendedTokenizer) -> list[int]:
-    """Where tau' coarsens tau, student token j covers teacher tokens starts[j] ..
-    starts[j] + |exp(s_j)| - 1, no offsets needed. ([n_base + 0 -> 2 tokens, 7]: [0, 2])"""
+    """Where tau' coarsens tau, s_j covers |exp(s_j)| teacher tokens from starts[j] on."""
     lengths = (len(tok.expand([s])) for s in student_ids)
     return list(itertools.accumulate(lengths, initial=0))[:-1]
 
 
 def head_logits(states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """Logits (r, V) of final hidden states (r, d) under a head (V, d), at least float32."""
+    """Logits (r, V) of hidden states (r, d) under a head (V, d), at least float32."""
     with autocast(states.device):
         return upcast(F.linear(states, head))
 
 
 @dataclass
 class TeacherRows:
-    """The teacher's log p over V at r positions, kept as what makes them (r x d numbers):
-    log p(v) = states[i] . head[v] - lse[i]; or log p itself (head None, lse 0)."""
+    """log p(v) at r positions as states[i] . head[v] - lse[i]: r x d numbers, not r x |V|."""
 
-    states: torch.Tensor  # (r, d), or (r, |V|) log p when head is None
+    states: torch.Tensor  # (r, d), or (r, |V|) log p itself when head is None (lse 0)
     head: torch.Tensor | None  # (|V|, d) the unembedding, or None
     lse: torch.Tensor  # (r,) log sum_v exp z_v of each row
 
@@ -970,8 +966,7 @@ class TeacherRows:
         # 1024 rows at a time: the logits of all rows never exist at once
         lse = [torch.logsumexp(head_logits(states[i : i + 1024], head), dim=-1)
                for i in range(0, len(states), 1024)]
-        empty = states.new_zeros(0, dtype=torch.float32)
-        return TeacherRows(states, head, torch.cat(lse) if lse else empty)
+        return TeacherRows(states, head, torch.cat([states.new_zeros(0).float(), *lse]))
 
     def logp(self, rows=slice(None), columns: torch.Tensor | None = None) -> torch.Tensor:
         """log p at `rows`, over V or at `columns` only: (rows, |V| or |columns|)."""
@@ -1001,18 +996,16 @@ class TeacherRows:
 
 @dataclass
 class LiftedTargets:
-    """The teacher's next-token distribution lifted to V' at m student positions: dense over V,
-    sparse over N. log p'(v) = teacher.logp()[j, v] - log_z[j] for base v, but fix_logp[k] for
-    v = fix_ids[k] at j = fix_pos[k]; log p'(new_ids[j, c]) = new_logp[j, c]; any other new
-    token has p' = 0 (padding: id 0 at -inf). Dense rows are made only when asked for."""
+    """p' at m student positions, dense over V: teacher.logp()[j] - log_z[j] but fix_logp where
+    the walk rewrote it; sparse over N: new_logp[j, c] at new_ids[j, c], else p' = 0."""
 
     teacher: TeacherRows  # (m rows) the teacher at each span start
     log_z: torch.Tensor  # (m,) float64: log Z, the conditioning's renormaliser (0: none)
     fix_pos: torch.Tensor  # (k,) long: positions of the base entries the walk rewrote
     fix_ids: torch.Tensor  # (k,) long: their base tokens
     fix_logp: torch.Tensor  # (k,) float64: their log p'
-    new_ids: torch.Tensor  # (m, c) long: new tokens with a target at each position
-    new_logp: torch.Tensor  # (m, c) their log p'
+    new_ids: torch.Tensor  # (m, c) long: new tokens with a target at each position (padding: 0)
+    new_logp: torch.Tensor  # (m, c) their log p' (padding: -inf)
     span_logp: torch.Tensor  # (m,) float64: log P(span), the teacher's log-probs summed over it
     n_new: int  # N, the number of new tokens
 
@@ -1038,11 +1031,12 @@ class LiftedTargets:
 def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
     """The targets of several windows as one, positions one after the other."""
     width = max(t.new_ids.shape[1] for t in targets)  # new_ids padded to it: id 0 at -inf
-    offsets = itertools.accumulate((len(t.log_z) for t in targets), initial=0)
-    parts = [dataclasses.replace(t, fix_pos=t.fix_pos + o,
-                                 new_ids=F.pad(t.new_ids, (0, width - t.new_ids.shape[1])),
-                                 new_logp=F.pad(t.new_logp, (0, width - t.new_ids.shape[1]), value=-math.inf))
-             for t, o in zip(targets, offsets)]
+    parts, at = [], 0  # at: each window's first position in the whole
+    for t in targets:
+        pad = (0, width - t.new_ids.shape[1])
+        parts.append(dataclasses.replace(t, fix_pos=t.fix_pos + at, new_ids=F.pad(t.new_ids, pad),
+                                         new_logp=F.pad(t.new_logp, pad, value=-math.inf)))
+        at += len(t.log_z)
     teacher = TeacherRows(torch.cat([t.teacher.states for t in parts]), parts[0].teacher.head,
                           torch.cat([t.teacher.lse for t in parts]))  # one head for all
     cat = {f.name: torch.cat([getattr(t, f.name) for t in parts])  # every field but teacher, n_new
@@ -1068,8 +1062,7 @@ Node = tuple[int, tuple[int, ...]]
 
 @dataclass
 class LiftTrie:
-    """The lift's tables for one extension (`lift_trie`). Sequences are tuples of base ids;
-    a sequence's *children* are the tokens that can follow it in the trie."""
+    """The lift's lookup tables for one extension, made by `lift_trie`."""
 
     children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> x with u + (x,) in the trie
     new_token: dict[tuple[int, ...], int]  # exp(w) -> w, for every new token w
@@ -1081,8 +1074,7 @@ class LiftTrie:
 
 
 def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
-    """The tokens after each proper prefix of the sequences:
-    prefix_children([(1, 2), (1, 2, 3), (1, 4)]) == {(1,): (2, 4), (1, 2): (3,)}."""
+    """Proper prefix -> next tokens: (1, 2), (1, 2, 3), (1, 4) -> {(1,): (2, 4), (1, 2): (3,)}"""
     children: dict[tuple[int, ...], dict[int, None]] = {}
     for s in seqs:
         for k in range(1, len(s)):
@@ -1091,7 +1083,7 @@ def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
 
 
 def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
-    """The lift's tables for tau' (tok): the trie of expansions and each token's extensions."""
+    """The lift's tables for tau' (tok): the trie U and each token's extensions."""
     extensions: dict[int, set[tuple[int, ...]]] = {}  # v -> the suffixes that would merge into v
     for e, v in zip(tok.expansions, tok.parents):  # exp(v): the longest proper prefix of e
         extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
@@ -1107,37 +1099,31 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
     )
 
 
-def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.ndarray, branches: dict,
-              trie: LiftTrie, extensions: frozenset, extension_children: dict, min_logp: float):
-    """Steps 1 and 2 of the lift at span start a. From each root, follow the trie (and the
-    extensions) while the teacher has a row at the node: realised[b] (at the alphabet's
-    columns) on the text, branches[(b, xs)] off it. Returns P of every expansion and
-    extension reached, and the nodes off the text without a row whose P >= exp(min_logp)."""
+def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie: LiftTrie,
+              extensions: frozenset, extension_children: dict, min_logp: float):
+    """Steps 1 and 2 of the lift at span start a: from each root, follow the trie (and the
+    extensions) while the teacher has a row at the node, rows[(b, xs)] at the alphabet's
+    columns. Returns P of the tokens and extensions reached, and the nodes without a row
+    whose P >= exp(min_logp)."""
     log_p: dict[tuple[int, ...], float] = {}
     wanted: set[Node] = set()
 
-    def visit(seq: tuple[int, ...], node: Node, row, tokens):  # extend seq, read at node, by tokens
+    def visit(seq: tuple[int, ...], node: Node, tokens):  # seq's context is node
         b, xs = node
+        row = rows.get(node)
+        if row is None:  # past the window's rows, or a branch not evaluated (yet)
+            if xs and tokens and log_p[seq] >= min_logp:
+                wanted.add(node)
+            return
         for x in tokens:
             u = seq + (x,)
-            if u in log_p:
-                continue  # reached already: through the trie and as an extension
-            log_p[u] = log_p.get(seq, 0.0) + row[trie.column[x]]  # chain rule: P(u) = P(seq) p(x | seq)
-            after = trie.children.get(u, ()) + extension_children.get(u, ())
-            if not after:
-                continue
-            on_text = not xs and b < len(teacher_ids) and teacher_ids[b] == x
-            at = (b + 1, ()) if on_text else (b, xs + (x,))
-            if not at[1]:
-                row_at = realised[at[0]] if at[0] < len(realised) else None
-            else:
-                row_at = branches.get(at)
-            if row_at is not None:
-                visit(u, at, row_at, after)
-            elif at[1] and log_p[u] >= min_logp:  # a branch worth evaluating next
-                wanted.add(at)
+            if u not in log_p:  # else reached already: through the trie and as an extension
+                log_p[u] = log_p.get(seq, 0.0) + row[trie.column[x]]  # P(u) = P(seq) p(x | seq)
+                on_text = not xs and b < len(teacher_ids) and teacher_ids[b] == x
+                visit(u, (b + 1, ()) if on_text else (b, xs + (x,)),
+                      trie.children.get(u, ()) + extension_children.get(u, ()))
 
-    visit((), (a, ()), realised[a], roots)
+    visit((), (a, ()), roots)
     keep = trie.new_token.keys() | extensions  # the tokens, not the trie's inner nodes
     return {s: math.exp(lp) for s, lp in log_p.items() if s in keep}, wanted
 
@@ -1145,27 +1131,21 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.nda
 def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset,
                            base_p) -> tuple[dict, float]:
     """Step 3 of the lift: p'(v) = P(exp v) - sum of P(exp w) over w in D(v), the walked
-    sequences whose nearest walked prefix is exp(v) (a base token when none is). Extensions,
-    and all that extends them, get p' = 0; the rest is renormalised by Z = 1 - P(extensions).
-
-    P: of the walked sequences; base_p(x): P of base token x. Returns p' of every walked
-    sequence and every base token one hangs from, and Z. Base tokens a, b, c, new ab, abc,
-    P(a) = 0.5, P(ab) = 0.3, P(abc) = 0.1: p'(a) = 0.2, p'(ab) = 0.2, p'(abc) = 0.1, every
-    other base token keeps its P; after a token whose extension is (c,), P(c) = 0.2: p'(c) = 0,
-    Z = 0.8."""
+    sequences whose nearest walked prefix is exp(v). Extensions and what extends them get 0,
+    the rest is divided by Z = 1 - P(extensions). base_p(x): P of base token x. Returns p' of
+    each sequence in P and of each base token one hangs from (the others keep P), and Z.
+    With ab, abc, P(a) = .5, P(ab) = .3, P(abc) = .1: p'(a) = p'(ab) = .2, p'(abc) = .1;
+    after a token whose extension is (c,), P(c) = .2: p'(c) = 0 and Z = .8."""
     mass = dict(P)  # what longer tokens take leaves it below
-    parent = {}  # sequence -> its nearest walked proper prefix
     dropped = set()  # the extensions and all that extends them
     for s in sorted(P, key=len):  # parents before children
         k = len(s) - 1
         while k > 1 and s[:k] not in P:
             k -= 1
-        if k >= 1:  # a sequence of one token is a base token, the top of the trie
-            parent[s] = s[:k]
-            if s[:k] not in mass:  # a base token not walked: the teacher's P
-                mass[s[:k]] = base_p(s[0])
-            mass[s[:k]] -= P[s]
-        if s in extensions or parent.get(s) in dropped:
+        up = s[:k]  # the nearest walked proper prefix, else the base token s[0] (k = 0: none)
+        if k:  # P(s) leaves it; a base token not walked starts with the teacher's P
+            mass[up] = (mass[up] if up in mass else base_p(s[0])) - P[s]
+        if s in extensions or up in dropped:
             dropped.add(s)
     Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)
     # max(m, 0): round-off can leave a mass a hair below 0
@@ -1175,65 +1155,58 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
 def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
          prev_token: int | None = None, branches: dict | None = None, min_prob: float = math.inf,
          condition: bool = True) -> tuple[LiftedTargets, set[Node]]:
-    """p' over V' at every student position of one window (METHOD.md section 3).
-
-    Row b of rows (n, or n + 1 to walk past the end) is log p(. | t_<b) over the window's n
-    teacher tokens; student token j covers teacher tokens span_starts[j] .. span_starts[j + 1]
-    - 1; prev_token comes before the window (None: no conditioning at j = 0). branches: the
-    teacher's rows at branch nodes, at trie.alphabet's columns. min_prob: a branch node whose
-    P reaches it is wanted (path mode: inf). Returns the targets and the wanted nodes, to
-    evaluate before calling again (none: done). With every node evaluated, p' is exact on V'
-    under longest match; with none (path mode), for every token whose expansion leaves the
-    text at its last token at the latest (one leaving earlier gets 0, its first token the mass).
+    """p' over V' at each student position of one window, and the branch nodes to evaluate
+    before calling again (none: done). Row b of rows (n + 1 to walk past the end) is
+    log p(. | t_<b); s_j covers t[span_starts[j] : span_starts[j + 1]]; prev_token precedes
+    the window. branches: the rows at branch nodes; a node whose P reaches min_prob is wanted
+    (path mode: inf). With every node evaluated, p' is exact on V' under longest match; in
+    path mode, for each token that leaves the text at its last token at the latest (else 0).
     """
     n, m = len(teacher_ids), len(span_starts)  # teacher tokens, student positions
     device = rows.states.device
-    realised = rows.logp(columns=trie.alphabet.to(device)).double()  # (rows, A): what the walk reads
-    realised_logp = rows.logp_of(torch.as_tensor(teacher_ids, device=device)).double()  # (n,) log p(t_b | t_<b)
+    # (rows, A): the columns the walk reads, entry by entry
+    realised = rows.logp(columns=trie.alphabet.to(device)).double().cpu().numpy()
+    realised_logp = rows.logp_of(torch.as_tensor(teacher_ids, device=device)).double()  # (n,)
     cum = F.pad(realised_logp.cumsum(0), (1, 0))  # (n + 1,) log P(t_<b)
-    bounds = torch.as_tensor(list(span_starts) + [n], device=device)  # span j: bounds[j] .. bounds[j + 1] - 1
+    bounds = torch.as_tensor(list(span_starts) + [n], device=device)  # (m + 1,)
     span_logp = cum[bounds[1:]] - cum[bounds[:-1]]  # (m,) log P(span j), the chain rule
-    starts = bounds[:-1]
+    known = {**(branches or {}), **{(b, ()): row for b, row in enumerate(realised)}}  # node -> row
+    roots = trie.roots.numpy()
+    root_columns = [trie.column[r] for r in roots.tolist()]
     min_logp = math.log(min_prob) if min_prob > 0 else -math.inf  # inf in path mode: no branch
-    likely_roots: list[list[int]] = [[] for _ in range(m)]  # trie mode: roots with P >= min_prob
-    if min_logp < math.inf and len(trie.roots):
-        root_columns = torch.tensor([trie.column[r] for r in trie.roots.tolist()], device=device)
-        for j, r in (realised[starts][:, root_columns] >= min_logp).nonzero().tolist():
-            likely_roots[j].append(int(trie.roots[r]))
-    realised = realised.cpu().numpy()  # the walk reads it entry by entry
-    # the student token before each position, whose extensions cannot come next
     previous = [prev_token] + [trie.new_token.get(tuple(teacher_ids[s:e]), teacher_ids[s])
                                for s, e in zip(span_starts[:-1], span_starts[1:])]
     fixes = []  # (j, v, log p') where the walk rewrote the teacher's entry for base token v
     news: list[list] = [[] for _ in range(m)]  # (w, log p') of the new tokens w at each j
-    log_z = [0.0] * m
+    log_z = []
     wanted: set[Node] = set()
     for j, a in enumerate(span_starts):
-        v = previous[j] if condition else None
+        v = previous[j] if condition else None  # its extensions cannot come next
         extensions = trie.extensions.get(v, frozenset())
-        extension_children = trie.extension_children.get(v, {})
+        likely = roots[realised[a, root_columns] >= min_logp].tolist()  # trie mode
         # walk from the realised token, the likely others, and where the extensions start
-        roots = [r for r in dict.fromkeys([teacher_ids[a], *likely_roots[j], *(f[0] for f in extensions)])
-                 if r in trie.column]
-        P, more = walk_trie(a, roots, teacher_ids, realised, branches or {}, trie, extensions,
-                            extension_children, min_logp)
+        walk_from = dict.fromkeys([teacher_ids[a], *likely, *(f[0] for f in extensions)])
+        P, more = walk_trie(a, [r for r in walk_from if r in trie.column], teacher_ids, known,
+                            trie, extensions, trie.extension_children.get(v, {}), min_logp)
         wanted |= more
-        probs, Z = emission_probabilities(P, extensions, lambda x: math.exp(realised[a][trie.column[x]]))
-        log_z[j] = math.log(Z)
+        probs, Z = emission_probabilities(P, extensions,
+                                          lambda x: math.exp(realised[a][trie.column[x]]))
+        log_z.append(math.log(Z))
         for s, p in probs.items():
             lp = math.log(p) if p > 0 else -math.inf
             if len(s) == 1:
                 fixes.append((j, s[0], lp))
             elif s in trie.new_token and s not in extensions:  # an extension has p' = 0
                 news[j].append((trie.new_token[s], lp))
-    fix = torch.tensor(fixes, dtype=torch.float64, device=device).reshape(-1, 3)
+    fix = torch.tensor(fixes, dtype=torch.float64, device=device).reshape(-1, 3)  # (k, 3)
     width = max([1, *map(len, news)])  # padded with id 0 at p' = 0
     new = torch.tensor([e + [(0, -math.inf)] * (width - len(e)) for e in news],
                        dtype=torch.float64, device=device).reshape(m, width, 2)
-    targets = LiftedTargets(rows.select(starts), torch.tensor(log_z, dtype=torch.float64, device=device),
-                            fix[:, 0].long(), fix[:, 1].long(), fix[:, 2], new[..., 0].long(),
-                            new[..., 1].to(upcast(rows.states).dtype), span_logp, len(trie.new_token))
-    return targets, wanted
+    log_z = torch.tensor(log_z, dtype=torch.float64, device=device)
+    dtype = upcast(rows.states).dtype
+    return LiftedTargets(rows.select(bounds[:-1]), log_z, fix[:, 0].long(), fix[:, 1].long(),
+                         fix[:, 2], new[..., 0].long(), new[..., 1].to(dtype), span_logp,
+                         len(trie.new_token)), wanted
 
 
 # ----------------------------------------------------------------------------------------
@@ -1242,24 +1215,20 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
 
 
 def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
-              generator: torch.Generator | None = None, piece_bytes: list[list[int]] | None = None):
-    """The rows (N, d) of the N new tokens by `rule`, from one matrix's base rows W (V, d) and
-    the pieces x_1 .. x_k of each exp(v) (char_length: piece_bytes[n][i] = |x_i| of token n):
-      random       N(mean, std^2) of W per dimension: as output rows, logits of typical size
-      mean         W's mean (Hewitt 2021): as output rows (Jensen) the N new tokens take at
-                   most N/(V+N) of the mass, KL(before || after) <= log(1 + N/V)
-      fvt          the pieces' mean (FVT, Gee et al. 2022): as output rows, likely wherever
-                   the first piece is
-      last_piece   the pieces weighted a_i = 2^-(k-i) (AdaptiVocab's input rows: a token is
-                   read where its text ends)
-      first_piece  a_i = 2^-(i-1) (AdaptiVocab's output rows: predicted where it begins)
-      fvt_norm     fvt scaled to W's mean norm (Beyond Initialization Loss's input rows: a
-                   short input row reads as a weak token)
-      char_length  a_i = |x_i| in bytes (its output rows: a longer piece says more)
+              generator: torch.Generator | None = None, piece_bytes: list | None = None):
+    """The new tokens' rows (N, d) by `rule`, from a matrix's base rows W (V, d) and the
+    pieces x_1 .. x_k of each exp(v) (piece_bytes[n][i] = |x_i| of new token n):
+      random       N(mean, std^2) of W per dimension
+      mean         W's mean (Hewitt 2021): as output rows, N/(V+N) of the mass at most
+      fvt          the pieces' mean (FVT, Gee et al. 2022)
+      last_piece   weights a_i = 2^-(k-i) (AdaptiVocab's input rows: read where text ends)
+      first_piece  a_i = 2^-(i-1) (its output rows: predicted where the text begins)
+      fvt_norm     fvt scaled to W's mean norm (Beyond Initialization Loss's input rows)
+      char_length  a_i = |x_i| in bytes (its output rows)
     """
     W = upcast(rows)
     if rule == "random":
-        noise = torch.randn(len(expansions), rows.shape[1], generator=generator, dtype=W.dtype)
+        noise = torch.randn(len(expansions), W.shape[1], generator=generator, dtype=W.dtype)
         return (W.mean(0) + W.std(0) * noise).to(rows.dtype)
     if rule == "mean":
         return W.mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
@@ -1268,7 +1237,8 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
         if rule == "fvt":
             return fvt
         fvt = upcast(fvt)
-        return (fvt * (W.norm(dim=1).mean() / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12))).to(rows.dtype)
+        scale = W.norm(dim=1).mean() / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return (fvt * scale).to(rows.dtype)
     out = []  # sum_i a_i w_{x_i} / sum_i a_i
     for n, e in enumerate(expansions):
         powers = range(len(e) - 1, -1, -1) if rule == "last_piece" else range(len(e))
@@ -1281,22 +1251,23 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
 
 
 def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
-    """Give the model rows for tok's new tokens: input rows by `init_in`, output rows by `init_out`."""
+    """Give tok's new tokens rows: input rows by rule `init_in`, output rows by `init_out`."""
     for name in (init_in, init_out):
         if name not in INIT_NAMES:
             raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INIT_NAMES)}")
     if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
+        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has "
+                       f"{model.cfg.vocab_size}")
     if not tok.expansions:  # K = 0: the student is the teacher
         empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
         return model.add_new_tokens(empty, empty.clone())
     pieces = None
     if "char_length" in (init_in, init_out):  # the one rule that reads the pieces' spellings
         pieces = [[len(tok.token_bytes(x)) for x in e] for e in tok.expansions]
-    generator = torch.Generator().manual_seed(seed)
+    args = (tok.expansions, torch.Generator().manual_seed(seed), pieces)
     with torch.no_grad():
-        new_in = init_rows(init_in, model.embed.weight.cpu(), tok.expansions, generator, pieces)
-        new_out = init_rows(init_out, model.output_weight().cpu(), tok.expansions, generator, pieces)
+        new_in = init_rows(init_in, model.embed.weight.cpu(), *args)
+        new_out = init_rows(init_out, model.output_weight().cpu(), *args)
     model.add_new_tokens(new_in, new_out)
 
 
@@ -1322,30 +1293,30 @@ class Divergence:
 
 
 def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row (r,) from log a and log b (r, n): sum_v a (log a - log b), 0 where a = 0."""
+    """KL(a || b) per row (r,) from log a, log b (r, n); terms with a = 0 are 0."""
     log_ratio = torch.where(log_a > -math.inf, log_a - log_b, 0.0)  # no -inf - -inf
     return (log_a.exp() * log_ratio).sum(-1)
 
 
 def log_where(empty: torch.Tensor, fn, *xs: torch.Tensor) -> torch.Tensor:
-    """fn(*xs), a log of a sum, but -inf with a zero gradient where `empty` (the sum is 0;
-    logsumexp and logaddexp of only -inf have a NaN gradient)."""
+    """fn(*xs), a log of a sum, but -inf with a zero gradient where `empty` (the sum is 0):
+    logsumexp and logaddexp of -inf alone have a NaN gradient."""
     return torch.where(empty, -math.inf, fn(*(torch.where(empty, 0.0, x) for x in xs)))
 
 
 def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Divergence(),
                next_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """D(p'_j || q_j) at each of r positions (r,) from the lifted targets log p' (r, |V'|;
-    -inf where p' = 0) and the student's logits (r, |V'|). At temperature T, first p'_T =
-    p'^(1/T) renormalised and q_T = softmax(logits / T). With m = beta p' + (1 - beta) q:
+    """D(p'_j || q_j) per position (r,) from log p' (r, |V'|; -inf where p' = 0) and the
+    student's logits (r, |V'|), both tempered at T first: p'^(1/T) renormalised and
+    softmax(logits / T). With m = beta p' + (1 - beta) q:
       forward_kl  KL(p' || q), the default
       reverse_kl  KL(q || p'), p' = 0 read as `floor`
-      jsd         beta KL(p' || m) + (1 - beta) KL(q || m); beta = 0, 1: forward, reverse (TRL's GKD)
+      jsd         beta KL(p' || m) + (1 - beta) KL(q || m) (TRL's GKD)
       span_kl     KL((P, 1 - P) || (Q, 1 - Q)), P = p'(s_j), Q = q(s_j), s_j = next_ids[j]
     """
     log_p, logits = upcast(log_p), upcast(logits)  # (r, |V'|)
     if spec.temperature != 1.0:  # shifted to a maximum of 0 first: no inf - inf
-        log_p = torch.log_softmax((log_p - log_p.amax(-1, keepdim=True)) / spec.temperature, dim=-1)
+        log_p = torch.log_softmax((log_p - log_p.amax(-1, keepdim=True)) / spec.temperature, -1)
         logits = (logits - logits.amax(-1, keepdim=True).detach()) / spec.temperature
     log_q = torch.log_softmax(logits, dim=-1)
     kind = spec.kind
@@ -1356,9 +1327,10 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
     if kind == "reverse_kl":  # a fixed penalty where tau' cannot emit, not renormalised
         return kl_terms(log_q, torch.where(log_p > -math.inf, log_p, math.log(spec.floor)))
     if kind == "jsd":
+        b = spec.beta
         both = (log_p == -math.inf) & (log_q == -math.inf)  # m = 0
-        log_m = log_where(both, torch.logaddexp, log_p + math.log(spec.beta), log_q + math.log(1 - spec.beta))
-        return spec.beta * kl_terms(log_p, log_m) + (1 - spec.beta) * kl_terms(log_q, log_m)
+        log_m = log_where(both, torch.logaddexp, log_p + math.log(b), log_q + math.log(1 - b))
+        return b * kl_terms(log_p, log_m) + (1 - b) * kl_terms(log_q, log_m)
     if kind != "span_kl":
         raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES}")
     if next_ids is None:
@@ -1367,13 +1339,13 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
     for log_x in (log_p, log_q):  # 1 - Q summed exactly: 1 - Q from Q is 0 (no gradient) once Q rounds to 1
         rest = log_x.scatter(1, next_ids[:, None], -math.inf)  # (r, |V'|): every other token
         log_rest = log_where((rest == -math.inf).all(-1, keepdim=True),
-                             functools.partial(torch.logsumexp, dim=-1, keepdim=True), rest)
+                             lambda x: x.logsumexp(-1, keepdim=True), rest)
         two.append(torch.cat([log_x.gather(1, next_ids[:, None]), log_rest], dim=1))
     return kl_terms(*two)
 
 
 def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p'_j || q_j) at each position (m,): the measure reported whatever divergence trains."""
+    """KL(p'_j || q_j) per position (m,): reported whatever divergence trains."""
     return divergence(targets.logp(), student_logits)
 
 
