@@ -963,8 +963,7 @@ class TeacherRows:
 
     @staticmethod
     def of_states(states: torch.Tensor, head: torch.Tensor) -> "TeacherRows":
-        # 1024 rows at a time: the logits of all rows never exist at once
-        lse = [torch.logsumexp(head_logits(states[i : i + 1024], head), dim=-1)
+        lse = [torch.logsumexp(head_logits(states[i : i + 1024], head), dim=-1)  # never all at once
                for i in range(0, len(states), 1024)]
         return TeacherRows(states, head, torch.cat([states.new_zeros(0).float(), *lse]))
 
@@ -1044,17 +1043,15 @@ def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
     return LiftedTargets(teacher, n_new=parts[0].n_new, **cat)
 
 
-# The lift in three steps, at each student position j whose span starts at teacher token a:
-#   1. walk the trie of new-token expansions from the base tokens that start one, wherever
-#      the teacher has a row (its next-token distribution) at the node;
-#   2. the path probabilities P(u), by the chain rule along the walk;
-#   3. p'(v) = P(exp v) - sum of P(exp w) over the trie children w of v that were walked.
-# A *node* (b, xs) is a context: the realised teacher tokens t_<b, then tokens xs that leave
-# the text (xs[0] != t_b). Nodes (b, ()) are rows of the window's teacher pass (all that path
-# mode reads); branches, with xs, trie mode evaluates with tree attention (`teacher_targets`).
-# Conditioning: after the student emitted v, tau' would have emitted a trie child w of v had
-# the text gone on with exp(w)[|exp v|:]. These *extensions* of v cannot come next: step 1
-# walks them too, step 3 gives them (and what extends them) p' = 0, renormalising by Z.
+# The lift at each student position j whose span starts at teacher token a: 1. walk the
+# trie of expansions from the base tokens that start one, wherever the teacher has a row at
+# the node; 2. P(u) by the chain rule along the walk; 3. p'(v) = P(exp v) - sum of P(exp w)
+# over v's walked trie children w. A *node* (b, xs) is a context: t_<b, then tokens xs off
+# the text (xs[0] != t_b). Nodes (b, ()) are rows of the window's pass (all that path mode
+# reads); trie mode evaluates branches, with xs, by tree attention (`teacher_targets`).
+# Conditioning: after the student emitted v, the text cannot go on with exp(w)[|exp v|:] for
+# a trie child w of v (tau' would have emitted w): step 1 walks these *extensions* of v too,
+# step 3 gives them and what extends them p' = 0, renormalising by Z.
 
 
 Node = tuple[int, tuple[int, ...]]
@@ -1148,8 +1145,7 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
         if s in extensions or up in dropped:
             dropped.add(s)
     Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)
-    # max(m, 0): round-off can leave a mass a hair below 0
-    return {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}, Z
+    return {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}, Z  # m < 0: round-off
 
 
 def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
@@ -1164,8 +1160,7 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     """
     n, m = len(teacher_ids), len(span_starts)  # teacher tokens, student positions
     device = rows.states.device
-    # (rows, A): the columns the walk reads, entry by entry
-    realised = rows.logp(columns=trie.alphabet.to(device)).double().cpu().numpy()
+    realised = rows.logp(columns=trie.alphabet.to(device)).double().cpu().numpy()  # (rows, A)
     realised_logp = rows.logp_of(torch.as_tensor(teacher_ids, device=device)).double()  # (n,)
     cum = F.pad(realised_logp.cumsum(0), (1, 0))  # (n + 1,) log P(t_<b)
     bounds = torch.as_tensor(list(span_starts) + [n], device=device)  # (m + 1,)
@@ -1198,11 +1193,11 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
                 fixes.append((j, s[0], lp))
             elif s in trie.new_token and s not in extensions:  # an extension has p' = 0
                 news[j].append((trie.new_token[s], lp))
-    fix = torch.tensor(fixes, dtype=torch.float64, device=device).reshape(-1, 3)  # (k, 3)
+    f64 = dict(dtype=torch.float64, device=device)
+    fix = torch.tensor(fixes, **f64).reshape(-1, 3)  # (k, 3)
     width = max([1, *map(len, news)])  # padded with id 0 at p' = 0
-    new = torch.tensor([e + [(0, -math.inf)] * (width - len(e)) for e in news],
-                       dtype=torch.float64, device=device).reshape(m, width, 2)
-    log_z = torch.tensor(log_z, dtype=torch.float64, device=device)
+    new = torch.tensor([e + [(0, -math.inf)] * (width - len(e)) for e in news], **f64)
+    new, log_z = new.reshape(m, width, 2), torch.tensor(log_z, **f64)
     dtype = upcast(rows.states).dtype
     return LiftedTargets(rows.select(bounds[:-1]), log_z, fix[:, 0].long(), fix[:, 1].long(),
                          fix[:, 2], new[..., 0].long(), new[..., 1].to(dtype), span_logp,
@@ -1215,7 +1210,7 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
 
 
 def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
-              generator: torch.Generator | None = None, piece_bytes: list | None = None):
+              generator: torch.Generator | None = None, piece_bytes: list | None = None) -> torch.Tensor:
     """The new tokens' rows (N, d) by `rule`, from a matrix's base rows W (V, d) and the
     pieces x_1 .. x_k of each exp(v) (piece_bytes[n][i] = |x_i| of new token n):
       random       N(mean, std^2) of W per dimension
@@ -1239,13 +1234,15 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
         fvt = upcast(fvt)
         scale = W.norm(dim=1).mean() / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12)
         return (fvt * scale).to(rows.dtype)
+    if rule not in ("last_piece", "first_piece", "char_length"):
+        raise KldError(f"unknown initialiser {rule!r}; choose from {sorted(INIT_NAMES)}")
     out = []  # sum_i a_i w_{x_i} / sum_i a_i
     for n, e in enumerate(expansions):
         powers = range(len(e) - 1, -1, -1) if rule == "last_piece" else range(len(e))
         a = piece_bytes[n] if rule == "char_length" else [2.0 ** -p for p in powers]
         a = torch.tensor(a, dtype=torch.float64)  # (k,)
         if not a.sum() > 0:
-            raise KldError(f"the pieces of new token {n} have no length ({a.tolist()})")
+            raise KldError(f"the pieces of new token {n} have no length")
         out.append((a[:, None] * rows[list(e)].double()).sum(0) / a.sum())  # (d,)
     return torch.stack(out).to(rows.dtype)
 
@@ -1286,10 +1283,9 @@ class Divergence:
     floor: float = 1e-6  # reverse_kl reads p' = 0 as this (else the divergence is infinite)
 
 
-# Zeros (log = -inf) sit on both sides: p' = 0 where tau' cannot emit, q = 0 under a mask.
-# Where a term is 0 by definition, its inputs are replaced before the arithmetic, not only
-# its result: torch.where keeps the gradient of the branch not taken, 0 * inf = NaN, and one
-# NaN poisons every row.
+# Zeros (log = -inf) on both sides: p' = 0 where tau' cannot emit, q = 0 under a mask. A term
+# that is 0 by definition has its inputs replaced, not only its result: torch.where keeps the
+# gradient of the branch not taken, 0 * inf = NaN, and one NaN poisons every row.
 
 
 def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
