@@ -2025,7 +2025,7 @@ def test_each_objective_lowers_its_held_out_loss(tmp_path, capsys):
 def test_evaluate_measures_where_the_student_expects_its_new_tokens():
     """new_token_share counts the new tokens of the held-out text exactly; with mean output
     rows, Jensen bounds the student's mass on the N new tokens by N / (V + N) everywhere
-    (init_mean); the lifted teacher's mass on them is a probability too."""
+    (init_rows); the lifted teacher's mass on them is a probability too."""
     model, tok = tiny_student("llama", init="fvt", init_output="mean")
     _, heldout = kld.load_corpus(TINY_RUN["corpus"], 0.3)
     chunks = kld.eval_chunks(tok.base, heldout, 3000, 48)
