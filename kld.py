@@ -121,7 +121,7 @@ class Config:
         check_config(self)
 
 
-INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")  # INITIALISERS
+INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")  # init_rows
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
@@ -617,198 +617,140 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
 
 
 def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, int, int]]:
-    """Spans of two tokenizations of one text, from their tokens' end offsets.
-
-    Each tokenization tiles the text: token i covers [ends[i-1], ends[i]), in any unit
-    (bytes are exact; characters are too unless a token splits a character). The common
-    boundaries cut the text into spans; span (i0, i1, j0, j1) holds tokens a[i0:i1] and
-    b[j0:j1], which spell the same substring. Two pointers, linear time:
-    align_spans([1, 3, 4], [2, 3, 4]) == [(0, 2, 0, 2), (2, 3, 2, 3)]. Where tau' = merge(tau),
-    each span holds one student token, and coarsening_span_starts finds them without offsets.
-    """
+    """Spans (i0, i1, j0, j1) of two tokenizations of a text by their tokens' end offsets:
+    a[i0:i1], b[j0:j1] spell the same. [1, 3, 4], [2, 3, 4] -> [(0, 2, 0, 2), (2, 3, 2, 3)]"""
     if (ends_a[-1:] or [0]) != (ends_b[-1:] or [0]):
-        raise ValueError(f"the tokenizations cover different lengths ({ends_a[-1:]} vs {ends_b[-1:]})")
+        raise ValueError(f"tokenizations of different lengths: {ends_a[-1:]}, {ends_b[-1:]}")
     spans = []
-    i = 0  # the next token of a
-    j = 0  # the next token of b
+    i = j = 0  # the next token of a, of b
     while i < len(ends_a):
-        i0 = i  # a span starts where both tokenizations start a token
-        j0 = j
-        end_a = ends_a[i]
-        end_b = ends_b[j]
-        i += 1
-        j += 1
-        # take the next token of the side that ends first, until both end together
-        while end_a != end_b:
+        i0, j0 = i, j  # a span starts where both start a token
+        end_a, end_b = ends_a[i], ends_b[j]
+        i, j = i + 1, j + 1
+        while end_a != end_b:  # the side that ends first takes its next token
             if end_a < end_b:
-                end_a = ends_a[i]
-                i += 1
+                end_a, i = ends_a[i], i + 1
             else:
-                end_b = ends_b[j]
-                j += 1
+                end_b, j = ends_b[j], j + 1
         spans.append((i0, i, j0, j))
     return spans
 
 
 def coarsening_span_starts(student_ids: list[int], tok: ExtendedTokenizer) -> list[int]:
-    """The fast path when tau' coarsens tau: student token j covers teacher tokens
-    [starts[j], starts[j] + |exp(s_j)|); no offsets needed. ([n_base + 0 -> 2 tokens, 7]: [0, 2])"""
-    starts = []
-    at = 0  # teacher tokens covered so far
-    for s in student_ids:
-        starts.append(at)
-        at += len(tok.expand([s]))  # |exp(s)|: 1 for a base token
-    return starts
+    """Where tau' coarsens tau, s_j covers |exp(s_j)| teacher tokens from starts[j] on."""
+    lengths = (len(tok.expand([s])) for s in student_ids)
+    return list(itertools.accumulate(lengths, initial=0))[:-1]
 
 
 def head_logits(states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """Logits (r, V) of final hidden states (r, d) under an unembedding head (V, d), at least float32."""
+    """Logits (r, V) of hidden states (r, d) under a head (V, d), at least float32."""
     with autocast(states.device):
         return upcast(F.linear(states, head))
 
 
-def head_logsumexp(states: torch.Tensor, head: torch.Tensor,
-                   chunk: int = 1024) -> torch.Tensor:
-    """log sum_v exp(z_v) of each row's logits z = states @ head^T (r,), `chunk` rows at a
-    time, so that the logits of all rows never exist at once."""
-    out = []
-    for i in range(0, len(states), chunk):
-        logits = head_logits(states[i : i + chunk], head)  # (chunk, V)
-        out.append(torch.logsumexp(logits, dim=-1))
-    return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
-
-
 @dataclass
 class TeacherRows:
-    """The teacher's next-token log-distributions over V at r positions, kept as what makes
-    them: row i is log p(v) = states[i] . head[v] - lse[i]. A model gives its final hidden
-    states and unembedding (r x d numbers, not r x |V|); a test may give the log-probabilities
-    themselves (head None, lse 0)."""
+    """log p(v) at r positions as states[i] . head[v] - lse[i]: r x d numbers, not r x |V|."""
 
-    states: torch.Tensor  # (r, d) hidden states, or (r, |V|) log-probabilities when head is None
+    states: torch.Tensor  # (r, d), or (r, |V|) log p itself when head is None (lse 0)
     head: torch.Tensor | None  # (|V|, d) the unembedding, or None
-    lse: torch.Tensor  # (r,) log-partition of each row (0 when the rows are log-probabilities)
+    lse: torch.Tensor  # (r,) log sum_v exp z_v of each row
 
     @staticmethod
     def of_logp(logp: torch.Tensor) -> "TeacherRows":
         return TeacherRows(logp, None, logp.new_zeros(len(logp)))
 
     @staticmethod
-    def of_states(states: torch.Tensor, head: torch.Tensor,
-                  chunk: int = 1024) -> "TeacherRows":
-        return TeacherRows(states, head, head_logsumexp(states, head, chunk))
+    def of_states(states: torch.Tensor, head: torch.Tensor) -> "TeacherRows":
+        lse = [torch.logsumexp(head_logits(states[i : i + 1024], head), dim=-1)  # never all at once
+               for i in range(0, len(states), 1024)]
+        return TeacherRows(states, head, torch.cat([states.new_zeros(0).float(), *lse]))
 
     def logp(self, rows=slice(None), columns: torch.Tensor | None = None) -> torch.Tensor:
-        """log p at the given rows, over all of V or at `columns` only: (rows, |V| or |columns|)."""
+        """log p at `rows`, over V or at `columns` only: (rows, |V| or |columns|)."""
         states = self.states[rows]
-        if self.head is None:  # the rows are log-probabilities already
-            logits = states if columns is None else states[:, columns]
-        else:  # only the head rows of the columns asked for: (rows, d) @ (d, |columns|)
-            logits = head_logits(states,
-                                 self.head if columns is None else self.head[columns])
-        return logits - upcast(self.lse[rows])[:, None]  # log softmax = z - log sum exp z
+        if self.head is None:
+            z = states if columns is None else states[:, columns]
+        else:  # (rows, d) @ (d, |columns|): only the head rows asked for
+            z = head_logits(states, self.head if columns is None else self.head[columns])
+        return z - upcast(self.lse[rows])[:, None]
 
     def logp_of(self, tokens: torch.Tensor) -> torch.Tensor:
-        """log p(tokens[i]) at row i, for the first len(tokens) rows: (len(tokens),)."""
+        """log p(tokens[i]) at row i: (len(tokens),)."""
         i = torch.arange(len(tokens), device=tokens.device)
         if self.head is None:
-            logits = self.states[i, tokens]
-        else:
-            # one dot product per row
-            logits = (upcast(self.states[i]) * upcast(self.head[tokens])).sum(-1)
-        return upcast(logits) - upcast(self.lse[i])
+            z = self.states[i, tokens]
+        else:  # one dot product per row
+            z = (upcast(self.states[i]) * upcast(self.head[tokens])).sum(-1)
+        return upcast(z) - upcast(self.lse[i])
 
     def select(self, rows) -> "TeacherRows":
         return TeacherRows(self.states[rows], self.head, self.lse[rows])
 
     @property
     def vocab_size(self) -> int:
-        """|V|, the teacher's vocabulary."""
         return len(self.head) if self.head is not None else self.states.shape[1]
 
 
 @dataclass
 class LiftedTargets:
-    """The teacher's next-token distribution lifted to V' at m student positions.
-
-    Dense over V, sparse over N. A base token v has log p'(v) = teacher.logp()[j, v] -
-    log_z[j] (the teacher's row at the span start, renormalised by Z_j), except the base
-    tokens the walk rewrote: log p'(fix_ids[k]) = fix_logp[k] at position fix_pos[k].
-    The new token new_ids[j, c] has log p' = new_logp[j, c]; every other new token has
-    p' = 0. Padding entries of new_ids hold id 0 with new_logp = -inf. The dense rows
-    exist only when asked for (`logp`, `base_logp`), a range of positions at a time.
-    """
+    """p' at m student positions, dense over V: teacher.logp()[j] - log_z[j] but fix_logp where
+    the walk rewrote it; sparse over N: new_logp[j, c] at new_ids[j, c], else p' = 0."""
 
     teacher: TeacherRows  # (m rows) the teacher at each span start
     log_z: torch.Tensor  # (m,) float64: log Z, the conditioning's renormaliser (0: none)
     fix_pos: torch.Tensor  # (k,) long: positions of the base entries the walk rewrote
     fix_ids: torch.Tensor  # (k,) long: their base tokens
     fix_logp: torch.Tensor  # (k,) float64: their log p'
-    new_ids: torch.Tensor  # (m, c) long: new tokens with a target at each position
-    new_logp: torch.Tensor  # (m, c) their log p'
-    span_logp: torch.Tensor  # (m,) float64: log P(span) = sum of the teacher's log-probs over the span
+    new_ids: torch.Tensor  # (m, c) long: new tokens with a target at each position (padding: 0)
+    new_logp: torch.Tensor  # (m, c) their log p' (padding: -inf)
+    span_logp: torch.Tensor  # (m,) float64: log P(span), the teacher's log-probs summed over it
     n_new: int  # N, the number of new tokens
 
     def base_logp(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """log p' over V at positions start .. stop - 1: (stop - start, |V|)."""
         stop = len(self.log_z) if stop is None else stop
-        rows = self.teacher.logp(slice(start, stop))  # (r, |V|): the teacher at each span start
+        rows = self.teacher.logp(slice(start, stop))  # (r, |V|)
         rows = rows - self.log_z[start:stop, None].to(rows.dtype)  # renormalise by Z
-        here = (self.fix_pos >= start) & (self.fix_pos < stop)  # the rewritten entries in range
+        here = (self.fix_pos >= start) & (self.fix_pos < stop)
         rows[self.fix_pos[here] - start, self.fix_ids[here]] = self.fix_logp[here].to(rows.dtype)
         return rows
 
     def logp(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """log p' over all of V' = V + N at positions start .. stop - 1 (-inf where p' = 0)."""
+        """log p' over V' = V + N at positions start .. stop - 1 (-inf where p' = 0)."""
         base = self.base_logp(start, stop)  # (r, |V|)
-        new = base.new_full((len(base), self.n_new), -math.inf)  # (r, N): p' = 0 unless a target says otherwise
-        V = base.shape[1]
-        ids = self.new_ids[start:stop]  # (r, c)
+        new = base.new_full((len(base), self.n_new), -math.inf)  # (r, N)
         values = upcast(self.new_logp[start:stop]).to(base.dtype)  # (r, c)
-        rows = torch.arange(len(base), device=base.device)[:, None].expand_as(ids)  # (r, c): each entry's row
-        real = values > -math.inf  # padding entries stay out
-        new[rows[real], ids[real] - V] = values[real]
+        r, c = (values > -math.inf).nonzero(as_tuple=True)  # padding stays out
+        new[r, self.new_ids[start:stop][r, c] - base.shape[1]] = values[r, c]
         return torch.cat([base, new], dim=1)
 
 
 def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
     """The targets of several windows as one, positions one after the other."""
-    offsets = [0]  # each window's first position in the whole
+    width = max(t.new_ids.shape[1] for t in targets)  # new_ids padded to it: id 0 at -inf
+    parts, at = [], 0  # at: each window's first position in the whole
     for t in targets:
-        offsets.append(offsets[-1] + len(t.log_z))
-    width = max(t.new_ids.shape[1] for t in targets)  # the most new targets at one position
-    pad = [width - t.new_ids.shape[1] for t in targets]  # padded with id 0 at log p' = -inf
-    states = torch.cat([t.teacher.states for t in targets])
-    lse = torch.cat([t.teacher.lse for t in targets])
-    teacher = TeacherRows(states, targets[0].teacher.head, lse)  # one head for all
-    return LiftedTargets(
-        teacher=teacher,
-        log_z=torch.cat([t.log_z for t in targets]),
-        fix_pos=torch.cat([t.fix_pos + o for t, o in zip(targets, offsets)]),
-        fix_ids=torch.cat([t.fix_ids for t in targets]),
-        fix_logp=torch.cat([t.fix_logp for t in targets]),
-        new_ids=torch.cat([F.pad(t.new_ids, (0, k)) for t, k in zip(targets, pad)]),
-        new_logp=torch.cat([F.pad(t.new_logp, (0, k), value=-math.inf) for t, k in zip(targets, pad)]),
-        span_logp=torch.cat([t.span_logp for t in targets]),
-        n_new=targets[0].n_new,
-    )
+        pad = (0, width - t.new_ids.shape[1])
+        parts.append(dataclasses.replace(t, fix_pos=t.fix_pos + at, new_ids=F.pad(t.new_ids, pad),
+                                         new_logp=F.pad(t.new_logp, pad, value=-math.inf)))
+        at += len(t.log_z)
+    teacher = TeacherRows(torch.cat([t.teacher.states for t in parts]), parts[0].teacher.head,
+                          torch.cat([t.teacher.lse for t in parts]))  # one head for all
+    cat = {f.name: torch.cat([getattr(t, f.name) for t in parts])  # every field but teacher, n_new
+           for f in dataclasses.fields(LiftedTargets)[1:-1]}
+    return LiftedTargets(teacher, n_new=parts[0].n_new, **cat)
 
 
-# The lift in three steps, at each student position j whose span starts at teacher token a:
-#   1. which sequences: walk the trie of new-token expansions from the base tokens that
-#      start one, wherever the teacher has a row (its next-token distribution) at the node;
-#   2. their path probabilities P(u), the chain rule along the walk;
-#   3. p'(v) = P(exp v) - sum of P(exp w) over the trie children w of v that were walked.
-# A *node* is a context the teacher can be asked about, written (b, xs): the window's
-# realised teacher tokens t_<b, then tokens xs that leave the realised text (xs[0] != t_b).
-# Nodes (b, ()) are rows of the one teacher pass over the window (path mode reads only
-# these); nodes with xs are branches, which trie mode evaluates with tree attention
-# (`teacher_targets`). Both modes run the same three steps; they differ in the rows given.
-#
-# Conditioning on the student's past: after the student emitted v, tau' would have emitted
-# a longer token w (a trie child of v) had the text gone on with exp(w)[|exp v|:]. So at
-# the next position those suffixes, the *extensions* of v, cannot come: step 1 walks them
-# too, step 3 gives them and what extends them p' = 0 and renormalises by Z = 1 - P(them).
+# The lift at each student position j whose span starts at teacher token a: 1. walk the
+# trie of expansions from the base tokens that start one, wherever the teacher has a row at
+# the node; 2. P(u) by the chain rule along the walk; 3. p'(v) = P(exp v) - sum of P(exp w)
+# over v's walked trie children w. A *node* (b, xs) is a context: t_<b, then tokens xs off
+# the text (xs[0] != t_b). Nodes (b, ()) are rows of the window's pass (all that path mode
+# reads); trie mode evaluates branches, with xs, by tree attention (`teacher_targets`).
+# Conditioning: after the student emitted v, the text cannot go on with exp(w)[|exp v|:] for
+# a trie child w of v (tau' would have emitted w): step 1 walks these *extensions* of v too,
+# step 3 gives them and what extends them p' = 0, renormalising by Z.
 
 
 Node = tuple[int, tuple[int, ...]]
@@ -816,8 +758,7 @@ Node = tuple[int, tuple[int, ...]]
 
 @dataclass
 class LiftTrie:
-    """The lift's lookup tables for one extension, built once by `lift_trie`. Sequences are
-    tuples of base ids; a sequence's *children* are the tokens that can follow it in the trie."""
+    """The lift's lookup tables for one extension, made by `lift_trie`."""
 
     children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> x with u + (x,) in the trie
     new_token: dict[tuple[int, ...], int]  # exp(w) -> w, for every new token w
@@ -829,8 +770,7 @@ class LiftTrie:
 
 
 def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
-    """For every proper prefix u of the sequences, the tokens that follow it:
-    prefix_children([(1, 2), (1, 2, 3), (1, 4)]) == {(1,): (2, 4), (1, 2): (3,)}."""
+    """Proper prefix -> next tokens: (1, 2), (1, 2, 3), (1, 4) -> {(1,): (2, 4), (1, 2): (3,)}"""
     children: dict[tuple[int, ...], dict[int, None]] = {}
     for s in seqs:
         for k in range(1, len(s)):
@@ -839,19 +779,14 @@ def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
 
 
 def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
-    """The lookup tables of the lift for tau' (tok): the trie of expansions and the extensions of each token."""
-    V = tok.base_vocab_size
-    # v -> the suffixes that would have merged into v
-    extensions: dict[int, set[tuple[int, ...]]] = {}
-    for i, e in enumerate(tok.expansions):
-        v = tok.parents[i]  # the token whose expansion is the longest proper prefix of e
-        # e = exp(v) + f: after v, a text going on with f would have made tau' emit e instead
+    """The lift's tables for tau' (tok): the trie U and each token's extensions."""
+    extensions: dict[int, set[tuple[int, ...]]] = {}  # v -> the suffixes that would merge into v
+    for e, v in zip(tok.expansions, tok.parents):  # exp(v): the longest proper prefix of e
         extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
-    # every base id in an expansion (the extensions, tails of expansions, add none)
-    alphabet = sorted({t for e in tok.expansions for t in e})
+    alphabet = sorted({t for e in tok.expansions for t in e})  # (extensions add none)
     return LiftTrie(
         children=prefix_children(tok.expansions),
-        new_token={e: V + i for i, e in enumerate(tok.expansions)},
+        new_token={e: tok.base_vocab_size + i for i, e in enumerate(tok.expansions)},
         roots=torch.tensor(sorted({e[0] for e in tok.expansions}), dtype=torch.long),
         extensions={v: frozenset(fs) for v, fs in extensions.items()},
         extension_children={v: prefix_children(sorted(fs)) for v, fs in extensions.items()},
@@ -860,189 +795,112 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
     )
 
 
-def walk_trie(a: int, roots: list[int], teacher_ids: list[int], realised: np.ndarray, branches: dict,
-              trie: LiftTrie, extensions: frozenset, extension_children: dict, min_logp: float):
-    """Steps 1 and 2 of the lift at span start a: which sequences, and their log P.
-
-    From each root, follow the trie (and the extensions of the previous student token)
-    while the teacher has a row at the node: realised[b] (the window's pass, at the
-    alphabet's columns) on the realised path, branches[(b, xs)] off it. Returns log P of
-    every new-token expansion and extension reached, and the nodes without a row whose P
-    is at least exp(min_logp): the branches worth evaluating next.
-    """
-    n = len(teacher_ids)
+def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie: LiftTrie,
+              extensions: frozenset, extension_children: dict, min_logp: float):
+    """Steps 1 and 2 of the lift at span start a: from each root, follow the trie (and the
+    extensions) while the teacher has a row at the node, rows[(b, xs)] at the alphabet's
+    columns. Returns P of the tokens and extensions reached, and the nodes without a row
+    whose P >= exp(min_logp)."""
     log_p: dict[tuple[int, ...], float] = {}
     wanted: set[Node] = set()
 
-    def visit(seq: tuple[int, ...], lp: float, node: Node):  # depth first from seq, read at node
+    def visit(seq: tuple[int, ...], node: Node, tokens):  # seq's context is node
         b, xs = node
-        if xs:  # off the realised text: a branch row, if evaluated
-            row = branches.get(node)
-        else:  # on it: the window's own row, if the window has one there
-            row = realised[b] if b < len(realised) else None
-        if row is None:
-            # past the rows given, or a branch the teacher has not been asked about (yet)
-            if xs and lp >= min_logp:
+        row = rows.get(node)
+        if row is None:  # past the window's rows, or a branch not evaluated (yet)
+            if xs and tokens and log_p[seq] >= min_logp:
                 wanted.add(node)
             return
-        for x in trie.children.get(seq, ()) + extension_children.get(seq, ()):
-            child = seq + (x,)
-            if child in log_p:
-                continue  # reached already: through the trie and as an extension
-            log_p[child] = lp + row[trie.column[x]]  # chain rule: P(u x) = P(u) p(x | u)
-            # x is the realised token: stay on the text
-            on_path = not xs and b < n and teacher_ids[b] == x
-            if child in trie.children or child in extension_children:  # the walk goes deeper
-                visit(child, log_p[child], (b + 1, ()) if on_path else (b, xs + (x,)))
+        for x in tokens:
+            u = seq + (x,)
+            if u not in log_p:  # else reached already: through the trie and as an extension
+                log_p[u] = log_p.get(seq, 0.0) + row[trie.column[x]]  # P(u) = P(seq) p(x | seq)
+                on_text = not xs and b < len(teacher_ids) and teacher_ids[b] == x
+                visit(u, (b + 1, ()) if on_text else (b, xs + (x,)),
+                      trie.children.get(u, ()) + extension_children.get(u, ()))
 
-    for r in roots:  # every walk starts at the span start's row
-        seq = (r,)
-        log_p[seq] = realised[a][trie.column[r]]
-        if seq in trie.children or seq in extension_children:
-            visit(seq, log_p[seq], (a + 1, ()) if r == teacher_ids[a] else (a, seq))
-    # keep the tokens and extensions, not the inner nodes of the trie
-    found = {s: lp for s, lp in log_p.items() if s in trie.new_token or s in extensions}
-    return found, wanted
+    visit((), (a, ()), roots)
+    keep = trie.new_token.keys() | extensions  # the tokens, not the trie's inner nodes
+    return {s: math.exp(lp) for s, lp in log_p.items() if s in keep}, wanted
 
 
 def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset,
                            base_p) -> tuple[dict, float]:
     """Step 3 of the lift: p'(v) = P(exp v) - sum of P(exp w) over w in D(v), the walked
-    sequences whose nearest walked prefix is exp(v) (a base token when none is walked).
-    Extensions (the suffixes that tau' would have merged into the previous token) and all
-    that extends them get p' = 0; the rest is renormalised by Z = 1 - P(extensions).
-
-    P: probabilities of the walked sequences; base_p(x): P of base token x. Returns p' of
-    every walked sequence and of every base token one hangs from, and Z. Example, base
-    tokens a, b, c, new tokens ab and abc, P(a) = 0.5, P(ab) = 0.3, P(abc) = 0.1:
-    p'(a) = 0.2, p'(ab) = 0.2, p'(abc) = 0.1, and every other base token keeps its P;
-    after a previous token whose extension is (c,), P(c) = 0.2: p'(c) = 0 and Z = 0.8.
-    """
-    mass = dict(P)  # each sequence starts with all its P; what longer tokens take leaves it below
-    parent = {}  # sequence -> its nearest walked proper prefix
-    for s in sorted(P, key=len):
+    sequences whose nearest walked prefix is exp(v). Extensions and what extends them get 0,
+    the rest is divided by Z = 1 - P(extensions). base_p(x): P of base token x. Returns p' of
+    each sequence in P and of each base token one hangs from (the others keep P), and Z.
+    With ab, abc, P(a) = .5, P(ab) = .3, P(abc) = .1: p'(a) = p'(ab) = .2, p'(abc) = .1;
+    after a token whose extension is (c,), P(c) = .2: p'(c) = 0 and Z = .8."""
+    mass = dict(P)  # what longer tokens take leaves it below
+    dropped = set()  # the extensions and all that extends them
+    for s in sorted(P, key=len):  # parents before children
         k = len(s) - 1
         while k > 1 and s[:k] not in P:
             k -= 1
-        if k >= 1:  # a sequence of one token is a base token, the top of the trie
-            parent[s] = s[:k]
-            if s[:k] not in mass:  # a base token that was not walked: its P is the teacher's
-                mass[s[:k]] = base_p(s[0])
-    for s, up in parent.items():
-        mass[up] -= P[s]  # each sequence's mass leaves its nearest walked prefix
-    dropped = set()  # the extensions and all that extends them
-    for s in sorted(P, key=len):  # parents before children
-        if s in extensions or parent.get(s) in dropped:
+        up = s[:k]  # the nearest walked proper prefix, else the base token s[0] (k = 0: none)
+        if k:  # P(s) leaves it; a base token not walked starts with the teacher's P
+            mass[up] = (mass[up] if up in mass else base_p(s[0])) - P[s]
+        if s in extensions or up in dropped:
             dropped.add(s)
-    # the mass left after the extensions
     Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)
-    # max(m, 0): float round-off can leave a mass a hair below 0
-    probs = {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}
-    return probs, Z
+    return {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}, Z  # m < 0: round-off
 
 
 def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
          prev_token: int | None = None, branches: dict | None = None, min_prob: float = math.inf,
          condition: bool = True) -> tuple[LiftedTargets, set[Node]]:
-    """p' over V' at every student position of one window (METHOD.md section 3).
-
-    rows (n or n + 1 rows): row b is the teacher's log p(. | t_<b) over the window's n
-    teacher tokens (a row n, after the window, lets the walk reach past its end). Student
-    token j covers teacher tokens [span_starts[j], span_starts[j + 1]); prev_token is the
-    student token before the window (None: no conditioning at the first position).
-    branches: rows of the teacher at branch nodes, (A,) at trie.alphabet's columns.
-    min_prob: a node off the realised path whose P reaches it is asked for (path mode: inf).
-
-    Returns the targets from the rows given, and the branch nodes to evaluate before
-    calling again (empty when done). With every node evaluated, p' is exact for every
-    token of V' under longest match; with none (path mode) it is exact for every token
-    whose expansion leaves the realised text at its last token at the latest, and a new
-    token that leaves it earlier has p' = 0, its mass on its first base token.
+    """p' over V' at each student position of one window, and the branch nodes to evaluate
+    before calling again (none: done). Row b of rows (n + 1 to walk past the end) is
+    log p(. | t_<b); s_j covers t[span_starts[j] : span_starts[j + 1]]; prev_token precedes
+    the window. branches: the rows at branch nodes; a node whose P reaches min_prob is wanted
+    (path mode: inf). With every node evaluated, p' is exact on V' under longest match; in
+    path mode, for each token that leaves the text at its last token at the latest (else 0).
     """
-    n = len(teacher_ids)  # teacher tokens in the window
-    m = len(span_starts)  # student positions
+    n, m = len(teacher_ids), len(span_starts)  # teacher tokens, student positions
     device = rows.states.device
-    branches = branches or {}
-    ids = torch.as_tensor(teacher_ids, device=device)
-    alphabet = trie.alphabet.to(device)
-    realised = rows.logp(columns=alphabet).double()  # (rows, A): the columns the walk reads
-    realised_logp = rows.logp_of(ids).double()  # (n,) log p(t_b | t_<b)
-    cum = torch.cat([realised_logp.new_zeros(1), realised_logp.cumsum(0)])  # (n + 1,) cum[b] = sum over t_<b
-    bounds = torch.as_tensor(list(span_starts) + [n], device=device)  # (m + 1,) span j is bounds[j] .. bounds[j + 1]
-    span_logp = cum[bounds[1:]] - cum[bounds[:-1]]  # (m,) log P(span j), chain rule
-    starts = bounds[:-1]
-    # log(inf) = inf: path mode wants nothing
-    min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
-    # trie mode: off-path roots with P >= min_prob
-    likely_roots: list[list[int]] = [[] for _ in range(m)]
-    if min_logp < math.inf and len(trie.roots):
-        root_columns = torch.tensor([trie.column[int(r)] for r in trie.roots], device=device)
-        for j, r in (realised[starts][:, root_columns] >= min_logp).nonzero().tolist():
-            likely_roots[j].append(int(trie.roots[r]))
-    realised = realised.cpu().numpy()  # the walk reads it entry by entry
-    # The student token before each position, whose extensions cannot come next.
+    realised = rows.logp(columns=trie.alphabet.to(device)).double().cpu().numpy()  # (rows, A)
+    realised_logp = rows.logp_of(torch.as_tensor(teacher_ids, device=device)).double()  # (n,)
+    cum = F.pad(realised_logp.cumsum(0), (1, 0))  # (n + 1,) log P(t_<b)
+    bounds = torch.as_tensor(list(span_starts) + [n], device=device)  # (m + 1,)
+    span_logp = cum[bounds[1:]] - cum[bounds[:-1]]  # (m,) log P(span j), the chain rule
+    known = {**(branches or {}), **{(b, ()): row for b, row in enumerate(realised)}}  # node -> row
+    roots = trie.roots.numpy()
+    root_columns = [trie.column[r] for r in roots.tolist()]
+    min_logp = math.log(min_prob) if min_prob > 0 else -math.inf  # inf in path mode: no branch
     previous = [prev_token] + [trie.new_token.get(tuple(teacher_ids[s:e]), teacher_ids[s])
                                for s, e in zip(span_starts[:-1], span_starts[1:])]
-
-    base_entries = []  # (j, base id, log p') where the walk rewrote the teacher's entry
-    new_entries = []  # (j, new id, log p')
-    log_z = [0.0] * m
+    fixes = []  # (j, v, log p') where the walk rewrote the teacher's entry for base token v
+    news: list[list] = [[] for _ in range(m)]  # (w, log p') of the new tokens w at each j
+    log_z = []
     wanted: set[Node] = set()
     for j, a in enumerate(span_starts):
-        extensions = trie.extensions.get(previous[j], frozenset()) if condition else frozenset()
-        extension_children = trie.extension_children.get(previous[j], {}) if condition else {}
+        v = previous[j] if condition else None  # its extensions cannot come next
+        extensions = trie.extensions.get(v, frozenset())
+        likely = roots[realised[a, root_columns] >= min_logp].tolist()  # trie mode
         # walk from the realised token, the likely others, and where the extensions start
-        starts_of_walks = dict.fromkeys([teacher_ids[a], *likely_roots[j],
-                                         *(f[0] for f in extensions)])
-        roots = [r for r in starts_of_walks if r in trie.column]
-        # steps 1 and 2: the sequences reached from span start a, with log P
-        log_p, more = walk_trie(a, roots, teacher_ids, realised, branches, trie, extensions, extension_children,
-                                min_logp)
+        walk_from = dict.fromkeys([teacher_ids[a], *likely, *(f[0] for f in extensions)])
+        P, more = walk_trie(a, [r for r in walk_from if r in trie.column], teacher_ids, known,
+                            trie, extensions, trie.extension_children.get(v, {}), min_logp)
         wanted |= more
-        # step 3: subtract each from its trie parent, drop the extensions, renormalise
-        probs, Z = emission_probabilities({s: math.exp(lp) for s, lp in log_p.items()}, extensions,
+        probs, Z = emission_probabilities(P, extensions,
                                           lambda x: math.exp(realised[a][trie.column[x]]))
-        log_z[j] = math.log(Z)
+        log_z.append(math.log(Z))
         for s, p in probs.items():
             lp = math.log(p) if p > 0 else -math.inf
-            if len(s) == 1:  # a base token
-                base_entries.append((j, s[0], lp))
-            elif s in trie.new_token and s not in extensions:
-                # a new token (an extension has p' = 0)
-                new_entries.append((j, trie.new_token[s], lp))
-
-    # The base tokens the walk rewrote, and the new tokens with a target, as tensors.
-    fix_pos = [j for j, _, _ in base_entries]
-    fix_ids = [v for _, v, _ in base_entries]
-    fix_logp = [lp for _, _, lp in base_entries]
-    # the most new targets at one position
-    width = max(collections.Counter(j for j, _, _ in new_entries).values(), default=1)
-    new_ids = torch.zeros((m, width), dtype=torch.long, device=device)  # (m, width), padded with id 0 ...
-    new_logp = torch.full((m, width), -math.inf,
-                          dtype=upcast(rows.states).dtype, device=device)  # ... at p' = 0
-    if new_entries:
-        pos = [j for j, _, _ in new_entries]
-        tok_ids = [w for _, w, _ in new_entries]
-        values = [lp for _, _, lp in new_entries]
-        used = collections.Counter()  # columns filled so far per position
-        cols = []
-        for j in pos:
-            cols.append(used[j])
-            used[j] += 1
-        new_ids[list(pos), cols] = torch.tensor(tok_ids, device=device)
-        new_logp[list(pos), cols] = torch.tensor(values, dtype=torch.float64, device=device).to(new_logp.dtype)
-    targets = LiftedTargets(
-        teacher=rows.select(starts),
-        log_z=torch.tensor(log_z, dtype=torch.float64, device=device),
-        fix_pos=torch.tensor(fix_pos, dtype=torch.long, device=device),
-        fix_ids=torch.tensor(fix_ids, dtype=torch.long, device=device),
-        fix_logp=torch.tensor(fix_logp, dtype=torch.float64, device=device),
-        new_ids=new_ids,
-        new_logp=new_logp,
-        span_logp=span_logp,
-        n_new=len(trie.new_token),
-    )
-    return targets, wanted
+            if len(s) == 1:
+                fixes.append((j, s[0], lp))
+            elif s in trie.new_token and s not in extensions:  # an extension has p' = 0
+                news[j].append((trie.new_token[s], lp))
+    f64 = dict(dtype=torch.float64, device=device)
+    fix = torch.tensor(fixes, **f64).reshape(-1, 3)  # (k, 3)
+    width = max([1, *map(len, news)])  # padded with id 0 at p' = 0
+    new = torch.tensor([e + [(0, -math.inf)] * (width - len(e)) for e in news], **f64)
+    new, log_z = new.reshape(m, width, 2), torch.tensor(log_z, **f64)
+    dtype = upcast(rows.states).dtype
+    return LiftedTargets(rows.select(bounds[:-1]), log_z, fix[:, 0].long(), fix[:, 1].long(),
+                         fix[:, 2], new[..., 0].long(), new[..., 1].to(dtype), span_logp,
+                         len(trie.new_token)), wanted
 
 
 # ----------------------------------------------------------------------------------------
@@ -1050,122 +908,62 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
 # ----------------------------------------------------------------------------------------
 
 
-# Each takes the base rows W (V, d) of one matrix (input or output embedding), the
-# expansions of the N new tokens and a generator, and returns their rows (N, d);
-# char_length also takes the pieces' lengths (init_new_rows gives them). The student's input rows
-# come from the input matrix and its output rows from the output matrix, each with the
-# rule named in the config.
-
-
-def init_random(rows: torch.Tensor, expansions: list[tuple[int, ...]],
-                generator: torch.Generator) -> torch.Tensor:
-    """w ~ N(mean, std^2) per dimension, matched to the base rows. As output rows they give
-    each new token a logit of typical size at random: the model's outputs shift at once."""
-    mean, std = upcast(rows).mean(0), upcast(rows).std(0)
-    noise = torch.randn(len(expansions), rows.shape[1],
-                        generator=generator, dtype=mean.dtype)
-    return (mean + std * noise).to(rows.dtype)
-
-
-def init_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]],
-              generator: torch.Generator) -> torch.Tensor:
-    """w = mean of all base rows (Hewitt 2021). As output rows: exp(h.w) <= mean_v exp(h.w_v)
-    by Jensen, so the N new tokens take at most N/(V+N) of the mass and, on base-tokenized
-    text, KL(before || after) = log(1 + sum_new exp(h.w)/Z) <= log(1 + N/V)."""
-    return upcast(rows).mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
-
-
-def init_fvt(rows: torch.Tensor, expansions: list[tuple[int, ...]],
-             generator: torch.Generator) -> torch.Tensor:
-    """w = mean of the rows of exp(v), the token's teacher pieces (FVT, Gee et al. 2022).
-    As input rows: a blend of what the pieces mean. As output rows: the new token's logit
-    is the mean of its pieces' logits, so it is likely wherever its first piece is, and
-    can take much of that mass before any training."""
-    return torch.stack([upcast(rows[list(e)]).mean(0) for e in expansions]).to(rows.dtype)
-
-
-def weighted_mean(rows: torch.Tensor, expansions: list[tuple[int, ...]],
-                  weights: list[torch.Tensor]) -> torch.Tensor:
-    """w = sum_i a_i w_{x_i} / sum_i a_i over the pieces x_1 .. x_k of each exp(v), with
-    the weights a (k,) given per new token."""
-    out = []
-    for e, a in zip(expansions, weights, strict=True):
-        if a.shape != (len(e),) or not a.sum() > 0:
-            raise KldError(f"weights {a.tolist()} do not weigh the {len(e)} pieces of a new token")
-        out.append((a.double()[:, None] * rows[list(e)].double()).sum(0) / a.double().sum())  # (d,)
+def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
+              generator: torch.Generator | None = None, piece_bytes: list | None = None) -> torch.Tensor:
+    """The new tokens' rows (N, d) by `rule`, from a matrix's base rows W (V, d) and the
+    pieces x_1 .. x_k of each exp(v) (piece_bytes[n][i] = |x_i| of new token n):
+      random       N(mean, std^2) of W per dimension
+      mean         W's mean (Hewitt 2021): as output rows, N/(V+N) of the mass at most
+      fvt          the pieces' mean (FVT, Gee et al. 2022)
+      last_piece   weights a_i = 2^-(k-i) (AdaptiVocab's input rows: read where text ends)
+      first_piece  a_i = 2^-(i-1) (its output rows: predicted where the text begins)
+      fvt_norm     fvt scaled to W's mean norm (Beyond Initialization Loss's input rows)
+      char_length  a_i = |x_i| in bytes (its output rows)
+    """
+    W = upcast(rows)
+    if rule == "random":
+        noise = torch.randn(len(expansions), W.shape[1], generator=generator, dtype=W.dtype)
+        return (W.mean(0) + W.std(0) * noise).to(rows.dtype)
+    if rule == "mean":
+        return W.mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
+    if rule in ("fvt", "fvt_norm"):
+        fvt = torch.stack([W[list(e)].mean(0) for e in expansions]).to(rows.dtype)  # (N, d)
+        if rule == "fvt":
+            return fvt
+        fvt = upcast(fvt)
+        scale = W.norm(dim=1).mean() / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return (fvt * scale).to(rows.dtype)
+    if rule not in ("last_piece", "first_piece", "char_length"):
+        raise KldError(f"unknown initialiser {rule!r}; choose from {sorted(INIT_NAMES)}")
+    out = []  # sum_i a_i w_{x_i} / sum_i a_i
+    for n, e in enumerate(expansions):
+        powers = range(len(e) - 1, -1, -1) if rule == "last_piece" else range(len(e))
+        a = piece_bytes[n] if rule == "char_length" else [2.0 ** -p for p in powers]
+        a = torch.tensor(a, dtype=torch.float64)  # (k,)
+        if not a.sum() > 0:
+            raise KldError(f"the pieces of new token {n} have no length")
+        out.append((a[:, None] * rows[list(e)].double()).sum(0) / a.sum())  # (d,)
     return torch.stack(out).to(rows.dtype)
 
 
-def weighted_pieces(rows: torch.Tensor, expansions: list[tuple[int, ...]],
-                    last_most: bool) -> torch.Tensor:
-    """The pieces' mean with a_i = 2^-(k-i) (the last piece weighs most) or 2^-(i-1) (the
-    first): AdaptiVocab's weighting. For pieces (a, b): (w_a + 2 w_b) / 3 and (2 w_a + w_b) / 3."""
-    weights = []
-    for e in expansions:
-        k = len(e)
-        powers = torch.arange(k - 1, -1, -1) if last_most else torch.arange(k)  # (k,) the exponents
-        weights.append(torch.pow(2.0, -powers.double()))  # (k,)
-    return weighted_mean(rows, expansions, weights)
-
-
-def init_last_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]],
-                    generator: torch.Generator) -> torch.Tensor:
-    """The pieces' rows weighted toward the last, 2^-(k-i) (AdaptiVocab's input rows): a
-    token is read where its text ends, as the teacher reads its last piece."""
-    return weighted_pieces(rows, expansions, last_most=True)
-
-
-def init_first_piece(rows: torch.Tensor, expansions: list[tuple[int, ...]],
-                     generator: torch.Generator) -> torch.Tensor:
-    """The pieces' rows weighted toward the first, 2^-(i-1) (AdaptiVocab's output rows): a
-    token is predicted where its text begins, as the teacher predicts its first piece."""
-    return weighted_pieces(rows, expansions, last_most=False)
-
-
-def init_fvt_norm(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator) -> torch.Tensor:
-    """FVT's mean rescaled to the base rows' mean norm (Beyond Initialization Loss's input
-    rows): a mean of k rows is shorter than its pieces, and a short input row reads as a
-    weak token."""
-    fvt = upcast(init_fvt(rows, expansions, generator))  # (N, d)
-    base_norm = upcast(rows).norm(dim=1).mean()
-    return (fvt * (base_norm / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12))).to(rows.dtype)
-
-
-def init_char_length(rows: torch.Tensor, expansions: list[tuple[int, ...]], generator: torch.Generator,
-                     piece_bytes: list[list[int]]) -> torch.Tensor:
-    """The pieces' rows weighted by their lengths, a_i = |x_i| (Beyond Initialization Loss's
-    output rows): a piece that spells more of the token says more of what it is. Lengths
-    in bytes (characters, in ASCII code; a byte-level piece may hold part of a character):
-    piece_bytes[n][i] is the length of piece i of new token n."""
-    weights = [torch.tensor(lengths, dtype=torch.float64) for lengths in piece_bytes]
-    return weighted_mean(rows, expansions, weights)
-
-
-INITIALISERS = {"random": init_random, "mean": init_mean, "fvt": init_fvt, "last_piece": init_last_piece,
-                "first_piece": init_first_piece, "fvt_norm": init_fvt_norm, "char_length": init_char_length}
-
-
-def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str,
-                  init_out: str, seed: int):
-    """Give the model rows for tok's new tokens: input rows by `init_in`, output rows by `init_out`."""
+def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: str, seed: int):
+    """Give tok's new tokens rows: input rows by rule `init_in`, output rows by `init_out`."""
     for name in (init_in, init_out):
-        if name not in INITIALISERS:
-            raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INITIALISERS)}")
+        if name not in INIT_NAMES:
+            raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INIT_NAMES)}")
     if tok.base_vocab_size != model.cfg.vocab_size:
         raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has "
                        f"{model.cfg.vocab_size}")
-    if not tok.expansions:  # K = 0: rows of no tokens, the student is the teacher
+    if not tok.expansions:  # K = 0: the student is the teacher
         empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
-        model.add_new_tokens(empty, empty.clone())
-        return
-    rules = {name: INITIALISERS[name] for name in (init_in, init_out)}
-    if "char_length" in rules:  # the one rule that reads the pieces' spellings
-        piece_bytes = [[len(tok.token_bytes(x)) for x in e] for e in tok.expansions]
-        rules["char_length"] = functools.partial(init_char_length, piece_bytes=piece_bytes)
-    generator = torch.Generator().manual_seed(seed)
+        return model.add_new_tokens(empty, empty.clone())
+    pieces = None
+    if "char_length" in (init_in, init_out):  # the one rule that reads the pieces' spellings
+        pieces = [[len(tok.token_bytes(x)) for x in e] for e in tok.expansions]
+    args = (tok.expansions, torch.Generator().manual_seed(seed), pieces)
     with torch.no_grad():
-        new_in = rules[init_in](model.embed.weight.cpu(), tok.expansions, generator)
-        new_out = rules[init_out](model.output_weight().cpu(), tok.expansions, generator)
+        new_in = init_rows(init_in, model.embed.weight.cpu(), *args)
+        new_out = init_rows(init_out, model.output_weight().cpu(), *args)
     model.add_new_tokens(new_in, new_out)
 
 
@@ -1174,11 +972,9 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str,
 # ----------------------------------------------------------------------------------------
 
 
-
 @dataclass(frozen=True)
 class Divergence:
-    """Which D(p'_j || q_j) the kl objective minimises (Config: divergence, divergence_beta,
-    divergence_temperature); see `divergence`."""
+    """Which D(p'_j || q_j) the kl objective minimises (see `divergence`)."""
 
     kind: str = "forward_kl"  # one of DIVERGENCES
     beta: float = 0.5  # jsd's mixing weight: 0 is forward_kl, 1 is reverse_kl
@@ -1186,104 +982,65 @@ class Divergence:
     floor: float = 1e-6  # reverse_kl reads p' = 0 as this (else the divergence is infinite)
 
 
-# Zeros (log = -inf) sit on either side of every divergence: a token tau' cannot emit has
-# p' = 0, a masked vocabulary gives q = 0. Where a term is 0 by definition, its inputs are
-# replaced before the arithmetic, not only its result after it: a torch.where keeps the
-# gradient of the branch it did not take, 0 * inf = NaN, and one NaN poisons every row.
+# Zeros (log = -inf) on both sides: p' = 0 where tau' cannot emit, q = 0 under a mask. A term
+# that is 0 by definition has its inputs replaced, not only its result: torch.where keeps the
+# gradient of the branch not taken, 0 * inf = NaN, and one NaN poisons every row.
 
 
 def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row (r,) from log a and log b (r, n): sum_v a (log a - log b); terms with a = 0 are 0."""
-    present = log_a > -math.inf  # (r, n) the terms that count
-    log_ratio = torch.where(present, log_a - log_b, 0.0)  # (r, n) log(a / b), 0 where a = 0 (no -inf - -inf)
-    return (log_a.exp() * log_ratio).sum(-1)  # a = 0 times 0 where absent: value and gradient 0
+    """KL(a || b) per row (r,) from log a, log b (r, n); terms with a = 0 are 0."""
+    log_ratio = torch.where(log_a > -math.inf, log_a - log_b, 0.0)  # no -inf - -inf
+    return (log_a.exp() * log_ratio).sum(-1)
 
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^x) for x <= 0, accurate near 0 and near -inf; -inf at x = 0 with a zero gradient there."""
-    below = x < 0
-    safe = torch.where(below, x, -1.0)  # any x < 0: the branch not taken must stay finite
-    return torch.where(below, torch.log(-torch.expm1(safe)), -math.inf)
-
-
-def binary_kl(log_P: torch.Tensor, log_Q: torch.Tensor, log_not_P: torch.Tensor | None = None,
-              log_not_Q: torch.Tensor | None = None) -> torch.Tensor:
-    """KL((P, 1 - P) || (Q, 1 - Q)) per entry, from log P and log Q: the span KL of METHOD.md
-    section 4, where a span's probability is all that the two sides share. log(1 - P) and
-    log(1 - Q) are taken from the caller where it has them exactly (log_rest): 1 - Q
-    computed from Q is 0 once Q rounds to 1, and its gradient with it."""
-    log_not_P = log1mexp(log_P) if log_not_P is None else log_not_P
-    log_not_Q = log1mexp(log_Q) if log_not_Q is None else log_not_Q
-    two = torch.stack([log_P, log_not_P], dim=-1)  # (r, 2): the two outcomes, span or not
-    return kl_terms(two, torch.stack([log_Q, log_not_Q], dim=-1))
-
-
-def log_rest(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log(1 - p(ids_j)) per row (r,), exactly: the log of the summed probabilities of every
-    other token (r, n) -> (r,); -inf, with a zero gradient, where no other token has any."""
-    others = log_probs.scatter(1, ids[:, None], -math.inf)  # (r, n): the token itself left out
-    none = (others == -math.inf).all(-1)  # (r,) rows where it holds all the mass
-    safe = torch.where(none[:, None], 0.0, others)  # logsumexp of all -inf has a NaN gradient
-    return torch.where(none, -math.inf, torch.logsumexp(safe, -1))
-
-
-def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
-    """log m for m = beta p + (1 - beta) q, 0 < beta < 1; -inf where both are 0, with a
-    zero gradient there (logaddexp's own is exp(-inf - -inf) = NaN)."""
-    both_zero = (log_p == -math.inf) & (log_q == -math.inf)  # (r, n)
-    safe_p = torch.where(both_zero, 0.0, log_p + math.log(beta))  # finite stand-ins where m = 0
-    safe_q = torch.where(both_zero, 0.0, log_q + math.log(1 - beta))
-    return torch.where(both_zero, -math.inf, torch.logaddexp(safe_p, safe_q))
+def log_where(empty: torch.Tensor, fn, *xs: torch.Tensor) -> torch.Tensor:
+    """fn(*xs), a log of a sum, but -inf with a zero gradient where `empty` (the sum is 0):
+    logsumexp and logaddexp of -inf alone have a NaN gradient."""
+    return torch.where(empty, -math.inf, fn(*(torch.where(empty, 0.0, x) for x in xs)))
 
 
 def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Divergence(),
                next_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """D(p'_j || q_j) at each of r positions (r,), from the lifted targets log p' (r, |V'|),
-    -inf where p' = 0) and the student's logits (r, |V'|).
-
-    With temperature T both are tempered first: p'_T = p'^(1/T) renormalised, q_T =
-    softmax(logits / T). Then, with m = beta p' + (1 - beta) q:
-      forward_kl  KL(p' || q) = sum_v p'(v) (log p'(v) - log q(v)), the default
-      reverse_kl  KL(q || p'), with p' = 0 read as `floor` (tokens tau' cannot emit there)
-      jsd         beta KL(p' || m) + (1 - beta) KL(q || m); beta = 0 and 1 are forward_kl
-                  and reverse_kl (as TRL's GKD defines them)
-      span_kl     binary_kl of the realised token s_j = next_ids[j]: P = p'(s_j), Q = q(s_j).
-                  With appended merges a span is one student token; a span of several
-                  (a general alignment) would give P and Q of the whole span.
-    Each is 0 where q = p', and grows as they part.
+    """D(p'_j || q_j) per position (r,) from log p' (r, |V'|; -inf where p' = 0) and the
+    student's logits (r, |V'|), both tempered at T first: p'^(1/T) renormalised and
+    softmax(logits / T). With m = beta p' + (1 - beta) q:
+      forward_kl  KL(p' || q), the default
+      reverse_kl  KL(q || p'), p' = 0 read as `floor`
+      jsd         beta KL(p' || m) + (1 - beta) KL(q || m) (TRL's GKD)
+      span_kl     KL((P, 1 - P) || (Q, 1 - Q)), P = p'(s_j), Q = q(s_j), s_j = next_ids[j]
     """
-    log_p = upcast(log_p)  # (r, |V'|)
-    logits = upcast(logits)  # (r, |V'|)
-    if spec.temperature != 1.0:  # shifted to a maximum of 0 first: (z - max z) / T never overflows to inf - inf
-        log_p = torch.log_softmax((log_p - log_p.amax(-1, keepdim=True)) / spec.temperature, dim=-1)  # p'^(1/T)
-        logits = (logits - logits.amax(-1, keepdim=True).detach()) / spec.temperature  # softmax does not see a shift
-    log_q = torch.log_softmax(logits, dim=-1)  # (r, |V'|)
+    log_p, logits = upcast(log_p), upcast(logits)  # (r, |V'|)
+    if spec.temperature != 1.0:  # shifted to a maximum of 0 first: no inf - inf
+        log_p = torch.log_softmax((log_p - log_p.amax(-1, keepdim=True)) / spec.temperature, -1)
+        logits = (logits - logits.amax(-1, keepdim=True).detach()) / spec.temperature
+    log_q = torch.log_softmax(logits, dim=-1)
     kind = spec.kind
     if kind == "jsd" and spec.beta in (0.0, 1.0):  # log m would take log 0 of one side
         kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
     if kind == "forward_kl":
         return kl_terms(log_p, log_q)
-    if kind == "reverse_kl":
-        # p' = 0 read as the floor, not renormalised: a fixed penalty where tau' cannot emit
-        floored = torch.where(log_p > -math.inf, log_p, math.log(spec.floor))
-        return kl_terms(log_q, floored)
+    if kind == "reverse_kl":  # a fixed penalty where tau' cannot emit, not renormalised
+        return kl_terms(log_q, torch.where(log_p > -math.inf, log_p, math.log(spec.floor)))
     if kind == "jsd":
-        log_m = log_mixture(log_p, log_q, spec.beta)  # (r, |V'|)
-        return spec.beta * kl_terms(log_p, log_m) + (1 - spec.beta) * kl_terms(log_q, log_m)
-    if kind == "span_kl":
-        if next_ids is None:
-            raise KldError("span_kl needs the realised tokens (next_ids)")
-        log_P = log_p.gather(1, next_ids[:, None])[:, 0]  # (r,) log p'(s_j)
-        log_Q = log_q.gather(1, next_ids[:, None])[:, 0]  # (r,) log q(s_j)
-        return binary_kl(log_P, log_Q, log_rest(log_p, next_ids),
-                         log_rest(log_q, next_ids))
-    raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES}")
+        b = spec.beta
+        both = (log_p == -math.inf) & (log_q == -math.inf)  # m = 0
+        log_m = log_where(both, torch.logaddexp, log_p + math.log(b), log_q + math.log(1 - b))
+        return b * kl_terms(log_p, log_m) + (1 - b) * kl_terms(log_q, log_m)
+    if kind != "span_kl":
+        raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES}")
+    if next_ids is None:
+        raise KldError("span_kl needs the realised tokens (next_ids)")
+    two = []  # log (P, 1 - P) and log (Q, 1 - Q): (r, 2) each
+    for log_x in (log_p, log_q):  # 1 - Q summed exactly: 1 - Q from Q is 0 (no gradient) once Q rounds to 1
+        rest = log_x.scatter(1, next_ids[:, None], -math.inf)  # (r, |V'|): every other token
+        log_rest = log_where((rest == -math.inf).all(-1, keepdim=True),
+                             lambda x: x.logsumexp(-1, keepdim=True), rest)
+        two.append(torch.cat([log_x.gather(1, next_ids[:, None]), log_rest], dim=1))
+    return kl_terms(*two)
 
 
 def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p'_j || q_j) at each position j (m,), q_j = softmax of the student's logits (m, |V'|):
-    the measure reported for every divergence trained. 0 when nothing was lifted and the
-    student is the teacher."""
+    """KL(p'_j || q_j) per position (m,): reported whatever divergence trains."""
     return divergence(targets.logp(), student_logits)
 
 

@@ -413,7 +413,7 @@ def read_bench_config(path, changes: dict | None = None):
     if not base.tasks:
         raise kld.KldError(f"{path}: set overrides.tasks to a task file or directory (e.g. bench_tasks)")
     for init in spec.get("inits", ["random", "mean", "fvt"]):
-        if init not in kld.INITIALISERS:
+        if init not in kld.INIT_NAMES:
             raise kld.KldError(f"{path}: unknown initialiser {init!r}")
     for name, fields in kl_cells(spec):
         kld.make_config({**values, **fields}, source=f"{path}: divergence {name}")

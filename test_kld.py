@@ -173,7 +173,10 @@ def test_a_config_is_checked_however_it_is_made():
         kld.Config(steps=-1)
     with pytest.raises(kld.KldError, match="'lr' must be a finite number"):
         kld.dataclasses.replace(kld.Config(), lr=math.nan)
-    assert kld.INIT_NAMES == tuple(kld.INITIALISERS)  # the config's names are section 6's
+    rows, expansions = torch.randn(5, 3), [(0, 1), (2, 3, 4)]
+    for name in kld.INIT_NAMES:  # every name the config admits is an initialiser
+        new = kld.init_rows(name, rows, expansions, torch.Generator(), [[1.0, 2.0], [1.0, 1.0, 3.0]])
+        assert new.shape == (2, 3) and new.isfinite().all()
 
 
 def test_cli_rejects_values_out_of_range_before_writing_anything(tmp_path, capsys):
@@ -2023,7 +2026,7 @@ def test_each_objective_lowers_its_held_out_loss(tmp_path, capsys):
 def test_evaluate_measures_where_the_student_expects_its_new_tokens():
     """new_token_share counts the new tokens of the held-out text exactly; with mean output
     rows, Jensen bounds the student's mass on the N new tokens by N / (V + N) everywhere
-    (init_mean); the lifted teacher's mass on them is a probability too."""
+    (init_rows); the lifted teacher's mass on them is a probability too."""
     model, tok = tiny_student("llama", init="fvt", init_output="mean")
     _, heldout = kld.load_corpus(TINY_RUN["corpus"], 0.3)
     chunks = kld.eval_chunks(tok.base, heldout, 3000, 48)
@@ -2785,17 +2788,17 @@ def test_weighted_initialisers_on_a_worked_example():
     rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0], [4.0, 0.0]])
     expansions = [(0, 1), (0, 1, 3)]
     g = torch.Generator()
-    torch.testing.assert_close(kld.init_last_piece(rows, expansions, g)[0], torch.tensor([1 / 3, 2 / 3]))
-    torch.testing.assert_close(kld.init_first_piece(rows, expansions, g)[0], torch.tensor([2 / 3, 1 / 3]))
+    torch.testing.assert_close(kld.init_rows("last_piece", rows, expansions, g)[0], torch.tensor([1 / 3, 2 / 3]))
+    torch.testing.assert_close(kld.init_rows("first_piece", rows, expansions, g)[0], torch.tensor([2 / 3, 1 / 3]))
     # three pieces, weights 1/4, 1/2, 1 (last most): (1/4 [1,0] + 1/2 [0,1] + [4,0]) / (7/4)
-    torch.testing.assert_close(kld.init_last_piece(rows, expansions, g)[1], torch.tensor([17 / 7, 2 / 7]))
-    calibrated = kld.init_fvt_norm(rows, expansions, g)
+    torch.testing.assert_close(kld.init_rows("last_piece", rows, expansions, g)[1], torch.tensor([17 / 7, 2 / 7]))
+    calibrated = kld.init_rows("fvt_norm", rows, expansions, g)
     base_norm = rows.norm(dim=1).mean()
     torch.testing.assert_close(calibrated.norm(dim=1), base_norm.expand(2))
-    fvt = kld.init_fvt(rows, expansions, g)
+    fvt = kld.init_rows("fvt", rows, expansions, g)
     torch.testing.assert_close(F.cosine_similarity(calibrated, fvt, dim=1), torch.ones(2))
     # pieces of 1 and 3 bytes: (1 [1,0] + 3 [0,1]) / 4; of 2, 1, 1 bytes: (2 [1,0] + [0,1] + [4,0]) / 4
-    by_length = kld.init_char_length(rows, expansions, g, piece_bytes=[[1, 3], [2, 1, 1]])
+    by_length = kld.init_rows("char_length", rows, expansions, g, piece_bytes=[[1, 3], [2, 1, 1]])
     torch.testing.assert_close(by_length, torch.tensor([[1 / 4, 3 / 4], [6 / 4, 1 / 4]]))
 
 
@@ -2806,7 +2809,7 @@ def test_char_length_output_rows_weigh_each_piece_by_its_spelling():
         lengths = torch.tensor([len(tok.token_bytes(x)) for x in e], dtype=torch.float64)
         expected = (lengths[:, None] * base_out[list(e)]).sum(0) / lengths.sum()
         torch.testing.assert_close(model.new_out[n].double(), expected, rtol=1e-5, atol=1e-6)
-    fvt = kld.init_fvt(base_out, tok.expansions, None)
+    fvt = kld.init_rows("fvt", base_out, tok.expansions, None)
     assert not torch.allclose(model.new_out.double(), fvt, atol=1e-4)  # some token has pieces of unequal lengths
 
 
