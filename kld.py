@@ -1593,38 +1593,31 @@ def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.
 # ----------------------------------------------------------------------------------------
 
 
-def separator_id(cfg: ModelConfig) -> int:
-    """The token before every window and between documents: end of text."""
+def separator_id(cfg):
+    """The token before each window and document: end of text."""
     return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
 
 
-def token_stream(tok: ExtendedTokenizer, texts: list[str], sep: int) -> list[int]:
+def token_stream(tok, texts, sep):
     """The corpus as one stream of student ids, documents after `sep`."""
     return [i for ids in tok.encode_batch(texts) for i in [sep] + ids]
 
 
-def training_windows(stream: list[int], seq_len: int, seed: int):
-    """Endless windows of seq_len + 1 ids (the first is context only),
-    non-overlapping, in an order fixed by the seed, reshuffled each pass."""
+def training_windows(stream, seq_len, seed):
+    """Endless disjoint windows of seq_len + 1 ids (the first: context), reshuffled each pass."""
     if len(stream) <= seq_len:
-        raise KldError(f"the training corpus holds {len(stream)} tokens, "
-                       f"fewer than one window of {seq_len + 1}")
-    generator = torch.Generator().manual_seed(seed)
-    n = (len(stream) - 1) // seq_len  # each shares its first id with the last
+        raise KldError(f"{len(stream)} corpus tokens, fewer than one window")
+    gen = torch.Generator().manual_seed(seed)
     while True:
-        for i in torch.randperm(n, generator=generator).tolist():
+        for i in torch.randperm((len(stream) - 1) // seq_len, generator=gen).tolist():
             yield stream[i * seq_len : (i + 1) * seq_len + 1]
 
 
-def new_token_windows(stream: list[int], seq_len: int, first_new_id: int,
-                      per_token: int, seed: int):
-    """Endless windows of seq_len + 1 ids for the new tokens (>= first_new_id):
-    up to `per_token` occurrences of each, drawn uniformly, each at a random
-    place in its window's first half (later near the stream's end), so a rare
-    token gets as many windows as a common one. Reshuffled each pass."""
+def new_token_windows(stream, seq_len, first_new_id, per_token, seed):
+    """Endless windows for up to `per_token` random occurrences of each new token, each in its
+    window's first half: a rare token gets as many as a common one."""
     if len(stream) <= seq_len:
-        raise KldError(f"the training corpus holds {len(stream)} tokens, "
-                       f"fewer than one window of {seq_len + 1}")
+        raise KldError(f"{len(stream)} corpus tokens, fewer than one window")
     rng = np.random.default_rng(seed)
     ids = np.asarray(stream)
     at = np.flatnonzero(ids[1:] >= first_new_id) + 1  # 0 is never predicted
@@ -1632,8 +1625,8 @@ def new_token_windows(stream: list[int], seq_len: int, first_new_id: int,
     starts = []
     for where in np.split(at, np.unique(ids[at], return_index=True)[1][1:]):
         chosen = rng.choice(where, min(per_token, len(where)), replace=False)
-        offsets = rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))
-        starts += np.clip(chosen - offsets, 0, len(stream) - seq_len - 1).tolist()
+        chosen -= rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))
+        starts += np.clip(chosen, 0, len(stream) - seq_len - 1).tolist()
     if not starts:
         raise KldError("no new token occurs in the training corpus")
     while True:
@@ -1641,12 +1634,9 @@ def new_token_windows(stream: list[int], seq_len: int, first_new_id: int,
             yield stream[starts[i] : starts[i] + seq_len + 1]
 
 
-def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int,
-                window: int) -> list[list[int]]:
-    """Held-out text as chunks of at most `window` teacher ids, up to
-    max_chars, cut after a newline token where one is (no merge crosses it)."""
-    if window < 1:
-        raise KldError(f"an evaluation window holds at least one token, got {window}")
+def eval_chunks(tokenizer, texts, max_chars, window):
+    """Held-out text, up to max_chars, in chunks of at most `window` ids, cut after the
+    last newline token where there is one (no merge crosses it)."""
     vocab = token_bytes(tokenizer, tokenizer.get_vocab_size())
     newline = {i for i, b in enumerate(vocab) if b"\n" in b}
     chunks, chars = [], 0
@@ -1655,8 +1645,7 @@ def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int,
         while ids and chars < max_chars:
             cut = min(window, len(ids))
             if cut < len(ids):
-                cut = next((i + 1 for i in range(cut - 1, 0, -1)
-                            if ids[i] in newline), cut)
+                cut = next((i + 1 for i in range(cut - 1, 0, -1) if ids[i] in newline), cut)
             chunks.append(ids[:cut])
             chars += len(tokenizer.decode(ids[:cut]))
             ids = ids[cut:]
@@ -1665,86 +1654,54 @@ def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int,
     return chunks
 
 
-def padded_batch(seqs: list, device, at_end: bool = False):
-    """ids (B, width) and valid (B, width), False on padding (None: no row
-    is), padded on the right or, at_end, the left. Positions count real
-    tokens only, so padding changes no row's logits."""
+def padded_batch(seqs, device, at_end=False):
+    """ids (B, width), valid (B, width) or None if nothing is padded; padded on the right
+    or, at_end, the left. Padding changes no logits."""
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
     for b, s in enumerate(seqs):
-        at = slice(width - len(s), width) if at_end else slice(0, len(s))
+        at = slice(width - len(s), width) if at_end else slice(len(s))
         ids[b, at] = torch.tensor(s, dtype=torch.long)
         valid[b, at] = True
-    padded = min(map(len, seqs)) < width  # else the fused causal attention
+    padded = min(map(len, seqs)) < width  # else fused causal attention
     return ids.to(device), valid.to(device) if padded else None
 
 
-def sequence_logits(model: GPT, seqs: list[list[int]],
-                    base_only: bool = False) -> list[torch.Tensor]:
-    """Per sequence, its logits (>= float32) at positions 0 .. len-2."""
-    ids, valid = padded_batch(seqs, model.embed.weight.device)
-    with autocast(ids.device):
-        logits = model(ids, valid, base_only=base_only)  # (B, width, |V'|)
-    return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]
-
-
-def cached_pass(model: GPT, seqs: list[list[int]], hidden: bool = False):
-    """The base logits (B, width, |V|) of right-padded seqs (hidden: final
-    hidden states) and the KV cache they filled: slot i of row r holds
-    seqs[r][i]."""
-    ids, valid = padded_batch(seqs, model.embed.weight.device)
-    cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)
-    with autocast(ids.device):
-        if hidden:
-            return model.hidden_states(ids, valid, cache), cache
-        return model(ids, valid, cache, base_only=True), cache
-
-
-def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]],
-                  prefix_slots: list[int], slots: list[dict],
-                  hidden: bool = False) -> torch.Tensor:
-    """Tree attention: the logits (B, T, |V|) (hidden: hidden states) after
-    each node, in one pass. Node (b, xs) of row r is xs[-1] at position
-    prefix_slots[r] + b + |xs| - 1; it attends to t_<b, in cache slots
-    [0, prefix_slots[r] + b), to its ancestors (b, xs[:k]), in slots[r],
-    and to itself. Records the new nodes' slots in slots[r]."""
+def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
+    """Tree attention: logits (B, T, |V|) (or states) after each node (b, xs) of row r:
+    xs[-1] after t_<b, in cache slots [0, prefix_slots[r] + b), reading them, its
+    ancestors (b, xs[:k]) in slots[r] (updated) and itself."""
     device = model.embed.weight.device
-    S0, T = cache.length, max(map(len, nodes))  # slots filled; queries
+    S0, T = cache.length, max(map(len, nodes))
     cache.reserve(S0 + T)
-    per_node = []  # (row, column, token, position, prefix length)
-    per_link = []  # (row, column, an ancestor's slot)
-    for r, row_nodes in enumerate(nodes):
-        for t, (b, xs) in enumerate(row_nodes):
-            prefix = prefix_slots[r] + b
-            per_node.append((r, t, xs[-1], prefix + len(xs) - 1, prefix))
+    per_node, per_link = [], []
+    for r, row in enumerate(nodes):
+        for t, (b, xs) in enumerate(row):
+            at = prefix_slots[r] + b
+            per_node.append((r, t, xs[-1], at + len(xs) - 1, at))
             per_link += [(r, t, slots[r][b, xs[:k]]) for k in range(1, len(xs))]
             slots[r][b, xs] = S0 + t
-    node = torch.tensor(per_node, dtype=torch.long, device=device)
-    r, t, *values = node.reshape(-1, 5).T
-    link = torch.tensor(per_link, dtype=torch.long, device=device)
+    r, t, *values = torch.tensor(per_node, device=device).reshape(-1, 5).T
     grid = torch.zeros(3, len(nodes), T, dtype=torch.long, device=device)
     grid[:, r, t] = torch.stack(values)
-    ids, positions, limit = grid
-    valid = torch.zeros(len(nodes), T, dtype=torch.bool, device=device)
+    ids, positions, limit = grid  # (B, T) each
+    valid = torch.zeros_like(ids, dtype=torch.bool)
     valid[r, t] = True
     keys = torch.arange(S0 + T, device=device)
     mask = keys < limit[..., None]  # (B, T, S0 + T): the prefixes
-    mask[tuple(link.reshape(-1, 3).T)] = True  # the ancestors
-    mask[:, keys[:T], S0 + keys[:T]] = True  # itself: no softmax row is empty
+    link = torch.tensor(per_link, dtype=torch.long, device=device)
+    mask[tuple(link.reshape(-1, 3).T)] = True
+    mask[:, keys[:T], S0 + keys[:T]] = True  # no softmax row is empty
     with autocast(device):
-        states = model.tree_states(ids, valid, cache, positions, mask[:, None])
-        return states if hidden else model.head(states, base_only=True)
+        h = model.tree_states(ids, valid, cache, positions, mask[:, None])
+        return h if hidden else model.head(h, base_only=True)
 
 
 @torch.no_grad()
-def teacher_targets(teacher: GPT, tok: ExtendedTokenizer,
-                    windows: list[list[int]],
-                    lift_cfg: Lift) -> tuple[list[LiftedTargets], int]:
-    """p' at the predicted positions of student windows (the first id is
-    context) and the branch tokens evaluated. One pass over the expansions
-    gives the realised rows (all path mode needs) and a KV cache; trie mode
-    evaluates the nodes lift_batch wants on it, one round per trie level."""
+def teacher_targets(teacher, tok, windows, lift_cfg):
+    """(p' of student windows, branch tokens run): one pass over their expansions gives the
+    rows and a KV cache, on which trie mode runs the nodes lift_batch wants, a level a round."""
     device = teacher.embed.weight.device
     tables = lift_cfg.tables
     if tables.token.device != device:
@@ -1752,98 +1709,84 @@ def teacher_targets(teacher: GPT, tok: ExtendedTokenizer,
     head = teacher.output_weight()  # (|V|, d)
     seqs = [list(tok.expand(w)) for w in windows]
     context = [len(tok.expand(w[:1])) for w in windows]
-    states, cache = cached_pass(teacher, seqs, hidden=True)  # (B, width, d)
-    # rows c-1 .. len-1: log p(. | t_<b) for b = 0 .. n
-    rows = [TeacherRows.of_states(states[r, c - 1 : len(s)], head)
-            for r, (c, s) in enumerate(zip(context, seqs))]
+    ids, valid = padded_batch(seqs, device)
+    cache = KVCache(teacher.cfg, *ids.shape, device, teacher.embed.weight.dtype)
+    with autocast(device):
+        states = teacher.hidden_states(ids, valid, cache)  # (B, width, d)
+    rows = [TeacherRows.of_states(states[r, c - 1 : len(s)], head) for r, (c, s) in enumerate(zip(context, seqs))]
     teacher_ids = [s[c:] for c, s in zip(context, seqs)]
-    span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
-    trie = lift_cfg.mode == "trie"
-    min_prob = lift_cfg.min_prob if trie else math.inf  # no branch
-    width = max(map(len, teacher_ids)) + 1  # a bound on b
+    starts = [coarsening_span_starts(w[1:], tok) for w in windows]
+    min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
+    width = max(map(len, teacher_ids)) + 1
     branches = BranchRows(torch.zeros(0, dtype=torch.long, device=device),
-                          torch.zeros(0, len(tables.alphabet),
-                                      dtype=torch.float64, device=device))
-    slots: list[dict] = [{} for _ in windows]  # node -> its cache slot
+                          torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
+    slots = [{} for _ in windows]  # node -> its cache slot
     n_branch = 0
     while True:
-        targets, wanted = lift_batch(rows, windows, teacher_ids, span_starts,
-                                     tables, branches, min_prob,
+        targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables, branches, min_prob,
                                      lift_cfg.condition)
-        todo: list[list[Node]] = [[] for _ in windows]
-        keys: list[list[int]] = [[] for _ in windows]
+        todo, keys = [[] for _ in windows], [[] for _ in windows]
         for r, b, s in wanted.tolist():
-            xs = tables.suffixes[s]
-            if context[r] + b + len(xs) <= teacher.cfg.max_positions:
-                todo[r].append((b, xs))
+            if context[r] + b + len(tables.suffixes[s]) <= teacher.cfg.max_positions:
+                todo[r].append((b, tables.suffixes[s]))
                 keys[r].append(branch_key(r, b, s, width, len(tables.suffixes)))
         if not any(todo):
             return targets, n_branch
-        states = branch_logits(teacher, cache, todo, context, slots, True)
-        at = [(r, t) for r, nodes in enumerate(todo) for t in range(len(nodes))]
-        new = TeacherRows.of_states(states[tuple(torch.tensor(at).T)], head)
-        all_keys = torch.cat([branches.keys, torch.tensor(sum(keys, []), device=device)])
-        all_rows = torch.cat([branches.rows, new.logp(columns=tables.alphabet).double()])
-        order = all_keys.argsort()  # BranchRows keeps its keys sorted
-        branches = BranchRows(all_keys[order], all_rows[order])
+        h = branch_logits(teacher, cache, todo, context, slots, True)
+        at = torch.tensor([(r, t) for r, row in enumerate(todo) for t in range(len(row))], device=device)
+        logp = TeacherRows.of_states(h[tuple(at.T)], head).logp(columns=tables.alphabet)
+        keys = torch.cat([branches.keys, torch.tensor(sum(keys, []), device=device)])
+        logp = torch.cat([branches.rows, logp.double()])
+        order = keys.argsort()  # BranchRows keeps its keys sorted
+        branches = BranchRows(keys[order], logp[order])
         n_branch += len(at)
 
 
-def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor) -> torch.Tensor:
+def target_logprobs(targets, next_ids):
     """log p'_j(s_j) (m,) of the tokens that came, from the targets' parts."""
     is_new = next_ids >= targets.teacher.vocab_size
     base_ids = torch.where(is_new, 0, next_ids)
     out = targets.teacher.logp_of(base_ids).double() - targets.log_z
-    rewritten = targets.fix_ids == base_ids[targets.fix_pos]
-    out[targets.fix_pos[rewritten]] = targets.fix_logp[rewritten].double()
+    fixed = targets.fix_ids == base_ids[targets.fix_pos]
+    out[targets.fix_pos[fixed]] = targets.fix_logp[fixed].double()
     here = targets.new_ids == next_ids[:, None]  # (m, c)
-    new = upcast(targets.new_logp).double()
-    return torch.where(is_new, torch.where(here, new, -math.inf).amax(1), out)
+    new = torch.where(here, upcast(targets.new_logp).double(), -math.inf)
+    return torch.where(is_new, new.amax(1), out)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """chunked_head_loss(h, new_out, base_out, position_loss, chunk): mean_j
-    loss_j(h_j [base_out; new_out]^T) over P positions, h (P, d), base_out
-    (|V|, d) frozen; position_loss(logits (c, |V'|), start, stop) -> (c,).
-    Head, loss and gradient run `chunk` positions at a time, so logits over
-    V' exist for one chunk only (as Cut Cross-Entropy). The forward keeps
-    the gradients in h and new_out; the backward scales them."""
+    """chunked_head_loss(h, new_out, base_out, loss, chunk): mean_j loss_j of h_j [base_out;
+    new_out]^T, loss(logits, i, j) (j - i,), logits over V' for `chunk` positions at once."""
 
     @staticmethod
     def forward(ctx, h, new_out, base_out, position_loss, chunk):
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         grad_h, grad_new = torch.zeros_like(h), torch.zeros_like(new_out)
-        for start in range(0, len(h), max(1, chunk)):
-            stop = min(start + max(1, chunk), len(h))
+        for i in range(0, len(h), chunk):
             with torch.enable_grad():  # a graph per chunk
-                h_chunk = h[start:stop].detach().requires_grad_()  # (c, d)
-                new_rows = new_out.detach().requires_grad_()  # (N, d)
-                logits = torch.cat([head_logits(h_chunk, base_out),
-                                    head_logits(h_chunk, new_rows)], -1)
-                loss = position_loss(logits, start, stop).sum()
-                d_h, d_new = torch.autograd.grad(loss, [h_chunk, new_rows])
-            grad_h[start:stop] = d_h
+                x = h[i : i + chunk].detach().requires_grad_()  # (c, d)
+                rows = new_out.detach().requires_grad_()
+                logits = torch.cat([head_logits(x, base_out), head_logits(x, rows)], -1)
+                loss = position_loss(logits, i, i + len(x)).sum()
+                d_h, d_new = torch.autograd.grad(loss, [x, rows])
+            grad_h[i : i + len(x)] = d_h
             grad_new += d_new
             total += loss.detach()
         ctx.save_for_backward(grad_h / len(h), grad_new / len(h))
         return (total / len(h)).to(h.dtype)
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad):
         grad_h, grad_new = ctx.saved_tensors
-        return grad_loss * grad_h, grad_loss * grad_new, None, None, None
+        return grad * grad_h, grad * grad_new, None, None, None
 
 
 chunked_head_loss = _ChunkedHeadLoss.apply
 
 
-def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]],
-                  objective: str, lift_cfg: Lift | None = None,
-                  teacher: GPT | None = None, spec: Divergence = Divergence(),
-                  chunk: int = 0) -> torch.Tensor:
-    """The mean loss over the predicted positions of student windows: D_spec
-    to the teacher lifted by lift_cfg ("kl") or cross-entropy ("ce"). The
-    teacher is the base weights unless given; `chunk`: chunked_head_loss."""
+def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, spec=Divergence(), chunk=0):
+    """Mean over the windows' predicted positions of D_spec(p' || q), p' lifted by lift_cfg
+    ("kl"), or of -log q(s_j) ("ce"); chunk: as chunked_head_loss (0: all)."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
     if objective == "kl" and lift_cfg is None:
@@ -1854,52 +1797,41 @@ def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]],
     h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])
     next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)
     if objective == "kl":  # no gradient flows to the teacher
-        lifted = teacher_targets(teacher or model, tok, windows, lift_cfg)[0]
-        targets = cat_targets(lifted)
+        p = cat_targets(teacher_targets(teacher or model, tok, windows, lift_cfg)[0])
 
-    def position_loss(logits, start, stop):  # p' dense for one chunk only
+    def position_loss(logits, i, j):  # p' dense for one chunk only
         if objective == "ce":
-            return F.cross_entropy(logits, next_ids[start:stop], reduction="none")
-        return divergence(targets.logp(start, stop), logits, spec,
-                          next_ids[start:stop])
-    base_out = model.output_weight().detach()  # (|V|, d)
-    return chunked_head_loss(h, model.new_out, base_out, position_loss,
-                             chunk or len(h))
+            return F.cross_entropy(logits, next_ids[i:j], reduction="none")
+        return divergence(p.logp(i, j), logits, spec, next_ids[i:j])
+    base_out = model.output_weight().detach()
+    return chunked_head_loss(h, model.new_out, base_out, position_loss, chunk or len(h))
 
 
-def teacher_ends(window: list[int], tok: ExtendedTokenizer) -> list[int]:
-    """e_j: the index in the window's expansion of span j's last teacher
-    token. teacher_ends([a, new(b c), d]) == [0, 2, 3]."""
-    spans = (len(tok.expand([s])) for s in window)
-    return [e - 1 for e in itertools.accumulate(spans)]
+def teacher_ends(window, tok):
+    """e_j: span j's last token in the expansion. teacher_ends([a, new(b c), d]) == [0, 2, 3]."""
+    return [e - 1 for e in itertools.accumulate(len(tok.expand([s])) for s in window)]
 
 
-def hidden_state_loss(model: GPT, tok: ExtendedTokenizer,
-                      windows: list[list[int]], layer: int,
-                      teacher: GPT | None = None) -> torch.Tensor:
-    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2 over every position j of
-    student windows (METHOD.md section 4): H'_l the student on its tokens,
-    H_l the teacher (base weights, or `teacher`) on their expansions, after
-    `layer` blocks (the last: after the norm); e_j from teacher_ends."""
+def hidden_state_loss(model, tok, windows, layer, teacher=None):
+    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2, H'_l the student on windows, H_l the
+    teacher on their expansions, after `layer` blocks."""
     device = model.embed.weight.device
-    ids, valid = padded_batch(windows, device)
     seqs = [list(tok.expand(w)) for w in windows]
     with autocast(device):
-        student = model.hidden_states(ids, valid, n_blocks=layer)  # H'_l
+        student = model.hidden_states(*padded_batch(windows, device), n_blocks=layer)
         with torch.no_grad():
-            reference = (teacher or model).hidden_states(
-                *padded_batch(seqs, device), n_blocks=layer)  # H_l
-    h = torch.cat([student[b, : len(w)] for b, w in enumerate(windows)])
-    ends = [reference[b, teacher_ends(w, tok)] for b, w in enumerate(windows)]
-    return F.mse_loss(upcast(h), upcast(torch.cat(ends)))
+            ref = (teacher or model).hidden_states(*padded_batch(seqs, device), n_blocks=layer)
+    h = [student[b, : len(w)] for b, w in enumerate(windows)]
+    e = [ref[b, teacher_ends(w, tok)] for b, w in enumerate(windows)]
+    return F.mse_loss(upcast(torch.cat(h)), upcast(torch.cat(e)))
 
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process among those torchrun started; Ranks(): the only one."""
+    """This process among those torchrun started."""
     rank: int = 0
     world: int = 1
-    local_world: int = 1  # the ranks on this machine, which share its CPUs
+    local_world: int = 1  # the ranks on this machine
 
     @property
     def main(self) -> bool:
@@ -1907,63 +1839,52 @@ class Ranks:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]],
-             sep: int, batch_size: int, lift_cfg: Lift | None = None,
-             teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
-    """Held-out measures (METHOD.md section 6) of chunks read after `sep`:
-    bits_per_char, tokens_per_char of the teacher, or with lift_cfg of the
-    student on tau'(x), and kl to p', target_bits_per_char (where p' > 0),
-    target_zero_share, new_token_share, (target_)new_token_mass: q's (p''s)
-    mass on new tokens where one comes, branch_tokens_per_token. Each rank
-    measures its share, batch_size / world chunks at a time."""
+def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, ranks=Ranks()):
+    """Held-out measures (METHOD.md section 6) of chunks after sep, by the teacher or, with
+    lift_cfg, the student; each rank measures a share."""
     student = lift_cfg is not None
-    sums = dict.fromkeys(["nats", "chars", "tokens", "kl", "target_nats",
-                          "zero", "branch", "new", "mass", "target_mass"], 0)
+    device = model.embed.weight.device
+    V = tok.base_vocab_size
+    n = dict.fromkeys("nats chars tokens branch kl target zero new mass target_mass".split(), 0)
     mine = share(chunks, ranks)
-    per_rank = max(1, batch_size // ranks.world)
-    for i in range(0, len(mine), per_rank):
-        batch = mine[i : i + per_rank]
-        sums["chars"] += sum(len(tok.base.decode(c)) for c in batch)
+    size = max(1, batch_size // ranks.world)
+    for batch in (mine[i : i + size] for i in range(0, len(mine), size)):
+        n["chars"] += sum(len(tok.base.decode(c)) for c in batch)
         seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]
-        sums["tokens"] += sum(len(s) - 1 for s in seqs)
-        logits = sequence_logits(model, seqs, base_only=not student)
+        n["tokens"] += sum(len(s) - 1 for s in seqs)
+        with autocast(device):
+            logits = model(*padded_batch(seqs, device), base_only=not student)
         targets = [None] * len(seqs)
         if student:
-            targets, n = teacher_targets(teacher or model, tok, seqs, lift_cfg)
-            sums["branch"] += n
-        for s, x, target in zip(seqs, logits, targets):
-            next_ids = torch.tensor(s[1:], device=x.device)  # (m,)
+            targets, branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
+            n["branch"] += branch
+        for s, x, p in zip(seqs, logits, targets):
+            x = upcast(x[: len(s) - 1])
+            next_ids = torch.tensor(s[1:], device=device)
             logq = torch.log_softmax(x, -1)  # (m, |V'|)
-            sums["nats"] -= logq.gather(1, next_ids[:, None]).sum().item()
-            if target is None:
+            n["nats"] -= logq.gather(1, next_ids[:, None]).sum().item()
+            if p is None:
                 continue
-            floor = target_logprobs(target, next_ids)  # (m,) log p'_j(s_j)
-            new = next_ids >= tok.base_vocab_size  # (m,)
-            for key, value in [
-                    ("kl", kl_to_lifted(target, x)),
-                    ("target_nats", -floor[floor > -math.inf]),
-                    ("zero", floor == -math.inf), ("new", new),
-                    ("mass", logq[new, tok.base_vocab_size :].exp()),
-                    ("target_mass", upcast(target.new_logp[new]).exp())]:
-                sums[key] += value.sum().item()
-    total = all_sum(list(sums.values()), ranks, model.embed.weight.device)
-    n = dict(zip(sums, total))
-    bits, tokens, new = n["nats"] / math.log(2), n["tokens"], n["new"]
-    out = {"bits_per_char": bits / n["chars"],
-           "tokens_per_char": tokens / n["chars"]}
-    if student:
-        out |= {"kl": n["kl"] / tokens,
-                "target_bits_per_char": n["target_nats"] / math.log(2) / n["chars"],
-                "target_zero_share": n["zero"] / tokens,
-                "new_token_share": new / tokens,
+            floor = target_logprobs(p, next_ids)  # log p'_j(s_j)
+            new = next_ids >= V
+            for key, v in [("kl", kl_to_lifted(p, x)), ("target", -floor[floor > -math.inf]),
+                           ("zero", floor == -math.inf), ("new", new), ("mass", logq[new, V:].exp()),
+                           ("target_mass", upcast(p.new_logp[new]).exp())]:
+                n[key] += v.sum().item()
+    n = dict(zip(n, all_sum(list(n.values()), ranks, device)))
+    chars, tokens, new = n["chars"], n["tokens"], n["new"]
+    out = {"bits_per_char": n["nats"] / math.log(2) / chars, "tokens_per_char": tokens / chars}
+    if student:  # target: of p', the floor of a student trained on it
+        out |= {"kl": n["kl"] / tokens, "target_bits_per_char": n["target"] / math.log(2) / chars,
+                "target_zero_share": n["zero"] / tokens, "new_token_share": new / tokens,
                 "new_token_mass": n["mass"] / new if new else None,
                 "target_new_token_mass": n["target_mass"] / new if new else None,
                 "branch_tokens_per_token": n["branch"] / tokens}
     return out
 
 
-def learning_rate(step: int, cfg: Config) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at the end."""
+def learning_rate(step, cfg):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -1971,44 +1892,32 @@ def learning_rate(step: int, cfg: Config) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def trained_parameters(model: GPT) -> dict[str, torch.Tensor]:
-    """What training changes: the new rows, and any blocks made trainable."""
+def trained_parameters(model):
+    """The parameters training changes."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def windows_of(cfg: Config, stream: list[int], first_new_id: int):
+def windows_of(cfg, stream, first_new_id):
     """The endless training windows cfg.windows names."""
     if cfg.windows == "new_tokens":
-        return new_token_windows(stream, cfg.seq_len, first_new_id,
-                                 cfg.windows_per_token, cfg.seed)
+        return new_token_windows(stream, cfg.seq_len, first_new_id, cfg.windows_per_token, cfg.seed)
     return training_windows(stream, cfg.seq_len, cfg.seed)
 
 
-def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int],
-          chunks: list[list[int]], checkpoint: Path, teacher: GPT | None = None,
-          objective: str | None = None, ranks: Ranks = Ranks()) -> dict:
-    """AdamW on the parameters that require a gradient, on `objective`
-    (default cfg.objective; "hidden": hidden_state_loss), resumed from the
-    checkpoint. Every eval_every steps and at the end: held-out measures and
-    the checkpoint (rank 0). Each rank runs its share of every batch, the
-    gradients are averaged. Returns tokens/s and the measures."""
+def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=None, ranks=Ranks()):
+    """AdamW on what requires a gradient, on `objective` (cfg.objective or "hidden"), from the
+    checkpoint; each rank runs a share of each batch. Measures and saves every eval_every."""
     device = model.embed.weight.device
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob,
-                         cfg.lift_condition, device)
-    spec = Divergence(cfg.divergence, cfg.divergence_beta,
-                      cfg.divergence_temperature)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
     named = trained_parameters(model)
     params = list(named.values())
-    if sum(p.numel() for p in params) == 0:  # K = 0: nothing to learn
+    if not any(p.numel() for p in params):  # K = 0
         return {"train_tokens_per_s": 0.0, "history": []}
-    # Output rows learn faster (lr_out): a student emits merged tokens its
-    # input rows cannot read yet (docs/benchmark.md).
-    out_scale = (cfg.lr_out or cfg.lr) / cfg.lr
-    groups = [{"params": [p], "lr_scale": out_scale if n == "new_out" else 1.0}
-              for n, p in named.items()]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay)
+    fast = (cfg.lr_out or cfg.lr) / cfg.lr  # the output rows learn faster, or the input rows lag
+    groups = [{"params": [p], "lr_scale": fast if n == "new_out" else 1.0} for n, p in named.items()]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume and checkpoint.exists():
         step = load_checkpoint(checkpoint, model, optimizer, cfg)
@@ -2017,149 +1926,106 @@ def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int],
     windows = windows_of(cfg, stream, tok.base_vocab_size)
     for _ in range(step * cfg.batch_size):  # as if uninterrupted
         next(windows)
-    history, tokens, seconds = [], 0, 0.0  # seconds of training steps
+    history, tokens, seconds = [], 0, 0.0
     while step < cfg.steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg) * group["lr_scale"]
         batch = share([next(windows) for _ in range(cfg.batch_size)], ranks)
-        with cpu_autocast(bf16):  # the backward keeps the forward's dtypes
-            if objective == "hidden":
-                layer = cfg.hidden_layer or model.cfg.n_layer
-                loss = hidden_state_loss(model, tok, batch, layer, teacher)
-            else:
-                loss = training_loss(model, tok, batch, objective, lift_cfg,
-                                     teacher, spec, cfg.loss_chunk)
+        with cpu_autocast(bf16):  # the backward keeps these dtypes
+            loss = (hidden_state_loss(model, tok, batch, cfg.hidden_layer or model.cfg.n_layer, teacher)
+                    if objective == "hidden" else
+                    training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, ranks)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        finite = [loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]
-        if not torch.stack(finite).all():
-            raise KldError(f"{objective} step {step + 1}: the loss, its gradient or "
-                           f"the rows are not finite (loss {loss.item():.4g}); in "
-                           f"{cfg.dtype}, try float32 or bfloat16 (float16 underflows"
-                           " AdamW's epsilon) or a lower learning rate; nothing of "
-                           "this step is saved")
+        if not torch.stack([loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]).all():
+            raise KldError(f"{objective} step {step + 1}: the loss, its gradient or the rows are not "
+                           f"finite (loss {loss.item():.4g}); try float32 or a lower lr")
         step += 1
         tokens += cfg.batch_size * cfg.seq_len
         seconds += time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.steps:
             left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len
             [loss_sum] = all_sum([loss.item()], ranks, device)
-            print(f"step {step:5d}/{cfg.steps} | {objective} loss "
-                  f"{loss_sum / ranks.world:.4f} | lr {learning_rate(step - 1, cfg):.2e} "
-                  f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left",
-                  flush=True)
-        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss_sum / ranks.world:.4f} | lr "
+                  f"{learning_rate(step - 1, cfg):.2e} | {tokens / seconds:.0f} tok/s | {seconds:.0f}s, "
+                  f"{left:.0f}s left", flush=True)
+        if step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0:
             if chunks:
-                m = evaluate(model, tok, chunks, separator_id(model.cfg),
-                             cfg.batch_size, lift_cfg, teacher, ranks)
-                print(f"  held-out @ {step}: bits/char {m['bits_per_char']:.4f} "
-                      f"| KL {m['kl']:.4f} | tokens/char {m['tokens_per_char']:.4f}",
-                      flush=True)
+                m = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
+                print(f"  held-out @ {step}: bits/char {m['bits_per_char']:.4f} | KL {m['kl']:.4f} | "
+                      f"tokens/char {m['tokens_per_char']:.4f}", flush=True)
                 history.append({"step": step, **m})
             if ranks.main:
                 save_checkpoint(checkpoint, model, optimizer, step, cfg)
-    return {"train_tokens_per_s": tokens / seconds if tokens else 0.0,
-            "history": history}
+    return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
 
 
-def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config,
-                 stream: list[int], chunks: list[list[int]], out: Path,
-                 ranks: Ranks = Ranks()) -> list[dict]:
-    """The input rows alone by hidden-state distillation, before the steps of
-    cfg.objective (METHOD.md section 4): hidden_steps at hidden_lr, windows
-    of seed + 1, measured held out only with eval_every."""
-    print(f"hidden-state distillation of the input rows at layer "
-          f"{cfg.hidden_layer or model.cfg.n_layer} of {model.cfg.n_layer}, "
-          f"{cfg.hidden_steps} steps")
-    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps,
-                                lr=cfg.hidden_lr or cfg.lr, seed=cfg.seed + 1)
-    return train(model, tok, stage, stream, chunks if cfg.eval_every else [],
-                 out / "checkpoint-hidden.pt", objective="hidden",
-                 ranks=ranks)["history"]
-
-
-def unfreeze_blocks(model: GPT, first: int, last: int) -> GPT:
-    """Make the first `first` and last `last` (-1: all) blocks trainable and
-    return the teacher: the model, with frozen copies of those blocks."""
+def unfreeze_blocks(model, first, last):
+    """Make the first `first` and last `last` (-1: all) blocks trainable; return the teacher:
+    the model with frozen copies of them."""
     n = len(model.blocks)
-    k = n if last < 0 else min(last, n)
-    trained = set(range(min(first, n))) | set(range(n - k, n))
-    teacher = copy.copy(model)  # shares every module, with its own table
+    trained = set(range(min(first, n))) | set(range(n - (n if last < 0 else min(last, n)), n))
+    teacher = copy.copy(model)  # shares all, but its module table
     teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}
-    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b
-                                    for i, b in enumerate(model.blocks)])
+    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
     for i in trained:
         model.blocks[i].requires_grad_(True)
     return teacher
 
 
-def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config,
-                 stream: list[int], chunks: list[list[int]], out: Path,
-                 ranks: Ranks = Ranks()) -> list[dict]:
-    """The new rows and the blocks unfreeze_blocks opens, finetune_steps at
-    finetune_lr on windows of seed + 2; writes finetuned_blocks.safetensors."""
-    last = "all" if cfg.finetune_layers < 0 else cfg.finetune_layers
-    first = cfg.finetune_first_layers
-    print(f"second stage: the new rows, {f'the first {first} and ' if first else ''}"
-          f"the last {last} blocks, {cfg.finetune_steps} steps")
-    teacher = unfreeze_blocks(model, first, cfg.finetune_layers)
-    stage = dataclasses.replace(cfg, steps=cfg.finetune_steps,
-                                lr=cfg.finetune_lr, seed=cfg.seed + 2)
-    history = train(model, tok, stage, stream, chunks,
-                    out / "checkpoint-finetune.pt", teacher, ranks=ranks)["history"]
-    blocks = {n: p.detach().cpu().contiguous()
-              for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
+def stage(model, tok, cfg, stream, chunks, out, ranks, second=False):
+    """The input rows alone by hidden-state distillation, before cfg.objective's steps, or
+    after them (second) the new rows and some blocks against a frozen teacher."""
+    n, first, last = model.cfg.n_layer, cfg.finetune_first_layers, cfg.finetune_layers
+    if not second:
+        print(f"hidden-state distillation of the input rows at layer {cfg.hidden_layer or n} of {n}, "
+              f"{cfg.hidden_steps} steps")
+        cfg = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, seed=cfg.seed + 1)
+        return train(model, tok, cfg, stream, chunks if cfg.eval_every else [], out / "checkpoint-hidden.pt",
+                     None, "hidden", ranks)["history"]
+    print(f"second stage: the new rows, {f'the first {first} and ' if first else ''}the last "
+          f"{'all' if last < 0 else last} blocks, {cfg.finetune_steps} steps")
+    teacher = unfreeze_blocks(model, first, last)
+    cfg = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed + 2)
+    history = train(model, tok, cfg, stream, chunks, out / "checkpoint-finetune.pt", teacher, ranks=ranks)
+    trained = trained_parameters(model).items()
+    blocks = {n: p.detach().cpu().contiguous() for n, p in trained if n.startswith("blocks.")}
     if ranks.main:
-        write_atomic(out / "finetuned_blocks.safetensors",
-                     safetensors.torch.save(blocks))
+        write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
     model.requires_grad_(False)
-    return history
+    return history["history"]
 
 
-def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
-    """Where the new input (in) and output (out) rows sit among the base
-    rows: per new token t, its k nearest base tokens by cosine, ||row_t||,
-    its percentile among the base norms, cosine and L2 distance to the mean
-    row of exp(t) (FVT's start); summary: their means."""
+def embedding_analysis(model, tok, k=5):
+    """Per new token t, of its input and output rows: the k nearest base tokens by cosine, the
+    norm and its percentile among base norms, cosine and L2 to exp(t)'s mean row; means."""
     if model.new_in is None:
         raise KldError("the model has no new rows to analyse")
     if not tok.merges:
         return {"summary": {}, "tokens": []}
-    tokens = [{"token": tok.token_string(tok.base_vocab_size + i)}
-              for i in range(len(tok.merges))]
+    tokens = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))]
     summary = {}
-    for side, base, new in [("in", model.embed.weight, model.new_in),
-                            ("out", model.output_weight(), model.new_out)]:
-        base = upcast(base).detach().cpu()  # (V, d)
-        new = upcast(new).detach().cpu()  # (N, d)
-        base_norms = base.norm(dim=1)  # (V,)
-        cosine = F.normalize(new, dim=1) @ F.normalize(base, dim=1).T  # (N, V)
-        nearest = cosine.topk(k, dim=1)
-        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])
-        norms = new.norm(dim=1)  # (N,)
-        shorter = torch.searchsorted(base_norms.sort().values, norms)
-        stats = {"norm": norms, "norm_percentile": shorter / len(base_norms),
-                 "cosine_to_sub_mean": F.cosine_similarity(new, sub_mean, dim=1),
-                 "l2_to_sub_mean": (new - sub_mean).norm(dim=1)}
-        own = [int(nearest.indices[i, 0]) in set(e)
-               for i, e in enumerate(tok.expansions)]
+    for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
+        base, new = upcast(base).detach().cpu(), upcast(new).detach().cpu()  # (V, d), (N, d)
+        base_norms, norms = base.norm(dim=1), new.norm(dim=1)
+        nearest = (F.normalize(new, dim=1) @ F.normalize(base, dim=1).T).topk(k, dim=1)
+        sub = torch.stack([base[list(e)].mean(0) for e in tok.expansions])
+        stats = {"norm": norms, "norm_percentile": torch.searchsorted(base_norms.sort().values, norms) / len(base),
+                 "cosine_to_sub_mean": F.cosine_similarity(new, sub, dim=1), "l2_to_sub_mean": (new - sub).norm(dim=1)}
+        own = [int(nearest.indices[i, 0]) in e for i, e in enumerate(tok.expansions)]
         for i, row in enumerate(tokens):
-            near = zip(nearest.indices[i], nearest.values[i])
-            row[side] = {
-                "nearest": [(tok.token_string(int(j)), round(float(c), 4)) for j, c in near],
-                **{name: float(v[i]) for name, v in stats.items()},
-                "nearest_is_own_sub_token": own[i]}
-        summary[side] = {
-            "new_norm_mean": float(norms.mean()),
-            "base_norm_mean": float(base_norms.mean()),
-            "base_norm_std": float(base_norms.std()),
-            "norm_percentile_median": float(stats["norm_percentile"].median()),
-            **{name: float(stats[name].mean()) for name in list(stats)[2:]},
-            "nearest_is_own_sub_token": sum(own) / len(own)}
+            near = zip(nearest.indices[i].tolist(), nearest.values[i])
+            row[side] = {"nearest": [(tok.token_string(j), round(float(c), 4)) for j, c in near],
+                         **{s: float(v[i]) for s, v in stats.items()}, "nearest_is_own_sub_token": own[i]}
+        summary[side] = {"new_norm_mean": float(norms.mean()), "base_norm_mean": float(base_norms.mean()),
+                         "base_norm_std": float(base_norms.std()),
+                         "norm_percentile_median": float(stats["norm_percentile"].median()),
+                         **{s: float(stats[s].mean()) for s in list(stats)[2:]},
+                         "nearest_is_own_sub_token": sum(own) / len(own)}
     return {"summary": summary, "tokens": tokens}
 
 
@@ -4985,7 +4851,7 @@ def run(cfg: Config) -> dict:
     if len(set(fingerprints)) > 1:  # windows are drawn from the stream by index: it must be one stream
         raise KldError(f"the ranks read different training corpora from {cfg.corpus!r}; "
                        "every node needs the same files")
-    hidden_history = hidden_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
+    hidden_history = stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
     training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
     training["history"] = hidden_history + [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
     if training["history"]:
@@ -4993,7 +4859,7 @@ def run(cfg: Config) -> dict:
     else:  # a finished run resumed: nothing trained, nothing measured
         final = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, ranks=ranks)
     if cfg.finetune_steps:  # check_config: and some blocks to train
-        history = second_stage(model, tok, cfg, stream, chunks, out, ranks)
+        history = stage(model, tok, cfg, stream, chunks, out, ranks, True)
         final = history[-1] if history else final
         training["history"] += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in history]
     results = {
