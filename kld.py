@@ -1599,12 +1599,12 @@ def separator_id(cfg):
 
 
 def token_stream(tok, texts, sep):
-    """The corpus as one stream of student ids, documents after `sep`."""
+    """The corpus as one stream of ids, each document after sep."""
     return [i for ids in tok.encode_batch(texts) for i in [sep] + ids]
 
 
 def training_windows(stream, seq_len, seed):
-    """Endless disjoint windows of seq_len + 1 ids (the first: context), reshuffled each pass."""
+    """Endless disjoint windows of seq_len + 1 ids, reshuffled each pass."""
     if len(stream) <= seq_len:
         raise KldError(f"{len(stream)} corpus tokens, fewer than one window")
     gen = torch.Generator().manual_seed(seed)
@@ -1614,8 +1614,7 @@ def training_windows(stream, seq_len, seed):
 
 
 def new_token_windows(stream, seq_len, first_new_id, per_token, seed):
-    """Endless windows for up to `per_token` random occurrences of each new token, each in its
-    window's first half: a rare token gets as many as a common one."""
+    """Endless windows for per_token occurrences of each new token."""
     if len(stream) <= seq_len:
         raise KldError(f"{len(stream)} corpus tokens, fewer than one window")
     rng = np.random.default_rng(seed)
@@ -1635,8 +1634,7 @@ def new_token_windows(stream, seq_len, first_new_id, per_token, seed):
 
 
 def eval_chunks(tokenizer, texts, max_chars, window):
-    """Held-out text, up to max_chars, in chunks of at most `window` ids, cut after the
-    last newline token where there is one (no merge crosses it)."""
+    """Held-out chunks of <= window ids, cut after a newline token."""
     vocab = token_bytes(tokenizer, tokenizer.get_vocab_size())
     newline = {i for i, b in enumerate(vocab) if b"\n" in b}
     chunks, chars = [], 0
@@ -1655,8 +1653,7 @@ def eval_chunks(tokenizer, texts, max_chars, window):
 
 
 def padded_batch(seqs, device, at_end=False):
-    """ids (B, width), valid (B, width) or None if nothing is padded; padded on the right
-    or, at_end, the left. Padding changes no logits."""
+    """ids (B, width) padded right (at_end: left); valid or None."""
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
@@ -1669,9 +1666,9 @@ def padded_batch(seqs, device, at_end=False):
 
 
 def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
-    """Tree attention: logits (B, T, |V|) (or states) after each node (b, xs) of row r:
-    xs[-1] after t_<b, in cache slots [0, prefix_slots[r] + b), reading them, its
-    ancestors (b, xs[:k]) in slots[r] (updated) and itself."""
+    """Tree attention: logits (B, T, |V|) (or states) after node (b, xs) of
+    row r: xs[-1] after t_<b in slots [0, prefix_slots[r] + b), reading
+    them, its ancestors (in slots[r]) and itself."""
     device = model.embed.weight.device
     S0, T = cache.length, max(map(len, nodes))
     cache.reserve(S0 + T)
@@ -1700,12 +1697,9 @@ def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
 
 @torch.no_grad()
 def teacher_targets(teacher, tok, windows, lift_cfg):
-    """(p' of student windows, branch tokens run): one pass over their expansions gives the
-    rows and a KV cache, on which trie mode runs the nodes lift_batch wants, a level a round."""
+    """(p' of windows, branch tokens run), by the batched lift."""
     device = teacher.embed.weight.device
-    tables = lift_cfg.tables
-    if tables.token.device != device:
-        tables = tables_to(tables, device)
+    tables = tables_to(lift_cfg.tables, device)  # no copy where they are
     head = teacher.output_weight()  # (|V|, d)
     seqs = [list(tok.expand(w)) for w in windows]
     context = [len(tok.expand(w[:1])) for w in windows]
@@ -1713,7 +1707,8 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     cache = KVCache(teacher.cfg, *ids.shape, device, teacher.embed.weight.dtype)
     with autocast(device):
         states = teacher.hidden_states(ids, valid, cache)  # (B, width, d)
-    rows = [TeacherRows.of_states(states[r, c - 1 : len(s)], head) for r, (c, s) in enumerate(zip(context, seqs))]
+    rows = [TeacherRows.of_states(x[c - 1 : len(s)], head)
+            for x, c, s in zip(states, context, seqs)]
     teacher_ids = [s[c:] for c, s in zip(context, seqs)]
     starts = [coarsening_span_starts(w[1:], tok) for w in windows]
     min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
@@ -1723,8 +1718,8 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     slots = [{} for _ in windows]  # node -> its cache slot
     n_branch = 0
     while True:
-        targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables, branches, min_prob,
-                                     lift_cfg.condition)
+        targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables,
+                                     branches, min_prob, lift_cfg.condition)
         todo, keys = [[] for _ in windows], [[] for _ in windows]
         for r, b, s in wanted.tolist():
             if context[r] + b + len(tables.suffixes[s]) <= teacher.cfg.max_positions:
@@ -1733,7 +1728,8 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
         if not any(todo):
             return targets, n_branch
         h = branch_logits(teacher, cache, todo, context, slots, True)
-        at = torch.tensor([(r, t) for r, row in enumerate(todo) for t in range(len(row))], device=device)
+        at = [(r, t) for r, row in enumerate(todo) for t in range(len(row))]
+        at = torch.tensor(at, device=device)
         logp = TeacherRows.of_states(h[tuple(at.T)], head).logp(columns=tables.alphabet)
         keys = torch.cat([branches.keys, torch.tensor(sum(keys, []), device=device)])
         logp = torch.cat([branches.rows, logp.double()])
@@ -1743,7 +1739,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
 
 
 def target_logprobs(targets, next_ids):
-    """log p'_j(s_j) (m,) of the tokens that came, from the targets' parts."""
+    """log p'_j(s_j) (m,) of the tokens that came."""
     is_new = next_ids >= targets.teacher.vocab_size
     base_ids = torch.where(is_new, 0, next_ids)
     out = targets.teacher.logp_of(base_ids).double() - targets.log_z
@@ -1755,12 +1751,12 @@ def target_logprobs(targets, next_ids):
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """chunked_head_loss(h, new_out, base_out, loss, chunk): mean_j loss_j of h_j [base_out;
-    new_out]^T, loss(logits, i, j) (j - i,), logits over V' for `chunk` positions at once."""
+    """chunked_head_loss(h, new_out, base_out, loss, chunk): mean_j
+    loss(h_j [base_out; new_out]^T), logits over V' `chunk` rows at a time."""
 
     @staticmethod
     def forward(ctx, h, new_out, base_out, position_loss, chunk):
-        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        total = h.new_zeros((), dtype=torch.float64)
         grad_h, grad_new = torch.zeros_like(h), torch.zeros_like(new_out)
         for i in range(0, len(h), chunk):
             with torch.enable_grad():  # a graph per chunk
@@ -1784,9 +1780,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 chunked_head_loss = _ChunkedHeadLoss.apply
 
 
-def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, spec=Divergence(), chunk=0):
-    """Mean over the windows' predicted positions of D_spec(p' || q), p' lifted by lift_cfg
-    ("kl"), or of -log q(s_j) ("ce"); chunk: as chunked_head_loss (0: all)."""
+def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None,
+                  spec=Divergence(), chunk=0):
+    """Mean D(p' || q) ("kl") or -log q(s_j) ("ce") over the windows."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
     if objective == "kl" and lift_cfg is None:
@@ -1808,13 +1804,12 @@ def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, s
 
 
 def teacher_ends(window, tok):
-    """e_j: span j's last token in the expansion. teacher_ends([a, new(b c), d]) == [0, 2, 3]."""
+    """e_j: span j's last teacher token. [a, new(b c), d] -> [0, 2, 3]."""
     return [e - 1 for e in itertools.accumulate(len(tok.expand([s])) for s in window)]
 
 
 def hidden_state_loss(model, tok, windows, layer, teacher=None):
-    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2, H'_l the student on windows, H_l the
-    teacher on their expansions, after `layer` blocks."""
+    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2."""
     device = model.embed.weight.device
     seqs = [list(tok.expand(w)) for w in windows]
     with autocast(device):
@@ -1840,8 +1835,7 @@ class Ranks:
 
 @torch.no_grad()
 def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, ranks=Ranks()):
-    """Held-out measures (METHOD.md section 6) of chunks after sep, by the teacher or, with
-    lift_cfg, the student; each rank measures a share."""
+    """Held-out measures (METHOD.md section 6) of teacher or student."""
     student = lift_cfg is not None
     device = model.embed.weight.device
     V = tok.base_vocab_size
@@ -1905,8 +1899,7 @@ def windows_of(cfg, stream, first_new_id):
 
 
 def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=None, ranks=Ranks()):
-    """AdamW on what requires a gradient, on `objective` (cfg.objective or "hidden"), from the
-    checkpoint; each rank runs a share of each batch. Measures and saves every eval_every."""
+    """AdamW on what requires a gradient; resumable, data parallel."""
     device = model.embed.weight.device
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
@@ -1916,7 +1909,8 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
     if not any(p.numel() for p in params):  # K = 0
         return {"train_tokens_per_s": 0.0, "history": []}
     fast = (cfg.lr_out or cfg.lr) / cfg.lr  # the output rows learn faster, or the input rows lag
-    groups = [{"params": [p], "lr_scale": fast if n == "new_out" else 1.0} for n, p in named.items()]
+    groups = [{"params": [p], "lr_scale": fast if n == "new_out" else 1.0}
+              for n, p in named.items()]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume and checkpoint.exists():
@@ -1941,7 +1935,8 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
         average_gradients(params, ranks)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        if not torch.stack([loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]).all():
+        finite = [loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]
+        if not torch.stack(finite).all():
             raise KldError(f"{objective} step {step + 1}: the loss, its gradient or the rows are not "
                            f"finite (loss {loss.item():.4g}); try float32 or a lower lr")
         step += 1
@@ -1955,7 +1950,8 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
                   f"{left:.0f}s left", flush=True)
         if step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0:
             if chunks:
-                m = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
+                sep = separator_id(model.cfg)
+                m = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, teacher, ranks)
                 print(f"  held-out @ {step}: bits/char {m['bits_per_char']:.4f} | KL {m['kl']:.4f} | "
                       f"tokens/char {m['tokens_per_char']:.4f}", flush=True)
                 history.append({"step": step, **m})
@@ -1965,28 +1961,28 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
 
 
 def unfreeze_blocks(model, first, last):
-    """Make the first `first` and last `last` (-1: all) blocks trainable; return the teacher:
-    the model with frozen copies of them."""
+    """Unfreeze the first and last blocks; return a teacher keeping them."""
     n = len(model.blocks)
     trained = set(range(min(first, n))) | set(range(n - (n if last < 0 else min(last, n)), n))
     teacher = copy.copy(model)  # shares all, but its module table
     teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}
-    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
+    teacher.blocks = nn.ModuleList(
+        [copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
     for i in trained:
         model.blocks[i].requires_grad_(True)
     return teacher
 
 
 def stage(model, tok, cfg, stream, chunks, out, ranks, second=False):
-    """The input rows alone by hidden-state distillation, before cfg.objective's steps, or
-    after them (second) the new rows and some blocks against a frozen teacher."""
+    """Hidden-state distillation first, or (second) the second stage."""
     n, first, last = model.cfg.n_layer, cfg.finetune_first_layers, cfg.finetune_layers
     if not second:
-        print(f"hidden-state distillation of the input rows at layer {cfg.hidden_layer or n} of {n}, "
-              f"{cfg.hidden_steps} steps")
+        print(f"hidden-state distillation of the input rows at layer "
+              f"{cfg.hidden_layer or n} of {n}, {cfg.hidden_steps} steps")
         cfg = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, seed=cfg.seed + 1)
-        return train(model, tok, cfg, stream, chunks if cfg.eval_every else [], out / "checkpoint-hidden.pt",
-                     None, "hidden", ranks)["history"]
+        chunks = chunks if cfg.eval_every else []
+        path = out / "checkpoint-hidden.pt"
+        return train(model, tok, cfg, stream, chunks, path, None, "hidden", ranks)["history"]
     print(f"second stage: the new rows, {f'the first {first} and ' if first else ''}the last "
           f"{'all' if last < 0 else last} blocks, {cfg.finetune_steps} steps")
     teacher = unfreeze_blocks(model, first, last)
@@ -2001,31 +1997,35 @@ def stage(model, tok, cfg, stream, chunks, out, ranks, second=False):
 
 
 def embedding_analysis(model, tok, k=5):
-    """Per new token t, of its input and output rows: the k nearest base tokens by cosine, the
-    norm and its percentile among base norms, cosine and L2 to exp(t)'s mean row; means."""
+    """Per new row: nearest base tokens, norm, distance to FVT's start."""
     if model.new_in is None:
         raise KldError("the model has no new rows to analyse")
     if not tok.merges:
         return {"summary": {}, "tokens": []}
     tokens = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))]
     summary = {}
-    for side, base, new in [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]:
+    sides = [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]
+    for side, base, new in sides:
         base, new = upcast(base).detach().cpu(), upcast(new).detach().cpu()  # (V, d), (N, d)
         base_norms, norms = base.norm(dim=1), new.norm(dim=1)
         nearest = (F.normalize(new, dim=1) @ F.normalize(base, dim=1).T).topk(k, dim=1)
         sub = torch.stack([base[list(e)].mean(0) for e in tok.expansions])
-        stats = {"norm": norms, "norm_percentile": torch.searchsorted(base_norms.sort().values, norms) / len(base),
-                 "cosine_to_sub_mean": F.cosine_similarity(new, sub, dim=1), "l2_to_sub_mean": (new - sub).norm(dim=1)}
+        rank = torch.searchsorted(base_norms.sort().values, norms)
+        stats = {"norm": norms, "norm_percentile": rank / len(base),
+                 "cosine_to_sub_mean": F.cosine_similarity(new, sub, dim=1),
+                 "l2_to_sub_mean": (new - sub).norm(dim=1)}
         own = [int(nearest.indices[i, 0]) in e for i, e in enumerate(tok.expansions)]
         for i, row in enumerate(tokens):
             near = zip(nearest.indices[i].tolist(), nearest.values[i])
             row[side] = {"nearest": [(tok.token_string(j), round(float(c), 4)) for j, c in near],
                          **{s: float(v[i]) for s, v in stats.items()}, "nearest_is_own_sub_token": own[i]}
-        summary[side] = {"new_norm_mean": float(norms.mean()), "base_norm_mean": float(base_norms.mean()),
-                         "base_norm_std": float(base_norms.std()),
-                         "norm_percentile_median": float(stats["norm_percentile"].median()),
-                         **{s: float(stats[s].mean()) for s in list(stats)[2:]},
-                         "nearest_is_own_sub_token": sum(own) / len(own)}
+        summary[side] = {
+            "new_norm_mean": float(norms.mean()),
+            "base_norm_mean": float(base_norms.mean()),
+            "base_norm_std": float(base_norms.std()),
+            "norm_percentile_median": float(rank.median() / len(base)),
+            **{s: float(stats[s].mean()) for s in list(stats)[2:]},
+            "nearest_is_own_sub_token": sum(own) / len(own)}
     return {"summary": summary, "tokens": tokens}
 
 
@@ -2531,7 +2531,7 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
     T = max(map(len, prompt_ids))
     max_new_tokens = decoding.max_new_tokens
     stop = decoding.stop
-    ids, valid = padded_batch(prompt_ids, device, at_end=True)  # (B, T), left-padded: every row's last token in the last column
+    ids, valid = padded_batch(prompt_ids, device, at_end=True)  # (B, T): rows end in the last column
     # room for 256 new tokens, doubled when full: memory grows with what is generated, not with the budget
     cache = KVCache(model.cfg, B, T + min(max_new_tokens, 256), device,
                     next(model.parameters()).dtype)
