@@ -1047,79 +1047,58 @@ def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.
 # ----------------------------------------------------------------------------------------
 # 7. Training: only the new rows learn (METHOD.md section 4)
 # ----------------------------------------------------------------------------------------
-#
-# Windows of student tokens; the teacher's lifted targets for them (teacher_targets, by
-# the batched lift of section 8); the loss (training_loss, hidden_state_loss); held-out
-# measures (evaluate); the loop (train) and its stages (hidden_stage, second_stage).
 
 
-def separator_id(cfg: ModelConfig) -> int:
-    """The token that stands before every window and between documents: the model's end of text."""
+def separator_id(cfg):
+    """The token before each window and document: end of text."""
     return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
 
 
-def token_stream(tok: ExtendedTokenizer, texts: list[str], sep: int) -> list[int]:
-    """The corpus as one stream of student ids, documents separated by `sep`."""
-    stream = []
-    for ids in tok.encode_batch(texts):
-        stream += [sep] + ids
-    return stream
+def token_stream(tok, texts, sep):
+    """The corpus as one stream of ids, each document after sep."""
+    return [i for ids in tok.encode_batch(texts) for i in [sep] + ids]
 
 
-def training_windows(stream: list[int], seq_len: int, seed: int):
-    """Endless shuffled windows of seq_len + 1 student ids (the first is context only):
-    non-overlapping, in an order fixed by the seed, reshuffled after each pass."""
-    n = (len(stream) - 1) // seq_len  # windows in the stream; each shares its first id with the one before
-    if n < 1:
-        raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
-    generator = torch.Generator().manual_seed(seed)
+def training_windows(stream, seq_len, seed):
+    """Endless disjoint windows of seq_len + 1 ids, reshuffled each pass."""
+    if len(stream) <= seq_len:
+        raise KldError(f"{len(stream)} corpus tokens, fewer than one window")
+    gen = torch.Generator().manual_seed(seed)
     while True:
-        for i in torch.randperm(n, generator=generator).tolist():
-            yield stream[i * seq_len : i * seq_len + seq_len + 1]
+        for i in torch.randperm((len(stream) - 1) // seq_len, generator=gen).tolist():
+            yield stream[i * seq_len : (i + 1) * seq_len + 1]
 
 
-def new_token_windows(stream: list[int], seq_len: int, first_new_id: int,
-                      per_token: int, seed: int):
-    """Endless shuffled windows of seq_len + 1 student ids chosen for the new tokens (ids >=
-    first_new_id): up to `per_token` occurrences of each, drawn uniformly among its
-    occurrences in the stream, each in a window that holds it at a random place in its
-    first half (after the context id; near the stream's end, where the window is moved to
-    fit, later), so that a rare token gets as many windows as a common one, and many
-    positions read it. Reshuffled after each pass."""
-    if len(stream) < seq_len + 1:
-        raise KldError(f"the training corpus holds {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+def new_token_windows(stream, seq_len, first_new_id, per_token, seed):
+    """Endless windows for per_token occurrences of each new token."""
+    if len(stream) <= seq_len:
+        raise KldError(f"{len(stream)} corpus tokens, fewer than one window")
     rng = np.random.default_rng(seed)
     ids = np.asarray(stream)
-    at = np.flatnonzero(ids >= first_new_id)  # positions of new tokens in the stream
-    at = at[at >= 1]  # one at position 0 could only be a window's context, never predicted
-    at = at[np.argsort(ids[at], kind="stable")]  # grouped by token, each group in stream order
-    first_of_each = np.unique(ids[at], return_index=True)[1]  # where each token's group begins
-    by_token = np.split(at, first_of_each[1:])
+    at = np.flatnonzero(ids[1:] >= first_new_id) + 1  # 0 is never predicted
+    at = at[np.argsort(ids[at], kind="stable")]  # grouped by token
     starts = []
-    for positions in by_token:  # one array of positions per new token that occurs
-        chosen = rng.choice(positions, size=min(per_token, len(positions)), replace=False)
-        offsets = rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))  # where in the window it sits
-        starts += np.clip(chosen - offsets, 0, len(stream) - seq_len - 1).tolist()
+    for where in np.split(at, np.unique(ids[at], return_index=True)[1][1:]):
+        chosen = rng.choice(where, min(per_token, len(where)), replace=False)
+        chosen -= rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))
+        starts += np.clip(chosen, 0, len(stream) - seq_len - 1).tolist()
     if not starts:
-        raise KldError("no new token occurs in the training corpus: there are no windows to choose for them")
+        raise KldError("no new token occurs in the training corpus")
     while True:
         for i in rng.permutation(len(starts)).tolist():
             yield stream[starts[i] : starts[i] + seq_len + 1]
 
 
-def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int,
-                window: int) -> list[list[int]]:
-    """Held-out text as chunks of at most `window` teacher ids, cut after newline tokens
-    where possible (so a chunk ends where no learned merge crosses), up to max_chars."""
-    if window < 1:
-        raise KldError(f"an evaluation window holds at least one token, got {window}")
-    newline = {i for i, b in enumerate(token_bytes(tokenizer, tokenizer.get_vocab_size())) if b"\n" in b}
-    chunks = []
-    chars = 0  # characters taken so far
-    for ids in (e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)):
+def eval_chunks(tokenizer, texts, max_chars, window):
+    """Held-out chunks of <= window ids, cut after a newline token."""
+    vocab = token_bytes(tokenizer, tokenizer.get_vocab_size())
+    newline = {i for i, b in enumerate(vocab) if b"\n" in b}
+    chunks, chars = [], 0
+    for e in tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids = e.ids
         while ids and chars < max_chars:
             cut = min(window, len(ids))
-            if cut < len(ids):  # cut after the last newline token inside the window, if it has one
+            if cut < len(ids):
                 cut = next((i + 1 for i in range(cut - 1, 0, -1) if ids[i] in newline), cut)
             chunks.append(ids[:cut])
             chars += len(tokenizer.decode(ids[:cut]))
@@ -1129,308 +1108,181 @@ def eval_chunks(tokenizer: Tokenizer, texts: list[str], max_chars: int,
     return chunks
 
 
-def padded_batch(seqs: list, device,
-                 at_end: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ids (B, width) of sequences of any lengths and valid (B, width), False on padding
-    (None when no row is padded). Padded on the right, or with at_end on the left so that
-    every row ends in the last column. Positions count real tokens only, so padding
-    changes no row's logits."""
+def padded_batch(seqs, device, at_end=False):
+    """ids (B, width) padded right (at_end: left); valid or None."""
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
     for b, s in enumerate(seqs):
-        at = slice(width - len(s), width) if at_end else slice(0, len(s))
+        at = slice(width - len(s), width) if at_end else slice(len(s))
         ids[b, at] = torch.tensor(s, dtype=torch.long)
         valid[b, at] = True
-    padded = min(map(len, seqs)) < width  # else no mask: the fused causal attention applies
+    padded = min(map(len, seqs)) < width  # else fused causal attention
     return ids.to(device), valid.to(device) if padded else None
 
 
-def right_padded(seqs: list[list[int]],
-                 device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """padded_batch padded on the right: position t of every row in column t."""
-    return padded_batch(seqs, device)
-
-
-def right_aligned(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """padded_batch padded on the left, as a decoding step needs it: its last column
-    predicts every row's next token."""
-    return padded_batch(seqs, device, at_end=True)
-
-
-def sequence_logits(model: GPT, seqs: list[list[int]],
-                    base_only: bool = False) -> list[torch.Tensor]:
-    """One batched pass over sequences of any lengths (right-padded); for each, the logits
-    (at least float32) of its positions 0 .. len-2, the rows that predict tokens 1 .. len-1."""
-    ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
-    with autocast(ids.device):
-        logits = model(ids, valid, base_only=base_only)  # (B, width, |V'| or |V|)
-    return [upcast(logits[b, : len(s) - 1]) for b, s in enumerate(seqs)]  # padding and the last row dropped
-
-
-def cached_pass(model: GPT, seqs: list[list[int]],
-                hidden: bool = False) -> tuple[torch.Tensor, KVCache]:
-    """The base model's logits (B, width, |V|) over right-padded sequences (hidden: its final
-    hidden states (B, width, d) instead), and the KV cache it filled: slot i of row r holds
-    token i of seqs[r] (for `branch_logits` to extend)."""
-    ids, valid = right_padded(seqs, model.embed.weight.device)  # (B, width)
-    cache = KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)  # room for the sequences
-    with autocast(ids.device):
-        out = model.hidden_states(ids, valid, cache) if hidden else model(ids, valid, cache, base_only=True)
-    return out, cache
-
-
-def branch_logits(model: GPT, cache: KVCache, nodes: list[list[Node]], prefix_slots: list[int],
-                  slots: list[dict], hidden: bool = False) -> torch.Tensor:
-    """Tree attention: the logits (B, T, |V|) after each branch node (hidden: the final
-    hidden states (B, T, d)), in one pass over a cache.
-
-    Row r of the cache holds a realised sequence from slot 0, whose tokens t_<b sit in
-    slots [0, prefix_slots[r] + b) (prefix_slots: tokens before the window, e.g. its
-    context token). Node (b, xs) of row r is the token xs[-1] at position
-    prefix_slots[r] + b + |xs| - 1 that attends to those slots, to its ancestors
-    (b, xs[:k]), whose slots are in slots[r] (evaluated in an earlier call), and to itself:
-    the logits are those of one full pass over t_<b xs. Records the new nodes' slots.
-    """
+def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
+    """Tree attention: logits (B, T, |V|) (or states) after node (b, xs) of
+    row r: xs[-1] after t_<b in slots [0, prefix_slots[r] + b), reading
+    them, its ancestors (in slots[r]) and itself."""
     device = model.embed.weight.device
-    B = len(nodes)
-    S0 = cache.length  # slots filled before this call
-    T = max(map(len, nodes))  # the most nodes in one row: the query length
+    S0, T = cache.length, max(map(len, nodes))
     cache.reserve(S0 + T)
-    # The tree as lists of plain ints (cheap on the host), sent in two copies; the mask is
-    # built on the device from them, where attention reads it (B x T x (S0 + T) values).
-    per_node = []  # (row, column, token, position, prefix length) of each node
-    per_link = []  # (row, column, slot) of each (node, ancestor) pair
-    for r, row_nodes in enumerate(nodes):
-        for t, (b, xs) in enumerate(row_nodes):
-            # at the position of xs[-1] in t_<b xs, attending to the slots [0, prefix) of t_<b
-            per_node.append((r, t, xs[-1], prefix_slots[r] + b + len(xs) - 1, prefix_slots[r] + b))
-            per_link += [(r, t, slots[r][(b, xs[:k])]) for k in range(1, len(xs))]  # and to its ancestors
-            slots[r][(b, xs)] = S0 + t  # where its keys and values land, for its descendants
-    r, t, token, position, prefix = torch.tensor(per_node, dtype=torch.long, device=device).reshape(-1, 5).T
-    link = torch.tensor(per_link, dtype=torch.long, device=device).reshape(-1, 3).T  # (3, links)
-    ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    ids[r, t] = token
-    positions = torch.zeros(B, T, dtype=torch.long, device=device)
-    positions[r, t] = position
-    valid = torch.zeros(B, T, dtype=torch.bool, device=device)
+    per_node, per_link = [], []
+    for r, row in enumerate(nodes):
+        for t, (b, xs) in enumerate(row):
+            at = prefix_slots[r] + b
+            per_node.append((r, t, xs[-1], at + len(xs) - 1, at))
+            per_link += [(r, t, slots[r][b, xs[:k]]) for k in range(1, len(xs))]
+            slots[r][b, xs] = S0 + t
+    r, t, *values = torch.tensor(per_node, device=device).reshape(-1, 5).T
+    grid = torch.zeros(3, len(nodes), T, dtype=torch.long, device=device)
+    grid[:, r, t] = torch.stack(values)
+    ids, positions, limit = grid  # (B, T) each
+    valid = torch.zeros_like(ids, dtype=torch.bool)
     valid[r, t] = True
-    limit = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T) the prefix each node reads
-    limit[r, t] = prefix
-    mask = torch.arange(S0 + T, device=device) < limit[..., None]  # (B, T, S0 + T): the prefixes
-    mask[link[0], link[1], link[2]] = True  # the ancestors
-    # each position attends to itself (padding too: no softmax row is empty)
-    queries = torch.arange(T, device=device)
-    mask[:, queries, S0 + queries] = True
-    mask = mask[:, None]  # (B, 1, queries, keys)
+    keys = torch.arange(S0 + T, device=device)
+    mask = keys < limit[..., None]  # (B, T, S0 + T): the prefixes
+    link = torch.tensor(per_link, dtype=torch.long, device=device)
+    mask[tuple(link.reshape(-1, 3).T)] = True
+    mask[:, keys[:T], S0 + keys[:T]] = True  # no softmax row is empty
     with autocast(device):
-        states = model.tree_states(ids, valid, cache, positions, mask)
-        return states if hidden else model.head(states, base_only=True)
+        h = model.tree_states(ids, valid, cache, positions, mask[:, None])
+        return h if hidden else model.head(h, base_only=True)
 
 
 @torch.no_grad()
-def teacher_targets(teacher: GPT, tok: ExtendedTokenizer, windows: list[list[int]],
-                    lift_cfg: Lift) -> tuple[list[LiftedTargets], int]:
-    """p' at every predicted position of student windows (the first id of each is context
-    only), and the number of branch tokens the teacher evaluated for them.
-
-    One teacher pass over the windows' expansions (base weights, base vocabulary) fills a
-    KV cache and gives the realised rows; path mode lifts from those alone. Trie mode then
-    asks `lift_batch` which branch nodes it wants, evaluates them all in one pass over the
-    cache, and asks again, until it wants no more (one round per level of the trie). A
-    branch node (b, xs) is the token xs[-1] appended after the cache, at position
-    context + b + |xs| - 1, that attends to the realised prefix t_<b, to the slots of
-    its ancestors (b, xs[:k]) and to itself: tree attention, no copy of the prefix.
-    """
+def teacher_targets(teacher, tok, windows, lift_cfg):
+    """(p' of windows, branch tokens run), by the batched lift."""
     device = teacher.embed.weight.device
-    tables = lift_cfg.tables
-    if tables.token.device != device:  # a Lift made for another device
-        tables = tables_to(tables, device)
-    # (|V|, d): the teacher's rows are kept as hidden states, see TeacherRows
-    head = teacher.output_weight()
-    seqs = [list(tok.expand(w)) for w in windows]  # teacher ids: context token, then the window
-    context = [len(tok.expand(w[:1])) for w in windows]  # teacher tokens of the context token
-    states, cache = cached_pass(teacher, seqs, hidden=True)  # (B, width, d)
-    # Rows context-1 .. len-1: log p(. | t_<b) for the window's tokens b = 0 .. n-1, and after it (b = n).
-    rows = []
-    for r, (c, s) in enumerate(zip(context, seqs)):
-        rows.append(TeacherRows.of_states(states[r, c - 1 : len(s)], head))
-    teacher_ids = [s[c:] for c, s in zip(context, seqs)]  # the windows' own teacher tokens
-    span_starts = [coarsening_span_starts(w[1:], tok) for w in windows]
-    min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf  # path mode asks for no branch
-    width = max(map(len, teacher_ids)) + 1  # a bound on b, for branch keys
-    n_suffixes = len(tables.suffixes)
-    no_keys = torch.zeros(0, dtype=torch.long, device=device)
-    branches = BranchRows(no_keys, torch.zeros(0, len(tables.alphabet),
-                                               dtype=torch.float64, device=device))
-    slots: list[dict] = [{} for _ in windows]  # per window: node -> its slot in the cache
-    n_branch_tokens = 0
+    tables = tables_to(lift_cfg.tables, device)  # no copy where they are
+    head = teacher.output_weight()  # (|V|, d)
+    seqs = [list(tok.expand(w)) for w in windows]
+    context = [len(tok.expand(w[:1])) for w in windows]
+    ids, valid = padded_batch(seqs, device)
+    cache = KVCache(teacher.cfg, *ids.shape, device, teacher.embed.weight.dtype)
+    with autocast(device):
+        states = teacher.hidden_states(ids, valid, cache)  # (B, width, d)
+    rows = [TeacherRows.of_states(x[c - 1 : len(s)], head)
+            for x, c, s in zip(states, context, seqs)]
+    teacher_ids = [s[c:] for c, s in zip(context, seqs)]
+    starts = [coarsening_span_starts(w[1:], tok) for w in windows]
+    min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
+    width = max(map(len, teacher_ids)) + 1
+    branches = BranchRows(torch.zeros(0, dtype=torch.long, device=device),
+                          torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
+    slots = [{} for _ in windows]  # node -> its cache slot
+    n_branch = 0
     while True:
-        targets, wanted = lift_batch(rows, windows, teacher_ids, span_starts, tables, branches, min_prob,
-                                     lift_cfg.condition)
-        # The wanted contexts as nodes (b, xs) of each window, within the model's positions.
-        todo: list[list[Node]] = [[] for _ in windows]
-        keys: list[list[int]] = [[] for _ in windows]
+        targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables,
+                                     branches, min_prob, lift_cfg.condition)
+        todo, keys = [[] for _ in windows], [[] for _ in windows]
         for r, b, s in wanted.tolist():
-            xs = tables.suffixes[s]
-            if context[r] + b + len(xs) <= teacher.cfg.max_positions:
-                todo[r].append((b, xs))
-                keys[r].append(branch_key(r, b, s, width, n_suffixes))
-        if not any(todo):  # the lift wants nothing more: its targets are final
-            return targets, n_branch_tokens
-        branch_states = branch_logits(teacher, cache, todo, context, slots, hidden=True)  # (B, T, d)
-        # The new rows, one per node, at the alphabet's columns, joined to the earlier ones.
-        r_index = torch.tensor([r for r, nodes in enumerate(todo) for _ in nodes], device=device)  # (k,) window
-        t_index = torch.tensor([t for nodes in todo for t in range(len(nodes))], device=device)  # (k,) its column
-        new_rows = TeacherRows.of_states(branch_states[r_index, t_index], head)
-        new_logp = new_rows.logp(columns=tables.alphabet)  # (k, A)
-        new_keys = torch.tensor([k for ks in keys for k in ks], device=device)  # (k,)
-        all_keys = torch.cat([branches.keys, new_keys])
-        all_rows = torch.cat([branches.rows, new_logp.double()])
-        order = all_keys.argsort()  # BranchRows keeps its keys sorted, for searchsorted
-        branches = BranchRows(all_keys[order], all_rows[order])
-        n_branch_tokens += len(r_index)
+            if context[r] + b + len(tables.suffixes[s]) <= teacher.cfg.max_positions:
+                todo[r].append((b, tables.suffixes[s]))
+                keys[r].append(branch_key(r, b, s, width, len(tables.suffixes)))
+        if not any(todo):
+            return targets, n_branch
+        h = branch_logits(teacher, cache, todo, context, slots, True)
+        at = [(r, t) for r, row in enumerate(todo) for t in range(len(row))]
+        at = torch.tensor(at, device=device)
+        logp = TeacherRows.of_states(h[tuple(at.T)], head).logp(columns=tables.alphabet)
+        keys = torch.cat([branches.keys, torch.tensor(sum(keys, []), device=device)])
+        logp = torch.cat([branches.rows, logp.double()])
+        order = keys.argsort()  # BranchRows keeps its keys sorted
+        branches = BranchRows(keys[order], logp[order])
+        n_branch += len(at)
 
 
-def target_logprobs(targets: LiftedTargets, next_ids: torch.Tensor) -> torch.Tensor:
-    """log p'_j(s_j) of the tokens that came (m,): what a student trained on p' pays at best.
-    Read from the targets' parts, one entry per position: the dense rows over V' are not made."""
-    V = targets.teacher.vocab_size
-    is_new = next_ids >= V
-    base_ids = torch.where(is_new, 0, next_ids)  # (m,) a base id at every position, used where the token is base
-    out = targets.teacher.logp_of(base_ids).double() - targets.log_z  # (m,) the teacher's entry, renormalised by Z
-    rewritten = targets.fix_ids == base_ids[targets.fix_pos]  # the walk's entry for the token that came
-    out[targets.fix_pos[rewritten]] = targets.fix_logp[rewritten].double()
-    here = targets.new_ids == next_ids[:, None]  # (m, c): the new token's target, if it has one
-    new_logp = torch.where(here, upcast(targets.new_logp).double(), -math.inf).amax(1)  # (m,) -inf: p' = 0
-    return torch.where(is_new, new_logp, out)
+def target_logprobs(targets, next_ids):
+    """log p'_j(s_j) (m,) of the tokens that came."""
+    is_new = next_ids >= targets.teacher.vocab_size
+    base_ids = torch.where(is_new, 0, next_ids)
+    out = targets.teacher.logp_of(base_ids).double() - targets.log_z
+    fixed = targets.fix_ids == base_ids[targets.fix_pos]
+    out[targets.fix_pos[fixed]] = targets.fix_logp[fixed].double()
+    here = targets.new_ids == next_ids[:, None]  # (m, c)
+    new = torch.where(here, upcast(targets.new_logp).double(), -math.inf)
+    return torch.where(is_new, new.amax(1), out)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """See `chunked_head_loss`. The forward computes each chunk's gradient at once (for h and
-    the new output rows) and keeps only those; the backward scales them."""
+    """chunked_head_loss(h, new_out, base_out, loss, chunk): mean_j
+    loss(h_j [base_out; new_out]^T), logits over V' `chunk` rows at a time."""
 
     @staticmethod
     def forward(ctx, h, new_out, base_out, position_loss, chunk):
-        total = torch.zeros((), dtype=torch.float64, device=h.device)  # the sum of the losses
-        grad_h = torch.zeros_like(h)  # (P, d)
-        grad_new = torch.zeros_like(new_out)  # (N, d)
-        for start in range(0, len(h), chunk):
-            stop = min(start + chunk, len(h))
-            with torch.enable_grad():  # a small graph of its own per chunk, freed after the grad
-                h_chunk = h[start:stop].detach().requires_grad_()  # (c, d)
-                new_rows = new_out.detach().requires_grad_()  # (N, d)
-                base_logits = head_logits(h_chunk, base_out)  # (c, |V|)
-                new_logits = head_logits(h_chunk, new_rows)  # (c, N)
-                logits = torch.cat([base_logits, new_logits], dim=-1)  # (c, |V'|)
-                loss = position_loss(logits, start, stop).sum()
-                d_h, d_new = torch.autograd.grad(loss, [h_chunk, new_rows])
-            grad_h[start:stop] = d_h  # each position's gradient comes from its own chunk
-            grad_new += d_new  # the new rows' gradient sums over every chunk
+        total = h.new_zeros((), dtype=torch.float64)
+        grad_h, grad_new = torch.zeros_like(h), torch.zeros_like(new_out)
+        for i in range(0, len(h), chunk):
+            with torch.enable_grad():  # a graph per chunk
+                x = h[i : i + chunk].detach().requires_grad_()  # (c, d)
+                rows = new_out.detach().requires_grad_()
+                logits = torch.cat([head_logits(x, base_out), head_logits(x, rows)], -1)
+                loss = position_loss(logits, i, i + len(x)).sum()
+                d_h, d_new = torch.autograd.grad(loss, [x, rows])
+            grad_h[i : i + len(x)] = d_h
+            grad_new += d_new
             total += loss.detach()
-        ctx.save_for_backward(grad_h / len(h), grad_new / len(h))  # of the mean, not the sum
+        ctx.save_for_backward(grad_h / len(h), grad_new / len(h))
         return (total / len(h)).to(h.dtype)
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad):
         grad_h, grad_new = ctx.saved_tensors
-        return grad_loss * grad_h, grad_loss * grad_new, None, None, None  # dL/dh = dL/dloss * dloss/dh
+        return grad * grad_h, grad * grad_new, None, None, None
 
 
-def chunked_head_loss(h: torch.Tensor, new_out: torch.Tensor, base_out: torch.Tensor, position_loss,
-                      chunk: int) -> torch.Tensor:
-    """mean_j loss_j(z_j) over P positions, z_j = h_j [base_out; new_out]^T the logits over V'
-    (the idea of Cut Cross-Entropy and of fused linear cross-entropy kernels, in plain PyTorch).
-
-    h (P, d): final hidden states; new_out (N, d): the new output rows; base_out (|V|, d):
-    the frozen unembedding; position_loss(logits (c, |V'|), start, stop) -> (c,) losses of
-    positions start .. stop-1. The output projection, the loss and their gradient run
-    `chunk` positions at a time, so the logits, log-probabilities and gradients over V'
-    of more than `chunk` positions never exist at once: the peak is (chunk, |V'|) where a
-    dense loss holds (P, |V'|) several times. Differentiable in h and new_out.
-    """
-    if base_out.requires_grad:
-        raise KldError("chunked_head_loss trains the new output rows only; the base unembedding must be frozen")
-    return _ChunkedHeadLoss.apply(h, new_out, base_out, position_loss, max(1, chunk))
+chunked_head_loss = _ChunkedHeadLoss.apply
 
 
-def training_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], objective: str,
-                  lift_cfg: Lift | None = None, teacher: GPT | None = None, spec: Divergence = Divergence(),
-                  chunk: int = 0) -> torch.Tensor:
-    """The mean training loss over the predicted positions of student windows (the first id
-    of each is context): the divergence `spec` to the lifted teacher ("kl", lifted as
-    `lift_cfg` says) or the cross-entropy of the next student token ("ce"). The teacher is
-    the student's own base weights unless a frozen `teacher` is given. The output
-    projection and the loss run `chunk` positions at a time (0: all at once)."""
+def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None,
+                  spec=Divergence(), chunk=0):
+    """Mean D(p' || q) ("kl") or -log q(s_j) ("ce") over the windows."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
     if objective == "kl" and lift_cfg is None:
         raise KldError("the kl objective needs lift settings (make_lift)")
-    ids, valid = right_padded(windows, model.embed.weight.device)
+    ids, valid = padded_batch(windows, model.embed.weight.device)
     with autocast(ids.device):
-        states = model.hidden_states(ids, valid)  # (B, width, d): the student, through its new input rows
-    # The rows that predict ids 1 .. of each window, all windows in one list of P positions.
-    h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])  # (P, d)
-    next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)  # (P,)
-    if objective == "ce":
-        def position_loss(logits, start, stop):  # -log q_j(s_j)
-            return F.cross_entropy(logits, next_ids[start:stop], reduction="none")
-    else:
-        targets, _ = teacher_targets(teacher or model, tok, windows, lift_cfg)  # no gradient flows to the teacher
-        targets = cat_targets(targets)  # the windows' positions in one list, as h
+        states = model.hidden_states(ids, valid)  # (B, width, d)
+    h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])
+    next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)
+    if objective == "kl":  # no gradient flows to the teacher
+        p = cat_targets(teacher_targets(teacher or model, tok, windows, lift_cfg)[0])
 
-        def position_loss(logits, start, stop):  # D(p'_j || q_j), p' made dense for this chunk only
-            return divergence(targets.logp(start, stop), logits,
-                              spec, next_ids[start:stop])
-    base_out = model.output_weight().detach()  # (|V|, d): frozen
+    def position_loss(logits, i, j):  # p' dense for one chunk only
+        if objective == "ce":
+            return F.cross_entropy(logits, next_ids[i:j], reduction="none")
+        return divergence(p.logp(i, j), logits, spec, next_ids[i:j])
+    base_out = model.output_weight().detach()
     return chunked_head_loss(h, model.new_out, base_out, position_loss, chunk or len(h))
 
 
-def teacher_ends(window: list[int], tok: ExtendedTokenizer) -> list[int]:
-    """e_j for each student position j of a window: the index, in the window's expansion, of
-    the last teacher token of span j, the teacher position that has read what student
-    position j has read. teacher_ends([a, new(b c), d]) == [0, 2, 3]."""
-    ends = []
-    at = -1  # the last teacher index covered so far
-    for s in window:
-        at += len(tok.expand([s]))  # |exp(s)|: 1 for a base token
-        ends.append(at)
-    return ends
+def teacher_ends(window, tok):
+    """e_j: span j's last teacher token. [a, new(b c), d] -> [0, 2, 3]."""
+    return [e - 1 for e in itertools.accumulate(len(tok.expand([s])) for s in window)]
 
 
-def hidden_state_loss(model: GPT, tok: ExtendedTokenizer, windows: list[list[int]], layer: int,
-                      teacher: GPT | None = None) -> torch.Tensor:
-    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2 over every position j of student windows
-    (METHOD.md section 4, hidden-state distillation; Token Distillation, Dobler et al. 2025).
-
-    H'_l: the student on its own tokens, H_l: the teacher (the student's base weights, or
-    `teacher`) on the windows' expansions, both after `layer` blocks (the last: the final
-    hidden states, after the norm). Student position j has read the same text as teacher
-    position e_j (teacher_ends). The gradient reaches only the new input rows, through every
-    position at or after a new token; the blocks after `layer` are not run, so an early
-    layer costs about layer / n_layer of a full pass.
-    """
+def hidden_state_loss(model, tok, windows, layer, teacher=None):
+    """L_hid = mean_j mean_c (H'_l(j) - H_l(e_j))^2."""
     device = model.embed.weight.device
-    ids, valid = right_padded(windows, device)  # (B, width)
+    seqs = [list(tok.expand(w)) for w in windows]
     with autocast(device):
-        student = model.hidden_states(ids, valid, n_blocks=layer)  # (B, width, d) H'_l
-    seqs = [list(tok.expand(w)) for w in windows]  # the same text in teacher tokens
-    teacher_ids, teacher_valid = right_padded(seqs, device)  # (B, teacher width)
-    with torch.no_grad(), autocast(device):
-        teacher_model = teacher or model
-        reference = teacher_model.hidden_states(teacher_ids, teacher_valid, n_blocks=layer)  # (B, tw, d) H_l
-    h_student = torch.cat([student[b, : len(w)] for b, w in enumerate(windows)])  # (P, d) every position
-    h_teacher = torch.cat([reference[b, teacher_ends(w, tok)] for b, w in enumerate(windows)])  # (P, d) at e_j
-    return F.mse_loss(upcast(h_student), upcast(h_teacher))
+        student = model.hidden_states(*padded_batch(windows, device), n_blocks=layer)
+        with torch.no_grad():
+            ref = (teacher or model).hidden_states(*padded_batch(seqs, device), n_blocks=layer)
+    h = [student[b, : len(w)] for b, w in enumerate(windows)]
+    e = [ref[b, teacher_ends(w, tok)] for b, w in enumerate(windows)]
+    return F.mse_loss(upcast(torch.cat(h)), upcast(torch.cat(e)))
 
 
-# Which share of the work this process does under torchrun (data parallel: section 11).
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place among the processes torchrun started; Ranks() is a single process."""
+    """This process among those torchrun started."""
     rank: int = 0
     world: int = 1
-    local_world: int = 1  # the ranks on this machine, which share its CPUs
+    local_world: int = 1  # the ranks on this machine
 
     @property
     def main(self) -> bool:
@@ -1438,293 +1290,198 @@ class Ranks:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], sep: int, batch_size: int,
-             lift_cfg: Lift | None = None, teacher: GPT | None = None, ranks: Ranks = Ranks()) -> dict:
-    """Held-out measures (METHOD.md section 6) over chunks of teacher ids, each read after `sep`.
-
-    Without lift_cfg, the teacher on its own tokens: bits_per_char = -log2 P(x) / len(x)
-    and tokens_per_char. With it, the student on tau'(x): the same two; kl, the mean KL to
-    the lifted teacher; target_bits_per_char, -sum_j log2 p'_j(s_j) / len(x), the floor of
-    any student trained on p' (p'_j(s_j) = 0 where tau' broke longest match: those
-    positions are left out of it and counted in target_zero_share); new_token_share, the
-    share of the student's tokens that are new; at the positions whose next token is new,
-    the mean mass on new tokens of q (new_token_mass) and of p' (target_new_token_mass):
-    whether the student expects its new tokens where they occur; and branch_tokens_per_token,
-    the teacher tokens trie mode evaluated per student token besides the realised ones.
-    Under several ranks each measures its share of the chunks, batch_size / ranks at a
-    time (batch_size is the global batch), and the sums are added.
-    """
+def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, ranks=Ranks()):
+    """Held-out measures (METHOD.md section 6) of teacher or student."""
     student = lift_cfg is not None
-    # Sums over every chunk, divided at the end.
-    nats = 0.0  # -log P of the text under the model
-    chars = 0
-    tokens = 0
-    kl = 0.0
-    target_nats = 0.0  # -log p' of the realised tokens, where p' > 0
-    target_zero = 0  # positions where p' gives the realised token nothing
-    branch_tokens = 0
-    new_positions = 0  # positions whose next token is new
-    new_mass = 0.0  # the student's mass on new tokens there
-    target_new_mass = 0.0  # p''s mass on new tokens there
+    device = model.embed.weight.device
+    V = tok.base_vocab_size
+    n = dict.fromkeys("nats chars tokens branch kl target zero new mass target_mass".split(), 0)
     mine = share(chunks, ranks)
-    per_rank = max(1, batch_size // ranks.world)
-    for batch in (mine[i : i + per_rank] for i in range(0, len(mine), per_rank)):
-        chars += sum(len(tok.base.decode(c)) for c in batch)
-        seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]  # each read after the separator
-        tokens += sum(len(s) - 1 for s in seqs)
-        logits = sequence_logits(model, seqs, base_only=not student)
+    size = max(1, batch_size // ranks.world)
+    for batch in (mine[i : i + size] for i in range(0, len(mine), size)):
+        n["chars"] += sum(len(tok.base.decode(c)) for c in batch)
+        seqs = [[sep] + (tok.merge(c) if student else c) for c in batch]
+        n["tokens"] += sum(len(s) - 1 for s in seqs)
+        with autocast(device):
+            logits = model(*padded_batch(seqs, device), base_only=not student)
         targets = [None] * len(seqs)
         if student:
-            targets, n_branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
-            branch_tokens += n_branch
-        for s, x, target in zip(seqs, logits, targets):
-            next_ids = torch.tensor(s[1:], device=x.device)  # (m,)
+            targets, branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
+            n["branch"] += branch
+        for s, x, p in zip(seqs, logits, targets):
+            x = upcast(x[: len(s) - 1])
+            next_ids = torch.tensor(s[1:], device=device)
             logq = torch.log_softmax(x, -1)  # (m, |V'|)
-            nats -= logq.gather(1, next_ids[:, None]).sum().item()
-            if target is None:  # the teacher: no lift
+            n["nats"] -= logq.gather(1, next_ids[:, None]).sum().item()
+            if p is None:
                 continue
-            kl += kl_to_lifted(target, x).sum().item()
-            floor = target_logprobs(target, next_ids)  # (m,) log p'_j(s_j)
-            target_nats -= floor[floor > -math.inf].sum().item()
-            target_zero += (floor == -math.inf).sum().item()
-            next_is_new = next_ids >= tok.base_vocab_size  # (m,)
-            new_positions += next_is_new.sum().item()
-            new_mass += logq[next_is_new, tok.base_vocab_size :].exp().sum().item()
-            target_new_mass += upcast(target.new_logp[next_is_new]).exp().sum().item()
-    sums = [nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions,
-            new_mass, target_new_mass]
-    sums = all_sum(sums, ranks, model.embed.weight.device)  # every rank's batches
-    nats, chars, tokens, kl, target_nats, target_zero, branch_tokens, new_positions, new_mass, target_new_mass = sums
-    out = {"bits_per_char": nats / math.log(2) / chars, "tokens_per_char": tokens / chars}
-    if student:
-        out["kl"] = kl / tokens
-        out["target_bits_per_char"] = target_nats / math.log(2) / chars
-        out["target_zero_share"] = target_zero / tokens
-        out["new_token_share"] = new_positions / tokens
-        out["new_token_mass"] = new_mass / new_positions if new_positions else None
-        out["target_new_token_mass"] = target_new_mass / new_positions if new_positions else None
-        out["branch_tokens_per_token"] = branch_tokens / tokens
+            floor = target_logprobs(p, next_ids)  # log p'_j(s_j)
+            new = next_ids >= V
+            for key, v in [("kl", kl_to_lifted(p, x)), ("target", -floor[floor > -math.inf]),
+                           ("zero", floor == -math.inf), ("new", new), ("mass", logq[new, V:].exp()),
+                           ("target_mass", upcast(p.new_logp[new]).exp())]:
+                n[key] += v.sum().item()
+    n = dict(zip(n, all_sum(list(n.values()), ranks, device)))
+    chars, tokens, new = n["chars"], n["tokens"], n["new"]
+    out = {"bits_per_char": n["nats"] / math.log(2) / chars, "tokens_per_char": tokens / chars}
+    if student:  # target: of p', the floor of a student trained on it
+        out |= {"kl": n["kl"] / tokens, "target_bits_per_char": n["target"] / math.log(2) / chars,
+                "target_zero_share": n["zero"] / tokens, "new_token_share": new / tokens,
+                "new_token_mass": n["mass"] / new if new else None,
+                "target_new_token_mass": n["target_mass"] / new if new else None,
+                "branch_tokens_per_token": n["branch"] / tokens}
     return out
 
 
-def learning_rate(step: int, cfg: Config) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
+def learning_rate(step, cfg):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)  # 0 .. 1 over the decay
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # 1 .. 0
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def trained_parameters(model: GPT) -> dict[str, torch.Tensor]:
-    """What training changes: the new rows, and in the second stage the blocks it trains."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def trained_parameters(model):
+    """The parameters training changes."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def matched_layer(cfg: Config, model: GPT) -> int:
-    """The layer whose hidden states hidden_state_loss matches: cfg.hidden_layer, 0 meaning the last."""
-    return cfg.hidden_layer or model.cfg.n_layer
-
-
-def windows_of(cfg: Config, stream: list[int], first_new_id: int):
-    """The endless training windows cfg.windows names: uniform, or chosen for the new tokens."""
+def windows_of(cfg, stream, first_new_id):
+    """The endless training windows cfg.windows names."""
     if cfg.windows == "new_tokens":
-        return new_token_windows(stream, cfg.seq_len, first_new_id,
-                                 cfg.windows_per_token, cfg.seed)
+        return new_token_windows(stream, cfg.seq_len, first_new_id, cfg.windows_per_token, cfg.seed)
     return training_windows(stream, cfg.seq_len, cfg.seed)
 
 
-def held_out(model: GPT, tok: ExtendedTokenizer, chunks: list[list[int]], cfg: Config, lift_cfg: Lift,
-             teacher: GPT | None, step: int, note: str = "", ranks: Ranks = Ranks()) -> dict:
-    """evaluate() with a progress line; the measures with the step they were taken at."""
-    measures = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size,
-                        lift_cfg, teacher, ranks)
-    print(f"  held-out @ {step}{note}: bits/char {measures['bits_per_char']:.4f} "
-          f"| KL {measures['kl']:.4f} | tokens/char {measures['tokens_per_char']:.4f}", flush=True)
-    return {"step": step, **measures}
-
-
-def train(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-          checkpoint: Path, teacher: GPT | None = None, objective: str | None = None, ranks: Ranks = Ranks()) -> dict:
-    """AdamW on the parameters that require a gradient (the new rows; in the second stage
-    also the blocks it trains), from the checkpoint when there is one, on `objective`
-    (default cfg.objective; "hidden": hidden_state_loss at cfg.hidden_layer, which moves
-    the input rows only). Prints a progress line every log_every steps; every eval_every
-    steps and at the end, measures the held-out chunks (when given) and writes the
-    checkpoint. Under several ranks (Ranks), each runs its share of every batch and the
-    gradients are averaged; rank 0 alone writes the checkpoint. Returns tokens/s and the
-    measures."""
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition,
-                         model.embed.weight.device)
+def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=None, ranks=Ranks()):
+    """AdamW on what requires a gradient; resumable, data parallel."""
+    device = model.embed.weight.device
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
-    hidden_layer = matched_layer(cfg, model)
     named = trained_parameters(model)
     params = list(named.values())
-    if sum(p.numel() for p in params) == 0:  # K = 0: the student is the teacher, nothing to learn
+    if not any(p.numel() for p in params):  # K = 0
         return {"train_tokens_per_s": 0.0, "history": []}
-    # The output rows learn at lr_out: faster than the input rows, they make a student emit
-    # merged tokens its input rows cannot yet read (docs/benchmark.md). Each group's rate
-    # is lr_scale times the schedule.
-    out_scale = (cfg.lr_out or cfg.lr) / cfg.lr
-    groups = [{"params": [p], "lr_scale": out_scale if name == "new_out" else 1.0} for name, p in named.items()]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay)
+    fast = (cfg.lr_out or cfg.lr) / cfg.lr  # the output rows learn faster, or the input rows lag
+    groups = [{"params": [p], "lr_scale": fast if n == "new_out" else 1.0}
+              for n, p in named.items()]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume and checkpoint.exists():
         step = load_checkpoint(checkpoint, model, optimizer, cfg)
         print(f"resuming from {checkpoint} at step {step}")
-    device = model.embed.weight.device
-    bf16 = resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=True)  # run() said it once
+    bf16 = resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=True)
     windows = windows_of(cfg, stream, tok.base_vocab_size)
-    for _ in range(step * cfg.batch_size):  # the same windows as an uninterrupted run
+    for _ in range(step * cfg.batch_size):  # as if uninterrupted
         next(windows)
-    history = []
-    tokens = 0
-    seconds = 0.0  # training steps only, evaluations excluded
+    history, tokens, seconds = [], 0, 0.0
     while step < cfg.steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg) * group["lr_scale"]
-        batch = share([next(windows) for _ in range(cfg.batch_size)], ranks)  # every rank draws the whole batch
-        with cpu_autocast(bf16):  # the forward passes; the backward runs in the dtypes they recorded
-            if objective == "hidden":
-                loss = hidden_state_loss(model, tok, batch, hidden_layer, teacher)
-            else:
-                loss = training_loss(model, tok, batch, objective, lift_cfg,
-                                     teacher, spec, cfg.loss_chunk)
+        batch = share([next(windows) for _ in range(cfg.batch_size)], ranks)
+        with cpu_autocast(bf16):  # the backward keeps these dtypes
+            loss = (hidden_state_loss(model, tok, batch, cfg.hidden_layer or model.cfg.n_layer, teacher)
+                    if objective == "hidden" else
+                    training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # reaches only the parameters that require a gradient
-        average_gradients(params, ranks)  # the whole batch's gradient, on every rank
+        loss.backward()
+        average_gradients(params, ranks)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        if not (torch.isfinite(loss) & torch.isfinite(norm) & torch.stack([p.isfinite().all() for p in params]).all()):
-            raise KldError(f"{objective} step {step + 1}: the loss, its gradient or the rows are not finite "
-                           f"(loss {loss.item():.4g}); in {cfg.dtype}, try float32 or bfloat16 (float16 "
-                           "underflows AdamW's epsilon) or a lower learning rate; nothing of this step is saved")
+        finite = [loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]
+        if not torch.stack(finite).all():
+            raise KldError(f"{objective} step {step + 1}: the loss, its gradient or the rows are not "
+                           f"finite (loss {loss.item():.4g}); try float32 or a lower lr")
         step += 1
         tokens += cfg.batch_size * cfg.seq_len
         seconds += time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.steps:
-            left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len  # at the speed so far
-            lr = learning_rate(step - 1, cfg)
-            [loss_sum] = all_sum([loss.item()], ranks, device)  # the batch's mean loss: the ranks' mean
-            print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss_sum / ranks.world:.4f} | lr {lr:.2e} "
-                  f"| {tokens / seconds:.0f} tok/s | {seconds:.0f}s, {left:.0f}s left", flush=True)
-        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            left = seconds / tokens * (cfg.steps - step) * cfg.batch_size * cfg.seq_len
+            [loss_sum] = all_sum([loss.item()], ranks, device)
+            print(f"step {step:5d}/{cfg.steps} | {objective} loss {loss_sum / ranks.world:.4f} | lr "
+                  f"{learning_rate(step - 1, cfg):.2e} | {tokens / seconds:.0f} tok/s | {seconds:.0f}s, "
+                  f"{left:.0f}s left", flush=True)
+        if step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0:
             if chunks:
-                history.append(held_out(model, tok, chunks, cfg, lift_cfg,
-                                        teacher, step, "", ranks))
+                sep = separator_id(model.cfg)
+                m = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, teacher, ranks)
+                print(f"  held-out @ {step}: bits/char {m['bits_per_char']:.4f} | KL {m['kl']:.4f} | "
+                      f"tokens/char {m['tokens_per_char']:.4f}", flush=True)
+                history.append({"step": step, **m})
             if ranks.main:
                 save_checkpoint(checkpoint, model, optimizer, step, cfg)
     return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
 
 
-def hidden_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-                 out: Path, ranks: Ranks = Ranks()) -> list[dict]:
-    """The input rows alone by hidden-state distillation, cfg.hidden_steps steps at
-    cfg.hidden_lr, before the steps of cfg.objective (METHOD.md section 4: a schedule that
-    moves the input rows first, by a signal that reaches them directly). Its windows
-    (cfg.windows) come from another seed than the steps that
-    follow; with eval_every 0 it is not measured held out (the steps that follow are, at
-    their end)."""
-    layer = matched_layer(cfg, model)
-    print(f"hidden-state distillation of the input rows at layer {layer} of {model.cfg.n_layer}, "
-          f"{cfg.hidden_steps} steps")
-    stage = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr,
-                                seed=cfg.seed + 1)
-    measured = chunks if cfg.eval_every else []  # eval_every 0: the held-out measures at the very end only
-    return train(model, tok, stage, stream, measured, out / "checkpoint-hidden.pt", objective="hidden",
-                 ranks=ranks)["history"]
-
-
-def unfreeze_blocks(model: GPT, first: int, last: int) -> GPT:
-    """For the optional second stage: make the first `first` and the last `last` blocks
-    (-1: all) trainable, and return the teacher it needs now that the student's weights
-    will move: the same model, sharing every module that stays frozen, with its own frozen
-    copy of the trained blocks (METHOD.md: the teacher never changes). Only the trained
-    blocks are held twice."""
+def unfreeze_blocks(model, first, last):
+    """Unfreeze the first and last blocks; return a teacher keeping them."""
     n = len(model.blocks)
-    k = n if last < 0 else min(last, n)
-    trained = set(range(min(first, n))) | set(range(n - k, n))  # block indices
-    teacher = copy.copy(model)  # shares every module and tensor ...
-    teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}  # ... but has its own module table
-    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
-    for i in sorted(trained):
+    trained = set(range(min(first, n))) | set(range(n - (n if last < 0 else min(last, n)), n))
+    teacher = copy.copy(model)  # shares all, but its module table
+    teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}
+    teacher.blocks = nn.ModuleList(
+        [copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
+    for i in trained:
         model.blocks[i].requires_grad_(True)
     return teacher
 
 
-def second_stage(model: GPT, tok: ExtendedTokenizer, cfg: Config, stream: list[int], chunks: list[list[int]],
-                 out: Path, ranks: Ranks = Ranks()) -> list[dict]:
-    """Train the new rows, the first `cfg.finetune_first_layers` and the last
-    `cfg.finetune_layers` blocks on, against a teacher that keeps its own frozen copy of
-    those blocks; write finetuned_blocks.safetensors. Its windows are drawn with another
-    seed than the stages before it (seed + 2), so it does not replay the steps' windows in
-    their order; a window recurs only by chance."""
-    last = "all" if cfg.finetune_layers < 0 else cfg.finetune_layers
-    first = f"the first {cfg.finetune_first_layers} and " if cfg.finetune_first_layers else ""
-    print(f"second stage: the new rows, {first}the last {last} blocks, {cfg.finetune_steps} steps")
-    teacher_model = unfreeze_blocks(model, cfg.finetune_first_layers, cfg.finetune_layers)
-    stage2 = dataclasses.replace(cfg, steps=cfg.finetune_steps,
-                                 lr=cfg.finetune_lr, seed=cfg.seed + 2)
-    finetuning = train(model, tok, stage2, stream, chunks, out / "checkpoint-finetune.pt", teacher=teacher_model,
-                       ranks=ranks)
-    trained = trained_parameters(model)
-    blocks = {n: p.detach().cpu().contiguous() for n, p in trained.items() if n.startswith("blocks.")}  # not the rows
+def stage(model, tok, cfg, stream, chunks, out, ranks, second=False):
+    """Hidden-state distillation first, or (second) the second stage."""
+    n, first, last = model.cfg.n_layer, cfg.finetune_first_layers, cfg.finetune_layers
+    if not second:
+        print(f"hidden-state distillation of the input rows at layer "
+              f"{cfg.hidden_layer or n} of {n}, {cfg.hidden_steps} steps")
+        cfg = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, seed=cfg.seed + 1)
+        chunks = chunks if cfg.eval_every else []
+        path = out / "checkpoint-hidden.pt"
+        return train(model, tok, cfg, stream, chunks, path, None, "hidden", ranks)["history"]
+    print(f"second stage: the new rows, {f'the first {first} and ' if first else ''}the last "
+          f"{'all' if last < 0 else last} blocks, {cfg.finetune_steps} steps")
+    teacher = unfreeze_blocks(model, first, last)
+    cfg = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed + 2)
+    history = train(model, tok, cfg, stream, chunks, out / "checkpoint-finetune.pt", teacher, ranks=ranks)
+    trained = trained_parameters(model).items()
+    blocks = {n: p.detach().cpu().contiguous() for n, p in trained if n.startswith("blocks.")}
     if ranks.main:
         write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
     model.requires_grad_(False)
-    return finetuning["history"]
+    return history["history"]
 
 
-def embedding_analysis(model: GPT, tok: ExtendedTokenizer, k: int = 5) -> dict:
-    """Where the learned rows sit among the base rows, for input rows (E) and output rows (U).
-
-    Per new token t: its k nearest base tokens by cosine; ||row_t|| and its percentile
-    among the base rows' norms; cosine and L2 distance to the mean of the rows of exp(t),
-    its sub-tokens (the FVT initialisation). The summary averages these over N, and counts
-    the tokens whose nearest base token is one of their own sub-tokens.
-    """
+def embedding_analysis(model, tok, k=5):
+    """Per new row: nearest base tokens, norm, distance to FVT's start."""
     if model.new_in is None:
         raise KldError("the model has no new rows to analyse")
     if not tok.merges:
         return {"summary": {}, "tokens": []}
     tokens = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))]
     summary = {}
-    for side, base, new in [("in", model.embed.weight, model.new_in),
-                            ("out", model.output_weight(), model.new_out)]:
-        base = upcast(base).detach().cpu()  # (V, d)
-        new = upcast(new).detach().cpu()  # (N, d)
-        base_norms = base.norm(dim=1)  # (V,)
-        sorted_norms = base_norms.sort().values
-        cosine = F.normalize(new, dim=1) @ F.normalize(base, dim=1).T  # (N, V)
-        nearest = cosine.topk(k, dim=1)
-        sub_mean = torch.stack([base[list(e)].mean(0) for e in tok.expansions])  # (N, d): where FVT starts a row
-        to_mean_cos = F.cosine_similarity(new, sub_mean, dim=1)  # (N,)
-        to_mean_l2 = (new - sub_mean).norm(dim=1)  # (N,)
-        norms = new.norm(dim=1)  # (N,)
-        percentile = torch.searchsorted(sorted_norms, norms) / len(sorted_norms)  # share of base rows shorter
-        own = [int(nearest.indices[i, 0]) in set(e) for i, e in enumerate(tok.expansions)]  # nearest is a sub-token
+    sides = [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]
+    for side, base, new in sides:
+        base, new = upcast(base).detach().cpu(), upcast(new).detach().cpu()  # (V, d), (N, d)
+        base_norms, norms = base.norm(dim=1), new.norm(dim=1)
+        nearest = (F.normalize(new, dim=1) @ F.normalize(base, dim=1).T).topk(k, dim=1)
+        sub = torch.stack([base[list(e)].mean(0) for e in tok.expansions])
+        rank = torch.searchsorted(base_norms.sort().values, norms)
+        stats = {"norm": norms, "norm_percentile": rank / len(base),
+                 "cosine_to_sub_mean": F.cosine_similarity(new, sub, dim=1),
+                 "l2_to_sub_mean": (new - sub).norm(dim=1)}
+        own = [int(nearest.indices[i, 0]) in e for i, e in enumerate(tok.expansions)]
         for i, row in enumerate(tokens):
-            neighbours = zip(nearest.indices[i], nearest.values[i])
-            row[side] = {
-                "nearest": [(tok.token_string(int(j)), round(float(c), 4)) for j, c in neighbours],
-                "norm": float(norms[i]),
-                "norm_percentile": float(percentile[i]),
-                "cosine_to_sub_mean": float(to_mean_cos[i]),
-                "l2_to_sub_mean": float(to_mean_l2[i]),
-                "nearest_is_own_sub_token": own[i],
-            }
+            near = zip(nearest.indices[i].tolist(), nearest.values[i])
+            row[side] = {"nearest": [(tok.token_string(j), round(float(c), 4)) for j, c in near],
+                         **{s: float(v[i]) for s, v in stats.items()}, "nearest_is_own_sub_token": own[i]}
         summary[side] = {
             "new_norm_mean": float(norms.mean()),
             "base_norm_mean": float(base_norms.mean()),
             "base_norm_std": float(base_norms.std()),
-            "norm_percentile_median": float(percentile.median()),
-            "cosine_to_sub_mean": float(to_mean_cos.mean()),
-            "l2_to_sub_mean": float(to_mean_l2.mean()),
-            "nearest_is_own_sub_token": sum(own) / len(own),
-        }
+            "norm_percentile_median": float(rank.median() / len(base)),
+            **{s: float(stats[s].mean()) for s in list(stats)[2:]},
+            "nearest_is_own_sub_token": sum(own) / len(own)}
     return {"summary": summary, "tokens": tokens}
 
 
@@ -2050,7 +1807,7 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
     weight = next(model.parameters())
     device, budget, stop = weight.device, decoding.max_new_tokens, decoding.stop
     B, T = len(prompt_ids), max(map(len, prompt_ids))
-    ids, valid = right_aligned(prompt_ids, device)  # (B, T), left-padded
+    ids, valid = padded_batch(prompt_ids, device, at_end=True)  # (B, T), left-padded
     # room for 256 new tokens, doubled when full: memory grows with the answers, not the budget
     cache = KVCache(model.cfg, B, T + min(budget, 256), device, weight.dtype)
     logits = model.decode_step(ids, valid, cache)  # (B, |V'|)
@@ -3717,11 +3474,11 @@ def run(cfg: Config) -> dict:
     stream = token_stream(tok, texts, sep)
     if len(set(gather(hash(tuple(stream)), ranks))) > 1:  # windows are drawn from one stream
         raise KldError(f"the ranks read different corpora from {cfg.corpus!r}")
-    history = hidden_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
+    history = stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
     training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
     history += [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
     final = history[-1] if history else measure(lift)  # else a finished run resumed
-    more = second_stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.finetune_steps else []
+    more = stage(model, tok, cfg, stream, chunks, out, ranks, second=True) if cfg.finetune_steps else []
     history += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in more]
     final = more[-1] if more else final
     results = dict(teacher=teacher, student_init=initial, student=final, history=history,

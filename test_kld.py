@@ -1502,7 +1502,9 @@ def test_tree_attention_equals_full_passes(arch, device, monkeypatch):
     model, _ = kld.load_model(FIXTURES / arch, device=device)
     seqs = [[5, 17, 3, 99, 42, 7, 8], [11, 2, 8]]  # rows of different lengths: padding
     context = [1, 2]  # tokens before each window: t_<b sits in slots [0, context + b)
-    _, cache = kld.cached_pass(model, seqs)
+    ids, valid = kld.padded_batch(seqs, device)
+    cache = kld.KVCache(model.cfg, *ids.shape, ids.device, model.embed.weight.dtype)
+    model(ids, valid, cache, base_only=True)
     slots = [{}, {}]
     rounds = [
         [[(2, (50,)), (6, (60,)), (0, (70,))], [(1, (80,)), (0, (90,))]],
@@ -1939,7 +1941,7 @@ def test_the_chunked_loss_and_its_gradient_equal_the_dense_ones(objective, spec)
     lift_cfg = kld.make_lift(tok, "trie", 0.0, True)
 
     def dense():
-        logits = torch.cat(kld.sequence_logits(model, windows))  # (P, |V'|), all at once
+        logits = model(torch.tensor(windows))[:, :-1].flatten(0, 1)  # (P, |V'|), all at once
         next_ids = torch.tensor([i for w in windows for i in w[1:]])
         if objective == "ce":
             return torch.nn.functional.cross_entropy(logits, next_ids)
