@@ -2517,9 +2517,7 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
 
 # --- Hugging Face directories ---
 HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
-# What transformers' config classes (5.23) take for a key config.json lacks (biases and
-# sliding windows: none). None: derived (n_inner: 4 d; num_key_value_heads:
-# num_attention_heads; head_dim: hidden_size / num_attention_heads), or no eos id.
+# What transformers takes for a key config.json lacks; None: derived, or no eos id.
 HF_DEFAULTS = {
     "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
              "n_head": 12, "n_inner": None, "activation_function": "gelu_new",
@@ -2563,10 +2561,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
                            or not hf["scale_attn_weights"]):
         raise KldError(f"{source}: GPT-2 variant (activation or attention "
                        "scaling) is not supported")
-    rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    rope_type = rope.get("rope_type", rope_type)
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     act = hf.get("hidden_act", "silu")
     for problem in [rope_type != "default" and f"RoPE scaling {rope_type!r}",
                     hf.get("use_sliding_window") and "sliding-window attention",
@@ -2597,9 +2593,8 @@ def read_safetensors(path: Path) -> dict:
                        f"corrupt ({e})") from None
 
 
-# Each kld module's name in a Hugging Face GPT-2, Llama/Qwen2 and GGUF file (- none).
-# Block i's names follow h.i., model.layers.i. and blk.i.; GPT-2's c_attn (d, 3d) is
-# read as c_attn.q, .k and .v.
+# Each kld module's name in a HF GPT-2, Llama/Qwen2 and GGUF file (- none), block i's
+# after h.i., model.layers.i., blk.i.; GPT-2's c_attn (d, 3d) read as c_attn.q, .k, .v.
 _NAMES = """
 embed     wte           model.embed_tokens       token_embd
 pos_embed wpe           -                        -
@@ -2625,11 +2620,8 @@ def file_names(names, form: str) -> dict[str, str]:
     out = {}
     for name in names:
         module, kind = name.rsplit(".", 1)
-        prefix = ""
-        if module.startswith("blocks."):
-            _, i, module = module.split(".", 2)
-            prefix = f"{layer}{i}."
-        out[name] = f"{prefix}{TENSOR_NAMES[module][col]}.{kind}"
+        i, module = module.split(".", 2)[1:] if module[:7] == "blocks." else ("", module)
+        out[name] = (f"{layer}{i}." if i else "") + f"{TENSOR_NAMES[module][col]}.{kind}"
     return out
 
 
@@ -2654,12 +2646,10 @@ def read_hf_dir(path: Path):
               for k, v in read_safetensors(path / shard).items()}
     else:
         hf = read_safetensors(path / "model.safetensors")
-    if not (path / "tokenizer.json").is_file():
-        raise KldError(f"{path}: no tokenizer.json")
     try:
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as e:  # a bare Exception for broken JSON and unknown fields
-        raise KldError(f"{path}: not a tokenizer file the tokenizers "
+    except Exception as e:  # a bare Exception: missing file, broken JSON, unknown fields
+        raise KldError(f"{path}: no tokenizer.json, or not a tokenizer file the tokenizers "
                        f"library can read ({e})") from None
     if cfg.arch == "gpt2":  # GPT2LMHeadModel's "transformer.", old files' masks
         hf = {k.removeprefix("transformer."): v for k, v in hf.items()
@@ -2688,11 +2678,6 @@ def read_hf_dir(path: Path):
 
 
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
-# Little-endian: "GGUF", version (u32), tensor count (u64), metadata count (u64); the
-# metadata as (key, type, value); per tensor (name, n_dims, dims innermost first, type,
-# offset); padding to `general.alignment`; then the tensor data.
-
-
 GGUF_SCALARS = dict(zip([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12], "BbHhIif?Qqd"))
 # ggml tensor types: id -> name; elements and bytes per block of those kld reads
 GGML_TYPES = dict(zip(
@@ -2904,10 +2889,8 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
     if tensors:
         raise KldError(f"{path}: unexpected tensors {sorted(tensors)[:8]}")
     for name in sorted(state, key=lambda n: ".mlp.up." in n):  # gate before up
-        if state[name].shape != expected[name].shape:
-            shapes = tuple(state[name].shape), tuple(expected[name].shape)
-            raise KldError(f"{path}: tensor {name!r} has shape {shapes[0]}, "
-                           f"the config implies {shapes[1]}")
+        if (got := tuple(state[name].shape)) != (want := tuple(expected[name].shape)):
+            raise KldError(f"{path}: tensor {name!r} has shape {got}, the config implies {want}")
     model.load_state_dict(state, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
@@ -2915,11 +2898,6 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 
 
 # --- the domain corpus ---
-# Installed packages and caches are nobody's own code; the stdlib's tests are not it.
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-STDLIB_SKIP_DIRS = SKIP_DIRS | {"test", "tests", "idle_test"}
-
-
 def corpus_files(source: str) -> list[Path]:
     """The sorted files of "stdlib" (but its tests), a directory (its .py) or a file."""
     root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
@@ -2929,7 +2907,8 @@ def corpus_files(source: str) -> list[Path]:
         raise KldError(f"corpus {source!r} is neither a regular file nor a directory")
     if not root.is_dir():
         raise KldError(f"corpus not found: {source!r} (a file, a directory or 'stdlib')")
-    skip = STDLIB_SKIP_DIRS if source == "stdlib" else SKIP_DIRS
+    skip = {"site-packages", "dist-packages", "__pycache__"}  # nobody's own code, nor tests
+    skip |= {"test", "tests", "idle_test"} if source == "stdlib" else set()
     found = sorted(p for p in root.rglob("*.py")
                    if not skip & set(p.relative_to(root).parts[:-1]))
     files = [p for p in found if p.is_file()]  # no FIFO, loop or dangling link
@@ -3021,7 +3000,6 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
     as_is = {i: "".join(chr(b) if b < 0x80 else alphabet[b] for b in tok.token_bytes(i))
              for i in new_ids}
     spell = {i: as_is[i] if s in base else s for i, s in spell.items()}
-
     def build(spell: dict[int, str]) -> Tokenizer:
         counts = collections.Counter([*spell.values(), *base])
         for i, s in spell.items():
@@ -3031,12 +3009,10 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
         vocab = {**data["model"]["vocab"], **{s: i for i, s in spell.items()}}
         model = {**data["model"], "vocab": vocab}
         return Tokenizer.from_str(json.dumps({**data, "model": model}))
-
     def emitted(tokenizer: Tokenizer, ids) -> list[int]:  # encoded unlike tau
         texts = {i: tok.token_bytes(i).decode(errors="replace") for i in ids}
         encode = lambda tk, t: tk.encode(t, add_special_tokens=False).ids  # noqa: E731
         return [i for i, t in texts.items() if encode(tokenizer, t) != encode(tok.base, t)]
-
     tokenizer = build(spell)
     if emits := emitted(tokenizer, new_ids):
         tokenizer = build({**spell, **{i: as_is[i] for i in emits}})
@@ -3050,11 +3026,8 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
     return tokenizer
 
 
-# --- devices, and data parallel: `torchrun --nproc_per_node N kld.py ...` ---
-# Every rank holds the frozen model and draws the same global batch; it runs every
-# world-th window, and one all-reduce averages the new rows' gradients, so the ranks'
-# rows stay equal and a run sees the same windows on any number of ranks. Held-out
-# measures and code generation split their work alike; rank 0 alone writes.
+# --- devices, and data parallel (`torchrun --nproc_per_node N kld.py ...`): each rank
+# runs every world-th window of the same global batch; rank 0 alone writes.
 
 
 def resolve_device(name: str) -> torch.device:
@@ -3165,13 +3138,6 @@ def read_json_object(path: str | Path, what: str) -> dict:
     return data
 
 
-def umask_mode(mode: int) -> int:
-    """`mode` less the umask, as open() or mkdir() gives."""
-    umask = os.umask(0)  # read by setting it
-    os.umask(umask)
-    return mode & ~umask
-
-
 def write_atomic(path: str | Path, data: str | bytes):
     """Write a file: readers see the old content or the new, never half."""
     path = Path(path)
@@ -3182,7 +3148,8 @@ def write_atomic(path: str | Path, data: str | bytes):
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode(0o666))
+        os.umask(umask := os.umask(0))  # read by setting it
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -3362,7 +3329,8 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
             if isinstance(data, dict):
                 data = json.dumps(data, indent=2) + "\n"
             write_atomic(staging / name, data)
-        staging.chmod(umask_mode(0o777))  # mkdtemp's is private: as mkdir would make it
+        os.umask(umask := os.umask(0))  # mkdtemp's mode is private: as mkdir would make it
+        staging.chmod(0o777 & ~umask)
         os.replace(staging, out_dir)  # onto a missing or empty directory: at once
     except OSError as e:
         raise KldError(f"{out_dir}: cannot write the export ({e.strerror or e})") from None
