@@ -2670,9 +2670,8 @@ def read_hf_dir(path: Path):
         if out.shape == embed.shape and torch.equal(out, embed):
             del hf["lm_head.weight"]  # a saved copy of the tied matrix
         else:
-            warn(f"{path}: config ties the output matrix to the embedding, but "
-                 "there is an 'lm_head.weight' with other values; it is used, "
-                 "untied (as transformers does)")
+            warn(f"{path}: config ties the output to the embedding, but there is an "
+                 "'lm_head.weight' with other values; it is used, untied (as transformers)")
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
     return cfg, hf, tokenizer
 
@@ -2781,16 +2780,16 @@ GGUF_PRE_TOKENIZERS = {"gpt-2": None, "smollm": "digits", "starcoder": "digits",
 GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")]
 
 
-def gguf_value(meta: dict, key: str, default, assumption: str, source: str):
+def gguf_value(meta: dict, key: str, source: str, default, assumption=None):
     """meta[key], or `default` where the file lacks the key, said on stderr."""
     if key not in meta:
-        warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption}")
+        warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption or default}")
     return meta.get(key, default)
 
 
 def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     """A byte-level BPE `Tokenizer` of GGUF metadata."""
-    pre = gguf_value(meta, "tokenizer.ggml.pre", "gpt-2", "GPT-2's split", source)
+    pre = gguf_value(meta, "tokenizer.ggml.pre", source, "gpt-2", "GPT-2's split")
     if (model := meta.get("tokenizer.ggml.model")) != "gpt2":
         raise KldError(f"{source}: tokenizer model {model!r} is not supported")
     if pre not in GGUF_PRE_TOKENIZERS:
@@ -2798,7 +2797,7 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise KldError(f"{source}: GGUF metadata lacks the vocabulary")
-    merges = gguf_value(meta, "tokenizer.ggml.merges", [], "none", source)
+    merges = gguf_value(meta, "tokenizer.ggml.merges", source, [], "none")
     bos_key = "tokenizer.ggml.bos_token_id"
     for key in (bos_key, *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
@@ -2814,19 +2813,16 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
     tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([first, by_bytes])
                                if first else by_bytes)
     tokenizer.decoder = decoders.ByteLevel()
-    types = gguf_value(meta, "tokenizer.ggml.token_type", [1] * len(tokens),
-                       "no special tokens", source)
+    types = gguf_value(meta, "tokenizer.ggml.token_type", source, [1] * len(tokens),
+                       "no special tokens")
     for k, add in [(3, tokenizer.add_special_tokens), (4, tokenizer.add_tokens)]:
         add([AddedToken(t, special=k == 3, normalized=False)
              for t, kind in zip(tokens, types) if kind == k])  # control, user-defined
-    if gguf_value(meta, "tokenizer.ggml.add_bos_token", False, "no BOS", source):
-        if bos_key not in meta:
-            warn(f"{source}: GGUF metadata lacks {bos_key}; kld adds no BOS")
-        else:
-            bos = tokens[meta[bos_key]]
-            tokenizer.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                special_tokens=[(bos, meta[bos_key])])
+    if (gguf_value(meta, "tokenizer.ggml.add_bos_token", source, False, "no BOS")
+            and (bos_id := gguf_value(meta, bos_key, source, None, "no BOS")) is not None):
+        bos = tokens[bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
     return tokenizer
 
 
@@ -2843,15 +2839,12 @@ def read_gguf_model(path: Path):
     if "token_embd.weight" not in tensors:
         raise KldError(f"{path}: tensor 'token_embd.weight' is missing")
     n_head, d, n_layer, d_ff, eps = [meta[k] for k in keys]
-    src = str(path)
+    get = lambda k, *a: gguf_value(meta, f"llama.{k}", str(path), *a)  # noqa: E731
     cfg = ModelConfig(
         "llama", len(tensors["token_embd.weight"]), n_layer, n_head,
-        gguf_value(meta, "llama.attention.head_count_kv", n_head, n_head, src),
-        d, d_ff,
-        gguf_value(meta, "llama.rope.dimension_count", d // n_head, d // n_head, src),
-        gguf_value(meta, "llama.context_length", 2048, "2048", src), eps,
-        gguf_value(meta, "llama.rope.freq_base", 10000.0, "10000", src),
-        tie_embeddings="output.weight" not in tensors,
+        get("attention.head_count_kv", n_head), d, d_ff,
+        get("rope.dimension_count", d // n_head), get("context_length", 2048), eps,
+        get("rope.freq_base", 10000.0, "10000"), tie_embeddings="output.weight" not in tensors,
         eos_token_ids=tuple(dict.fromkeys(meta[k] for k in GGUF_EOS_KEYS if k in meta)))
     if not cfg.eos_token_ids:
         warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes none")
@@ -2865,19 +2858,16 @@ def read_gguf_model(path: Path):
             n = cfg.n_head if "attn_q" in name else cfg.n_kv_head
             w2 = w.reshape(n, len(w) // n // 2, 2, -1)  # (head, row pair, half, d)
             tensors[name] = w2.transpose(1, 2).reshape(w.shape)
-    return cfg, tensors, tokenizer_from_gguf(meta, src)
+    return cfg, tensors, tokenizer_from_gguf(meta, str(path))
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) of a Hugging Face directory, a .gguf file or an embedded model:
     every tensor there with its shape, none left over; frozen, in eval mode."""
     path = resolve_model_path(str(path))
-    if path.is_dir():
-        cfg, tensors, tokenizer = read_hf_dir(path)
-    elif path.suffix == ".gguf":
-        cfg, tensors, tokenizer = read_gguf_model(path)
-    else:
+    if not (path.is_dir() or path.suffix == ".gguf"):
         raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    cfg, tensors, tokenizer = (read_hf_dir if path.is_dir() else read_gguf_model)(path)
     check_tokenizer_fits(tokenizer, cfg.vocab_size, str(path))
     with torch.device("meta"):  # no time spent initialising weights
         model = GPT(cfg)
@@ -2988,10 +2978,8 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
 
 
 def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
-    """tau with new token i at id V + i: it decodes the student's output and encodes as
-    tau. A new token is spelled as byte-level BPE spells it, unless a base token is, or
-    tau would then emit it (whole words first, as Llama 3): then spaces and control
-    bytes stand as they are."""
+    """tau with new token i at id V + i, spelled in byte-level BPE's alphabet, or with
+    bytes < 0x80 as they are where a base token is so spelled or tau would then emit it."""
     data = json.loads(tok.base.to_str())
     alphabet = byte_level_alphabet()
     base = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
@@ -3253,8 +3241,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
         raise KldError("no Hugging Face architecture has these biases")
     kind = "gpt2" if cfg.arch == "gpt2" else "qwen2" if qwen2 else "llama"
     eos = list(cfg.eos_token_ids)
-    classes = {"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM",
-               "llama": "LlamaForCausalLM"}
+    classes = dict(gpt2="GPT2LMHeadModel", qwen2="Qwen2ForCausalLM", llama="LlamaForCausalLM")
     hf = {"model_type": kind, "architectures": [classes[kind]],
           "vocab_size": cfg.vocab_size,
           **{key: getattr(cfg, field) for key, field in HF_KEYS[cfg.arch].items()},
@@ -3268,28 +3255,6 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     if qwen2:
         return {**hf, "use_sliding_window": False}
     return {**hf, "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
-
-
-def hf_state(state: dict, cfg: ModelConfig) -> dict:
-    """kld's state dict -> a Hugging Face checkpoint's tensors (read_hf_dir's inverse)."""
-    gpt2, out = cfg.arch == "gpt2", {}
-    for ours, theirs in file_names(state, cfg.arch).items():
-        conv1d = gpt2 and theirs[:2] == "h." and state[ours].ndim == 2  # (in, out)
-        out[theirs] = state[ours].t() if conv1d else state[ours]
-    for name in [k for k in out if gpt2 and ".c_attn.q." in k]:  # into one c_attn (d, 3d)
-        qkv = [out.pop(name.replace(".q.", f".{x}.")) for x in "qkv"]
-        out[name.replace(".q.", ".")] = torch.cat(qkv, -1)
-    if gpt2:
-        out = {("" if k == "lm_head.weight" else "transformer.") + k: v
-               for k, v in out.items()}
-    return {k: t.detach().cpu().contiguous() for k, t in out.items()}
-
-
-CHATML_TEMPLATE = (  # format_chat as a transformers chat template
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -3312,9 +3277,21 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
                   "model_max_length": cfg.max_positions}
     if cfg.eos_token_ids:
         tok_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
-    if chat:
-        tok_config["chat_template"] = CHATML_TEMPLATE
-    weights = safetensors.torch.save(hf_state(state, cfg), {"format": "pt"})
+    if chat:  # format_chat as a transformers chat template
+        tok_config["chat_template"] = (
+            "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+            "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+            "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    gpt2, hf = cfg.arch == "gpt2", {}  # read_hf_dir's inverse
+    for ours, theirs in file_names(state, cfg.arch).items():
+        conv1d = gpt2 and theirs[:2] == "h." and state[ours].ndim == 2  # (in, out)
+        hf[theirs] = state[ours].t() if conv1d else state[ours]
+    for name in [k for k in hf if gpt2 and ".c_attn.q." in k]:  # into one c_attn (d, 3d)
+        qkv = [hf.pop(name.replace(".q.", f".{x}.")) for x in "qkv"]
+        hf[name.replace(".q.", ".")] = torch.cat(qkv, -1)
+    hf = {("transformer." if gpt2 and k != "lm_head.weight" else "") + k:
+          t.detach().cpu().contiguous() for k, t in hf.items()}
+    weights = safetensors.torch.save(hf, {"format": "pt"})
     files = {"model.safetensors": weights,
              "config.json": hf_config(cfg, run_cfg.dtype),
              "generation_config.json": {"eos_token_id": list(dict.fromkeys(stops))},
