@@ -2493,8 +2493,7 @@ def resolve_model_path(name: str) -> Path:
         spec = importlib.util.find_spec(package)  # not imported
         path = spec and Path(spec.submodule_search_locations[0]) / filename
         if not (path and path.is_file()):
-            raise KldError(f"embedded model {name!r} is not installed; "
-                           f"install it with: {install}")
+            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
         return path
     if not Path(name).exists():
         raise KldError(f"model not found: {name!r}")
@@ -2589,8 +2588,7 @@ def read_safetensors(path: Path) -> dict:
     except FileNotFoundError:
         raise KldError(f"weights file not found: {path}") from None
     except Exception as e:  # safetensors has error types of its own
-        raise KldError(f"{path}: not a readable safetensors file, truncated or "
-                       f"corrupt ({e})") from None
+        raise KldError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 # Each kld module's name in a HF GPT-2, Llama/Qwen2 and GGUF file (- none), block i's
@@ -2627,16 +2625,11 @@ def file_names(names, form: str) -> dict[str, str]:
 
 def read_hf_dir(path: Path):
     """(ModelConfig, tensors, tokenizer) of a HF directory."""
-    if not (path / "config.json").is_file():
-        raise KldError(f"{path}: no config.json; is this a Hugging Face model directory?")
     cfg = model_config_from_hf(read_json_object(path / "config.json", "model config"),
                                str(path / "config.json"))
-    gen_file = path / "generation_config.json"
-    if gen_file.is_file():
-        eos = eos_ids(read_json_object(gen_file, "generation config").get("eos_token_id"),
-                      str(gen_file))
-        cfg = dataclasses.replace(  # config's and generation_config's ids
-            cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
+    if (gen := path / "generation_config.json").is_file():  # its eos ids too
+        eos = eos_ids(read_json_object(gen, "generation config").get("eos_token_id"), str(gen))
+        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
         shards = read_json_object(index, "shard index").get("weight_map")
@@ -2657,8 +2650,7 @@ def read_hf_dir(path: Path):
         for name in [k for k in hf if ".c_attn." in k]:
             w = hf.pop(name)
             if w.shape[-1] != 3 * cfg.d_model:
-                raise KldError(f"{path}: tensor {name!r} has shape {tuple(w.shape)}, "
-                               f"not 3 x {cfg.d_model} columns")
+                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, not 3 x {cfg.d_model} columns")
             for x, part in zip("qkv", w.split(cfg.d_model, -1)):
                 hf[name.replace("c_attn", f"c_attn.{x}")] = part
         # Conv1D stores weights (in, out)
@@ -2670,8 +2662,7 @@ def read_hf_dir(path: Path):
         if out.shape == embed.shape and torch.equal(out, embed):
             del hf["lm_head.weight"]  # a saved copy of the tied matrix
         else:
-            warn(f"{path}: config ties the output to the embedding, but there is an "
-                 "'lm_head.weight' with other values; it is used, untied (as transformers)")
+            warn(f"{path}: tied embeddings, yet an 'lm_head.weight' with other values; it is used, untied")
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
     return cfg, hf, tokenizer
 
@@ -2862,8 +2853,7 @@ def read_gguf_model(path: Path):
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) of a Hugging Face directory, a .gguf file or an embedded model:
-    every tensor there with its shape, none left over; frozen, in eval mode."""
+    """Frozen (model, tokenizer) of a HF directory, a .gguf or an embedded model: all tensors."""
     path = resolve_model_path(str(path))
     if not (path.is_dir() or path.suffix == ".gguf"):
         raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
@@ -2912,8 +2902,7 @@ def corpus_files(source: str) -> list[Path]:
 
 def load_corpus(source: str,
                 heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """(train, held-out) texts, one per file, held out by a hash of its path (one file:
-    by lines, the last); decoded as Python reads source (PEP 263, universal newlines)."""
+    """(train, held-out) texts, one per file, held out by a hash of its path (one file: its end)."""
     files, texts = corpus_files(source), []
     for path in files:
         try:
@@ -3009,8 +2998,7 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
         if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
             raise KldError(f"new token {i} does not decode to its text")
     if emits:
-        warn(f"the exported tokenizer.json encodes the text of {len(emits)} new token(s) "
-             f"(e.g. {tok.token_string(emits[0])!r}) as those tokens, not as tau does")
+        warn(f"tokenizer.json encodes {len(emits)} new tokens' text (e.g. {tok.token_string(emits[0])!r}) unlike tau")
     return tokenizer
 
 
@@ -3061,8 +3049,7 @@ def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
         return Ranks(), device
     if device.type == "cuda":
         if device.index is not None or "LOCAL_RANK" not in os.environ:
-            raise KldError("several ranks on CUDA need device 'cuda' or 'auto' and "
-                           "torchrun: each rank takes the GPU of its LOCAL_RANK")
+            raise KldError("several CUDA ranks need device cuda or auto: each rank takes the GPU of its LOCAL_RANK")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -3145,8 +3132,7 @@ def write_atomic(path: str | Path, data: str | bytes):
 
 
 def base_model_probe(model: GPT, saved=None) -> torch.Tensor | bool:
-    """4 weights of 4 embedding rows, or whether they match the `saved` ones (loosely:
-    a bf16 load): new rows are never loaded onto another base model."""
+    """4 weights of 4 embedding rows, or whether they match `saved` (loosely: bf16)."""
     rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
     probe = model.embed.weight[rows, :4].detach().float().cpu()
     return probe if saved is None else torch.allclose(saved, probe, rtol=0.05, atol=0.01)
@@ -3211,8 +3197,7 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
     tok = load_extension(out_dir / "extension.json", tokenizer)
     if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; "
-                       f"{cfg.model} has {model.cfg.vocab_size}")
+        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids, not {model.cfg.vocab_size}")
     rows = read_safetensors(file := out_dir / "new_rows.safetensors")
     shape = (len(tok.merges), model.cfg.d_model)
     if set(rows) != {"new_in", "new_out"} or any(r.shape != shape for r in rows.values()):
@@ -3258,8 +3243,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
 
 
 def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a finished run's student (V + N rows, untied) as a Hugging Face directory,
-    built beside out_dir and renamed into place: never half written."""
+    """Write a finished run's student (V + N rows, untied) as a HF directory, atomically."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise KldError(f"{out_dir} exists and is not an empty directory")
