@@ -2517,21 +2517,18 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
 # --- Hugging Face directories ---
 HF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 # What transformers takes for a key config.json lacks; None: derived, or no eos id.
-HF_DEFAULTS = {
-    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
-             "n_head": 12, "n_inner": None, "activation_function": "gelu_new",
-             "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
-             "scale_attn_weights": True, "tie_word_embeddings": True,
-             "eos_token_id": 50256},
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-              "num_hidden_layers": 32, "num_attention_heads": 32,
-              "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-              "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 2},
-}
-HF_DEFAULTS["qwen2"] = {**HF_DEFAULTS["llama"], "vocab_size": 151936,
-                        "intermediate_size": 22016, "num_key_value_heads": 32,
-                        "max_position_embeddings": 32768, "eos_token_id": None}
+HF_DEFAULTS = {"gpt2": dict(
+    vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+    activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
+    scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=True, eos_token_id=50256),
+    "llama": dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+    max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+    tie_word_embeddings=False, eos_token_id=2)}
+HF_DEFAULTS["qwen2"] = {**HF_DEFAULTS["llama"], **dict(
+    vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+    max_position_embeddings=32768, eos_token_id=None)}
 # config.json key -> ModelConfig field, both ways (model_config_from_hf, hf_config)
 HF_KEYS = {arch: dict(zip(keys.split(), fields.split())) for arch, keys, fields in [
     ("gpt2", "n_embd n_layer n_head n_inner n_positions layer_norm_epsilon",
@@ -2555,15 +2552,13 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     if kind not in HF_ARCHS:
         raise KldError(f"{source}: unsupported architecture {kind!r}")
     hf, arch = {**HF_DEFAULTS[kind], **hf}, HF_ARCHS[kind]
-    if arch == "gpt2" and (hf["activation_function"] != "gelu_new"
-                           or hf["scale_attn_by_inverse_layer_idx"]
-                           or not hf["scale_attn_weights"]):
-        raise KldError(f"{source}: GPT-2 variant (activation or attention "
-                       "scaling) is not supported")
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     act = hf.get("hidden_act", "silu")
-    for problem in [rope_type != "default" and f"RoPE scaling {rope_type!r}",
+    for problem in [arch == "gpt2" and (hf["activation_function"] != "gelu_new"
+                                        or hf["scale_attn_by_inverse_layer_idx"]
+                                        or not hf["scale_attn_weights"]) and "GPT-2 variant",
+                    rope_type != "default" and f"RoPE scaling {rope_type!r}",
                     hf.get("use_sliding_window") and "sliding-window attention",
                     act != "silu" and f"activation {act!r} (SwiGLU needs silu)"]:
         if problem:
@@ -2625,20 +2620,17 @@ def file_names(names, form: str) -> dict[str, str]:
 
 def read_hf_dir(path: Path):
     """(ModelConfig, tensors, tokenizer) of a HF directory."""
-    cfg = model_config_from_hf(read_json_object(path / "config.json", "model config"),
-                               str(path / "config.json"))
+    cfg = model_config_from_hf(read_json_object(c := path / "config.json", "model config"), str(c))
     if (gen := path / "generation_config.json").is_file():  # its eos ids too
         eos = eos_ids(read_json_object(gen, "generation config").get("eos_token_id"), str(gen))
         cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
-    index = path / "model.safetensors.index.json"
-    if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
+    shards = ["model.safetensors"]
+    if (index := path / "model.safetensors.index.json").is_file():  # {"weight_map": {name: file}}
         shards = read_json_object(index, "shard index").get("weight_map")
         if not isinstance(shards, dict):
             raise KldError(f"{index}: no weight_map object")
-        hf = {k: v for shard in sorted(set(map(str, shards.values())))
-              for k, v in read_safetensors(path / shard).items()}
-    else:
-        hf = read_safetensors(path / "model.safetensors")
+        shards = sorted(set(map(str, shards.values())))
+    hf = {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
     try:
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # a bare Exception: missing file, broken JSON, unknown fields
@@ -2653,13 +2645,12 @@ def read_hf_dir(path: Path):
                 raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, not 3 x {cfg.d_model} columns")
             for x, part in zip("qkv", w.split(cfg.d_model, -1)):
                 hf[name.replace("c_attn", f"c_attn.{x}")] = part
-        # Conv1D stores weights (in, out)
-        hf = {k: v.t().contiguous() if k[:2] == "h." and v.ndim == 2 else v
+        hf = {k: v.t().contiguous() if k[:2] == "h." and v.ndim == 2 else v  # Conv1D: (in, out)
               for k, v in hf.items()}
     embed = hf.get("wte.weight" if cfg.arch == "gpt2" else "model.embed_tokens.weight")
     out = hf.get("lm_head.weight")
     if cfg.tie_embeddings and out is not None and embed is not None:
-        if out.shape == embed.shape and torch.equal(out, embed):
+        if torch.equal(out, embed):
             del hf["lm_head.weight"]  # a saved copy of the tied matrix
         else:
             warn(f"{path}: tied embeddings, yet an 'lm_head.weight' with other values; it is used, untied")
@@ -2797,15 +2788,12 @@ def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
                                      [tuple(m.split(" ", 1)) for m in merges],
                                      ignore_merges=pre == "llama-bpe"))  # words first
     split = GGUF_PRE_TOKENIZERS[pre]
-    by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                        use_regex=split in (None, "digits"))
+    by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (None, "digits"))
     first = (pre_tokenizers.Digits(individual_digits=True) if split == "digits" else
              split and pre_tokenizers.Split(Regex(split), behavior="isolated"))
-    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([first, by_bytes])
-                               if first else by_bytes)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([first, by_bytes]) if first else by_bytes
     tokenizer.decoder = decoders.ByteLevel()
-    types = gguf_value(meta, "tokenizer.ggml.token_type", source, [1] * len(tokens),
-                       "no special tokens")
+    types = gguf_value(meta, "tokenizer.ggml.token_type", source, [1] * len(tokens), "no specials")
     for k, add in [(3, tokenizer.add_special_tokens), (4, tokenizer.add_tokens)]:
         add([AddedToken(t, special=k == 3, normalized=False)
              for t, kind in zip(tokens, types) if kind == k])  # control, user-defined
@@ -2825,20 +2813,18 @@ def read_gguf_model(path: Path):
     keys = [f"llama.{k}" for k in (
         "attention.head_count", "embedding_length", "block_count",
         "feed_forward_length", "attention.layer_norm_rms_epsilon")]
-    if missing := [k for k in keys if k not in meta]:
-        raise KldError(f"{path}: GGUF metadata lacks {missing[0]!r}")
-    if "token_embd.weight" not in tensors:
-        raise KldError(f"{path}: tensor 'token_embd.weight' is missing")
+    if missing := [k for k in keys if k not in meta] + ["token_embd.weight"] * (
+            "token_embd.weight" not in tensors):
+        raise KldError(f"{path}: GGUF file lacks {missing[0]!r}")
     n_head, d, n_layer, d_ff, eps = [meta[k] for k in keys]
-    get = lambda k, *a: gguf_value(meta, f"llama.{k}", str(path), *a)  # noqa: E731
+    get = lambda k, *a: gguf_value(meta, k, str(path), *a)  # noqa: E731
     cfg = ModelConfig(
         "llama", len(tensors["token_embd.weight"]), n_layer, n_head,
-        get("attention.head_count_kv", n_head), d, d_ff,
-        get("rope.dimension_count", d // n_head), get("context_length", 2048), eps,
-        get("rope.freq_base", 10000.0, "10000"), tie_embeddings="output.weight" not in tensors,
-        eos_token_ids=tuple(dict.fromkeys(meta[k] for k in GGUF_EOS_KEYS if k in meta)))
-    if not cfg.eos_token_ids:
-        warn(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id; kld assumes none")
+        get("llama.attention.head_count_kv", n_head), d, d_ff,
+        get("llama.rope.dimension_count", d // n_head), get("llama.context_length", 2048), eps,
+        get("llama.rope.freq_base", 10000.0, "10000"), tie_embeddings="output.weight" not in tensors,
+        eos_token_ids=tuple(dict.fromkeys([meta[k] for k in GGUF_EOS_KEYS if k in meta]
+                                          or get(GGUF_EOS_KEYS[0], [], "none"))))
     if (meta.get("llama.rope.scaling.type", "none") not in ("none", "linear")
             or meta.get("llama.rope.scaling.factor", 1.0) != 1.0):
         raise KldError(f"{path}: RoPE scaling is not supported")
@@ -2893,8 +2879,7 @@ def corpus_files(source: str) -> list[Path]:
                    if not skip & set(p.relative_to(root).parts[:-1]))
     files = [p for p in found if p.is_file()]  # no FIFO, loop or dangling link
     if others := [str(p.relative_to(root)) for p in found if p not in files]:
-        warn(f"corpus {source!r}: left out {len(others)} *.py entries "
-             f"that are not files: {others[:5]}")
+        warn(f"corpus {source!r}: left out {len(others)} *.py entries that are not files: {others[:5]}")
     if not files:
         raise KldError(f"corpus {source!r} holds no .py files")
     return files
@@ -3023,8 +3008,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def cpu_has_bf16() -> bool:
     """Whether the CPU has bf16 instructions (else emulated, slow)."""
     info = Path("/proc/cpuinfo")
-    flags = set(info.read_text().split() if info.exists() else [])
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return info.exists() and bool({"avx512_bf16", "amx_bf16"} & set(info.read_text().split()))
 
 
 def resolve_cpu_bf16(setting: bool | None, device: torch.device,
