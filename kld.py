@@ -2501,11 +2501,10 @@ def resolve_model_path(name: str) -> Path:
 
 
 def warn(message: str):
-    """One line on stderr for what kld assumed."""
     print(f"kld: warning: {message}", file=sys.stderr)
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: str):
+def check_tokenizer_fits(tokenizer, vocab_size, source):
     """Every id the tokenizer gives needs a row (more rows: padding)."""
     top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if top >= vocab_size:
@@ -2538,7 +2537,7 @@ HF_KEYS = {arch: dict(zip(keys.split(), fields.split())) for arch, keys, fields 
      "d_model d_ff n_layer n_head n_kv_head head_dim max_positions norm_eps rope_theta")]}
 
 
-def eos_ids(value, source: str) -> tuple[int, ...]:
+def eos_ids(value, source):
     """eos_token_id (an id, a list of ids or null) as a tuple."""
     ids = value if isinstance(value, list) else ([] if value is None else [value])
     if not all(type(i) is int and i >= 0 for i in ids):
@@ -2546,8 +2545,7 @@ def eos_ids(value, source: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
-    """ModelConfig of a Hugging Face config.json (GPT-2, Llama/SmolLM, Qwen2)."""
+def model_config_from_hf(hf, source) -> ModelConfig:
     kind = hf.get("model_type")
     if kind not in HF_ARCHS:
         raise KldError(f"{source}: unsupported architecture {kind!r}")
@@ -2577,7 +2575,7 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
                        eos_token_ids=eos_ids(hf["eos_token_id"], source))
 
 
-def read_safetensors(path: Path) -> dict:
+def read_safetensors(path):
     try:
         return safetensors.torch.load_file(str(path))
     except FileNotFoundError:
@@ -2607,7 +2605,7 @@ TENSOR_NAMES = {row[0]: row[1:] for row in map(str.split, _NAMES.strip().splitli
 FILE_FORMS = {"gpt2": (0, "h."), "llama": (1, "model.layers."), "gguf": (2, "blk.")}
 
 
-def file_names(names, form: str) -> dict[str, str]:
+def file_names(names, form):
     """kld tensor name -> its name in a file of `form`."""
     col, layer = FILE_FORMS[form]
     out = {}
@@ -2669,10 +2667,9 @@ GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34),
                "Q4_0": (32, 18), "Q4_1": (32, 20)}
 
 
-def dequantize(raw: torch.Tensor, kind: str) -> torch.Tensor:
-    """Flat float32 values of one ggml tensor's bytes (uint8). Blocks of 32 q, d and m
-    float16: Q8_0 (d, q int8) x = d q; Q4_0 (d, q 4-bit) x = d (q - 8); Q4_1 (d, m, q
-    4-bit) x = d q + m. Byte i holds q_i low, q_(i+16) high."""
+def dequantize(raw, kind):
+    """Flat float32 values of a ggml tensor's bytes. Blocks of 32 q, float16 d and m: Q8_0
+    x = d q (int8); Q4_0 x = d (q - 8), Q4_1 x = d q + m (4-bit: byte i holds q_i, q_i+16)."""
     if kind[0] in "FB":
         dtype = {"F32": torch.float32, "F16": torch.float16}.get(kind)
         return raw.view(dtype or torch.bfloat16).float()
@@ -2762,20 +2759,19 @@ GGUF_PRE_TOKENIZERS = {"gpt-2": None, "smollm": "digits", "starcoder": "digits",
 GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")]
 
 
-def gguf_value(meta: dict, key: str, source: str, default, assumption=None):
+def gguf_value(meta, key, source, default, assumption=None):
     """meta[key], or `default` where the file lacks the key, said on stderr."""
     if key not in meta:
         warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption or default}")
     return meta.get(key, default)
 
 
-def tokenizer_from_gguf(meta: dict, source: str) -> Tokenizer:
-    """A byte-level BPE `Tokenizer` of GGUF metadata."""
+def tokenizer_from_gguf(meta, source) -> Tokenizer:
     pre = gguf_value(meta, "tokenizer.ggml.pre", source, "gpt-2", "GPT-2's split")
     if (model := meta.get("tokenizer.ggml.model")) != "gpt2":
         raise KldError(f"{source}: tokenizer model {model!r} is not supported")
     if pre not in GGUF_PRE_TOKENIZERS:
-        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known to kld")
+        raise KldError(f"{source}: pre-tokenizer {pre!r} is not known")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise KldError(f"{source}: GGUF metadata lacks the vocabulary")
@@ -2864,7 +2860,7 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 
 
 # --- the domain corpus ---
-def corpus_files(source: str) -> list[Path]:
+def corpus_files(source):
     """The sorted files of "stdlib" (but its tests), a directory (its .py) or a file."""
     root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
     if root.is_file():
@@ -2885,8 +2881,7 @@ def corpus_files(source: str) -> list[Path]:
     return files
 
 
-def load_corpus(source: str,
-                heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+def load_corpus(source: str, heldout_fraction: float = 0.1):
     """(train, held-out) texts, one per file, held out by a hash of its path (one file: its end)."""
     files, texts = corpus_files(source), []
     for path in files:
@@ -2915,14 +2910,13 @@ def load_corpus(source: str,
     return train, heldout
 
 
-def vocab_fingerprint(tokenizer: Tokenizer) -> str:
+def vocab_fingerprint(tokenizer):
     """sha256 of the base vocabulary: an extension fits it alone."""
     vocab = sorted(tokenizer.get_vocab(True).items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
-def save_extension(tok: ExtendedTokenizer, path: str | Path):
-    """Write the extension as one JSON file to ship beside the model."""
+def save_extension(tok, path):
     n = tok.base_vocab_size
     data = {"format": "kld-extension/1", "base_vocab_size": n,
             "base_vocab_sha256": vocab_fingerprint(tok.base),
@@ -2931,8 +2925,7 @@ def save_extension(tok: ExtendedTokenizer, path: str | Path):
     write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
-def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
-    """The student tokenizer of a saved extension of `tokenizer`."""
+def load_extension(path, tokenizer) -> ExtendedTokenizer:
     data = read_json_object(path, "extension file")
     if data.get("format") != "kld-extension/1":
         raise KldError(f"{path}: not a kld extension file")
@@ -2951,7 +2944,7 @@ def load_extension(path: str | Path, tokenizer: Tokenizer) -> ExtendedTokenizer:
         raise KldError(f"{path}: {e}") from None
 
 
-def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
+def tokenizer_with_new_tokens(tok) -> Tokenizer:
     """tau with new token i at id V + i, spelled in byte-level BPE's alphabet, or with
     bytes < 0x80 as they are where a base token is so spelled or tau would then emit it."""
     data = json.loads(tok.base.to_str())
@@ -2962,7 +2955,7 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
     as_is = {i: "".join(chr(b) if b < 0x80 else alphabet[b] for b in tok.token_bytes(i))
              for i in new_ids}
     spell = {i: as_is[i] if s in base else s for i, s in spell.items()}
-    def build(spell: dict[int, str]) -> Tokenizer:
+    def build(spell):
         counts = collections.Counter([*spell.values(), *base])
         for i, s in spell.items():
             if counts[s] > 1:
@@ -2971,7 +2964,7 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
         vocab = {**data["model"]["vocab"], **{s: i for i, s in spell.items()}}
         model = {**data["model"], "vocab": vocab}
         return Tokenizer.from_str(json.dumps({**data, "model": model}))
-    def emitted(tokenizer: Tokenizer, ids) -> list[int]:  # encoded unlike tau
+    def emitted(tokenizer, ids):  # encoded unlike tau
         texts = {i: tok.token_bytes(i).decode(errors="replace") for i in ids}
         encode = lambda tk, t: tk.encode(t, add_special_tokens=False).ids  # noqa: E731
         return [i for i, t in texts.items() if encode(tokenizer, t) != encode(tok.base, t)]
@@ -2989,8 +2982,6 @@ def tokenizer_with_new_tokens(tok: ExtendedTokenizer) -> Tokenizer:
 
 # --- devices, and data parallel (`torchrun --nproc_per_node N kld.py ...`): each rank
 # runs every world-th window of the same global batch; rank 0 alone writes.
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -3005,14 +2996,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def cpu_has_bf16() -> bool:
+def cpu_has_bf16():
     """Whether the CPU has bf16 instructions (else emulated, slow)."""
     info = Path("/proc/cpuinfo")
     return info.exists() and bool({"avx512_bf16", "amx_bf16"} & set(info.read_text().split()))
 
 
-def resolve_cpu_bf16(setting: bool | None, device: torch.device,
-                     quiet: bool = False) -> bool:
+def resolve_cpu_bf16(setting, device, quiet=False) -> bool:
     """Whether training on the CPU runs in bf16 (None: if the CPU has it)."""
     if device.type != "cpu":
         return False
@@ -3021,13 +3011,13 @@ def resolve_cpu_bf16(setting: bool | None, device: torch.device,
     return cpu_has_bf16() if setting is None else setting
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
+def start_ranks(device):
     """(ranks, this rank's device): under torchrun join the group (NCCL or gloo)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
@@ -3043,12 +3033,11 @@ def start_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
     return Ranks(dist.get_rank(), dist.get_world_size(), local_world), device
 
 
-def share(items: list, ranks: Ranks) -> list:
-    """This rank's share: every world-th item, from its rank on."""
+def share(items, ranks):
     return items[ranks.rank :: ranks.world]
 
 
-def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[float]:
+def all_sum(values, ranks, device):
     """Each value summed over the ranks (float64, on `device`)."""
     if ranks.world == 1:
         return values
@@ -3057,7 +3046,7 @@ def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[flo
     return total.tolist()
 
 
-def gather(value, ranks: Ranks) -> list:
+def gather(value, ranks):
     """Every rank's `value` (picklable), in rank order, on every rank."""
     values = [value] * ranks.world
     if ranks.world > 1:
@@ -3065,7 +3054,7 @@ def gather(value, ranks: Ranks) -> list:
     return values
 
 
-def average_gradients(params: list[torch.Tensor], ranks: Ranks):
+def average_gradients(params, ranks):
     """Each gradient -> its mean over the ranks (equal shares: the whole batch's)."""
     grads = [p.grad for p in params if p.grad is not None]
     if ranks.world == 1 or not grads:
@@ -3078,8 +3067,7 @@ def average_gradients(params: list[torch.Tensor], ranks: Ranks):
 
 
 # --- files: JSON, atomic writes, checkpoints, the new rows, the student ---
-def read_json_object(path: str | Path, what: str) -> dict:
-    """A JSON object from a file, or a KldError saying what is wrong."""
+def read_json_object(path, what) -> dict:
     if Path(path).exists() and not Path(path).is_file():  # a FIFO would hang
         raise KldError(f"{what} {path} is not a regular file")
     try:
@@ -3089,7 +3077,7 @@ def read_json_object(path: str | Path, what: str) -> dict:
     except json.JSONDecodeError as e:
         raise KldError(f"{what} {path} is not valid JSON: {e}") from None
     except UnicodeDecodeError:
-        raise KldError(f"{what} {path} is not UTF-8 text (JSON is)") from None
+        raise KldError(f"{what} {path} is not UTF-8 text") from None
     except OSError as e:
         raise KldError(f"{what} {path} cannot be read: {e.strerror or e}") from None
     if not isinstance(data, dict):
@@ -3115,15 +3103,14 @@ def write_atomic(path: str | Path, data: str | bytes):
         raise
 
 
-def base_model_probe(model: GPT, saved=None) -> torch.Tensor | bool:
+def base_model_probe(model, saved=None):
     """4 weights of 4 embedding rows, or whether they match `saved` (loosely: bf16)."""
     rows = torch.linspace(0, model.cfg.vocab_size - 1, 4).long()
     probe = model.embed.weight[rows, :4].detach().float().cpu()
     return probe if saved is None else torch.allclose(saved, probe, rtol=0.05, atol=0.01)
 
 
-def save_checkpoint(path: Path, model: GPT,
-                    optimizer: torch.optim.Optimizer, step: int, cfg: Config):
+def save_checkpoint(path, model, optimizer, step, cfg):
     """Trained parameters, optimizer, step and config in one file."""
     params = {k: p.detach().cpu() for k, p in trained_parameters(model).items()}
     buffer = io.BytesIO()
@@ -3133,7 +3120,7 @@ def save_checkpoint(path: Path, model: GPT,
     write_atomic(path, buffer.getvalue())
 
 
-def read_checkpoint(path: Path, cfg: Config) -> dict:
+def read_checkpoint(path, cfg) -> dict:
     """A checkpoint's contents, made under the same config."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -3149,8 +3136,7 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, model: GPT,
-                    optimizer: torch.optim.Optimizer, cfg: Config) -> int:
+def load_checkpoint(path, model, optimizer, cfg) -> int:
     """Restore rows and optimizer; return the step to continue from."""
     state = read_checkpoint(path, cfg)
     probe = state.get("base_model_probe")
@@ -3166,7 +3152,7 @@ def load_checkpoint(path: Path, model: GPT,
     return state["step"]
 
 
-def save_new_rows(model: GPT) -> bytes:
+def save_new_rows(model) -> bytes:
     """new_rows.safetensors: new rows, base model probe."""
     rows = {"new_in": model.new_in.detach().cpu().contiguous(),
             "new_out": model.new_out.detach().cpu().contiguous()}
@@ -3203,7 +3189,7 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
 
 
 # --- export: a Hugging Face directory, the inverse of the readers above ---
-def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+def hf_config(cfg, dtype="float32"):
     """config.json of `cfg`: GPT-2, Qwen2 (biases on q, k, v alone) or Llama."""
     qwen2 = cfg.qkv_bias and not cfg.out_bias
     if qwen2 and cfg.mlp_bias or cfg.out_bias and not cfg.qkv_bias:
