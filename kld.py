@@ -2508,8 +2508,7 @@ def check_tokenizer_fits(tokenizer, vocab_size, source):
     """Every id the tokenizer gives needs a row (more rows: padding)."""
     top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if top >= vocab_size:
-        token = tokenizer.id_to_token(top)
-        raise KldError(f"{source}: the tokenizer gives ids up to {top} ({token!r}) "
+        raise KldError(f"{source}: the tokenizer gives ids up to {top} ({tokenizer.id_to_token(top)!r}) "
                        f"but the model has only {vocab_size} embedding rows")
 
 
@@ -2755,8 +2754,7 @@ _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{}"
 GGUF_PRE_TOKENIZERS = {"gpt-2": None, "smollm": "digits", "starcoder": "digits",
                        "llama-bpe": _SPLIT.replace("{}", "{1,3}"),
                        "qwen2": _SPLIT.replace("{}", "")}
-# The ids at which a GGUF's model ends its output: end of sequence, of turn, of message.
-GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")]
+GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")]  # ends: text, turn, message
 
 
 def gguf_value(meta, key, source, default, assumption=None):
@@ -2818,7 +2816,7 @@ def read_gguf_model(path: Path):
         "llama", len(tensors["token_embd.weight"]), n_layer, n_head,
         get("llama.attention.head_count_kv", n_head), d, d_ff,
         get("llama.rope.dimension_count", d // n_head), get("llama.context_length", 2048), eps,
-        get("llama.rope.freq_base", 10000.0, "10000"), tie_embeddings="output.weight" not in tensors,
+        get("llama.rope.freq_base", 10000.0), tie_embeddings="output.weight" not in tensors,
         eos_token_ids=tuple(dict.fromkeys([meta[k] for k in GGUF_EOS_KEYS if k in meta]
                                           or get(GGUF_EOS_KEYS[0], [], "none"))))
     if (meta.get("llama.rope.scaling.type", "none") not in ("none", "linear")
@@ -2835,7 +2833,7 @@ def read_gguf_model(path: Path):
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32):
-    """Frozen (model, tokenizer) of a HF directory, a .gguf or an embedded model: all tensors."""
+    """Frozen (model, tokenizer) of a HF directory, a .gguf or an embedded model."""
     path = resolve_model_path(str(path))
     if not (path.is_dir() or path.suffix == ".gguf"):
         raise KldError(f"{path}: expected a Hugging Face model directory or a .gguf file")
@@ -2945,8 +2943,7 @@ def load_extension(path, tokenizer) -> ExtendedTokenizer:
 
 
 def tokenizer_with_new_tokens(tok) -> Tokenizer:
-    """tau with new token i at id V + i, spelled in byte-level BPE's alphabet, or with
-    bytes < 0x80 as they are where a base token is so spelled or tau would then emit it."""
+    """tau with new token i at id V + i, spelled as byte-level BPE does or, lest tau emit it, as is."""
     data = json.loads(tok.base.to_str())
     alphabet = byte_level_alphabet()
     base = set(data["model"]["vocab"]) | {t["content"] for t in data["added_tokens"]}
@@ -3023,14 +3020,13 @@ def start_ranks(device):
         return Ranks(), device
     if device.type == "cuda":
         if device.index is not None or "LOCAL_RANK" not in os.environ:
-            raise KldError("several CUDA ranks need device cuda or auto: each rank takes the GPU of its LOCAL_RANK")
+            raise KldError("CUDA ranks need device cuda or auto: each rank takes the GPU of its LOCAL_RANK")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=30))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_world), device
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))), device
 
 
 def share(items, ranks):
@@ -3219,10 +3215,9 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise KldError(f"{out_dir} exists and is not an empty directory")
     run_cfg = load_config(str(Path(run_dir) / "config.json"))
     model, tok = load_student(run_dir, dtype=resolve_dtype(run_cfg.dtype))
-    state = model.state_dict()
-    new_in, new_out = state.pop("new_in"), state.pop("new_out")  # (N, d) each
-    state["lm_head.weight"] = torch.cat([model.output_weight(), new_out])  # (V + N, d)
-    state["embed.weight"] = torch.cat([state["embed.weight"], new_in])  # (V + N, d)
+    state = model.state_dict()  # the new rows appended: (V + N, d)
+    state["lm_head.weight"] = torch.cat([model.output_weight(), state.pop("new_out")])
+    state["embed.weight"] = torch.cat([state["embed.weight"], state.pop("new_in")])
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
     chat = has_chat_template(tok)
     stops = [*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]
@@ -3245,8 +3240,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
         hf[name.replace(".q.", ".")] = torch.cat(qkv, -1)
     hf = {("transformer." if gpt2 and k != "lm_head.weight" else "") + k:
           t.detach().cpu().contiguous() for k, t in hf.items()}
-    weights = safetensors.torch.save(hf, {"format": "pt"})
-    files = {"model.safetensors": weights,
+    files = {"model.safetensors": safetensors.torch.save(hf, {"format": "pt"}),
              "config.json": hf_config(cfg, run_cfg.dtype),
              "generation_config.json": {"eos_token_id": list(dict.fromkeys(stops))},
              "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
