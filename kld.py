@@ -2758,7 +2758,7 @@ GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")] 
 
 
 def gguf_value(meta, key, source, default, assumption=None):
-    """meta[key], or `default` where the file lacks the key, said on stderr."""
+    """meta[key], or `default` (said on stderr) where the file lacks it."""
     if key not in meta:
         warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption or default}")
     return meta.get(key, default)
@@ -2880,7 +2880,7 @@ def corpus_files(source):
 
 
 def load_corpus(source: str, heldout_fraction: float = 0.1):
-    """(train, held-out) texts, one per file, held out by a hash of its path (one file: its end)."""
+    """(train, held-out) texts, one per file, held out by its path's hash (one file: its end)."""
     files, texts = corpus_files(source), []
     for path in files:
         try:
@@ -2972,8 +2972,8 @@ def tokenizer_with_new_tokens(tok):
         if tokenizer.decode([i], skip_special_tokens=False) != tok.decode([i]):
             raise KldError(f"new token {i} does not decode to its text")
     if emits:
-        warn(f"tokenizer.json encodes {len(emits)} new tokens' text as themselves, unlike tau "
-             f"(e.g. {tok.token_string(emits[0])!r})")
+        warn(f"tokenizer.json encodes the text of {len(emits)} new token(s) "
+             f"(e.g. {tok.token_string(emits[0])!r}) as those tokens, unlike tau")
     return tokenizer
 
 
