@@ -1213,7 +1213,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             total += loss.detach()
         ctx.save_for_backward(grad_h / len(h), grad_new / len(h))
         return (total / len(h)).to(h.dtype)
-
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_new = ctx.saved_tensors
@@ -1301,7 +1300,7 @@ def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, r
             floor = target_logprobs(p, next_ids)  # log p'_j(s_j)
             new = next_ids >= V
             for key, v in [("kl", kl_to_lifted(p, x)), ("target", -floor[floor > -math.inf]),
-                           ("zero", floor == -math.inf), ("new", new), ("mass", logq[new, V:].exp()),
+                           ("zero", floor.isneginf()), ("new", new), ("mass", logq[new, V:].exp()),
                            ("target_mass", upcast(p.new_logp[new]).exp())]:
                 n[key] += v.sum().item()
     n = dict(zip(n, all_sum(list(n.values()), ranks, device)))
@@ -1370,8 +1369,7 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
         average_gradients(params, ranks)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        finite = [loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]
-        if not torch.stack(finite).all():
+        if not torch.stack([loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]).all():
             raise KldError(f"{objective} step {step + 1}: the loss, its gradient or the rows are not "
                            f"finite (loss {loss.item():.4g}); try float32 or a lower lr")
         step += 1
@@ -1421,8 +1419,7 @@ def stage(model, tok, cfg, stream, chunks, out, ranks, second=False):
     teacher, offset = unfreeze_blocks(model, first, last), cfg.hidden_steps + cfg.steps
     cfg = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed + 2)
     history = train(model, tok, cfg, stream, chunks, out / "checkpoint-finetune.pt", teacher, None, ranks, offset)
-    trained = trained_parameters(model).items()
-    blocks = {n: p.detach().cpu().contiguous() for n, p in trained if n.startswith("blocks.")}
+    blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
     if ranks.main:
         write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
     model.requires_grad_(False)
@@ -3355,7 +3352,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """['--steps', '64', '--chat=false'] -> {'steps': 64, 'chat': False}; a str field's text as is."""
+    """['--steps', '64', '--chat=false'] -> {'steps': 64, 'chat': False}; str fields as is."""
     hints, values, it = typing.get_type_hints(Config), {}, iter(args)
     for arg in it:
         if not arg.startswith("--"):
@@ -3371,18 +3368,17 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def check_out_dir(out: Path, cfg: Config):
-    """Refuse an out_dir the run cannot write, or whose files it must not overwrite."""
+    """Refuse an out_dir the run cannot write or must not write into."""
     if out.exists() and not out.is_dir():
         raise KldError(f"out_dir {out} exists and is not a directory")
     model = resolve_model_path(cfg.model)
     if model.is_dir() and out.resolve().is_relative_to(model.resolve()):
         raise KldError(f"out_dir {out} is in the model's directory {model}")
-    ours = ("config.json extension.json new_rows.safetensors embeddings.json results.json "
-            "codegen.json finetuned_blocks.safetensors checkpoint.pt checkpoint-hidden.pt "
-            "checkpoint-finetune.pt").split()  # the files a run writes
+    ours = ("config.json extension.json embeddings.json results.json codegen.json new_rows.safetensors "
+            "finetuned_blocks.safetensors checkpoint.pt checkpoint-hidden.pt checkpoint-finetune.pt").split()
     for path in (model, Path(cfg.corpus), Path(cfg.tasks)):
         mine = out / path.name
-        if path.name in ours and path.is_file() and mine.exists() and mine.samefile(path):
+        if path.name in ours and mine.exists() and mine.samefile(path):
             raise KldError(f"out_dir {out}: the run writes {path.name}, which is its input {path}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -3398,21 +3394,20 @@ def check_out_dir(out: Path, cfg: Config):
 
 
 def run(cfg: Config) -> dict:
-    """The method end to end: extend tau, initialise and train the new rows, measure, answer."""
+    """The method end to end: extend tau, train the new rows, measure, answer."""
     check_out_dir(out := Path(cfg.out_dir), cfg)
     torch.manual_seed(cfg.seed)
     ranks, device = start_ranks(resolve_device(cfg.device))
     resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=not ranks.main)
     if cfg.batch_size % ranks.world:
-        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split "
-                       f"among {ranks.world} ranks")
+        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split among {ranks.world} ranks")
     def save(name, obj, indent=2):
         if ranks.main:
             write_atomic(out / name, json.dumps(obj, indent=indent) + "\n")
     started = time.perf_counter()
     model, base = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
-    n = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model {cfg.model}: {n:.1f}M parameters, {device}, {cfg.dtype}")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"model {cfg.model}: {n / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
     texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     V, T = model.cfg.vocab_size, model.cfg.max_positions
@@ -3456,9 +3451,8 @@ def run(cfg: Config) -> dict:
     training = train(*data, checkpoint, ranks=ranks, offset=cfg.hidden_steps)
     history += training["history"]
     final = history[-1] if history else measure(lift)  # else a finished run resumed
-    more = stage(*data, out, ranks, second=True) if cfg.finetune_steps else []
-    history, final = history + more, (more or [final])[-1]
-    results = dict(teacher=teacher, student_init=initial, student=final, history=history,
+    history += stage(*data, out, ranks, second=True) if cfg.finetune_steps else []
+    results = dict(teacher=teacher, student_init=initial, student=(history or [final])[-1], history=history,
                    n_new_tokens=len(tok.merges), train_tokens_per_s=training["train_tokens_per_s"],
                    peak_memory_mb=peak_memory_mb(device), device=str(device),
                    seconds=time.perf_counter() - started, complete=False)
