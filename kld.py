@@ -1107,7 +1107,7 @@ def padded_batch(seqs, device, at_end=False):
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
     for b, s in enumerate(seqs):
         at = slice(width - len(s), width) if at_end else slice(len(s))
-        ids[b, at] = torch.tensor(s, dtype=torch.long)
+        ids[b, at] = torch.tensor(s)
         valid[b, at] = True
     padded = min(map(len, seqs)) < width  # else fused causal attention
     return ids.to(device), valid.to(device) if padded else None
@@ -1338,7 +1338,7 @@ def windows_of(cfg, stream, first_new_id):
 def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=None, ranks=Ranks(), offset=0):
     """AdamW on what requires a gradient; resumable, data parallel."""
     device = model.embed.weight.device
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    lift = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
     named = trained_parameters(model)
@@ -1363,7 +1363,7 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
         with cpu_autocast(bf16):  # the backward keeps these dtypes
             loss = (hidden_state_loss(model, tok, batch, cfg.hidden_layer or model.cfg.n_layer, teacher)
                     if objective == "hidden" else
-                    training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk))
+                    training_loss(model, tok, batch, objective, lift, teacher, spec, cfg.loss_chunk))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, ranks)
@@ -1383,7 +1383,7 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
                   f"{left:.0f}s left", flush=True)
         if step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0:
             if chunks:
-                m = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
+                m = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift, teacher, ranks)
                 print(f"  held-out @ {step}: bits/char {m['bits_per_char']:.4f} | KL {m['kl']:.4f} | "
                       f"tokens/char {m['tokens_per_char']:.4f}", flush=True)
                 history.append({"step": offset + step, **m})
