@@ -3406,8 +3406,8 @@ def run(cfg: Config) -> dict:
             write_atomic(out / name, json.dumps(obj, indent=indent) + "\n")
     started = time.perf_counter()
     model, base = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
-    n = sum(p.numel() for p in model.parameters())
-    print(f"model {cfg.model}: {n / 1e6:.1f}M parameters, {device}, {cfg.dtype}")
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model {cfg.model}: {n:.1f}M parameters, {device}, {cfg.dtype}")
     texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     V, T = model.cfg.vocab_size, model.cfg.max_positions
@@ -3417,7 +3417,7 @@ def run(cfg: Config) -> dict:
     if cfg.max_new_tokens >= T:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {T} positions")
     checkpoint = out / "checkpoint.pt"
-    resuming = cfg.resume and checkpoint.exists() and bool(read_checkpoint(checkpoint, cfg))
+    resuming = cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg)
     save("config.json", dataclasses.asdict(cfg))  # all checked: now write
     if resuming:
         tok = load_extension(out / "extension.json", base)
