@@ -1050,7 +1050,7 @@ def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.
 
 
 def separator_id(cfg):
-    """The token before each window and document: end of text."""
+    """End of text: the token before each window and document."""
     return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
 
 
@@ -1059,49 +1059,41 @@ def token_stream(tok, texts, sep):
     return [i for ids in tok.encode_batch(texts) for i in [sep] + ids]
 
 
-def training_windows(stream, seq_len, seed):
-    """Endless disjoint windows of seq_len + 1 ids, reshuffled each pass."""
+def training_windows(stream, seq_len, seed, first_new=None, per_token=0):
+    """Endless reshuffled windows of seq_len + 1 ids: disjoint, or per_token per new token."""
     if len(stream) <= seq_len:
         raise KldError(f"{len(stream)} corpus tokens, fewer than one window")
-    gen = torch.Generator().manual_seed(seed)
+    shuffle = functools.partial(torch.randperm, generator=torch.Generator().manual_seed(seed))
+    starts = range(0, len(stream) - seq_len, seq_len)
+    if first_new is not None:
+        rng, ids = np.random.default_rng(seed), np.asarray(stream)
+        at = np.flatnonzero(ids[1:] >= first_new) + 1  # 0 is never predicted
+        at = at[np.argsort(ids[at], kind="stable")]  # grouped by token
+        starts, shuffle = [], rng.permutation
+        for where in np.split(at, np.unique(ids[at], return_index=True)[1][1:]):
+            chosen = rng.choice(where, min(per_token, len(where)), replace=False)
+            chosen -= rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))
+            starts += np.clip(chosen, 0, len(stream) - seq_len - 1).tolist()
+        if not starts:
+            raise KldError("no new token occurs in the training corpus")
     while True:
-        for i in torch.randperm((len(stream) - 1) // seq_len, generator=gen).tolist():
-            yield stream[i * seq_len : (i + 1) * seq_len + 1]
-
-
-def new_token_windows(stream, seq_len, first_new_id, per_token, seed):
-    """Endless windows for per_token occurrences of each new token."""
-    if len(stream) <= seq_len:
-        raise KldError(f"{len(stream)} corpus tokens, fewer than one window")
-    rng = np.random.default_rng(seed)
-    ids = np.asarray(stream)
-    at = np.flatnonzero(ids[1:] >= first_new_id) + 1  # 0 is never predicted
-    at = at[np.argsort(ids[at], kind="stable")]  # grouped by token
-    starts = []
-    for where in np.split(at, np.unique(ids[at], return_index=True)[1][1:]):
-        chosen = rng.choice(where, min(per_token, len(where)), replace=False)
-        chosen -= rng.integers(1, max(2, seq_len // 2 + 1), size=len(chosen))
-        starts += np.clip(chosen, 0, len(stream) - seq_len - 1).tolist()
-    if not starts:
-        raise KldError("no new token occurs in the training corpus")
-    while True:
-        for i in rng.permutation(len(starts)).tolist():
+        for i in shuffle(len(starts)).tolist():
             yield stream[starts[i] : starts[i] + seq_len + 1]
 
 
-def eval_chunks(tokenizer, texts, max_chars, window):
+def eval_chunks(base, texts, max_chars, window):
     """Held-out chunks of <= window ids, cut after a newline token."""
-    vocab = token_bytes(tokenizer, tokenizer.get_vocab_size())
+    vocab = token_bytes(base, base.get_vocab_size())
     newline = {i for i, b in enumerate(vocab) if b"\n" in b}
     chunks, chars = [], 0
-    for e in tokenizer.encode_batch(texts, add_special_tokens=False):
+    for e in base.encode_batch(texts, add_special_tokens=False):
         ids = e.ids
         while ids and chars < max_chars:
             cut = min(window, len(ids))
             if cut < len(ids):
                 cut = next((i + 1 for i in range(cut - 1, 0, -1) if ids[i] in newline), cut)
             chunks.append(ids[:cut])
-            chars += len(tokenizer.decode(ids[:cut]))
+            chars += len(base.decode(ids[:cut]))
             ids = ids[cut:]
     if not chunks:
         raise KldError("no held-out text to evaluate on")
@@ -1115,16 +1107,14 @@ def padded_batch(seqs, device, at_end=False):
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
     for b, s in enumerate(seqs):
         at = slice(width - len(s), width) if at_end else slice(len(s))
-        ids[b, at] = torch.tensor(s, dtype=torch.long)
+        ids[b, at] = torch.tensor(s)
         valid[b, at] = True
     padded = min(map(len, seqs)) < width  # else fused causal attention
     return ids.to(device), valid.to(device) if padded else None
 
 
 def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
-    """Tree attention: logits (B, T, |V|) (or states) after node (b, xs) of
-    row r: xs[-1] after t_<b in slots [0, prefix_slots[r] + b), reading
-    them, its ancestors (in slots[r]) and itself."""
+    """Tree attention: logits (B, T, |V|) (or states) of xs[-1] after t_<b and xs's prefixes."""
     device = model.embed.weight.device
     S0, T = cache.length, max(map(len, nodes))
     cache.reserve(S0 + T)
@@ -1169,8 +1159,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     starts = [coarsening_span_starts(w[1:], tok) for w in windows]
     min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
     width = max(map(len, teacher_ids)) + 1
-    branches = BranchRows(torch.zeros(0, dtype=torch.long, device=device),
-                          torch.zeros(0, len(tables.alphabet), dtype=torch.float64, device=device))
+    branches = BranchRows(ids.new_zeros(0), ids.new_zeros(0, len(tables.alphabet)).double())
     slots = [{} for _ in windows]  # node -> its cache slot
     n_branch = 0
     while True:
@@ -1207,9 +1196,7 @@ def target_logprobs(targets, next_ids):
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """chunked_head_loss(h, new_out, base_out, loss, chunk): mean_j
-    loss(h_j [base_out; new_out]^T), logits over V' `chunk` rows at a time."""
-
+    """mean_j loss(h_j [base_out; new_out]^T), the logits over V' `chunk` rows at a time."""
     @staticmethod
     def forward(ctx, h, new_out, base_out, position_loss, chunk):
         total = h.new_zeros((), dtype=torch.float64)
@@ -1226,7 +1213,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             total += loss.detach()
         ctx.save_for_backward(grad_h / len(h), grad_new / len(h))
         return (total / len(h)).to(h.dtype)
-
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_new = ctx.saved_tensors
@@ -1250,7 +1236,6 @@ def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None,
     next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)
     if objective == "kl":  # no gradient flows to the teacher
         p = cat_targets(teacher_targets(teacher or model, tok, windows, lift_cfg)[0])
-
     def position_loss(logits, i, j):  # p' dense for one chunk only
         if objective == "ce":
             return F.cross_entropy(logits, next_ids[i:j], reduction="none")
@@ -1283,15 +1268,12 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_world: int = 1  # the ranks on this machine
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    main = property(lambda self: self.rank == 0)
 
 
 @torch.no_grad()
 def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, ranks=Ranks()):
-    """Held-out measures (METHOD.md section 6) of teacher or student."""
+    """Held-out measures (METHOD.md 6) of teacher or student."""
     student = lift_cfg is not None
     device = model.embed.weight.device
     V = tok.base_vocab_size
@@ -1318,7 +1300,7 @@ def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, r
             floor = target_logprobs(p, next_ids)  # log p'_j(s_j)
             new = next_ids >= V
             for key, v in [("kl", kl_to_lifted(p, x)), ("target", -floor[floor > -math.inf]),
-                           ("zero", floor == -math.inf), ("new", new), ("mass", logq[new, V:].exp()),
+                           ("zero", floor.isneginf()), ("new", new), ("mass", logq[new, V:].exp()),
                            ("target_mass", upcast(p.new_logp[new]).exp())]:
                 n[key] += v.sum().item()
     n = dict(zip(n, all_sum(list(n.values()), ranks, device)))
@@ -1349,15 +1331,14 @@ def trained_parameters(model):
 
 def windows_of(cfg, stream, first_new_id):
     """The endless training windows cfg.windows names."""
-    if cfg.windows == "new_tokens":
-        return new_token_windows(stream, cfg.seq_len, first_new_id, cfg.windows_per_token, cfg.seed)
-    return training_windows(stream, cfg.seq_len, cfg.seed)
+    new = first_new_id if cfg.windows == "new_tokens" else None
+    return training_windows(stream, cfg.seq_len, cfg.seed, new, cfg.windows_per_token)
 
 
-def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=None, ranks=Ranks()):
+def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=None, ranks=Ranks(), offset=0):
     """AdamW on what requires a gradient; resumable, data parallel."""
     device = model.embed.weight.device
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    lift = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
     named = trained_parameters(model)
@@ -1365,17 +1346,14 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
     if not any(p.numel() for p in params):  # K = 0
         return {"train_tokens_per_s": 0.0, "history": []}
     fast = (cfg.lr_out or cfg.lr) / cfg.lr  # the output rows learn faster, or the input rows lag
-    groups = [{"params": [p], "lr_scale": fast if n == "new_out" else 1.0}
-              for n, p in named.items()]
+    groups = [{"params": [p], "lr_scale": fast if n == "new_out" else 1.0} for n, p in named.items()]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume and checkpoint.exists():
         step = load_checkpoint(checkpoint, model, optimizer, cfg)
         print(f"resuming from {checkpoint} at step {step}")
     bf16 = resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=True)
-    windows = windows_of(cfg, stream, tok.base_vocab_size)
-    for _ in range(step * cfg.batch_size):  # as if uninterrupted
-        next(windows)
+    windows = itertools.islice(windows_of(cfg, stream, tok.base_vocab_size), step * cfg.batch_size, None)
     history, tokens, seconds = [], 0, 0.0
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -1385,14 +1363,13 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
         with cpu_autocast(bf16):  # the backward keeps these dtypes
             loss = (hidden_state_loss(model, tok, batch, cfg.hidden_layer or model.cfg.n_layer, teacher)
                     if objective == "hidden" else
-                    training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk))
+                    training_loss(model, tok, batch, objective, lift, teacher, spec, cfg.loss_chunk))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, ranks)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        finite = [loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]
-        if not torch.stack(finite).all():
+        if not torch.stack([loss.isfinite(), norm.isfinite()] + [p.isfinite().all() for p in params]).all():
             raise KldError(f"{objective} step {step + 1}: the loss, its gradient or the rows are not "
                            f"finite (loss {loss.item():.4g}); try float32 or a lower lr")
         step += 1
@@ -1406,11 +1383,10 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
                   f"{left:.0f}s left", flush=True)
         if step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0:
             if chunks:
-                sep = separator_id(model.cfg)
-                m = evaluate(model, tok, chunks, sep, cfg.batch_size, lift_cfg, teacher, ranks)
+                m = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift, teacher, ranks)
                 print(f"  held-out @ {step}: bits/char {m['bits_per_char']:.4f} | KL {m['kl']:.4f} | "
                       f"tokens/char {m['tokens_per_char']:.4f}", flush=True)
-                history.append({"step": step, **m})
+                history.append({"step": offset + step, **m})
             if ranks.main:
                 save_checkpoint(checkpoint, model, optimizer, step, cfg)
     return {"train_tokens_per_s": tokens / seconds if tokens else 0.0, "history": history}
@@ -1430,22 +1406,20 @@ def unfreeze_blocks(model, first, last):
 
 
 def stage(model, tok, cfg, stream, chunks, out, ranks, second=False):
-    """Hidden-state distillation first, or (second) the second stage."""
+    """Hidden-state distillation before the steps, or (second) the second stage."""
     n, first, last = model.cfg.n_layer, cfg.finetune_first_layers, cfg.finetune_layers
     if not second:
         print(f"hidden-state distillation of the input rows at layer "
               f"{cfg.hidden_layer or n} of {n}, {cfg.hidden_steps} steps")
         cfg = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, seed=cfg.seed + 1)
-        chunks = chunks if cfg.eval_every else []
-        path = out / "checkpoint-hidden.pt"
-        return train(model, tok, cfg, stream, chunks, path, None, "hidden", ranks)["history"]
+        return train(model, tok, cfg, stream, chunks if cfg.eval_every else [],
+                     out / "checkpoint-hidden.pt", None, "hidden", ranks)["history"]
     print(f"second stage: the new rows, {f'the first {first} and ' if first else ''}the last "
           f"{'all' if last < 0 else last} blocks, {cfg.finetune_steps} steps")
-    teacher = unfreeze_blocks(model, first, last)
+    teacher, offset = unfreeze_blocks(model, first, last), cfg.hidden_steps + cfg.steps
     cfg = dataclasses.replace(cfg, steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=cfg.seed + 2)
-    history = train(model, tok, cfg, stream, chunks, out / "checkpoint-finetune.pt", teacher, ranks=ranks)
-    trained = trained_parameters(model).items()
-    blocks = {n: p.detach().cpu().contiguous() for n, p in trained if n.startswith("blocks.")}
+    history = train(model, tok, cfg, stream, chunks, out / "checkpoint-finetune.pt", teacher, None, ranks, offset)
+    blocks = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items() if n.startswith("blocks.")}
     if ranks.main:
         write_atomic(out / "finetuned_blocks.safetensors", safetensors.torch.save(blocks))
     model.requires_grad_(False)
@@ -1458,7 +1432,7 @@ def embedding_analysis(model, tok, k=5):
         raise KldError("the model has no new rows to analyse")
     if not tok.merges:
         return {"summary": {}, "tokens": []}
-    tokens = [{"token": tok.token_string(tok.base_vocab_size + i)} for i in range(len(tok.merges))]
+    tokens = [{"token": tok.token_string(i)} for i in range(tok.base_vocab_size, tok.vocab_size)]
     summary = {}
     sides = [("in", model.embed.weight, model.new_in), ("out", model.output_weight(), model.new_out)]
     for side, base, new in sides:
@@ -3272,7 +3246,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """['--steps', '64', '--chat=false'] -> {'steps': 64, 'chat': False}; a str field's text as is."""
+    """['--steps', '64', '--chat=false'] -> {'steps': 64, 'chat': False}; str fields as is."""
     hints, values, it = typing.get_type_hints(Config), {}, iter(args)
     for arg in it:
         if not arg.startswith("--"):
@@ -3288,18 +3262,17 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def check_out_dir(out: Path, cfg: Config):
-    """Refuse an out_dir the run cannot write, or whose files it must not overwrite."""
+    """Refuse an out_dir the run cannot write or must not write into."""
     if out.exists() and not out.is_dir():
         raise KldError(f"out_dir {out} exists and is not a directory")
     model = resolve_model_path(cfg.model)
     if model.is_dir() and out.resolve().is_relative_to(model.resolve()):
         raise KldError(f"out_dir {out} is in the model's directory {model}")
-    ours = ("config.json extension.json new_rows.safetensors embeddings.json results.json "
-            "codegen.json finetuned_blocks.safetensors checkpoint.pt checkpoint-hidden.pt "
-            "checkpoint-finetune.pt").split()  # the files a run writes
+    ours = ("config.json extension.json embeddings.json results.json codegen.json new_rows.safetensors "
+            "finetuned_blocks.safetensors checkpoint.pt checkpoint-hidden.pt checkpoint-finetune.pt").split()
     for path in (model, Path(cfg.corpus), Path(cfg.tasks)):
         mine = out / path.name
-        if path.name in ours and path.is_file() and mine.exists() and mine.samefile(path):
+        if path.name in ours and mine.exists() and mine.samefile(path):
             raise KldError(f"out_dir {out}: the run writes {path.name}, which is its input {path}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -3315,14 +3288,13 @@ def check_out_dir(out: Path, cfg: Config):
 
 
 def run(cfg: Config) -> dict:
-    """The method end to end: extend tau, initialise and train the new rows, measure, answer."""
+    """The method end to end: extend tau, train the new rows, measure, answer."""
     check_out_dir(out := Path(cfg.out_dir), cfg)
     torch.manual_seed(cfg.seed)
     ranks, device = start_ranks(resolve_device(cfg.device))
     resolve_cpu_bf16(cfg.cpu_bf16, device, quiet=not ranks.main)
     if cfg.batch_size % ranks.world:
-        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split "
-                       f"among {ranks.world} ranks")
+        raise KldError(f"batch_size {cfg.batch_size} (the global batch) does not split among {ranks.world} ranks")
     def save(name, obj, indent=2):
         if ranks.main:
             write_atomic(out / name, json.dumps(obj, indent=indent) + "\n")
@@ -3339,7 +3311,7 @@ def run(cfg: Config) -> dict:
     if cfg.max_new_tokens >= T:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {T} positions")
     checkpoint = out / "checkpoint.pt"
-    resuming = cfg.resume and checkpoint.exists() and bool(read_checkpoint(checkpoint, cfg))
+    resuming = cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg)
     save("config.json", dataclasses.asdict(cfg))  # all checked: now write
     if resuming:
         tok = load_extension(out / "extension.json", base)
@@ -3368,14 +3340,13 @@ def run(cfg: Config) -> dict:
     stream = token_stream(tok, texts, sep)
     if len(set(gather(hash(tuple(stream)), ranks))) > 1:  # windows are drawn from one stream
         raise KldError(f"the ranks read different corpora from {cfg.corpus!r}")
-    history = stage(model, tok, cfg, stream, chunks, out, ranks) if cfg.hidden_steps else []
-    training = train(model, tok, cfg, stream, chunks, checkpoint, ranks=ranks)
-    history += [{**h, "step": cfg.hidden_steps + h["step"]} for h in training["history"]]
+    data = model, tok, cfg, stream, chunks
+    history = stage(*data, out, ranks) if cfg.hidden_steps else []
+    training = train(*data, checkpoint, ranks=ranks, offset=cfg.hidden_steps)
+    history += training["history"]
     final = history[-1] if history else measure(lift)  # else a finished run resumed
-    more = stage(model, tok, cfg, stream, chunks, out, ranks, second=True) if cfg.finetune_steps else []
-    history += [{**h, "step": cfg.hidden_steps + cfg.steps + h["step"]} for h in more]
-    final = more[-1] if more else final
-    results = dict(teacher=teacher, student_init=initial, student=final, history=history,
+    history += stage(*data, out, ranks, second=True) if cfg.finetune_steps else []
+    results = dict(teacher=teacher, student_init=initial, student=(history or [final])[-1], history=history,
                    n_new_tokens=len(tok.merges), train_tokens_per_s=training["train_tokens_per_s"],
                    peak_memory_mb=peak_memory_mb(device), device=str(device),
                    seconds=time.perf_counter() - started, complete=False)

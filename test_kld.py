@@ -1837,16 +1837,16 @@ def test_new_token_windows_give_every_new_token_its_quota():
     stream = kld.token_stream(tok, [CODE], 2)
     counts = collections.Counter(i for i in stream if i >= tok.base_vocab_size)
     per_token = 3
-    gen = kld.new_token_windows(stream, 16, tok.base_vocab_size, per_token, seed=0)
+    gen = kld.training_windows(stream, 16, 0, tok.base_vocab_size, per_token)
     n_windows = sum(min(per_token, c) for c in counts.values())
     windows = [next(gen) for _ in range(n_windows)]
     assert all(len(w) == 17 for w in windows)
     for token, count in counts.items():  # each new token in the first half of its quota of windows, rare ones too
         assert sum(token in w[1:9] for w in windows) >= min(per_token, count)
-    again = kld.new_token_windows(stream, 16, tok.base_vocab_size, per_token, seed=0)
+    again = kld.training_windows(stream, 16, 0, tok.base_vocab_size, per_token)
     assert [next(again) for _ in range(n_windows)] == windows  # fixed by the seed
     with pytest.raises(kld.KldError, match="no new token occurs"):
-        next(kld.new_token_windows([2] + tok.base.encode("x = 1").ids * 9, 4, tok.base_vocab_size, 3, seed=0))
+        next(kld.training_windows([2] + tok.base.encode("x = 1").ids * 9, 4, 0, tok.base_vocab_size, 3))
 
 
 def test_a_run_with_a_hidden_stage_moves_the_input_rows_first(tmp_path):
