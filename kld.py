@@ -1733,33 +1733,29 @@ def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: boo
 
 
 def format_chat(prompt: str, system: str = "") -> str:
-    """ChatML (SmolLM2, Qwen2 instruct), ending where the answer starts."""
+    """ChatML (SmolLM2, Qwen2), up to where the answer starts."""
     turns = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
     return f"{turns}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def has_chat_template(tok: ExtendedTokenizer) -> bool:
-    return all(tok.token_to_id(t) is not None for t in ("<|im_start|>", "<|im_end|>"))
+    return None not in map(tok.token_to_id, ("<|im_start|>", "<|im_end|>"))
 
 
 def stop_token_ids(cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> set[int]:
-    """The model's end-of-sequence ids, plus the end of a chat turn when chatting."""
-    return set(cfg.eos_token_ids) | ({tok.token_to_id("<|im_end|>")} if chat else set())
+    return {*cfg.eos_token_ids, *[tok.token_to_id("<|im_end|>")] * chat}
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a sample of
-    softmax(logits / T) within the smallest set of mass >= top_p. With the top logit at 0
-    and T >= float32's tiny, no T > 0 gives a NaN."""
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    """Next ids (B,) of logits (B, V): argmax at T = 0, else top-p sampling."""
     if temperature == 0:
         return logits.argmax(-1)
-    z = logits.float()  # (B, V)
-    z = z - z.amax(-1, keepdim=True)
+    z = logits.float() - logits.amax(-1, keepdim=True).float()  # max 0 and T >= float32's tiny: no NaN
     probs = torch.softmax(z / max(temperature, torch.finfo(torch.float32).tiny), -1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= top_p] = 0.0  # top_p reached before them
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        p, order = probs.sort(dim=-1, descending=True)
+        p[p.cumsum(-1) - p >= top_p] = 0.0  # top_p reached before them
+        probs = torch.zeros_like(probs).scatter_(-1, order, p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -1772,7 +1768,6 @@ class Completion:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How `generate` decodes (see `sample_next`) and where an answer stops."""
     max_new_tokens: int = 128  # token budget of each answer
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -1784,53 +1779,48 @@ class Decoding:
     def __post_init__(self):
         t, p, n, b = self.temperature, self.top_p, self.max_new_tokens, self.batch_size
         if not (t >= 0 and 0 < p <= 1 and n >= 1 and b >= 1):
-            raise KldError("decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, "
-                           f"batch_size >= 1; got {t}, {p}, {n}, {b}")
+            raise KldError(f"decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens, batch_size >= 1: {self}")
         if "" in self.stop:
-            raise KldError("an empty stop string ends every answer before it starts")
+            raise KldError("an empty stop string ends every answer at once")
         object.__setattr__(self, "stop", tuple(self.stop))  # frozen as typed when given a list or set
         object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
 
     def with_stops(self, stop, stop_ids) -> "Decoding":
-        return dataclasses.replace(self, stop=self.stop + tuple(stop),
-                                   stop_ids=self.stop_ids | frozenset(stop_ids))
+        return dataclasses.replace(self, stop=[*self.stop, *stop], stop_ids={*self.stop_ids, *stop_ids})
 
 
 def decoding_of(cfg: Config) -> Decoding:
-    """A run's decoding settings; stops come from the prompt format."""
-    return Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.gen_batch_size)
+    return Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.gen_batch_size)  # no stops
 
 
-def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[int]], decoding: Decoding,
-                    generator: torch.Generator) -> list[Completion]:
+def _generate_batch(model: GPT, tok, prompt_ids: list[list[int]], decoding: Decoding,
+                    generator) -> list[Completion]:
     """generate for one batch of encoded prompts."""
     weight = next(model.parameters())
-    device, budget, stop = weight.device, decoding.max_new_tokens, decoding.stop
+    budget, stop = decoding.max_new_tokens, decoding.stop
     B, T = len(prompt_ids), max(map(len, prompt_ids))
-    ids, valid = padded_batch(prompt_ids, device, at_end=True)  # (B, T), left-padded
+    ids, valid = padded_batch(prompt_ids, weight.device, at_end=True)  # (B, T), left-padded
     # room for 256 new tokens, doubled when full: memory grows with the answers, not the budget
-    cache = KVCache(model.cfg, B, T + min(budget, 256), device, weight.dtype)
+    cache = KVCache(model.cfg, B, T + min(budget, 256), weight.device, weight.dtype)
     logits = model.decode_step(ids, valid, cache)  # (B, |V'|)
     tokens, reasons = [[] for _ in range(B)], ["length"] * B
     active = list(range(B))  # batch row -> prompt
-    # each token holds a byte or more, so a stop string just completed lies in the last len + 1 tokens
+    # each token holds a byte or more: a stop string just completed lies in the last len + 1 tokens
     tail = max((len(s.encode()) for s in stop), default=0) + 1
     for step in range(budget):
         next_ids = sample_next(logits, decoding.temperature, decoding.top_p, generator)
-        keep = []
-        for j, (row, t) in enumerate(zip(active, next_ids.tolist())):
+        for row, t in zip(active, next_ids.tolist()):
             if t in decoding.stop_ids:
                 reasons[row] = "eos"
                 continue
             tokens[row].append(t)
             if any(s in tok.decode(tokens[row][-tail:]) for s in stop):
                 reasons[row] = "stop"
-                continue
-            keep.append(j)
+        keep = [j for j, row in enumerate(active) if reasons[row] == "length"]
         if not keep or step == budget - 1:
             break
         if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
+            index = torch.tensor(keep, device=weight.device)
             cache.keep_rows(index)
             next_ids, active = next_ids[index], [active[j] for j in keep]
         if cache.length >= cache.valid.shape[1]:  # doubled, up to what the budget can fill
@@ -1844,23 +1834,20 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
 @torch.inference_mode()
 def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
              decoding: Decoding = Decoding()) -> list[Completion]:
-    """Complete each prompt (formatted; encoded with its special tokens) as `decoding` says,
-    longest first, `batch_size` at a time: left-padded, one KV cache per batch, finished
-    rows leave it. Greedy answers do not depend on the batching."""
+    """Complete prompts longest first, `batch_size` at a time (greedy: as one at a time)."""
     if not isinstance(tok, ExtendedTokenizer):
-        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's "
-                       "is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
-    encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
-    if not all(encoded):
-        raise KldError("a prompt encodes to no tokens; give it some text")
+        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__} "
+                       "(a teacher's: ExtendedTokenizer(tokenizer, [], V))")
+    ids = [tok.encode(p, add_special_tokens=True) for p in prompts]
+    if not all(ids):
+        raise KldError("a prompt encodes to no tokens")
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(decoding.seed)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results = {}
+    order, results = sorted(range(len(prompts)), key=lambda i: -len(ids[i])), {}
     # cuDNN attention plans each new key length (1.5 ms of CPU on an H100): left out while decoding
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for i in range(0, len(order), decoding.batch_size):
             batch = order[i : i + decoding.batch_size]
-            outs = _generate_batch(model, tok, [encoded[r] for r in batch], decoding, generator)
+            outs = _generate_batch(model, tok, [ids[r] for r in batch], decoding, generator)
             results.update(zip(batch, outs))
     return [results[i] for i in range(len(prompts))]
 
