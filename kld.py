@@ -1870,14 +1870,12 @@ class Task:
 def read_tasks(path: str | Path) -> list[Task]:
     """Tasks from a HumanEval .jsonl(.gz) file or a directory of them."""
     path, keys, tasks = Path(path), [f.name for f in dataclasses.fields(Task)], {}
-    if not path.exists():
-        raise KldError(f"task file not found: {path}")
     files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz"))
                    and p.is_file()) if path.is_dir() else [path]
     if not files:
         raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
     if not files[0].is_file():  # a FIFO would hang the read
-        raise KldError(f"task file {path} is not a regular file")
+        raise KldError(f"task file not found or not a regular file: {path}")
     for file in files:
         try:
             with (gzip.open if file.suffix == ".gz" else open)(file, "rt", encoding="utf-8") as f:
@@ -1970,19 +1968,6 @@ def load(path, name):
     return module.__dict__
 """
 
-# sandbox_run's child: the nonce from stdin goes to the report pipe if the program returned.
-SANDBOX_DRIVER = LOAD + r"""report_fd, nonce = int(sys.argv[6]), os.read(0, 64)
-null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
-try:
-    load(sys.argv[5], "candidate")
-    sys.stdout.flush(); sys.stderr.flush()
-except BaseException:
-    traceback.print_exc(); sys.stderr.flush()
-    os._exit(1)
-os.write(report_fd, nonce)
-os._exit(0)
-"""
-
 # Both sides of run_tests: a message is 8 bytes of length and a marshal of plain values, by
 # exact type. as_plain reads a subclass's value (a Counter) by its plain base type's methods.
 PLAIN_VALUES = r"""PLAIN = (type(None), bool, int, float, complex, str, bytes)
@@ -2027,14 +2012,26 @@ def read_exact(fd, n):
     return data
 """
 
-# run_tests, the candidate's side: define the function, then answer calls.
-CANDIDATE_SERVER = LOAD + PLAIN_VALUES + r"""calls_fd, answers_fd = map(int, sys.argv[6:8])
+# The program's process. sandbox_run: the nonce from stdin goes to the report pipe if the
+# program returned. run_tests: define the function `entry`, then answer calls.
+CANDIDATE = LOAD + PLAIN_VALUES + r"""nonce, entry = os.read(0, 64), sys.argv[8:]
+if entry:
+    calls_fd, answers_fd = map(int, sys.argv[6:8])
+else:
+    report_fd = int(sys.argv[6])
+null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
 try:
-    function = load(sys.argv[5], "candidate")[sys.argv[8]]
+    namespace = load(sys.argv[5], "candidate")
+    function = namespace[entry[0]] if entry else None
+    sys.stdout.flush(); sys.stderr.flush()
 except BaseException as e:
     traceback.print_exc(); sys.stderr.flush()
-    send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
+    if entry:
+        send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
     os._exit(1)
+if not entry:
+    os.write(report_fd, nonce)
+    os._exit(0)
 send(answers_fd, ("ready",))
 while head := read_exact(calls_fd, 8):
     args, kwargs = marshal.loads(read_exact(calls_fd, int.from_bytes(head, "little")))
@@ -2207,13 +2204,13 @@ def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | N
             return "disk"
 
 
-def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | None,
-             task: Task | None = None) -> RunResult:
-    """sandbox_run (task None) and run_tests: run `source` contained, with a
-    task the verdict's process beside it; then kill all, clean the uid."""
+def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
+                python: str | None = None, task: Task | None = None) -> RunResult:
+    """Run `program` contained: passed if it returned (asserts kept) and exited 0; with a `task`,
+    if its tests pass (run_tests). See the README's "Running generated code"."""
     started = time.perf_counter()
     try:
-        source.encode("utf-8")
+        program.encode("utf-8")
     except UnicodeEncodeError as e:
         return RunResult("failed", f"the program text is not UTF-8: {e}", 0.0)
     with contextlib.ExitStack() as stack:
@@ -2221,12 +2218,12 @@ def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | 
             [uid] = stack.enter_context(reserved_uids(1))
         python = python or sandbox_python(uid)
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="kld-", ignore_cleanup_errors=True))
-        (program := Path(work, "program.py")).write_text(source, encoding="utf-8")
-        for path in (work, program) if uid is not None else ():
+        (file := Path(work, "program.py")).write_text(program, encoding="utf-8")
+        for path in (work, file) if uid is not None else ():
             os.chown(path, uid, uid)
         outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in "ab"]  # program's, verdict's
         n = limits.processes + (uid is None and len([*_processes(os.getuid())]))  # the user's all
-        bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, n, program]
+        bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, n, file]
         user = {} if uid is None else dict(user=uid, group=uid, extra_groups=[])
         spawn = functools.partial(subprocess.Popen, stderr=subprocess.STDOUT, start_new_session=True)
         if task is not None:  # the verdict's files, apart
@@ -2236,13 +2233,13 @@ def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | 
                 Path(path).write_text(text, encoding="utf-8")
         (a_r, a_w), (b_r, b_w), (report_r, report_w) = [os.pipe() for _ in "abc"]
         if task is None:  # the program's stdin: the nonce that proves its end, then end of file
-            expected, driver, fds, stdin = os.urandom(16).hex().encode(), SANDBOX_DRIVER, [report_w], a_r
+            expected, fds, stdin = os.urandom(16).hex().encode(), [report_w], a_r
             os.write(a_w, expected)
         else:  # calls cross in pipe a, answers in b
-            expected, driver, fds, stdin = b"passed", CANDIDATE_SERVER, [a_r, b_w], subprocess.DEVNULL
+            expected, fds, stdin = b"passed", [a_r, b_w], subprocess.DEVNULL
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
         args = map(str, bounds + fds + ([task.entry_point] if task else []))
-        argv = [python, "-I", "-c", SANDBOX_LIMITS + driver, *args]
+        argv = [python, "-I", "-c", SANDBOX_LIMITS + CANDIDATE, *args]
         children, report = [], b""
         try:
             try:
@@ -2291,18 +2288,11 @@ def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | 
     return RunResult("failed", why or detail or f"exit status {code} before its tests ended", seconds)
 
 
-def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
-                python: str | None = None) -> RunResult:
-    """Run `program`: passed if it returned (asserts kept) and exited 0. See
-    the README's "Running generated code" for what is contained."""
-    return _execute(program, limits, uid, python)
-
-
 def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(),
               uid: int | None = None, python: str | None = None) -> RunResult:
     """The task's tests on `source`, away from the candidate's process, which
     answers their calls with plain values: it cannot forge a pass."""
-    return _execute(source, limits, uid, python, task)
+    return sandbox_run(source, limits, uid, python, task)
 
 
 def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), workers: int = 0,
