@@ -1897,13 +1897,11 @@ def read_tasks(path: str | Path) -> list[Task]:
     return list(tasks.values())
 
 
-# A base model's body ends at a top-level statement (HumanEval's stops) or a fence.
-BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
+BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]  # HumanEval's, and a fence
 
 
 def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer,
                   chat: bool) -> Decoding:
-    """`decoding` with the stops that end a task's answer."""
     return decoding.with_stops(["```"] if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
 
 
@@ -1917,8 +1915,7 @@ def task_prompt(task: Task, chat: bool, system: str = "") -> str:
 
 
 def candidate_source(task: Task, completion: str, chat: bool) -> str:
-    """The candidate's program. Chat: the prompt (its imports, helpers), then
-    the answer's `def entry_point`, or the answer as the body, indented."""
+    """Chat: the prompt (its imports, helpers), then the answer's def, or the answer as its body."""
     if not chat:
         return task.prompt + completion
     code = completion.strip("\n")
@@ -1935,8 +1932,7 @@ def program_with_tests(task: Task, source: str) -> str:
 
 
 @dataclass(frozen=True)
-class SandboxLimits:
-    """Bounds on one program run (sandbox_run, run_tests)."""
+class SandboxLimits:  # bounds on one program run
     timeout_s: float = 10.0  # wall clock
     cpu_s: int = 10  # RLIMIT_CPU (reported as a timeout)
     memory_mb: int = 1024  # RLIMIT_AS; as root, all its processes and /dev/shm files too
@@ -1968,8 +1964,7 @@ def load(path, name):
     return module.__dict__
 """
 
-# Both sides of run_tests: a message is 8 bytes of length and a marshal of plain values, by
-# exact type. as_plain reads a subclass's value (a Counter) by its plain base type's methods.
+# Both sides of run_tests: a message is 8 bytes of length, then a marshal of exact plain types.
 PLAIN_VALUES = r"""PLAIN = (type(None), bool, int, float, complex, str, bytes)
 EXACT_COPIES = ((int, int.__int__), (float, float.__float__), (str, str.__str__),
                 (complex, lambda x: complex(complex.real.__get__(x), complex.imag.__get__(x))),
@@ -1979,8 +1974,7 @@ def plain(x, depth=0):
         x = [*x, *x.values()]
     return depth <= 200 and (type(x) in PLAIN or type(x) in (list, tuple, set, frozenset)
                              and all(plain(v, depth + 1) for v in x))
-class Unplain(Exception):
-    pass
+class Unplain(Exception): pass
 def as_plain(x, depth=0):
     kind, deeper = type(x), depth + 1
     if depth > 190:
@@ -2012,8 +2006,7 @@ def read_exact(fd, n):
     return data
 """
 
-# The program's process. sandbox_run: the nonce from stdin goes to the report pipe if the
-# program returned. run_tests: define the function `entry`, then answer calls.
+# The program's process: sandbox_run's reports the nonce if it returned; run_tests's answers calls.
 CANDIDATE = LOAD + PLAIN_VALUES + r"""nonce, entry = os.read(0, 64), sys.argv[8:]
 if entry:
     calls_fd, answers_fd = map(int, sys.argv[6:8])
@@ -2065,8 +2058,7 @@ def receive():
     if type(message := marshal.loads(data)) is not tuple or not message or not plain(message):
         raise RuntimeError("the candidate's process sent something other than plain values")
     return message
-class CandidateError(Exception):
-    pass
+class CandidateError(Exception): pass
 def candidate(*args, **kwargs):
     try:
         send(calls_fd, as_plain((args, kwargs)))
@@ -2109,8 +2101,7 @@ def _processes(uid: int | None = None) -> typing.Iterator[tuple[int, int, int | 
 
 @contextlib.contextmanager
 def reserved_uids(n: int, base: int = 61000):
-    """n uids no account or process holds, one per program at once, held by
-    flocks in a root-only directory: evaluators at once never share one."""
+    """n free uids, held by flocks in a root-only directory: evaluators at once never share one."""
     import fcntl, pwd
     locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
     with contextlib.suppress(FileExistsError):
@@ -2171,8 +2162,7 @@ def sandbox_python(uid: int | None) -> str:
     """A Python `uid` can run: this one (maybe in /root), or a system one."""
     if uid is None:
         return sys.executable
-    tried = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
-             "/usr/local/bin/python3"]
+    tried = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
     for python in dict.fromkeys(tried):
         with contextlib.suppress(OSError):
             if subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
@@ -2184,8 +2174,7 @@ def sandbox_python(uid: int | None) -> str:
 
 def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None,
                   started: float) -> str:
-    """Wait for `process`: "" when it ended, or "timeout"; under a uid also
-    "memory" or "disk" when all its processes or files pass the limit."""
+    """"" (ended), "timeout", or under a uid "memory" or "disk" (all its processes, files)."""
     def usage():  # (its processes' resident bytes and its files in /dev/shm, its files' bytes)
         files = [(p, i.st_blocks * 512 * stat.S_ISREG(i.st_mode)) for p, i in _uid_files(uid)]
         shm = sum(n for p, n in files if p.is_relative_to("/dev/shm"))
@@ -2206,8 +2195,7 @@ def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | N
 
 def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
                 python: str | None = None, task: Task | None = None) -> RunResult:
-    """Run `program` contained: passed if it returned (asserts kept) and exited 0; with a `task`,
-    if its tests pass (run_tests). See the README's "Running generated code"."""
+    """Run `program` contained: passed if it returned and exited 0 (with a `task`: run_tests)."""
     started = time.perf_counter()
     try:
         program.encode("utf-8")
@@ -2233,13 +2221,12 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
                 Path(path).write_text(text, encoding="utf-8")
         (a_r, a_w), (b_r, b_w), (report_r, report_w) = [os.pipe() for _ in "abc"]
         if task is None:  # the program's stdin: the nonce that proves its end, then end of file
-            expected, fds, stdin = os.urandom(16).hex().encode(), [report_w], a_r
+            expected, fds, stdin, entry = os.urandom(16).hex().encode(), [report_w], a_r, []
             os.write(a_w, expected)
         else:  # calls cross in pipe a, answers in b
-            expected, fds, stdin = b"passed", [a_r, b_w], subprocess.DEVNULL
+            expected, fds, stdin, entry = b"passed", [a_r, b_w], subprocess.DEVNULL, [task.entry_point]
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-        args = map(str, bounds + fds + ([task.entry_point] if task else []))
-        argv = [python, "-I", "-c", SANDBOX_LIMITS + CANDIDATE, *args]
+        argv = [python, "-I", "-c", SANDBOX_LIMITS + CANDIDATE, *map(str, bounds + fds + entry)]
         children, report = [], b""
         try:
             try:
@@ -2290,8 +2277,7 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
 
 def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(),
               uid: int | None = None, python: str | None = None) -> RunResult:
-    """The task's tests on `source`, away from the candidate's process, which
-    answers their calls with plain values: it cannot forge a pass."""
+    """The task's tests on `source`, run apart from it: it answers their calls with plain values."""
     return sandbox_run(source, limits, uid, python, task)
 
 
@@ -2335,8 +2321,7 @@ def bootstrap_interval(values, confidence=0.95, resamples=10000, seed=0) -> tupl
 
 
 def paired_comparison(a: dict[str, float], b: dict[str, float], confidence=0.95, seed=0) -> dict:
-    """Run b against run a (task_id -> score): mean b - a, its interval, the
-    tasks b is better and worse on, and the sign test's p-value."""
+    """b - a (task_id -> score): mean, interval, tasks better and worse, sign test's p-value."""
     if set(a) != set(b):
         raise KldError(f"paired comparison needs the same tasks; {len(set(a) ^ set(b))} differ")
     diffs = np.array([b[t] - a[t] for t in sorted(a)])
@@ -2348,8 +2333,7 @@ def paired_comparison(a: dict[str, float], b: dict[str, float], confidence=0.95,
 
 
 @dataclass(frozen=True)
-class CodegenSettings:
-    """How evaluate_codegen prompts, decodes, runs and scores."""
+class CodegenSettings:  # how evaluate_codegen prompts, decodes, runs and scores
     chat: bool = False  # prompt in the chat template (task_prompt)
     system_prompt: str = ""  # the chat template's system turn; empty = none
     n_samples: int = 1  # programs per task
@@ -2372,10 +2356,9 @@ def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
 
 
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
-    """A run's settings; exec_timeout bounds wall clock and CPU seconds."""
-    return CodegenSettings(chat=uses_chat(cfg, tok), system_prompt=cfg.system_prompt, n_samples=cfg.n_samples,
-                           ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), workers=cfg.exec_workers,
-                           limits=SandboxLimits(cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout))))
+    limits = SandboxLimits(cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout)))  # wall clock and CPU
+    return CodegenSettings(uses_chat(cfg, tok), cfg.system_prompt, cfg.n_samples, cfg.pass_k, decoding_of(cfg),
+                           limits, cfg.exec_workers)
 
 
 def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
@@ -2391,33 +2374,28 @@ def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                      settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
-    """Generate n_samples programs per task, run their tests, and score: pass@k;
-    adoption = new-token share / tau''s on the text; realised_saving =
-    1 - tokens / tau's; possible_saving = 1 - tau''s / tau's."""
+    """n_samples programs per task, tested: pass@k; adoption = new-token share / tau''s on the
+    text; realised_saving = 1 - tokens / tau's; possible_saving = 1 - tau''s / tau's."""
     if not tasks:
         raise KldError("no tasks to evaluate")
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
-    prompts = [task_prompt(t, chat, settings.system_prompt) for t in owners]
     decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
-    mine = share(range(len(prompts)), ranks)  # this rank's prompts, sampled with a seed of its own
-    my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)
+    mine = share(range(len(owners)), ranks)  # this rank's prompts, sampled with a seed of its own
     t0 = time.perf_counter()
-    my_completions = generate(model, tok, [prompts[i] for i in mine], my_decoding) if mine else []
-    my_seconds = max(time.perf_counter() - t0, 1e-9)
-    my_sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, my_completions)]
+    completions = generate(model, tok, [task_prompt(owners[i], chat, settings.system_prompt) for i in mine],
+                           dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank))
+    seconds = max(time.perf_counter() - t0, 1e-9)
+    sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, completions)]
     workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)  # shared CPUs
-    my_results = run_tests_all([*zip([owners[i] for i in mine], my_sources)], settings.limits, workers)
-    shares = gather((list(mine), my_completions, my_sources, my_results, my_seconds), ranks)
-    generation_s = max(part[4] for part in shares)  # the ranks generate at the same time
-    by_prompt = {i: row for idx, *parts, _ in shares for i, *row in zip(idx, *parts)}
-    completions, sources, results = zip(*(by_prompt[i] for i in range(len(prompts))))
+    results = run_tests_all([*zip([owners[i] for i in mine], sources)], settings.limits, workers)
+    parts = gather(([*zip(mine, completions, sources, results)], seconds), ranks)
+    generation_s = max(s for _, s in parts)  # the ranks generate at the same time
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     samples, counts = [], np.zeros(6, dtype=np.int64)
-    for task, completion, source, result in zip(owners, completions, sources, results):
-        ids = whole_characters(tok, completion.token_ids)  # what is measured
-        text = tok.decode(ids)  # with the stop string: as the tokens emitted
-        base_ids = tok.base.encode(text, add_special_tokens=False).ids  # tau on the same text
+    for i, completion, source, result in sorted((r for rows, _ in parts for r in rows), key=lambda r: r[0]):
+        task, ids = owners[i], whole_characters(tok, completion.token_ids)  # what is measured
+        base_ids = tok.base.encode(text := tok.decode(ids), add_special_tokens=False).ids  # tau on the text emitted
         merged = tok.merge(base_ids)  # tau' on the same text
         counts += [len(text), len(ids), len(base_ids), len(merged),
                    *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, merged))]
@@ -2425,12 +2403,9 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
         samples.append({"task_id": task.task_id, "completion": completion.text, "program": source, "status":
                         result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
     n_chars, n_tokens, n_base, n_merged, n_new, n_merged_new = counts.tolist()
-    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat,
-               "temperature": decoding.temperature}
+    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": decoding.temperature}
     for k in ks:
-        for scores in per_task.values():
-            scores[f"pass@{k}"] = pass_at_k(scores["n"], scores["c"], k)
-        values = [s[f"pass@{k}"] for s in per_task.values()]
+        values = [s.setdefault(f"pass@{k}", pass_at_k(n_samples, s["c"], k)) for s in per_task.values()]
         summary[f"pass@{k}"] = float(np.mean(values))
         summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=decoding.seed)
     merged_share = n_merged_new / max(1, n_merged)
@@ -2441,12 +2416,11 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                     "realised_saving": realised, "possible_saving": possible,
                     "saving_realised": realised / possible if possible > 0 else None,
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
-                    "timeouts": sum(r.status == "timeout" for r in results)})
+                    "timeouts": sum(s["status"] == "timeout" for s in samples)})
     return {"summary": summary, "tasks": per_task, "samples": samples}
 
 
-def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config,
-                                   ranks: Ranks = Ranks()) -> dict:
+def evaluate_codegen_as_configured(model: GPT, tok, tasks: list[Task], cfg: Config, ranks=Ranks()) -> dict:
     """evaluate_codegen as `cfg` says, recording its fields under "settings"."""
     result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
     result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
