@@ -1738,8 +1738,9 @@ def format_chat(prompt: str, system: str = "") -> str:
     return f"{turns}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def has_chat_template(tok: ExtendedTokenizer) -> bool:
-    return None not in map(tok.token_to_id, ("<|im_start|>", "<|im_end|>"))
+def uses_chat(cfg: Config | None, tok: ExtendedTokenizer) -> bool:  # cfg.chat, or (None) if tok has ChatML
+    chat = cfg and cfg.chat
+    return None not in map(tok.token_to_id, ("<|im_start|>", "<|im_end|>")) if chat is None else chat
 
 
 def stop_token_ids(cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> set[int]:
@@ -1900,8 +1901,7 @@ def read_tasks(path: str | Path) -> list[Task]:
 BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]  # HumanEval's, and a fence
 
 
-def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer,
-                  chat: bool) -> Decoding:
+def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok, chat: bool) -> Decoding:
     return decoding.with_stops(["```"] if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
 
 
@@ -1983,10 +1983,8 @@ def as_plain(x, depth=0):
         return x
     for base in (dict, set, frozenset, list, tuple):
         if issubclass(kind, base):
-            if base is dict:
-                copy = {as_plain(k, deeper): as_plain(v, deeper) for k, v in dict.items(x)}
-            else:
-                copy = base(as_plain(v, deeper) for v in base.__iter__(x))
+            copy = ({as_plain(k, deeper): as_plain(v, deeper) for k, v in dict.items(x)} if base is dict
+                    else base(as_plain(v, deeper) for v in base.__iter__(x)))
             if base in (dict, set, frozenset) and len(copy) != base.__len__(x):
                 raise Unplain(kind.__name__ + " whose members are equal as plain values")
             return copy
@@ -2101,7 +2099,7 @@ def _processes(uid: int | None = None) -> typing.Iterator[tuple[int, int, int | 
 
 @contextlib.contextmanager
 def reserved_uids(n: int, base: int = 61000):
-    """n free uids, held by flocks in a root-only directory: evaluators at once never share one."""
+    """n free uids, held by flocks in a root-only directory: no two evaluators share one."""
     import fcntl, pwd
     locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
     with contextlib.suppress(FileExistsError):
@@ -2347,12 +2345,7 @@ class CodegenSettings:  # how evaluate_codegen prompts, decodes, runs and scores
         if max(self.ks, default=1) > self.n_samples:
             raise KldError(f"pass@k for k = {max(self.ks)} needs that many samples (n_samples)")
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
-            raise KldError(f"n_samples {self.n_samples}: 1 for greedy decoding, more with temperature > 0")
-
-
-def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
-    """Prompt in the chat template: as `cfg.chat` says, or if `tok` has one."""
-    return has_chat_template(tok) if cfg.chat is None else cfg.chat
+            raise KldError(f"n_samples {self.n_samples}: 1 when greedy, more with temperature > 0")
 
 
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
@@ -2393,7 +2386,7 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     generation_s = max(s for _, s in parts)  # the ranks generate at the same time
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     samples, counts = [], np.zeros(6, dtype=np.int64)
-    for i, completion, source, result in sorted((r for rows, _ in parts for r in rows), key=lambda r: r[0]):
+    for i, completion, source, result in sorted(r for rows, _ in parts for r in rows):  # by prompt
         task, ids = owners[i], whole_characters(tok, completion.token_ids)  # what is measured
         base_ids = tok.base.encode(text := tok.decode(ids), add_special_tokens=False).ids  # tau on the text emitted
         merged = tok.merge(base_ids)  # tau' on the same text
@@ -3289,7 +3282,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     state["lm_head.weight"] = torch.cat([model.output_weight(), new_out])  # (V + N, d)
     state["embed.weight"] = torch.cat([state["embed.weight"], new_in])  # (V + N, d)
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
-    chat = has_chat_template(tok)
+    chat = uses_chat(None, tok)
     stops = [*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
                   "clean_up_tokenization_spaces": False,
