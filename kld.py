@@ -1707,33 +1707,30 @@ def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: boo
 
 
 def format_chat(prompt: str, system: str = "") -> str:
-    """ChatML (SmolLM2, Qwen2 instruct), ending where the answer starts."""
+    """ChatML (SmolLM2, Qwen2), up to where the answer starts."""
     turns = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
     return f"{turns}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def has_chat_template(tok: ExtendedTokenizer) -> bool:
-    return all(tok.token_to_id(t) is not None for t in ("<|im_start|>", "<|im_end|>"))
+def uses_chat(cfg: Config | None, tok: ExtendedTokenizer) -> bool:  # cfg.chat, or (None) if tok has ChatML
+    chat = cfg and cfg.chat
+    return None not in map(tok.token_to_id, ("<|im_start|>", "<|im_end|>")) if chat is None else chat
 
 
 def stop_token_ids(cfg: ModelConfig, tok: ExtendedTokenizer, chat: bool) -> set[int]:
-    """The model's end-of-sequence ids, plus the end of a chat turn when chatting."""
-    return set(cfg.eos_token_ids) | ({tok.token_to_id("<|im_end|>")} if chat else set())
+    return {*cfg.eos_token_ids, *[tok.token_to_id("<|im_end|>")] * chat}
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a sample of
-    softmax(logits / T) within the smallest set of mass >= top_p. With the top logit at 0
-    and T >= float32's tiny, no T > 0 gives a NaN."""
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    """Next ids (B,) of logits (B, V): argmax at T = 0, else top-p sampling."""
     if temperature == 0:
         return logits.argmax(-1)
-    z = logits.float()  # (B, V)
-    z = z - z.amax(-1, keepdim=True)
+    z = logits.float() - logits.amax(-1, keepdim=True).float()  # max 0 and T >= float32's tiny: no NaN
     probs = torch.softmax(z / max(temperature, torch.finfo(torch.float32).tiny), -1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= top_p] = 0.0  # top_p reached before them
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        p, order = probs.sort(dim=-1, descending=True)
+        p[p.cumsum(-1) - p >= top_p] = 0.0  # top_p reached before them
+        probs = torch.zeros_like(probs).scatter_(-1, order, p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -1746,7 +1743,6 @@ class Completion:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How `generate` decodes (see `sample_next`) and where an answer stops."""
     max_new_tokens: int = 128  # token budget of each answer
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -1758,53 +1754,48 @@ class Decoding:
     def __post_init__(self):
         t, p, n, b = self.temperature, self.top_p, self.max_new_tokens, self.batch_size
         if not (t >= 0 and 0 < p <= 1 and n >= 1 and b >= 1):
-            raise KldError("decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, "
-                           f"batch_size >= 1; got {t}, {p}, {n}, {b}")
+            raise KldError(f"decoding needs temperature >= 0, 0 < top_p <= 1, max_new_tokens, batch_size >= 1: {self}")
         if "" in self.stop:
-            raise KldError("an empty stop string ends every answer before it starts")
+            raise KldError("an empty stop string ends every answer at once")
         object.__setattr__(self, "stop", tuple(self.stop))  # frozen as typed when given a list or set
         object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
 
     def with_stops(self, stop, stop_ids) -> "Decoding":
-        return dataclasses.replace(self, stop=self.stop + tuple(stop),
-                                   stop_ids=self.stop_ids | frozenset(stop_ids))
+        return dataclasses.replace(self, stop=[*self.stop, *stop], stop_ids={*self.stop_ids, *stop_ids})
 
 
 def decoding_of(cfg: Config) -> Decoding:
-    """A run's decoding settings; stops come from the prompt format."""
-    return Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.gen_batch_size)
+    return Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.gen_batch_size)  # no stops
 
 
-def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[int]], decoding: Decoding,
-                    generator: torch.Generator) -> list[Completion]:
+def _generate_batch(model: GPT, tok, prompt_ids: list[list[int]], decoding: Decoding,
+                    generator) -> list[Completion]:
     """generate for one batch of encoded prompts."""
     weight = next(model.parameters())
-    device, budget, stop = weight.device, decoding.max_new_tokens, decoding.stop
+    budget, stop = decoding.max_new_tokens, decoding.stop
     B, T = len(prompt_ids), max(map(len, prompt_ids))
-    ids, valid = padded_batch(prompt_ids, device, at_end=True)  # (B, T), left-padded
+    ids, valid = padded_batch(prompt_ids, weight.device, at_end=True)  # (B, T), left-padded
     # room for 256 new tokens, doubled when full: memory grows with the answers, not the budget
-    cache = KVCache(model.cfg, B, T + min(budget, 256), device, weight.dtype)
+    cache = KVCache(model.cfg, B, T + min(budget, 256), weight.device, weight.dtype)
     logits = model.decode_step(ids, valid, cache)  # (B, |V'|)
     tokens, reasons = [[] for _ in range(B)], ["length"] * B
     active = list(range(B))  # batch row -> prompt
-    # each token holds a byte or more, so a stop string just completed lies in the last len + 1 tokens
+    # each token holds a byte or more: a stop string just completed lies in the last len + 1 tokens
     tail = max((len(s.encode()) for s in stop), default=0) + 1
     for step in range(budget):
         next_ids = sample_next(logits, decoding.temperature, decoding.top_p, generator)
-        keep = []
-        for j, (row, t) in enumerate(zip(active, next_ids.tolist())):
+        for row, t in zip(active, next_ids.tolist()):
             if t in decoding.stop_ids:
                 reasons[row] = "eos"
                 continue
             tokens[row].append(t)
             if any(s in tok.decode(tokens[row][-tail:]) for s in stop):
                 reasons[row] = "stop"
-                continue
-            keep.append(j)
+        keep = [j for j, row in enumerate(active) if reasons[row] == "length"]
         if not keep or step == budget - 1:
             break
         if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
+            index = torch.tensor(keep, device=weight.device)
             cache.keep_rows(index)
             next_ids, active = next_ids[index], [active[j] for j in keep]
         if cache.length >= cache.valid.shape[1]:  # doubled, up to what the budget can fill
@@ -1818,23 +1809,20 @@ def _generate_batch(model: GPT, tok: ExtendedTokenizer, prompt_ids: list[list[in
 @torch.inference_mode()
 def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
              decoding: Decoding = Decoding()) -> list[Completion]:
-    """Complete each prompt (formatted; encoded with its special tokens) as `decoding` says,
-    longest first, `batch_size` at a time: left-padded, one KV cache per batch, finished
-    rows leave it. Greedy answers do not depend on the batching."""
+    """Complete prompts longest first, `batch_size` at a time (greedy: as one at a time)."""
     if not isinstance(tok, ExtendedTokenizer):
-        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__}; a teacher's "
-                       "is ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)")
-    encoded = [tok.encode(p, add_special_tokens=True) for p in prompts]
-    if not all(encoded):
-        raise KldError("a prompt encodes to no tokens; give it some text")
+        raise KldError(f"generate takes an ExtendedTokenizer, not {type(tok).__name__} "
+                       "(a teacher's: ExtendedTokenizer(tokenizer, [], V))")
+    ids = [tok.encode(p, add_special_tokens=True) for p in prompts]
+    if not all(ids):
+        raise KldError("a prompt encodes to no tokens")
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(decoding.seed)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results = {}
+    order, results = sorted(range(len(prompts)), key=lambda i: -len(ids[i])), {}
     # cuDNN attention plans each new key length (1.5 ms of CPU on an H100): left out while decoding
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for i in range(0, len(order), decoding.batch_size):
             batch = order[i : i + decoding.batch_size]
-            outs = _generate_batch(model, tok, [encoded[r] for r in batch], decoding, generator)
+            outs = _generate_batch(model, tok, [ids[r] for r in batch], decoding, generator)
             results.update(zip(batch, outs))
     return [results[i] for i in range(len(prompts))]
 
@@ -1857,14 +1845,12 @@ class Task:
 def read_tasks(path: str | Path) -> list[Task]:
     """Tasks from a HumanEval .jsonl(.gz) file or a directory of them."""
     path, keys, tasks = Path(path), [f.name for f in dataclasses.fields(Task)], {}
-    if not path.exists():
-        raise KldError(f"task file not found: {path}")
     files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz"))
                    and p.is_file()) if path.is_dir() else [path]
     if not files:
         raise KldError(f"no .jsonl or .jsonl.gz task files in {path}")
     if not files[0].is_file():  # a FIFO would hang the read
-        raise KldError(f"task file {path} is not a regular file")
+        raise KldError(f"task file not found or not a regular file: {path}")
     for file in files:
         try:
             with (gzip.open if file.suffix == ".gz" else open)(file, "rt", encoding="utf-8") as f:
@@ -1886,13 +1872,10 @@ def read_tasks(path: str | Path) -> list[Task]:
     return list(tasks.values())
 
 
-# A base model's body ends at a top-level statement (HumanEval's stops) or a fence.
-BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
+BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]  # HumanEval's, and a fence
 
 
-def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok: ExtendedTokenizer,
-                  chat: bool) -> Decoding:
-    """`decoding` with the stops that end a task's answer."""
+def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok, chat: bool) -> Decoding:
     return decoding.with_stops(["```"] if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
 
 
@@ -1906,8 +1889,7 @@ def task_prompt(task: Task, chat: bool, system: str = "") -> str:
 
 
 def candidate_source(task: Task, completion: str, chat: bool) -> str:
-    """The candidate's program. Chat: the prompt (its imports, helpers), then
-    the answer's `def entry_point`, or the answer as the body, indented."""
+    """Chat: the prompt (its imports, helpers), then the answer's def, or the answer as its body."""
     if not chat:
         return task.prompt + completion
     code = completion.strip("\n")
@@ -1924,8 +1906,7 @@ def program_with_tests(task: Task, source: str) -> str:
 
 
 @dataclass(frozen=True)
-class SandboxLimits:
-    """Bounds on one program run (sandbox_run, run_tests)."""
+class SandboxLimits:  # bounds on one program run
     timeout_s: float = 10.0  # wall clock
     cpu_s: int = 10  # RLIMIT_CPU (reported as a timeout)
     memory_mb: int = 1024  # RLIMIT_AS; as root, all its processes and /dev/shm files too
@@ -1957,21 +1938,7 @@ def load(path, name):
     return module.__dict__
 """
 
-# sandbox_run's child: the nonce from stdin goes to the report pipe if the program returned.
-SANDBOX_DRIVER = LOAD + r"""report_fd, nonce = int(sys.argv[6]), os.read(0, 64)
-null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
-try:
-    load(sys.argv[5], "candidate")
-    sys.stdout.flush(); sys.stderr.flush()
-except BaseException:
-    traceback.print_exc(); sys.stderr.flush()
-    os._exit(1)
-os.write(report_fd, nonce)
-os._exit(0)
-"""
-
-# Both sides of run_tests: a message is 8 bytes of length and a marshal of plain values, by
-# exact type. as_plain reads a subclass's value (a Counter) by its plain base type's methods.
+# Both sides of run_tests: a message is 8 bytes of length, then a marshal of exact plain types.
 PLAIN_VALUES = r"""PLAIN = (type(None), bool, int, float, complex, str, bytes)
 EXACT_COPIES = ((int, int.__int__), (float, float.__float__), (str, str.__str__),
                 (complex, lambda x: complex(complex.real.__get__(x), complex.imag.__get__(x))),
@@ -1981,8 +1948,7 @@ def plain(x, depth=0):
         x = [*x, *x.values()]
     return depth <= 200 and (type(x) in PLAIN or type(x) in (list, tuple, set, frozenset)
                              and all(plain(v, depth + 1) for v in x))
-class Unplain(Exception):
-    pass
+class Unplain(Exception): pass
 def as_plain(x, depth=0):
     kind, deeper = type(x), depth + 1
     if depth > 190:
@@ -1991,10 +1957,8 @@ def as_plain(x, depth=0):
         return x
     for base in (dict, set, frozenset, list, tuple):
         if issubclass(kind, base):
-            if base is dict:
-                copy = {as_plain(k, deeper): as_plain(v, deeper) for k, v in dict.items(x)}
-            else:
-                copy = base(as_plain(v, deeper) for v in base.__iter__(x))
+            copy = ({as_plain(k, deeper): as_plain(v, deeper) for k, v in dict.items(x)} if base is dict
+                    else base(as_plain(v, deeper) for v in base.__iter__(x)))
             if base in (dict, set, frozenset) and len(copy) != base.__len__(x):
                 raise Unplain(kind.__name__ + " whose members are equal as plain values")
             return copy
@@ -2014,14 +1978,25 @@ def read_exact(fd, n):
     return data
 """
 
-# run_tests, the candidate's side: define the function, then answer calls.
-CANDIDATE_SERVER = LOAD + PLAIN_VALUES + r"""calls_fd, answers_fd = map(int, sys.argv[6:8])
+# The program's process: sandbox_run's reports the nonce if it returned; run_tests's answers calls.
+CANDIDATE = LOAD + PLAIN_VALUES + r"""nonce, entry = os.read(0, 64), sys.argv[8:]
+if entry:
+    calls_fd, answers_fd = map(int, sys.argv[6:8])
+else:
+    report_fd = int(sys.argv[6])
+null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
 try:
-    function = load(sys.argv[5], "candidate")[sys.argv[8]]
+    namespace = load(sys.argv[5], "candidate")
+    function = namespace[entry[0]] if entry else None
+    sys.stdout.flush(); sys.stderr.flush()
 except BaseException as e:
     traceback.print_exc(); sys.stderr.flush()
-    send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
+    if entry:
+        send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
     os._exit(1)
+if not entry:
+    os.write(report_fd, nonce)
+    os._exit(0)
 send(answers_fd, ("ready",))
 while head := read_exact(calls_fd, 8):
     args, kwargs = marshal.loads(read_exact(calls_fd, int.from_bytes(head, "little")))
@@ -2055,8 +2030,7 @@ def receive():
     if type(message := marshal.loads(data)) is not tuple or not message or not plain(message):
         raise RuntimeError("the candidate's process sent something other than plain values")
     return message
-class CandidateError(Exception):
-    pass
+class CandidateError(Exception): pass
 def candidate(*args, **kwargs):
     try:
         send(calls_fd, as_plain((args, kwargs)))
@@ -2099,8 +2073,7 @@ def _processes(uid: int | None = None) -> typing.Iterator[tuple[int, int, int | 
 
 @contextlib.contextmanager
 def reserved_uids(n: int, base: int = 61000):
-    """n uids no account or process holds, one per program at once, held by
-    flocks in a root-only directory: evaluators at once never share one."""
+    """n free uids, held by flocks in a root-only directory: no two evaluators share one."""
     import fcntl, pwd
     locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
     with contextlib.suppress(FileExistsError):
@@ -2161,8 +2134,7 @@ def sandbox_python(uid: int | None) -> str:
     """A Python `uid` can run: this one (maybe in /root), or a system one."""
     if uid is None:
         return sys.executable
-    tried = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
-             "/usr/local/bin/python3"]
+    tried = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
     for python in dict.fromkeys(tried):
         with contextlib.suppress(OSError):
             if subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
@@ -2174,8 +2146,7 @@ def sandbox_python(uid: int | None) -> str:
 
 def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None,
                   started: float) -> str:
-    """Wait for `process`: "" when it ended, or "timeout"; under a uid also
-    "memory" or "disk" when all its processes or files pass the limit."""
+    """"" (ended), "timeout", or under a uid "memory" or "disk" (all its processes, files)."""
     def usage():  # (its processes' resident bytes and its files in /dev/shm, its files' bytes)
         files = [(p, i.st_blocks * 512 * stat.S_ISREG(i.st_mode)) for p, i in _uid_files(uid)]
         shm = sum(n for p, n in files if p.is_relative_to("/dev/shm"))
@@ -2194,13 +2165,12 @@ def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | N
             return "disk"
 
 
-def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | None,
-             task: Task | None = None) -> RunResult:
-    """sandbox_run (task None) and run_tests: run `source` contained, with a
-    task the verdict's process beside it; then kill all, clean the uid."""
+def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
+                python: str | None = None, task: Task | None = None) -> RunResult:
+    """Run `program` contained: passed if it returned and exited 0 (with a `task`: run_tests)."""
     started = time.perf_counter()
     try:
-        source.encode("utf-8")
+        program.encode("utf-8")
     except UnicodeEncodeError as e:
         return RunResult("failed", f"the program text is not UTF-8: {e}", 0.0)
     with contextlib.ExitStack() as stack:
@@ -2208,12 +2178,12 @@ def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | 
             [uid] = stack.enter_context(reserved_uids(1))
         python = python or sandbox_python(uid)
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="kld-", ignore_cleanup_errors=True))
-        (program := Path(work, "program.py")).write_text(source, encoding="utf-8")
-        for path in (work, program) if uid is not None else ():
+        (file := Path(work, "program.py")).write_text(program, encoding="utf-8")
+        for path in (work, file) if uid is not None else ():
             os.chown(path, uid, uid)
         outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in "ab"]  # program's, verdict's
         n = limits.processes + (uid is None and len([*_processes(os.getuid())]))  # the user's all
-        bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, n, program]
+        bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, n, file]
         user = {} if uid is None else dict(user=uid, group=uid, extra_groups=[])
         spawn = functools.partial(subprocess.Popen, stderr=subprocess.STDOUT, start_new_session=True)
         if task is not None:  # the verdict's files, apart
@@ -2223,13 +2193,12 @@ def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | 
                 Path(path).write_text(text, encoding="utf-8")
         (a_r, a_w), (b_r, b_w), (report_r, report_w) = [os.pipe() for _ in "abc"]
         if task is None:  # the program's stdin: the nonce that proves its end, then end of file
-            expected, driver, fds, stdin = os.urandom(16).hex().encode(), SANDBOX_DRIVER, [report_w], a_r
+            expected, fds, stdin, entry = os.urandom(16).hex().encode(), [report_w], a_r, []
             os.write(a_w, expected)
         else:  # calls cross in pipe a, answers in b
-            expected, driver, fds, stdin = b"passed", CANDIDATE_SERVER, [a_r, b_w], subprocess.DEVNULL
+            expected, fds, stdin, entry = b"passed", [a_r, b_w], subprocess.DEVNULL, [task.entry_point]
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-        args = map(str, bounds + fds + ([task.entry_point] if task else []))
-        argv = [python, "-I", "-c", SANDBOX_LIMITS + driver, *args]
+        argv = [python, "-I", "-c", SANDBOX_LIMITS + CANDIDATE, *map(str, bounds + fds + entry)]
         children, report = [], b""
         try:
             try:
@@ -2278,18 +2247,10 @@ def _execute(source: str, limits: SandboxLimits, uid: int | None, python: str | 
     return RunResult("failed", why or detail or f"exit status {code} before its tests ended", seconds)
 
 
-def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int | None = None,
-                python: str | None = None) -> RunResult:
-    """Run `program`: passed if it returned (asserts kept) and exited 0. See
-    the README's "Running generated code" for what is contained."""
-    return _execute(program, limits, uid, python)
-
-
 def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(),
               uid: int | None = None, python: str | None = None) -> RunResult:
-    """The task's tests on `source`, away from the candidate's process, which
-    answers their calls with plain values: it cannot forge a pass."""
-    return _execute(source, limits, uid, python, task)
+    """The task's tests on `source`, run apart from it: it answers their calls with plain values."""
+    return sandbox_run(source, limits, uid, python, task)
 
 
 def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), workers: int = 0,
@@ -2332,8 +2293,7 @@ def bootstrap_interval(values, confidence=0.95, resamples=10000, seed=0) -> tupl
 
 
 def paired_comparison(a: dict[str, float], b: dict[str, float], confidence=0.95, seed=0) -> dict:
-    """Run b against run a (task_id -> score): mean b - a, its interval, the
-    tasks b is better and worse on, and the sign test's p-value."""
+    """b - a (task_id -> score): mean, interval, tasks better and worse, sign test's p-value."""
     if set(a) != set(b):
         raise KldError(f"paired comparison needs the same tasks; {len(set(a) ^ set(b))} differ")
     diffs = np.array([b[t] - a[t] for t in sorted(a)])
@@ -2345,8 +2305,7 @@ def paired_comparison(a: dict[str, float], b: dict[str, float], confidence=0.95,
 
 
 @dataclass(frozen=True)
-class CodegenSettings:
-    """How evaluate_codegen prompts, decodes, runs and scores."""
+class CodegenSettings:  # how evaluate_codegen prompts, decodes, runs and scores
     chat: bool = False  # prompt in the chat template (task_prompt)
     system_prompt: str = ""  # the chat template's system turn; empty = none
     n_samples: int = 1  # programs per task
@@ -2360,19 +2319,13 @@ class CodegenSettings:
         if max(self.ks, default=1) > self.n_samples:
             raise KldError(f"pass@k for k = {max(self.ks)} needs that many samples (n_samples)")
         if self.n_samples < 1 or (self.n_samples > 1 and self.decoding.temperature == 0):
-            raise KldError(f"n_samples {self.n_samples}: 1 for greedy decoding, more with temperature > 0")
-
-
-def uses_chat(cfg: Config, tok: ExtendedTokenizer) -> bool:
-    """Prompt in the chat template: as `cfg.chat` says, or if `tok` has one."""
-    return has_chat_template(tok) if cfg.chat is None else cfg.chat
+            raise KldError(f"n_samples {self.n_samples}: 1 when greedy, more with temperature > 0")
 
 
 def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
-    """A run's settings; exec_timeout bounds wall clock and CPU seconds."""
-    return CodegenSettings(chat=uses_chat(cfg, tok), system_prompt=cfg.system_prompt, n_samples=cfg.n_samples,
-                           ks=tuple(cfg.pass_k), decoding=decoding_of(cfg), workers=cfg.exec_workers,
-                           limits=SandboxLimits(cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout))))
+    limits = SandboxLimits(cfg.exec_timeout, cpu_s=max(1, math.ceil(cfg.exec_timeout)))  # wall clock and CPU
+    return CodegenSettings(uses_chat(cfg, tok), cfg.system_prompt, cfg.n_samples, cfg.pass_k, decoding_of(cfg),
+                           limits, cfg.exec_workers)
 
 
 def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
@@ -2388,33 +2341,28 @@ def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                      settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
-    """Generate n_samples programs per task, run their tests, and score: pass@k;
-    adoption = new-token share / tau''s on the text; realised_saving =
-    1 - tokens / tau's; possible_saving = 1 - tau''s / tau's."""
+    """n_samples programs per task, tested: pass@k; adoption = new-token share / tau''s on the
+    text; realised_saving = 1 - tokens / tau's; possible_saving = 1 - tau''s / tau's."""
     if not tasks:
         raise KldError("no tasks to evaluate")
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
-    prompts = [task_prompt(t, chat, settings.system_prompt) for t in owners]
     decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
-    mine = share(range(len(prompts)), ranks)  # this rank's prompts, sampled with a seed of its own
-    my_decoding = dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank)
+    mine = share(range(len(owners)), ranks)  # this rank's prompts, sampled with a seed of its own
     t0 = time.perf_counter()
-    my_completions = generate(model, tok, [prompts[i] for i in mine], my_decoding) if mine else []
-    my_seconds = max(time.perf_counter() - t0, 1e-9)
-    my_sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, my_completions)]
+    completions = generate(model, tok, [task_prompt(owners[i], chat, settings.system_prompt) for i in mine],
+                           dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank))
+    seconds = max(time.perf_counter() - t0, 1e-9)
+    sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, completions)]
     workers = settings.workers or max(1, (os.cpu_count() or 1) // ranks.local_world)  # shared CPUs
-    my_results = run_tests_all([*zip([owners[i] for i in mine], my_sources)], settings.limits, workers)
-    shares = gather((list(mine), my_completions, my_sources, my_results, my_seconds), ranks)
-    generation_s = max(part[4] for part in shares)  # the ranks generate at the same time
-    by_prompt = {i: row for idx, *parts, _ in shares for i, *row in zip(idx, *parts)}
-    completions, sources, results = zip(*(by_prompt[i] for i in range(len(prompts))))
+    results = run_tests_all([*zip([owners[i] for i in mine], sources)], settings.limits, workers)
+    parts = gather(([*zip(mine, completions, sources, results)], seconds), ranks)
+    generation_s = max(s for _, s in parts)  # the ranks generate at the same time
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     samples, counts = [], np.zeros(6, dtype=np.int64)
-    for task, completion, source, result in zip(owners, completions, sources, results):
-        ids = whole_characters(tok, completion.token_ids)  # what is measured
-        text = tok.decode(ids)  # with the stop string: as the tokens emitted
-        base_ids = tok.base.encode(text, add_special_tokens=False).ids  # tau on the same text
+    for i, completion, source, result in sorted(r for rows, _ in parts for r in rows):  # by prompt
+        task, ids = owners[i], whole_characters(tok, completion.token_ids)  # what is measured
+        base_ids = tok.base.encode(text := tok.decode(ids), add_special_tokens=False).ids  # tau on the text emitted
         merged = tok.merge(base_ids)  # tau' on the same text
         counts += [len(text), len(ids), len(base_ids), len(merged),
                    *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, merged))]
@@ -2422,12 +2370,9 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
         samples.append({"task_id": task.task_id, "completion": completion.text, "program": source, "status":
                         result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
     n_chars, n_tokens, n_base, n_merged, n_new, n_merged_new = counts.tolist()
-    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat,
-               "temperature": decoding.temperature}
+    summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": decoding.temperature}
     for k in ks:
-        for scores in per_task.values():
-            scores[f"pass@{k}"] = pass_at_k(scores["n"], scores["c"], k)
-        values = [s[f"pass@{k}"] for s in per_task.values()]
+        values = [s.setdefault(f"pass@{k}", pass_at_k(n_samples, s["c"], k)) for s in per_task.values()]
         summary[f"pass@{k}"] = float(np.mean(values))
         summary[f"pass@{k}_interval"] = bootstrap_interval(values, seed=decoding.seed)
     merged_share = n_merged_new / max(1, n_merged)
@@ -2438,12 +2383,11 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                     "realised_saving": realised, "possible_saving": possible,
                     "saving_realised": realised / possible if possible > 0 else None,
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
-                    "timeouts": sum(r.status == "timeout" for r in results)})
+                    "timeouts": sum(s["status"] == "timeout" for s in samples)})
     return {"summary": summary, "tasks": per_task, "samples": samples}
 
 
-def evaluate_codegen_as_configured(model: GPT, tok: ExtendedTokenizer, tasks: list[Task], cfg: Config,
-                                   ranks: Ranks = Ranks()) -> dict:
+def evaluate_codegen_as_configured(model: GPT, tok, tasks: list[Task], cfg: Config, ranks=Ranks()) -> dict:
     """evaluate_codegen as `cfg` says, recording its fields under "settings"."""
     result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
     result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
@@ -3194,7 +3138,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     state["lm_head.weight"] = torch.cat([model.output_weight(), state.pop("new_out")])
     state["embed.weight"] = torch.cat([state["embed.weight"], state.pop("new_in")])
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
-    chat = has_chat_template(tok)
+    chat = uses_chat(None, tok)
     stops = [*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
                   "clean_up_tokenization_spaces": False,
