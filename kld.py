@@ -121,7 +121,7 @@ class Config:
         check_config(self)
 
 
-INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")  # init_rows
+INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # init_rows
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
@@ -917,7 +917,6 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
       fvt          the pieces' mean (FVT, Gee et al. 2022)
       last_piece   weights a_i = 2^-(k-i) (AdaptiVocab's input rows: read where text ends)
       first_piece  a_i = 2^-(i-1) (its output rows: predicted where the text begins)
-      fvt_norm     fvt scaled to W's mean norm (Beyond Initialization Loss's input rows)
       char_length  a_i = |x_i| in bytes (its output rows)
     """
     W = upcast(rows)
@@ -926,13 +925,8 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
         return (W.mean(0) + W.std(0) * noise).to(rows.dtype)
     if rule == "mean":
         return W.mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
-    if rule in ("fvt", "fvt_norm"):
-        fvt = torch.stack([W[list(e)].mean(0) for e in expansions]).to(rows.dtype)  # (N, d)
-        if rule == "fvt":
-            return fvt
-        fvt = upcast(fvt)
-        scale = W.norm(dim=1).mean() / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        return (fvt * scale).to(rows.dtype)
+    if rule == "fvt":
+        return torch.stack([W[list(e)].mean(0) for e in expansions]).to(rows.dtype)  # (N, d)
     if rule not in ("last_piece", "first_piece", "char_length"):
         raise KldError(f"unknown initialiser {rule!r}; choose from {sorted(INIT_NAMES)}")
     out = []  # sum_i a_i w_{x_i} / sum_i a_i
