@@ -596,8 +596,7 @@ def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, in
     a[i0:i1], b[j0:j1] spell the same. [1, 3, 4], [2, 3, 4] -> [(0, 2, 0, 2), (2, 3, 2, 3)]"""
     if (ends_a[-1:] or [0]) != (ends_b[-1:] or [0]):
         raise ValueError(f"tokenizations of different lengths: {ends_a[-1:]}, {ends_b[-1:]}")
-    spans = []
-    i = j = 0  # the next token of a, of b
+    spans, i, j = [], 0, 0  # i, j: the next token of a, of b
     while i < len(ends_a):
         i0, j0 = i, j  # a span starts where both start a token
         end_a, end_b = ends_a[i], ends_b[j]
@@ -626,7 +625,6 @@ def head_logits(states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TeacherRows:
     """log p(v) at r positions as states[i] . head[v] - lse[i]: r x d numbers, not r x |V|."""
-
     states: torch.Tensor  # (r, d), or (r, |V|) log p itself when head is None (lse 0)
     head: torch.Tensor | None  # (|V|, d) the unembedding, or None
     lse: torch.Tensor  # (r,) log sum_v exp z_v of each row
@@ -671,7 +669,6 @@ class TeacherRows:
 class LiftedTargets:
     """p' at m student positions, dense over V: teacher.logp()[j] - log_z[j] but fix_logp where
     the walk rewrote it; sparse over N: new_logp[j, c] at new_ids[j, c], else p' = 0."""
-
     teacher: TeacherRows  # (m rows) the teacher at each span start
     log_z: torch.Tensor  # (m,) float64: log Z, the conditioning's renormaliser (0: none)
     fix_pos: torch.Tensor  # (k,) long: positions of the base entries the walk rewrote
@@ -717,24 +714,19 @@ def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
     return LiftedTargets(teacher, n_new=parts[0].n_new, **cat)
 
 
-# The lift at each student position j whose span starts at teacher token a: 1. walk the
-# trie of expansions from the base tokens that start one, wherever the teacher has a row at
-# the node; 2. P(u) by the chain rule along the walk; 3. p'(v) = P(exp v) - sum of P(exp w)
-# over v's walked trie children w. A *node* (b, xs) is a context: t_<b, then tokens xs off
-# the text (xs[0] != t_b). Nodes (b, ()) are rows of the window's pass (all that path mode
-# reads); trie mode evaluates branches, with xs, by tree attention (`teacher_targets`).
-# Conditioning: after the student emitted v, the text cannot go on with exp(w)[|exp v|:] for
-# a trie child w of v (tau' would have emitted w): step 1 walks these *extensions* of v too,
-# step 3 gives them and what extends them p' = 0, renormalising by Z.
-
-
-Node = tuple[int, tuple[int, ...]]
+# The lift at student position j, span starting at teacher token a: 1. walk the trie U from the base
+# tokens that start an expansion, wherever the teacher has a row at the node; 2. P(u) by the chain rule
+# along the walk; 3. p'(v) = P(exp v) - sum of P(exp w) over v's walked trie children w. A *node*
+# (b, xs) is a context: t_<b, then tokens xs off the text (xs[0] != t_b). Nodes (b, ()) are rows of the
+# window's pass (all path mode reads); trie mode evaluates branches by tree attention (`teacher_targets`).
+# Conditioning: after the student emitted v, the text cannot go on with exp(w)[|exp v|:] for a trie
+# child w of v (tau' would have emitted w): step 1 walks these *extensions* of v too, step 3 gives them
+# and what extends them p' = 0, renormalising by Z.
 
 
 @dataclass
 class LiftTrie:
     """The lift's lookup tables for one extension, made by `lift_trie`."""
-
     children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> x with u + (x,) in the trie
     new_token: dict[tuple[int, ...], int]  # exp(w) -> w, for every new token w
     roots: torch.Tensor  # (R,) long: the base tokens that start an expansion
@@ -746,7 +738,7 @@ class LiftTrie:
 
 def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
     """Proper prefix -> next tokens: (1, 2), (1, 2, 3), (1, 4) -> {(1,): (2, 4), (1, 2): (3,)}"""
-    children: dict[tuple[int, ...], dict[int, None]] = {}
+    children = {}  # u -> {x: None}
     for s in seqs:
         for k in range(1, len(s)):
             children.setdefault(s[:k], {})[s[k]] = None  # a dict keeps the order and drops repeats
@@ -755,7 +747,7 @@ def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
 
 def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
     """The lift's tables for tau' (tok): the trie U and each token's extensions."""
-    extensions: dict[int, set[tuple[int, ...]]] = {}  # v -> the suffixes that would merge into v
+    extensions = {}  # v -> the suffixes that would merge into v
     for e, v in zip(tok.expansions, tok.parents):  # exp(v): the longest proper prefix of e
         extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
     alphabet = sorted({t for e in tok.expansions for t in e})  # (extensions add none)
@@ -772,17 +764,14 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
 
 def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie: LiftTrie,
               extensions: frozenset, extension_children: dict, min_logp: float):
-    """Steps 1 and 2 of the lift at span start a: from each root, follow the trie (and the
-    extensions) while the teacher has a row at the node, rows[(b, xs)] at the alphabet's
-    columns. Returns P of the tokens and extensions reached, and the nodes without a row
-    whose P >= exp(min_logp)."""
-    log_p: dict[tuple[int, ...], float] = {}
-    wanted: set[Node] = set()
+    """Steps 1 and 2 of the lift at span start a: from each root, follow the trie (and the extensions)
+    while the teacher has a row at the node, rows[(b, xs)] at the alphabet's columns. Returns P of the
+    tokens and extensions reached, and the nodes without a row whose P >= exp(min_logp)."""
+    log_p, wanted = {}, set()  # sequence u -> log P(u); nodes (b, xs) to evaluate
 
-    def visit(seq: tuple[int, ...], node: Node, tokens):  # seq's context is node
+    def visit(seq, node, tokens):  # seq's context is node
         b, xs = node
-        row = rows.get(node)
-        if row is None:  # past the window's rows, or a branch not evaluated (yet)
+        if (row := rows.get(node)) is None:  # past the window's rows, or a branch not evaluated (yet)
             if xs and tokens and log_p[seq] >= min_logp:
                 wanted.add(node)
             return
@@ -824,14 +813,12 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
 
 def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
          prev_token: int | None = None, branches: dict | None = None, min_prob: float = math.inf,
-         condition: bool = True) -> tuple[LiftedTargets, set[Node]]:
+         condition: bool = True) -> tuple[LiftedTargets, set]:
     """p' over V' at each student position of one window, and the branch nodes to evaluate
     before calling again (none: done). Row b of rows (n + 1 to walk past the end) is
     log p(. | t_<b); s_j covers t[span_starts[j] : span_starts[j + 1]]; prev_token precedes
-    the window. branches: the rows at branch nodes; a node whose P reaches min_prob is wanted
-    (path mode: inf). With every node evaluated, p' is exact on V' under longest match; in
-    path mode, for each token that leaves the text at its last token at the latest (else 0).
-    """
+    the window; branches: rows at branch nodes; nodes whose P reaches min_prob are wanted
+    (path mode: inf). With every node evaluated, p' is exact on V' under longest match."""
     n, m = len(teacher_ids), len(span_starts)  # teacher tokens, student positions
     device = rows.states.device
     realised = rows.logp(columns=trie.alphabet.to(device)).double().cpu().numpy()  # (rows, A)
@@ -845,10 +832,8 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     min_logp = math.log(min_prob) if min_prob > 0 else -math.inf  # inf in path mode: no branch
     previous = [prev_token] + [trie.new_token.get(tuple(teacher_ids[s:e]), teacher_ids[s])
                                for s, e in zip(span_starts[:-1], span_starts[1:])]
-    fixes = []  # (j, v, log p') where the walk rewrote the teacher's entry for base token v
-    news: list[list] = [[] for _ in range(m)]  # (w, log p') of the new tokens w at each j
-    log_z = []
-    wanted: set[Node] = set()
+    fixes, log_z, wanted = [], [], set()  # fixes: (j, v, log p') where the walk rewrote base token v
+    news = [[] for _ in range(m)]  # (w, log p') of the new tokens w at each j
     for j, a in enumerate(span_starts):
         v = previous[j] if condition else None  # its extensions cannot come next
         extensions = trie.extensions.get(v, frozenset())
@@ -858,8 +843,7 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
         P, more = walk_trie(a, [r for r in walk_from if r in trie.column], teacher_ids, known,
                             trie, extensions, trie.extension_children.get(v, {}), min_logp)
         wanted |= more
-        probs, Z = emission_probabilities(P, extensions,
-                                          lambda x: math.exp(realised[a][trie.column[x]]))
+        probs, Z = emission_probabilities(P, extensions, lambda x: math.exp(realised[a][trie.column[x]]))
         log_z.append(math.log(Z))
         for s, p in probs.items():
             lp = math.log(p) if p > 0 else -math.inf
@@ -872,9 +856,8 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     width = max([1, *map(len, news)])  # padded with id 0 at p' = 0
     new = torch.tensor([e + [(0, -math.inf)] * (width - len(e)) for e in news], **f64)
     new, log_z = new.reshape(m, width, 2), torch.tensor(log_z, **f64)
-    dtype = upcast(rows.states).dtype
-    return LiftedTargets(rows.select(bounds[:-1]), log_z, fix[:, 0].long(), fix[:, 1].long(),
-                         fix[:, 2], new[..., 0].long(), new[..., 1].to(dtype), span_logp,
+    return LiftedTargets(rows.select(bounds[:-1]), log_z, fix[:, 0].long(), fix[:, 1].long(), fix[:, 2],
+                         new[..., 0].long(), new[..., 1].to(upcast(rows.states).dtype), span_logp,
                          len(trie.new_token)), wanted
 
 
