@@ -764,9 +764,8 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
 
 def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie: LiftTrie,
               extensions: frozenset, extension_children: dict, min_logp: float):
-    """Steps 1 and 2 of the lift at span start a: from each root, follow the trie (and the extensions)
-    while the teacher has a row at the node, rows[(b, xs)] at the alphabet's columns. Returns P of the
-    tokens and extensions reached, and the nodes without a row whose P >= exp(min_logp)."""
+    """Lift steps 1, 2 at span start a: P of the tokens and extensions reached from the roots
+    while rows (at the alphabet's columns) has the node, and the row-less branch nodes with P >= exp(min_logp)."""
     log_p, wanted = {}, set()  # sequence u -> log P(u); nodes (b, xs) to evaluate
 
     def visit(seq, node, tokens):  # seq's context is node
@@ -814,11 +813,11 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
 def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
          prev_token: int | None = None, branches: dict | None = None, min_prob: float = math.inf,
          condition: bool = True) -> tuple[LiftedTargets, set]:
-    """p' over V' at each student position of one window, and the branch nodes to evaluate
-    before calling again (none: done). Row b of rows (n + 1 to walk past the end) is
-    log p(. | t_<b); s_j covers t[span_starts[j] : span_starts[j + 1]]; prev_token precedes
-    the window; branches: rows at branch nodes; nodes whose P reaches min_prob are wanted
-    (path mode: inf). With every node evaluated, p' is exact on V' under longest match."""
+    """p' over V' at each student position of one window, and the branch nodes to evaluate before
+    calling again (none: done). rows[b] = log p(. | t_<b) (n + 1 rows walk past the end); s_j covers
+    t[span_starts[j] : span_starts[j + 1]]; prev_token precedes the window; branches: the rows at
+    branch nodes; a node is wanted once its P reaches min_prob (path mode: inf). With every node
+    evaluated, p' is exact on V' under longest match."""
     n, m = len(teacher_ids), len(span_starts)  # teacher tokens, student positions
     device = rows.states.device
     realised = rows.logp(columns=trie.alphabet.to(device)).double().cpu().numpy()  # (rows, A)
@@ -832,8 +831,9 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     min_logp = math.log(min_prob) if min_prob > 0 else -math.inf  # inf in path mode: no branch
     previous = [prev_token] + [trie.new_token.get(tuple(teacher_ids[s:e]), teacher_ids[s])
                                for s, e in zip(span_starts[:-1], span_starts[1:])]
-    fixes, log_z, wanted = [], [], set()  # fixes: (j, v, log p') where the walk rewrote base token v
+    fixes = []  # (j, v, log p') where the walk rewrote the teacher's entry for base token v
     news = [[] for _ in range(m)]  # (w, log p') of the new tokens w at each j
+    log_z, wanted = [], set()
     for j, a in enumerate(span_starts):
         v = previous[j] if condition else None  # its extensions cannot come next
         extensions = trie.extensions.get(v, frozenset())
