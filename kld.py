@@ -5,10 +5,8 @@
     python kld.py --export RUN_DIR OUT_DIR   # a run's student as a Hugging Face model
     torchrun --nproc_per_node N kld.py ...   # data parallel over N processes
 
-A frozen LLM (the teacher, tokenizer tau over V) gets new tokens N for Python code: the
-student is its weights on tau' over V' = V u N; only N's rows learn (METHOD.md).
-
-The method, in the order to read it:
+A frozen LLM (the teacher, tokenizer tau over V) gets new tokens N for Python code: the student,
+its weights on tau' over V' = V u N, learns only N's rows. The method (METHOD.md), in order:
   build_extension        tau' = tau then K merges learned on the corpus
   ExtendedTokenizer      encode = tau then the merges; expand(v) = exp(v)
   align_spans            the spans where two tokenizations share boundaries
@@ -26,18 +24,13 @@ The method, in the order to read it:
   generate               batched decoding with a KV cache
   evaluate_codegen       pass@k on HumanEval-format tasks, programs contained
   run                    all of it: extend, initialise, train, measure, answer
-
-Left out, and refused by name: sentencepiece GGUF vocabularies, k-quants (Q4_K, ...), RoPE
-scaling (Llama 3.1), sliding-window attention, mixture-of-experts. References: GPT-2
-(Radford et al. 2019), Llama (Touvron et al. 2023), RoFormer/RoPE (Su et al. 2021), GQA
-(Ainslie et al. 2023), the GGUF format (ggml's docs/gguf.md).
 """
 
 from __future__ import annotations
 
 import argparse, collections, concurrent.futures, contextlib, copy, dataclasses, datetime, difflib, functools
 import gzip, hashlib, heapq, importlib.util, inspect, io, itertools, json, math, os, queue, resource, shutil
-import signal, stat, struct, subprocess, sys, sysconfig, tempfile, textwrap, time, tokenize, types, typing
+import signal, stat, struct, subprocess, sys, sysconfig, tempfile, time, tokenize, types, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +114,7 @@ class Config:
         check_config(self)
 
 
-INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "fvt_norm", "char_length")  # init_rows
+INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # init_rows
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
@@ -135,13 +128,12 @@ ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" 
                     "warmup_steps eval_every finetune_first_layers finetune_steps temperature "
                     "exec_workers".split(), "[0, inf]"),
 }
-# A checkpoint resumes under the same RESUME_KEYS only; evaluate_codegen's results depend on CODEGEN_KEYS.
-RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (  # a checkpoint resumes under these
     "device out_dir loss_chunk log_every eval_every eval_chars eval_window resume finetune_steps finetune_lr "
     "prompt chat system_prompt max_new_tokens temperature top_p stop gen_batch_size tasks n_samples pass_k "
     "exec_timeout exec_workers").split())
-CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature top_p tasks n_samples pass_k "
-                     "exec_timeout".split())
+CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature "  # what evaluate_codegen's results depend on
+                     "top_p tasks n_samples pass_k exec_timeout".split())
 
 
 def check_config(cfg: Config):
@@ -153,7 +145,7 @@ def check_config(cfg: Config):
         items, base = (value, kind[5:-1]) if kind.startswith("list[") else ([value], kind)
         if isinstance(value, list) != (base != kind) or any(  # exact: True is no int, 1 is no bool
                 type(x).__name__ != base and (base, type(x)) != ("float", int) for x in items):
-            raise KldError(f"config key {f.name!r} must be of type {kind}, got {value!r} ({type(value).__name__})")
+            raise KldError(f"config key {f.name!r} must be of type {kind}, got {value!r}")
         for x in items if allowed else []:
             if isinstance(allowed, tuple) and x not in allowed:
                 raise KldError(f"config key {f.name!r} must be one of {list(allowed)}, got {x!r}")
@@ -165,15 +157,14 @@ def check_config(cfg: Config):
     if bool(cfg.finetune_steps) != bool(cfg.finetune_layers or cfg.finetune_first_layers):
         raise KldError("the second stage needs both finetune_steps and finetune_(first_)layers, or neither")
     if "" in cfg.stop:
-        raise KldError("config key 'stop' holds an empty string, which every answer starts with")
+        raise KldError("config key 'stop' holds an empty string")
 
 
 def make_config(values: dict, source: str = "config") -> Config:
     """Config from field values; unknown keys are errors (Config checks values)."""
     hints = typing.get_type_hints(Config)
     for key in (k for k in values if k not in hints):
-        close = difflib.get_close_matches(key, hints, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = "".join(f" (did you mean {c!r}?)" for c in difflib.get_close_matches(key, hints, n=1))
         raise KldError(f"unknown config key {key!r} in {source}{hint}; see `python kld.py --help`")
     return Config(**values)
 
@@ -190,11 +181,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 # ----------------------------------------------------------------------------------------
 
 
-# Both: x += attn(norm(x)); x += mlp(norm(x)). gpt2: learned positions, LayerNorm, down(gelu_tanh(up(x))),
-# biases. llama (SmolLM, Qwen2): RoPE, RMSNorm, SwiGLU down(silu(gate(x)) * up(x)), GQA, no biases (Qwen2: q, k, v).
 @dataclass
-class ModelConfig:
-    arch: str  # "gpt2" or "llama"
+class ModelConfig:  # both: x += attn(norm(x)); x += mlp(norm(x))
+    arch: str  # "gpt2": learned positions, LayerNorm, GELU, biases; "llama" (SmolLM, Qwen2): RoPE, RMSNorm, SwiGLU, GQA
     vocab_size: int
     n_layer: int
     n_head: int
@@ -205,7 +194,7 @@ class ModelConfig:
     max_positions: int  # gpt2: size of the position table; llama: the trained context
     norm_eps: float
     rope_theta: float = 10000.0
-    qkv_bias: bool = False
+    qkv_bias: bool = False  # Qwen2's q, k, v (llama has no biases)
     out_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = True
@@ -214,6 +203,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_head % self.n_kv_head:
             raise KldError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+
+    def norm(self) -> nn.Module:  # LayerNorm (gpt2) or RMSNorm over d_model
+        return (nn.LayerNorm if self.arch == "gpt2" else RMSNorm)(self.d_model, eps=self.norm_eps)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:  # float16 / bfloat16 -> float32, for sums and softmaxes
@@ -231,10 +223,6 @@ def cpu_autocast(enabled: bool):  # bf16 autocast on the CPU: products in bf16; 
 class RMSNorm(nn.RMSNorm):
     def forward(self, x):  # y = w * x / sqrt(mean(x^2) + eps), in float32 as Llama does
         return self.weight * F.rms_norm(upcast(x), self.normalized_shape, eps=self.eps).to(x.dtype)
-
-
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    return (nn.LayerNorm if cfg.arch == "gpt2" else RMSNorm)(cfg.d_model, eps=cfg.norm_eps)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype):
@@ -256,15 +244,8 @@ class KVCache:
 
     def append(self, layer: int, k, v):  # store k, v (B, Hkv, T, hd) after the filled slots; return all
         a, b = self.length, self.length + k.shape[2]
-        if b > self.valid.shape[1]:
-            raise KldError(f"KV cache holds {self.valid.shape[1]} positions; {b} asked for")
         self.k[layer, :, :, a:b], self.v[layer, :, :, a:b] = k, v
         return self.k[layer, :, :, :b], self.v[layer, :, :, :b]
-
-    def advance(self, n: int, valid):  # the n slots just written are filled; valid (B, n), None: all
-        self.valid[:, self.length : self.length + n] = True if valid is None else valid
-        self.padded |= valid is not None
-        self.length += n
 
     def reserve(self, max_len: int):  # room for max_len slots in all, keeping what is filled
         if (extra := max_len - self.valid.shape[1]) > 0:
@@ -278,14 +259,13 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, hd, H, Hkv = cfg.d_model, cfg.head_dim, cfg.n_head, cfg.n_kv_head
-        self.head_dim = hd
+        self.head_dim = hd = cfg.head_dim
+        d, H, Hkv = cfg.d_model, cfg.n_head, cfg.n_kv_head
         self.q, self.k, self.v = (nn.Linear(d, n * hd, bias=cfg.qkv_bias) for n in (H, Hkv, Hkv))
         self.o = nn.Linear(H * hd, d, bias=cfg.out_bias)
 
-    def forward(self, x, rope, mask, is_causal, cache, layer):
+    def forward(self, x, rope, mask, is_causal, cache, layer):  # q (B, H, T, hd); k, v (B, Hkv, T, hd)
         B, T, _ = x.shape
-        # q (B, H, T, hd); k, v (B, Hkv, T, hd)
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         if rope is not None:  # rotate the pairs (x_i, x_{i+d/2}) by the position's angle
             (cos, sin), h = rope, self.head_dim // 2
@@ -312,8 +292,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
-        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.attn_norm, self.attn = cfg.norm(), Attention(cfg)
+        self.mlp_norm, self.mlp = cfg.norm(), MLP(cfg)
 
     def forward(self, x, rope, mask, is_causal, cache, layer):
         x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer)
@@ -341,7 +321,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.pos_embed = nn.Embedding(cfg.max_positions, d) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = make_norm(cfg)
+        self.norm = cfg.norm()
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.new_in = self.new_out = None  # rows of new tokens: see add_new_tokens
 
@@ -349,12 +329,11 @@ class GPT(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def add_new_tokens(self, new_in, new_out):  # trainable rows (N, d) of ids V + i, input and output apart
-        self.new_in = nn.Parameter(new_in.to(self.embed.weight))
-        self.new_out = nn.Parameter(new_out.to(self.embed.weight))
+        self.new_in, self.new_out = (nn.Parameter(t.to(self.embed.weight)) for t in (new_in, new_out))
 
     def embed_ids(self, ids):  # input vectors (B, T, C): the base or the new row of each id
         V, x = self.cfg.vocab_size, self.embed(ids.clamp(max=self.cfg.vocab_size - 1))
-        if self.new_in is None or len(self.new_in) == 0:
+        if self.new_in is None or not len(self.new_in):
             return x
         return torch.where((ids >= V)[..., None], F.embedding((ids - V).clamp(min=0), self.new_in), x)
 
@@ -370,13 +349,8 @@ class GPT(nn.Module):
         x = self.blocks_pass(ids, valid, cache, n_blocks=n_blocks)  # (B, T, C)
         return x if n_blocks is not None and n_blocks < L else self.norm(x)
 
-    def tree_states(self, ids, valid, cache, positions, mask):
-        """h (B, T, C) of trie branches on a cached prefix; any mask (B, 1, T, S)."""
-        return self.norm(self.blocks_pass(ids, valid, cache, positions, mask))
-
-    def decode_step(self, ids, valid, cache):  # logits (B, |V'|) after ids (B, T), cached
-        x = self.blocks_pass(ids, valid, cache)[:, -1:]  # (B, 1, C): all a decoder needs
-        return self.head(self.norm(x))[:, -1]
+    def decode_step(self, ids, valid, cache):  # logits (B, |V'|) after ids (B, T), cached: the last position's
+        return self.head(self.norm(self.blocks_pass(ids, valid, cache)[:, -1:]))[:, -1]
 
     def head(self, h, base_only=False):  # logits of final hidden states h (..., C): over V, then over N
         logits = F.linear(h, self.output_weight())  # (..., V)
@@ -385,9 +359,8 @@ class GPT(nn.Module):
         return logits
 
     def blocks_pass(self, ids, valid=None, cache=None, positions=None, mask=None, n_blocks=None):
-        """The residual stream (B, T, C) after n_blocks blocks (None: all); causal unless mask."""
-        B, T = ids.shape
-        n_past, key_valid = cache.length if cache is not None else 0, None
+        """The residual stream (B, T, C) after n_blocks blocks (None: all); causal unless mask (B, 1, T, S)."""
+        (B, T), n_past, key_valid = ids.shape, cache.length if cache is not None else 0, None
         if mask is None and valid is None and (cache is None or not cache.padded):
             positions = torch.arange(n_past, n_past + T, device=ids.device).expand(B, T)
         elif mask is None:
@@ -406,8 +379,10 @@ class GPT(nn.Module):
             x = x + self.pos_embed(positions)
         for layer, block in enumerate(self.blocks[:n_blocks]):  # [:None]: every block
             x = block(x, rope, mask, is_causal, cache, layer)
-        if cache is not None:
-            cache.advance(T, valid)
+        if cache is not None:  # the T slots just written are filled; valid None: all
+            cache.valid[:, n_past : n_past + T] = True if valid is None else valid
+            cache.padded |= valid is not None
+            cache.length += T
         return x
 
 
@@ -621,8 +596,7 @@ def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, in
     a[i0:i1], b[j0:j1] spell the same. [1, 3, 4], [2, 3, 4] -> [(0, 2, 0, 2), (2, 3, 2, 3)]"""
     if (ends_a[-1:] or [0]) != (ends_b[-1:] or [0]):
         raise ValueError(f"tokenizations of different lengths: {ends_a[-1:]}, {ends_b[-1:]}")
-    spans = []
-    i = j = 0  # the next token of a, of b
+    spans, i, j = [], 0, 0  # i, j: the next token of a, of b
     while i < len(ends_a):
         i0, j0 = i, j  # a span starts where both start a token
         end_a, end_b = ends_a[i], ends_b[j]
@@ -651,7 +625,6 @@ def head_logits(states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TeacherRows:
     """log p(v) at r positions as states[i] . head[v] - lse[i]: r x d numbers, not r x |V|."""
-
     states: torch.Tensor  # (r, d), or (r, |V|) log p itself when head is None (lse 0)
     head: torch.Tensor | None  # (|V|, d) the unembedding, or None
     lse: torch.Tensor  # (r,) log sum_v exp z_v of each row
@@ -696,7 +669,6 @@ class TeacherRows:
 class LiftedTargets:
     """p' at m student positions, dense over V: teacher.logp()[j] - log_z[j] but fix_logp where
     the walk rewrote it; sparse over N: new_logp[j, c] at new_ids[j, c], else p' = 0."""
-
     teacher: TeacherRows  # (m rows) the teacher at each span start
     log_z: torch.Tensor  # (m,) float64: log Z, the conditioning's renormaliser (0: none)
     fix_pos: torch.Tensor  # (k,) long: positions of the base entries the walk rewrote
@@ -742,24 +714,19 @@ def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
     return LiftedTargets(teacher, n_new=parts[0].n_new, **cat)
 
 
-# The lift at each student position j whose span starts at teacher token a: 1. walk the
-# trie of expansions from the base tokens that start one, wherever the teacher has a row at
-# the node; 2. P(u) by the chain rule along the walk; 3. p'(v) = P(exp v) - sum of P(exp w)
-# over v's walked trie children w. A *node* (b, xs) is a context: t_<b, then tokens xs off
-# the text (xs[0] != t_b). Nodes (b, ()) are rows of the window's pass (all that path mode
-# reads); trie mode evaluates branches, with xs, by tree attention (`teacher_targets`).
-# Conditioning: after the student emitted v, the text cannot go on with exp(w)[|exp v|:] for
-# a trie child w of v (tau' would have emitted w): step 1 walks these *extensions* of v too,
-# step 3 gives them and what extends them p' = 0, renormalising by Z.
-
-
-Node = tuple[int, tuple[int, ...]]
+# The lift at student position j, span starting at teacher token a: 1. walk the trie U from the base
+# tokens that start an expansion, wherever the teacher has a row at the node; 2. P(u) by the chain rule
+# along the walk; 3. p'(v) = P(exp v) - sum of P(exp w) over v's walked trie children w. A *node*
+# (b, xs) is a context: t_<b, then tokens xs off the text (xs[0] != t_b). Nodes (b, ()) are rows of the
+# window's pass (all path mode reads); trie mode evaluates branches by tree attention (`teacher_targets`).
+# Conditioning: after the student emitted v, the text cannot go on with exp(w)[|exp v|:] for a trie
+# child w of v (tau' would have emitted w): step 1 walks these *extensions* of v too, step 3 gives them
+# and what extends them p' = 0, renormalising by Z.
 
 
 @dataclass
 class LiftTrie:
     """The lift's lookup tables for one extension, made by `lift_trie`."""
-
     children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> x with u + (x,) in the trie
     new_token: dict[tuple[int, ...], int]  # exp(w) -> w, for every new token w
     roots: torch.Tensor  # (R,) long: the base tokens that start an expansion
@@ -771,7 +738,7 @@ class LiftTrie:
 
 def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
     """Proper prefix -> next tokens: (1, 2), (1, 2, 3), (1, 4) -> {(1,): (2, 4), (1, 2): (3,)}"""
-    children: dict[tuple[int, ...], dict[int, None]] = {}
+    children = {}  # u -> {x: None}
     for s in seqs:
         for k in range(1, len(s)):
             children.setdefault(s[:k], {})[s[k]] = None  # a dict keeps the order and drops repeats
@@ -780,7 +747,7 @@ def prefix_children(seqs) -> dict[tuple[int, ...], tuple[int, ...]]:
 
 def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
     """The lift's tables for tau' (tok): the trie U and each token's extensions."""
-    extensions: dict[int, set[tuple[int, ...]]] = {}  # v -> the suffixes that would merge into v
+    extensions = {}  # v -> the suffixes that would merge into v
     for e, v in zip(tok.expansions, tok.parents):  # exp(v): the longest proper prefix of e
         extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
     alphabet = sorted({t for e in tok.expansions for t in e})  # (extensions add none)
@@ -797,17 +764,13 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
 
 def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie: LiftTrie,
               extensions: frozenset, extension_children: dict, min_logp: float):
-    """Steps 1 and 2 of the lift at span start a: from each root, follow the trie (and the
-    extensions) while the teacher has a row at the node, rows[(b, xs)] at the alphabet's
-    columns. Returns P of the tokens and extensions reached, and the nodes without a row
-    whose P >= exp(min_logp)."""
-    log_p: dict[tuple[int, ...], float] = {}
-    wanted: set[Node] = set()
+    """Lift steps 1, 2 at span start a: P of the tokens and extensions reached from the roots
+    while rows (at the alphabet's columns) has the node, and the row-less branch nodes with P >= exp(min_logp)."""
+    log_p, wanted = {}, set()  # sequence u -> log P(u); nodes (b, xs) to evaluate
 
-    def visit(seq: tuple[int, ...], node: Node, tokens):  # seq's context is node
+    def visit(seq, node, tokens):  # seq's context is node
         b, xs = node
-        row = rows.get(node)
-        if row is None:  # past the window's rows, or a branch not evaluated (yet)
+        if (row := rows.get(node)) is None:  # past the window's rows, or a branch not evaluated (yet)
             if xs and tokens and log_p[seq] >= min_logp:
                 wanted.add(node)
             return
@@ -849,14 +812,12 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
 
 def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
          prev_token: int | None = None, branches: dict | None = None, min_prob: float = math.inf,
-         condition: bool = True) -> tuple[LiftedTargets, set[Node]]:
-    """p' over V' at each student position of one window, and the branch nodes to evaluate
-    before calling again (none: done). Row b of rows (n + 1 to walk past the end) is
-    log p(. | t_<b); s_j covers t[span_starts[j] : span_starts[j + 1]]; prev_token precedes
-    the window. branches: the rows at branch nodes; a node whose P reaches min_prob is wanted
-    (path mode: inf). With every node evaluated, p' is exact on V' under longest match; in
-    path mode, for each token that leaves the text at its last token at the latest (else 0).
-    """
+         condition: bool = True) -> tuple[LiftedTargets, set]:
+    """p' over V' at each student position of one window, and the branch nodes to evaluate before
+    calling again (none: done). rows[b] = log p(. | t_<b) (n + 1 rows walk past the end); s_j covers
+    t[span_starts[j] : span_starts[j + 1]]; prev_token precedes the window; branches: the rows at
+    branch nodes; a node is wanted once its P reaches min_prob (path mode: inf). With every node
+    evaluated, p' is exact on V' under longest match."""
     n, m = len(teacher_ids), len(span_starts)  # teacher tokens, student positions
     device = rows.states.device
     realised = rows.logp(columns=trie.alphabet.to(device)).double().cpu().numpy()  # (rows, A)
@@ -871,9 +832,8 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     previous = [prev_token] + [trie.new_token.get(tuple(teacher_ids[s:e]), teacher_ids[s])
                                for s, e in zip(span_starts[:-1], span_starts[1:])]
     fixes = []  # (j, v, log p') where the walk rewrote the teacher's entry for base token v
-    news: list[list] = [[] for _ in range(m)]  # (w, log p') of the new tokens w at each j
-    log_z = []
-    wanted: set[Node] = set()
+    news = [[] for _ in range(m)]  # (w, log p') of the new tokens w at each j
+    log_z, wanted = [], set()
     for j, a in enumerate(span_starts):
         v = previous[j] if condition else None  # its extensions cannot come next
         extensions = trie.extensions.get(v, frozenset())
@@ -883,8 +843,7 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
         P, more = walk_trie(a, [r for r in walk_from if r in trie.column], teacher_ids, known,
                             trie, extensions, trie.extension_children.get(v, {}), min_logp)
         wanted |= more
-        probs, Z = emission_probabilities(P, extensions,
-                                          lambda x: math.exp(realised[a][trie.column[x]]))
+        probs, Z = emission_probabilities(P, extensions, lambda x: math.exp(realised[a][trie.column[x]]))
         log_z.append(math.log(Z))
         for s, p in probs.items():
             lp = math.log(p) if p > 0 else -math.inf
@@ -897,9 +856,8 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
     width = max([1, *map(len, news)])  # padded with id 0 at p' = 0
     new = torch.tensor([e + [(0, -math.inf)] * (width - len(e)) for e in news], **f64)
     new, log_z = new.reshape(m, width, 2), torch.tensor(log_z, **f64)
-    dtype = upcast(rows.states).dtype
-    return LiftedTargets(rows.select(bounds[:-1]), log_z, fix[:, 0].long(), fix[:, 1].long(),
-                         fix[:, 2], new[..., 0].long(), new[..., 1].to(dtype), span_logp,
+    return LiftedTargets(rows.select(bounds[:-1]), log_z, fix[:, 0].long(), fix[:, 1].long(), fix[:, 2],
+                         new[..., 0].long(), new[..., 1].to(upcast(rows.states).dtype), span_logp,
                          len(trie.new_token)), wanted
 
 
@@ -917,7 +875,6 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
       fvt          the pieces' mean (FVT, Gee et al. 2022)
       last_piece   weights a_i = 2^-(k-i) (AdaptiVocab's input rows: read where text ends)
       first_piece  a_i = 2^-(i-1) (its output rows: predicted where the text begins)
-      fvt_norm     fvt scaled to W's mean norm (Beyond Initialization Loss's input rows)
       char_length  a_i = |x_i| in bytes (its output rows)
     """
     W = upcast(rows)
@@ -926,13 +883,8 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
         return (W.mean(0) + W.std(0) * noise).to(rows.dtype)
     if rule == "mean":
         return W.mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
-    if rule in ("fvt", "fvt_norm"):
-        fvt = torch.stack([W[list(e)].mean(0) for e in expansions]).to(rows.dtype)  # (N, d)
-        if rule == "fvt":
-            return fvt
-        fvt = upcast(fvt)
-        scale = W.norm(dim=1).mean() / fvt.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        return (fvt * scale).to(rows.dtype)
+    if rule == "fvt":
+        return torch.stack([W[list(e)].mean(0) for e in expansions]).to(rows.dtype)  # (N, d)
     if rule not in ("last_piece", "first_piece", "char_length"):
         raise KldError(f"unknown initialiser {rule!r}; choose from {sorted(INIT_NAMES)}")
     out = []  # sum_i a_i w_{x_i} / sum_i a_i
@@ -1137,7 +1089,7 @@ def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
     mask[tuple(link.reshape(-1, 3).T)] = True
     mask[:, keys[:T], S0 + keys[:T]] = True  # no softmax row is empty
     with autocast(device):
-        h = model.tree_states(ids, valid, cache, positions, mask[:, None])
+        h = model.norm(model.blocks_pass(ids, valid, cache, positions, mask[:, None]))
         return h if hidden else model.head(h, base_only=True)
 
 

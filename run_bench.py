@@ -1047,7 +1047,7 @@ def main():
     p.add_argument("--device", default="auto")
     p = sub.add_parser("inits", help="initialisers held out at step 0 and after a few steps of training")
     p.add_argument("--config", default="configs/default.json", help="the training whose first steps are taken")
-    p.add_argument("--inits", nargs="+", default=["fvt", "last_piece/first_piece", "fvt_norm/char_length"],
+    p.add_argument("--inits", nargs="+", default=["fvt", "last_piece/first_piece", "fvt/char_length"],
                    help="INPUT/OUTPUT initialiser pairs (one name: both rows)")
     p.add_argument("--steps", type=int, default=50, help="steps of the config's objective (0: step 0 only)")
     p.add_argument("--device", help="default: the config's")
