@@ -28,14 +28,49 @@ its weights on tau' over V' = V u N, learns only N's rows. The method (METHOD.md
 
 from __future__ import annotations
 
-import argparse, collections, concurrent.futures, contextlib, copy, dataclasses, datetime, difflib, functools
-import gzip, hashlib, heapq, importlib.util, inspect, io, itertools, json, math, os, queue, resource, shutil
-import signal, stat, struct, subprocess, sys, sysconfig, tempfile, time, tokenize, types, typing
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import copy
+import dataclasses
+import datetime
+import difflib
+import functools
+import gzip
+import hashlib
+import heapq
+import importlib.util
+import inspect
+import io
+import itertools
+import json
+import math
+import os
+import queue
+import resource
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import tokenize
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np, safetensors, safetensors.torch
-import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
