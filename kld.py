@@ -9,7 +9,8 @@ A frozen LLM (the teacher, tokenizer tau over V) gets new tokens N for Python co
 its weights on tau' over V' = V u N, learns only N's rows. The method (METHOD.md), in order:
   build_extension        tau' = tau then K merges learned on the corpus
   ExtendedTokenizer      encode = tau then the merges; expand(v) = exp(v)
-  align_spans            the spans where two tokenizations share boundaries
+  align_spans            the spans where two tokenizations share boundaries (in
+                         training tau' coarsens tau: coarsening_span_starts)
   lift_trie              the trie U of the new tokens' expansions
   walk_trie              lift steps 1, 2: the sequences u reached and P(u)
   emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w), w a child
@@ -86,7 +87,7 @@ class KldError(Exception):
 
 @dataclass
 class Config:
-    """Every setting of a run; the defaults are configs/default.json's."""
+    """Every setting of a run; the defaults are the default run (configs/default.json lists the main ones)."""
     model: str = "smollm2"  # an EMBEDDED_MODELS name, a Hugging Face directory or a .gguf file
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # weights in memory
@@ -130,7 +131,7 @@ class Config:
     finetune_layers: int = 0  # a second stage, the same objective: train the last n blocks too (-1: all)
     finetune_first_layers: int = 0  # and the first n (as AdaptiVocab)
     finetune_steps: int = 0  # its steps (0: none)
-    finetune_lr: float = 1e-4  # its peak learning rate
+    finetune_lr: float = 1e-4  # its peak learning rate (the new output rows: times lr_out / lr)
     prompt: str = "Write a Python function that returns the n-th Fibonacci number."  # the CLI answers it
     chat: bool | None = None  # use the chat template; null = if the tokenizer has one
     system_prompt: str = ""  # its system turn; empty = none
@@ -799,8 +800,9 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
 
 def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie: LiftTrie,
               extensions: frozenset, extension_children: dict, min_logp: float):
-    """Lift steps 1, 2 at span start a: P of the tokens and extensions reached from the roots
-    while rows (at the alphabet's columns) has the node, and the row-less branch nodes with P >= exp(min_logp)."""
+    """Lift steps 1, 2 at span start a: ({u: P(u)} for the tokens and extensions reached from
+    the roots while `rows` (node -> its row of log-probs at the alphabet) has the node, {nodes
+    without a row whose P >= exp(min_logp)}). P is a probability here, not its log."""
     log_p, wanted = {}, set()  # sequence u -> log P(u); nodes (b, xs) to evaluate
 
     def visit(seq, node, tokens):  # seq's context is node
@@ -1130,7 +1132,8 @@ def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
 
 @torch.no_grad()
 def teacher_targets(teacher, tok, windows, lift_cfg):
-    """(p' of windows, branch tokens run), by the batched lift."""
+    """The lifted targets p' of a batch of windows (B, T + 1) by the batched lift: a list of
+    LiftedTargets (one per window, T positions each), and the number of branch tokens run."""
     device = teacher.embed.weight.device
     tables = tables_to(lift_cfg.tables, device)  # no copy where they are
     head = teacher.output_weight()  # (|V|, d)
@@ -1159,7 +1162,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
                 keys[r].append(branch_key(r, b, s, width, len(tables.suffixes)))
         if not any(todo):
             return targets, n_branch
-        h = branch_logits(teacher, cache, todo, context, slots, True)
+        h = branch_logits(teacher, cache, todo, context, slots, hidden=True)
         at = [(r, t) for r, row in enumerate(todo) for t in range(len(row))]
         at = torch.tensor(at, device=device)
         logp = TeacherRows.of_states(h[tuple(at.T)], head).logp(columns=tables.alphabet)
@@ -1323,9 +1326,11 @@ def windows_of(cfg, stream, first_new_id):
 
 
 def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=None, ranks=Ranks(), offset=0):
-    """AdamW on what requires a gradient; resumable, data parallel."""
+    """AdamW on what requires a gradient (the new rows; output rows at lr_out / lr times the
+    rate) for cfg.steps on `objective` (cfg.objective, or "hidden" for hidden_state_loss);
+    resumable from `checkpoint`, data parallel. {"history": held-out measures, "train_tokens_per_s"}."""
     device = model.embed.weight.device
-    lift = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
     named = trained_parameters(model)
@@ -1350,7 +1355,7 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
         with cpu_autocast(bf16):  # the backward keeps these dtypes
             loss = (hidden_state_loss(model, tok, batch, cfg.hidden_layer or model.cfg.n_layer, teacher)
                     if objective == "hidden" else
-                    training_loss(model, tok, batch, objective, lift, teacher, spec, cfg.loss_chunk))
+                    training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, ranks)
@@ -1370,7 +1375,7 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
                   f"{left:.0f}s left", flush=True)
         if step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0:
             if chunks:
-                m = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift, teacher, ranks)
+                m = evaluate(model, tok, chunks, separator_id(model.cfg), cfg.batch_size, lift_cfg, teacher, ranks)
                 print(f"  held-out @ {step}: bits/char {m['bits_per_char']:.4f} | KL {m['kl']:.4f} | "
                       f"tokens/char {m['tokens_per_char']:.4f}", flush=True)
                 history.append({"step": offset + step, **m})
@@ -1392,15 +1397,19 @@ def unfreeze_blocks(model, first, last):
     return teacher
 
 
-def stage(model, tok, cfg, stream, chunks, out, ranks, second=False):
-    """Hidden-state distillation before the steps, or (second) the second stage."""
-    n, first, last = model.cfg.n_layer, cfg.finetune_first_layers, cfg.finetune_layers
-    if not second:
-        print(f"hidden-state distillation of the input rows at layer "
-              f"{cfg.hidden_layer or n} of {n}, {cfg.hidden_steps} steps")
-        cfg = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, seed=cfg.seed + 1)
-        return train(model, tok, cfg, stream, chunks if cfg.eval_every else [],
-                     out / "checkpoint-hidden.pt", None, "hidden", ranks)["history"]
+def hidden_stage(model, tok, cfg, stream, chunks, out, ranks):
+    """Hidden-state distillation of the input rows before the main steps (hidden_state_loss)."""
+    n = model.cfg.n_layer
+    print(f"hidden-state distillation of the input rows at layer "
+          f"{cfg.hidden_layer or n} of {n}, {cfg.hidden_steps} steps")
+    cfg = dataclasses.replace(cfg, steps=cfg.hidden_steps, lr=cfg.hidden_lr or cfg.lr, seed=cfg.seed + 1)
+    return train(model, tok, cfg, stream, chunks if cfg.eval_every else [],
+                 out / "checkpoint-hidden.pt", None, "hidden", ranks)["history"]
+
+
+def second_stage(model, tok, cfg, stream, chunks, out, ranks):
+    """The new rows and some blocks on cfg.objective, against a teacher that keeps the blocks."""
+    first, last = cfg.finetune_first_layers, cfg.finetune_layers
     print(f"second stage: the new rows, {f'the first {first} and ' if first else ''}the last "
           f"{'all' if last < 0 else last} blocks, {cfg.finetune_steps} steps")
     teacher, offset = unfreeze_blocks(model, first, last), cfg.hidden_steps + cfg.steps
@@ -1548,7 +1557,13 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     """`lift` for a batch of windows (student ids, the first context only), each with
     rows, teacher_ids and span_starts as `lift` takes them, on the rows' device. Returns
     the targets of each window and the branch contexts wanted next, (k, 3) long:
-    (window, b, suffix node)."""
+    (window, b, suffix node).
+
+    The walk is `walk_trie`'s, breadth first over all positions at once: an entry is one
+    (position j, trie node u) pair with log_p = log P(u); (b, suffix) is the context its
+    children are read in (the realised t_<b, then the branch's suffix node, -1: none);
+    anchor is its nearest found ancestor entry (emission_probabilities' parent); found: u
+    is a new token or an extension of previous[j]. levels[d] holds the entries of depth d + 1."""
     device = rows[0].states.device
     tensor = functools.partial(torch.tensor, device=device)
     V, U, S = len(tables.column), len(tables.token), len(tables.suffixes)
@@ -1559,8 +1574,8 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     row_offset = tensor([0, *itertools.accumulate(n + 1 for n in lengths)][:-1])
     alphabet_logp = torch.cat([r.logp(columns=tables.alphabet) for r in rows]).double()  # (rows, A)
     flat_ids = tensor([i for t in teacher_ids for i in [*t, -1]])  # (rows,)
-    realised = torch.cat([F.pad(r.logp_of(tensor(t)).double(), (0, 1)) for r, t in zip(rows, teacher_ids)])
-    cum = torch.cat([realised.new_zeros(1), realised.cumsum(0)])  # (rows + 1,): sums of log p(t_b | t_<b)
+    path_logp = torch.cat([F.pad(r.logp_of(tensor(t)).double(), (0, 1)) for r, t in zip(rows, teacher_ids)])
+    cum = torch.cat([path_logp.new_zeros(1), path_logp.cumsum(0)])  # (rows + 1,): sums of log p(t_b | t_<b)
     # (m,) each: student position j of window r covers teacher tokens start .. end - 1
     window_of = tensor([r for r, s in enumerate(span_starts) for _ in s])
     start = tensor([a for s in span_starts for a in s])
@@ -1598,7 +1613,7 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     keep = (tables.in_trie[node] | ext_start) & (on_path | (log_p >= min_logp) | ext_start)
     pos, none = pos[keep], torch.full_like(pos[keep], -1)
     e = entries(pos, node[keep], log_p[keep], start[pos], none, on_path[keep],
-                none, none > 0)  # no anchor, none blocked
+                none, torch.zeros_like(pos, dtype=torch.bool))  # no anchor, none blocked
     levels, wanted, offset = [e], [], 0  # offset: the entries of the earlier levels
     while len(e.pos):
         E = len(e.pos)
@@ -1971,13 +1986,17 @@ if entry:
     calls_fd, answers_fd = map(int, sys.argv[6:8])
 else:
     report_fd = int(sys.argv[6])
-null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+os.close(null)
 try:
     namespace = load(sys.argv[5], "candidate")
     function = namespace[entry[0]] if entry else None
-    sys.stdout.flush(); sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
 except BaseException as e:
-    traceback.print_exc(); sys.stderr.flush()
+    traceback.print_exc()
+    sys.stderr.flush()
     if entry:
         send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
     os._exit(1)
@@ -1996,7 +2015,8 @@ while head := read_exact(calls_fd, 8):
             message = ("return", as_plain(value))
         except BaseException as e:
             message = ("unplain", str(e) if type(e) is Unplain else type(value).__name__)
-    sys.stdout.flush(); sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
         send(answers_fd, message)
     except ValueError:
@@ -2042,7 +2062,8 @@ if (first := receive())[0] != "ready":
     sys.exit(f"the candidate's program fails before the tests: {first[-1]}")
 namespace[entry] = candidate
 load(test_file, "verdict")["check"](candidate)
-sys.stdout.flush(); sys.stderr.flush()
+sys.stdout.flush()
+sys.stderr.flush()
 os.write(report_fd, b"passed")
 os._exit(0)
 """
@@ -2133,7 +2154,8 @@ def sandbox_python(uid: int | None) -> str:
 
 def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None,
                   started: float) -> str:
-    """"" (ended), "timeout", or under a uid "memory" or "disk" (all its processes, files)."""
+    """The reason a program was stopped: "timeout", under a uid "memory" or "disk" (all its
+    processes and files together), or "" when it ended by itself."""
     def usage():  # (its processes' resident bytes and its files in /dev/shm, its files' bytes)
         files = [(p, i.st_blocks * 512 * stat.S_ISREG(i.st_mode)) for p, i in _uid_files(uid)]
         shm = sum(n for p, n in files if p.is_relative_to("/dev/shm"))
@@ -3262,9 +3284,9 @@ def run(cfg: Config) -> dict:
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
     chunks = eval_chunks(base, heldout, cfg.eval_chars, cfg.eval_window)
-    lift = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
     measure = functools.partial(evaluate, model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
-    teacher, initial = measure(), measure(lift)
+    teacher, initial = measure(), measure(lift_cfg)  # no lift_cfg: the teacher's own measures
     line = "bits/char {bits_per_char:.4f}, {}tokens/char {tokens_per_char:.4f}".format
     print("held-out teacher: " + line("", **teacher))
     print(f"held-out student at init ({cfg.init}): " + line(f"KL {initial['kl']:.4f}, ", **initial))
@@ -3272,12 +3294,12 @@ def run(cfg: Config) -> dict:
     if len(set(gather(hash(tuple(stream)), ranks))) > 1:  # windows are drawn from one stream
         raise KldError(f"the ranks read different corpora from {cfg.corpus!r}")
     data = model, tok, cfg, stream, chunks
-    history = stage(*data, out, ranks) if cfg.hidden_steps else []
+    history = hidden_stage(*data, out, ranks) if cfg.hidden_steps else []
     training = train(*data, checkpoint, ranks=ranks, offset=cfg.hidden_steps)
     history += training["history"]
-    final = history[-1] if history else measure(lift)  # else a finished run resumed
-    history += stage(*data, out, ranks, second=True) if cfg.finetune_steps else []
-    results = dict(teacher=teacher, student_init=initial, student=(history or [final])[-1], history=history,
+    history += second_stage(*data, out, ranks) if cfg.finetune_steps else []
+    final = history[-1] if history else measure(lift_cfg)  # else a finished run resumed
+    results = dict(teacher=teacher, student_init=initial, student=final, history=history,
                    n_new_tokens=len(tok.merges), train_tokens_per_s=training["train_tokens_per_s"],
                    peak_memory_mb=peak_memory_mb(device), device=str(device),
                    seconds=time.perf_counter() - started, complete=False)
