@@ -82,8 +82,6 @@ class KldError(Exception):
 
 # ----------------------------------------------------------------------------------------
 # 1. Config: one dataclass holds every default; a JSON file and `--key value` override it
-# ----------------------------------------------------------------------------------------
-
 
 @dataclass
 class Config:
@@ -95,6 +93,7 @@ class Config:
     out_dir: str = "runs/default"  # outputs, beside the resolved config.json
     corpus: str = "stdlib"  # the domain: "stdlib", a directory of .py files or a text file
     heldout_fraction: float = 0.1  # share of the files held out (fixed split by name)
+    max_literal_share: float = 0.55  # leave out files whose literal_share exceeds this; 1 = none
     n_merges: int = 256  # K (METHOD.md section 1): merges learned and appended to the tokenizer
     new_tokens: list[str] = field(default_factory=list)  # strings added as tokens, before the K
     newline_merges: bool = True  # merges may join a token to the newline after it
@@ -157,6 +156,7 @@ ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" 
     "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES, "finetune_layers": "[-1, inf]",
     "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "top_p": "(0, 1]",
     "divergence_beta": "[0, 1]", "min_lr_ratio": "[0, 1]", "divergence_temperature": "[1e-06, 1e+06]",
+    "max_literal_share": "[0, 1]",
     **dict.fromkeys("lr lr_out hidden_lr finetune_lr grad_clip exec_timeout".split(), "(0, inf]"),
     **dict.fromkeys("batch_size seq_len windows_per_token log_every eval_chars eval_window max_new_tokens "
                     "gen_batch_size n_samples pass_k".split(), "[1, inf]"),
@@ -214,8 +214,6 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 # ----------------------------------------------------------------------------------------
 # 2. Model: one decoder-only transformer for GPT-2 and the Llama family
-# ----------------------------------------------------------------------------------------
-
 
 @dataclass
 class ModelConfig:  # both: x += attn(norm(x)); x += mlp(norm(x))
@@ -624,8 +622,6 @@ def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
 
 # ----------------------------------------------------------------------------------------
 # 4. Alignment and the lift, the reference: one position at a time (METHOD.md sections 2 and 3)
-# ----------------------------------------------------------------------------------------
-
 
 def align_spans(ends_a: list[int], ends_b: list[int]) -> list[tuple[int, int, int, int]]:
     """Spans (i0, i1, j0, j1) of two tokenizations of a text by their tokens' end offsets:
@@ -900,8 +896,6 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
 
 # ----------------------------------------------------------------------------------------
 # 5. Initialisers for the new rows (METHOD.md section 5)
-# ----------------------------------------------------------------------------------------
-
 
 def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
               generator: torch.Generator | None = None, piece_bytes: list | None = None) -> torch.Tensor:
@@ -958,8 +952,6 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
 
 # ----------------------------------------------------------------------------------------
 # 6. Losses: divergences between the lifted teacher p' and the student q (METHOD.md section 4)
-# ----------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Divergence:
@@ -1035,8 +1027,6 @@ def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.
 
 # ----------------------------------------------------------------------------------------
 # 7. Training: only the new rows learn (METHOD.md section 4)
-# ----------------------------------------------------------------------------------------
-
 
 def separator_id(cfg):
     """End of text: the token before each window and document."""
@@ -1203,6 +1193,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             total += loss.detach()
         ctx.save_for_backward(grad_h / len(h), grad_new / len(h))
         return (total / len(h)).to(h.dtype)
+
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_new = ctx.saved_tensors
@@ -1705,8 +1696,6 @@ def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: boo
 
 # ----------------------------------------------------------------------------------------
 # 9. Generation: batched, KV-cached, greedy or top-p
-# ----------------------------------------------------------------------------------------
-
 
 def format_chat(prompt: str, system: str = "") -> str:
     """ChatML (SmolLM2, Qwen2), up to where the answer starts."""
@@ -1831,8 +1820,6 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
 
 # ----------------------------------------------------------------------------------------
 # 10. Code-generation evaluation: tasks, prompting, contained execution, pass@k
-# ----------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Task:
@@ -2082,7 +2069,8 @@ def _processes(uid: int | None = None) -> typing.Iterator[tuple[int, int, int | 
 @contextlib.contextmanager
 def reserved_uids(n: int, base: int = 61000):
     """n free uids, held by flocks in a root-only directory: no two evaluators share one."""
-    import fcntl, pwd
+    import fcntl
+    import pwd
     locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
     with contextlib.suppress(FileExistsError):
         locks.mkdir(mode=0o700)
@@ -2405,8 +2393,6 @@ def evaluate_codegen_as_configured(model: GPT, tok, tasks: list[Task], cfg: Conf
 
 # ----------------------------------------------------------------------------------------
 # 11. Plumbing: model files (Hugging Face, GGUF), the corpus, devices, data parallel, files, export
-# ----------------------------------------------------------------------------------------
-
 
 # Models pip packages ship: name -> (package, file inside it, how to install it).
 EMBEDDED_MODELS = {
@@ -2806,8 +2792,34 @@ def corpus_files(source):
     return files
 
 
-def load_corpus(source: str, heldout_fraction: float = 0.1):
-    """(train, held-out) texts, one per file, held out by its path's hash (one file: its end)."""
+def literal_share(text: str) -> float:
+    """The share of a file's code characters (whitespace, comments and docstrings aside) in
+    string and number literals: near 1 for generated tables and documentation dumps, 0.2 to
+    0.45 for code people write; 0.0 for text Python cannot tokenize."""
+    layout = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    literals = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+    literal = code = 0
+    starts_line = True  # the next token begins a logical line (NEWLINE is never inside brackets)
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type in layout:
+                starts_line = starts_line or tok.type == tokenize.NEWLINE
+            elif starts_line and tok.type == tokenize.STRING:  # a docstring
+                starts_line = False
+            else:
+                starts_line = False
+                n = len("".join(tok.string.split()))  # its characters but whitespace
+                code += n
+                literal += n if tok.type in literals else 0
+    except (tokenize.TokenError, SyntaxError):
+        return 0.0
+    return literal / code if code else 0.0
+
+
+def load_corpus(source: str, heldout_fraction: float = 0.1, max_literal_share: float = 0.55):
+    """(train, held-out) texts, one per file, held out by its path's hash (one file: its end).
+    A directory's duplicate files and files whose literal_share exceeds max_literal_share
+    (machine-made tables, data) are left out first, with a warning that names them."""
     files, texts = corpus_files(source), []
     for path in files:
         try:
@@ -2826,6 +2838,16 @@ def load_corpus(source: str, heldout_fraction: float = 0.1):
         parts = ["".join(lines[:cut])], ["".join(lines[cut:])]
     else:
         root = Path(sysconfig.get_paths()["stdlib"] if source == "stdlib" else source)
+        seen, keep = set(), []
+        for text in texts:  # the first of equal files stays
+            keep.append(text not in seen and literal_share(text) <= max_literal_share)
+            seen.add(text)
+        if left := [p.relative_to(root).as_posix() for p, k in zip(files, keep) if not k]:
+            chars = sum(len(t) for t, k in zip(texts, keep) if not k) / max(1, sum(map(len, texts)))
+            warn(f"corpus {source!r}: left out {len(left)} files ({chars:.1%} of its characters), "
+                 f"duplicates or more than {max_literal_share:.0%} literals: {left[:6]}")
+        files = [p for p, k in zip(files, keep) if k]
+        texts = [t for t, k in zip(texts, keep) if k]
         sha = [hashlib.sha256(p.relative_to(root).as_posix().encode()) for p in files]
         held = [int(h.hexdigest()[:8], 16) / 16**8 < heldout_fraction for h in sha]
         parts = [[t for t, h in zip(texts, held) if h == x] for x in (False, True)]
@@ -3195,8 +3217,6 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------------------
 # 12. CLI
-# ----------------------------------------------------------------------------------------
-
 
 def parse_overrides(args: list[str]) -> dict:
     """['--steps', '64', '--chat=false'] -> {'steps': 64, 'chat': False}; str fields as is."""
@@ -3255,7 +3275,7 @@ def run(cfg: Config) -> dict:
     model, base = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
     n = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model {cfg.model}: {n:.1f}M parameters, {device}, {cfg.dtype}")
-    texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction)
+    texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction, cfg.max_literal_share)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     V, T = model.cfg.vocab_size, model.cfg.max_positions
     teacher_tok = ExtendedTokenizer(base, [], V)  # tau: no merges

@@ -272,7 +272,7 @@ def train_speed(args):
         model.new_in.requires_grad_(True)
         model.new_out.requires_grad_(True)
         run_cfg = kld.load_config(str(Path(args.run) / "config.json"))
-        train, _ = kld.load_corpus(run_cfg.corpus, run_cfg.heldout_fraction)
+        train, _ = kld.load_corpus(run_cfg.corpus, run_cfg.heldout_fraction, run_cfg.max_literal_share)
         print(f"model: the student of {args.run} ({len(tok.merges)} new tokens); its corpus, windows and lift")
         # the run's windows and lift at this command's sizes
         cfg = dataclasses.replace(run_cfg, seq_len=args.seq_len, seed=0)
@@ -666,7 +666,7 @@ def initialisers(args):
     cfg = kld.load_config(args.config, ["--steps", str(args.steps), "--hidden_steps", "0", "--eval_every", "0"])
     device = kld.resolve_device(args.device or cfg.device)
     model, tokenizer = kld.load_model(cfg.model, device=device, dtype=kld.resolve_dtype(cfg.dtype))
-    train_texts, heldout_texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
+    train_texts, heldout_texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction, cfg.max_literal_share)
     tok = kld.build_extension(tokenizer, train_texts, cfg.n_merges, model.cfg.vocab_size, cfg.new_tokens,
                               cfg.newline_merges)
     sep = kld.separator_id(model.cfg)
@@ -702,7 +702,7 @@ def heldout(args):
     for run in args.runs:
         cfg = kld.load_config(str(Path(run) / "config.json"))
         model, tok = kld.load_student(run, device=device)
-        _, texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
+        _, texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction, cfg.max_literal_share)
         chunks = kld.eval_chunks(tok.base, texts, cfg.eval_chars, cfg.eval_window)
         lift_cfg = kld.make_lift(tok, args.lift or cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
         m = kld.evaluate(model, tok, chunks, kld.separator_id(model.cfg), cfg.batch_size, lift_cfg)
@@ -741,7 +741,7 @@ def lift_bench(args):
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     cfg = kld.make_config({"n_merges": args.merges, "eval_chars": args.chars})
     model, tokenizer = kld.load_model(args.model)
-    train, heldout_texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction)
+    train, heldout_texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction, cfg.max_literal_share)
     tok = kld.build_extension(tokenizer, train, cfg.n_merges, model.cfg.vocab_size)
     sep = kld.separator_id(model.cfg)
     chunks = kld.eval_chunks(tokenizer, heldout_texts, cfg.eval_chars, cfg.eval_window)
