@@ -1103,35 +1103,35 @@ def test_stdlib_corpus_is_the_default_and_has_python():
     assert not any("0x00" in t and "LATIN" in t for t in train + heldout)  # codec tables left out
 
 
-CODE = 'def area(r):\n    """The area of a circle of radius r."""\n    return 3.14159 * r * r  # pi r^2\n'
-TABLE = "TABLE = {\n" + "".join(f"    0x{i:02x}: '\\u{i:04x}',  # LATIN LETTER {i}\n" for i in range(64)) + "}\n"
+AREA_CODE = 'def area(r):\n    """The area of a circle of radius r."""\n    return 3.14159 * r * r  # pi r^2\n'
+CODEC_TABLE = "CODEC_TABLE = {\n" + "".join(f"    0x{i:02x}: '\\u{i:04x}',  # LATIN LETTER {i}\n" for i in range(64)) + "}\n"
 
 
 @given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
                max_size=200))
 @example('"""a docstring as long as the code, or longer: it is prose, not data"""')
 def test_literal_share_counts_code_not_comments_or_docstrings(prose):
-    share = kld.literal_share(CODE)
-    assert 0.0 < share < 0.45 and kld.literal_share(TABLE) > 0.8
+    share = kld.literal_share(AREA_CODE)
+    assert 0.0 < share < 0.45 and kld.literal_share(CODEC_TABLE) > 0.8
     commented = "".join(f"# {line}\n" for line in prose.splitlines())
-    assert kld.literal_share(commented + CODE) == pytest.approx(share)  # comments are not code
+    assert kld.literal_share(commented + AREA_CODE) == pytest.approx(share)  # comments are not code
     docstring = f'"""{prose}"""\n' if '"' not in prose and "\\" not in prose else '""""""\n'
-    assert kld.literal_share(docstring + CODE) == pytest.approx(share)  # nor is a module docstring
+    assert kld.literal_share(docstring + AREA_CODE) == pytest.approx(share)  # nor is a module docstring
     assert kld.literal_share("def broken(:\n  )]") == 0.0  # not Python: no verdict, kept
 
 
 def test_a_corpus_directory_leaves_out_duplicates_and_tables_and_says_so(tmp_path, capsys):
-    (tmp_path / "area.py").write_text(CODE)
-    (tmp_path / "copy.py").write_text(CODE)
-    (tmp_path / "table.py").write_text(TABLE)
+    (tmp_path / "area.py").write_text(AREA_CODE)
+    (tmp_path / "copy.py").write_text(AREA_CODE)
+    (tmp_path / "table.py").write_text(CODEC_TABLE)
     train, _ = kld.load_corpus(str(tmp_path), heldout_fraction=0.0)
-    assert train == [CODE]
+    assert train == [AREA_CODE]
     err = capsys.readouterr().err
     assert "left out 2 files" in err and "copy.py" in err and "table.py" in err
     train, _ = kld.load_corpus(str(tmp_path), heldout_fraction=0.0, max_literal_share=1.0)
-    assert sorted(train) == sorted([CODE, TABLE])  # the duplicate still goes
+    assert sorted(train) == sorted([AREA_CODE, CODEC_TABLE])  # the duplicate still goes
     (tmp_path / "area.py").unlink()
-    (tmp_path / "copy.py").write_text(TABLE.replace("TABLE", "OTHER"))
+    (tmp_path / "copy.py").write_text(CODEC_TABLE.replace("TABLE", "OTHER"))
     with pytest.raises(kld.KldError, match="no training text"):  # all of it tables
         kld.load_corpus(str(tmp_path), heldout_fraction=0.0)
 
