@@ -2816,7 +2816,8 @@ def literal_share(text: str) -> float:
     return literal / code if code else 0.0
 
 
-def load_corpus(source: str, heldout_fraction: float = 0.1, max_literal_share: float = 0.55):
+def load_corpus(source: str, heldout_fraction: float = Config.heldout_fraction,
+                max_literal_share: float = Config.max_literal_share):
     """(train, held-out) texts, one per file, held out by its path's hash (one file: its end).
     A directory's duplicate files and files whose literal_share exceeds max_literal_share
     (machine-made tables, data) are left out first, with a warning that names them."""
