@@ -2339,7 +2339,8 @@ def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                      settings: CodegenSettings = CodegenSettings(), ranks: Ranks = Ranks()) -> dict:
     """n_samples programs per task, tested: pass@k; adoption = new-token share / tau''s on the
-    text; realised_saving = 1 - tokens / tau's; possible_saving = 1 - tau''s / tau's."""
+    text; realised_saving = 1 - tokens / tau's; possible_saving = 1 - tau''s / tau's;
+    not_compiling = programs that Python's compile rejects (broken indentation among them)."""
     if not tasks:
         raise KldError("no tasks to evaluate")
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
@@ -2356,17 +2357,22 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     parts = gather(([*zip(mine, completions, sources, results)], seconds), ranks)
     generation_s = max(s for _, s in parts)  # the ranks generate at the same time
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
-    samples, counts = [], np.zeros(6, dtype=np.int64)
+    samples, counts = [], np.zeros(7, dtype=np.int64)
     for i, completion, source, result in sorted(r for rows, _ in parts for r in rows):  # by prompt
         task, ids = owners[i], whole_characters(tok, completion.token_ids)  # what is measured
         base_ids = tok.base.encode(text := tok.decode(ids), add_special_tokens=False).ids  # tau on the text emitted
         merged = tok.merge(base_ids)  # tau' on the same text
+        try:  # Python's own compile, never run here: does the program parse, its indentation right?
+            compiles = bool(compile(source, "<candidate>", "exec", dont_inherit=True))
+        except (SyntaxError, ValueError, MemoryError, RecursionError):  # ValueError: a NUL byte
+            compiles = False
         counts += [len(text), len(ids), len(base_ids), len(merged),
-                   *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, merged))]
+                   *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, merged)), not compiles]
         per_task[task.task_id]["c"] += result.status == "passed"
         samples.append({"task_id": task.task_id, "completion": completion.text, "program": source, "status":
-                        result.status, "detail": result.detail, "tokens": len(completion.token_ids)})
-    n_chars, n_tokens, n_base, n_merged, n_new, n_merged_new = counts.tolist()
+                        result.status, "detail": result.detail, "tokens": len(completion.token_ids),
+                        "compiles": compiles})
+    n_chars, n_tokens, n_base, n_merged, n_new, n_merged_new, n_broken = counts.tolist()
     summary = {"n_tasks": len(tasks), "n_samples": n_samples, "chat": chat, "temperature": decoding.temperature}
     for k in ks:
         values = [s.setdefault(f"pass@{k}", pass_at_k(n_samples, s["c"], k)) for s in per_task.values()]
@@ -2380,7 +2386,7 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                     "realised_saving": realised, "possible_saving": possible,
                     "saving_realised": realised / possible if possible > 0 else None,
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
-                    "timeouts": sum(s["status"] == "timeout" for s in samples)})
+                    "timeouts": sum(s["status"] == "timeout" for s in samples), "not_compiling": n_broken})
     return {"summary": summary, "tasks": per_task, "samples": samples}
 
 

@@ -2,7 +2,8 @@
 
     python run_bench.py speed [--model smollm2] [--new-tokens 64] [--batch-sizes 1 8] [--device auto] [--dtype float32]
                               [--student-merges 256]
-    python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 256 1024]
+    python run_bench.py extension [--model smollm2] [--corpus stdlib] [--merges 64 128 256 512] [--tasks bench_tasks]
+                                  [--max-literal-shares 1.0 0.55]
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
                                     [--windows new_tokens] [--profile] [--run RUN_DIR [--peft]]
     python run_bench.py matrix [--config configs/bench_cpu.json] [--inits fvt] [--objectives kl] [--out-dir DIR]
@@ -22,9 +23,11 @@ transformers' own loading and `generate` in the same process (a ratio), plus the
 logit difference between the two loaders on a few prompts. transformers is a reference
 here, never a dependency of kld.
 
-extension: the tokens that K appended merges save on the held-out files of the corpus,
-the time to learn them, the time to encode the corpus against the base tokenizer alone,
-and the time of one path-mode lift (without the teacher's pass).
+extension: the tokens that K appended merges save on the held-out files of the corpus that
+the corpus rule keeps and on the tasks' prompts + canonical solutions, and how many new
+tokens are pieces of codec or Unicode-name tables, for each corpus rule (max_literal_share)
+and newline rule (newline_merges); then the time to encode the corpus against the base
+tokenizer alone, and the time of one path-mode lift (without the teacher's pass).
 
 train-speed: student tokens/s and peak memory of one training step (student forward,
 teacher forward and lift for kl, backward, AdamW) at each batch size, every objective on
@@ -82,6 +85,7 @@ import json
 import math
 import os
 import platform
+import re
 import pstats
 import statistics
 import sys
@@ -220,29 +224,54 @@ def speed(args):
         print(f"batch {b}: kld {tps:.1f} tok/s, transformers {ref:.1f} tok/s, ratio {tps / ref:.2f}x")
 
 
+TABLE_PIECE = re.compile(r"\\[xuUN]|0x[0-9A-Fa-f]|^ ?[A-Z]{3,}( [A-Z]+)*$")  # hex, escapes, Unicode names
+
+
+def table_like(tok: kld.ExtendedTokenizer, ids) -> int:
+    """How many of these tokens are pieces of codec and Unicode-name tables (TABLE_PIECE)."""
+    return sum(bool(TABLE_PIECE.search(tok.token_string(i).strip("\n"))) for i in ids)
+
+
+def saving(tok: kld.ExtendedTokenizer, base_ids: list[list[int]]) -> float:
+    """1 - |tau'(x)| / |tau(x)| over these texts."""
+    return 1 - sum(len(tok.merge(ids)) for ids in base_ids) / sum(map(len, base_ids))
+
+
 def extension(args):
-    """Tokens saved on the held-out corpus at each K, and what learning and encoding cost."""
+    """Tokens saved on held-out code and on the tasks' code at each K, under each corpus rule
+    and newline rule; table-like new tokens; what learning, encoding and one lift cost."""
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     model, tokenizer = kld.load_model(args.model)
     V = model.cfg.vocab_size
-    train, heldout = kld.load_corpus(args.corpus)
-    print(f"corpus {args.corpus}: {len(train)} train files ({sum(map(len, train)) / 1e6:.1f} M chars), "
-          f"{len(heldout)} held out ({sum(map(len, heldout)) / 1e6:.1f} M chars)")
-    K = max(args.merges)
-    ext, learn_s = timed(lambda: kld.build_extension(tokenizer, train, K, V))
-    print(f"learn {K} merges: {learn_s:.1f} s (base encoding of the corpus included)")
-    base_ids, base_s = timed(lambda: [e.ids for e in tokenizer.encode_batch(train, add_special_tokens=False)])
+    encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    _, heldout = kld.load_corpus(args.corpus)  # held-out code that the default rule keeps
+    tasks = kld.read_tasks(args.tasks)
+    measured = {"held-out": encode(heldout), "tasks": encode([t.prompt + t.canonical_solution for t in tasks])}
+    print(f"measured on: {len(heldout)} held-out files of {args.corpus} that the corpus rule keeps; "
+          f"{len(tasks)} tasks of {args.tasks} (prompt + canonical solution)")
+    K, table = max(args.merges), []
+    for share in args.max_literal_shares:
+        train, _ = kld.load_corpus(args.corpus, max_literal_share=share)
+        for newline_merges in (True, False):
+            ext, learn_s = timed(lambda: kld.build_extension(tokenizer, train, K, V, newline_merges=newline_merges))
+            print(f"max_literal_share {share}, newline_merges {newline_merges}: {len(train)} train files "
+                  f"({sum(map(len, train)) / 1e6:.1f} M chars), {K} merges learned in {learn_s:.0f} s")
+            for k in sorted(args.merges):
+                sub = kld.ExtendedTokenizer(tokenizer, ext.merges[:k], V)
+                table.append([share, newline_merges, k, table_like(sub, range(V, V + k)),
+                              *(100 * saving(sub, ids) for ids in measured.values())])
+    print("\n| max_literal_share | newline_merges | K | table-like new tokens | saving held-out % | saving tasks % |")
+    print("|---|---|---|---|---|---|")
+    for share, newline_merges, k, n_table, held, on_tasks in table:
+        print(f"| {share} | {newline_merges} | {k} | {n_table} | {held:.1f} | {on_tasks:.1f} |")
+    train, _ = kld.load_corpus(args.corpus)
+    ext = kld.build_extension(tokenizer, train, K, V)
+    print("\nfirst merges:", [ext.token_string(V + i) for i in range(12)])
+    base_ids, base_s = timed(lambda: encode(train))
     fresh = kld.ExtendedTokenizer(tokenizer, ext.merges, V)  # empty memo: the cost a new run pays
     student_ids, student_s = timed(lambda: fresh.encode_batch(train))
     print(f"encode the train corpus: base {base_s:.2f} s, extended {student_s:.2f} s "
           f"(ratio {student_s / base_s:.2f}; {sum(map(len, base_ids))} -> {sum(map(len, student_ids))} tokens)")
-    held_base = [e.ids for e in tokenizer.encode_batch(heldout, add_special_tokens=False)]
-    n_base = sum(map(len, held_base))
-    for k in sorted(args.merges):
-        sub = kld.ExtendedTokenizer(tokenizer, ext.merges[:k], V)
-        n = sum(len(sub.merge(ids)) for ids in held_base)
-        print(f"K = {k:5d}: held-out tokens {n_base} -> {n}, saved {100 * (1 - n / n_base):.1f}%")
-    print("first merges:", [ext.token_string(V + i) for i in range(12)])
     window = next(ids for ids in student_ids if len(ids) >= 512)[:512]
     teacher_ids = list(ext.expand(window))
     with torch.no_grad():
@@ -525,7 +554,7 @@ def comparisons(rows) -> list[dict]:
 
 TABLE_COLUMNS = ["row", "pass@1", "interval_low", "interval_high", "bits_per_char", "tokens_per_char_heldout",
                  "tokens_per_char_generated", "new_token_share", "adoption", "realised_saving", "possible_saving",
-                 "saving_realised", "tokens_per_char_vs_teacher",
+                 "saving_realised", "not_compiling", "tokens_per_char_vs_teacher",
                  "generated_chars_per_s", "chars_per_s_vs_teacher", "train_s", "codegen_s"]
 
 
@@ -542,6 +571,7 @@ def table_rows(bench) -> list[dict]:
                     "tokens_per_char_generated": summary["tokens_per_char"], "new_token_share": summary["new_token_share"],
                     "adoption": summary.get("adoption"), "realised_saving": summary.get("realised_saving"),
                     "possible_saving": summary.get("possible_saving"), "saving_realised": summary.get("saving_realised"),
+                    "not_compiling": summary.get("not_compiling"),
                     "tokens_per_char_vs_teacher": summary["tokens_per_char"] / teacher_summary["tokens_per_char"],
                     "generated_chars_per_s": summary["chars_per_s"],
                     "chars_per_s_vs_teacher": summary["chars_per_s"] / teacher_summary["chars_per_s"],
@@ -554,20 +584,22 @@ def markdown_report(bench, table, compared, plot_name) -> str:
              f"{bench['n_tasks']} tasks from `{bench['tasks']}`; machine: {bench['machine']}; device {bench['device']}; "
              f"wall time {bench['wall_s'] / 60:.1f} min.", "",
              "| row | pass@1 [95% CI] | bits/char | tokens/char held-out | tokens/char generated (x teacher) "
-             "| new-token share | adoption | saving realised / possible (share) | generated chars/s (x teacher) "
-             "| train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| new-token share | adoption | saving realised / possible (share) | not compiling "
+             "| generated chars/s (x teacher) | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         bpc = f"{r['bits_per_char']:.4f}" if r["bits_per_char"] is not None else "-"
         tpc = f"{r['tokens_per_char_heldout']:.4f}" if r["tokens_per_char_heldout"] is not None else "-"
         adoption = f"{r['adoption']:.2f}" if r["adoption"] is not None else "-"
+        broken = r["not_compiling"] if r["not_compiling"] is not None else "-"
         saving = "-"  # codegen.json written before the measure existed: re-evaluate to fill it
         if r["realised_saving"] is not None:
             share = f"{r['saving_realised']:.2f}" if r["saving_realised"] is not None else "-"
             saving = f"{r['realised_saving']:.1%} / {r['possible_saving']:.1%} ({share})"
         lines.append(f"| {r['row']} | {r['pass@1']:.3f} [{r['interval_low']:.3f}, {r['interval_high']:.3f}] | {bpc} | "
                      f"{tpc} | {r['tokens_per_char_generated']:.4f} ({r['tokens_per_char_vs_teacher']:.2f}) | "
-                     f"{r['new_token_share']:.1%} | {adoption} | {saving} | {r['generated_chars_per_s']:.0f} "
+                     f"{r['new_token_share']:.1%} | {adoption} | {saving} | {broken} | "
+                     f"{r['generated_chars_per_s']:.0f} "
                      f"({r['chars_per_s_vs_teacher']:.2f}) | {r['train_s']:.0f} |")
     lines += ["", "adoption: the share of new tokens among a student's generated tokens over the share tau' gives "
               "when it re-encodes the same text; saving: on the model's own generated text, 1 - the tokens it spent "
@@ -888,6 +920,7 @@ def run_row(run_dir: Path, reference: dict, label: str = "teacher") -> dict:
                 "adoption": summary["adoption"], "realised_saving": summary["realised_saving"],
                 "possible_saving": summary["possible_saving"], "saving_realised": summary["saving_realised"],
                 "chars_per_s": summary["chars_per_s"], "run_s": results["seconds"],
+                "not_compiling": summary.get("not_compiling"), "n_programs": len(codegen["samples"]),
                 "teacher_bits_per_char": results["teacher"]["bits_per_char"]}
     except KeyError as e:  # written by an older kld: its evaluation lacks a measure
         raise kld.KldError(f"{run_dir}: results.json or codegen.json lacks {e}; rerun codegen --run {run_dir}") from None
@@ -945,16 +978,18 @@ def rows(args):
     print(f"{label} ({path}): pass@1 {ref['pass@1']:.3f} [{ref['pass@1_interval'][0]:.3f}, "
           f"{ref['pass@1_interval'][1]:.3f}]; {ref['chars_per_s']:.0f} chars/s")
     print(f"| run | held-out bits/char | KL | mass on new (p') | pass@1 [95% CI] | vs {label} [95% CI] (better/worse, "
-          f"p) | adoption | saving realised / possible (share) | chars/s (x {label}) | run s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"p) | not compiling ({label}) | adoption | saving realised / possible (share) | chars/s (x {label}) "
+          f"| run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         c = r["vs_reference"]
         mass = f"{r['new_token_mass']:.3f} ({r['target_new_token_mass']:.3f})" if r["new_token_mass"] is not None else "-"
         adoption = f"{r['adoption']:.2f}" if r["adoption"] is not None else "-"
         share = f"{r['saving_realised']:.2f}" if r["saving_realised"] is not None else "-"
+        broken = f"{r['not_compiling']} / {r['n_programs']} ({ref.get('not_compiling', '-')})"
         print(f"| {r['run']} | {r['bits_per_char']:.4f} | {r['kl']:.4f} | {mass} | {r['pass@1']:.3f} "
               f"[{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] | {c['difference']:+.3f} [{c['interval'][0]:+.3f}, "
-              f"{c['interval'][1]:+.3f}] ({c['better']}/{c['worse']}, p = {c['p_value']:.3f}) | {adoption} | "
+              f"{c['interval'][1]:+.3f}] ({c['better']}/{c['worse']}, p = {c['p_value']:.3f}) | {broken} | {adoption} | "
               f"{r['realised_saving']:.1%} / {r['possible_saving']:.1%} ({share}) | {r['chars_per_s']:.0f} "
               f"({r['chars_per_s'] / ref['chars_per_s']:.2f}) | {r['run_s']:.0f} |")
     if args.plot:
@@ -997,7 +1032,10 @@ def main():
     p = sub.add_parser("extension", help="tokens saved on held-out code; time to learn merges and to encode")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--corpus", default="stdlib")
-    p.add_argument("--merges", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--merges", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--tasks", default="bench_tasks", help="tasks whose prompt + canonical solution are measured too")
+    p.add_argument("--max-literal-shares", type=float, nargs="+", default=[1.0, kld.Config.max_literal_share],
+                   help="corpus rules compared (1.0: no file left out for its literals)")
     p = sub.add_parser("matrix", help="initialisers x objectives + the teacher: pass@1, bits/char, tokens/char")
     p.add_argument("--config", default="configs/bench_cpu.json", help="bench config (JSON)")
     p.add_argument("--inits", nargs="+", help="instead of the bench config's")

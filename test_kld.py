@@ -2762,6 +2762,7 @@ def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
     model, tok = tiny_student("llama")
     wrong = "    return None  # " + " ".join(CODE.split()[:40]) + "\n"  # corpus text: new tokens in it
     answers = [t.canonical_solution if i % 2 == 0 else wrong for i, t in enumerate(tasks)]
+    answers[5] = wrong.lstrip()  # at the def's indentation: `return` outside a function, no program
     # the second answer spelled in base tokens, the others as tau' spells them: a student that adopts some
     emitted = [tok.base.encode(a).ids if i == 1 else tok.encode(a) for i, a in enumerate(answers)]
     seen_prompts = []
@@ -2775,6 +2776,7 @@ def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
     summary = result["summary"]
     assert seen_prompts == [t.prompt for t in tasks]
     assert summary["pass@1"] == 0.5 and [s["status"] for s in result["samples"]] == ["passed", "failed"] * 3
+    assert summary["not_compiling"] == 1 and [s["compiles"] for s in result["samples"]] == [True] * 5 + [False]
     ids = [i for e in emitted for i in e]
     assert summary["tokens_per_char"] == pytest.approx(len(ids) / sum(map(len, answers)))
     n_new = sum(i >= tok.base_vocab_size for i in ids)
