@@ -96,7 +96,7 @@ class Config:
     max_literal_share: float = 0.55  # leave out files whose literal_share exceeds this; 1 = none
     n_merges: int = 256  # K (METHOD.md section 1): merges learned and appended to the tokenizer
     new_tokens: list[str] = field(default_factory=list)  # strings added as tokens, before the K
-    newline_merges: bool = True  # merges may join a token to the newline after it
+    newline: str = "line_start"  # a newline token (and the indentation it holds) merges with its line's start
     init: str = "fvt"  # the initialiser of the new input rows (METHOD.md section 5)
     init_output: str | None = None  # the new output rows; null = as `init`
     objective: str = "kl"  # training (METHOD.md section 4): "kl" (to the lifted teacher) or "ce"
@@ -149,11 +149,12 @@ class Config:
         check_config(self)
 
 
+NEWLINE_RULES = ("line_start", "line_end", "alone")  # what a newline token may merge with (build_extension)
 INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # init_rows
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
-    "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES, "finetune_layers": "[-1, inf]",
+    "objective": ("kl", "ce"), "newline": NEWLINE_RULES, "lift": ("path", "trie"), "divergence": DIVERGENCES, "finetune_layers": "[-1, inf]",
     "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "top_p": "(0, 1]",
     "divergence_beta": "[0, 1]", "min_lr_ratio": "[0, 1]", "divergence_temperature": "[1e-06, 1e+06]",
     "max_literal_share": "[0, 1]",
@@ -562,11 +563,14 @@ class ExtendedTokenizer:
 
 
 def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_vocab_size: int,
-                    new_tokens: list[str] = (), newline_merges: bool = True) -> ExtendedTokenizer:
+                    new_tokens: list[str] = (), newline: str = "line_start") -> ExtendedTokenizer:
     """tau' for a corpus: each user string made one token (BPE it with the merges so far,
-    then merge its first two tokens until one is left), then n_merges learned within lines:
-    a segment ends after a token holding a newline; specials stand alone, and newline
-    tokens too unless newline_merges."""
+    then merge its first two tokens until one is left), then n_merges learned within lines.
+    Specials stand alone; a token holding a newline (and the next line's indentation) begins
+    a segment ("line_start": '\n        return'), ends one ("line_end": ':\n        ') or
+    stands alone ("alone")."""
+    if newline not in NEWLINE_RULES:
+        raise KldError(f"newline {newline!r}: one of {NEWLINE_RULES}")
     merges, ranks = [], {}  # ranks: pair -> the id it makes
     special = set(tokenizer.get_added_tokens_decoder())
     for s in new_tokens:
@@ -582,14 +586,15 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
     ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)  # the user's tokens apply before learning
     if n_merges <= 0:
         return ext
-    newline = {i for i in range(ext.vocab_size) if b"\n" in ext.token_bytes(i)}
+    newlines = {i for i in range(ext.vocab_size) if b"\n" in ext.token_bytes(i)}
     segments = collections.Counter()  # segment -> how often it occurs
     for ids in ext.encode_batch(texts):
         start = 0  # where the current segment began
         for i, t in enumerate(ids):
-            if t in special or t in newline:  # the segment ends after t, before it if t stands alone
-                segments[tuple(ids[start : i + (t not in special and newline_merges)])] += 1
-                start = i + 1
+            if t in special or t in newlines:  # the segment ends before t, or after it in "line_end"
+                joins = t not in special and newline  # the newline token joins the line after or before it
+                segments[tuple(ids[start : i + (joins == "line_end")])] += 1
+                start = i + (joins != "line_start")
         segments[tuple(ids[start:])] += 1
     del segments[()]  # between neighbours that stand alone
     merges += learn_merges(segments, n_merges, ext.vocab_size)
@@ -3297,7 +3302,7 @@ def run(cfg: Config) -> dict:
         tok = load_extension(out / "extension.json", base)
     elif ranks.main:
         t0 = time.perf_counter()
-        tok = build_extension(base, texts, cfg.n_merges, V, cfg.new_tokens, cfg.newline_merges)
+        tok = build_extension(base, texts, cfg.n_merges, V, cfg.new_tokens, cfg.newline)
         save_extension(tok, out / "extension.json")
         print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, "
               f"e.g. {[tok.token_string(i) for i in range(V, tok.vocab_size)][:8]}")

@@ -26,7 +26,7 @@ here, never a dependency of kld.
 extension: the tokens that K appended merges save on the held-out files of the corpus that
 the corpus rule keeps and on the tasks' prompts + canonical solutions, and how many new
 tokens are pieces of codec or Unicode-name tables, for each corpus rule (max_literal_share)
-and newline rule (newline_merges); then the time to encode the corpus against the base
+and newline rule (`newline`); then the time to encode the corpus against the base
 tokenizer alone, and the time of one path-mode lift (without the teacher's pass).
 
 train-speed: student tokens/s and peak memory of one training step (student forward,
@@ -252,18 +252,18 @@ def extension(args):
     K, table = max(args.merges), []
     for share in args.max_literal_shares:
         train, _ = kld.load_corpus(args.corpus, max_literal_share=share)
-        for newline_merges in (True, False):
-            ext, learn_s = timed(lambda: kld.build_extension(tokenizer, train, K, V, newline_merges=newline_merges))
-            print(f"max_literal_share {share}, newline_merges {newline_merges}: {len(train)} train files "
+        for newline in kld.NEWLINE_RULES:
+            ext, learn_s = timed(lambda: kld.build_extension(tokenizer, train, K, V, newline=newline))
+            print(f"max_literal_share {share}, newline {newline}: {len(train)} train files "
                   f"({sum(map(len, train)) / 1e6:.1f} M chars), {K} merges learned in {learn_s:.0f} s")
             for k in sorted(args.merges):
                 sub = kld.ExtendedTokenizer(tokenizer, ext.merges[:k], V)
-                table.append([share, newline_merges, k, table_like(sub, range(V, V + k)),
+                table.append([share, newline, k, table_like(sub, range(V, V + k)),
                               *(100 * saving(sub, ids) for ids in measured.values())])
-    print("\n| max_literal_share | newline_merges | K | table-like new tokens | saving held-out % | saving tasks % |")
+    print("\n| max_literal_share | newline | K | table-like new tokens | saving held-out % | saving tasks % |")
     print("|---|---|---|---|---|---|")
-    for share, newline_merges, k, n_table, held, on_tasks in table:
-        print(f"| {share} | {newline_merges} | {k} | {n_table} | {held:.1f} | {on_tasks:.1f} |")
+    for share, newline, k, n_table, held, on_tasks in table:
+        print(f"| {share} | {newline} | {k} | {n_table} | {held:.1f} | {on_tasks:.1f} |")
     train, _ = kld.load_corpus(args.corpus)
     ext = kld.build_extension(tokenizer, train, K, V)
     print("\nfirst merges:", [ext.token_string(V + i) for i in range(12)])
@@ -700,7 +700,7 @@ def initialisers(args):
     model, tokenizer = kld.load_model(cfg.model, device=device, dtype=kld.resolve_dtype(cfg.dtype))
     train_texts, heldout_texts = kld.load_corpus(cfg.corpus, cfg.heldout_fraction, cfg.max_literal_share)
     tok = kld.build_extension(tokenizer, train_texts, cfg.n_merges, model.cfg.vocab_size, cfg.new_tokens,
-                              cfg.newline_merges)
+                              cfg.newline)
     sep = kld.separator_id(model.cfg)
     stream = kld.token_stream(tok, train_texts, sep)
     chunks = kld.eval_chunks(tokenizer, heldout_texts, cfg.eval_chars, cfg.eval_window)

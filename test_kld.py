@@ -1032,11 +1032,17 @@ def test_learned_merges_stay_inside_a_line_and_never_touch_specials(fixture_toke
     special = set(fixture_tokenizer.get_added_tokens_decoder())
     for i, e in enumerate(ext.expansions):
         assert not special & set(e), ext.token_string(320 + i)
-        assert all(b"\n" not in ext.token_bytes(t) for t in e[:-1]), ext.token_string(320 + i)
+        assert all(b"\n" not in ext.token_bytes(t) for t in e[1:]), ext.token_string(320 + i)
     assert ext.encode("<|im_end|>") == [fixture_tokenizer.token_to_id("<|im_end|>")]
-    assert any(b"\n" in ext.token_bytes(320 + i) for i in range(len(ext.merges)))  # 'a:\n' and the like
-    apart = kld.build_extension(fixture_tokenizer, [text], n_merges=40, base_vocab_size=320, newline_merges=False)
-    assert apart.merges and not any(b"\n" in apart.token_bytes(320 + i) for i in range(len(apart.merges)))
+    def newline_at(ext):  # where a token holding a newline sits in each new token: its first or last part
+        return {"first" if b"\n" in ext.token_bytes(e[0]) else "last"
+                for e in ext.expansions if any(b"\n" in ext.token_bytes(t) for t in e)}
+
+    assert newline_at(ext) == {"first"}  # '\n    b' and the like: the indentation chosen where tau chooses it
+    line_end = kld.build_extension(fixture_tokenizer, [text], n_merges=40, base_vocab_size=320, newline="line_end")
+    assert newline_at(line_end) == {"last"}  # 'a:\n    ' and the like
+    apart = kld.build_extension(fixture_tokenizer, [text], n_merges=40, base_vocab_size=320, newline="alone")
+    assert apart.merges and newline_at(apart) == set()
 
 
 def test_learn_merges_counts_like_a_rescan():
