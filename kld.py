@@ -826,11 +826,12 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie
 
 
 def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset,
-                           base_p) -> tuple[dict, float]:
+                           base_p, rest) -> tuple[dict, float]:
     """Step 3 of the lift: p'(v) = P(exp v) - sum of P(exp w) over w in D(v), the walked
     sequences whose nearest walked prefix is exp(v). Extensions and what extends them get 0,
-    the rest is divided by Z = 1 - P(extensions). base_p(x): P of base token x. Returns p' of
-    each sequence in P and of each base token one hangs from (the others keep P), and Z.
+    the rest is divided by Z = 1 - P(extensions), the mass that survives. base_p(x): P of base
+    token x; rest(xs): the sum of P over the base tokens not in xs. Returns p' of each sequence
+    in P and of each base token one hangs from (the others keep P), and Z.
     With ab, abc, P(a) = .5, P(ab) = .3, P(abc) = .1: p'(a) = p'(ab) = .2, p'(abc) = .1;
     after a token whose extension is (c,), P(c) = .2: p'(c) = 0 and Z = .8."""
     mass = dict(P)  # what longer tokens take leaves it below
@@ -844,8 +845,17 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
             mass[up] = (mass[up] if up in mass else base_p(s[0])) - P[s]
         if s in extensions or up in dropped:
             dropped.add(s)
-    Z = max(1.0 - sum(P[s] for s in extensions if s in P), 1e-300)
-    return {s: 0.0 if s in dropped else max(m, 0.0) / Z for s, m in mass.items()}, Z  # m < 0: round-off
+    kept = {s: 0.0 if s in dropped else max(m, 0.0) for s, m in mass.items()}  # m < 0: round-off
+    Z = 1.0 - sum(P[s] for s in extensions if s in P)
+    # 1 - P is exact to rounding for P <= 1/2 (log1mexp's switch, Maechler 2012); above, it loses Z's digits
+    # (0 once P rounds to 1), so sum what survives: rest() of the untouched base tokens, a masked log-sum-exp,
+    # exact; then kept, as exact as p' itself. Inexact still: for an extension cd, kept(c) = P(c) - P(cd)
+    # keeps P(c)'s absolute error where the teacher after c is all but sure of d (the row after c holds
+    # only the alphabet's columns). Z >= rest(), and p' sums to 1.
+    if Z < 0.5:
+        Z = rest({s[0] for s in kept if len(s) == 1}) + sum(kept.values())
+    Z = max(Z, 1e-300)
+    return {s: k / Z for s, k in kept.items()}, Z
 
 
 def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie: LiftTrie, *,
@@ -881,7 +891,12 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
         P, more = walk_trie(a, [r for r in walk_from if r in trie.column], teacher_ids, known,
                             trie, extensions, trie.extension_children.get(v, {}), min_logp)
         wanted |= more
-        probs, Z = emission_probabilities(P, extensions, lambda x: math.exp(realised[a][trie.column[x]]))
+        def rest(xs, a=a):  # the sum of p(x | t_<a) over x not in xs: a masked log-sum-exp of the row
+            row = rows.logp(slice(a, a + 1))[0].double()
+            row[list(xs)] = -math.inf
+            return row.logsumexp(0).exp().item()
+
+        probs, Z = emission_probabilities(P, extensions, lambda x: math.exp(realised[a][trie.column[x]]), rest)
         log_z.append(math.log(Z))
         for s, p in probs.items():
             lp = math.log(p) if p > 0 else -math.inf
@@ -1651,14 +1666,26 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     keys, inverse = (w.pos[to_base] * V + tables.first[w.node[to_base]]).unique(return_inverse=True)
     base_pos, base_tok = keys // V, keys % V  # each (position, base token) once
     base_mass = alphabet_logp[row_of[base_pos], tables.column[base_tok]].exp().index_add(0, inverse, -P[to_base])
-    # Z = 1 - P(extensions) per position; p' = max(mass, 0) / Z, and 0 where blocked
-    Z = alphabet_logp.new_ones(m).index_add(0, w.pos[ext], -P[ext]).clamp(min=1e-300)
-    log_z = Z.log()
-    p_found = torch.where(w.blocked[f], 0.0, mass[f].clamp(min=0.0) / Z[pos])
+    kept = torch.where(w.blocked[f], 0.0, mass[f].clamp(min=0.0))  # p' before Z: max(mass, 0), 0 where blocked
     root = tables.depth[node] == 1  # found single tokens: base tokens (extensions)
     fix_pos = torch.cat([pos[root], base_pos])
     fix_ids = torch.cat([tables.token[node][root], base_tok])
-    fix_logp = torch.cat([p_found[root], base_mass.clamp(min=0.0) / Z[base_pos]]).log()
+    base_kept = base_mass.clamp(min=0.0)
+    fix_p = torch.cat([kept[root], base_kept])
+    Z = alphabet_logp.new_ones(m).index_add(0, w.pos[ext], -P[ext])  # 1 - P(extensions) per position
+    sure = (Z < 0.5).nonzero()[:, 0]  # there, the sum of what survives (see emission_probabilities)
+    if len(sure):
+        full = torch.cat([r.logp(start[sure[window_of[sure] == i]]) for i, r in enumerate(rows)]).double()
+        at = torch.full_like(start, -1)  # position -> its row of `full`
+        at[sure] = torch.arange(len(sure), device=device)
+        hit = at[fix_pos] >= 0
+        full[at[fix_pos[hit]], fix_ids[hit]] = -math.inf  # the untouched base tokens' mass, exact
+        found_sum = torch.zeros_like(Z).index_add(0, pos, kept).index_add(0, base_pos, base_kept)
+        Z[sure] = full.logsumexp(1).exp() + found_sum[sure]
+    Z = Z.clamp(min=1e-300)
+    log_z = Z.log()
+    p_found = kept / Z[pos]
+    fix_logp = (fix_p / Z[fix_pos]).log()
     is_new = (tables.new_id[node] >= 0) & ~ext[f]
     order = torch.argsort(pos[is_new], stable=True)  # the new tokens' targets grouped by position
     new_pos = pos[is_new][order]

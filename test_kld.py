@@ -1414,13 +1414,11 @@ def test_trie_mode_without_pruning_is_the_definition(letters, case, prev, condit
             assert abs(got.get(v, 0.0) - expected[v]) < tolerance, (j, v, got.get(v), expected[v])
 
 
-@pytest.mark.xfail(strict=True, reason="known fault: Z = 1 - P(extensions) is computed from P, which rounds "
-                   "to 1 where the teacher is all but sure of an extension; the mass left must come from the "
-                   "other tokens' probabilities (a masked log-sum-exp of the row)")
 def test_a_teacher_all_but_sure_of_an_extension_still_gives_a_distribution(letters):
     """After the student's "d", the teacher gives "h" (which tau' would have merged into
     "dh") all but 9 e^-40 of its mass, so 1 - P(h) rounds to 0 in float64 (in float32 a
-    gap of 17 does it). p' at that position should still be a distribution."""
+    gap of 17 does it). p' at that position should still be a distribution, in both lifts:
+    Z the mass of the tokens other than h, so p'(a) = p(a) / Z = 1 / (|V| - 1)."""
     d, h, a = 3, 7, 0
     tok = kld.ExtendedTokenizer(letters, [(d, h)], len(ABC))
 
@@ -1430,8 +1428,28 @@ def test_a_teacher_all_but_sure_of_an_extension_still_gives_a_distribution(lette
         return torch.log_softmax(z, -1)
 
     t, _, _, _ = lift_to_completion(tok, [a, a, a], d, cond_logp, min_prob=0.0, condition=True)
-    p = torch.cat([t.base_logp().exp(), t.new_logp.exp()], dim=1)  # (positions, |V'|)
-    torch.testing.assert_close(p.sum(1), torch.ones(3, dtype=torch.float64))  # today: 3.8e283 at position 0
+    batched = batch_lift_to_completion(tok, [([a, a, a], d)], cond_logp, min_prob=0.0, condition=True)[0]
+    for t in (t, batched):
+        p = t.logp().exp()  # (positions, |V'|); before the fix, 3.8e283 at position 0
+        torch.testing.assert_close(p.sum(1), torch.ones(3, dtype=torch.float64))
+        assert p[0, h] == 0 and abs(p[0, a] - 1 / (len(ABC) - 1)) < 1e-12
+
+
+@SETTINGS
+@given(case=lift_cases(dtype=torch.float64), prevs=st.lists(st.integers(0, 30), min_size=1, max_size=1),
+       scale=st.sampled_from([30.0, 100.0, 1000.0]), min_prob=st.sampled_from([0.0, 0.3, math.inf]))
+def test_p_prime_is_a_distribution_for_teachers_all_but_sure(letters, case, prevs, scale, min_prob):
+    """Teacher logits spread by hundreds, so 1 - P(extensions) rounds off or to 0: in both
+    lifts p' >= 0 and sums to 1 at every position, conditioned on the student's past."""
+    merges, teacher, _ = case
+    tok = kld.ExtendedTokenizer(letters, merges, len(ABC))
+    prev = prevs[0] % tok.vocab_size
+    cond_logp = fake_teacher(len(ABC), scale=scale, seed=len(merges) + len(teacher))
+    t, _, _, _ = lift_to_completion(tok, teacher, prev, cond_logp, min_prob, condition=True)
+    batched = batch_lift_to_completion(tok, [(teacher, prev)], cond_logp, min_prob, condition=True)[0]
+    for t in (t, batched):
+        p = t.logp().exp()  # (positions, |V'|)
+        assert (p >= 0).all() and (p.sum(1) - 1).abs().max() < 1e-9
 
 
 @SETTINGS
@@ -1526,10 +1544,17 @@ def test_emission_probabilities_worked_example():
     """The example in emission_probabilities' docstring: a, b, c; ab, abc."""
     a, b, c = 0, 1, 2
     P = {(a, b): 0.3, (a, b, c): 0.1}
-    probs, Z = kld.emission_probabilities(P, frozenset(), lambda x: {a: 0.5}[x])
+    row = {a: 0.5, b: 0.1, c: 0.2, 3: 0.2}  # a teacher's p over V = {a, b, c, 3}
+    rest = lambda xs: sum(p for x, p in row.items() if x not in xs)  # noqa: E731
+    probs, Z = kld.emission_probabilities(P, frozenset(), row.get, rest)
     assert Z == 1.0 and probs == pytest.approx({(a,): 0.2, (a, b): 0.2, (a, b, c): 0.1})
-    probs, Z = kld.emission_probabilities({**P, (c,): 0.2}, frozenset({(c,)}), lambda x: {a: 0.5}[x])
+    probs, Z = kld.emission_probabilities({**P, (c,): 0.2}, frozenset({(c,)}), row.get, rest)
     assert Z == pytest.approx(0.8) and probs[(c,)] == 0.0 and probs[(a,)] == pytest.approx(0.25)
+    # all but sure of the extension c: Z is the mass that survives, summed, not 1 - P(c)
+    row = {a: 0.5e-20, b: 0.0, c: 1.0, 3: 1e-20}
+    probs, Z = kld.emission_probabilities({(a, b): 0.3e-20, (a, b, c): 0.1e-20, (c,): 1.0}, frozenset({(c,)}),
+                                          row.get, rest)
+    assert Z == pytest.approx(1.5e-20) and probs[(a,)] == pytest.approx(0.2 / 1.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
