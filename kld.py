@@ -751,16 +751,13 @@ def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
     return LiftedTargets(teacher, n_new=parts[0].n_new, **cat)
 
 
-# The lift at student position j, span starting at teacher token a: 1. walk the trie U from the base
-# tokens that start an expansion, wherever the teacher has a row at the node; 2. P(u) by the chain rule
-# along the walk; 3. p'(v) = P(exp v) - sum of P(exp w) over v's walked trie children w. A *node*
-# (b, xs) is a context: t_<b, then tokens xs off the text (xs[0] != t_b). Nodes (b, ()) are rows of the
-# window's pass (all path mode reads); trie mode evaluates branches by tree attention (`teacher_targets`).
-# Conditioning: after the student emitted v, the text cannot go on with exp(w)[|exp v|:] for a trie
-# child w of v (tau' would have emitted w): step 1 walks these *extensions* of v too, step 3 gives them
-# and what extends them p' = 0, renormalising by Z.
-
-
+# The lift at student position j, span starting at teacher token a: 1. walk the trie U from the base tokens
+# that start an expansion, wherever the teacher has a row at the node; 2. P(u) by the chain rule along the
+# walk; 3. p'(v) = P(exp v) - sum of P(exp w) over v's walked trie children w. A *node* (b, xs) is a context:
+# t_<b, then tokens xs off the text (xs[0] != t_b). Nodes (b, ()) are rows of the window's pass (all path mode
+# reads); trie mode evaluates branches by tree attention (`teacher_targets`). Conditioning: after the student
+# emitted v, the text cannot go on with exp(w)[|exp v|:] for a trie child w of v (tau' would have emitted w):
+# step 1 walks these *extensions* of v too, step 3 gives them and what extends them p' = 0, renormalising by Z.
 @dataclass
 class LiftTrie:
     """The lift's lookup tables for one extension, made by `lift_trie`."""
@@ -795,8 +792,7 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
         extensions={v: frozenset(fs) for v, fs in extensions.items()},
         extension_children={v: prefix_children(sorted(fs)) for v, fs in extensions.items()},
         alphabet=torch.tensor(alphabet, dtype=torch.long),
-        column={t: c for c, t in enumerate(alphabet)},
-    )
+        column={t: c for c, t in enumerate(alphabet)})
 
 
 def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie: LiftTrie,
@@ -847,11 +843,9 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
             dropped.add(s)
     kept = {s: 0.0 if s in dropped else max(m, 0.0) for s, m in mass.items()}  # m < 0: round-off
     Z = 1.0 - sum(P[s] for s in extensions if s in P)
-    # 1 - P is exact to rounding for P <= 1/2 (log1mexp's switch, Maechler 2012); above, it loses Z's digits
-    # (0 once P rounds to 1), so sum what survives: rest() of the untouched base tokens, a masked log-sum-exp,
-    # exact; then kept, as exact as p' itself. Inexact still: for an extension cd, kept(c) = P(c) - P(cd)
-    # keeps P(c)'s absolute error where the teacher after c is all but sure of d (the row after c holds
-    # only the alphabet's columns). Z >= rest(), and p' sums to 1.
+    # 1 - P is exact to rounding for P <= 1/2 (as in log1mexp, Maechler 2012); above, Z sums what survives:
+    # rest() of the untouched base tokens (exact: Z > 0 where it is) and kept. Inexact: for an extension cd,
+    # kept(c) = P(c) - P(cd) keeps P(c)'s error where the teacher is all but sure of d after c (walk: alphabet only).
     if Z < 0.5:
         Z = rest({s[0] for s in kept if len(s) == 1}) + sum(kept.values())
     Z = max(Z, 1e-300)
@@ -891,11 +885,10 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
         P, more = walk_trie(a, [r for r in walk_from if r in trie.column], teacher_ids, known,
                             trie, extensions, trie.extension_children.get(v, {}), min_logp)
         wanted |= more
-        def rest(xs, a=a):  # the sum of p(x | t_<a) over x not in xs: a masked log-sum-exp of the row
+        def rest(xs):  # the sum of p(x | t_<a) over x not in xs: a masked log-sum-exp of the row
             row = rows.logp(slice(a, a + 1))[0].double()
             row[list(xs)] = -math.inf
             return row.logsumexp(0).exp().item()
-
         probs, Z = emission_probabilities(P, extensions, lambda x: math.exp(realised[a][trie.column[x]]), rest)
         log_z.append(math.log(Z))
         for s, p in probs.items():
@@ -936,13 +929,10 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
         return W.mean(0).expand(len(expansions), -1).clone().to(rows.dtype)
     if rule == "fvt":
         return torch.stack([W[list(e)].mean(0) for e in expansions]).to(rows.dtype)  # (N, d)
-    if rule not in ("last_piece", "first_piece", "char_length"):
-        raise KldError(f"unknown initialiser {rule!r}; choose from {sorted(INIT_NAMES)}")
     out = []  # sum_i a_i w_{x_i} / sum_i a_i
     for n, e in enumerate(expansions):
         powers = range(len(e) - 1, -1, -1) if rule == "last_piece" else range(len(e))
-        a = piece_bytes[n] if rule == "char_length" else [2.0 ** -p for p in powers]
-        a = torch.tensor(a, dtype=torch.float64)  # (k,)
+        a = torch.tensor(piece_bytes[n] if rule == "char_length" else [2.0 ** -p for p in powers], dtype=torch.float64)
         if not a.sum() > 0:
             raise KldError(f"the pieces of new token {n} have no length")
         out.append((a[:, None] * rows[list(e)].double()).sum(0) / a.sum())  # (d,)
@@ -955,8 +945,7 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
         if name not in INIT_NAMES:
             raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INIT_NAMES)}")
     if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has "
-                       f"{model.cfg.vocab_size}")
+        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
     if not tok.expansions:  # K = 0: the student is the teacher
         empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
         return model.add_new_tokens(empty, empty.clone())
@@ -976,7 +965,6 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
 @dataclass(frozen=True)
 class Divergence:
     """Which D(p'_j || q_j) the kl objective minimises (see `divergence`)."""
-
     kind: str = "forward_kl"  # one of DIVERGENCES
     beta: float = 0.5  # jsd's mixing weight: 0 is forward_kl, 1 is reverse_kl
     temperature: float = 1.0  # both distributions tempered by it first
@@ -986,8 +974,6 @@ class Divergence:
 # Zeros (log = -inf) on both sides: p' = 0 where tau' cannot emit, q = 0 under a mask. A term
 # that is 0 by definition has its inputs replaced, not only its result: torch.where keeps the
 # gradient of the branch not taken, 0 * inf = NaN, and one NaN poisons every row.
-
-
 def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) per row (r,) from log a, log b (r, n); terms with a = 0 are 0."""
     log_ratio = torch.where(log_a > -math.inf, log_a - log_b, 0.0)  # no -inf - -inf
@@ -1468,11 +1454,8 @@ def embedding_analysis(model, tok, k=5):
 
 # ----------------------------------------------------------------------------------------
 # 8. The batched lift: the same three steps for a whole batch, as tensor operations
-# ----------------------------------------------------------------------------------------
 # What teacher_targets runs; tests hold it equal to `lift`. One *entry* per (position, sequence)
 # reached, as parallel tensors, one trie level per step; a set of pairs is a sorted tensor of keys.
-
-
 @dataclass
 class LiftTables:
     """The lift's trie as tensors. Nodes: the prefixes of new tokens' expansions and of
@@ -1499,46 +1482,31 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     """The trie of `lift_trie`, renumbered for tensors."""
     V = tok.base_vocab_size
     in_trie = {e[:k] for e in tok.expansions for k in range(1, len(e) + 1)}
-    walk_after = collections.defaultdict(set)  # sequence -> the tokens after which it is walkable
-    for v, extensions in trie.extensions.items():
-        for f in extensions:
-            for k in range(1, len(f) + 1):
-                walk_after[f[:k]].add(v)
+    # (v, u): u, a prefix of an extension of v, is walkable after v only
+    walkable = {(v, f[:k]) for v, fs in trie.extensions.items() for f in fs for k in range(1, len(f) + 1)}
     # Sorted by level, then by the parent: the children of a node are contiguous, in parent order.
-    nodes = sorted(in_trie | set(walk_after), key=lambda s: (len(s), s))
+    nodes = sorted(in_trie | {u for _, u in walkable}, key=lambda s: (len(s), s))
     index = {s: i for i, s in enumerate(nodes)}
     U, R = len(nodes), sum(len(s) == 1 for s in nodes)
     longs = lambda xs: torch.tensor(list(xs), dtype=torch.long)  # noqa: E731
     n_children = torch.bincount(longs(index[s[:-1]] for s in nodes[R:]), minlength=U)
-    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))},
-                      key=lambda s: (len(s), s))
+    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))}, key=lambda s: (len(s), s))
     suffix = {s: i for i, s in enumerate(suffixes)}
     # suffix xs + (x,) by key (xs + 1) * |V| + x, xs = -1 when empty
-    by_key = {(suffix.get(s[:-1], -1) + 1) * V + s[-1]: i
-              for i, s in enumerate(suffixes)}
-    column = torch.full((V,), -1, dtype=torch.long)
-    column[trie.alphabet] = torch.arange(len(trie.alphabet))
+    by_key = {(suffix.get(s[:-1], -1) + 1) * V + s[-1]: i for i, s in enumerate(suffixes)}
     return LiftTables(
-        token=longs(s[-1] for s in nodes),
-        first=longs(s[0] for s in nodes),
-        depth=longs(map(len, nodes)),
-        child_start=R + n_children.cumsum(0) - n_children,
-        child_count=n_children,
-        roots=longs(range(R)),
+        token=longs(s[-1] for s in nodes), first=longs(s[0] for s in nodes), depth=longs(map(len, nodes)),
+        child_start=R + n_children.cumsum(0) - n_children, child_count=n_children, roots=longs(range(R)),
         new_id=longs(trie.new_token.get(s, -1) for s in nodes),
         in_trie=torch.tensor([s in in_trie for s in nodes], dtype=torch.bool),
-        walk_keys=longs(sorted(v * U + index[s] for s, vs in walk_after.items() for v in vs)),
+        walk_keys=longs(sorted(v * U + index[u] for v, u in walkable)),
         extension_keys=longs(sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)),
-        alphabet=trie.alphabet.clone(),
-        column=column,
-        n_new=len(tok.expansions),
-        suffix_keys=longs(sorted(by_key)),
-        suffix_child=longs(by_key[k] for k in sorted(by_key)),
-        suffixes=suffixes)
+        alphabet=trie.alphabet.clone(), n_new=len(tok.expansions),
+        column=torch.full((V,), -1).index_copy(0, trie.alphabet, torch.arange(len(trie.alphabet))),
+        suffix_keys=longs(sorted(by_key)), suffix_child=longs(by_key[k] for k in sorted(by_key)), suffixes=suffixes)
 
 
 def tables_to(tables: LiftTables, device) -> LiftTables:
-    """The same tables with every tensor on `device`."""
     return LiftTables(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(tables).items()})
 
 
@@ -1568,13 +1536,9 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     """`lift` for a batch of windows (student ids, the first context only), each with
     rows, teacher_ids and span_starts as `lift` takes them, on the rows' device. Returns
     the targets of each window and the branch contexts wanted next, (k, 3) long:
-    (window, b, suffix node).
-
-    The walk is `walk_trie`'s, breadth first over all positions at once: an entry is one
-    (position j, trie node u) pair with log_p = log P(u); (b, suffix) is the context its
-    children are read in (the realised t_<b, then the branch's suffix node, -1: none);
-    anchor is its nearest found ancestor entry (emission_probabilities' parent); found: u
-    is a new token or an extension of previous[j]. levels[d] holds the entries of depth d + 1."""
+    (window, b, suffix node). The walk is `walk_trie`'s, breadth first over all positions
+    at once: an entry is one (position j, trie node u) pair with log_p = log P(u) (see
+    `entries`); levels[d] holds the entries of depth d + 1."""
     device = rows[0].states.device
     tensor = functools.partial(torch.tensor, device=device)
     V, U, S = len(tables.column), len(tables.token), len(tables.suffixes)
@@ -1676,8 +1640,7 @@ def lift_batch(rows: list[TeacherRows], windows: list[list[int]], teacher_ids: l
     sure = (Z < 0.5).nonzero()[:, 0]  # there, the sum of what survives (see emission_probabilities)
     if len(sure):
         full = torch.cat([r.logp(start[sure[window_of[sure] == i]]) for i, r in enumerate(rows)]).double()
-        at = torch.full_like(start, -1)  # position -> its row of `full`
-        at[sure] = torch.arange(len(sure), device=device)
+        at = torch.full_like(start, -1).index_copy(0, sure, torch.arange(len(sure), device=device))  # row in full
         hit = at[fix_pos] >= 0
         full[at[fix_pos[hit]], fix_ids[hit]] = -math.inf  # the untouched base tokens' mass, exact
         found_sum = torch.zeros_like(Z).index_add(0, pos, kept).index_add(0, base_pos, base_kept)
@@ -1793,7 +1756,6 @@ def decoding_of(cfg: Config) -> Decoding:
 
 def _generate_batch(model: GPT, tok, prompt_ids: list[list[int]], decoding: Decoding,
                     generator) -> list[Completion]:
-    """generate for one batch of encoded prompts."""
     weight = next(model.parameters())
     budget, stop = decoding.max_new_tokens, decoding.stop
     B, T = len(prompt_ids), max(map(len, prompt_ids))
@@ -1845,8 +1807,7 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for i in range(0, len(order), decoding.batch_size):
             batch = order[i : i + decoding.batch_size]
-            outs = _generate_batch(model, tok, [ids[r] for r in batch], decoding, generator)
-            results.update(zip(batch, outs))
+            results.update(zip(batch, _generate_batch(model, tok, [ids[r] for r in batch], decoding, generator)))
     return [results[i] for i in range(len(prompts))]
 
 
@@ -1951,7 +1912,7 @@ for limit, value in zip(("AS", "FSIZE", "NPROC", "CORE"), bounds + [0]):
 """
 
 # load: a file run with asserts kept as a registered module, not "__main__" (as HumanEval).
-LOAD = r"""import builtins, marshal, os, sys, traceback, types
+LOAD = r"""import builtins, contextlib, marshal, os, sys, traceback, types
 def load(path, name):
     module = sys.modules.setdefault(name, types.ModuleType(name))
     with open(path, encoding="utf-8") as f:
@@ -2071,10 +2032,8 @@ def candidate(*args, **kwargs):
         raise RuntimeError("the candidate's process sent a malformed message")
     error, cls = CandidateError(": ".join(rest)), getattr(builtins, rest[0], None)
     if isinstance(cls, type) and issubclass(cls, Exception) and cls not in (StopIteration, StopAsyncIteration):
-        try:
+        with contextlib.suppress(Exception):
             error = cls(rest[1])
-        except Exception:
-            pass
     raise error
 namespace = load(prompt_file, "verdict")
 if (first := receive())[0] != "ready":
@@ -2231,8 +2190,7 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
         children, report = [], b""
         try:
             try:
-                children.append(spawn(argv, stdin=stdin, stdout=outputs[0], cwd=work, env=env,
-                                      pass_fds=fds, **user))
+                children.append(spawn(argv, stdin=stdin, stdout=outputs[0], cwd=work, env=env, pass_fds=fds, **user))
                 if task is not None:  # the verdict's, trusted: as this user, unbounded
                     fds = (a_w, b_r, report_w)
                     argv = [sys.executable, "-I", "-c", VERDICT_DRIVER, *files, task.entry_point, *map(str, fds)]
@@ -2303,7 +2261,6 @@ def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), wo
 
 
 def sandbox_run_all(programs: list[str], limits=SandboxLimits(), workers=0) -> list[RunResult]:
-    """sandbox_run for each program, as run_tests_all."""
     return run_tests_all([(p,) for p in programs], limits, workers, sandbox_run)
 
 
