@@ -1818,6 +1818,14 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
     return [results[i] for i in range(len(prompts))]
 
 
+def check_prompts_fit(prompts: dict[str, str], tok: ExtendedTokenizer, max_new_tokens: int, max_positions: int):
+    """Refuse a prompt (name -> text as formatted) that, encoded as generate does (BOS), leaves no room."""
+    for name, prompt in prompts.items():
+        if not 0 < (n := len(tok.encode(prompt, add_special_tokens=True))) <= max_positions - max_new_tokens:
+            raise KldError(f"{name}: {n} tokens as formatted + max_new_tokens {max_new_tokens} does not fit the "
+                           f"model's {max_positions} positions" if n else f"{name} encodes to no tokens")
+
+
 # ----------------------------------------------------------------------------------------
 # 10. Code-generation evaluation: tasks, prompting, contained execution, pass@k
 
@@ -2346,9 +2354,11 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
     decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
+    prompts = {f"task {t.task_id}": task_prompt(t, chat, settings.system_prompt) for t in tasks}
+    check_prompts_fit(prompts, tok, decoding.max_new_tokens, model.cfg.max_positions)
     mine = share(range(len(owners)), ranks)  # this rank's prompts, sampled with a seed of its own
     t0 = time.perf_counter()
-    completions = generate(model, tok, [task_prompt(owners[i], chat, settings.system_prompt) for i in mine],
+    completions = generate(model, tok, [prompts[f"task {owners[i].task_id}"] for i in mine],
                            dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank))
     seconds = max(time.perf_counter() - t0, 1e-9)
     sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, completions)]
@@ -3285,11 +3295,13 @@ def run(cfg: Config) -> dict:
     texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction, cfg.max_literal_share)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     V, T = model.cfg.vocab_size, model.cfg.max_positions
-    teacher_tok = ExtendedTokenizer(base, [], V)  # tau: no merges
+    teacher_tok = ExtendedTokenizer(base, [], V)  # tau: no merges; tau' spells no prompt longer
+    chat = uses_chat(cfg, teacher_tok)
+    prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     if tasks:  # refused before hours of training, not after
         codegen_settings(cfg, teacher_tok)
-    if cfg.max_new_tokens >= T:
-        raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {T} positions")
+    prompts = {"prompt": prompt, **{f"task {t.task_id}": task_prompt(t, chat, cfg.system_prompt) for t in tasks}}
+    check_prompts_fit(prompts, teacher_tok, cfg.max_new_tokens, T)  # GPT-2 has no more; Llama saw no more
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg)
     save("config.json", dataclasses.asdict(cfg))  # all checked: now write
@@ -3303,8 +3315,6 @@ def run(cfg: Config) -> dict:
               f"e.g. {[tok.token_string(i) for i in range(V, tok.vocab_size)][:8]}")
     if ranks.world > 1:  # rank 0's merges for all
         tok = ExtendedTokenizer(base, gather(tok.merges if ranks.main else None, ranks)[0], V)
-    chat = uses_chat(cfg, tok)
-    prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
     if ranks.main:  # before the model has new rows
         [teacher_answer] = generate(model, teacher_tok, [prompt], decoding)
