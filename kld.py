@@ -564,27 +564,41 @@ class ExtendedTokenizer:
 def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_vocab_size: int,
                     new_tokens: list[str] = (), newline_merges: bool = True) -> ExtendedTokenizer:
     """tau' for a corpus: each user string made one token (BPE it with the merges so far,
-    then merge its first two tokens until one is left), then n_merges learned within lines:
-    a segment ends after a token holding a newline; specials stand alone, and newline
-    tokens too unless newline_merges."""
-    merges, ranks = [], {}  # ranks: pair -> the id it makes
+    then merge its first two tokens until one is left), its count in texts printed, then
+    n_merges learned within lines: a segment ends after a token holding a newline;
+    specials stand alone, and newline tokens too unless newline_merges."""
+    merges, ranks, users = [], {}, []  # ranks: pair -> the id it makes; users: the user strings' ids
     special = set(tokenizer.get_added_tokens_decoder())
+    corpus = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]  # tau(texts)
+    spelled = chr(base_vocab_size).join("".join(map(chr, ids)) for ids in corpus)  # ids as characters: str.count
     for s in new_tokens:
         ids = tokenizer.encode(s, add_special_tokens=False).ids
         if not ids or special & set(ids):
             why = "holds a special token; those never merge" if ids else "encodes to nothing"
             raise KldError(f"new token {s!r} {why}")
+        # code puts a string after a space, indentation or a newline, which byte-level BPE folds into its first
+        # piece ("return self": " return", " self"): the spelling whose base tokens occur most (a tie: as written)
+        ids = max([ids] + [tokenizer.encode(c + s, add_special_tokens=False).ids for c in " \n"],
+                  key=lambda spelling: spelled.count("".join(map(chr, spelling))))
         ids = bpe_merge(ids, ranks)
         while len(ids) > 1:
             merges.append((ids[0], ids[1]))
             ranks[merges[-1]] = base_vocab_size + len(merges) - 1
             ids = merge_pair(ids, merges[-1], ranks[merges[-1]])
+        users.append(ids[0])
     ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)  # the user's tokens apply before learning
+    encoded = [ext.merge(ids) for ids in corpus]
+    found = collections.Counter(itertools.chain.from_iterable(encoded))  # token -> occurrences
+    if new_tokens:
+        print("new_tokens, as spelled, and their occurrences in the corpus:",
+              ", ".join(f"{ext.token_string(t)!r} {found[t]}" for t in users))
+    if never := [s for s, t in zip(new_tokens, users) if not found[t]]:
+        warn(f"new_tokens {never} never occur in the corpus (alone, after a space or after a newline)")
     if n_merges <= 0:
         return ext
     newline = {i for i in range(ext.vocab_size) if b"\n" in ext.token_bytes(i)}
     segments = collections.Counter()  # segment -> how often it occurs
-    for ids in ext.encode_batch(texts):
+    for ids in encoded:
         start = 0  # where the current segment began
         for i, t in enumerate(ids):
             if t in special or t in newline:  # the segment ends after t, before it if t stands alone

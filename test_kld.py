@@ -1026,6 +1026,33 @@ def test_user_strings_become_one_token(extended):
         assert token >= 320 and extended.token_string(token) == s
 
 
+@SETTINGS
+@given(words=st.lists(st.sampled_from(["return", "self", "if", "the", "is", "x", "path", "name"]), min_size=2, max_size=3),
+       lines=st.lists(st.tuples(st.sampled_from([0, 4, 8]), st.sampled_from(["", "y = ", "if a: "]),
+                                st.sampled_from(["", "(b)", ".c", ":"])), min_size=1, max_size=6))
+@example(words=["return", "self"], lines=[(8, "", ".c")] * 3)  # 0 occurrences as the string alone made them
+def test_a_user_string_becomes_the_token_its_occurrences_in_code_use(fixture_tokenizer, words, lines):
+    """Code puts a string after indentation or a space (which BPE folds into its first piece:
+    " return"), or at a line start: its token is the spelling of the commoner place, and
+    encoding the corpus uses it at least there."""
+    s = " ".join(words)
+    text = "".join(" " * indent + lead + s + tail + "\n" for indent, lead, tail in lines)
+    after_space = sum(bool(indent or lead) for indent, lead, _ in lines)
+    ext = kld.build_extension(fixture_tokenizer, [text], n_merges=0, base_vocab_size=320, new_tokens=[s])
+    token = ext.vocab_size - 1  # the last merge of its chain
+    assert ext.token_string(token) in (s, " " + s, "\n" + s)
+    assert ext.encode(text).count(token) >= max(after_space, len(lines) - after_space)
+
+
+def test_user_strings_are_counted_and_one_that_never_occurs_is_named(fixture_tokenizer, capsys):
+    text = "class A:\n    def f(self):\n        return self\n\n    def g(self):\n        return self.x\n"
+    kld.build_extension(fixture_tokenizer, [text], n_merges=4, base_vocab_size=320,
+                        new_tokens=["return self", "    def", "yield self"])
+    out, err = capsys.readouterr()
+    assert "' return self' 2, '\\n    def' 2, 'yield self' 0" in out
+    assert err.count("\n") == 1 and "['yield self'] never occur in the corpus" in err
+
+
 def test_learned_merges_stay_inside_a_line_and_never_touch_specials(fixture_tokenizer):
     text = "x = 1<|im_end|>\ny = 2<|im_end|>\n" * 50 + "a:\n    b\n" * 50
     ext = kld.build_extension(fixture_tokenizer, [text], n_merges=40, base_vocab_size=320)
