@@ -935,8 +935,7 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
         if name not in INIT_NAMES:
             raise KldError(f"unknown initialiser {name!r}; choose from {sorted(INIT_NAMES)}")
     if tok.base_vocab_size != model.cfg.vocab_size:
-        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has "
-                       f"{model.cfg.vocab_size}")
+        raise KldError(f"extension made for {tok.base_vocab_size} base ids, model has {model.cfg.vocab_size}")
     if not tok.expansions:  # K = 0: the student is the teacher
         empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
         return model.add_new_tokens(empty, empty.clone())
@@ -1499,22 +1498,14 @@ def lift_tables(tok: ExtendedTokenizer, trie: LiftTrie) -> LiftTables:
     column = torch.full((V,), -1, dtype=torch.long)
     column[trie.alphabet] = torch.arange(len(trie.alphabet))
     return LiftTables(
-        token=longs(s[-1] for s in nodes),
-        first=longs(s[0] for s in nodes),
-        depth=longs(map(len, nodes)),
-        child_start=R + n_children.cumsum(0) - n_children,
-        child_count=n_children,
-        roots=longs(range(R)),
+        token=longs(s[-1] for s in nodes), first=longs(s[0] for s in nodes), depth=longs(map(len, nodes)),
+        child_start=R + n_children.cumsum(0) - n_children, child_count=n_children, roots=longs(range(R)),
         new_id=longs(trie.new_token.get(s, -1) for s in nodes),
         in_trie=torch.tensor([s in in_trie for s in nodes], dtype=torch.bool),
         walk_keys=longs(sorted(v * U + index[s] for s, vs in walk_after.items() for v in vs)),
         extension_keys=longs(sorted(v * U + index[f] for v, fs in trie.extensions.items() for f in fs)),
-        alphabet=trie.alphabet.clone(),
-        column=column,
-        n_new=len(tok.expansions),
-        suffix_keys=longs(sorted(by_key)),
-        suffix_child=longs(by_key[k] for k in sorted(by_key)),
-        suffixes=suffixes)
+        alphabet=trie.alphabet.clone(), column=column, n_new=len(tok.expansions),
+        suffix_keys=longs(sorted(by_key)), suffix_child=longs(by_key[k] for k in sorted(by_key)), suffixes=suffixes)
 
 
 def tables_to(tables: LiftTables, device) -> LiftTables:
@@ -2412,8 +2403,7 @@ def resolve_model_path(name):
         spec = importlib.util.find_spec(package)  # not imported
         path = spec and Path(spec.submodule_search_locations[0]) / filename
         if not (path and path.is_file()):
-            raise KldError(f"embedded model {name!r} is not installed; "
-                           f"install it with: {install}")
+            raise KldError(f"embedded model {name!r} is not installed; install it with: {install}")
         return path
     if not Path(name).exists():
         raise KldError(f"model not found: {name!r}")
@@ -2557,8 +2547,7 @@ def read_hf_dir(path):
         for name in [k for k in hf if ".c_attn." in k]:
             w = hf.pop(name)
             if w.shape[-1] != 3 * cfg.d_model:
-                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, "
-                               f"not 3 x {cfg.d_model} columns")
+                raise KldError(f"{path}: {name!r} has shape {tuple(w.shape)}, not 3 x {cfg.d_model} columns")
             for x, part in zip("qkv", w.split(cfg.d_model, -1)):
                 hf[name.replace("c_attn", f"c_attn.{x}")] = part
         hf = {k: v.t().contiguous() if k[:2] == "h." and v.ndim == 2 else v  # Conv1D: (in, out)
@@ -2645,8 +2634,7 @@ def read_gguf(path):
     for name, shape, type_id, offset in infos:
         kind = GGML_TYPES.get(type_id, f"unknown type id {type_id}")
         if kind not in GGML_BLOCKS:
-            raise KldError(f"{path}: tensor {name!r} has type {kind}; "
-                           f"kld dequantizes {', '.join(GGML_BLOCKS)}")
+            raise KldError(f"{path}: tensor {name!r} has type {kind}; kld dequantizes {', '.join(GGML_BLOCKS)}")
         block, block_bytes = GGML_BLOCKS[kind]
         if shape and shape[-1] % block:
             raise KldError(f"{path}: tensor {name!r} rows are not blocks of {block}")
@@ -2870,8 +2858,8 @@ def vocab_fingerprint(tokenizer):
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
-def save_extension(tok, path):
-    data = {"format": "kld-extension/1", "base_vocab_size": tok.base_vocab_size,
+def save_extension(tok, path, inputs=None):
+    data = {"format": "kld-extension/1", "base_vocab_size": tok.base_vocab_size, "inputs": inputs,
             "base_vocab_sha256": vocab_fingerprint(tok.base),
             "merges": [list(m) for m in tok.merges],  # tokens: for reading only
             "tokens": [tok.token_string(i) for i in range(tok.base_vocab_size, tok.vocab_size)]}
@@ -3063,13 +3051,18 @@ def base_model_probe(model, saved=None):
     return probe if saved is None else torch.allclose(saved, probe, rtol=0.05, atol=0.01)
 
 
+def base_weights_digest(model) -> str:
+    """sha256 of 64 weights of each tensor, exactly: a fine-tune changes them, bf16 or not."""
+    samples = [p.detach().flatten()[:: max(1, p.numel() // 64)][:64].float().cpu() for p in model.parameters()]
+    return hashlib.sha256(torch.cat(samples).numpy().tobytes()).hexdigest()
+
+
 def save_checkpoint(path, model, optimizer, step, cfg):
     """Trained parameters, optimizer, step and config in one file."""
     params = {k: p.detach().cpu() for k, p in trained_parameters(model).items()}
     buffer = io.BytesIO()
     torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
-                "config": dataclasses.asdict(cfg),
-                "base_model_probe": base_model_probe(model)}, buffer)
+                "config": dataclasses.asdict(cfg), "base_model_probe": base_model_probe(model)}, buffer)
     write_atomic(path, buffer.getvalue())
 
 
@@ -3080,12 +3073,10 @@ def read_checkpoint(path, cfg):
     except Exception as e:  # many kinds, with messages of many lines
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it") from None
-    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
-            and {"params", "step"} <= state.keys()):
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
         raise KldError(f"{path}: not a kld checkpoint; delete it")
     if changed := [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]:
-        raise KldError(f"{path} was trained with other values of {changed}; use another "
-                       "out_dir or --resume false")
+        raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
     return state
 
 
@@ -3107,8 +3098,7 @@ def load_checkpoint(path, model, optimizer, cfg):
 
 def save_new_rows(model):
     """new_rows.safetensors: new rows, base model probe."""
-    rows = {"new_in": model.new_in.detach().cpu().contiguous(),
-            "new_out": model.new_out.detach().cpu().contiguous()}
+    rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
     probe = json.dumps(base_model_probe(model).tolist())
     return safetensors.torch.save(rows, metadata={"base_model_probe": probe})
 
@@ -3292,13 +3282,21 @@ def run(cfg: Config) -> dict:
         raise KldError(f"max_new_tokens {cfg.max_new_tokens} does not fit the model's {T} positions")
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg)
+    inputs = {"corpus": hashlib.sha256(json.dumps([texts, heldout]).encode()).hexdigest(),
+              "base weights": base_weights_digest(model)}  # what extension.json was made on
+    if cfg.resume and any(out.glob("checkpoint*.pt")):
+        made = read_json_object(out / "extension.json", "the run's extension").get("inputs")
+        if changed := [k for k, v in inputs.items() if not isinstance(made, dict) or made.get(k) != v]:
+            why = " (a file added, edited, removed or let in by max_literal_share)" * ("corpus" in changed)
+            raise KldError(f"out_dir {out} holds a run whose {' and '.join(changed)} changed since{why}; "
+                           "use another out_dir or --resume false")
     save("config.json", dataclasses.asdict(cfg))  # all checked: now write
     if resuming:
         tok = load_extension(out / "extension.json", base)
     elif ranks.main:
         t0 = time.perf_counter()
         tok = build_extension(base, texts, cfg.n_merges, V, cfg.new_tokens, cfg.newline_merges)
-        save_extension(tok, out / "extension.json")
+        save_extension(tok, out / "extension.json", inputs)
         print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, "
               f"e.g. {[tok.token_string(i) for i in range(V, tok.vocab_size)][:8]}")
     if ranks.world > 1:  # rank 0's merges for all

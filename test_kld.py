@@ -2149,6 +2149,54 @@ def test_a_refused_resume_changes_nothing_and_other_base_weights_are_refused(tmp
         kld.load_checkpoint(out / "checkpoint.pt", model, optimizer, cfg)
 
 
+@pytest.mark.parametrize("change", ["nothing", "file added", "file edited", "file removed", "base weights"])
+def test_a_resume_on_changed_inputs_is_refused_before_config_json_changes(tmp_path, capsys, change):
+    """A run stopped mid-way resumes only on the corpus and base weights it was made on: after a
+    corpus file is added, edited or removed, or a block's weights change (as a fine-tune changes
+    them, the embedding alone kept), the resume is refused in one line naming what changed."""
+    from safetensors.torch import save_file
+
+    corpus, model, out = tmp_path / "corpus", tmp_path / "model", tmp_path / "run"
+    shutil.copytree(FIXTURES / "llama", model)
+    corpus.mkdir()
+    lines = CODE.splitlines(keepends=True)
+    for i in range(4):  # held out: part1 and part2
+        (corpus / f"part{i}.py").write_text("".join(lines[i * len(lines) // 4 : (i + 1) * len(lines) // 4]))
+    cfg = kld.make_config({**TINY_RUN, "model": str(model), "corpus": str(corpus), "out_dir": str(out),
+                           "heldout_fraction": 0.3, "steps": 4, "eval_every": 2})
+    save = kld.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, cfg):
+        save(path, model, optimizer, step, cfg)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kld, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            kld.run(cfg)
+    before = (out / "config.json").read_text()
+    if change == "file added":
+        (corpus / "added.py").write_text("def added(x):\n    return x + 1\n" * 8)
+    elif change == "file edited":
+        (corpus / "part1.py").write_text((corpus / "part1.py").read_text() + "x = 1\n")
+    elif change == "file removed":
+        (corpus / "part2.py").unlink()
+    elif change == "base weights":
+        weights = load_file(model / "model.safetensors")
+        block = next(k for k in weights if "layers" in k and weights[k].ndim == 2)
+        save_file({**weights, block: weights[block] * 1.01}, model / "model.safetensors")
+    resumed = dataclasses.replace(cfg, max_new_tokens=4)  # a setting a resume may change
+    if change == "nothing":
+        kld.run(resumed)
+        assert "resuming from" in capsys.readouterr().out
+        return
+    what = "corpus" if change.startswith("file") else "base weights"
+    with pytest.raises(kld.KldError, match=f"holds a run whose {what} changed since") as error:
+        kld.run(resumed)
+    assert "\n" not in str(error.value)
+    assert (out / "config.json").read_text() == before
+
+
 def test_a_failed_run_never_touches_a_finished_one(tmp_path, capsys):
     out = tmp_path / "run"
     kld.run(kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 2, "eval_every": 0}))
