@@ -453,12 +453,14 @@ def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
     return seq
 
 
-def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int,
-                 first_id: int, min_count: int = 2):
+def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: int, spellings: list[bytes],
+                 min_count: int = 2):
     """Continue BPE over `segments` (id sequence -> count; none crossed): up to n_merges
     merges, the most frequent pair first (ties: the smallest), while one occurs min_count
-    times. A merge recounts only the segments holding its pair; a lazy heap gives the next."""
+    times, none spelling a token already (`spellings`: each id's bytes; as an exported student's
+    new tokens, which tau never emits). A merge recounts only the segments holding its pair."""
     seqs, freqs = [list(s) for s in segments], list(segments.values())
+    spellings, known = list(spellings), set(spellings)
     counts = collections.Counter()  # pair -> occurrences in the corpus
     where = collections.defaultdict(set)  # pair -> the segments holding it
     for i, seq in enumerate(seqs):
@@ -474,7 +476,11 @@ def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int,
             continue  # stale: the count changed since this entry was pushed
         if -c < min_count:
             break
+        if (word := spellings[pair[0]] + spellings[pair[1]]) in known:
+            continue  # the token it would make is there: a second id for it never exports
         merges.append(pair)
+        spellings.append(word)
+        known.add(word)
         touched = set()
         for i in where.pop(pair):
             old, seqs[i] = seqs[i], merge_pair(seqs[i], pair, first_id + len(merges) - 1)
@@ -580,6 +586,10 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
             ranks[merges[-1]] = base_vocab_size + len(merges) - 1
             ids = merge_pair(ids, merges[-1], ranks[merges[-1]])
     ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)  # the user's tokens apply before learning
+    spellings = [ext.token_bytes(i) for i in range(ext.vocab_size)]
+    if twice := [i for i in range(base_vocab_size, ext.vocab_size) if spellings[i] in spellings[:base_vocab_size]]:
+        raise KldError(f"new_tokens makes {ext.token_string(twice[0])!r}, a token of the vocabulary already "
+                       "(an exported student's new token?)")
     if n_merges <= 0:
         return ext
     newline = {i for i in range(ext.vocab_size) if b"\n" in ext.token_bytes(i)}
@@ -592,7 +602,7 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
                 start = i + 1
         segments[tuple(ids[start:])] += 1
     del segments[()]  # between neighbours that stand alone
-    merges += learn_merges(segments, n_merges, ext.vocab_size)
+    merges += learn_merges(segments, n_merges, ext.vocab_size, spellings)
     return ExtendedTokenizer(tokenizer, merges, base_vocab_size)
 
 
@@ -784,14 +794,12 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
         extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
     alphabet = sorted({t for e in tok.expansions for t in e})  # (extensions add none)
     return LiftTrie(
-        children=prefix_children(tok.expansions),
+        children=prefix_children(tok.expansions), alphabet=torch.tensor(alphabet, dtype=torch.long),
         new_token={e: tok.base_vocab_size + i for i, e in enumerate(tok.expansions)},
         roots=torch.tensor(sorted({e[0] for e in tok.expansions}), dtype=torch.long),
         extensions={v: frozenset(fs) for v, fs in extensions.items()},
         extension_children={v: prefix_children(sorted(fs)) for v, fs in extensions.items()},
-        alphabet=torch.tensor(alphabet, dtype=torch.long),
-        column={t: c for c, t in enumerate(alphabet)},
-    )
+        column={t: c for c, t in enumerate(alphabet)})
 
 
 def walk_trie(a: int, roots: list[int], teacher_ids: list[int], rows: dict, trie: LiftTrie,
@@ -1436,12 +1444,9 @@ def embedding_analysis(model, tok, k=5):
             row[side] = {"nearest": [(tok.token_string(j), round(float(c), 4)) for j, c in near],
                          **{s: float(v[i]) for s, v in stats.items()}, "nearest_is_own_sub_token": own[i]}
         summary[side] = {
-            "new_norm_mean": float(norms.mean()),
-            "base_norm_mean": float(base_norms.mean()),
-            "base_norm_std": float(base_norms.std()),
-            "norm_percentile_median": float(rank.median() / len(base)),
-            **{s: float(stats[s].mean()) for s in list(stats)[2:]},
-            "nearest_is_own_sub_token": sum(own) / len(own)}
+            "new_norm_mean": float(norms.mean()), "base_norm_mean": float(base_norms.mean()),
+            "base_norm_std": float(base_norms.std()), "norm_percentile_median": float(rank.median() / len(base)),
+            **{s: float(stats[s].mean()) for s in list(stats)[2:]}, "nearest_is_own_sub_token": sum(own) / len(own)}
     return {"summary": summary, "tokens": tokens}
 
 
@@ -3140,8 +3145,7 @@ def hf_config(cfg, dtype="float32"):
         raise KldError("no Hugging Face architecture has these biases")
     kind = "gpt2" if cfg.arch == "gpt2" else "qwen2" if qwen2 else "llama"
     eos = list(cfg.eos_token_ids)
-    hf = {"model_type": kind, "architectures": [f"{kind.title()}ForCausalLM"],
-          "vocab_size": cfg.vocab_size,
+    hf = {"model_type": kind, "architectures": [f"{kind.title()}ForCausalLM"], "vocab_size": cfg.vocab_size,
           **{key: getattr(cfg, field) for key, field in HF_KEYS[cfg.arch].items()},
           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
           "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
@@ -3168,8 +3172,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
     chat = uses_chat(None, tok)
     stops = [*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  "clean_up_tokenization_spaces": False,
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   "model_max_length": cfg.max_positions}
     if cfg.eos_token_ids:
         tok_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
@@ -3190,8 +3193,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     files = {"model.safetensors": safetensors.torch.save(hf, {"format": "pt"}),
              "config.json": hf_config(cfg, run_cfg.dtype),
              "generation_config.json": {"eos_token_id": list(dict.fromkeys(stops))},
-             "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
-             "tokenizer_config.json": tok_config,
+             "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(), "tokenizer_config.json": tok_config,
              "extension.json": (Path(run_dir) / "extension.json").read_bytes()}
     staging = None
     try:

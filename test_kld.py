@@ -388,6 +388,30 @@ def test_an_exported_student_gives_transformers_the_students_logits_and_greedy_t
     assert json.loads((tmp_path / "export" / "extension.json").read_text())["merges"] == [list(m) for m in tok.merges]
 
 
+def test_a_second_round_on_an_exported_student_learns_no_token_twice_and_exports(tmp_path):
+    """An exported student's tokenizer holds its new tokens but never emits them: a second round
+    on it learns other merges than these (a second id for a token's bytes would not export),
+    trains and exports; a user string that makes one of them again is refused before training."""
+    fixtures = make_fixtures_module()
+    first = fixtures.write_student_run(tmp_path / "run", "llama")
+    assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    model, tokenizer = kld.load_model(tmp_path / "export")
+    vocabulary = kld.token_bytes(tokenizer, model.cfg.vocab_size)
+    for text in (fixtures.STUDENT_TEXT, CODE):
+        tok = kld.build_extension(tokenizer, [text], 24, model.cfg.vocab_size)
+        assert tok.merges  # other ones
+        assert not {tok.token_bytes(i) for i in range(tok.base_vocab_size, tok.vocab_size)} & set(vocabulary)
+    cfg = kld.make_config({**TINY_RUN, "model": str(tmp_path / "export"), "corpus": str(FIXTURES / "make_fixtures.py"),
+                           "out_dir": str(tmp_path / "round2"), "steps": 2, "eval_every": 0})
+    kld.run(cfg)
+    assert kld.main(["--export", str(tmp_path / "round2"), str(tmp_path / "export2")]) == 0
+    again = next(first.decode([i]) for i in range(first.base_vocab_size, first.vocab_size)
+                 if "\ufffd" not in first.decode([i]) and len(tokenizer.encode(first.decode([i])).ids) > 1)
+    with pytest.raises(kld.KldError, match="a token of the vocabulary already"):
+        kld.run(dataclasses.replace(cfg, out_dir=str(tmp_path / "round2b"), new_tokens=[again]))
+    assert not (tmp_path / "round2b" / "extension.json").exists()
+
+
 def test_export_refuses_a_used_out_dir_and_a_run_that_is_not_there(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -1060,7 +1084,7 @@ def test_learn_merges_counts_like_a_rescan():
             seqs = new
         return merges
 
-    assert kld.learn_merges(segments, 10, 100) == rescan(segments, 10, 100)
+    assert kld.learn_merges(segments, 10, 100, [bytes([i]) for i in range(100)]) == rescan(segments, 10, 100)
 
 
 def test_extension_save_and_load(tmp_path, extended, fixture_tokenizer):
