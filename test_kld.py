@@ -1036,6 +1036,19 @@ def test_extension_with_no_merges_is_the_identity(fixture_tokenizer, text):
     assert identity.encode(text) == fixture_tokenizer.encode(text, add_special_tokens=False).ids
 
 
+@SETTINGS
+@given(start=st.integers(0, len(CODE) - 1), n_merges=st.integers(1, 40))
+def test_rounds_on_exported_tokenizers_learn_no_token_twice_and_export(fixture_tokenizer, start, n_merges):
+    """Round after round on the tokenizer an export writes (the new tokens in its vocabulary,
+    never emitted), no learned token spells one the vocabulary has, and each round exports."""
+    tokenizer, V = fixture_tokenizer, 320
+    for _ in range(3):
+        tok = kld.build_extension(tokenizer, [CODE[start : start + 3000]], n_merges, V)
+        vocabulary = set(kld.token_bytes(tokenizer, V))
+        assert not vocabulary & {tok.token_bytes(i) for i in range(V, tok.vocab_size)}
+        tokenizer, V = kld.tokenizer_with_new_tokens(tok), tok.vocab_size
+
+
 def test_learning_is_deterministic_and_saves_tokens(fixture_tokenizer, extended):
     again = kld.build_extension(fixture_tokenizer, [CODE] * 3, n_merges=60, base_vocab_size=320,
                                 new_tokens=["return self", "    def __init__(self"])
