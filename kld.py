@@ -454,11 +454,14 @@ def bpe_merge(seq: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
     return seq
 
 
-def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: int, min_count: int = 2):
+def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: int, spellings: list[bytes],
+                 min_count: int = 2):
     """Continue BPE over `segments` (id sequence -> count; none crossed): up to n_merges
     merges, the most frequent pair first (ties: the smallest), while one occurs min_count
-    times. A merge recounts only the segments holding its pair; a lazy heap gives the next."""
+    times, none spelling a token already (`spellings`: each id's bytes; as an exported student's
+    new tokens, which tau never emits). A merge recounts only the segments holding its pair."""
     seqs, freqs = [list(s) for s in segments], list(segments.values())
+    spellings, known = list(spellings), set(spellings)
     counts = collections.Counter()  # pair -> occurrences in the corpus
     where = collections.defaultdict(set)  # pair -> the segments holding it
     for i, seq in enumerate(seqs):
@@ -474,7 +477,11 @@ def learn_merges(segments: dict[tuple[int, ...], int], n_merges: int, first_id: 
             continue  # stale: the count changed since this entry was pushed
         if -c < min_count:
             break
+        if (word := spellings[pair[0]] + spellings[pair[1]]) in known:
+            continue  # the token it would make is there: a second id for it never exports
         merges.append(pair)
+        spellings.append(word)
+        known.add(word)
         touched = set()
         for i in where.pop(pair):
             old, seqs[i] = seqs[i], merge_pair(seqs[i], pair, first_id + len(merges) - 1)
@@ -590,6 +597,10 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
             ids = merge_pair(ids, merges[-1], ranks[merges[-1]])
         users.append(ids[0])
     ext = ExtendedTokenizer(tokenizer, merges, base_vocab_size)  # the user's tokens apply before learning
+    spellings = [ext.token_bytes(i) for i in range(ext.vocab_size)]
+    if twice := [i for i in range(base_vocab_size, ext.vocab_size) if spellings[i] in spellings[:base_vocab_size]]:
+        raise KldError(f"new_tokens makes {ext.token_string(twice[0])!r}, a token of the vocabulary already "
+                       "(an exported student's new token?)")
     encoded = [ext.merge(ids) for ids in corpus]
     found = collections.Counter(itertools.chain.from_iterable(encoded))  # token -> occurrences
     if new_tokens:
@@ -598,7 +609,7 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
         warn(f"new_tokens {never} never occur in the corpus (alone, after a space or after a newline)")
     if n_merges <= 0:
         return ext
-    newlines = {i for i in range(ext.vocab_size) if b"\n" in ext.token_bytes(i)}
+    newlines = {i for i, spelling in enumerate(spellings) if b"\n" in spelling}
     segments = collections.Counter()  # segment -> how often it occurs
     for ids in encoded:
         start = 0  # where the current segment began
@@ -609,7 +620,7 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
                 start = i + (joins != "line_start")
         segments[tuple(ids[start:])] += 1
     del segments[()]  # between neighbours that stand alone
-    merges += learn_merges(segments, n_merges, ext.vocab_size)
+    merges += learn_merges(segments, n_merges, ext.vocab_size, spellings)
     return ExtendedTokenizer(tokenizer, merges, base_vocab_size)
 
 
@@ -798,12 +809,11 @@ def lift_trie(tok: ExtendedTokenizer) -> LiftTrie:
         extensions.setdefault(v, set()).add(e[len(tok.expand([v])) :])
     alphabet = sorted({t for e in tok.expansions for t in e})  # (extensions add none)
     return LiftTrie(
-        children=prefix_children(tok.expansions),
+        children=prefix_children(tok.expansions), alphabet=torch.tensor(alphabet, dtype=torch.long),
         new_token={e: tok.base_vocab_size + i for i, e in enumerate(tok.expansions)},
         roots=torch.tensor(sorted({e[0] for e in tok.expansions}), dtype=torch.long),
         extensions={v: frozenset(fs) for v, fs in extensions.items()},
         extension_children={v: prefix_children(sorted(fs)) for v, fs in extensions.items()},
-        alphabet=torch.tensor(alphabet, dtype=torch.long),
         column={t: c for c, t in enumerate(alphabet)})
 
 
@@ -1449,12 +1459,9 @@ def embedding_analysis(model, tok, k=5):
             row[side] = {"nearest": [(tok.token_string(j), round(float(c), 4)) for j, c in near],
                          **{s: float(v[i]) for s, v in stats.items()}, "nearest_is_own_sub_token": own[i]}
         summary[side] = {
-            "new_norm_mean": float(norms.mean()),
-            "base_norm_mean": float(base_norms.mean()),
-            "base_norm_std": float(base_norms.std()),
-            "norm_percentile_median": float(rank.median() / len(base)),
-            **{s: float(stats[s].mean()) for s in list(stats)[2:]},
-            "nearest_is_own_sub_token": sum(own) / len(own)}
+            "new_norm_mean": float(norms.mean()), "base_norm_mean": float(base_norms.mean()),
+            "base_norm_std": float(base_norms.std()), "norm_percentile_median": float(rank.median() / len(base)),
+            **{s: float(stats[s].mean()) for s in list(stats)[2:]}, "nearest_is_own_sub_token": sum(own) / len(own)}
     return {"summary": summary, "tokens": tokens}
 
 
@@ -2863,8 +2870,8 @@ def vocab_fingerprint(tokenizer):
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
-def save_extension(tok, path):
-    data = {"format": "kld-extension/1", "base_vocab_size": tok.base_vocab_size,
+def save_extension(tok, path, inputs=None):
+    data = {"format": "kld-extension/1", "base_vocab_size": tok.base_vocab_size, "inputs": inputs,
             "base_vocab_sha256": vocab_fingerprint(tok.base),
             "merges": [list(m) for m in tok.merges],  # tokens: for reading only
             "tokens": [tok.token_string(i) for i in range(tok.base_vocab_size, tok.vocab_size)]}
@@ -3055,13 +3062,18 @@ def base_model_probe(model, saved=None):
     return probe if saved is None else torch.allclose(saved, probe, rtol=0.05, atol=0.01)
 
 
+def base_weights_digest(model) -> str:
+    """sha256 of 64 weights of each tensor, exactly: a fine-tune changes them, bf16 or not."""
+    samples = [p.detach().flatten()[:: max(1, p.numel() // 64)][:64].float().cpu() for p in model.parameters()]
+    return hashlib.sha256(torch.cat(samples).numpy().tobytes()).hexdigest()
+
+
 def save_checkpoint(path, model, optimizer, step, cfg):
     """Trained parameters, optimizer, step and config in one file."""
     params = {k: p.detach().cpu() for k, p in trained_parameters(model).items()}
     buffer = io.BytesIO()
     torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
-                "config": dataclasses.asdict(cfg),
-                "base_model_probe": base_model_probe(model)}, buffer)
+                "config": dataclasses.asdict(cfg), "base_model_probe": base_model_probe(model)}, buffer)
     write_atomic(path, buffer.getvalue())
 
 
@@ -3072,12 +3084,10 @@ def read_checkpoint(path, cfg):
     except Exception as e:  # many kinds, with messages of many lines
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise KldError(f"{path}: unreadable checkpoint ({reason}); delete it") from None
-    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
-            and {"params", "step"} <= state.keys()):
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and {"params", "step"} <= state.keys()):
         raise KldError(f"{path}: not a kld checkpoint; delete it")
     if changed := [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]:
-        raise KldError(f"{path} was trained with other values of {changed}; use another "
-                       "out_dir or --resume false")
+        raise KldError(f"{path} was trained with other values of {changed}; use another out_dir or --resume false")
     return state
 
 
@@ -3099,8 +3109,7 @@ def load_checkpoint(path, model, optimizer, cfg):
 
 def save_new_rows(model):
     """new_rows.safetensors: new rows, base model probe."""
-    rows = {"new_in": model.new_in.detach().cpu().contiguous(),
-            "new_out": model.new_out.detach().cpu().contiguous()}
+    rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
     probe = json.dumps(base_model_probe(model).tolist())
     return safetensors.torch.save(rows, metadata={"base_model_probe": probe})
 
@@ -3142,8 +3151,7 @@ def hf_config(cfg, dtype="float32"):
         raise KldError("no Hugging Face architecture has these biases")
     kind = "gpt2" if cfg.arch == "gpt2" else "qwen2" if qwen2 else "llama"
     eos = list(cfg.eos_token_ids)
-    hf = {"model_type": kind, "architectures": [f"{kind.title()}ForCausalLM"],
-          "vocab_size": cfg.vocab_size,
+    hf = {"model_type": kind, "architectures": [f"{kind.title()}ForCausalLM"], "vocab_size": cfg.vocab_size,
           **{key: getattr(cfg, field) for key, field in HF_KEYS[cfg.arch].items()},
           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
           "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
@@ -3170,8 +3178,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = dataclasses.replace(model.cfg, vocab_size=tok.vocab_size, tie_embeddings=False)
     chat = uses_chat(None, tok)
     stops = [*cfg.eos_token_ids, *([tok.token_to_id("<|im_end|>")] if chat else [])]
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  "clean_up_tokenization_spaces": False,
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   "model_max_length": cfg.max_positions}
     if cfg.eos_token_ids:
         tok_config["eos_token"] = tok.base.id_to_token(cfg.eos_token_ids[0])
@@ -3192,8 +3199,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path) -> Path:
     files = {"model.safetensors": safetensors.torch.save(hf, {"format": "pt"}),
              "config.json": hf_config(cfg, run_cfg.dtype),
              "generation_config.json": {"eos_token_id": list(dict.fromkeys(stops))},
-             "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(),
-             "tokenizer_config.json": tok_config,
+             "tokenizer.json": tokenizer_with_new_tokens(tok).to_str(), "tokenizer_config.json": tok_config,
              "extension.json": (Path(run_dir) / "extension.json").read_bytes()}
     staging = None
     try:
@@ -3286,13 +3292,21 @@ def run(cfg: Config) -> dict:
     check_prompts_fit(prompts, teacher_tok, cfg.max_new_tokens, T)  # GPT-2 has no more; Llama saw no more
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists() and read_checkpoint(checkpoint, cfg)
+    inputs = {"corpus": hashlib.sha256(json.dumps([texts, heldout]).encode()).hexdigest(),
+              "base weights": base_weights_digest(model)}  # what extension.json was made on
+    if cfg.resume and any(out.glob("checkpoint*.pt")):
+        made = read_json_object(out / "extension.json", "the run's extension").get("inputs")
+        if changed := [k for k, v in inputs.items() if not isinstance(made, dict) or made.get(k) != v]:
+            why = " (a file added, edited, removed or let in by max_literal_share)" * ("corpus" in changed)
+            raise KldError(f"out_dir {out} holds a run whose {' and '.join(changed)} changed since{why}; "
+                           "use another out_dir or --resume false")
     save("config.json", dataclasses.asdict(cfg))  # all checked: now write
     if resuming:
         tok = load_extension(out / "extension.json", base)
     elif ranks.main:
         t0 = time.perf_counter()
         tok = build_extension(base, texts, cfg.n_merges, V, cfg.new_tokens, cfg.newline)
-        save_extension(tok, out / "extension.json")
+        save_extension(tok, out / "extension.json", inputs)
         print(f"extension: {len(tok.merges)} new tokens in {time.perf_counter() - t0:.0f}s, "
               f"e.g. {[tok.token_string(i) for i in range(V, tok.vocab_size)][:8]}")
     if ranks.world > 1:  # rank 0's merges for all

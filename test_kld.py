@@ -388,6 +388,30 @@ def test_an_exported_student_gives_transformers_the_students_logits_and_greedy_t
     assert json.loads((tmp_path / "export" / "extension.json").read_text())["merges"] == [list(m) for m in tok.merges]
 
 
+def test_a_second_round_on_an_exported_student_learns_no_token_twice_and_exports(tmp_path):
+    """An exported student's tokenizer holds its new tokens but never emits them: a second round
+    on it learns other merges than these (a second id for a token's bytes would not export),
+    trains and exports; a user string that makes one of them again is refused before training."""
+    fixtures = make_fixtures_module()
+    first = fixtures.write_student_run(tmp_path / "run", "llama")
+    assert kld.main(["--export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    model, tokenizer = kld.load_model(tmp_path / "export")
+    vocabulary = kld.token_bytes(tokenizer, model.cfg.vocab_size)
+    for text in (fixtures.STUDENT_TEXT, CODE):
+        tok = kld.build_extension(tokenizer, [text], 24, model.cfg.vocab_size)
+        assert tok.merges  # other ones
+        assert not {tok.token_bytes(i) for i in range(tok.base_vocab_size, tok.vocab_size)} & set(vocabulary)
+    cfg = kld.make_config({**TINY_RUN, "model": str(tmp_path / "export"), "corpus": str(FIXTURES / "make_fixtures.py"),
+                           "out_dir": str(tmp_path / "round2"), "steps": 2, "eval_every": 0})
+    kld.run(cfg)
+    assert kld.main(["--export", str(tmp_path / "round2"), str(tmp_path / "export2")]) == 0
+    again = next(first.decode([i]) for i in range(first.base_vocab_size, first.vocab_size)
+                 if "\ufffd" not in first.decode([i]) and len(tokenizer.encode(first.decode([i])).ids) > 1)
+    with pytest.raises(kld.KldError, match="a token of the vocabulary already"):
+        kld.run(dataclasses.replace(cfg, out_dir=str(tmp_path / "round2b"), new_tokens=[again]))
+    assert not (tmp_path / "round2b" / "extension.json").exists()
+
+
 def test_export_refuses_a_used_out_dir_and_a_run_that_is_not_there(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -1012,6 +1036,19 @@ def test_extension_with_no_merges_is_the_identity(fixture_tokenizer, text):
     assert identity.encode(text) == fixture_tokenizer.encode(text, add_special_tokens=False).ids
 
 
+@SETTINGS
+@given(start=st.integers(0, len(CODE) - 1), n_merges=st.integers(1, 40))
+def test_rounds_on_exported_tokenizers_learn_no_token_twice_and_export(fixture_tokenizer, start, n_merges):
+    """Round after round on the tokenizer an export writes (the new tokens in its vocabulary,
+    never emitted), no learned token spells one the vocabulary has, and each round exports."""
+    tokenizer, V = fixture_tokenizer, 320
+    for _ in range(3):
+        tok = kld.build_extension(tokenizer, [CODE[start : start + 3000]], n_merges, V)
+        vocabulary = set(kld.token_bytes(tokenizer, V))
+        assert not vocabulary & {tok.token_bytes(i) for i in range(V, tok.vocab_size)}
+        tokenizer, V = kld.tokenizer_with_new_tokens(tok), tok.vocab_size
+
+
 def test_learning_is_deterministic_and_saves_tokens(fixture_tokenizer, extended):
     again = kld.build_extension(fixture_tokenizer, [CODE] * 3, n_merges=60, base_vocab_size=320,
                                 new_tokens=["return self", "    def __init__(self"])
@@ -1093,7 +1130,7 @@ def test_learn_merges_counts_like_a_rescan():
             seqs = new
         return merges
 
-    assert kld.learn_merges(segments, 10, 100) == rescan(segments, 10, 100)
+    assert kld.learn_merges(segments, 10, 100, [bytes([i]) for i in range(100)]) == rescan(segments, 10, 100)
 
 
 def test_extension_save_and_load(tmp_path, extended, fixture_tokenizer):
@@ -2205,6 +2242,54 @@ def test_a_refused_resume_changes_nothing_and_other_base_weights_are_refused(tmp
         model.embed.weight.mul_(2)  # other base weights, the same config
     with pytest.raises(kld.KldError, match="other base weights"):
         kld.load_checkpoint(out / "checkpoint.pt", model, optimizer, cfg)
+
+
+@pytest.mark.parametrize("change", ["nothing", "file added", "file edited", "file removed", "base weights"])
+def test_a_resume_on_changed_inputs_is_refused_before_config_json_changes(tmp_path, capsys, change):
+    """A run stopped mid-way resumes only on the corpus and base weights it was made on: after a
+    corpus file is added, edited or removed, or a block's weights change (as a fine-tune changes
+    them, the embedding alone kept), the resume is refused in one line naming what changed."""
+    from safetensors.torch import save_file
+
+    corpus, model, out = tmp_path / "corpus", tmp_path / "model", tmp_path / "run"
+    shutil.copytree(FIXTURES / "llama", model)
+    corpus.mkdir()
+    lines = CODE.splitlines(keepends=True)
+    for i in range(4):  # held out: part1 and part2
+        (corpus / f"part{i}.py").write_text("".join(lines[i * len(lines) // 4 : (i + 1) * len(lines) // 4]))
+    cfg = kld.make_config({**TINY_RUN, "model": str(model), "corpus": str(corpus), "out_dir": str(out),
+                           "heldout_fraction": 0.3, "steps": 4, "eval_every": 2})
+    save = kld.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, cfg):
+        save(path, model, optimizer, step, cfg)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kld, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            kld.run(cfg)
+    before = (out / "config.json").read_text()
+    if change == "file added":
+        (corpus / "added.py").write_text("def added(x):\n    return x + 1\n" * 8)
+    elif change == "file edited":
+        (corpus / "part1.py").write_text((corpus / "part1.py").read_text() + "x = 1\n")
+    elif change == "file removed":
+        (corpus / "part2.py").unlink()
+    elif change == "base weights":
+        weights = load_file(model / "model.safetensors")
+        block = next(k for k in weights if "layers" in k and weights[k].ndim == 2)
+        save_file({**weights, block: weights[block] * 1.01}, model / "model.safetensors")
+    resumed = dataclasses.replace(cfg, max_new_tokens=4)  # a setting a resume may change
+    if change == "nothing":
+        kld.run(resumed)
+        assert "resuming from" in capsys.readouterr().out
+        return
+    what = "corpus" if change.startswith("file") else "base weights"
+    with pytest.raises(kld.KldError, match=f"holds a run whose {what} changed since") as error:
+        kld.run(resumed)
+    assert "\n" not in str(error.value)
+    assert (out / "config.json").read_text() == before
 
 
 def test_a_failed_run_never_touches_a_finished_one(tmp_path, capsys):
