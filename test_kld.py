@@ -3262,9 +3262,11 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
     summary = json.loads((run_dir / "codegen.json").read_text())["summary"]
     adoption = "-" if summary["adoption"] is None else f"{summary['adoption']:.2f}"
     share = "-" if summary["saving_realised"] is None else f"{summary['saving_realised']:.2f}"
-    assert row[6] == adoption
-    assert row[7] == f"{summary['realised_saving']:.1%} / {summary['possible_saving']:.1%} ({share})"
-    assert row[9].rstrip(" |") == f"{results['seconds']:.0f}"
+    teacher_summary = json.loads(teacher.read_text())["summary"]
+    assert row[6] == f"{summary['not_compiling']} / 4 ({teacher_summary['not_compiling']})"
+    assert row[7] == adoption
+    assert row[8] == f"{summary['realised_saving']:.1%} / {summary['possible_saving']:.1%} ({share})"
+    assert row[10].rstrip(" |") == f"{results['seconds']:.0f}"
     assert plot.exists() == (importlib.util.find_spec("matplotlib") is not None)
     all_pass = json.loads((run_dir / "codegen.json").read_text())
     all_pass["tasks"] = {t: {**scores, "pass@1": 1.0} for t, scores in all_pass["tasks"].items()}
