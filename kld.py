@@ -174,7 +174,6 @@ CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature "  # wh
 
 
 def check_config(cfg: Config):
-    """Each field against its type and ALLOWED, and settings that together do nothing."""
     for f in dataclasses.fields(cfg):
         value, allowed, kind = getattr(cfg, f.name), ALLOWED.get(f.name), f.type.removesuffix(" | None")
         if value is None and kind != f.type:
@@ -1408,7 +1407,6 @@ def unfreeze_blocks(model, first, last):
 
 
 def hidden_stage(model, tok, cfg, stream, chunks, out, ranks):
-    """Hidden-state distillation of the input rows before the main steps (hidden_state_loss)."""
     n = model.cfg.n_layer
     print(f"hidden-state distillation of the input rows at layer "
           f"{cfg.hidden_layer or n} of {n}, {cfg.hidden_steps} steps")
