@@ -1872,6 +1872,10 @@ def read_tasks(path: str | Path) -> list[Task]:
 BASE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]  # HumanEval's, and a fence
 
 
+def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok, chat: bool) -> Decoding:
+    return decoding.with_stops(["```"] if chat else BASE_STOPS, stop_token_ids(model_cfg, tok, chat))
+
+
 def task_prompt(task: Task, chat: bool, system: str = "") -> str:
     """Base: the prompt. Chat: a request, the answer opened with a fence."""
     if not chat:
@@ -2345,7 +2349,7 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
         raise KldError("no tasks to evaluate")
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
-    decoding = settings.decoding.with_stops(["```"] if chat else BASE_STOPS, stop_token_ids(model.cfg, tok, chat))
+    decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
     prompts = {f"task {t.task_id}": task_prompt(t, chat, settings.system_prompt) for t in tasks}
     check_prompts_fit(prompts, tok, decoding.max_new_tokens, model.cfg.max_positions)
     mine = share(range(len(owners)), ranks)  # this rank's prompts, sampled with a seed of its own
@@ -2390,6 +2394,13 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
                     "chars_per_s": n_chars / generation_s, "generation_s": generation_s,
                     "timeouts": sum(s["status"] == "timeout" for s in samples), "not_compiling": n_broken})
     return {"summary": summary, "tasks": per_task, "samples": samples}
+
+
+def evaluate_codegen_as_configured(model: GPT, tok, tasks: list[Task], cfg: Config, ranks=Ranks()) -> dict:
+    """evaluate_codegen as `cfg` says, recording its fields under "settings"."""
+    result = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
+    result["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
+    return result
 
 
 # ----------------------------------------------------------------------------------------
@@ -3324,8 +3335,7 @@ def run(cfg: Config) -> dict:
         save("results.json", results)
     if tasks:
         print(f"code generation: {len(tasks)} tasks x {cfg.n_samples} samples from {cfg.tasks}")
-        codegen = evaluate_codegen(model, tok, tasks, codegen_settings(cfg, tok), ranks)
-        codegen["settings"] = {key: getattr(cfg, key) for key in CODEGEN_KEYS}
+        codegen = evaluate_codegen_as_configured(model, tok, tasks, cfg, ranks)
         save("codegen.json", codegen, 1)
         results["codegen"] = codegen["summary"]
     results.update(peak_memory_mb=peak_memory_mb(device), complete=True)
