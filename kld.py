@@ -3099,6 +3099,13 @@ def load_checkpoint(path, model, optimizer, cfg):
     return state["step"]
 
 
+def save_new_rows(model):
+    """new_rows.safetensors: new rows, base model probe."""
+    rows = {"new_in": model.new_in.detach().cpu().contiguous(), "new_out": model.new_out.detach().cpu().contiguous()}
+    probe = json.dumps(base_model_probe(model).tolist())
+    return safetensors.torch.save(rows, metadata={"base_model_probe": probe})
+
+
 def load_student(out_dir: str | Path, device="cpu", dtype=torch.float32):
     """(model, student tokenizer) of a finished run."""
     out_dir = Path(out_dir)
@@ -3322,9 +3329,7 @@ def run(cfg: Config) -> dict:
                    peak_memory_mb=peak_memory_mb(device), device=str(device),
                    seconds=time.perf_counter() - started, complete=False)
     if ranks.main:  # measures are written at once: a failure below loses none of them
-        rows = {k: getattr(model, k).detach().cpu().contiguous() for k in ("new_in", "new_out")}
-        probe = {"base_model_probe": json.dumps(base_model_probe(model).tolist())}  # load_student checks it
-        write_atomic(out / "new_rows.safetensors", safetensors.torch.save(rows, metadata=probe))
+        write_atomic(out / "new_rows.safetensors", save_new_rows(model))
         save("results.json", results)
         save("embeddings.json", embedding_analysis(model, tok), 1)
         [answer] = generate(model, tok, [prompt], decoding)
