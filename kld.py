@@ -557,7 +557,6 @@ class ExtendedTokenizer:
         return self.base.token_to_id(token)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of a token's expansion."""
         if self._base_bytes is None:  # a pass over the whole vocabulary: only when asked
             self._base_bytes = token_bytes(self.base, self.base_vocab_size)
         return b"".join(self._base_bytes[t] for t in self.expand([token_id]))
@@ -758,7 +757,6 @@ class LiftedTargets:
 
 
 def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
-    """The targets of several windows as one, positions one after the other."""
     width = max(t.new_ids.shape[1] for t in targets)  # new_ids padded to it: id 0 at -inf
     parts, at = [], 0  # at: each window's first position in the whole
     for t in targets:
@@ -782,7 +780,6 @@ def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
 # step 1 walks these *extensions* of v too, step 3 gives them and what extends them p' = 0, renormalising by Z.
 @dataclass
 class LiftTrie:
-    """The lift's lookup tables for one extension, made by `lift_trie`."""
     children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> x with u + (x,) in the trie
     new_token: dict[tuple[int, ...], int]  # exp(w) -> w, for every new token w
     roots: torch.Tensor  # (R,) long: the base tokens that start an expansion
@@ -1266,7 +1263,6 @@ def hidden_state_loss(model, tok, windows, layer, teacher=None):
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process among those torchrun started."""
     rank: int = 0
     world: int = 1
     local_world: int = 1  # the ranks on this machine
@@ -1432,8 +1428,6 @@ def second_stage(model, tok, cfg, stream, chunks, out, ranks):
 
 def embedding_analysis(model, tok, k=5):
     """Per new row: nearest base tokens, norm, distance to FVT's start."""
-    if model.new_in is None:
-        raise KldError("the model has no new rows to analyse")
     if not tok.merges:
         return {"summary": {}, "tokens": []}
     tokens = [{"token": tok.token_string(i)} for i in range(tok.base_vocab_size, tok.vocab_size)]
@@ -1877,7 +1871,6 @@ def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok, chat: bool) -
 
 
 def task_prompt(task: Task, chat: bool, system: str = "") -> str:
-    """Base: the prompt. Chat: a request, the answer opened with a fence."""
     if not chat:
         return task.prompt
     request = ("Complete the following Python function. Answer with the complete function "
@@ -2345,8 +2338,6 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     """n_samples programs per task, tested: pass@k; adoption = new-token share / tau''s on the
     text; realised_saving = 1 - tokens / tau's; possible_saving = 1 - tau''s / tau's;
     not_compiling = programs that Python's compile rejects (broken indentation among them)."""
-    if not tasks:
-        raise KldError("no tasks to evaluate")
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
     decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
@@ -2673,7 +2664,6 @@ GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")] 
 
 
 def gguf_value(meta, key, source, default, assumption=None):
-    """meta[key], or `default` (said on stderr) where the file lacks it."""
     if key not in meta:
         warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption or default}")
     return meta.get(key, default)
@@ -2983,7 +2973,6 @@ def share(items, ranks):
 
 
 def all_sum(values, ranks, device):
-    """Each value summed over the ranks (in float64)."""
     if ranks.world == 1:
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
@@ -3070,7 +3059,6 @@ def save_checkpoint(path, model, optimizer, step, cfg):
 
 
 def read_checkpoint(path, cfg):
-    """A checkpoint's contents, made under the same config."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # many kinds, with messages of many lines
@@ -3084,7 +3072,6 @@ def read_checkpoint(path, cfg):
 
 
 def load_checkpoint(path, model, optimizer, cfg):
-    """Restore rows and optimizer; return the step to continue from."""
     state = read_checkpoint(path, cfg)
     probe = state.get("base_model_probe")
     if probe is not None and not base_model_probe(model, probe):
