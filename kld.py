@@ -861,7 +861,7 @@ def emission_probabilities(P: dict[tuple[int, ...], float], extensions: frozense
     kept = {s: 0.0 if s in dropped else max(m, 0.0) for s, m in mass.items()}  # m < 0: round-off
     Z = 1.0 - sum(P[s] for s in extensions if s in P)
     # 1 - P is exact to rounding for P <= 1/2 (as in log1mexp, Maechler 2012); above, Z sums what survives:
-    # rest() of the untouched base tokens (exact: Z > 0 where it is) and kept. Inexact: for an extension cd,
+    # rest() of the untouched base tokens (exact: Z > 0 where float64 holds it) and kept. Inexact: for an extension cd,
     # kept(c) = P(c) - P(cd) keeps P(c)'s error where the teacher is all but sure of d after c (walk: alphabet only).
     if Z < 0.5:
         Z = rest({s[0] for s in kept if len(s) == 1}) + sum(kept.values())
