@@ -578,7 +578,7 @@ def build_extension(tokenizer: Tokenizer, texts: list[str], n_merges: int, base_
     merges, ranks, users = [], {}, []  # ranks: pair -> the id it makes; users: the user strings' ids
     special = set(tokenizer.get_added_tokens_decoder())
     corpus = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]  # tau(texts)
-    spelled = chr(base_vocab_size).join("".join(map(chr, ids)) for ids in corpus)  # ids as characters: str.count
+    spelled = chr(base_vocab_size).join("".join(map(chr, ids)) for ids in corpus) if new_tokens else ""  # for str.count
     for s in new_tokens:
         ids = tokenizer.encode(s, add_special_tokens=False).ids
         if not ids or special & set(ids):

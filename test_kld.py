@@ -2218,11 +2218,8 @@ def test_checkpoint_errors(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_a_refused_resume_changes_nothing_and_other_base_weights_are_refused(tmp_path):
-    """Resuming under other settings is refused before config.json takes them; a checkpoint
-    made on other base weights (the model file changed) is not resumed without a word."""
-    out = tmp_path / "run"
-    cfg = kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 4, "eval_every": 2})
+def stop_at_first_checkpoint(cfg):
+    """Run cfg until its first checkpoint is written, then stop it as an interrupt would."""
     save = kld.save_checkpoint
 
     def save_then_die(path, model, optimizer, step, cfg):
@@ -2233,6 +2230,14 @@ def test_a_refused_resume_changes_nothing_and_other_base_weights_are_refused(tmp
         patch.setattr(kld, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             kld.run(cfg)
+
+
+def test_a_refused_resume_changes_nothing_and_other_base_weights_are_refused(tmp_path):
+    """Resuming under other settings is refused before config.json takes them; a checkpoint
+    made on other base weights (the model file changed) is not resumed without a word."""
+    out = tmp_path / "run"
+    cfg = kld.make_config({**TINY_RUN, "out_dir": str(out), "steps": 4, "eval_every": 2})
+    stop_at_first_checkpoint(cfg)
     before = (out / "config.json").read_text()
     with pytest.raises(kld.KldError, match="holds a run stopped mid-way made with other lr"):
         kld.run(dataclasses.replace(cfg, lr=0.5))
@@ -2260,16 +2265,7 @@ def test_a_resume_on_changed_inputs_is_refused_before_config_json_changes(tmp_pa
         (corpus / f"part{i}.py").write_text("".join(lines[i * len(lines) // 4 : (i + 1) * len(lines) // 4]))
     cfg = kld.make_config({**TINY_RUN, "model": str(model), "corpus": str(corpus), "out_dir": str(out),
                            "heldout_fraction": 0.3, "steps": 4, "eval_every": 2})
-    save = kld.save_checkpoint
-
-    def save_then_die(path, model, optimizer, step, cfg):
-        save(path, model, optimizer, step, cfg)
-        raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kld, "save_checkpoint", save_then_die)
-        with pytest.raises(KeyboardInterrupt):
-            kld.run(cfg)
+    stop_at_first_checkpoint(cfg)
     before = (out / "config.json").read_text()
     if change == "file added":
         (corpus / "added.py").write_text("def added(x):\n    return x + 1\n" * 8)
