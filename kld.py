@@ -107,6 +107,7 @@ class Config:
     divergence_beta: float = 0.5  # jsd's weight: 0 = forward_kl, 1 = reverse_kl
     divergence_temperature: float = 1.0  # temper teacher and student by this first
     loss_chunk: int = 128  # positions with logits over V' at once; 0 = a whole batch
+    target_cache: str | None = ""  # the teacher's lifted targets kept for reuse; "" = "targets" beside out_dir
     hidden_steps: int = 55  # first, steps of hidden-state distillation of the input rows
     hidden_layer: int = 0  # match the states after this block; 0 = after the final norm
     hidden_lr: float | None = None  # its peak learning rate; null = lr
@@ -166,7 +167,7 @@ ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" 
                     "exec_workers".split(), "[0, inf]"),
 }
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (  # a checkpoint resumes under these
-    "device out_dir loss_chunk log_every eval_every eval_chars eval_window resume finetune_steps finetune_lr "
+    "device out_dir loss_chunk target_cache log_every eval_every eval_chars eval_window resume finetune_steps finetune_lr "
     "prompt chat system_prompt max_new_tokens temperature top_p stop gen_batch_size tasks n_samples pass_k "
     "exec_timeout exec_workers").split())
 CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature "  # what evaluate_codegen's results depend on
@@ -1144,7 +1145,7 @@ def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
 @torch.no_grad()
 def teacher_targets(teacher, tok, windows, lift_cfg):
     """The lifted targets p' of a batch of windows (B, T + 1) by the batched lift: a list of
-    LiftedTargets (one per window, T positions each), and the number of branch tokens run."""
+    LiftedTargets (one per window, T positions each), and the branch tokens run for each."""
     device = teacher.embed.weight.device
     tables = tables_to(lift_cfg.tables, device)  # no copy where they are
     head = teacher.output_weight()  # (|V|, d)
@@ -1161,7 +1162,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     width = max(map(len, teacher_ids)) + 1
     branches = BranchRows(ids.new_zeros(0), ids.new_zeros(0, len(tables.alphabet)).double())
     slots = [{} for _ in windows]  # node -> its cache slot
-    n_branch = 0
+    n_branch = [0] * len(windows)
     while True:
         targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables, branches, min_prob, lift_cfg.condition)
         todo, keys = [[] for _ in windows], [[] for _ in windows]
@@ -1179,7 +1180,47 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
         logp = torch.cat([branches.rows, logp.double()])
         order = keys.argsort()  # BranchRows keeps its keys sorted
         branches = BranchRows(keys[order], logp[order])
-        n_branch += len(at)
+        for r, row in enumerate(todo):
+            n_branch[r] += len(row)
+
+
+CACHED_FIELDS = ("log_z", "fix_pos", "fix_ids", "fix_logp", "new_ids", "new_logp", "span_logp")
+
+
+def lifted_targets(teacher, tok, windows, lift_cfg):
+    """teacher_targets, each window's read from lift_cfg.cache where an earlier call left it:
+    p' depends only on the window, the teacher's weights and numerics, tau' and the lift, so
+    epochs, resumed runs and runs side by side (the matrix's cells) compute it once, up to the
+    rounding that another batch's padding gives."""
+    if lift_cfg.cache is None:
+        return teacher_targets(teacher, tok, windows, lift_cfg)
+    weight, head = teacher.embed.weight, teacher.output_weight()
+    numerics = [base_weights_digest(teacher), str(weight.dtype), weight.device.type, torch.is_autocast_enabled("cpu")]
+    files = [lift_cfg.cache / digest(numerics) / f"{digest(w)}.safetensors" for w in windows]
+    found = [read_targets(f, head, lift_cfg.tables.n_new) for f in files]
+    missing = [i for i, x in enumerate(found) if x is None]
+    if missing:
+        targets, n_branch = teacher_targets(teacher, tok, [windows[i] for i in missing], lift_cfg)
+        for i, t, n in zip(missing, targets, n_branch):
+            tensors = {"states": t.teacher.states, "lse": t.teacher.lse, "n_branch": torch.tensor(n),
+                       **{k: getattr(t, k) for k in CACHED_FIELDS}}
+            try:  # clone: the file holds this window's numbers, not the batch's
+                write_atomic(files[i], safetensors.torch.save({k: v.cpu().clone() for k, v in tensors.items()}))
+            except OSError as e:
+                raise KldError(f"target_cache {lift_cfg.cache} cannot be written: {e.strerror or e}; "
+                               "set target_cache to another folder, or null") from None
+            found[i] = t, n
+    return [t for t, _ in found], [n for _, n in found]
+
+
+def read_targets(path: Path, head: torch.Tensor, n_new: int) -> tuple[LiftedTargets, int] | None:
+    """A window's targets and branch count as lifted_targets wrote them; None where absent or unreadable."""
+    try:
+        x = {k: v.to(head.device) for k, v in safetensors.torch.load(path.read_bytes()).items()}
+        rows = TeacherRows(x["states"], head, x["lse"])
+        return LiftedTargets(rows, n_new=n_new, **{k: x[k] for k in CACHED_FIELDS}), int(x["n_branch"])
+    except Exception:  # missing, cut short or from another version: computed again
+        return None
 
 
 def target_logprobs(targets, next_ids):
@@ -1234,7 +1275,7 @@ def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, s
     h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])
     next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)
     if objective == "kl":  # no gradient flows to the teacher
-        p = cat_targets(teacher_targets(teacher or model, tok, windows, lift_cfg)[0])
+        p = cat_targets(lifted_targets(teacher or model, tok, windows, lift_cfg)[0])
     def position_loss(logits, i, j):  # p' dense for one chunk only
         if objective == "ce":
             return F.cross_entropy(logits, next_ids[i:j], reduction="none")
@@ -1286,8 +1327,8 @@ def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, r
             logits = model(*padded_batch(seqs, device), base_only=not student)
         targets = [None] * len(seqs)
         if student:
-            targets, branch = teacher_targets(teacher or model, tok, seqs, lift_cfg)
-            n["branch"] += branch
+            targets, branch = lifted_targets(teacher or model, tok, seqs, lift_cfg)
+            n["branch"] += sum(branch)
         for s, x, p in zip(seqs, logits, targets):
             x = upcast(x[: len(s) - 1])
             next_ids = torch.tensor(s[1:], device=device)
@@ -1326,6 +1367,13 @@ def trained_parameters(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def target_cache(cfg) -> Path | None:
+    """The folder of cfg.target_cache: "" is "targets" beside out_dir, shared by the runs there."""
+    if cfg.target_cache is None:
+        return None
+    return Path(cfg.target_cache or Path(cfg.out_dir).parent / "targets")
+
+
 def windows_of(cfg, stream, first_new_id):
     new = first_new_id if cfg.windows == "new_tokens" else None
     return training_windows(stream, cfg.seq_len, cfg.seed, new, cfg.windows_per_token)
@@ -1336,7 +1384,7 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
     rate) for cfg.steps on `objective` (cfg.objective, or "hidden" for hidden_state_loss);
     resumable from `checkpoint`, data parallel. {"history": held-out measures, "train_tokens_per_s"}."""
     device = model.embed.weight.device
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device, target_cache(cfg))
     spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
     named = trained_parameters(model)
@@ -1679,16 +1727,20 @@ class Lift:
     min_prob: float
     condition: bool  # condition each position on the student token before it
     tables: LiftTables  # the trie as tensors, for lift_batch
+    cache: Path | None = None  # lifted_targets keeps the targets of these settings here
 
 
-def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool, device="cpu") -> Lift:
-    """The lift settings, the trie's tensors on `device` (the teacher's)."""
+def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool, device="cpu",
+              cache: str | Path | None = None) -> Lift:
+    """The lift settings, the trie's tensors on `device` (the teacher's), a folder of `cache`."""
     if mode not in ("path", "trie"):
         raise KldError(f"lift {mode!r} is not 'path' or 'trie'")
     if not min_prob >= 0:
         raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
     trie = lift_trie(tok)
-    return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), device))
+    if cache is not None:  # one folder per tau' and lift settings
+        cache = Path(cache) / digest([tok.merges, mode, min_prob, condition])
+    return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), device), cache)
 
 
 # ----------------------------------------------------------------------------------------
@@ -3045,9 +3097,15 @@ def base_model_probe(model, saved=None):
 
 
 def base_weights_digest(model) -> str:
-    """sha256 of 64 weights of each tensor, exactly: a fine-tune changes them, bf16 or not."""
-    samples = [p.detach().flatten()[:: max(1, p.numel() // 64)][:64].float().cpu() for p in model.parameters()]
+    """sha256 of 64 weights of each base tensor, exactly: a fine-tune changes them, bf16 or not."""
+    base = [p for n, p in model.named_parameters() if n not in ("new_in", "new_out")]
+    samples = [p.detach().flatten()[:: max(1, p.numel() // 64)][:64].float().cpu() for p in base]
     return hashlib.sha256(torch.cat(samples).numpy().tobytes()).hexdigest()
+
+
+def digest(value) -> str:
+    """A short name for a JSON value."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:24]
 
 
 def save_checkpoint(path, model, optimizer, step, cfg):
@@ -3296,7 +3354,7 @@ def run(cfg: Config) -> dict:
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
     chunks = eval_chunks(base, heldout, cfg.eval_chars, cfg.eval_window)
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device, target_cache(cfg))
     measure = functools.partial(evaluate, model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
     teacher, initial = measure(), measure(lift_cfg)  # no lift_cfg: the teacher's own measures
     line = "bits/char {bits_per_char:.4f}, {}tokens/char {tokens_per_char:.4f}".format

@@ -31,8 +31,9 @@ tokenizer alone, and the time of one path-mode lift (without the teacher's pass)
 
 train-speed: student tokens/s and peak memory of one training step (student forward,
 teacher forward and lift for kl, backward, AdamW) at each batch size, every objective on
-the same windows, and each step's cost against the ce step's. --run times a finished
-run's student; --peft (transformers and peft installed by hand) adds the peer: the same
+the same windows, and each step's cost against the ce step's; kl-cached is the kl step
+whose lifted targets an earlier pass cached (lifted_targets), the amortised cost of an
+epoch or a matrix cell after the first. --run times a finished run's student; --peft (transformers and peft installed by hand) adds the peer: the same
 new rows trained by cross-entropy through peft's TrainableTokens, on the same windows.
 
 matrix: one bench config (configs/bench_cpu.json, configs/bench_gpu.json) runs every
@@ -318,19 +319,29 @@ def train_speed(args):
         kld.init_new_rows(model, tok, "fvt", "fvt", seed=0)
     stream = kld.token_stream(tok, train, kld.separator_id(model.cfg))
     optimizer = torch.optim.AdamW([model.new_in, model.new_out], lr=1e-3)
-    lift_cfg = kld.make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition)
+    scratch = tempfile.TemporaryDirectory()  # kl-cached's targets
+    lift_cfg = kld.make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
+    cached_lift = dataclasses.replace(lift_cfg, cache=Path(scratch.name))
     step_s = {}  # (objective, batch size) -> seconds per step
     for objective in args.objectives:
         for batch_size in args.batch_sizes:
+            bf16 = kld.cpu_autocast(args.cpu_bf16 and device.type == "cpu")
+            if objective == "kl-cached":  # the targets of the steps below, cached as an earlier epoch or run would
+                windows = kld.windows_of(cfg, stream, tok.base_vocab_size)
+                for _ in range(1 + args.steps):
+                    with bf16:
+                        kld.lifted_targets(model, tok, [next(windows) for _ in range(batch_size)], cached_lift)
             windows = kld.windows_of(cfg, stream, tok.base_vocab_size)  # seed 0: each the same
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
             def step():
                 batch = [next(windows) for _ in range(batch_size)]
-                with kld.cpu_autocast(args.cpu_bf16 and device.type == "cpu"):
+                with bf16:
                     if objective == "hidden":  # hidden-state distillation at --hidden-layer (0: the last)
                         loss = kld.hidden_state_loss(model, tok, batch, args.hidden_layer or model.cfg.n_layer)
+                    elif objective == "kl-cached":
+                        loss = kld.training_loss(model, tok, batch, "kl", cached_lift, chunk=args.loss_chunk)
                     else:
                         loss = kld.training_loss(model, tok, batch, objective, lift_cfg, chunk=args.loss_chunk)
                 optimizer_step(loss, optimizer, device)
@@ -803,7 +814,7 @@ def lift_bench(args):
                 batch = windows[i : i + args.batch_size]
                 (targets, n_branch), s = timed(lambda: kld.teacher_targets(model, tok, batch, lift_cfg))
                 seconds += s
-                branch += n_branch
+                branch += sum(n_branch)
                 for w, t in zip(batch, targets):
                     next_ids = torch.tensor(w[1:])
                     floor = kld.target_logprobs(t, next_ids)
@@ -1063,7 +1074,8 @@ def main():
     p.add_argument("--n-merges", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4])
-    p.add_argument("--objectives", nargs="+", default=["kl", "ce"], help="kl, ce, hidden")
+    p.add_argument("--objectives", nargs="+", default=["ce", "kl", "kl-cached"],
+                   help="ce, kl, kl-cached (its targets read from a cache an earlier pass filled), hidden")
     p.add_argument("--lift", choices=["path", "trie"], default="trie")
     p.add_argument("--lift-min-prob", type=float, default=kld.Config.lift_min_prob)
     p.add_argument("--steps", type=int, default=5, help="timed steps after a warm-up one (0: its peak memory only)")

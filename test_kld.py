@@ -10,6 +10,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import itertools
@@ -1667,7 +1668,7 @@ def test_teacher_targets_in_trie_mode_equal_one_forward_pass_per_node(tiny_exten
     model, tok, windows = tiny_extension
     lift_cfg = kld.make_lift(tok, "trie", 0.0, condition)
     targets, n_branch = kld.teacher_targets(model, tok, windows, lift_cfg)
-    assert n_branch > 0
+    assert sum(n_branch) > 0
 
     def cond_logp(context):
         with torch.no_grad():
@@ -1686,12 +1687,48 @@ def test_teacher_targets_in_trie_mode_equal_one_forward_pass_per_node(tiny_exten
                 assert abs(got.get(v, 0.0) - expected[v]) < 1e-9 / Z, (j, v)
 
 
+def test_cached_targets_are_the_computed_ones_and_only_for_their_teacher_tau_and_lift(tiny_extension, tmp_path,
+                                                                                      monkeypatch):
+    """lifted_targets reads a window's p' back bit for bit, computes only the windows it
+    lacks, never reads targets made under another lift, tau' or teacher, and computes a
+    damaged file again."""
+    model, tok, windows = tiny_extension
+    computed, compute = [], kld.teacher_targets
+    monkeypatch.setattr(kld, "teacher_targets", lambda m, t, w, c: computed.append(len(w)) or compute(m, t, w, c))
+    lift = kld.make_lift(tok, "trie", 0.0, True, cache=tmp_path)
+    first, n_first = kld.lifted_targets(model, tok, windows[:2], lift)
+    again, n_again = kld.lifted_targets(model, tok, windows, lift)
+    assert computed == [2, 1] and n_again[:2] == n_first  # the third window alone was new
+    for a, b in zip(first, again):
+        assert torch.equal(a.logp(), b.logp()) and torch.equal(a.span_logp, b.span_logp)
+    direct, n_direct = compute(model, tok, windows, lift)
+    assert n_direct == n_again
+    for a, b in zip(direct, again):
+        assert torch.allclose(a.logp(), b.logp(), atol=1e-12, rtol=0)  # up to another batch's rounding
+    [damaged] = lift.cache.rglob(f"{kld.digest(windows[0])}.safetensors")
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    computed.clear()
+    mended, _ = kld.lifted_targets(model, tok, windows, lift)
+    assert computed == [1] and torch.allclose(mended[0].logp(), first[0].logp(), atol=1e-12, rtol=0)
+    with pytest.raises(kld.KldError, match="target_cache .* cannot be written"):  # a file, not a folder
+        kld.lifted_targets(model, tok, windows, kld.make_lift(tok, "path", 0.0, True, cache=damaged))
+    other_tok = kld.ExtendedTokenizer(tok.base, tok.merges[:-1], tok.base_vocab_size)
+    other_model = copy.deepcopy(model)
+    other_model.blocks[0].mlp.up.weight.data[0, 0] += 1.0
+    for teacher, t, cfg in [(model, tok, kld.make_lift(tok, "trie", 0.0, False, cache=tmp_path)),
+                            (model, other_tok, kld.make_lift(other_tok, "trie", 0.0, True, cache=tmp_path)),
+                            (other_model, tok, lift)]:
+        computed.clear()
+        kld.lifted_targets(teacher, t, windows, cfg)
+        assert computed == [3]
+
+
 def test_trie_mode_that_admits_no_branch_is_path_mode_bit_for_bit(tiny_extension):
     model, tok, windows = tiny_extension
     for condition in (False, True):
         path, n_path = kld.teacher_targets(model, tok, windows, kld.make_lift(tok, "path", 0.0, condition))
         trie, n_trie = kld.teacher_targets(model, tok, windows, kld.make_lift(tok, "trie", 1.5, condition))
-        assert n_path == n_trie == 0
+        assert sum(n_path) == sum(n_trie) == 0
         for a, b in zip(path, trie):
             assert torch.equal(a.logp(), b.logp())
             for field in dataclasses.fields(a):
@@ -1717,7 +1754,7 @@ def tiny_student(arch="llama", init="fvt", init_output=None, n_merges=24, dtype=
 
 
 def train_cfg(**overrides):
-    return kld.make_config({**TINY_RUN, "steps": 8, "eval_every": 0, **overrides})
+    return kld.make_config({**TINY_RUN, "steps": 8, "eval_every": 0, "target_cache": None, **overrides})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -2287,6 +2324,21 @@ def test_a_resume_on_changed_inputs_is_refused_before_config_json_changes(tmp_pa
         kld.run(resumed)
     assert "\n" not in str(error.value)
     assert (out / "config.json").read_text() == before
+
+
+def test_a_run_beside_another_reads_its_targets_and_ends_where_a_run_without_them_ends(tmp_path, monkeypatch):
+    """The matrix's case: kl runs side by side (here two initialisers) share windows, held-out
+    chunks and the teacher, so the second computes no target and trains as if it had."""
+    cfg = kld.make_config({**TINY_RUN, "steps": 4, "eval_every": 2, "out_dir": str(tmp_path / "fvt")})
+    kld.run(cfg)
+    computed, compute = [], kld.teacher_targets
+    monkeypatch.setattr(kld, "teacher_targets", lambda m, t, w, c: computed.append(len(w)) or compute(m, t, w, c))
+    beside = kld.run(dataclasses.replace(cfg, init="mean", out_dir=str(tmp_path / "mean")))
+    assert computed == [] and any((tmp_path / "targets").rglob("*.safetensors"))
+    alone = kld.run(dataclasses.replace(cfg, init="mean", out_dir=str(tmp_path / "alone"), target_cache=None))
+    assert computed
+    for a, b in zip(beside["history"], alone["history"]):
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-5) and a["bits_per_char"] == pytest.approx(b["bits_per_char"])
 
 
 def test_a_failed_run_never_touches_a_finished_one(tmp_path, capsys):
