@@ -16,9 +16,9 @@ its weights on tau' over V' = V u N, learns only N's rows. The method (METHOD.md
   emission_probabilities lift step 3: p'(v) = P(exp v) - sum of P(exp w), w a child
   lift                   the three steps at each student position (reference)
   init_new_rows          the new rows from the base rows
-  divergence             KL(p' || q), reverse KL, JSD, temperature, span KL
+  divergence             KL(p' || q) per position
   teacher_targets        the teacher's pass over a batch, lifted to V'
-  training_loss          mean divergence to p' (or CE), a chunk at a time
+  training_loss          mean KL(p' || q) (or CE), a chunk at a time
   hidden_state_loss      mean (H'_l(j) - H_l(e_j))^2, for the input rows
   train                  AdamW on the new rows only
   lift_batch             the lift of a whole batch at once (training's)
@@ -103,9 +103,6 @@ class Config:
     lift: str = "trie"  # "path" (one pass) or "trie" (likely tokens exact)
     lift_min_prob: float = 0.03  # trie: evaluate an off-text trie node when its P reaches this
     lift_condition: bool = True  # condition each target on the student's previous token
-    divergence: str = "forward_kl"  # what "kl" minimises
-    divergence_beta: float = 0.5  # jsd's weight: 0 = forward_kl, 1 = reverse_kl
-    divergence_temperature: float = 1.0  # temper teacher and student by this first
     loss_chunk: int = 128  # positions with logits over V' at once; 0 = a whole batch
     target_cache: str | None = ""  # the teacher's lifted targets kept for reuse; "" = "targets" beside out_dir
     hidden_steps: int = 55  # first, steps of hidden-state distillation of the input rows
@@ -152,13 +149,11 @@ class Config:
 
 NEWLINE_RULES = ("line_start", "line_end", "alone")  # what a newline token may merge with (build_extension)
 INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # init_rows
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "span_kl")  # what `divergence` computes
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
-    "objective": ("kl", "ce"), "lift": ("path", "trie"), "divergence": DIVERGENCES, "finetune_layers": "[-1, inf]",
+    "objective": ("kl", "ce"), "lift": ("path", "trie"), "finetune_layers": "[-1, inf]",
     "windows": ("uniform", "new_tokens"), "heldout_fraction": "[0, 1)", "top_p": "(0, 1]", "newline": NEWLINE_RULES,
-    "divergence_beta": "[0, 1]", "min_lr_ratio": "[0, 1]", "divergence_temperature": "[1e-06, 1e+06]",
-    "max_literal_share": "[0, 1]",
+    "min_lr_ratio": "[0, 1]", "max_literal_share": "[0, 1]",
     **dict.fromkeys("lr lr_out hidden_lr finetune_lr grad_clip exec_timeout".split(), "(0, inf]"),
     **dict.fromkeys("batch_size seq_len windows_per_token log_every eval_chars eval_window max_new_tokens "
                     "gen_batch_size n_samples pass_k".split(), "[1, inf]"),
@@ -978,73 +973,22 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Losses: divergences between the lifted teacher p' and the student q (METHOD.md section 4)
-
-@dataclass(frozen=True)
-class Divergence:
-    """Which D(p'_j || q_j) the kl objective minimises (see `divergence`)."""
-    kind: str = "forward_kl"  # one of DIVERGENCES
-    beta: float = 0.5  # jsd's mixing weight: 0 is forward_kl, 1 is reverse_kl
-    temperature: float = 1.0  # both distributions tempered by it first
-    floor: float = 1e-6  # reverse_kl reads p' = 0 as this (else the divergence is infinite)
-
+# 6. Losses: the KL from the lifted teacher p' to the student q (METHOD.md section 4)
 
 # Zeros (log = -inf) on both sides: p' = 0 where tau' cannot emit, q = 0 under a mask. A term
 # that is 0 by definition has its inputs replaced, not only its result: torch.where keeps the
 # gradient of the branch not taken, 0 * inf = NaN, and one NaN poisons every row.
-def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row (r,) from log a, log b (r, n); terms with a = 0 are 0."""
-    log_ratio = torch.where(log_a > -math.inf, log_a - log_b, 0.0)  # no -inf - -inf
-    return (log_a.exp() * log_ratio).sum(-1)
-
-
-def log_where(empty: torch.Tensor, fn, *xs: torch.Tensor) -> torch.Tensor:
-    """fn(*xs), a log of a sum, but -inf with a zero gradient where `empty` (the sum is 0):
-    logsumexp and logaddexp of -inf alone have a NaN gradient."""
-    return torch.where(empty, -math.inf, fn(*(torch.where(empty, 0.0, x) for x in xs)))
-
-
-def divergence(log_p: torch.Tensor, logits: torch.Tensor, spec: Divergence = Divergence(),
-               next_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """D(p'_j || q_j) per position (r,) from log p' (r, |V'|; -inf where p' = 0) and the
-    student's logits (r, |V'|), both tempered at T first: p'^(1/T) renormalised and
-    softmax(logits / T). With m = beta p' + (1 - beta) q:
-      forward_kl  KL(p' || q), the default
-      reverse_kl  KL(q || p'), p' = 0 read as `floor`
-      jsd         beta KL(p' || m) + (1 - beta) KL(q || m) (TRL's GKD)
-      span_kl     KL((P, 1 - P) || (Q, 1 - Q)), P = p'(s_j), Q = q(s_j), s_j = next_ids[j]
-    """
-    log_p, logits = upcast(log_p), upcast(logits)  # (r, |V'|)
-    if spec.temperature != 1.0:  # shifted to a maximum of 0 first: no inf - inf
-        log_p = torch.log_softmax((log_p - log_p.amax(-1, keepdim=True)) / spec.temperature, -1)
-        logits = (logits - logits.amax(-1, keepdim=True).detach()) / spec.temperature
-    log_q = torch.log_softmax(logits, dim=-1)
-    kind = spec.kind
-    if kind == "jsd" and spec.beta in (0.0, 1.0):  # log m would take log 0 of one side
-        kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
-    if kind == "forward_kl":
-        return kl_terms(log_p, log_q)
-    if kind == "reverse_kl":  # a fixed penalty where tau' cannot emit, not renormalised
-        return kl_terms(log_q, torch.where(log_p > -math.inf, log_p, math.log(spec.floor)))
-    if kind == "jsd":
-        b = spec.beta
-        both = (log_p == -math.inf) & (log_q == -math.inf)  # m = 0
-        log_m = log_where(both, torch.logaddexp, log_p + math.log(b), log_q + math.log(1 - b))
-        return b * kl_terms(log_p, log_m) + (1 - b) * kl_terms(log_q, log_m)
-    if kind != "span_kl":
-        raise KldError(f"divergence {spec.kind!r} is not one of {DIVERGENCES}")
-    if next_ids is None:
-        raise KldError("span_kl needs the realised tokens (next_ids)")
-    two = []  # log (P, 1 - P) and log (Q, 1 - Q): (r, 2) each
-    for log_x in (log_p, log_q):  # 1 - Q summed exactly: 1 - Q from Q is 0 (no gradient) once Q rounds to 1
-        rest = log_x.scatter(1, next_ids[:, None], -math.inf)  # (r, |V'|): every other token
-        log_rest = log_where((rest == -math.inf).all(-1, keepdim=True), lambda x: x.logsumexp(-1, keepdim=True), rest)
-        two.append(torch.cat([log_x.gather(1, next_ids[:, None]), log_rest], dim=1))
-    return kl_terms(*two)
+def divergence(log_p: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p'_j || q_j) = sum_v p'_j(v) (log p'_j(v) - log q_j(v)) per position (r,), from log p'
+    (r, |V'|; -inf where p' = 0) and the student's logits z (r, |V'|), q_j = softmax(z_j).
+    A term with p'_j(v) = 0 is 0 (0 log 0 = 0), whatever q_j(v)."""
+    log_p, log_q = upcast(log_p), torch.log_softmax(upcast(logits), dim=-1)  # (r, |V'|)
+    log_ratio = torch.where(log_p > -math.inf, log_p - log_q, 0.0)  # no -inf - -inf
+    return (log_p.exp() * log_ratio).sum(-1)
 
 
 def kl_to_lifted(targets: LiftedTargets, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p'_j || q_j) per position (m,): reported whatever divergence trains."""
+    """KL(p'_j || q_j) per position (m,) to a batch's lifted targets."""
     return divergence(targets.logp(), student_logits)
 
 
@@ -1263,8 +1207,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 chunked_head_loss = _ChunkedHeadLoss.apply
 
 
-def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, spec=Divergence(), chunk=0):
-    """Mean D(p' || q) ("kl") or -log q(s_j) ("ce") over the windows."""
+def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, chunk=0):
+    """Mean KL(p' || q) ("kl") or -log q(s_j) ("ce") over the windows."""
     if objective not in ("kl", "ce"):
         raise KldError(f"objective {objective!r} is not 'kl' or 'ce'")
     if objective == "kl" and lift_cfg is None:
@@ -1279,7 +1223,7 @@ def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, s
     def position_loss(logits, i, j):  # p' dense for one chunk only
         if objective == "ce":
             return F.cross_entropy(logits, next_ids[i:j], reduction="none")
-        return divergence(p.logp(i, j), logits, spec, next_ids[i:j])
+        return divergence(p.logp(i, j), logits)
     base_out = model.output_weight().detach()
     return chunked_head_loss(h, model.new_out, base_out, position_loss, chunk or len(h))
 
@@ -1385,7 +1329,6 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
     resumable from `checkpoint`, data parallel. {"history": held-out measures, "train_tokens_per_s"}."""
     device = model.embed.weight.device
     lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device, target_cache(cfg))
-    spec = Divergence(cfg.divergence, cfg.divergence_beta, cfg.divergence_temperature)
     objective = objective or cfg.objective
     named = trained_parameters(model)
     params = list(named.values())
@@ -1409,7 +1352,7 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
         with cpu_autocast(bf16):  # the backward keeps these dtypes
             loss = (hidden_state_loss(model, tok, batch, cfg.hidden_layer or model.cfg.n_layer, teacher)
                     if objective == "hidden" else
-                    training_loss(model, tok, batch, objective, lift_cfg, teacher, spec, cfg.loss_chunk))
+                    training_loss(model, tok, batch, objective, lift_cfg, teacher, cfg.loss_chunk))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, ranks)

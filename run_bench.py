@@ -7,7 +7,7 @@
     python run_bench.py train-speed [--random-weights] [--batch-sizes 4] [--seq-len 128] [--device auto]
                                     [--windows new_tokens] [--profile] [--run RUN_DIR [--peft]]
     python run_bench.py matrix [--config configs/bench_cpu.json] [--inits fvt] [--objectives kl] [--out-dir DIR]
-                               [--divergences forward_kl jsd ...] [--set lift=path steps=100 ...]
+                               [--kl-variants '{"name": "kl-lr2e-3", "lr": 0.002}' ...] [--set steps=100 ...]
     python run_bench.py heldout RUN_DIR [RUN_DIR ...] [--device auto] [--lift path|trie]
     python run_bench.py lift [--min-probs 0.1 0.03 0.01 0.001] [--chars 20000]
     python run_bench.py evaluator [--tasks bench_tasks] [--workers 0] [--repeats 3]
@@ -432,8 +432,8 @@ def peft_ce_step_s(run_dir, windows, batch_size: int, steps: int, device) -> flo
 
 BENCH_KEYS = {"config": "kld config file every cell starts from", "overrides": "kld config fields set on top of it",
               "inits": "initialisers of the new rows", "objectives": "training objectives",
-              "divergences": "what the kl cells minimise: names (forward_kl, reverse_kl, jsd, span_kl) or "
-                             "{\"name\": ..., kld config fields} (default [\"forward_kl\"], the cell named kl)",
+              "kl_variants": "the kl cells of each initialiser: {\"name\": ..., kld config fields} each "
+                             "(default [{\"name\": \"kl\"}])",
               "out_dir": "where cells, bench.json, bench.csv and report.md go"}
 
 
@@ -456,27 +456,23 @@ def read_bench_config(path, changes: dict | None = None):
         if init not in kld.INIT_NAMES:
             raise kld.KldError(f"{path}: unknown initialiser {init!r}")
     for name, fields in kl_cells(spec):
-        kld.make_config({**values, **fields}, source=f"{path}: divergence {name}")
+        kld.make_config({**values, **fields}, source=f"{path}: kl variant {name}")
     return spec, values
 
 
 def kl_cells(spec) -> list[tuple[str, dict]]:
-    """(cell name, config fields) of each kl cell: one per entry of spec["divergences"];
-    forward_kl, the default, is the cell named "kl"."""
+    """(cell name, config fields) of each kl cell: one per entry of spec["kl_variants"]."""
     cells = []
-    for entry in spec.get("divergences", ["forward_kl"]):
-        if isinstance(entry, str):
-            cells.append(("kl" if entry == "forward_kl" else entry, {"objective": "kl", "divergence": entry}))
-        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
-            cells.append((entry["name"], {"objective": "kl", **{k: v for k, v in entry.items() if k != "name"}}))
-        else:
-            raise kld.KldError(f"a divergence of the bench is a name or a dict with a name, not {entry!r}")
+    for entry in spec.get("kl_variants", [{"name": "kl"}]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)):
+            raise kld.KldError(f"a kl variant of the bench is a dict with a name, not {entry!r}")
+        cells.append((entry["name"], {"objective": "kl", **{k: v for k, v in entry.items() if k != "name"}}))
     return cells
 
 
 def matrix_cells(spec) -> list[tuple[str, dict]]:
     """(cell name, config fields) of every student of the matrix: initialisers x objectives,
-    the kl objective once per divergence."""
+    the kl objective once per kl variant."""
     cells = []
     for init in spec.get("inits", ["random", "mean", "fvt"]):
         for objective in spec.get("objectives", ["kl", "ce"]):
@@ -675,11 +671,11 @@ def plot_embeddings(out: Path, rows, values) -> str | None:
 
 
 def command_line_changes(args) -> dict:
-    """The matrix's command line as bench config keys: --inits, --objectives, --divergences
-    (a name or a JSON object each), --out-dir and --set KEY=VALUE (kld fields)."""
+    """The matrix's command line as bench config keys: --inits, --objectives, --kl-variants
+    (a JSON object each), --out-dir and --set KEY=VALUE (kld fields)."""
     changes = {key: getattr(args, key) for key in ("inits", "objectives", "out_dir") if getattr(args, key, None)}
-    if getattr(args, "divergences", None):
-        changes["divergences"] = [json.loads(d) if d.startswith("{") else d for d in args.divergences]
+    if getattr(args, "kl_variants", None):
+        changes["kl_variants"] = [json.loads(v) for v in args.kl_variants]
     pairs = [pair.partition("=") for pair in getattr(args, "set", [])]
     changes["overrides"] = kld.parse_overrides([f"--{key}={value}" for key, _, value in pairs])
     return changes
@@ -1051,7 +1047,7 @@ def main():
     p.add_argument("--config", default="configs/bench_cpu.json", help="bench config (JSON)")
     p.add_argument("--inits", nargs="+", help="instead of the bench config's")
     p.add_argument("--objectives", nargs="+", help="instead of the bench config's")
-    p.add_argument("--divergences", nargs="+", help="names, or JSON objects with a name and kld fields")
+    p.add_argument("--kl-variants", nargs="+", help="the kl cells: JSON objects with a name and kld fields")
     p.add_argument("--out-dir", help="instead of the bench config's")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="kld config fields on top of its overrides")
     p = sub.add_parser("heldout", help="finished students on their held-out text: do they expect their new tokens?")

@@ -152,7 +152,7 @@ def test_config_file_errors(tmp_path):
     ("heldout_fraction", 1.5, r"'heldout_fraction' must be a finite number in \[0, 1\)"),
     ("temperature", -1, "'temperature' must be"), ("top_p", 0, "'top_p' must be"), ("pass_k", [0], "'pass_k' must be"),
     ("objective", "mse", r"'objective' must be one of \['kl', 'ce'\]"), ("init_output", "zeros", "'init_output' must be one of"),
-    ("dtype", "float8", "'dtype' must be one of"), ("divergence_temperature", 1e-39, "'divergence_temperature' must be"),
+    ("dtype", "float8", "'dtype' must be one of"),
 ])
 def test_config_values_out_of_range_are_one_line_errors(key, value, message):
     with pytest.raises(kld.KldError, match=message) as error:
@@ -1817,50 +1817,31 @@ def test_kl_gradient_matches_finite_differences():
         assert abs(analytic) > 1e-9, "a zero gradient checks nothing"
 
 
-def test_the_matrix_has_a_kl_cell_per_divergence():
+def test_the_matrix_has_a_kl_cell_per_kl_variant():
     import run_bench
 
     spec = {"inits": ["mean", "fvt"], "objectives": ["kl", "ce"],
-            "divergences": ["forward_kl", "reverse_kl", {"name": "jsd0.9", "divergence": "jsd", "divergence_beta": 0.9}]}
+            "kl_variants": [{"name": "kl"}, {"name": "kl-lr2e-3", "lr": 0.002, "lr_out": 0.002}]}
     cells = dict(run_bench.matrix_cells(spec))
-    assert list(cells) == ["mean-kl", "mean-reverse_kl", "mean-jsd0.9", "mean-ce", "fvt-kl", "fvt-reverse_kl",
-                           "fvt-jsd0.9", "fvt-ce"]
-    assert cells["fvt-jsd0.9"] == {"init": "fvt", "objective": "kl", "divergence": "jsd", "divergence_beta": 0.9}
+    assert list(cells) == ["mean-kl", "mean-kl-lr2e-3", "mean-ce", "fvt-kl", "fvt-kl-lr2e-3", "fvt-ce"]
+    assert cells["fvt-kl-lr2e-3"] == {"init": "fvt", "objective": "kl", "lr": 0.002, "lr_out": 0.002}
     assert cells["mean-ce"] == {"init": "mean", "objective": "ce"}
-    with pytest.raises(kld.KldError, match="a name or a dict with a name"):
-        run_bench.kl_cells({"divergences": [{"divergence": "jsd"}]})
+    assert [name for name, _ in run_bench.matrix_cells({"inits": ["fvt"]})] == ["fvt-kl", "fvt-ce"]
+    for entry in ("reverse_kl", {"lr": 0.002}):
+        with pytest.raises(kld.KldError, match="a kl variant of the bench is a dict with a name"):
+            run_bench.kl_cells({"kl_variants": [entry]})
 
-# --- the divergences and the chunked loss ---
-
-SPECS = [kld.Divergence("forward_kl"), kld.Divergence("reverse_kl"), kld.Divergence("jsd", beta=0.3),
-         kld.Divergence("span_kl"), kld.Divergence("forward_kl", temperature=2.0), kld.Divergence("jsd", 0.7, 0.5)]
+# --- the KL and the chunked loss ---
 
 
-def direct_divergence(p, q, next_id, spec):
-    """D(p || q) at one position from its definition, over plain Python floats."""
-    if spec.temperature != 1.0:
-        p = [x ** (1 / spec.temperature) for x in p]
-        p = [x / sum(p) for x in p]
-        q = [x ** (1 / spec.temperature) for x in q]
-        q = [x / sum(q) for x in q]
-
-    def kl(a, b):
-        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
-
-    if spec.kind == "forward_kl":
-        return kl(p, q)
-    if spec.kind == "reverse_kl":
-        return kl(q, [x if x > 0 else spec.floor for x in p])
-    if spec.kind == "jsd":
-        m = [spec.beta * x + (1 - spec.beta) * y for x, y in zip(p, q)]
-        return spec.beta * kl(p, m) + (1 - spec.beta) * kl(q, m)
-    P, Q = p[next_id], q[next_id]
-    return kl([P, 1 - P], [Q, 1 - Q])
+def direct_kl(p, q):
+    """KL(p || q) at one position from its definition, over plain Python floats."""
+    return sum(x * math.log(x / y) for x, y in zip(p, q) if x > 0)
 
 
 @SETTINGS
-@given(data=st.data(), spec=st.sampled_from(SPECS))
-def test_each_divergence_is_its_direct_formula(data, spec):
+@given(data=st.data())
+def test_the_kl_is_its_direct_formula(data):
     r, n = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 9))
     seed = data.draw(st.integers(0, 2**31))
     generator = torch.Generator().manual_seed(seed)
@@ -1869,21 +1850,20 @@ def test_each_divergence_is_its_direct_formula(data, spec):
     zeros = torch.rand(r, n, generator=generator) < 0.3  # p' = 0 where tau' cannot emit a token
     zeros[:, 0] = False
     log_p = torch.log_softmax(log_p.masked_fill(zeros, -math.inf), -1)
-    next_ids = torch.randint(0, n, (r,), generator=generator)
-    got = kld.divergence(log_p, logits, spec, next_ids)
+    got = kld.divergence(log_p, logits)
     q = torch.softmax(logits, -1)
     for j in range(r):
-        expected = direct_divergence(log_p[j].exp().tolist(), q[j].tolist(), int(next_ids[j]), spec)
-        assert abs(got[j].item() - expected) < 1e-9 * max(1.0, abs(expected)), (spec, j, got[j].item(), expected)
+        expected = direct_kl(log_p[j].exp().tolist(), q[j].tolist())
+        assert abs(got[j].item() - expected) < 1e-9 * max(1.0, abs(expected)), (j, got[j].item(), expected)
         assert got[j].item() >= -1e-12
 
 
 @SETTINGS
-@given(data=st.data(), spec=st.sampled_from(SPECS))
-def test_every_divergence_and_the_chunked_loss_have_finite_gradients_where_either_side_holds_zeros(data, spec):
+@given(data=st.data())
+def test_the_kl_and_the_chunked_loss_have_finite_gradients_where_either_side_holds_zeros(data):
     """p' = 0 (tokens tau' cannot emit) and q = 0 (a masked vocabulary: logits of -inf), on
-    the same tokens or on others. A torch.where whose untaken branch computes 0 * (-inf) had
-    made the gradient NaN at every position (reverse_kl, jsd)."""
+    the same tokens or on others. A term p' log(p' / q) computed before it is zeroed, or a
+    torch.where whose untaken branch computes 0 * (-inf), makes the gradient NaN at every position."""
     r, n = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 9))
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     p_zero = torch.rand(r, n, generator=generator) < data.draw(st.floats(0, 0.7))
@@ -1892,9 +1872,8 @@ def test_every_divergence_and_the_chunked_loss_have_finite_gradients_where_eithe
     q_zero[torch.arange(r), torch.randint(0, n, (r,), generator=generator)] = False
     log_p = torch.log_softmax(torch.randn(r, n, dtype=torch.float64, generator=generator).masked_fill(p_zero, -math.inf), -1)
     mask = torch.zeros(r, n, dtype=torch.float64).masked_fill(q_zero, -math.inf)  # (r, n) 0 or -inf
-    next_ids = torch.randint(0, n, (r,), generator=generator)
     logits = torch.randn(r, n, dtype=torch.float64, generator=generator).requires_grad_()
-    kld.divergence(log_p, logits + mask, spec, next_ids).sum().backward()
+    kld.divergence(log_p, logits + mask).sum().backward()
     assert torch.isfinite(logits.grad).all()
     # the chunked loss over the same targets: hidden states h and output rows [base; new], 2 positions a chunk
     d = 3
@@ -1903,7 +1882,7 @@ def test_every_divergence_and_the_chunked_loss_have_finite_gradients_where_eithe
     new_out = torch.randn(1, d, dtype=torch.float64, generator=generator).requires_grad_()
 
     def position_loss(chunk_logits, start, stop):
-        return kld.divergence(log_p[start:stop], chunk_logits + mask[start:stop], spec, next_ids[start:stop])
+        return kld.divergence(log_p[start:stop], chunk_logits + mask[start:stop])
 
     kld.chunked_head_loss(h, new_out, base_out, position_loss, chunk=2).backward()
     assert torch.isfinite(h.grad).all() and torch.isfinite(new_out.grad).all()
@@ -2049,57 +2028,28 @@ def test_each_stage_of_a_run_draws_its_own_windows(tmp_path, monkeypatch):
     assert hidden != steps and steps != second and hidden != second
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("gap", [20.0, 60.0])
-def test_the_span_kl_gradient_is_right_where_the_student_is_sure(dtype, gap):
-    """Q = q(s) rounds to 1 (float32 at a logit gap of 18): 1 - Q from Q is 0, and the
-    gradient with it. d/dz binary KL = (Q - P) / (1 - Q) (onehot(s) - q)."""
-    logits = torch.tensor([[gap, 0.0, 0.0]], dtype=dtype, requires_grad=True)
-    log_p = torch.log(torch.tensor([[0.5, 0.25, 0.25]], dtype=dtype))
-    kld.divergence(log_p, logits, kld.Divergence("span_kl"), torch.tensor([0])).sum().backward()
-    q = torch.softmax(logits.detach().double(), -1)[0]
-    rest = q[1:].sum()  # 1 - Q, exactly (1 - q[0] rounds to 0 at a gap of 60)
-    scale = (0.5 - rest) / rest  # (Q - P) / (1 - Q)
-    expected = torch.stack([scale * rest, -scale * q[1], -scale * q[2]])  # onehot(s) - q is (1 - Q, -q_1, -q_2)
-    torch.testing.assert_close(logits.grad[0].double(), expected, rtol=1e-5, atol=1e-6)
-
-
 def test_the_masked_vocabulary_of_the_report_has_finite_gradients():
     """The input of the report: six tokens, p' = 0 on two, a student logit of -inf on one."""
     log_p = torch.log(torch.tensor([[0.4, 0.0, 0.3, 0.2, 0.0, 0.1]], dtype=torch.float64))
-    for kind in kld.DIVERGENCES:
-        logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 0.3, -0.2]], dtype=torch.float64, requires_grad=True)
-        masked = logits + torch.tensor([[0.0, 0.0, 0.0, 0.0, -math.inf, 0.0]], dtype=torch.float64)
-        value = kld.divergence(log_p, masked, kld.Divergence(kind), torch.tensor([2]))
-        value.sum().backward()
-        assert torch.isfinite(value).all() and torch.isfinite(logits.grad).all(), kind
-        assert logits.grad[0, 4] == 0  # a token the mask removes gets no gradient
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 0.3, -0.2]], dtype=torch.float64, requires_grad=True)
+    masked = logits + torch.tensor([[0.0, 0.0, 0.0, 0.0, -math.inf, 0.0]], dtype=torch.float64)
+    value = kld.divergence(log_p, masked)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 4] == 0  # a token the mask removes gets no gradient
 
 
-def test_jsd_at_beta_0_and_1_is_forward_and_reverse_kl():
-    generator = torch.Generator().manual_seed(0)
-    log_p = torch.log_softmax(torch.randn(5, 7, dtype=torch.float64, generator=generator), -1)
-    logits = torch.randn(5, 7, dtype=torch.float64, generator=generator)
-    for beta, kind in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
-        jsd = kld.divergence(log_p, logits, kld.Divergence("jsd", beta))
-        assert torch.equal(jsd, kld.divergence(log_p, logits, kld.Divergence(kind)))
-    halfway = kld.divergence(log_p, logits, kld.Divergence("jsd", 0.5))
-    assert (halfway > 0).all() and (halfway <= math.log(2)).all()  # the Jensen-Shannon divergence is at most ln 2
-
-
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-b{s.beta}-T{s.temperature}")
-def test_each_divergence_is_zero_when_the_student_is_the_teacher(spec):
-    """No new tokens (K = 0): the student is the teacher, and every divergence is 0."""
+def test_the_kl_is_zero_when_the_student_is_the_teacher():
+    """No new tokens (K = 0): the student is the teacher, and its KL is 0."""
     model, tok = tiny_student("llama", n_merges=0, dtype=torch.float64)
     assert len(tok.merges) == 0
     windows = [[2] + tok.base.encode(CODE[:200]).ids[:20]]
-    loss = kld.training_loss(model, tok, windows, "kl", kld.make_lift(tok, "trie", 0.0, True), spec=spec)
+    loss = kld.training_loss(model, tok, windows, "kl", kld.make_lift(tok, "trie", 0.0, True))
     assert abs(loss.item()) < 1e-12
 
 
-@pytest.mark.parametrize("objective,spec", [("ce", kld.Divergence())] + [("kl", s) for s in SPECS],
-                         ids=lambda x: x if isinstance(x, str) else f"{x.kind}-b{x.beta}-T{x.temperature}")
-def test_the_chunked_loss_and_its_gradient_equal_the_dense_ones(objective, spec):
+@pytest.mark.parametrize("objective", ["ce", "kl"])
+def test_the_chunked_loss_and_its_gradient_equal_the_dense_ones(objective):
     """training_loss over chunks of 3 positions against the dense formula on the whole
     logits (float64): the loss and the gradients of both new-row matrices within 1e-10."""
     model, tok = tiny_student("qwen2", dtype=torch.float64)
@@ -2113,10 +2063,10 @@ def test_the_chunked_loss_and_its_gradient_equal_the_dense_ones(objective, spec)
         if objective == "ce":
             return torch.nn.functional.cross_entropy(logits, next_ids)
         targets = kld.cat_targets(kld.teacher_targets(model, tok, windows, lift_cfg)[0])
-        return kld.divergence(targets.logp(), logits, spec, next_ids).mean()
+        return kld.divergence(targets.logp(), logits).mean()
 
     results = []
-    for loss_fn in (dense, lambda: kld.training_loss(model, tok, windows, objective, lift_cfg, spec=spec, chunk=3)):
+    for loss_fn in (dense, lambda: kld.training_loss(model, tok, windows, objective, lift_cfg, chunk=3)):
         model.zero_grad()
         loss = loss_fn()
         loss.backward()
@@ -2133,10 +2083,9 @@ def test_chunked_loss_gradient_matches_finite_differences_for_one_new_row():
     gen = kld.training_windows(kld.token_stream(tok, [CODE], 2), 12, seed=1)
     windows = [next(gen) for _ in range(2)]
     lift_cfg = kld.make_lift(tok, "trie", 0.0, True)
-    spec = kld.Divergence("jsd", 0.5)
 
     def loss():
-        return kld.training_loss(model, tok, windows, "kl", lift_cfg, spec=spec, chunk=5)
+        return kld.training_loss(model, tok, windows, "kl", lift_cfg, chunk=5)
 
     model.zero_grad()
     loss().backward()
@@ -3371,12 +3320,15 @@ def test_bench_matrix_command_line_changes_the_bench_config(monkeypatch):
 
     monkeypatch.chdir(FIXTURES.parent)
     args = argparse.Namespace(config="configs/bench_cpu.json", inits=["fvt"], objectives=["kl"], out_dir="runs/x",
-                              divergences=["jsd", '{"name": "kl-T2", "divergence_temperature": 2.0}'],
+                              kl_variants=['{"name": "kl"}', '{"name": "kl-lr2e-3", "lr": 0.002}'],
                               set=["lift=path", "steps=100", "cpu_bf16=false"])
     spec, values = run_bench.read_bench_config(args.config, run_bench.command_line_changes(args))
     assert (spec["inits"], spec["out_dir"], values["tasks"]) == (["fvt"], "runs/x", "bench_tasks")
     assert (values["lift"], values["steps"], values["cpu_bf16"], values["hidden_steps"]) == ("path", 100, False, 55)
-    assert [name for name, _ in run_bench.matrix_cells(spec)] == ["fvt-jsd", "fvt-kl-T2"]
+    assert [name for name, _ in run_bench.matrix_cells(spec)] == ["fvt-kl", "fvt-kl-lr2e-3"]
+    args.kl_variants = ['{"name": "kl-T2", "divergence_temperature": 2.0}']  # a field no longer in kld
+    with pytest.raises(kld.KldError, match="unknown config key 'divergence_temperature' in .*: kl variant kl-T2"):
+        run_bench.read_bench_config(args.config, run_bench.command_line_changes(args))
 
 
 def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
