@@ -1879,15 +1879,19 @@ def task_prompt(task: Task, chat: bool, system: str = "") -> str:
 
 
 def candidate_source(task: Task, completion: str, chat: bool) -> str:
-    """Chat: the prompt (its imports, helpers), then the answer's def, or the answer as its body."""
+    """Chat: the prompt's and the answer's __future__ imports (they must come first), the rest of the prompt
+    (its imports, helpers), then the answer's def, or the answer as its body."""
     if not chat:
         return task.prompt + completion
-    code = completion.strip("\n")
+    lines, prompt = completion.strip("\n").splitlines(), task.prompt.rstrip().splitlines()
+    future = [line for line in prompt + lines if line.startswith("from __future__ import")]
+    head = "\n".join(future + [line for line in prompt if line not in future])
+    code = "\n".join(line for line in lines if line not in future).strip("\n")
     if any(line.startswith(f"def {task.entry_point}(") for line in code.splitlines()):
-        return task.prompt.rstrip() + "\n\n\n" + code + "\n"
+        return head + "\n\n\n" + code + "\n"
     if code and not code[0].isspace():
         code = "\n".join("    " + line if line else line for line in code.splitlines())
-    return task.prompt.rstrip() + "\n" + code + "\n"
+    return head + "\n" + code + "\n"
 
 
 def program_with_tests(task: Task, source: str) -> str:

@@ -2568,6 +2568,25 @@ def test_the_candidate_answers_with_plain_values_and_exceptions_by_type():
     assert result.status == "passed"
 
 
+
+def agree_with_one_program(jobs: list[tuple], limits: kld.SandboxLimits = LIMITS) -> list[kld.RunResult]:
+    """kld's verdicts on (task, source) jobs, each checked equal to HumanEval's harness's."""
+    results = kld.run_tests_all(jobs, limits)
+    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], limits)
+    assert [r.status for r in results] == [r.status for r in reference], (results, reference)
+    return results
+
+
+def test_a_chat_answer_may_begin_with_a_future_import():
+    """The answer is placed after the prompt, where `from __future__` is a SyntaxError."""
+    [task] = [t for t in kld.read_tasks(BENCH) if t.entry_point == "add"]
+    answer = "from __future__ import annotations\n\n\ndef add(a: int, b: int) -> int:\n    return a + b\n"
+    futured = dataclasses.replace(task, prompt='"""Adding."""\nfrom __future__ import annotations\n' + task.prompt)
+    answers = [answer, "from __future__ import generator_stop\n" + answer]
+    jobs = [(t, kld.candidate_source(t, a, chat=True)) for t in (task, futured) for a in answers]
+    assert [r.status for r in agree_with_one_program(jobs)] == ["passed"] * 4
+
+
 # A body returning a value whose type extends a plain one, and the plain value the tests expect
 # (HumanEval's harness passes each: the subclass is equal to it).
 DERIVED_VALUES = {
