@@ -2539,8 +2539,9 @@ def test_a_candidate_that_raises_stopiteration_cannot_end_the_tests_early():
 
 
 def test_a_candidate_that_raises_a_test_runner_s_signal_cannot_skip_the_tests():
-    """Exceptions cross as their classes: unittest's SkipTest or stop signal from a wrong candidate
-    would make a check that runs unittest skip or pass its test; each crosses as its base class."""
+    """Exceptions cross as their classes: unittest's SkipTest or stop signal, or hypothesis's
+    rejection, from a wrong candidate would make a check that runs them skip or pass its test;
+    each crosses as its base class (a class is found by the names the candidate sends)."""
     check = ("import unittest\n\n\ndef check(candidate):\n    class T(unittest.TestCase):\n"
              "        def test(self):\n            self.assertEqual(candidate(1), 2)\n"
              "    result = unittest.TestResult()\n    unittest.defaultTestLoader.loadTestsFromTestCase(T).run(result)\n"
@@ -2552,6 +2553,12 @@ def test_a_candidate_that_raises_a_test_runner_s_signal_cannot_skip_the_tests():
     assert [r.status for r in kld.run_tests_all(jobs, LIMITS)] == ["failed", "failed", "passed"]
     reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], LIMITS)
     assert [r.status for r in reference] == ["passed"] * 3  # in one program the signals skip the test
+    given = dataclasses.replace(task, test="from hypothesis import given, strategies\n\n\ndef check(candidate):\n"
+                                "    @given(strategies.integers(0, 9))\n    def holds(x):\n        assert candidate(x) == x + 1\n"
+                                "    holds()\n")  # hypothesis drops the examples whose test raises its rejection
+    rejects = ("    class Rejected(Exception):\n        __module__, __qualname__ = 'hypothesis.errors', 'UnsatisfiedAssumption'\n"
+               "    if x == 7:\n        e = Rejected()\n        e.reason = None\n        raise e\n    return x + 1\n")
+    assert [r.status for r in kld.run_tests_all([(given, given.prompt + rejects)], LIMITS)] == ["failed"]
 
 
 @pytest.mark.parametrize("forgery", FORGERIES)
