@@ -2005,8 +2005,8 @@ os._exit(0)
 """
 
 # run_tests, the verdict's side: the tests call a stand-in, which raises the candidate's exception as the
-# first of its classes known here. A StopIteration would end their map early, unsaid (`all(map(...))` holds):
-# it is an error of its own (PEP 479); a test framework's skip or stop signal crosses as its base class.
+# first of its classes known here. A StopIteration (or asyncio's cancel, no Exception) would end their map (or
+# task) early, unsaid: it is an error of its own (PEP 479); a test runner's skip or stop crosses as its base.
 VERDICT_DRIVER = LOAD + PLAIN_VALUES + r"""prompt_file, test_file, entry = sys.argv[1:4]
 calls, answers, report_fd = open(int(sys.argv[4]), "wb"), open(int(sys.argv[5]), "rb"), int(sys.argv[6])
 def receive():
@@ -2030,7 +2030,7 @@ class Copier(pickle.Pickler):  # a module by name; a function by its code, cells
 def rebuilt(names, args, state):
     cls = next((c for m, q in names if isinstance(c := getattr(sys.modules.get(m), q, None), type)
                 and c.__module__.split(".")[0] not in ("unittest", "_pytest", "hypothesis")), object)
-    if not issubclass(cls, BaseException) or issubclass(cls, (StopIteration, StopAsyncIteration)):
+    if not issubclass(cls, Exception) or issubclass(cls, (StopIteration, StopAsyncIteration)):
         cls, args, state = CandidateError, (f"{names[0][1]}: {args}",), {}
     error = cls.__new__(cls, *args)
     for name, value in {**state, "args": args}.items():

@@ -2539,9 +2539,10 @@ def test_a_candidate_that_raises_stopiteration_cannot_end_the_tests_early():
 
 
 def test_a_candidate_that_raises_a_test_runner_s_signal_cannot_skip_the_tests():
-    """Exceptions cross as their classes: unittest's SkipTest or stop signal, or hypothesis's
-    rejection, from a wrong candidate would make a check that runs them skip or pass its test;
-    each crosses as its base class (a class is found by the names the candidate sends)."""
+    """Exceptions cross as their classes: unittest's SkipTest or stop signal, hypothesis's
+    rejection or asyncio's cancel from a wrong candidate would make a check that runs them skip
+    or pass its test; each crosses as its base or an error (a class is found by the names the
+    candidate sends)."""
     check = ("import unittest\n\n\ndef check(candidate):\n    class T(unittest.TestCase):\n"
              "        def test(self):\n            self.assertEqual(candidate(1), 2)\n"
              "    result = unittest.TestResult()\n    unittest.defaultTestLoader.loadTestsFromTestCase(T).run(result)\n"
@@ -2559,6 +2560,13 @@ def test_a_candidate_that_raises_a_test_runner_s_signal_cannot_skip_the_tests():
     rejects = ("    class Rejected(Exception):\n        __module__, __qualname__ = 'hypothesis.errors', 'UnsatisfiedAssumption'\n"
                "    if x == 7:\n        e = Rejected()\n        e.reason = None\n        raise e\n    return x + 1\n")
     assert [r.status for r in kld.run_tests_all([(given, given.prompt + rejects)], LIMITS)] == ["failed"]
+    grouped = dataclasses.replace(task, test="import asyncio\n\n\ndef check(candidate):\n    async def one(x):\n"
+                                  "        assert candidate(x) == x + 1\n    async def main():\n"
+                                  "        async with asyncio.TaskGroup() as group:\n            for x in range(3):\n"
+                                  "                group.create_task(one(x))\n    asyncio.run(main())\n")
+    cancels = (grouped, grouped.prompt + "    import asyncio\n    raise asyncio.CancelledError\n")  # a task ends unsaid
+    assert [r.status for r in kld.run_tests_all([cancels], LIMITS)] == ["failed"]
+    assert kld.sandbox_run(kld.program_with_tests(*cancels), LIMITS).status == "passed"
 
 
 @pytest.mark.parametrize("forgery", FORGERIES)
@@ -2624,9 +2632,6 @@ RAISING = [
      "    return x.decode()\n",
      "    try:\n        candidate(b'a\\xff')\n    except UnicodeDecodeError as e:\n"
      "        assert (e.start, e.reason) == (1, 'invalid start byte') and 'position 1' in str(e)\n"),
-    ("def f(x):\n    \"\"\"Exits.\"\"\"\n",
-     "    raise SystemExit(x)\n",
-     "    try:\n        candidate(3)\n    except SystemExit as e:\n        assert e.code == 3\n"),
 ]
 
 
