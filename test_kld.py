@@ -2555,9 +2555,11 @@ def test_a_candidate_that_raises_a_test_runner_s_signal_cannot_skip_the_tests():
     reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], LIMITS)
     assert [r.status for r in reference] == ["passed"] * 3  # in one program the signals skip the test
     given = dataclasses.replace(task, test="from hypothesis import given, strategies\n\n\ndef check(candidate):\n"
-                                "    @given(strategies.integers(0, 9))\n    def holds(x):\n        assert candidate(x) == x + 1\n"
+                                "    @given(strategies.integers(0, 9))\n    def holds(x):\n"
+                                "        assert candidate(x) == x + 1\n"
                                 "    holds()\n")  # hypothesis drops the examples whose test raises its rejection
-    rejects = ("    class Rejected(Exception):\n        __module__, __qualname__ = 'hypothesis.errors', 'UnsatisfiedAssumption'\n"
+    rejects = ("    class Rejected(Exception):\n"
+               "        __module__, __qualname__ = 'hypothesis.errors', 'UnsatisfiedAssumption'\n"
                "    if x == 7:\n        e = Rejected()\n        e.reason = None\n        raise e\n    return x + 1\n")
     assert [r.status for r in kld.run_tests_all([(given, given.prompt + rejects)], LIMITS)] == ["failed"]
     grouped = dataclasses.replace(task, test="import asyncio\n\n\ndef check(candidate):\n    async def one(x):\n"
@@ -2611,20 +2613,24 @@ def agree_with_one_program(jobs: list[tuple], limits: kld.SandboxLimits = LIMITS
 RAISING = [
     ("class Invalid(ValueError):\n    pass\n\n\ndef f(x):\n    \"\"\"x or Invalid.\"\"\"\n",
      "    raise Invalid('bad', x, [1])\n",
-     "    try:\n        candidate(2)\n    except Invalid as e:\n        assert e.args == ('bad', 2, [1]) and type(e) is Invalid\n"),
+     "    try:\n        candidate(2)\n    except Invalid as e:\n"
+     "        assert e.args == ('bad', 2, [1]) and type(e) is Invalid\n"),
     ("class Coded(Exception):\n    def __init__(self, code):\n        super().__init__(f'code {code}')\n"
      "        self.code = code\n\n\ndef f(x):\n    \"\"\"Coded.\"\"\"\n",
      "    raise Coded(x)\n",
      "    try:\n        candidate(7)\n    except Coded as e:\n        assert e.code == 7 and str(e) == 'code 7'\n"),
     ("import json\n\n\ndef f(x):\n    \"\"\"Parsed.\"\"\"\n",
      "    return json.loads(x)\n",
-     "    import json\n    try:\n        candidate('{')\n    except json.JSONDecodeError as e:\n        assert e.pos == 1\n"),
+     "    import json\n    try:\n        candidate('{')\n"
+     "    except json.JSONDecodeError as e:\n        assert e.pos == 1\n"),
     ("def f(x):\n    \"\"\"Looked up.\"\"\"\n",
      "    return {}[x]\n",
-     "    try:\n        candidate('k')\n    except KeyError as e:\n        assert e.args == ('k',) and str(e) == \"'k'\"\n"),
+     "    try:\n        candidate('k')\n    except KeyError as e:\n"
+     "        assert e.args == ('k',) and str(e) == \"'k'\"\n"),
     ("def f(x):\n    \"\"\"Opened.\"\"\"\n",
      "    open('/nonexistent/' + x)\n",
-     "    try:\n        candidate('a')\n    except FileNotFoundError as e:\n        assert e.errno == 2 and e.filename == '/nonexistent/a'\n"),
+     "    try:\n        candidate('a')\n    except FileNotFoundError as e:\n"
+     "        assert e.errno == 2 and e.filename == '/nonexistent/a'\n"),
     ("def f(x):\n    \"\"\"Of the answer's own class.\"\"\"\n",
      "    class Mine(ArithmeticError):\n        pass\n    raise Mine('m')\n",
      "    try:\n        candidate(1)\n    except ArithmeticError as e:\n        assert e.args == ('m',)\n"),
@@ -2653,7 +2659,8 @@ def test_the_tests_may_call_the_candidate_with_any_value_they_make():
     prompt = ("class Box:\n    def __init__(self, v):\n        self.v = v\n\n\n"
               "def f(key, span, box, *, then=None):\n    \"\"\"Sorted by key.\"\"\"\n")
     body = "    return sorted([box.v, *span], key=key) + ([then(box)] if then else [])\n"
-    test = ("import math\n\n\ndef _neg(x):\n    return -x\n\n\ndef check(candidate):\n    import operator\n    limit = 10\n"
+    test = ("import math\n\n\ndef _neg(x):\n    return -x\n\n\n"
+            "def check(candidate):\n    import operator\n    limit = 10\n"
             "    assert candidate(lambda x: -x, range(3), Box(5)) == [5, 2, 1, 0]\n"
             "    assert candidate(_neg, range(1, 2), Box(0), then=lambda b: b.v < limit) == [1, 0, True]\n"
             "    assert candidate(abs, iter([-2]), Box(1)) == [1, -2]\n"
