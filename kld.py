@@ -1924,7 +1924,7 @@ for limit, value in zip(("AS", "FSIZE", "NPROC", "CORE"), bounds + [0]):
 """
 
 # load: a file run with asserts kept as a registered module, not "__main__" (as HumanEval); less its last `cut` lines.
-LOAD = r"""import contextlib, importlib, io, itertools, marshal, os, pickle, sys, traceback, types
+LOAD = r"""import contextlib, copyreg, importlib, io, itertools, marshal, os, pickle, sys, traceback, types
 def load(path, name, cut=0):
     module = sys.modules.setdefault(name, types.ModuleType(name))
     with open(path, encoding="utf-8") as f:
@@ -1983,7 +1983,8 @@ try:
     sys.stdout.flush()
     sys.stderr.flush()
 except BaseException as e:
-    traceback.print_exc()  # stderr writes each line through
+    traceback.print_exc()
+    sys.stderr.flush()
     if entry:
         send(answers, marshal.dumps(("broken", f"{type(e).__name__}: {e}"[:300])))
     os._exit(1)
@@ -2018,10 +2019,9 @@ def receive():
         raise RuntimeError("the candidate's process sent something other than plain values")
     return message
 class CandidateError(Exception): pass
-class Copier(pickle.Pickler):  # a module by name; a function by its code, cells and the tests' globals it uses
+copyreg.pickle(types.ModuleType, lambda module: (importlib.import_module, (module.__name__,)))  # by name
+class Copier(pickle.Pickler):  # a function by its code, cells and the tests' globals it uses
     def reducer_override(self, x):
-        if type(x) is types.ModuleType:
-            return importlib.import_module, (x.__name__,)
         if type(x) is not types.FunctionType or x.__module__ != "candidate":  # else by reference
             return NotImplemented
         cells = [c.cell_contents for c in x.__closure__ or ()]
