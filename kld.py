@@ -1874,15 +1874,19 @@ def task_prompt(task: Task, chat: bool, system: str = "") -> str:
 
 
 def candidate_source(task: Task, completion: str, chat: bool) -> str:
-    """Chat: the prompt (its imports, helpers), then the answer's def, or the answer as its body."""
+    """Chat: the prompt's and the answer's __future__ imports (they must come first), the rest of the prompt
+    (its imports, helpers), then the answer's def, or the answer as its body."""
     if not chat:
         return task.prompt + completion
-    code = completion.strip("\n")
+    lines, prompt = completion.strip("\n").splitlines(), task.prompt.rstrip().splitlines()
+    future = [line for line in prompt + lines if line.startswith("from __future__ import")]
+    head = "\n".join(future + [line for line in prompt if line not in future])
+    code = "\n".join(line for line in lines if line not in future).strip("\n")
     if any(line.startswith(f"def {task.entry_point}(") for line in code.splitlines()):
-        return task.prompt.rstrip() + "\n\n\n" + code + "\n"
+        return head + "\n\n\n" + code + "\n"
     if code and not code[0].isspace():
         code = "\n".join("    " + line if line else line for line in code.splitlines())
-    return task.prompt.rstrip() + "\n" + code + "\n"
+    return head + "\n" + code + "\n"
 
 
 def program_with_tests(task: Task, source: str) -> str:
@@ -1914,16 +1918,18 @@ for limit, value in zip(("AS", "FSIZE", "NPROC", "CORE"), bounds + [0]):
     resource.setrlimit(getattr(resource, "RLIMIT_" + limit), (value, value))
 """
 
-# load: a file run with asserts kept as a registered module, not "__main__" (as HumanEval).
-LOAD = r"""import builtins, contextlib, marshal, os, sys, traceback, types
-def load(path, name):
+# load: a file run with asserts kept as a registered module, not "__main__" (as HumanEval); less its last `cut` lines.
+LOAD = r"""import contextlib, copyreg, importlib, io, itertools, marshal, os, pickle, sys, traceback, types
+def load(path, name, cut=0):
     module = sys.modules.setdefault(name, types.ModuleType(name))
     with open(path, encoding="utf-8") as f:
-        exec(compile(f.read(), path, "exec", optimize=0), module.__dict__)
+        exec(compile("".join(f.readlines()[:-cut or None]), path, "exec", optimize=0), module.__dict__)
     return module.__dict__
 """
 
-# Both sides of run_tests: a message is 8 bytes of length, then a marshal of exact plain types.
+# Both sides of run_tests: a message is 8 bytes of length, then its data. A call crosses as a pickle (the
+# tests' values, and their functions by their code, run in the candidate's module); an answer as a marshal
+# of exact plain types, or an exception as its class's and bases' names, args and attributes.
 PLAIN_VALUES = r"""PLAIN = (type(None), bool, int, float, complex, str, bytes)
 EXACT_COPIES = ((int, int.__int__), (float, float.__float__), (str, str.__str__),
                 (complex, lambda x: complex(complex.real.__get__(x), complex.imag.__get__(x))),
@@ -1933,7 +1939,7 @@ def plain(x, depth=0):
         x = [*x, *x.values()]
     return depth <= 200 and (type(x) in PLAIN or type(x) in (list, tuple, set, frozenset)
                              and all(plain(v, depth + 1) for v in x))
-class Unplain(Exception): pass
+class Unplain(TypeError): pass
 def as_plain(x, depth=0):
     kind, deeper = type(x), depth + 1
     if depth > 190:
@@ -1950,101 +1956,101 @@ def as_plain(x, depth=0):
     for base, exact_copy in EXACT_COPIES:
         if issubclass(kind, base):
             return exact_copy(x)
-    raise Unplain(kind.__name__)
-def send(fd, message):
-    data = marshal.dumps(message)
-    os.write(fd, len(data).to_bytes(8, "little") + data)
-def read_exact(fd, n):
-    data = b""
-    while len(data) < n:
-        if not (chunk := os.read(fd, min(n - len(data), 1 << 20))):
-            return None
-        data += chunk
-    return data
+    raise Unplain(kind.__name__ + " is not plain")
+def send(file, data):
+    file.write(len(data).to_bytes(8, "little") + data)
+    file.flush()
+def function(code, name, defaults, cells, used):  # as in one program, the tests' globals join the candidate's
+    namespace.update(used)
+    return types.FunctionType(marshal.loads(code), namespace, name, defaults, tuple(map(types.CellType, cells)))
 """
 
 # The program's process: sandbox_run's reports the nonce if it returned; run_tests's answers calls.
 CANDIDATE = LOAD + PLAIN_VALUES + r"""nonce, entry = os.read(0, 64), sys.argv[8:]
 if entry:
-    calls_fd, answers_fd = map(int, sys.argv[6:8])
+    calls, answers = open(int(sys.argv[6]), "rb"), open(int(sys.argv[7]), "wb")
 else:
     report_fd = int(sys.argv[6])
-null = os.open(os.devnull, os.O_RDONLY)
-os.dup2(null, 0)
-os.close(null)
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 try:
     namespace = load(sys.argv[5], "candidate")
-    function = namespace[entry[0]] if entry else None
+    answer = namespace[entry[0]] if entry else None
     sys.stdout.flush()
     sys.stderr.flush()
 except BaseException as e:
     traceback.print_exc()
     sys.stderr.flush()
     if entry:
-        send(answers_fd, ("broken", f"{type(e).__name__}: {e}"[:300]))
+        send(answers, marshal.dumps(("broken", f"{type(e).__name__}: {e}"[:300])))
     os._exit(1)
 if not entry:
     os.write(report_fd, nonce)
     os._exit(0)
-send(answers_fd, ("ready",))
-while head := read_exact(calls_fd, 8):
-    args, kwargs = marshal.loads(read_exact(calls_fd, int.from_bytes(head, "little")))
+send(answers, marshal.dumps(("ready",)))
+while head := calls.read(8):
     try:
-        value = function(*args, **kwargs)
-    except BaseException as e:
-        message = ("raise", type(e).__name__, str(e)[:1000])
-    else:
-        try:
-            message = ("return", as_plain(value))
-        except BaseException as e:
-            message = ("unplain", str(e) if type(e) is Unplain else type(value).__name__)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        send(answers_fd, message)
-    except ValueError:
-        send(answers_fd, ("unplain", type(message[1]).__name__))
+        args, kwargs = pickle.loads(calls.read(int.from_bytes(head, "little")))
+        message = ("return", as_plain(answer(*args, **kwargs)))
+    except BaseException as e:  # its classes by name; its fields (errno, filename) and attributes that are plain
+        names = [(c.__module__, c.__qualname__) for c in type(e).__mro__]
+        state = dict({n: getattr(e, n) for c in type(e).__mro__ for n, d in vars(c).items()
+                      if type(d) is types.MemberDescriptorType and hasattr(e, n)}, **vars(e))
+        message = ("raise", names, e.args if plain(e.args) else (str(e),), {n: v for n, v in state.items() if plain(v)})
+    send(answers, marshal.dumps(message))
 os._exit(0)
 """
 
-# run_tests, the verdict's side: the tests call a stand-in. A StopIteration would end their map
-# early, unsaid (`all(map(...))` holds): it crosses as an error of its own (PEP 479).
+# run_tests, the verdict's side: the tests call a stand-in, which raises the candidate's exception as the
+# first of its classes known here. A StopIteration (or asyncio's cancel, no Exception) would end their map (or
+# task) early, unsaid: it is an error of its own (PEP 479); a test runner's skip or stop crosses as its base.
 VERDICT_DRIVER = LOAD + PLAIN_VALUES + r"""prompt_file, test_file, entry = sys.argv[1:4]
-calls_fd, answers_fd, report_fd = map(int, sys.argv[4:7])
+calls, answers, report_fd = open(int(sys.argv[4]), "wb"), open(int(sys.argv[5]), "rb"), int(sys.argv[6])
 def receive():
-    head = read_exact(answers_fd, 8) or b""
-    if int.from_bytes(head, "little") > 64 << 20:
+    if (size := int.from_bytes(head := answers.read(8), "little")) > 64 << 20:
         raise RuntimeError("the candidate's answer is over 64 MB")
-    if not (data := head and read_exact(answers_fd, int.from_bytes(head, "little"))):
+    if len(head) < 8 or len(data := answers.read(size)) < size:
         raise RuntimeError("the candidate's process ended before it answered")
     if type(message := marshal.loads(data)) is not tuple or not message or not plain(message):
         raise RuntimeError("the candidate's process sent something other than plain values")
     return message
 class CandidateError(Exception): pass
+copyreg.pickle(types.ModuleType, lambda module: (importlib.import_module, (module.__name__,)))  # by name
+class Copier(pickle.Pickler):  # a function by its code, cells and the tests' globals it uses
+    def reducer_override(self, x):
+        if type(x) is not types.FunctionType or x.__module__ != "candidate":  # else by reference
+            return NotImplemented
+        cells = [c.cell_contents for c in x.__closure__ or ()]
+        used = {n: x.__globals__[n] for n in x.__code__.co_names if n in x.__globals__ and n not in prompt}
+        return function, (marshal.dumps(x.__code__), x.__name__, x.__defaults__, cells, used)
+def rebuilt(names, args, state):
+    cls = next((c for m, q in names if isinstance(c := getattr(sys.modules.get(m), q, None), type)
+                and c.__module__.split(".")[0] not in ("unittest", "_pytest", "hypothesis")), object)
+    if not issubclass(cls, Exception) or issubclass(cls, (StopIteration, StopAsyncIteration)):
+        cls, args, state = CandidateError, (f"{names[0][1]}: {args}",), {}
+    error = cls.__new__(cls, *args)
+    for name, value in {**state, "args": args}.items():
+        setattr(error, name, value)
+    return error
 def candidate(*args, **kwargs):
     try:
-        send(calls_fd, as_plain((args, kwargs)))
-    except Unplain as e:
-        raise TypeError(f"a call of the candidate with a value that is not plain ({e})") from None
+        Copier(data := io.BytesIO(), 5).dump((args, kwargs))
+    except Exception as e:
+        raise TypeError(f"a call of the candidate with a value that cannot be sent ({e})") from None
+    send(calls, data.getvalue())
     kind, *rest = receive()
     if kind == "return" and len(rest) == 1:
         return rest[0]
-    if kind == "unplain":
-        raise TypeError(f"the candidate returned a value that is not plain {rest}")
-    if kind != "raise" or len(rest) != 2 or any(type(r) is not str for r in rest):
+    if kind != "raise" or len(rest) != 3:
         raise RuntimeError("the candidate's process sent a malformed message")
-    error, cls = CandidateError(": ".join(rest)), getattr(builtins, rest[0], None)
-    if isinstance(cls, type) and issubclass(cls, Exception) and cls not in (StopIteration, StopAsyncIteration):
-        with contextlib.suppress(Exception):
-            error = cls(rest[1])
-    raise error
-namespace = load(prompt_file, "verdict")
+    raise rebuilt(*rest)
+for cut in itertools.count():  # a prompt may end in a def whose body is the answer's: its longest head that compiles
+    with contextlib.suppress(SyntaxError):
+        prompt = set(namespace := load(prompt_file, "candidate", cut))
+        break
 if (first := receive())[0] != "ready":
     sys.exit(f"the candidate's program fails before the tests: {first[-1]}")
 namespace[entry] = candidate
-load(test_file, "verdict")["check"](candidate)
-sys.stdout.flush()
-sys.stderr.flush()
+load(test_file, "candidate")["check"](candidate)
 os.write(report_fd, b"passed")
 os._exit(0)
 """
@@ -2172,7 +2178,7 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
         (file := Path(work, "program.py")).write_text(program, encoding="utf-8")
         for path in (work, file) if uid is not None else ():
             os.chown(path, uid, uid)
-        outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in "ab"]  # program's, verdict's
+        output = stack.enter_context(tempfile.TemporaryFile())  # the program's; with a task the verdict's
         n = limits.processes + (uid is None and len([*_processes(os.getuid())]))  # the user's all
         bounds = [limits.cpu_s, limits.memory_mb << 20, limits.output_kb << 10, n, file]
         user = {} if uid is None else dict(user=uid, group=uid, extra_groups=[])
@@ -2184,20 +2190,20 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
                 Path(path).write_text(text, encoding="utf-8")
         (a_r, a_w), (b_r, b_w), (report_r, report_w) = [os.pipe() for _ in "abc"]
         if task is None:  # the program's stdin: the nonce that proves its end, then end of file
-            expected, fds, stdin, entry = os.urandom(16).hex().encode(), [report_w], a_r, []
+            expected, fds, stdio, entry = os.urandom(16).hex().encode(), [report_w], (a_r, output), []
             os.write(a_w, expected)
-        else:  # calls cross in pipe a, answers in b
-            expected, fds, stdin, entry = b"passed", [a_r, b_w], subprocess.DEVNULL, [task.entry_point]
+        else:  # calls cross in pipe a, answers in b; as in HumanEval's harness its output is swallowed
+            expected, fds, stdio, entry = b"passed", [a_r, b_w], (subprocess.DEVNULL,) * 2, [task.entry_point]
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
         argv = [python, "-I", "-c", SANDBOX_LIMITS + CANDIDATE, *map(str, bounds + fds + entry)]
         children, report = [], b""
         try:
             try:
-                children.append(spawn(argv, stdin=stdin, stdout=outputs[0], cwd=work, env=env, pass_fds=fds, **user))
+                children.append(spawn(argv, stdin=stdio[0], stdout=stdio[1], cwd=work, env=env, pass_fds=fds, **user))
                 if task is not None:  # the verdict's, trusted: as this user, unbounded
                     fds = (a_w, b_r, report_w)
                     argv = [sys.executable, "-I", "-c", VERDICT_DRIVER, *files, task.entry_point, *map(str, fds)]
-                    children.append(spawn(argv, stdin=subprocess.DEVNULL, stdout=outputs[1], cwd=verdict,
+                    children.append(spawn(argv, stdin=subprocess.DEVNULL, stdout=output, cwd=verdict,
                                           env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, pass_fds=fds))
             finally:  # the children hold their own ends: a side that ends closes its pipes
                 for fd in [a_r, a_w, b_r, b_w, report_w]:
@@ -2217,15 +2223,9 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
         seconds = time.perf_counter() - started
         if report == expected and children[-1].returncode == 0 and not ended:
             return RunResult("passed", "", seconds)
-        def last_line(output) -> str:
-            if (size := output.seek(0, os.SEEK_END)) >= limits.output_kb << 10:
-                return f"over {limits.output_kb} KB of output"
-            output.seek(max(0, size - 4096))
-            lines = [s for s in output.read().decode("utf-8", "replace").splitlines() if s.strip()]
-            return lines[-1][:300] if lines else ""
-        detail = last_line(outputs[1])
-        if "the candidate's process ended" in detail or not detail:
-            detail = last_line(outputs[0]) or detail
+        output.seek(max(0, (size := output.seek(0, os.SEEK_END)) - 4096))
+        lines = [s for s in output.read().decode("utf-8", "replace").splitlines() if s.strip()] or [""]
+        detail = f"over {limits.output_kb} KB of output" if size >= limits.output_kb << 10 else lines[-1][:300]
         code = children[0].returncode  # in run_tests ours (SIGKILL) unless it hit RLIMIT_CPU
         code = code if task is None or code == -signal.SIGXCPU else None
     if ended == "timeout" or code == -signal.SIGXCPU:

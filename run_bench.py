@@ -53,8 +53,8 @@ mass they put on new tokens, their total variation to the most exact trie mode, 
 teacher tokens and time they cost; and how often tau' is not the longest match.
 
 evaluator: the cost per program of judging the tasks' canonical solutions: as one program
-with its tests (HumanEval's harness, `sandbox_run_all`) and as two processes that only
-plain values cross (`run_tests_all`, what `evaluate_codegen` uses): wall seconds per
+with its tests (HumanEval's harness, `sandbox_run_all`) and as two processes whose answers
+cross only as plain values (`run_tests_all`, what `evaluate_codegen` uses): wall seconds per
 program with `workers` running at once, the best of `repeats` rounds.
 
 codegen: one model on the code-generation tasks, as the matrix evaluates a row: the

@@ -2539,6 +2539,39 @@ def test_a_candidate_that_raises_stopiteration_cannot_end_the_tests_early():
     assert honest.status == "passed"
 
 
+def test_a_candidate_that_raises_a_test_runner_s_signal_cannot_skip_the_tests():
+    """Exceptions cross as their classes: unittest's SkipTest or stop signal, hypothesis's
+    rejection or asyncio's cancel from a wrong candidate would make a check that runs them skip
+    or pass its test; each crosses as its base or an error (a class is found by the names the
+    candidate sends)."""
+    check = ("import unittest\n\n\ndef check(candidate):\n    class T(unittest.TestCase):\n"
+             "        def test(self):\n            self.assertEqual(candidate(1), 2)\n"
+             "    result = unittest.TestResult()\n    unittest.defaultTestLoader.loadTestsFromTestCase(T).run(result)\n"
+             "    assert result.wasSuccessful()\n")
+    task = kld.Task("t/u", 'def f(x):\n    """x + 1."""\n', "f", "    return x + 1\n", check)
+    bodies = ["    import unittest\n    raise unittest.SkipTest('no')\n",
+              "    import unittest.case\n    raise unittest.case._ShouldStop\n", task.canonical_solution]
+    jobs = [(task, task.prompt + body) for body in bodies]
+    assert [r.status for r in kld.run_tests_all(jobs, LIMITS)] == ["failed", "failed", "passed"]
+    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], LIMITS)
+    assert [r.status for r in reference] == ["passed"] * 3  # in one program the signals skip the test
+    given = dataclasses.replace(task, test="from hypothesis import given, strategies\n\n\ndef check(candidate):\n"
+                                "    @given(strategies.integers(0, 9))\n    def holds(x):\n"
+                                "        assert candidate(x) == x + 1\n"
+                                "    holds()\n")  # hypothesis drops the examples whose test raises its rejection
+    rejects = ("    class Rejected(Exception):\n"
+               "        __module__, __qualname__ = 'hypothesis.errors', 'UnsatisfiedAssumption'\n"
+               "    if x == 7:\n        e = Rejected()\n        e.reason = None\n        raise e\n    return x + 1\n")
+    assert [r.status for r in kld.run_tests_all([(given, given.prompt + rejects)], LIMITS)] == ["failed"]
+    grouped = dataclasses.replace(task, test="import asyncio\n\n\ndef check(candidate):\n    async def one(x):\n"
+                                  "        assert candidate(x) == x + 1\n    async def main():\n"
+                                  "        async with asyncio.TaskGroup() as group:\n            for x in range(3):\n"
+                                  "                group.create_task(one(x))\n    asyncio.run(main())\n")
+    cancels = (grouped, grouped.prompt + "    import asyncio\n    raise asyncio.CancelledError\n")  # a task ends unsaid
+    assert [r.status for r in kld.run_tests_all([cancels], LIMITS)] == ["failed"]
+    assert kld.sandbox_run(kld.program_with_tests(*cancels), LIMITS).status == "passed"
+
+
 @pytest.mark.parametrize("forgery", FORGERIES)
 def test_a_wrong_program_cannot_forge_a_pass(forgery):
     tasks = kld.read_tasks(BENCH)[:16]
@@ -2567,6 +2600,113 @@ def test_the_candidate_answers_with_plain_values_and_exceptions_by_type():
                                   "    except ValueError as e:\n        assert str(e) == 'zero'\n    else:\n        assert False\n")
     [result] = kld.run_tests_all([(raising, raising.prompt + list(bodies)[1])], LIMITS)
     assert result.status == "passed"
+
+
+def agree_with_one_program(jobs: list[tuple], limits: kld.SandboxLimits = LIMITS) -> list[kld.RunResult]:
+    """kld's verdicts on (task, source) jobs, each checked equal to HumanEval's harness's."""
+    results = kld.run_tests_all(jobs, limits)
+    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], limits)
+    assert [r.status for r in results] == [r.status for r in reference], (results, reference)
+    return results
+
+
+# (prompt, body, test): the body raises, the test catches it by class and reads its args and attributes
+RAISING = [
+    ("class Invalid(ValueError):\n    pass\n\n\ndef f(x):\n    \"\"\"x or Invalid.\"\"\"\n",
+     "    raise Invalid('bad', x, [1])\n",
+     "    try:\n        candidate(2)\n    except Invalid as e:\n"
+     "        assert e.args == ('bad', 2, [1]) and type(e) is Invalid\n"),
+    ("class Coded(Exception):\n    def __init__(self, code):\n        super().__init__(f'code {code}')\n"
+     "        self.code = code\n\n\ndef f(x):\n    \"\"\"Coded.\"\"\"\n",
+     "    raise Coded(x)\n",
+     "    try:\n        candidate(7)\n    except Coded as e:\n        assert e.code == 7 and str(e) == 'code 7'\n"),
+    ("import json\n\n\ndef f(x):\n    \"\"\"Parsed.\"\"\"\n",
+     "    return json.loads(x)\n",
+     "    import json\n    try:\n        candidate('{')\n"
+     "    except json.JSONDecodeError as e:\n        assert e.pos == 1\n"),
+    ("def f(x):\n    \"\"\"Looked up.\"\"\"\n",
+     "    return {}[x]\n",
+     "    try:\n        candidate('k')\n    except KeyError as e:\n"
+     "        assert e.args == ('k',) and str(e) == \"'k'\"\n"),
+    ("def f(x):\n    \"\"\"Opened.\"\"\"\n",
+     "    open('/nonexistent/' + x)\n",
+     "    try:\n        candidate('a')\n    except FileNotFoundError as e:\n"
+     "        assert e.errno == 2 and e.filename == '/nonexistent/a'\n"),
+    ("def f(x):\n    \"\"\"Of the answer's own class.\"\"\"\n",
+     "    class Mine(ArithmeticError):\n        pass\n    raise Mine('m')\n",
+     "    try:\n        candidate(1)\n    except ArithmeticError as e:\n        assert e.args == ('m',)\n"),
+    ("def f(x):\n    \"\"\"Decoded.\"\"\"\n",
+     "    return x.decode()\n",
+     "    try:\n        candidate(b'a\\xff')\n    except UnicodeDecodeError as e:\n"
+     "        assert (e.start, e.reason) == (1, 'invalid start byte') and 'position 1' in str(e)\n"),
+]
+
+
+def test_an_exception_reaches_the_tests_as_its_class_with_its_args_and_attributes():
+    """Exceptions crossed as a built-in name and a message: a class of the prompt's, a standard
+    library subclass, several args, `e.args`, attributes all broke where HumanEval's harness passes."""
+    jobs = []
+    for prompt, body, test in RAISING:
+        task = kld.Task("t/e", prompt, "f", body, f"def check(candidate):\n{test}    else:\n        assert False\n")
+        jobs += [(task, prompt + body), (task, prompt + "    return None\n")]
+    results = agree_with_one_program(jobs)
+    assert [r.status for r in results] == ["passed", "failed"] * len(RAISING), results
+
+
+def test_the_tests_may_call_the_candidate_with_any_value_they_make():
+    """A lambda, a range, an instance of the prompt's class, a helper of the tests' were refused
+    as not plain; each reaches the candidate as a copy it can use (a function with the modules
+    and the tests' globals it uses)."""
+    prompt = ("class Box:\n    def __init__(self, v):\n        self.v = v\n\n\n"
+              "def f(key, span, box, *, then=None):\n    \"\"\"Sorted by key.\"\"\"\n")
+    body = "    return sorted([box.v, *span], key=key) + ([then(box)] if then else [])\n"
+    test = ("import math\n\n\ndef _neg(x):\n    return -x\n\n\n"
+            "def check(candidate):\n    import operator\n    limit = 10\n"
+            "    assert candidate(lambda x: -x, range(3), Box(5)) == [5, 2, 1, 0]\n"
+            "    assert candidate(_neg, range(1, 2), Box(0), then=lambda b: b.v < limit) == [1, 0, True]\n"
+            "    assert candidate(abs, iter([-2]), Box(1)) == [1, -2]\n"
+            "    assert candidate(lambda x: operator.neg(math.floor(x)), [0.5], Box(2.5)) == [2.5, 0.5]\n")
+    task = kld.Task("t/a", prompt, "f", body, test)
+    results = agree_with_one_program([(task, prompt + body), (task, prompt + "    return sorted(span)\n")])
+    assert [r.status for r in results] == ["passed", "failed"]
+
+
+def test_a_prompt_that_is_not_whole_python_alone_still_gives_the_tests_its_helpers():
+    """The tests' side ran the prompt alone: a def with no body yet failed every candidate."""
+    prompt = "import functools\n\n\ndef twice(x):\n    return 2 * x\n\n\n@functools.cache\n# a comment\ndef f(x):\n"
+    test = "import math\n\n\ndef check(candidate):\n    assert candidate(3) == twice(3) + math.floor(1.5)\n"
+    task = kld.Task("t/p", prompt, "f", "    return twice(x) + 1\n", test)
+    jobs = [(task, task.prompt + "    return twice(x) + 1\n"), (task, task.prompt + "    return x\n")]
+    assert [r.status for r in agree_with_one_program(jobs)] == ["passed", "failed"]
+
+
+def test_a_chat_answer_may_begin_with_a_future_import():
+    """The answer is placed after the prompt, where `from __future__` is a SyntaxError."""
+    [task] = [t for t in kld.read_tasks(BENCH) if t.entry_point == "add"]
+    answer = "from __future__ import annotations\n\n\ndef add(a: int, b: int) -> int:\n    return a + b\n"
+    futured = dataclasses.replace(task, prompt='"""Adding."""\nfrom __future__ import annotations\n' + task.prompt)
+    answers = [answer, "from __future__ import generator_stop\n" + answer]
+    jobs = [(t, kld.candidate_source(t, a, chat=True)) for t in (task, futured) for a in answers]
+    assert [r.status for r in agree_with_one_program(jobs)] == ["passed"] * 4
+
+
+def test_answers_and_arguments_of_tens_of_megabytes_cross_in_time():
+    """Messages were read by repeated `+=`: quadratic, so 40 MB took longer than a timeout."""
+    prompt = "def f(s):\n    \"\"\"s, reversed.\"\"\"\n"
+    test = "def check(candidate):\n    s = 'ab' * (20 << 20)\n    assert candidate(s) == s[::-1]\n"
+    task = kld.Task("t/b", prompt, "f", "    return s[::-1]\n", test)
+    limits = dataclasses.replace(LIMITS, memory_mb=1024)
+    results = kld.run_tests_all([(task, prompt + "    return s[::-1]\n"), (task, prompt + "    return s\n")], limits)
+    assert [r.status for r in results] == ["passed", "failed"], results
+
+
+def test_printing_more_than_the_output_limit_does_not_break_print():
+    """HumanEval's harness swallows the program's output; kld's print raised OSError past 1 MiB."""
+    prompt = "def f(x):\n    \"\"\"x, loudly.\"\"\"\n"
+    body = "    import sys\n    print('x' * (1 << 20))\n    sys.stderr.write('y' * (1 << 20))\n    return x\n"
+    task = kld.Task("t/o", prompt, "f", body, "def check(candidate):\n    assert candidate(3) == 3\n")
+    results = kld.run_tests_all([(task, "print('z' * (1 << 20))\n" + prompt + body)], LIMITS)
+    assert [r.status for r in results] == ["passed"], results
 
 
 # A body returning a value whose type extends a plain one, and the plain value the tests expect
