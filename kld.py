@@ -2322,15 +2322,24 @@ def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
                            limits, cfg.exec_workers)
 
 
-def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
-    """ids less a character the token budget cut short (U+FFFD: 3 tokens)."""
+def measured(tok: ExtendedTokenizer, ids: list[int]) -> tuple[list[int], str, list[int], list[int]]:
+    """What the saving measures of ids: the tokens of whole characters, their text, tau's and tau''s
+    spellings of it. Tokens that hold a byte of a broken character (U+FFFD when decoded, up to 3
+    tokens of tau) are left out, and the text on each side of them is spelled alone."""
     pieces = [tok.token_bytes(t) for t in ids]
-    try:
-        b"".join(pieces).decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.reason == "unexpected end of data":  # cut at the end, not broken inside
-            return [t for t, end in zip(ids, itertools.accumulate(map(len, pieces))) if end <= e.start]
-    return ids
+    chars = b"".join(pieces).decode("utf-8", "surrogateescape")  # a byte of no character: a lone surrogate
+    ends = {0, *itertools.accumulate(len(c.encode("utf-8", "surrogateescape")) for c in chars)}
+    kept, texts, start, end = [], [""], 0, 0  # the tokens from start on end no character yet
+    for i, piece in enumerate(pieces):
+        if (end := end + len(piece)) in ends:
+            try:
+                texts[-1] += b"".join(pieces[start:i + 1]).decode("utf-8")
+                kept += ids[start:i + 1]
+            except UnicodeDecodeError:  # they hold a broken character
+                texts.append("")
+            start = i + 1
+    spelled = [tok.base.encode(text, add_special_tokens=False).ids for text in texts]
+    return kept, "".join(texts), [*itertools.chain(*spelled)], [*itertools.chain(*map(tok.merge, spelled))]
 
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
@@ -2356,9 +2365,7 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     samples, counts = [], np.zeros(7, dtype=np.int64)
     for i, completion, source, result in sorted(r for rows, _ in parts for r in rows):  # by prompt
-        task, ids = owners[i], whole_characters(tok, completion.token_ids)  # what is measured
-        base_ids = tok.base.encode(text := tok.decode(ids), add_special_tokens=False).ids  # tau on the text emitted
-        merged = tok.merge(base_ids)  # tau' on the same text
+        task, (ids, text, base_ids, merged) = owners[i], measured(tok, completion.token_ids)
         try:  # Python's own compile, never run here: does the program parse, its indentation right?
             compiles = bool(compile(source, "<candidate>", "exec", dont_inherit=True))
         except (SyntaxError, ValueError, MemoryError, RecursionError):  # ValueError: a NUL byte

@@ -11,6 +11,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
@@ -2944,8 +2945,58 @@ def test_a_character_cut_by_the_token_budget_does_not_count_as_saved(monkeypatch
     summary = kld.evaluate_codegen(model, tok, [task], kld.CodegenSettings(limits=LIMITS, decoding=kld.Decoding(16)))
     summary = summary["summary"]
     assert summary["realised_saving"] == 0 and summary["possible_saving"] == 0
-    assert kld.whole_characters(tok, ids) == ids[:-1]
-    assert kld.whole_characters(tok, tok.encode("é")) == tok.encode("é")
+    assert kld.measured(tok, ids)[0] == ids[:-1]
+    assert kld.measured(tok, tok.encode("é"))[0] == tok.encode("é")
+
+
+@functools.cache
+def teacher_and_student():
+    """The Llama fixture's tau (no merges) and a tau' with merges learnt on CODE."""
+    model, tokenizer = kld.load_model(FIXTURES / "llama")
+    return (model, kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)), tiny_student("llama")
+
+
+TEXTS = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=6)
+# bytes of no character, before a character's first byte or the end: continuation bytes with no
+# first byte; a first byte alone, or a byte UTF-8 never holds; a first byte short of one
+BROKEN = st.one_of(st.lists(st.integers(0x80, 0xBF), min_size=1, max_size=3), st.tuples(st.integers(0xC0, 0xFF)),
+                   st.tuples(st.sampled_from([0xE1, 0xF1]), st.integers(0x80, 0xBF))).map(bytes)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.tuples(TEXTS, BROKEN), min_size=1, max_size=4))
+def test_broken_characters_anywhere_in_a_completion_do_not_count_as_saved(pieces):
+    """The teacher (nothing to save) writes text in tau's own tokens with bytes of no
+    character between (one byte token each). Decoded, each is U+FFFD, which tau spells in up
+    to three tokens: the teacher "saved" tokens. Measured on the bytes: exactly 0."""
+    [task] = kld.read_tasks(BENCH)[:1]
+    (model, tok), _ = teacher_and_student()
+    alphabet = kld.byte_level_alphabet()
+    ids = [t for text, broken in pieces for t in [*tok.encode(text), *(tok.token_to_id(alphabet[b]) for b in broken)]]
+    fake = [kld.Completion(tok.decode(ids), ids, "length")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kld, "generate", lambda model, tok, prompts, decoding: fake)
+        patch.setattr(kld, "run_tests_all", lambda jobs, limits, workers: [kld.RunResult("failed", "", 0.0)])
+        summary = kld.evaluate_codegen(model, tok, [task], kld.CodegenSettings(decoding=kld.Decoding(16)))["summary"]
+    assert summary["realised_saving"] == 0 and summary["possible_saving"] == 0
+    assert summary["tokens_per_char"] == sum(len(tok.encode(t)) for t, _ in pieces) / sum(len(t) for t, _ in pieces)
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.data())
+def test_the_saving_measures_the_same_bytes_in_every_spelling(data):
+    """For any ids, of tau or tau': the tokens measured, their text, and tau's and tau''s
+    spellings of it hold the same bytes; only tokens around broken characters are left out."""
+    for _, tok in teacher_and_student():
+        ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=12))
+        kept, text, base_ids, merged = kld.measured(tok, ids)
+        spelled = [b"".join(map(tok.token_bytes, x)) for x in (kept, base_ids, merged)]
+        assert spelled == [text.encode("utf-8")] * 3
+        rest = iter(ids)
+        assert all(t in rest for t in kept)  # in order, each one emitted
+        whole = b"".join(map(tok.token_bytes, ids))
+        if whole.decode("utf-8", "replace").encode() == whole:  # no broken character: all of it
+            assert kept == ids
 
 
 def test_evaluate_codegen_runs_the_model_end_to_end():
