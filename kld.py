@@ -34,6 +34,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -2091,9 +2092,18 @@ def reserved_uids(n: int, base: int = 61000):
             os.close(fd)
 
 
+@functools.cache
+def _shared_dirs(top: str = "/") -> list[str]:  # the world-writable directories that others can reach
+    with contextlib.suppress(OSError), os.scandir(top) as entries:
+        dirs = [(e.path, e.stat(follow_symlinks=False).st_mode) for e in entries if e.is_dir(follow_symlinks=False)]
+        return [p for path, mode in dirs if mode & 0o001 and path not in ("/proc", "/sys")  # o+x: others pass
+                for p in ([path] if mode & 0o002 else _shared_dirs(path))]
+    return []
+
+
 def _uid_files(uid: int) -> typing.Iterator[tuple[Path, os.stat_result]]:
     """(path, lstat) of what `uid` owns where it can write."""
-    todo = [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)]
+    todo = [*_shared_dirs()]
     while todo:
         with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
             for entry in entries:
@@ -2106,23 +2116,19 @@ def _uid_files(uid: int) -> typing.Iterator[tuple[Path, os.stat_result]]:
 
 def _clean_uid(uid: int, python: str):
     """SIGKILL `uid`'s processes until none is left; remove its files, IPC."""
+    as_uid = dict(user=uid, group=uid, extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
     for _ in range(100):
         if not (live := [pid for pid, _, rss in _processes(uid) if rss is not None]):
             break
-        subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
-                       extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
+        subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], **as_uid)
         time.sleep(0.01)
     else:
         raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: {live[:8]}")
     for path, info in list(_uid_files(uid)):
         with contextlib.suppress(OSError):
             shutil.rmtree(path, True) if stat.S_ISDIR(info.st_mode) else path.unlink()
-    for kind, flag in (("shm", "-m"), ("sem", "-s"), ("msg", "-q")):
-        with contextlib.suppress(OSError):
-            header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
-            column = header.split().index("uid")
-            for row in (r.split() for r in rows if int(r.split()[column]) == uid):
-                subprocess.run(["ipcrm", flag, row[1]], capture_output=True)
+    with contextlib.suppress(OSError):  # as the uid: the System V IPC it owns or made (no ipcrm: none)
+        subprocess.run(["ipcrm", "--all"], **as_uid)
 
 
 def sandbox_python(uid: int | None) -> str:
@@ -2165,6 +2171,7 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
                 python: str | None = None, task: Task | None = None) -> RunResult:
     """Run `program` contained: passed if it returned and exited 0 (with a `task`: run_tests)."""
     started = time.perf_counter()
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: this process's /proc files (environ: secrets) closed
     try:
         program.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -2251,9 +2258,7 @@ def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(),
 def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), workers: int = 0,
                   run=run_tests) -> list[RunResult]:
     """run(*job, limits, uid, python) per job, `workers` (0: CPUs) at once."""
-    if not jobs:
-        return []
-    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
         uids = [None] * n_workers if os.geteuid() else stack.enter_context(reserved_uids(n_workers))
         python, free = sandbox_python(uids[0]), queue.SimpleQueue()  # uids, one job's at a time
@@ -2323,23 +2328,19 @@ def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
 
 
 def measured(tok: ExtendedTokenizer, ids: list[int]) -> tuple[list[int], str, list[int], list[int]]:
-    """What the saving measures of ids: the tokens of whole characters, their text, tau's and tau''s
-    spellings of it. Tokens that hold a byte of a broken character (U+FFFD when decoded, up to 3
-    tokens of tau) are left out, and the text on each side of them is spelled alone."""
+    """The tokens of ids that spell whole characters, their text, tau's and tau''s spellings of it; those
+    of a broken character (U+FFFD when decoded: up to 3 tokens of tau) out, the text each side spelled alone."""
     pieces = [tok.token_bytes(t) for t in ids]
     chars = b"".join(pieces).decode("utf-8", "surrogateescape")  # a byte of no character: a lone surrogate
     ends = {0, *itertools.accumulate(len(c.encode("utf-8", "surrogateescape")) for c in chars)}
-    kept, texts, start, end = [], [""], 0, 0  # the tokens from start on end no character yet
-    for i, piece in enumerate(pieces):
-        if (end := end + len(piece)) in ends:
-            try:
-                texts[-1] += b"".join(pieces[start:i + 1]).decode("utf-8")
-                kept += ids[start:i + 1]
-            except UnicodeDecodeError:  # they hold a broken character
-                texts.append("")
-            start = i + 1
+    cuts = [0, *(i + 1 for i, end in enumerate(itertools.accumulate(map(len, pieces))) if end in ends)]
+    groups = [(ids[a:b], b"".join(pieces[a:b])) for a, b in zip(cuts, cuts[1:])]  # whole characters, or broken
+    runs = [[*run] for whole, run in itertools.groupby(groups, lambda g: g[1].decode(errors="replace").encode() == g[1])
+            if whole]
+    texts = [b"".join(piece for _, piece in run).decode("utf-8") for run in runs]
     spelled = [tok.base.encode(text, add_special_tokens=False).ids for text in texts]
-    return kept, "".join(texts), [*itertools.chain(*spelled)], [*itertools.chain(*map(tok.merge, spelled))]
+    return ([t for run in runs for group, _ in run for t in group], "".join(texts), [*itertools.chain(*spelled)],
+            [*itertools.chain(*map(tok.merge, spelled))])
 
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],

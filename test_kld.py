@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -2829,6 +2830,52 @@ def test_a_program_leaves_no_files_and_no_shared_memory_behind():
     assert names and not any(os.path.exists(n) for n in names)
     segments = [line.split()[1] for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
     assert shmid not in segments
+
+
+@needs_root
+def test_files_left_in_any_world_writable_directory_are_removed():
+    """Leftovers were looked for in /tmp, /var/tmp and /dev/shm only: a file in /run/lock,
+    or in any other directory anyone may write, stayed."""
+    shared = Path(tempfile.mkdtemp(prefix="kld-test-shared-", dir="/run" if os.path.isdir("/run") else "/var"))
+    try:
+        shared.chmod(0o1777)
+        kld._shared_dirs.cache_clear()  # found once per process: this one is new
+        program = ("import os\nnames = []\nfor top in ('/run/lock', '/var/lock', " + repr(str(shared)) + "):\n"
+                   "    if os.path.isdir(top) and os.access(top, os.W_OK):\n"
+                   "        name = os.path.join(top, f'kld-leftover-{os.getpid()}')\n"
+                   "        open(name, 'w').write('x')\n        names.append(name)\n"
+                   "raise RuntimeError(' '.join(names))\n")
+        result = sandbox(program)
+        assert result.status == "failed" and result.detail.startswith("RuntimeError")
+        names = result.detail.split(":", 1)[1].split()
+        assert str(shared) in " ".join(names) and not any(os.path.lexists(n) for n in names)
+    finally:
+        shutil.rmtree(shared)
+        kld._shared_dirs.cache_clear()
+
+
+@needs_root
+def test_a_program_run_as_the_evaluators_user_cannot_read_its_environment():
+    """As an unprivileged user a program read the evaluator's environment (its secrets) from
+    /proc/<parent>/environ. Here an evaluator holding a secret drops to a uid of its own, as
+    an unprivileged user's would be, and runs a program that looks in every process's."""
+    program = ("import os\nfor pid in filter(str.isdigit, os.listdir('/proc')):\n    try:\n"
+               "        data = open(f'/proc/{pid}/environ', 'rb').read()\n    except OSError:\n        continue\n"
+               "    assert b'KLD_TEST_SECRET' not in data, f'the environment of process {pid}'\n")
+    with kld.reserved_uids(1) as [uid]:
+        python = kld.sandbox_python(uid)
+        evaluator = ("import ctypes, os, sys, kld\nuid = int(sys.argv[1])\nos.setgroups([])\n"
+                     "os.setresgid(uid, uid, uid)\nos.setresuid(uid, uid, uid)\n"
+                     "ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # dumpable again, as a process started as the user is\n"
+                     f"limits = kld.{LIMITS!r}\nresult = kld.sandbox_run(sys.argv[2], limits, python=sys.argv[3])\n"
+                     "print(result.status, result.detail)\n")
+        try:
+            done = subprocess.run([sys.executable, "-c", evaluator, str(uid), program, python], cwd="/",
+                                  env={**os.environ, "PYTHONPATH": str(Path(kld.__file__).parent),
+                                       "KLD_TEST_SECRET": "hunter2"}, capture_output=True, text=True, timeout=120)
+        finally:
+            kld._clean_uid(uid, python)
+    assert done.stdout.strip() == "passed", done.stdout + done.stderr[-2000:]
 
 
 @needs_root
