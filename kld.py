@@ -2072,24 +2072,20 @@ def reserved_uids(n: int, base: int = 61000):
     import fcntl
     import pwd
     locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
-    with contextlib.suppress(FileExistsError):
-        locks.mkdir(mode=0o700)
+    locks.mkdir(mode=0o700, exist_ok=True)
     if not stat.S_ISDIR((info := locks.lstat()).st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
         raise KldError(f"{locks} is not a directory that only this user can enter; remove it")
     taken = {p.pw_uid for p in pwd.getpwall()} | {u for _, u, _ in _processes()}
-    uids, fds = [], []
-    try:
+    uids = []
+    with contextlib.ExitStack() as stack:
         for uid in (u for u in itertools.count(base) if u not in taken):
             if len(uids) == n:
                 break
-            fds.append(os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            stack.callback(os.close, fd := os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
             with contextlib.suppress(BlockingIOError):  # else another evaluator's
-                fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 uids.append(uid)
         yield uids
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 @functools.cache
@@ -2114,8 +2110,7 @@ def _uid_files(uid: int) -> typing.Iterator[tuple[Path, os.stat_result]]:
                         todo.append(Path(entry.path))
 
 
-def _clean_uid(uid: int, python: str):
-    """SIGKILL `uid`'s processes until none is left; remove its files, IPC."""
+def _clean_uid(uid: int, python: str):  # SIGKILL uid's processes until none is left; remove its files, IPC
     as_uid = dict(user=uid, group=uid, extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
     for _ in range(100):
         if not (live := [pid for pid, _, rss in _processes(uid) if rss is not None]):
@@ -2141,8 +2136,7 @@ def sandbox_python(uid: int | None) -> str:
             if subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
                               extra_groups=[], cwd="/", env={}, capture_output=True, timeout=30).returncode == 0:
                 return python
-    raise KldError(f"no Python that the sandbox user {uid} may run (tried {tried}); "
-                   "make one reachable by other users")
+    raise KldError(f"no Python that the sandbox user {uid} may run (tried {tried}); make one reachable by others")
 
 
 def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None,
@@ -2328,8 +2322,7 @@ def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
 
 
 def measured(tok: ExtendedTokenizer, ids: list[int]) -> tuple[list[int], str, list[int], list[int]]:
-    """The tokens of ids that spell whole characters, their text, tau's and tau''s spellings of it; those
-    of a broken character (U+FFFD when decoded: up to 3 tokens of tau) out, the text each side spelled alone."""
+    """ids less the tokens of broken characters (U+FFFD: up to 3 of tau), their text, tau's and tau''s spelling."""
     pieces = [tok.token_bytes(t) for t in ids]
     chars = b"".join(pieces).decode("utf-8", "surrogateescape")  # a byte of no character: a lone surrogate
     ends = {0, *itertools.accumulate(len(c.encode("utf-8", "surrogateescape")) for c in chars)}
@@ -2338,9 +2331,8 @@ def measured(tok: ExtendedTokenizer, ids: list[int]) -> tuple[list[int], str, li
     runs = [[*run] for whole, run in itertools.groupby(groups, lambda g: g[1].decode(errors="replace").encode() == g[1])
             if whole]
     texts = [b"".join(piece for _, piece in run).decode("utf-8") for run in runs]
-    spelled = [tok.base.encode(text, add_special_tokens=False).ids for text in texts]
-    return ([t for run in runs for group, _ in run for t in group], "".join(texts), [*itertools.chain(*spelled)],
-            [*itertools.chain(*map(tok.merge, spelled))])
+    tau = [tok.base.encode(text, add_special_tokens=False).ids for text in texts]  # each side of a broken one alone
+    return [t for run in runs for g, _ in run for t in g], "".join(texts), sum(tau, []), sum(map(tok.merge, tau), [])
 
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
@@ -2367,10 +2359,9 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     samples, counts = [], np.zeros(7, dtype=np.int64)
     for i, completion, source, result in sorted(r for rows, _ in parts for r in rows):  # by prompt
         task, (ids, text, base_ids, merged) = owners[i], measured(tok, completion.token_ids)
-        try:  # Python's own compile, never run here: does the program parse, its indentation right?
+        compiles = False  # Python's own compile, never run here: does the program parse, its indentation right?
+        with contextlib.suppress(SyntaxError, ValueError, MemoryError, RecursionError):  # ValueError: a NUL byte
             compiles = bool(compile(source, "<candidate>", "exec", dont_inherit=True))
-        except (SyntaxError, ValueError, MemoryError, RecursionError):  # ValueError: a NUL byte
-            compiles = False
         counts += [len(text), len(ids), len(base_ids), len(merged),
                    *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, merged)), not compiles]
         per_task[task.task_id]["c"] += result.status == "passed"
