@@ -2076,6 +2076,7 @@ def reserved_uids(n: int, base: int = 61000):
     if not stat.S_ISDIR((info := locks.lstat()).st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
         raise KldError(f"{locks} is not a directory that only this user can enter; remove it")
     taken = {p.pw_uid for p in pwd.getpwall()} | {u for _, u, _ in _processes()}
+    _shared_dirs()  # where its files will be looked for: found now, not in a program's time
     uids = []
     with contextlib.ExitStack() as stack:
         for uid in (u for u in itertools.count(base) if u not in taken):
