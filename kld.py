@@ -34,6 +34,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -2072,29 +2073,35 @@ def reserved_uids(n: int, base: int = 61000):
     import fcntl
     import pwd
     locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
-    with contextlib.suppress(FileExistsError):
-        locks.mkdir(mode=0o700)
+    locks.mkdir(mode=0o700, exist_ok=True)
     if not stat.S_ISDIR((info := locks.lstat()).st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
         raise KldError(f"{locks} is not a directory that only this user can enter; remove it")
     taken = {p.pw_uid for p in pwd.getpwall()} | {u for _, u, _ in _processes()}
-    uids, fds = [], []
-    try:
+    _shared_dirs()  # where its files will be looked for: found now, not in a program's time
+    uids = []
+    with contextlib.ExitStack() as stack:
         for uid in (u for u in itertools.count(base) if u not in taken):
             if len(uids) == n:
                 break
-            fds.append(os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            stack.callback(os.close, fd := os.open(locks / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
             with contextlib.suppress(BlockingIOError):  # else another evaluator's
-                fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 uids.append(uid)
         yield uids
-    finally:
-        for fd in fds:
-            os.close(fd)
+
+
+@functools.cache
+def _shared_dirs(top: str = "/") -> list[str]:  # the world-writable directories that others can reach
+    with contextlib.suppress(OSError), os.scandir(top) as entries:
+        dirs = [(e.path, e.stat(follow_symlinks=False).st_mode) for e in entries if e.is_dir(follow_symlinks=False)]
+        return [p for path, mode in dirs if mode & 0o001 and path not in ("/proc", "/sys")  # o+x: others pass
+                for p in ([path] if mode & 0o002 else _shared_dirs(path))]
+    return []
 
 
 def _uid_files(uid: int) -> typing.Iterator[tuple[Path, os.stat_result]]:
     """(path, lstat) of what `uid` owns where it can write."""
-    todo = [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)]
+    todo = [*_shared_dirs()]
     while todo:
         with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
             for entry in entries:
@@ -2105,25 +2112,20 @@ def _uid_files(uid: int) -> typing.Iterator[tuple[Path, os.stat_result]]:
                         todo.append(Path(entry.path))
 
 
-def _clean_uid(uid: int, python: str):
-    """SIGKILL `uid`'s processes until none is left; remove its files, IPC."""
+def _clean_uid(uid: int, python: str):  # SIGKILL uid's processes until none is left; remove its files, IPC
+    as_uid = dict(user=uid, group=uid, extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
     for _ in range(100):
         if not (live := [pid for pid, _, rss in _processes(uid) if rss is not None]):
             break
-        subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
-                       extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
+        subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], **as_uid)
         time.sleep(0.01)
     else:
         raise KldError(f"processes of the sandbox user {uid} outlive SIGKILL: {live[:8]}")
     for path, info in list(_uid_files(uid)):
         with contextlib.suppress(OSError):
             shutil.rmtree(path, True) if stat.S_ISDIR(info.st_mode) else path.unlink()
-    for kind, flag in (("shm", "-m"), ("sem", "-s"), ("msg", "-q")):
-        with contextlib.suppress(OSError):
-            header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
-            column = header.split().index("uid")
-            for row in (r.split() for r in rows if int(r.split()[column]) == uid):
-                subprocess.run(["ipcrm", flag, row[1]], capture_output=True)
+    with contextlib.suppress(OSError):  # as the uid: the System V IPC it owns or made (no ipcrm: none)
+        subprocess.run(["ipcrm", "--all"], **as_uid)
 
 
 def sandbox_python(uid: int | None) -> str:
@@ -2136,8 +2138,7 @@ def sandbox_python(uid: int | None) -> str:
             if subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
                               extra_groups=[], cwd="/", env={}, capture_output=True, timeout=30).returncode == 0:
                 return python
-    raise KldError(f"no Python that the sandbox user {uid} may run (tried {tried}); "
-                   "make one reachable by other users")
+    raise KldError(f"no Python that the sandbox user {uid} may run (tried {tried}); make one reachable by others")
 
 
 def _wait_bounded(process: subprocess.Popen, limits: SandboxLimits, uid: int | None,
@@ -2166,6 +2167,7 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
                 python: str | None = None, task: Task | None = None) -> RunResult:
     """Run `program` contained: passed if it returned and exited 0 (with a `task`: run_tests)."""
     started = time.perf_counter()
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: this process's /proc files (environ: secrets) closed
     try:
         program.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -2246,9 +2248,7 @@ def run_tests(task: Task, source: str, limits: SandboxLimits = SandboxLimits(),
 def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), workers: int = 0,
                   run=run_tests) -> list[RunResult]:
     """run(*job, limits, uid, python) per job, `workers` (0: CPUs) at once."""
-    if not jobs:
-        return []
-    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
         uids = [None] * n_workers if os.geteuid() else stack.enter_context(reserved_uids(n_workers))
         python, free = sandbox_python(uids[0]), queue.SimpleQueue()  # uids, one job's at a time
@@ -2317,15 +2317,18 @@ def codegen_settings(cfg: Config, tok: ExtendedTokenizer) -> CodegenSettings:
                            limits, cfg.exec_workers)
 
 
-def whole_characters(tok: ExtendedTokenizer, ids: list[int]) -> list[int]:
-    """ids less a character the token budget cut short (U+FFFD: 3 tokens)."""
+def measured(tok: ExtendedTokenizer, ids: list[int]) -> tuple[list[int], str, list[int], list[int]]:
+    """ids less the tokens of broken characters (U+FFFD: up to 3 of tau), their text, tau's and tau''s spelling."""
     pieces = [tok.token_bytes(t) for t in ids]
-    try:
-        b"".join(pieces).decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.reason == "unexpected end of data":  # cut at the end, not broken inside
-            return [t for t, end in zip(ids, itertools.accumulate(map(len, pieces))) if end <= e.start]
-    return ids
+    chars = b"".join(pieces).decode("utf-8", "surrogateescape")  # a byte of no character: a lone surrogate
+    ends = {0, *itertools.accumulate(len(c.encode("utf-8", "surrogateescape")) for c in chars)}
+    cuts = [0, *(i + 1 for i, end in enumerate(itertools.accumulate(map(len, pieces))) if end in ends)]
+    groups = [(ids[a:b], b"".join(pieces[a:b])) for a, b in zip(cuts, cuts[1:])]  # whole characters, or broken
+    runs = [[*run] for whole, run in itertools.groupby(groups, lambda g: g[1].decode(errors="replace").encode() == g[1])
+            if whole]
+    texts = [b"".join(piece for _, piece in run).decode("utf-8") for run in runs]
+    tau = [tok.base.encode(text, add_special_tokens=False).ids for text in texts]  # each side of a broken one alone
+    return [t for run in runs for g, _ in run for t in g], "".join(texts), sum(tau, []), sum(map(tok.merge, tau), [])
 
 
 def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
@@ -2351,13 +2354,10 @@ def evaluate_codegen(model: GPT, tok: ExtendedTokenizer, tasks: list[Task],
     per_task = {t.task_id: {"n": n_samples, "c": 0} for t in tasks}
     samples, counts = [], np.zeros(7, dtype=np.int64)
     for i, completion, source, result in sorted(r for rows, _ in parts for r in rows):  # by prompt
-        task, ids = owners[i], whole_characters(tok, completion.token_ids)  # what is measured
-        base_ids = tok.base.encode(text := tok.decode(ids), add_special_tokens=False).ids  # tau on the text emitted
-        merged = tok.merge(base_ids)  # tau' on the same text
-        try:  # Python's own compile, never run here: does the program parse, its indentation right?
+        task, (ids, text, base_ids, merged) = owners[i], measured(tok, completion.token_ids)
+        compiles = False  # Python's own compile, never run here: does the program parse, its indentation right?
+        with contextlib.suppress(SyntaxError, ValueError, MemoryError, RecursionError):  # ValueError: a NUL byte
             compiles = bool(compile(source, "<candidate>", "exec", dont_inherit=True))
-        except (SyntaxError, ValueError, MemoryError, RecursionError):  # ValueError: a NUL byte
-            compiles = False
         counts += [len(text), len(ids), len(base_ids), len(merged),
                    *(sum(t >= tok.base_vocab_size for t in x) for x in (ids, merged)), not compiles]
         per_task[task.task_id]["c"] += result.status == "passed"

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
@@ -22,6 +23,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -2972,6 +2974,52 @@ def test_a_program_leaves_no_files_and_no_shared_memory_behind():
 
 
 @needs_root
+def test_files_left_in_any_world_writable_directory_are_removed():
+    """Leftovers were looked for in /tmp, /var/tmp and /dev/shm only: a file in /run/lock,
+    or in any other directory anyone may write, stayed."""
+    shared = Path(tempfile.mkdtemp(prefix="kld-test-shared-", dir="/run" if os.path.isdir("/run") else "/var"))
+    try:
+        shared.chmod(0o1777)
+        kld._shared_dirs.cache_clear()  # found once per process: this one is new
+        program = ("import os\nnames = []\nfor top in ('/run/lock', '/var/lock', " + repr(str(shared)) + "):\n"
+                   "    if os.path.isdir(top) and os.access(top, os.W_OK):\n"
+                   "        name = os.path.join(top, f'kld-leftover-{os.getpid()}')\n"
+                   "        open(name, 'w').write('x')\n        names.append(name)\n"
+                   "raise RuntimeError(' '.join(names))\n")
+        result = sandbox(program)
+        assert result.status == "failed" and result.detail.startswith("RuntimeError")
+        names = result.detail.split(":", 1)[1].split()
+        assert str(shared) in " ".join(names) and not any(os.path.lexists(n) for n in names)
+    finally:
+        shutil.rmtree(shared)
+        kld._shared_dirs.cache_clear()
+
+
+@needs_root
+def test_a_program_run_as_the_evaluators_user_cannot_read_its_environment():
+    """As an unprivileged user a program read the evaluator's environment (its secrets) from
+    /proc/<parent>/environ. Here an evaluator holding a secret drops to a uid of its own, as
+    an unprivileged user's would be, and runs a program that looks in every process's."""
+    program = ("import os\nfor pid in filter(str.isdigit, os.listdir('/proc')):\n    try:\n"
+               "        data = open(f'/proc/{pid}/environ', 'rb').read()\n    except OSError:\n        continue\n"
+               "    assert b'KLD_TEST_SECRET' not in data, f'the environment of process {pid}'\n")
+    with kld.reserved_uids(1) as [uid]:
+        python = kld.sandbox_python(uid)
+        evaluator = ("import ctypes, os, sys, kld\nuid = int(sys.argv[1])\nos.setgroups([])\n"
+                     "os.setresgid(uid, uid, uid)\nos.setresuid(uid, uid, uid)\n"
+                     "ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # dumpable again, as a process started as the user is\n"
+                     f"limits = kld.{LIMITS!r}\nresult = kld.sandbox_run(sys.argv[2], limits, python=sys.argv[3])\n"
+                     "print(result.status, result.detail)\n")
+        try:
+            done = subprocess.run([sys.executable, "-c", evaluator, str(uid), program, python], cwd="/",
+                                  env={**os.environ, "PYTHONPATH": str(Path(kld.__file__).parent),
+                                       "KLD_TEST_SECRET": "hunter2"}, capture_output=True, text=True, timeout=120)
+        finally:
+            kld._clean_uid(uid, python)
+    assert done.stdout.strip() == "passed", done.stdout + done.stderr[-2000:]
+
+
+@needs_root
 def test_memory_is_bounded_over_all_the_processes_of_a_program():
     # four processes of 160 MB each: each under the per-process limit (512 MB), together over it
     program = ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        break\n"
@@ -3085,8 +3133,58 @@ def test_a_character_cut_by_the_token_budget_does_not_count_as_saved(monkeypatch
     summary = kld.evaluate_codegen(model, tok, [task], kld.CodegenSettings(limits=LIMITS, decoding=kld.Decoding(16)))
     summary = summary["summary"]
     assert summary["realised_saving"] == 0 and summary["possible_saving"] == 0
-    assert kld.whole_characters(tok, ids) == ids[:-1]
-    assert kld.whole_characters(tok, tok.encode("é")) == tok.encode("é")
+    assert kld.measured(tok, ids)[0] == ids[:-1]
+    assert kld.measured(tok, tok.encode("é"))[0] == tok.encode("é")
+
+
+@functools.cache
+def teacher_and_student():
+    """The Llama fixture's tau (no merges) and a tau' with merges learnt on CODE."""
+    model, tokenizer = kld.load_model(FIXTURES / "llama")
+    return (model, kld.ExtendedTokenizer(tokenizer, [], model.cfg.vocab_size)), tiny_student("llama")
+
+
+TEXTS = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=6)
+# bytes of no character, before a character's first byte or the end: continuation bytes with no
+# first byte; a first byte alone, or a byte UTF-8 never holds; a first byte short of one
+BROKEN = st.one_of(st.lists(st.integers(0x80, 0xBF), min_size=1, max_size=3), st.tuples(st.integers(0xC0, 0xFF)),
+                   st.tuples(st.sampled_from([0xE1, 0xF1]), st.integers(0x80, 0xBF))).map(bytes)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.tuples(TEXTS, BROKEN), min_size=1, max_size=4))
+def test_broken_characters_anywhere_in_a_completion_do_not_count_as_saved(pieces):
+    """The teacher (nothing to save) writes text in tau's own tokens with bytes of no
+    character between (one byte token each). Decoded, each is U+FFFD, which tau spells in up
+    to three tokens: the teacher "saved" tokens. Measured on the bytes: exactly 0."""
+    [task] = kld.read_tasks(BENCH)[:1]
+    (model, tok), _ = teacher_and_student()
+    alphabet = kld.byte_level_alphabet()
+    ids = [t for text, broken in pieces for t in [*tok.encode(text), *(tok.token_to_id(alphabet[b]) for b in broken)]]
+    fake = [kld.Completion(tok.decode(ids), ids, "length")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kld, "generate", lambda model, tok, prompts, decoding: fake)
+        patch.setattr(kld, "run_tests_all", lambda jobs, limits, workers: [kld.RunResult("failed", "", 0.0)])
+        summary = kld.evaluate_codegen(model, tok, [task], kld.CodegenSettings(decoding=kld.Decoding(16)))["summary"]
+    assert summary["realised_saving"] == 0 and summary["possible_saving"] == 0
+    assert summary["tokens_per_char"] == sum(len(tok.encode(t)) for t, _ in pieces) / sum(len(t) for t, _ in pieces)
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.data())
+def test_the_saving_measures_the_same_bytes_in_every_spelling(data):
+    """For any ids, of tau or tau': the tokens measured, their text, and tau's and tau''s
+    spellings of it hold the same bytes; only tokens around broken characters are left out."""
+    for _, tok in teacher_and_student():
+        ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=12))
+        kept, text, base_ids, merged = kld.measured(tok, ids)
+        spelled = [b"".join(map(tok.token_bytes, x)) for x in (kept, base_ids, merged)]
+        assert spelled == [text.encode("utf-8")] * 3
+        rest = iter(ids)
+        assert all(t in rest for t in kept)  # in order, each one emitted
+        whole = b"".join(map(tok.token_bytes, ids))
+        if whole.decode("utf-8", "replace").encode() == whole:  # no broken character: all of it
+            assert kept == ids
 
 
 def test_evaluate_codegen_runs_the_model_end_to_end():
