@@ -3350,8 +3350,8 @@ def test_two_ranks_train_measure_and_generate_as_one_process_and_resume_in_one(t
     one = tmp_path / "one"
     assert kld.main(["--config", str(tmp_path / "c.json"), "--out_dir", str(one)]) == 0
     rows_two = load_file(two / "new_rows.safetensors")
-    for name, rows in load_file(one / "new_rows.safetensors").items():
-        torch.testing.assert_close(rows_two[name], rows, atol=1e-6, rtol=0)
+    for name, rows in load_file(one / "new_rows.safetensors").items():  # sums in another order: Adam
+        torch.testing.assert_close(rows_two[name], rows, atol=1e-5, rtol=0)  # scales up their rounding
     results_one, results_two = (json.loads((d / "results.json").read_text()) for d in (one, two))
     for measures in ["teacher", "student_init", "student"]:
         for key, value in results_one[measures].items():
