@@ -149,7 +149,7 @@ class Config:
 
 
 NEWLINE_RULES = ("line_start", "line_end", "alone")  # what a newline token may merge with (build_extension)
-INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece", "char_length")  # init_rows
+INIT_NAMES = ("random", "mean", "fvt", "last_piece", "first_piece")  # init_rows
 ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" where open)
     "dtype": ("float32", "bfloat16", "float16"), "init": INIT_NAMES, "init_output": INIT_NAMES,
     "objective": ("kl", "ce"), "lift": ("path", "trie"), "finetune_layers": "[-1, inf]",
@@ -163,8 +163,8 @@ ALLOWED = {  # a field's choices, or an interval of finite numbers ("(" and ")" 
                     "exec_workers".split(), "[0, inf]"),
 }
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in (  # a checkpoint resumes under these
-    "device out_dir loss_chunk target_cache log_every eval_every eval_chars eval_window resume finetune_steps finetune_lr "
-    "prompt chat system_prompt max_new_tokens temperature top_p stop gen_batch_size tasks n_samples pass_k "
+    "device out_dir loss_chunk target_cache log_every eval_every eval_chars eval_window resume finetune_steps "
+    "finetune_lr prompt chat system_prompt max_new_tokens temperature top_p stop gen_batch_size tasks n_samples pass_k "
     "exec_timeout exec_workers").split())
 CODEGEN_KEYS = tuple("seed chat system_prompt max_new_tokens temperature "  # what evaluate_codegen's results depend on
                      "top_p tasks n_samples pass_k exec_timeout".split())
@@ -925,15 +925,14 @@ def lift(rows: TeacherRows, teacher_ids: list[int], span_starts: list[int], trie
 # 5. Initialisers for the new rows (METHOD.md section 5)
 
 def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
-              generator: torch.Generator | None = None, piece_bytes: list | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """The new tokens' rows (N, d) by `rule`, from a matrix's base rows W (V, d) and the
-    pieces x_1 .. x_k of each exp(v) (piece_bytes[n][i] = |x_i| of new token n):
+    pieces x_1 .. x_k of each exp(v):
       random       N(mean, std^2) of W per dimension
       mean         W's mean (Hewitt 2021): as output rows, N/(V+N) of the mass at most
       fvt          the pieces' mean (FVT, Gee et al. 2022)
       last_piece   weights a_i = 2^-(k-i) (AdaptiVocab's input rows: read where text ends)
       first_piece  a_i = 2^-(i-1) (its output rows: predicted where the text begins)
-      char_length  a_i = |x_i| in bytes (its output rows)
     """
     W = upcast(rows)
     if rule == "random":
@@ -946,9 +945,7 @@ def init_rows(rule: str, rows: torch.Tensor, expansions: list[tuple[int, ...]],
     out = []  # sum_i a_i w_{x_i} / sum_i a_i
     for n, e in enumerate(expansions):
         powers = range(len(e) - 1, -1, -1) if rule == "last_piece" else range(len(e))
-        a = torch.tensor(piece_bytes[n] if rule == "char_length" else [2.0 ** -p for p in powers], dtype=torch.float64)
-        if not a.sum() > 0:
-            raise KldError(f"the pieces of new token {n} have no length")
+        a = torch.tensor([2.0 ** -p for p in powers], dtype=torch.float64)
         out.append((a[:, None] * rows[list(e)].double()).sum(0) / a.sum())  # (d,)
     return torch.stack(out).to(rows.dtype)
 
@@ -963,10 +960,7 @@ def init_new_rows(model: GPT, tok: ExtendedTokenizer, init_in: str, init_out: st
     if not tok.expansions:  # K = 0: the student is the teacher
         empty = model.embed.weight.new_zeros(0, model.cfg.d_model)
         return model.add_new_tokens(empty, empty.clone())
-    pieces = None
-    if "char_length" in (init_in, init_out):  # the one rule that reads the pieces' spellings
-        pieces = [[len(tok.token_bytes(x)) for x in e] for e in tok.expansions]
-    args = (tok.expansions, torch.Generator().manual_seed(seed), pieces)
+    args = (tok.expansions, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         new_in = init_rows(init_in, model.embed.weight.cpu(), *args)
         new_out = init_rows(init_out, model.output_weight().cpu(), *args)
@@ -1090,7 +1084,7 @@ def branch_logits(model, cache, nodes, prefix_slots, slots, hidden=False):
 @torch.no_grad()
 def teacher_targets(teacher, tok, windows, lift_cfg):
     """The lifted targets p' of a batch of windows (B, T + 1) by the batched lift: a list of
-    LiftedTargets (one per window, T positions each), and the branch tokens run for each."""
+    LiftedTargets (one per window, T positions each), and the number of branch tokens run."""
     device = teacher.embed.weight.device
     tables = tables_to(lift_cfg.tables, device)  # no copy where they are
     head = teacher.output_weight()  # (|V|, d)
@@ -1107,7 +1101,7 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
     width = max(map(len, teacher_ids)) + 1
     branches = BranchRows(ids.new_zeros(0), ids.new_zeros(0, len(tables.alphabet)).double())
     slots = [{} for _ in windows]  # node -> its cache slot
-    n_branch = [0] * len(windows)
+    n_branch = 0
     while True:
         targets, wanted = lift_batch(rows, windows, teacher_ids, starts, tables, branches, min_prob, lift_cfg.condition)
         todo, keys = [[] for _ in windows], [[] for _ in windows]
@@ -1125,45 +1119,46 @@ def teacher_targets(teacher, tok, windows, lift_cfg):
         logp = torch.cat([branches.rows, logp.double()])
         order = keys.argsort()  # BranchRows keeps its keys sorted
         branches = BranchRows(keys[order], logp[order])
-        for r, row in enumerate(todo):
-            n_branch[r] += len(row)
+        n_branch += len(at)
 
 
 CACHED_FIELDS = ("log_z", "fix_pos", "fix_ids", "fix_logp", "new_ids", "new_logp", "span_logp")
+TARGETS_VERSION = 1  # raised when a change to kld alters p' or its file: older cached targets are never read
 
 
-def lifted_targets(teacher, tok, windows, lift_cfg):
-    """teacher_targets, each window's read from lift_cfg.cache where an earlier call left it:
-    p' depends only on the window, the teacher's weights and numerics, tau' and the lift, so
-    epochs, resumed runs and runs side by side (the matrix's cells) compute it once, up to the
-    rounding that another batch's padding gives."""
+def lifted_targets(teacher, tok, windows, lift_cfg) -> list[LiftedTargets]:
+    """teacher_targets' targets, each window's read from lift_cfg.cache where an earlier call
+    left it: p' depends only on the window, the teacher (weights, architecture, numerics),
+    tau', the lift and TARGETS_VERSION, so runs side by side (the matrix's cells), resumed
+    runs and each evaluation compute it once, up to the rounding of another batch's padding."""
     if lift_cfg.cache is None:
-        return teacher_targets(teacher, tok, windows, lift_cfg)
+        return teacher_targets(teacher, tok, windows, lift_cfg)[0]
     weight, head = teacher.embed.weight, teacher.output_weight()
-    numerics = [base_weights_digest(teacher), str(weight.dtype), weight.device.type, torch.is_autocast_enabled("cpu")]
+    numerics = [TARGETS_VERSION, base_weights_digest(teacher), dataclasses.asdict(teacher.cfg), str(weight.dtype),
+                weight.device.type, torch.is_autocast_enabled("cpu")]
     files = [lift_cfg.cache / digest(numerics) / f"{digest(w)}.safetensors" for w in windows]
-    found = [read_targets(f, head, lift_cfg.tables.n_new) for f in files]
-    missing = [i for i, x in enumerate(found) if x is None]
-    if missing:
-        targets, n_branch = teacher_targets(teacher, tok, [windows[i] for i in missing], lift_cfg)
-        for i, t, n in zip(missing, targets, n_branch):
-            tensors = {"states": t.teacher.states, "lse": t.teacher.lse, "n_branch": torch.tensor(n),
-                       **{k: getattr(t, k) for k in CACHED_FIELDS}}
-            try:  # clone: the file holds this window's numbers, not the batch's
-                write_atomic(files[i], safetensors.torch.save({k: v.cpu().clone() for k, v in tensors.items()}))
-            except OSError as e:
-                raise KldError(f"target_cache {lift_cfg.cache} cannot be written: {e.strerror or e}; "
-                               "set target_cache to another folder, or null") from None
-            found[i] = t, n
-    return [t for t, _ in found], [n for _, n in found]
+    found = [read_targets(f, w, head, lift_cfg.tables.n_new) for f, w in zip(files, windows)]
+    missing = [i for i, t in enumerate(found) if t is None]
+    computed = teacher_targets(teacher, tok, [windows[i] for i in missing], lift_cfg)[0] if missing else []
+    for i, t in zip(missing, computed):
+        tensors = {"window": torch.tensor(windows[i]), "states": t.teacher.states, "lse": t.teacher.lse,
+                   **{k: getattr(t, k) for k in CACHED_FIELDS}}
+        try:  # clone: the file holds this window's numbers, not the batch's
+            write_atomic(files[i], safetensors.torch.save({k: v.cpu().clone() for k, v in tensors.items()}))
+        except OSError as e:
+            raise KldError(f"target_cache {lift_cfg.cache} cannot be written: {e.strerror or e}; "
+                           "set target_cache to another folder, or null") from None
+        found[i] = t
+    return found
 
 
-def read_targets(path: Path, head: torch.Tensor, n_new: int) -> tuple[LiftedTargets, int] | None:
-    """A window's targets and branch count as lifted_targets wrote them; None where absent or unreadable."""
+def read_targets(path: Path, window: list[int], head: torch.Tensor, n_new: int) -> LiftedTargets | None:
+    """A window's targets as lifted_targets wrote them; None where absent, unreadable or another window's."""
     try:
         x = {k: v.to(head.device) for k, v in safetensors.torch.load(path.read_bytes()).items()}
-        rows = TeacherRows(x["states"], head, x["lse"])
-        return LiftedTargets(rows, n_new=n_new, **{k: x[k] for k in CACHED_FIELDS}), int(x["n_branch"])
+        if x["window"].tolist() != window:
+            return None
+        return LiftedTargets(TeacherRows(x["states"], head, x["lse"]), n_new=n_new, **{k: x[k] for k in CACHED_FIELDS})
     except Exception:  # missing, cut short or from another version: computed again
         return None
 
@@ -1220,7 +1215,7 @@ def training_loss(model, tok, windows, objective, lift_cfg=None, teacher=None, c
     h = torch.cat([states[b, : len(w) - 1] for b, w in enumerate(windows)])
     next_ids = torch.tensor([i for w in windows for i in w[1:]], device=ids.device)
     if objective == "kl":  # no gradient flows to the teacher
-        p = cat_targets(lifted_targets(teacher or model, tok, windows, lift_cfg)[0])
+        p = cat_targets(lifted_targets(teacher or model, tok, windows, lift_cfg))
     def position_loss(logits, i, j):  # p' dense for one chunk only
         if objective == "ce":
             return F.cross_entropy(logits, next_ids[i:j], reduction="none")
@@ -1261,7 +1256,7 @@ def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, r
     student = lift_cfg is not None
     device = model.embed.weight.device
     V = tok.base_vocab_size
-    n = dict.fromkeys("nats chars tokens branch kl target zero new mass target_mass".split(), 0)
+    n = dict.fromkeys("nats chars tokens kl target zero new mass target_mass".split(), 0)
     mine = share(chunks, ranks)
     size = max(1, batch_size // ranks.world)
     for batch in (mine[i : i + size] for i in range(0, len(mine), size)):
@@ -1272,8 +1267,7 @@ def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, r
             logits = model(*padded_batch(seqs, device), base_only=not student)
         targets = [None] * len(seqs)
         if student:
-            targets, branch = lifted_targets(teacher or model, tok, seqs, lift_cfg)
-            n["branch"] += sum(branch)
+            targets = lifted_targets(teacher or model, tok, seqs, lift_cfg)
         for s, x, p in zip(seqs, logits, targets):
             x = upcast(x[: len(s) - 1])
             next_ids = torch.tensor(s[1:], device=device)
@@ -1294,8 +1288,7 @@ def evaluate(model, tok, chunks, sep, batch_size, lift_cfg=None, teacher=None, r
         out |= {"kl": n["kl"] / tokens, "target_bits_per_char": n["target"] / math.log(2) / chars,
                 "target_zero_share": n["zero"] / tokens, "new_token_share": new / tokens,
                 "new_token_mass": n["mass"] / new if new else None,
-                "target_new_token_mass": n["target_mass"] / new if new else None,
-                "branch_tokens_per_token": n["branch"] / tokens}
+                "target_new_token_mass": n["target_mass"] / new if new else None}
     return out
 
 
@@ -1879,20 +1872,15 @@ def candidate_source(task: Task, completion: str, chat: bool) -> str:
     (its imports, helpers), then the answer's def, or the answer as its body."""
     if not chat:
         return task.prompt + completion
-    lines, prompt = completion.strip("\n").splitlines(), task.prompt.rstrip().splitlines()
+    lines, prompt = completion.strip("\n").split("\n"), task.prompt.rstrip().split("\n")
     future = [line for line in prompt + lines if line.startswith("from __future__ import")]
     head = "\n".join(future + [line for line in prompt if line not in future])
     code = "\n".join(line for line in lines if line not in future).strip("\n")
-    if any(line.startswith(f"def {task.entry_point}(") for line in code.splitlines()):
+    if any(line.startswith(f"def {task.entry_point}(") for line in code.split("\n")):
         return head + "\n\n\n" + code + "\n"
     if code and not code[0].isspace():
-        code = "\n".join("    " + line if line else line for line in code.splitlines())
+        code = "\n".join("    " + line if line else line for line in code.split("\n"))
     return head + "\n" + code + "\n"
-
-
-def program_with_tests(task: Task, source: str) -> str:
-    """One program, as HumanEval's harness runs it."""
-    return f"{source}\n\n{task.test}\n\ncheck({task.entry_point})\n"
 
 
 @dataclass(frozen=True)
@@ -1961,9 +1949,11 @@ def as_plain(x, depth=0):
 def send(file, data):
     file.write(len(data).to_bytes(8, "little") + data)
     file.flush()
-def function(code, name, defaults, cells, used):  # as in one program, the tests' globals join the candidate's
+def function(code, name, defaults, kwdefaults, cells, used):  # the tests' globals join ours, as in one program
     namespace.update(used)
-    return types.FunctionType(marshal.loads(code), namespace, name, defaults, tuple(map(types.CellType, cells)))
+    f = types.FunctionType(marshal.loads(code), namespace, name, defaults, tuple(map(types.CellType, cells)))
+    f.__kwdefaults__ = kwdefaults
+    return f
 """
 
 # The program's process: sandbox_run's reports the nonce if it returned; run_tests's answers calls.
@@ -1987,7 +1977,7 @@ except BaseException as e:
 if not entry:
     os.write(report_fd, nonce)
     os._exit(0)
-send(answers, marshal.dumps(("ready",)))
+send(answers, marshal.dumps(("ready", sys.implementation.cache_tag)))
 while head := calls.read(8):
     try:
         args, kwargs = pickle.loads(calls.read(int.from_bytes(head, "little")))
@@ -2004,7 +1994,8 @@ os._exit(0)
 # run_tests, the verdict's side: the tests call a stand-in, which raises the candidate's exception as the
 # first of its classes known here. A StopIteration (or asyncio's cancel, no Exception) would end their map (or
 # task) early, unsaid: it is an error of its own (PEP 479); a test runner's skip or stop crosses as its base.
-VERDICT_DRIVER = LOAD + PLAIN_VALUES + r"""prompt_file, test_file, entry = sys.argv[1:4]
+VERDICT_DRIVER = LOAD + PLAIN_VALUES + r"""import dis
+prompt_file, test_file, entry = sys.argv[1:4]
 calls, answers, report_fd = open(int(sys.argv[4]), "wb"), open(int(sys.argv[5]), "rb"), int(sys.argv[6])
 def receive():
     if (size := int.from_bytes(head := answers.read(8), "little")) > 64 << 20:
@@ -2020,9 +2011,14 @@ class Copier(pickle.Pickler):  # a function by its code, cells and the tests' gl
     def reducer_override(self, x):
         if type(x) is not types.FunctionType or x.__module__ != "candidate":  # else by reference
             return NotImplemented
+        if first[1:] != (sys.implementation.cache_tag,):  # marshal's code objects are one Python version's
+            raise TypeError(f"a function, to a Python of other bytecode: {first[1:]}")
         cells = [c.cell_contents for c in x.__closure__ or ()]
-        used = {n: x.__globals__[n] for n in x.__code__.co_names if n in x.__globals__ and n not in prompt}
-        return function, (marshal.dumps(x.__code__), x.__name__, x.__defaults__, cells, used)
+        used = {n: x.__globals__[n] for n in global_names(x.__code__) if n in x.__globals__ and n not in prompt}
+        return function, (marshal.dumps(x.__code__), x.__name__, x.__defaults__, x.__kwdefaults__, cells, used)
+def global_names(code):  # the globals code reads (co_names also holds attribute names), nested code's too
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    return names.union(*(global_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
 def rebuilt(names, args, state):
     cls = next((c for m, q in names if isinstance(c := getattr(sys.modules.get(m), q, None), type)
                 and c.__module__.split(".")[0] not in ("unittest", "_pytest", "hypothesis")), object)
@@ -2073,7 +2069,8 @@ def reserved_uids(n: int, base: int = 61000):
     import fcntl
     import pwd
     locks = Path("/run" if os.path.isdir("/run") else "/tmp", "kld-sandbox-uids")
-    locks.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        locks.mkdir(mode=0o700)
     if not stat.S_ISDIR((info := locks.lstat()).st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
         raise KldError(f"{locks} is not a directory that only this user can enter; remove it")
     taken = {p.pw_uid for p in pwd.getpwall()} | {u for _, u, _ in _processes()}
@@ -2112,8 +2109,12 @@ def _uid_files(uid: int) -> typing.Iterator[tuple[Path, os.stat_result]]:
                         todo.append(Path(entry.path))
 
 
+def _as_user(uid: int) -> dict:  # subprocess.run's arguments: as uid, with nothing of ours
+    return dict(user=uid, group=uid, extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
+
+
 def _clean_uid(uid: int, python: str):  # SIGKILL uid's processes until none is left; remove its files, IPC
-    as_uid = dict(user=uid, group=uid, extra_groups=[], cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True)
+    as_uid = _as_user(uid)
     for _ in range(100):
         if not (live := [pid for pid, _, rss in _processes(uid) if rss is not None]):
             break
@@ -2129,15 +2130,22 @@ def _clean_uid(uid: int, python: str):  # SIGKILL uid's processes until none is 
 
 
 def sandbox_python(uid: int | None) -> str:
-    """A Python `uid` can run: this one (maybe in /root), or a system one."""
+    """A Python `uid` can run: this one (maybe in /root), or a system one, of this one's
+    bytecode where one is (the tests' functions cross as code objects)."""
     if uid is None:
         return sys.executable
-    tried = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+    version = "%d.%d" % sys.version_info[:2]
+    tried = [sys.executable, os.path.realpath(sys.executable), *(f"/usr{at}/bin/python{v}" for v in (version, "3")
+                                                                   for at in ("", "/local"))]
+    tags = {}  # python -> its bytecode's tag
     for python in dict.fromkeys(tried):
         with contextlib.suppress(OSError):
-            if subprocess.run([python, "-I", "-c", "import json, resource"], user=uid, group=uid,
-                              extra_groups=[], cwd="/", env={}, capture_output=True, timeout=30).returncode == 0:
-                return python
+            probe = "import json, resource, sys; print(sys.implementation.cache_tag)"
+            done = subprocess.run([python, "-I", "-c", probe], **_as_user(uid), timeout=30)
+            if done.returncode == 0:
+                tags[python] = done.stdout.decode().strip()
+    if tags:
+        return next((p for p, tag in tags.items() if tag == sys.implementation.cache_tag), next(iter(tags)))
     raise KldError(f"no Python that the sandbox user {uid} may run (tried {tried}); make one reachable by others")
 
 
@@ -2167,7 +2175,8 @@ def sandbox_run(program: str, limits: SandboxLimits = SandboxLimits(), uid: int 
                 python: str | None = None, task: Task | None = None) -> RunResult:
     """Run `program` contained: passed if it returned and exited 0 (with a `task`: run_tests)."""
     started = time.perf_counter()
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: this process's /proc files (environ: secrets) closed
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: its /proc files (environ: secrets) closed
     try:
         program.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -2261,10 +2270,6 @@ def run_tests_all(jobs: list[tuple], limits: SandboxLimits = SandboxLimits(), wo
             finally:
                 free.put(uid)
         return list(pool.map(one, jobs))
-
-
-def sandbox_run_all(programs: list[str], limits=SandboxLimits(), workers=0) -> list[RunResult]:
-    return run_tests_all([(p,) for p in programs], limits, workers, sandbox_run)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -810,7 +810,7 @@ def lift_bench(args):
                 batch = windows[i : i + args.batch_size]
                 (targets, n_branch), s = timed(lambda: kld.teacher_targets(model, tok, batch, lift_cfg))
                 seconds += s
-                branch += sum(n_branch)
+                branch += n_branch
                 for w, t in zip(batch, targets):
                     next_ids = torch.tensor(w[1:])
                     floor = kld.target_logprobs(t, next_ids)
@@ -1003,13 +1003,23 @@ def rows(args):
         print(plot_rows(Path(args.plot), table, {"bits_per_char": teacher_bpc, "pass@1": ref["pass@1"]}))
 
 
+def program_with_tests(task: kld.Task, source: str) -> str:
+    """One program, as HumanEval's harness runs it."""
+    return f"{source}\n\n{task.test}\n\ncheck({task.entry_point})\n"
+
+
+def sandbox_run_all(programs: list[str], limits=kld.SandboxLimits(), workers=0) -> list[kld.RunResult]:
+    """Whole programs, each contained as run_tests_all contains a task's."""
+    return kld.run_tests_all([(p,) for p in programs], limits, workers, kld.sandbox_run)
+
+
 def evaluator(args):
     tasks = kld.read_tasks(args.tasks)
     jobs = [(t, t.prompt + t.canonical_solution) for t in tasks]
     limits = kld.SandboxLimits()
     harnesses = {
-        "one program (sandbox_run_all)": lambda: kld.sandbox_run_all(
-            [kld.program_with_tests(t, s) for t, s in jobs], limits, args.workers),
+        "one program (sandbox_run_all)": lambda: sandbox_run_all(
+            [program_with_tests(t, s) for t, s in jobs], limits, args.workers),
         "two processes (run_tests_all)": lambda: kld.run_tests_all(jobs, limits, args.workers),
     }
     print(f"{len(jobs)} canonical solutions from {args.tasks}; {os.cpu_count()} CPUs, workers {args.workers or 'one per CPU'}, "
@@ -1093,7 +1103,7 @@ def main():
     p.add_argument("--device", default="auto")
     p = sub.add_parser("inits", help="initialisers held out at step 0 and after a few steps of training")
     p.add_argument("--config", default="configs/default.json", help="the training whose first steps are taken")
-    p.add_argument("--inits", nargs="+", default=["fvt", "last_piece/first_piece", "fvt/char_length"],
+    p.add_argument("--inits", nargs="+", default=["fvt", "last_piece/first_piece"],
                    help="INPUT/OUTPUT initialiser pairs (one name: both rows)")
     p.add_argument("--steps", type=int, default=50, help="steps of the config's objective (0: step 0 only)")
     p.add_argument("--device", help="default: the config's")

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 import kld
+import run_bench
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HF_ARCHS = ["gpt2", "llama", "qwen2"]
@@ -178,7 +179,7 @@ def test_a_config_is_checked_however_it_is_made():
         kld.dataclasses.replace(kld.Config(), lr=math.nan)
     rows, expansions = torch.randn(5, 3), [(0, 1), (2, 3, 4)]
     for name in kld.INIT_NAMES:  # every name the config admits is an initialiser
-        new = kld.init_rows(name, rows, expansions, torch.Generator(), [[1.0, 2.0], [1.0, 1.0, 3.0]])
+        new = kld.init_rows(name, rows, expansions, torch.Generator())
         assert new.shape == (2, 3) and new.isfinite().all()
 
 
@@ -1670,7 +1671,7 @@ def test_teacher_targets_in_trie_mode_equal_one_forward_pass_per_node(tiny_exten
     model, tok, windows = tiny_extension
     lift_cfg = kld.make_lift(tok, "trie", 0.0, condition)
     targets, n_branch = kld.teacher_targets(model, tok, windows, lift_cfg)
-    assert sum(n_branch) > 0
+    assert n_branch > 0
 
     def cond_logp(context):
         with torch.no_grad():
@@ -1698,28 +1699,31 @@ def test_cached_targets_are_the_computed_ones_and_only_for_their_teacher_tau_and
     computed, compute = [], kld.teacher_targets
     monkeypatch.setattr(kld, "teacher_targets", lambda m, t, w, c: computed.append(len(w)) or compute(m, t, w, c))
     lift = kld.make_lift(tok, "trie", 0.0, True, cache=tmp_path)
-    first, n_first = kld.lifted_targets(model, tok, windows[:2], lift)
-    again, n_again = kld.lifted_targets(model, tok, windows, lift)
-    assert computed == [2, 1] and n_again[:2] == n_first  # the third window alone was new
+    first = kld.lifted_targets(model, tok, windows[:2], lift)
+    again = kld.lifted_targets(model, tok, windows, lift)
+    assert computed == [2, 1]  # the third window alone was new
     for a, b in zip(first, again):
         assert torch.equal(a.logp(), b.logp()) and torch.equal(a.span_logp, b.span_logp)
-    direct, n_direct = compute(model, tok, windows, lift)
-    assert n_direct == n_again
+    direct, _ = compute(model, tok, windows, lift)
     for a, b in zip(direct, again):
         assert torch.allclose(a.logp(), b.logp(), atol=1e-12, rtol=0)  # up to another batch's rounding
     [damaged] = lift.cache.rglob(f"{kld.digest(windows[0])}.safetensors")
-    damaged.write_bytes(damaged.read_bytes()[:100])
-    computed.clear()
-    mended, _ = kld.lifted_targets(model, tok, windows, lift)
-    assert computed == [1] and torch.allclose(mended[0].logp(), first[0].logp(), atol=1e-12, rtol=0)
+    [other] = lift.cache.rglob(f"{kld.digest(windows[2])}.safetensors")
+    for wrong in (damaged.read_bytes()[:100], other.read_bytes()):  # cut short; another window's
+        damaged.write_bytes(wrong)
+        computed.clear()
+        mended = kld.lifted_targets(model, tok, windows, lift)
+        assert computed == [1] and torch.allclose(mended[0].logp(), first[0].logp(), atol=1e-12, rtol=0)
     with pytest.raises(kld.KldError, match="target_cache .* cannot be written"):  # a file, not a folder
         kld.lifted_targets(model, tok, windows, kld.make_lift(tok, "path", 0.0, True, cache=damaged))
     other_tok = kld.ExtendedTokenizer(tok.base, tok.merges[:-1], tok.base_vocab_size)
     other_model = copy.deepcopy(model)
     other_model.blocks[0].mlp.up.weight.data[0, 0] += 1.0
+    other_arch = copy.copy(model)
+    other_arch.cfg = dataclasses.replace(model.cfg, rope_theta=2 * model.cfg.rope_theta)
     for teacher, t, cfg in [(model, tok, kld.make_lift(tok, "trie", 0.0, False, cache=tmp_path)),
                             (model, other_tok, kld.make_lift(other_tok, "trie", 0.0, True, cache=tmp_path)),
-                            (other_model, tok, lift)]:
+                            (other_model, tok, lift), (other_arch, tok, lift)]:
         computed.clear()
         kld.lifted_targets(teacher, t, windows, cfg)
         assert computed == [3]
@@ -1730,7 +1734,7 @@ def test_trie_mode_that_admits_no_branch_is_path_mode_bit_for_bit(tiny_extension
     for condition in (False, True):
         path, n_path = kld.teacher_targets(model, tok, windows, kld.make_lift(tok, "path", 0.0, condition))
         trie, n_trie = kld.teacher_targets(model, tok, windows, kld.make_lift(tok, "trie", 1.5, condition))
-        assert sum(n_path) == sum(n_trie) == 0
+        assert n_path == n_trie == 0
         for a, b in zip(path, trie):
             assert torch.equal(a.logp(), b.logp())
             for field in dataclasses.fields(a):
@@ -1820,7 +1824,7 @@ def test_kl_gradient_matches_finite_differences():
 
 
 def test_the_matrix_has_a_kl_cell_per_kl_variant():
-    import run_bench
+
 
     spec = {"inits": ["mean", "fvt"], "objectives": ["kl", "ce"],
             "kl_variants": [{"name": "kl"}, {"name": "kl-lr2e-3", "lr": 0.002, "lr_out": 0.002}]}
@@ -2494,7 +2498,7 @@ needs_root = pytest.mark.skipif(not AS_ROOT, reason="as root, programs run under
 
 def sandbox(program: str, limits: kld.SandboxLimits = LIMITS) -> kld.RunResult:
     """One program as sandbox_run_all runs it: as root, under a fresh uid."""
-    [result] = kld.sandbox_run_all([program], limits)
+    [result] = run_bench.sandbox_run_all([program], limits)
     return result
 
 
@@ -2509,7 +2513,7 @@ def test_every_canonical_solution_passes_and_a_wrong_one_fails_as_in_one_program
     vacuous = [t.task_id for t, r in zip(tasks, results[len(tasks):]) if r.status == "passed"]
     assert not vacuous  # every task's tests reject a function that returns None
     # HumanEval's harness: candidate and tests as one program; the same verdicts on honest programs
-    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in right + wrong], LIMITS)
+    reference = run_bench.sandbox_run_all([run_bench.program_with_tests(t, s) for t, s in right + wrong], LIMITS)
     assert [r.status for r in reference] == [r.status for r in results]
 
 
@@ -2555,7 +2559,7 @@ def test_a_candidate_that_raises_a_test_runner_s_signal_cannot_skip_the_tests():
               "    import unittest.case\n    raise unittest.case._ShouldStop\n", task.canonical_solution]
     jobs = [(task, task.prompt + body) for body in bodies]
     assert [r.status for r in kld.run_tests_all(jobs, LIMITS)] == ["failed", "failed", "passed"]
-    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], LIMITS)
+    reference = run_bench.sandbox_run_all([run_bench.program_with_tests(t, s) for t, s in jobs], LIMITS)
     assert [r.status for r in reference] == ["passed"] * 3  # in one program the signals skip the test
     given = dataclasses.replace(task, test="from hypothesis import given, strategies\n\n\ndef check(candidate):\n"
                                 "    @given(strategies.integers(0, 9))\n    def holds(x):\n"
@@ -2571,7 +2575,7 @@ def test_a_candidate_that_raises_a_test_runner_s_signal_cannot_skip_the_tests():
                                   "                group.create_task(one(x))\n    asyncio.run(main())\n")
     cancels = (grouped, grouped.prompt + "    import asyncio\n    raise asyncio.CancelledError\n")  # a task ends unsaid
     assert [r.status for r in kld.run_tests_all([cancels], LIMITS)] == ["failed"]
-    assert kld.sandbox_run(kld.program_with_tests(*cancels), LIMITS).status == "passed"
+    assert kld.sandbox_run(run_bench.program_with_tests(*cancels), LIMITS).status == "passed"
 
 
 @pytest.mark.parametrize("forgery", FORGERIES)
@@ -2581,7 +2585,7 @@ def test_a_wrong_program_cannot_forge_a_pass(forgery):
     results = kld.run_tests_all(jobs, LIMITS)
     assert [r.status for r in results] == ["failed"] * len(tasks)
     # in one program with its tests (HumanEval's harness) the same forgeries pass
-    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], LIMITS)
+    reference = run_bench.sandbox_run_all([run_bench.program_with_tests(t, s) for t, s in jobs], LIMITS)
     assert sum(r.status == "passed" for r in reference) > len(tasks) // 2
 
 
@@ -2607,7 +2611,7 @@ def test_the_candidate_answers_with_plain_values_and_exceptions_by_type():
 def agree_with_one_program(jobs: list[tuple], limits: kld.SandboxLimits = LIMITS) -> list[kld.RunResult]:
     """kld's verdicts on (task, source) jobs, each checked equal to HumanEval's harness's."""
     results = kld.run_tests_all(jobs, limits)
-    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], limits)
+    reference = run_bench.sandbox_run_all([run_bench.program_with_tests(t, s) for t, s in jobs], limits)
     assert [r.status for r in results] == [r.status for r in reference], (results, reference)
     return results
 
@@ -2671,6 +2675,30 @@ def test_the_tests_may_call_the_candidate_with_any_value_they_make():
     task = kld.Task("t/a", prompt, "f", body, test)
     results = agree_with_one_program([(task, prompt + body), (task, prompt + "    return sorted(span)\n")])
     assert [r.status for r in results] == ["passed", "failed"]
+
+
+def test_a_passed_function_takes_the_tests_globals_it_reads_and_no_others():
+    """The globals sent with a tests' function were its co_names: attribute names too (a tests'
+    table of answers named `items` reached a candidate because a lambda called `.items()`: a
+    forged pass), and not the names its nested code reads (a comprehension's, on Python 3.11:
+    NameError in an honest program)."""
+    prompt = 'def f(g, xs):\n    """g of xs."""\n'
+    test = "OFFSET = 1\n\n\ndef check(candidate):\n    assert candidate(lambda xs: [OFFSET + x for x in xs], [1, 2]) == [2, 3]\n"
+    nested = kld.Task("t/n", prompt, "f", "    return g(xs)\n", test)
+    prompt = 'def f(d, x):\n    """The value of x."""\n'
+    test = ("items = [(3, 'c'), (4, 'dd')]\n\n\ndef check(candidate):\n"
+            "    for x, expected in items:\n        assert candidate(lambda d: sorted(d.items()), x) == expected\n")
+    leaked = kld.Task("t/l", prompt, "f", "", test)
+    jobs = [(nested, nested.prompt + "    return g(xs)\n"), (leaked, leaked.prompt + "    return dict(items)[x]\n")]
+    assert [r.status for r in kld.run_tests_all(jobs, LIMITS)] == ["passed", "failed"]
+
+
+def test_a_chat_answer_keeps_characters_that_python_reads_inside_a_line():
+    """candidate_source cut lines with str.splitlines, which also cuts at U+2028, form feeds and
+    other characters Python allows inside a string: the program no longer compiled."""
+    task = kld.Task("t/s", 'SEP = "a\u2028b\x0cc"\n\n\ndef f(x):\n    """Joined."""\n', "f", "", "")
+    for answer in ('def f(x):\n    return SEP.join(x)\n', '    return "\u2029".join(x)\n'):
+        compile(kld.candidate_source(task, answer, chat=True), "<candidate>", "exec")
 
 
 def test_a_prompt_that_is_not_whole_python_alone_still_gives_the_tests_its_helpers():
@@ -2753,7 +2781,7 @@ def test_values_whose_type_extends_a_plain_type_cross_as_the_plain_value():
     results = kld.run_tests_all(jobs, LIMITS)
     n_honest = 2 + len(DERIVED_VALUES)
     assert [r.status for r in results] == ["passed"] * n_honest + ["failed"] * len(LYING_VALUES), results
-    reference = kld.sandbox_run_all([kld.program_with_tests(t, s) for t, s in jobs], LIMITS)  # HumanEval's way
+    reference = run_bench.sandbox_run_all([run_bench.program_with_tests(t, s) for t, s in jobs], LIMITS)  # HumanEval's way
     assert [r.status for r in reference[:n_honest]] == ["passed"] * n_honest
     assert sum(r.status == "passed" for r in reference[n_honest:]) >= 3  # where the lies work in one program
 
@@ -2767,12 +2795,12 @@ def test_an_answer_s_script_guard_does_not_run():
     source = kld.candidate_source(task, answer, chat=True)
     [result] = kld.run_tests_all([(task, source)], LIMITS)
     assert result.status == "passed", result
-    assert kld.sandbox_run(kld.program_with_tests(task, source), LIMITS).status == "passed"
+    assert kld.sandbox_run(run_bench.program_with_tests(task, source), LIMITS).status == "passed"
     # the module is a registered one: a dataclass with a string annotation looks it up in sys.modules
     typed = "from dataclasses import dataclass\n\n@dataclass\nclass Box:\n    n: 'int'\n\n" + answer
     [result] = kld.run_tests_all([(task, kld.candidate_source(task, typed, chat=True))], LIMITS)
     assert result.status == "passed", result
-    assert kld.sandbox_run(kld.program_with_tests(task, kld.candidate_source(task, typed, chat=True)), LIMITS).status == "passed"
+    assert kld.sandbox_run(run_bench.program_with_tests(task, kld.candidate_source(task, typed, chat=True)), LIMITS).status == "passed"
     guarded_prompt = dataclasses.replace(task, prompt=task.prompt + "    return 0\n\nif __name__ == '__main__':\n    input()\n")
     [result] = kld.run_tests_all([(guarded_prompt, source)], LIMITS)  # the verdict's side runs the prompt: not __main__ either
     assert result.status == "passed", result
@@ -2818,7 +2846,7 @@ def test_a_chat_answer_becomes_a_program_whether_it_holds_the_def_or_only_the_bo
     answers = ["def add(a, b):\n    return a + b\n", "return a + b", "    return a + b\n", "def add(a, b):\n    return a - b\n"]
     sources = [kld.candidate_source(task, a, chat=True) for a in answers]
     sources.append(kld.candidate_source(task, "    return a + b\n", chat=False))
-    results = kld.sandbox_run_all([kld.program_with_tests(task, s) for s in sources], LIMITS)
+    results = run_bench.sandbox_run_all([run_bench.program_with_tests(task, s) for s in sources], LIMITS)
     assert [r.status for r in results] == ["passed", "passed", "passed", "failed", "passed"]
 
 
@@ -3029,7 +3057,7 @@ def test_memory_is_bounded_over_all_the_processes_of_a_program():
 
 
 def test_a_program_that_cannot_be_encoded_fails_alone():
-    results = kld.sandbox_run_all(["x = '\ud800'\n", "pass\n"], LIMITS)
+    results = run_bench.sandbox_run_all(["x = '\ud800'\n", "pass\n"], LIMITS)
     assert [r.status for r in results] == ["failed", "passed"] and "UTF-8" in results[0].detail
     [task] = [t for t in kld.read_tasks(BENCH) if t.entry_point == "add"]
     [result] = kld.run_tests_all([(task, task.prompt + "    return '\ud800'\n")], LIMITS)
@@ -3048,7 +3076,7 @@ def test_results_do_not_depend_on_the_order_programs_run_in():
     expected = ["passed", "passed", "passed", "passed", "failed", "passed"]
     for order in [range(6), reversed(range(6)), [3, 0, 5, 1, 4, 2]]:
         order = list(order)
-        results = kld.sandbox_run_all([programs[i] for i in order], LIMITS, workers=2)
+        results = run_bench.sandbox_run_all([programs[i] for i in order], LIMITS, workers=2)
         assert [r.status for r in results] == [expected[i] for i in order]
 
 
@@ -3260,20 +3288,6 @@ def test_weighted_initialisers_on_a_worked_example():
     torch.testing.assert_close(kld.init_rows("first_piece", rows, expansions, g)[0], torch.tensor([2 / 3, 1 / 3]))
     # three pieces, weights 1/4, 1/2, 1 (last most): (1/4 [1,0] + 1/2 [0,1] + [4,0]) / (7/4)
     torch.testing.assert_close(kld.init_rows("last_piece", rows, expansions, g)[1], torch.tensor([17 / 7, 2 / 7]))
-    # pieces of 1 and 3 bytes: (1 [1,0] + 3 [0,1]) / 4; of 2, 1, 1 bytes: (2 [1,0] + [0,1] + [4,0]) / 4
-    by_length = kld.init_rows("char_length", rows, expansions, g, piece_bytes=[[1, 3], [2, 1, 1]])
-    torch.testing.assert_close(by_length, torch.tensor([[1 / 4, 3 / 4], [6 / 4, 1 / 4]]))
-
-
-def test_char_length_output_rows_weigh_each_piece_by_its_spelling():
-    model, tok = tiny_student("llama", init="fvt", init_output="char_length")
-    base_out = model.output_weight()[:tok.base_vocab_size].double()
-    for n, e in enumerate(tok.expansions):
-        lengths = torch.tensor([len(tok.token_bytes(x)) for x in e], dtype=torch.float64)
-        expected = (lengths[:, None] * base_out[list(e)]).sum(0) / lengths.sum()
-        torch.testing.assert_close(model.new_out[n].double(), expected, rtol=1e-5, atol=1e-6)
-    fvt = kld.init_rows("fvt", base_out, tok.expansions, None)
-    assert not torch.allclose(model.new_out.double(), fvt, atol=1e-4)  # some token has pieces of unequal lengths
 
 
 def test_embedding_analysis_of_fvt_rows_finds_them_at_their_sub_token_mean():
@@ -3396,7 +3410,7 @@ def test_a_setting_the_ranks_cannot_run_ends_every_rank_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (FIXTURES.parent / "configs").glob("*.json")))
 def test_every_shipped_config_is_valid(name, monkeypatch):
-    import run_bench
+
 
     monkeypatch.chdir(FIXTURES.parent)  # the configs name files relative to the repository
     path = f"configs/{name}"
@@ -3407,7 +3421,7 @@ def test_every_shipped_config_is_valid(name, monkeypatch):
 
 
 def test_bench_train_speed_times_and_profiles_a_step_on_windows_for_the_new_tokens(capsys):
-    import run_bench
+
 
     run_bench.train_speed(argparse.Namespace(
         model="smollm2", random_weights=True, shape="smollm2", layers=1, loss_chunk=64,
@@ -3420,7 +3434,7 @@ def test_bench_train_speed_times_and_profiles_a_step_on_windows_for_the_new_toke
 
 
 def test_bench_train_speed_times_a_finished_run_s_student_on_the_same_windows(tmp_path, capsys):
-    import run_bench
+
 
     run_dir = tmp_path / "run"
     kld.run(kld.make_config({**TINY_RUN, "out_dir": str(run_dir), "steps": 2, "eval_every": 0}))
@@ -3451,7 +3465,7 @@ def test_bench_train_speed_times_a_finished_run_s_student_on_the_same_windows(tm
 
 
 def test_bench_inits_measures_each_pair_from_the_same_start(tmp_path, capsys):
-    import run_bench
+
 
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({**TINY_RUN, "out_dir": str(tmp_path / "unused")}))
@@ -3471,7 +3485,7 @@ def test_bench_inits_measures_each_pair_from_the_same_start(tmp_path, capsys):
 
 
 def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_not_match(tmp_path, capsys):
-    import run_bench
+
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:4]))
@@ -3528,7 +3542,7 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
 
 
 def test_bench_gen_speed_decodes_the_same_prompts_by_teacher_and_student(tmp_path, capsys):
-    import run_bench
+
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
@@ -3554,7 +3568,7 @@ def test_bench_gen_speed_decodes_the_same_prompts_by_teacher_and_student(tmp_pat
 
 
 def test_bench_matrix_command_line_changes_the_bench_config(monkeypatch):
-    import run_bench
+
 
     monkeypatch.chdir(FIXTURES.parent)
     args = argparse.Namespace(config="configs/bench_cpu.json", inits=["fvt"], objectives=["kl"], out_dir="runs/x",
@@ -3570,7 +3584,7 @@ def test_bench_matrix_command_line_changes_the_bench_config(monkeypatch):
 
 
 def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
-    import run_bench
+
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:4]))
