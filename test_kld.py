@@ -1825,7 +1825,6 @@ def test_kl_gradient_matches_finite_differences():
 
 def test_the_matrix_has_a_kl_cell_per_kl_variant():
 
-
     spec = {"inits": ["mean", "fvt"], "objectives": ["kl", "ce"],
             "kl_variants": [{"name": "kl"}, {"name": "kl-lr2e-3", "lr": 0.002, "lr_out": 0.002}]}
     cells = dict(run_bench.matrix_cells(spec))
@@ -3411,7 +3410,6 @@ def test_a_setting_the_ranks_cannot_run_ends_every_rank_with_one_line(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (FIXTURES.parent / "configs").glob("*.json")))
 def test_every_shipped_config_is_valid(name, monkeypatch):
 
-
     monkeypatch.chdir(FIXTURES.parent)  # the configs name files relative to the repository
     path = f"configs/{name}"
     if name.startswith("bench_"):
@@ -3421,7 +3419,6 @@ def test_every_shipped_config_is_valid(name, monkeypatch):
 
 
 def test_bench_train_speed_times_and_profiles_a_step_on_windows_for_the_new_tokens(capsys):
-
 
     run_bench.train_speed(argparse.Namespace(
         model="smollm2", random_weights=True, shape="smollm2", layers=1, loss_chunk=64,
@@ -3434,7 +3431,6 @@ def test_bench_train_speed_times_and_profiles_a_step_on_windows_for_the_new_toke
 
 
 def test_bench_train_speed_times_a_finished_run_s_student_on_the_same_windows(tmp_path, capsys):
-
 
     run_dir = tmp_path / "run"
     kld.run(kld.make_config({**TINY_RUN, "out_dir": str(run_dir), "steps": 2, "eval_every": 0}))
@@ -3466,7 +3462,6 @@ def test_bench_train_speed_times_a_finished_run_s_student_on_the_same_windows(tm
 
 def test_bench_inits_measures_each_pair_from_the_same_start(tmp_path, capsys):
 
-
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({**TINY_RUN, "out_dir": str(tmp_path / "unused")}))
     run_bench.initialisers(argparse.Namespace(config=str(config), steps=2, device="cpu",
@@ -3485,7 +3480,6 @@ def test_bench_inits_measures_each_pair_from_the_same_start(tmp_path, capsys):
 
 
 def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_not_match(tmp_path, capsys):
-
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:4]))
@@ -3543,7 +3537,6 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
 
 def test_bench_gen_speed_decodes_the_same_prompts_by_teacher_and_student(tmp_path, capsys):
 
-
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:3]))
     run_dir = tmp_path / "run"
@@ -3569,7 +3562,6 @@ def test_bench_gen_speed_decodes_the_same_prompts_by_teacher_and_student(tmp_pat
 
 def test_bench_matrix_command_line_changes_the_bench_config(monkeypatch):
 
-
     monkeypatch.chdir(FIXTURES.parent)
     args = argparse.Namespace(config="configs/bench_cpu.json", inits=["fvt"], objectives=["kl"], out_dir="runs/x",
                               kl_variants=['{"name": "kl"}', '{"name": "kl-lr2e-3", "lr": 0.002}'],
@@ -3584,7 +3576,6 @@ def test_bench_matrix_command_line_changes_the_bench_config(monkeypatch):
 
 
 def test_bench_matrix_writes_its_table_and_reuses_what_it_has(tmp_path, capsys):
-
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join((BENCH / "kld150.jsonl").read_text().splitlines(keepends=True)[:4]))
