@@ -1128,15 +1128,14 @@ TARGETS_VERSION = 1  # raised when a change to kld alters p' or its file: older 
 
 def lifted_targets(teacher, tok, windows, lift_cfg) -> list[LiftedTargets]:
     """teacher_targets' targets, each window's read from lift_cfg.cache where an earlier call
-    left it: p' depends only on the window, the teacher (weights, architecture, numerics),
-    tau', the lift and TARGETS_VERSION, so runs side by side (the matrix's cells), resumed
-    runs and each evaluation compute it once, up to the rounding of another batch's padding."""
+    left it: p' depends only on the window, the teacher (make_lift's), tau', the lift and
+    TARGETS_VERSION, so runs side by side (the matrix's cells), resumed runs and each
+    evaluation compute it once, up to the rounding of another batch's padding."""
     if lift_cfg.cache is None:
         return teacher_targets(teacher, tok, windows, lift_cfg)[0]
-    weight, head = teacher.embed.weight, teacher.output_weight()
-    numerics = [TARGETS_VERSION, base_weights_digest(teacher), dataclasses.asdict(teacher.cfg), str(weight.dtype),
-                weight.device.type, torch.is_autocast_enabled("cpu")]
-    files = [lift_cfg.cache / digest(numerics) / f"{digest(w)}.safetensors" for w in windows]
+    head = teacher.output_weight()
+    numerics = lift_cfg.cache / ("bf16" if torch.is_autocast_enabled("cpu") else "fp32")  # CPU autocast
+    files = [numerics / f"{digest(w)}.safetensors" for w in windows]
     found = [read_targets(f, w, head, lift_cfg.tables.n_new) for f, w in zip(files, windows)]
     missing = [i for i, t in enumerate(found) if t is None]
     computed = teacher_targets(teacher, tok, [windows[i] for i in missing], lift_cfg)[0] if missing else []
@@ -1322,7 +1321,8 @@ def train(model, tok, cfg, stream, chunks, checkpoint, teacher=None, objective=N
     rate) for cfg.steps on `objective` (cfg.objective, or "hidden" for hidden_state_loss);
     resumable from `checkpoint`, data parallel. {"history": held-out measures, "train_tokens_per_s"}."""
     device = model.embed.weight.device
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device, target_cache(cfg))
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device, target_cache(cfg),
+                         teacher or model)
     objective = objective or cfg.objective
     named = trained_parameters(model)
     params = list(named.values())
@@ -1664,19 +1664,22 @@ class Lift:
     min_prob: float
     condition: bool  # condition each position on the student token before it
     tables: LiftTables  # the trie as tensors, for lift_batch
-    cache: Path | None = None  # lifted_targets keeps the targets of these settings here
+    cache: Path | None = None  # lifted_targets keeps the targets of these settings and teacher here
 
 
 def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool, device="cpu",
-              cache: str | Path | None = None) -> Lift:
-    """The lift settings, the trie's tensors on `device` (the teacher's), a folder of `cache`."""
+              cache: str | Path | None = None, teacher: "GPT | None" = None) -> Lift:
+    """The lift settings, the trie's tensors on `device` (the teacher's), and a folder of
+    `cache` for the targets of `teacher` (its weights, architecture and numerics) under them."""
     if mode not in ("path", "trie"):
         raise KldError(f"lift {mode!r} is not 'path' or 'trie'")
     if not min_prob >= 0:
         raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
     trie = lift_trie(tok)
-    if cache is not None:  # one folder per tau' and lift settings
-        cache = Path(cache) / digest([tok.merges, mode, min_prob, condition])
+    if cache is not None:
+        weight = teacher.embed.weight
+        cache = Path(cache) / digest([TARGETS_VERSION, tok.merges, mode, min_prob, condition, base_weights_digest(
+            teacher), dataclasses.asdict(teacher.cfg), str(weight.dtype), weight.device.type])
     return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), device), cache)
 
 
@@ -3302,7 +3305,7 @@ def run(cfg: Config) -> dict:
     init_new_rows(model, tok, cfg.init, cfg.init_output or cfg.init, cfg.seed)
     sep = separator_id(model.cfg)
     chunks = eval_chunks(base, heldout, cfg.eval_chars, cfg.eval_window)
-    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device, target_cache(cfg))
+    lift_cfg = make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device, target_cache(cfg), model)
     measure = functools.partial(evaluate, model, tok, chunks, sep, cfg.batch_size, ranks=ranks)
     teacher, initial = measure(), measure(lift_cfg)  # no lift_cfg: the teacher's own measures
     line = "bits/char {bits_per_char:.4f}, {}tokens/char {tokens_per_char:.4f}".format

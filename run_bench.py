@@ -321,7 +321,7 @@ def train_speed(args):
     optimizer = torch.optim.AdamW([model.new_in, model.new_out], lr=1e-3)
     scratch = tempfile.TemporaryDirectory()  # kl-cached's targets
     lift_cfg = kld.make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device)
-    cached_lift = dataclasses.replace(lift_cfg, cache=Path(scratch.name))
+    cached_lift = kld.make_lift(tok, cfg.lift, cfg.lift_min_prob, cfg.lift_condition, device, scratch.name, model)
     step_s = {}  # (objective, batch size) -> seconds per step
     for objective in args.objectives:
         for batch_size in args.batch_sizes:

@@ -1698,7 +1698,7 @@ def test_cached_targets_are_the_computed_ones_and_only_for_their_teacher_tau_and
     model, tok, windows = tiny_extension
     computed, compute = [], kld.teacher_targets
     monkeypatch.setattr(kld, "teacher_targets", lambda m, t, w, c: computed.append(len(w)) or compute(m, t, w, c))
-    lift = kld.make_lift(tok, "trie", 0.0, True, cache=tmp_path)
+    lift = kld.make_lift(tok, "trie", 0.0, True, cache=tmp_path, teacher=model)
     first = kld.lifted_targets(model, tok, windows[:2], lift)
     again = kld.lifted_targets(model, tok, windows, lift)
     assert computed == [2, 1]  # the third window alone was new
@@ -1715,17 +1715,17 @@ def test_cached_targets_are_the_computed_ones_and_only_for_their_teacher_tau_and
         mended = kld.lifted_targets(model, tok, windows, lift)
         assert computed == [1] and torch.allclose(mended[0].logp(), first[0].logp(), atol=1e-12, rtol=0)
     with pytest.raises(kld.KldError, match="target_cache .* cannot be written"):  # a file, not a folder
-        kld.lifted_targets(model, tok, windows, kld.make_lift(tok, "path", 0.0, True, cache=damaged))
+        kld.lifted_targets(model, tok, windows, kld.make_lift(tok, "path", 0.0, True, cache=damaged, teacher=model))
     other_tok = kld.ExtendedTokenizer(tok.base, tok.merges[:-1], tok.base_vocab_size)
     other_model = copy.deepcopy(model)
     other_model.blocks[0].mlp.up.weight.data[0, 0] += 1.0
     other_arch = copy.copy(model)
     other_arch.cfg = dataclasses.replace(model.cfg, rope_theta=2 * model.cfg.rope_theta)
-    for teacher, t, cfg in [(model, tok, kld.make_lift(tok, "trie", 0.0, False, cache=tmp_path)),
-                            (model, other_tok, kld.make_lift(other_tok, "trie", 0.0, True, cache=tmp_path)),
-                            (other_model, tok, lift), (other_arch, tok, lift)]:
+    for teacher, t, condition in [(model, tok, False), (model, other_tok, True), (other_model, tok, True),
+                                  (other_arch, tok, True)]:
         computed.clear()
-        kld.lifted_targets(teacher, t, windows, cfg)
+        lift = kld.make_lift(t, "trie", 0.0, condition, cache=tmp_path, teacher=teacher)
+        kld.lifted_targets(teacher, t, windows, lift)
         assert computed == [3]
 
 
