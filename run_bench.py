@@ -907,6 +907,70 @@ def generation_speed(args):
           f"x chars/token {ratio['chars_per_token']:.2f}x")
 
 
+def copy_accuracy(model, tok: kld.ExtendedTokenizer, texts: list[str], base_only: bool) -> dict:
+    """Teacher-forced greedy accuracy on the second copy of each text in (text, blank line,
+    text): the tokens a model can copy from its context, as an answer copies its prompt's
+    names and docstring. base_only: the teacher (tau and the base rows); else the student
+    (tau'), whose new-token targets are also counted apart, with the shares of them where it
+    predicts the new token's first piece or its last piece instead."""
+    encode = (lambda text: tok.base.encode(text, add_special_tokens=False).ids) if base_only else tok.encode
+    V = tok.base_vocab_size
+    right = total = new_right = new_total = as_first = as_last = 0
+    for text in texts:
+        copy = encode(text)
+        context = copy + encode("\n\n")
+        with torch.no_grad():
+            logits = model(torch.tensor([context + copy]), base_only=base_only)[0]  # (T, |V| or |V'|)
+        predicted = logits[len(context) - 1 : -1].argmax(-1).tolist()  # the prediction of each copied token
+        for guess, target in zip(predicted, copy):
+            right += guess == target
+            total += 1
+            if target >= V:
+                pieces = tok.expansions[target - V]
+                new_right += guess == target
+                new_total += 1
+                as_first += guess == pieces[0]
+                as_last += guess == pieces[-1]
+    return {"tokens": total, "accuracy": right / total, "new_tokens": new_total,
+            **{key: n / new_total if new_total else None
+               for key, n in (("new_accuracy", new_right), ("new_as_first", as_first), ("new_as_last", as_last))}}
+
+
+def first_docstring_line(prompt: str) -> str | None:
+    found = re.search(r'(?:"""|\'\'\')\s*(\S.*)', prompt)
+    return found.group(1).strip() if found else None
+
+
+def docstrings_not_copied(codegen: dict, tasks: dict[str, kld.Task]) -> tuple[int, int]:
+    """(answers that do not hold their prompt's first docstring line verbatim, those of them
+    that do not compile) in a codegen.json: the copies a model got wrong."""
+    samples = [s for s in codegen["samples"] if first_docstring_line(tasks[s["task_id"]].prompt)]
+    wrong = [s for s in samples if first_docstring_line(tasks[s["task_id"]].prompt) not in s["completion"]]
+    return len(wrong), sum(not s["compiles"] for s in wrong)
+
+
+def copying(args):
+    """copy_accuracy of a finished run's teacher and student on the first --n-tasks prompts,
+    then, where their code generation is at hand, the answers whose docstring copy is wrong."""
+    model, tok = kld.load_student(args.run, device="cpu")
+    tasks = kld.read_tasks(args.tasks)
+    texts = [t.prompt for t in tasks[: args.n_tasks]]
+    if not texts:
+        raise kld.KldError(f"no tasks in {args.tasks}")
+    print("| model | tokens copied | right | new tokens | right | predicted as their first piece | as their last |")
+    print("|---|---|---|---|---|---|---|")
+    for name, base_only in (("teacher", True), ("student", False)):
+        m = copy_accuracy(model, tok, texts, base_only)
+        new = [f"{m[key]:.3f}" if m[key] is not None else "-" for key in ("new_accuracy", "new_as_first", "new_as_last")]
+        print(f"| {name} | {m['tokens']} | {m['accuracy']:.3f} | {m['new_tokens'] or '-'} | {' | '.join(new)} |")
+    for name, path in (("teacher", Path(args.teacher)), ("student", Path(args.run) / "codegen.json")):
+        if path.exists():
+            codegen = kld.read_json_object(path, f"the {name}'s code generation")
+            wrong, broken = docstrings_not_copied(codegen, {t.task_id: t for t in tasks})
+            print(f"{name} ({path}): {wrong} of {len(codegen['samples'])} answers miscopy their prompt's first "
+                  f"docstring line; {broken} of those do not compile")
+
+
 def run_row(run_dir: Path, reference: dict, label: str = "teacher") -> dict:
     """One finished run as a row: its held-out figures (results.json), its code generation
     (codegen.json, from `codegen --run`) and the paired comparison with the reference's
@@ -1115,6 +1179,11 @@ def main():
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="teacher then student, this many times")
     p.add_argument("--device", default="auto")
+    p = sub.add_parser("copy", help="a finished run's teacher and student copying a prompt from their context")
+    p.add_argument("--run", required=True, help="out_dir of a finished kld run")
+    p.add_argument("--tasks", default="bench_tasks")
+    p.add_argument("--n-tasks", type=int, default=60, help="the first this many tasks' prompts")
+    p.add_argument("--teacher", default="runs/teacher-codegen.json", help="the teacher's codegen.json, if any")
     p = sub.add_parser("rows", help="finished runs with their code generation as table rows, paired against the teacher "
                                     "(or --against a run)")
     p.add_argument("runs", nargs="+", help="out_dir of a finished kld run with its codegen.json")
@@ -1130,7 +1199,8 @@ def main():
     try:
         {"speed": speed, "extension": extension, "train-speed": train_speed, "matrix": bench_matrix,
          "heldout": heldout, "lift": lift_bench, "evaluator": evaluator, "codegen": codegen,
-         "rows": rows, "inits": initialisers, "gen-speed": generation_speed}[args.command](args)
+         "rows": rows, "inits": initialisers, "gen-speed": generation_speed,
+         "copy": copying}[args.command](args)
     except kld.KldError as e:
         print(f"run_bench: error: {e}", file=sys.stderr)
         sys.exit(2)

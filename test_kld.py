@@ -3535,6 +3535,38 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
         run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=None, plot=None))
 
 
+def test_copy_accuracy_scores_each_copied_token_and_counts_new_tokens_guessed_as_a_piece(letters):
+    tok = kld.ExtendedTokenizer(letters, [(0, 1)], len(ABC))  # id 10 = "ab"
+    texts = ["abcab", "bad"]  # tau': [10, 2, 10] and [1, 0, 3]; tau: 8 tokens
+
+    def oracle(guess):  # a model whose logits at t pick guess(the token at t + 1)
+        def model(ids, base_only):
+            following = ids[0].roll(-1).tolist()
+            return torch.nn.functional.one_hot(torch.tensor([guess(t) for t in following]), tok.vocab_size)[None]
+        return model
+
+    exact, first_piece = oracle(lambda t: t), oracle(lambda t: tok.expand([t])[0])
+    assert run_bench.copy_accuracy(exact, tok, texts, base_only=False) == {
+        "tokens": 6, "accuracy": 1.0, "new_tokens": 2, "new_accuracy": 1.0, "new_as_first": 0.0, "new_as_last": 0.0}
+    assert run_bench.copy_accuracy(first_piece, tok, texts, base_only=False) == {
+        "tokens": 6, "accuracy": 4 / 6, "new_tokens": 2, "new_accuracy": 0.0, "new_as_first": 1.0, "new_as_last": 0.0}
+    assert run_bench.copy_accuracy(first_piece, tok, texts, base_only=True) == {
+        "tokens": 8, "accuracy": 1.0, "new_tokens": 0, "new_accuracy": None, "new_as_first": None, "new_as_last": None}
+
+
+def test_docstrings_not_copied_counts_answers_whose_docstring_copy_differs_and_which_of_them_break():
+    prompt = 'def f(xs):\n    """Shift xs to the left.\n    >>> f([1])\n    """\n'
+    tasks = {name: kld.Task(name, prompt, "f", "", "") for name in "abc"}
+    tasks["d"] = kld.Task("d", "def g():\n    pass\n", "g", "", "")  # no docstring: not counted
+    samples = [("a", 'def f(xs):\n    """Shift xs to the left."""\n    return xs\n', True),
+               ("b", 'def f(xs):\n    """Shift xs the left."""\n    return xs\n', True),
+               ("c", 'def f(xs):\n    """Shift xs the left.\n    return xs\n', False),
+               ("d", "def g():\n    return 1)\n", False)]
+    codegen = {"samples": [{"task_id": i, "completion": c, "compiles": ok} for i, c, ok in samples]}
+    assert run_bench.first_docstring_line(prompt) == "Shift xs to the left."
+    assert run_bench.docstrings_not_copied(codegen, tasks) == (2, 1)
+
+
 def test_bench_gen_speed_decodes_the_same_prompts_by_teacher_and_student(tmp_path, capsys):
 
     tasks = tmp_path / "tasks.jsonl"
