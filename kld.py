@@ -95,7 +95,7 @@ class Config:
     corpus: str = "stdlib"  # the domain: "stdlib", a directory of .py files or a text file
     heldout_fraction: float = 0.1  # share of the files held out (fixed split by name)
     max_literal_share: float = 0.55  # leave out files whose literal_share exceeds this; 1 = none
-    n_merges: int = 256  # K (METHOD.md section 1): merges learned and appended to the tokenizer
+    n_merges: int = 64  # K (METHOD.md section 1): merges learned and appended to the tokenizer
     new_tokens: list[str] = field(default_factory=list)  # strings added as tokens, before the K
     newline: str = "line_start"  # a newline token (and the indentation it holds) merges with its line's start
     init: str = "fvt"  # the initialiser of the new input rows (METHOD.md section 5)
@@ -1158,7 +1158,7 @@ def read_targets(path: Path, window: list[int], head: torch.Tensor, n_new: int) 
         if x["window"].tolist() != window:
             return None
         return LiftedTargets(TeacherRows(x["states"], head, x["lse"]), n_new=n_new, **{k: x[k] for k in CACHED_FIELDS})
-    except Exception:  # missing, cut short or from another version: computed again
+    except (OSError, KeyError, safetensors.SafetensorError):  # missing, cut short, not ours: computed again
         return None
 
 

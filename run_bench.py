@@ -992,39 +992,44 @@ def run_row(run_dir: Path, reference: dict, label: str = "teacher") -> dict:
                 "possible_saving": summary["possible_saving"], "saving_realised": summary["saving_realised"],
                 "chars_per_s": summary["chars_per_s"], "run_s": results["seconds"],
                 "not_compiling": summary.get("not_compiling"), "n_programs": len(codegen["samples"]),
-                "teacher_bits_per_char": results["teacher"]["bits_per_char"]}
+                "teacher_bits_per_char": results["teacher"]["bits_per_char"], "n_merges": results["n_new_tokens"]}
     except KeyError as e:  # written by an older kld: its evaluation lacks a measure
         raise kld.KldError(f"{run_dir}: results.json or codegen.json lacks {e}; rerun codegen --run {run_dir}") from None
 
 
-def plot_rows(path: Path, rows: list[dict], teacher: dict) -> str:
-    """The rows as a curve over their run time: held-out bits/char, the share of the possible
-    saving realised, and pass@1 with its paired interval against the teacher."""
+def plot_rows(path: Path, rows: list[dict], teacher: dict, over: str = "time") -> str:
+    """The rows as a curve over their run time (or their number of merges K): held-out
+    bits/char, the saving realised on the students' own code against the possible one, and
+    pass@1 with its paired interval against the teacher."""
     if importlib.util.find_spec("matplotlib") is None:
         return "matplotlib is not installed: no plot"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    minutes = [r["run_s"] / 60 for r in rows]
+    rows = sorted(rows, key=lambda r: r["run_s"] if over == "time" else r["n_merges"])
+    x = [r["run_s"] / 60 if over == "time" else r["n_merges"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    axes[0].plot(minutes, [r["bits_per_char"] for r in rows], "o-", label="student")
+    axes[0].plot(x, [r["bits_per_char"] for r in rows], "o-", label="student")
     axes[0].axhline(teacher["bits_per_char"], color="gray", ls="--", label="teacher")
     axes[0].set_ylabel("held-out bits/char")
-    axes[1].plot(minutes, [r["saving_realised"] for r in rows], "o-")
-    axes[1].set_ylabel("share of the possible saving realised")
-    axes[1].set_ylim(0, 1)
+    axes[1].plot(x, [100 * r["realised_saving"] for r in rows], "o-", label="realised")
+    axes[1].plot(x, [100 * r["possible_saving"] for r in rows], "o--", label="possible")
+    axes[1].set_ylabel("tokens saved on the students' code (%)")
+    axes[1].legend()
     p1 = [r["pass@1"] for r in rows]
     low = [teacher["pass@1"] + r["vs_reference"]["interval"][0] for r in rows]
     high = [teacher["pass@1"] + r["vs_reference"]["interval"][1] for r in rows]
-    axes[2].plot(minutes, p1, "o-", label="student")
-    axes[2].fill_between(minutes, low, high, alpha=0.2, label="teacher + paired 95% CI")
+    axes[2].plot(x, p1, "o-", label="student")
+    axes[2].fill_between(x, low, high, alpha=0.2, label="teacher + paired 95% CI")
     axes[2].axhline(teacher["pass@1"], color="gray", ls="--", label="teacher")
     axes[2].set_ylabel("pass@1 (bench_tasks)")
     axes[0].legend()
     axes[2].legend(fontsize=7)
     for ax in axes:
-        ax.set_xlabel(f"minutes (whole run; {machine()})", fontsize=7)
+        ax.set_xlabel(f"minutes (whole run; {machine()})" if over == "time" else "K (merges)", fontsize=7)
+        if over == "merges":
+            ax.set_xscale("log", base=2)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -1064,7 +1069,7 @@ def rows(args):
               f"{r['realised_saving']:.1%} / {r['possible_saving']:.1%} ({share}) | {r['chars_per_s']:.0f} "
               f"({r['chars_per_s'] / ref['chars_per_s']:.2f}) | {r['run_s']:.0f} |")
     if args.plot:
-        print(plot_rows(Path(args.plot), table, {"bits_per_char": teacher_bpc, "pass@1": ref["pass@1"]}))
+        print(plot_rows(Path(args.plot), table, {"bits_per_char": teacher_bpc, "pass@1": ref["pass@1"]}, args.plot_over))
 
 
 def program_with_tests(task: kld.Task, source: str) -> str:
@@ -1190,7 +1195,8 @@ def main():
     paired = p.add_mutually_exclusive_group()
     paired.add_argument("--teacher", default="runs/teacher-codegen.json", help="the teacher's codegen.json (codegen)")
     paired.add_argument("--against", help="pair with this finished run's programs instead of the teacher's (KL against CE)")
-    p.add_argument("--plot", help="also draw the rows as a curve over run time into this PNG")
+    p.add_argument("--plot", help="also draw the rows as a curve into this PNG")
+    p.add_argument("--plot-over", choices=["time", "merges"], default="time", help="the curve's x: run time or K")
     p = sub.add_parser("evaluator", help="cost per program of judging code: one program against two processes")
     p.add_argument("--tasks", default="bench_tasks")
     p.add_argument("--workers", type=int, default=0)

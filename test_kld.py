@@ -3493,7 +3493,8 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
                                              max_new_tokens=6, device="cpu"))
     capsys.readouterr()
     plot = tmp_path / "curve.png"
-    run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=None, plot=str(plot)))
+    run_bench.rows(argparse.Namespace(runs=[str(run_dir)], teacher=str(teacher), against=None, plot=str(plot),
+                                      plot_over="time"))
     printed = capsys.readouterr().out
     row = next(line for line in printed.splitlines() if line.startswith(f"| {run_dir} |")).split(" | ")
     results = json.loads((run_dir / "results.json").read_text())
@@ -3512,6 +3513,10 @@ def test_bench_rows_pairs_finished_runs_with_the_teacher_and_refuses_what_does_n
     assert row[8] == f"{summary['realised_saving']:.1%} / {summary['possible_saving']:.1%} ({share})"
     assert row[10].rstrip(" |") == f"{results['seconds']:.0f}"
     assert plot.exists() == (importlib.util.find_spec("matplotlib") is not None)
+    over_k = tmp_path / "over-k.png"
+    run_bench.rows(argparse.Namespace(runs=[str(run_dir)] * 2, teacher=str(teacher), against=None, plot=str(over_k),
+                                      plot_over="merges"))
+    assert over_k.exists() == plot.exists()
     all_pass = json.loads((run_dir / "codegen.json").read_text())
     all_pass["tasks"] = {t: {**scores, "pass@1": 1.0} for t, scores in all_pass["tasks"].items()}
     (tmp_path / "all-pass").mkdir()
