@@ -907,8 +907,8 @@ def generation_speed(args):
           f"x chars/token {ratio['chars_per_token']:.2f}x")
 
 
-def copy_accuracy(model, tok: kld.ExtendedTokenizer, texts: list[str], base_only: bool) -> dict:
-    """Teacher-forced greedy accuracy on the second copy of each text in (text, blank line,
+def copy_accuracy(model, tok: kld.ExtendedTokenizer, texts: list[str], base_only: bool, separator="\n\n") -> dict:
+    """Teacher-forced greedy accuracy on the second copy of each text in (text, separator,
     text): the tokens a model can copy from its context, as an answer copies its prompt's
     names and docstring. base_only: the teacher (tau and the base rows); else the student
     (tau'), whose new-token targets are also counted apart, with the shares of them where it
@@ -918,7 +918,7 @@ def copy_accuracy(model, tok: kld.ExtendedTokenizer, texts: list[str], base_only
     right = total = new_right = new_total = as_first = as_last = 0
     for text in texts:
         copy = encode(text)
-        context = copy + encode("\n\n")
+        context = copy + encode(separator)  # encoded apart: the copy starts where the text did
         with torch.no_grad():
             logits = model(torch.tensor([context + copy]), base_only=base_only)[0]  # (T, |V| or |V'|)
         predicted = logits[len(context) - 1 : -1].argmax(-1).tolist()  # the prediction of each copied token
@@ -938,7 +938,7 @@ def copy_accuracy(model, tok: kld.ExtendedTokenizer, texts: list[str], base_only
 
 def first_docstring_line(prompt: str) -> str | None:
     found = re.search(r'(?:"""|\'\'\')\s*(\S.*)', prompt)
-    return found.group(1).strip() if found else None
+    return found.group(1).strip().removesuffix('"""').removesuffix("\'\'\'").strip() if found else None
 
 
 def docstrings_not_copied(codegen: dict, tasks: dict[str, kld.Task]) -> tuple[int, int]:

@@ -3551,11 +3551,13 @@ def test_copy_accuracy_scores_each_copied_token_and_counts_new_tokens_guessed_as
         return model
 
     exact, first_piece = oracle(lambda t: t), oracle(lambda t: tok.expand([t])[0])
-    assert run_bench.copy_accuracy(exact, tok, texts, base_only=False) == {
+    copy = functools.partial(run_bench.copy_accuracy, tok=tok, texts=texts, separator="jj")  # a context of 2 more
+    assert copy(exact, base_only=False) == {
         "tokens": 6, "accuracy": 1.0, "new_tokens": 2, "new_accuracy": 1.0, "new_as_first": 0.0, "new_as_last": 0.0}
-    assert run_bench.copy_accuracy(first_piece, tok, texts, base_only=False) == {
+    assert copy(first_piece, base_only=False) == {
         "tokens": 6, "accuracy": 4 / 6, "new_tokens": 2, "new_accuracy": 0.0, "new_as_first": 1.0, "new_as_last": 0.0}
-    assert run_bench.copy_accuracy(first_piece, tok, texts, base_only=True) == {
+    assert copy(oracle(lambda t: tok.expand([t])[-1]), base_only=False)["new_as_last"] == 1.0
+    assert copy(first_piece, base_only=True) == {
         "tokens": 8, "accuracy": 1.0, "new_tokens": 0, "new_accuracy": None, "new_as_first": None, "new_as_last": None}
 
 
@@ -3569,6 +3571,7 @@ def test_docstrings_not_copied_counts_answers_whose_docstring_copy_differs_and_w
                ("d", "def g():\n    return 1)\n", False)]
     codegen = {"samples": [{"task_id": i, "completion": c, "compiles": ok} for i, c, ok in samples]}
     assert run_bench.first_docstring_line(prompt) == "Shift xs to the left."
+    assert run_bench.first_docstring_line('def g():\n    """One line."""\n') == "One line."
     assert run_bench.docstrings_not_copied(codegen, tasks) == (2, 1)
 
 
