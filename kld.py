@@ -1127,10 +1127,9 @@ TARGETS_VERSION = 1  # raised when a change to kld alters p' or its file: older 
 
 
 def lifted_targets(teacher, tok, windows, lift_cfg) -> list[LiftedTargets]:
-    """teacher_targets' targets, each window's read from lift_cfg.cache where an earlier call
-    left it: p' depends only on the window, the teacher (make_lift's), tau', the lift and
-    TARGETS_VERSION, so runs side by side (the matrix's cells), resumed runs and each
-    evaluation compute it once, up to the rounding of another batch's padding."""
+    """teacher_targets' targets, each window's read from lift_cfg.cache where an earlier call left
+    it: p' depends only on the window, make_lift's teacher, tau', the lift and TARGETS_VERSION, so
+    the matrix's cells, resumed runs and evaluations compute it once (up to padding's rounding)."""
     if lift_cfg.cache is None:
         return teacher_targets(teacher, tok, windows, lift_cfg)[0]
     head = teacher.output_weight()
@@ -1669,17 +1668,18 @@ class Lift:
 
 def make_lift(tok: ExtendedTokenizer, mode: str, min_prob: float, condition: bool, device="cpu",
               cache: str | Path | None = None, teacher: "GPT | None" = None) -> Lift:
-    """The lift settings, the trie's tensors on `device` (the teacher's), and a folder of
-    `cache` for the targets of `teacher` (its weights, architecture and numerics) under them."""
+    """The lift settings, the trie's tensors on `device` (the teacher's), `cache`'s folder for `teacher`'s p'."""
     if mode not in ("path", "trie"):
         raise KldError(f"lift {mode!r} is not 'path' or 'trie'")
     if not min_prob >= 0:
         raise KldError(f"lift_min_prob {min_prob} is not a probability >= 0")
-    trie = lift_trie(tok)
-    if cache is not None:
-        weight = teacher.embed.weight
+    if cache is not None and teacher is None:
+        raise KldError("a target cache needs the teacher whose targets it keeps")
+    if cache is not None:  # one folder per tau', lift and teacher (weights, architecture, numerics)
+        w = teacher.embed.weight
         cache = Path(cache) / digest([TARGETS_VERSION, tok.merges, mode, min_prob, condition, base_weights_digest(
-            teacher), dataclasses.asdict(teacher.cfg), str(weight.dtype), weight.device.type])
+            teacher), dataclasses.asdict(teacher.cfg), str(w.dtype), w.device.type])
+    trie = lift_trie(tok)
     return Lift(trie, mode, min_prob, condition, tables_to(lift_tables(tok, trie), device), cache)
 
 

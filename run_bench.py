@@ -944,8 +944,8 @@ def first_docstring_line(prompt: str) -> str | None:
 def docstrings_not_copied(codegen: dict, tasks: dict[str, kld.Task]) -> tuple[int, int]:
     """(answers that do not hold their prompt's first docstring line verbatim, those of them
     that do not compile) in a codegen.json: the copies a model got wrong."""
-    samples = [s for s in codegen["samples"] if first_docstring_line(tasks[s["task_id"]].prompt)]
-    wrong = [s for s in samples if first_docstring_line(tasks[s["task_id"]].prompt) not in s["completion"]]
+    wrong = [s for s in codegen["samples"]
+             if (line := first_docstring_line(tasks[s["task_id"]].prompt)) and line not in s["completion"]]
     return len(wrong), sum(not s["compiles"] for s in wrong)
 
 
@@ -1007,8 +1007,9 @@ def plot_rows(path: Path, rows: list[dict], teacher: dict, over: str = "time") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(rows, key=lambda r: r["run_s"] if over == "time" else r["n_merges"])
-    x = [r["run_s"] / 60 if over == "time" else r["n_merges"] for r in rows]
+    x_of = (lambda r: r["run_s"] / 60) if over == "time" else (lambda r: r["n_merges"])
+    rows = sorted(rows, key=x_of)
+    x = [x_of(r) for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     axes[0].plot(x, [r["bits_per_char"] for r in rows], "o-", label="student")
     axes[0].axhline(teacher["bits_per_char"], color="gray", ls="--", label="teacher")

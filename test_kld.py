@@ -1714,6 +1714,8 @@ def test_cached_targets_are_the_computed_ones_and_only_for_their_teacher_tau_and
         computed.clear()
         mended = kld.lifted_targets(model, tok, windows, lift)
         assert computed == [1] and torch.allclose(mended[0].logp(), first[0].logp(), atol=1e-12, rtol=0)
+    with pytest.raises(kld.KldError, match="needs the teacher"):  # a cache holds one teacher's targets
+        kld.make_lift(tok, "trie", 0.0, True, cache=tmp_path)
     with pytest.raises(kld.KldError, match="target_cache .* cannot be written"):  # a file, not a folder
         kld.lifted_targets(model, tok, windows, kld.make_lift(tok, "path", 0.0, True, cache=damaged, teacher=model))
     other_tok = kld.ExtendedTokenizer(tok.base, tok.merges[:-1], tok.base_vocab_size)
